@@ -1,0 +1,186 @@
+//! Wiring of one clinic agent: the four actors under one [`Supervisor`].
+//!
+//! ```text
+//!   watcher ──Enqueue──► outbound ──SendFrame──► connection ◄──ws──► gateway
+//!                           ▲  LinkUp/LinkDown/Acked  │
+//!                           └─────────────────────────┤ Apply
+//!                                                     ▼
+//!                                                  applier
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+
+use crate::applier::Applier;
+use crate::backoff::Backoff;
+use crate::connection::Connection;
+use crate::outbound::Outbound;
+use crate::ports::{ChangeSink, ChangeSource, Checkpoint, Clock, Dialer};
+use crate::stats::AgentStats;
+use crate::supervisor::{RestartPolicy, Shutdown, Slot, Supervisor};
+use crate::watcher::Watcher;
+
+/// Everything an agent's actors need to know. Built from the `agent:` config section.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    pub clinic_id: String,
+    /// `ws://host:port/v1/ws` or `wss://…`.
+    pub gateway_url: String,
+    pub agent_version: String,
+    pub heartbeat_interval: Duration,
+    /// Time allowed for TCP connect + WebSocket upgrade + `welcome`.
+    pub connect_timeout: Duration,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    pub backoff_stable_after: Duration,
+    pub poll_interval: Duration,
+    /// Rows the watcher reads from the outbox at a time.
+    pub read_chunk: usize,
+    pub batch_max_events: usize,
+    pub batch_max_bytes: usize,
+    pub max_inflight_batches: usize,
+    /// Events held in memory between the outbox and the socket (back-pressure bound).
+    pub max_buffered_events: usize,
+    pub outbox_retention: Duration,
+    pub purge_interval: Duration,
+    pub max_frame_bytes: usize,
+    pub restart: RestartPolicy,
+}
+
+impl AgentSettings {
+    /// Defaults for everything but identity and address.
+    pub fn new(clinic_id: impl Into<String>, gateway_url: impl Into<String>) -> Self {
+        AgentSettings {
+            clinic_id: clinic_id.into(),
+            gateway_url: gateway_url.into(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            heartbeat_interval: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            backoff_base: Duration::from_millis(500),
+            backoff_cap: Duration::from_secs(60),
+            backoff_stable_after: Duration::from_secs(60),
+            poll_interval: Duration::from_millis(50),
+            read_chunk: 1000,
+            batch_max_events: 500,
+            batch_max_bytes: 512 * 1024,
+            max_inflight_batches: 4,
+            max_buffered_events: 10_000,
+            outbox_retention: Duration::from_secs(24 * 3600),
+            purge_interval: Duration::from_secs(60),
+            max_frame_bytes: tether_schemas::DEFAULT_MAX_FRAME_BYTES,
+            restart: RestartPolicy::default(),
+        }
+    }
+
+    pub fn backoff(&self) -> Backoff {
+        Backoff::new(
+            self.backoff_base,
+            self.backoff_cap,
+            self.backoff_stable_after,
+        )
+    }
+}
+
+/// The adapters an agent runs on.
+#[derive(Clone)]
+pub struct AgentPorts {
+    pub source: Arc<dyn ChangeSource>,
+    pub checkpoint: Arc<dyn Checkpoint>,
+    pub sink: Arc<dyn ChangeSink>,
+    pub dialer: Arc<dyn Dialer>,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// Late-bound addresses of the four actors.
+#[derive(Clone, Default)]
+pub struct Slots {
+    pub connection: Slot<Connection>,
+    pub watcher: Slot<Watcher>,
+    pub outbound: Slot<Outbound>,
+    pub applier: Slot<Applier>,
+}
+
+/// Names used in logs, stats and fault injection.
+pub const ACTOR_NAMES: [&str; 4] = ["connection", "watcher", "outbound", "applier"];
+
+/// A running agent.
+pub struct AgentHandle {
+    pub supervisor: Addr<Supervisor>,
+    pub stats: Arc<AgentStats>,
+    pub slots: Slots,
+}
+
+impl AgentHandle {
+    /// Stop restarting actors (before tearing the agent's arbiter down).
+    pub fn shutdown(&self) {
+        self.supervisor.do_send(Shutdown);
+    }
+
+    /// Makes one actor panic. Returns false if it is not running right now.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_panic(&self, actor: &str) -> bool {
+        use crate::InjectPanic;
+        fn send<A>(slot: &Slot<A>) -> bool
+        where
+            A: Actor<Context = Context<A>> + Handler<InjectPanic>,
+        {
+            slot.get().map(|a| a.do_send(InjectPanic)).is_some()
+        }
+        match actor {
+            "connection" => send(&self.slots.connection),
+            "watcher" => send(&self.slots.watcher),
+            "outbound" => send(&self.slots.outbound),
+            "applier" => send(&self.slots.applier),
+            _ => false,
+        }
+    }
+}
+
+/// Starts an agent on the current arbiter. Must run inside an actix `System`.
+pub fn start_agent(settings: AgentSettings, ports: AgentPorts) -> AgentHandle {
+    let settings = Arc::new(settings);
+    let stats = Arc::new(AgentStats::default());
+    let slots = Slots::default();
+
+    let sup = Supervisor::new(settings.clinic_id.clone(), settings.restart, stats.clone());
+
+    let (s, p, st, sl) = (settings.clone(), ports.clone(), stats.clone(), slots.clone());
+    let sup = sup.child("connection", move |guard| {
+        let a = Connection::new(guard, s.clone(), p.clone(), st.clone(), sl.clone());
+        sl.connection.set(a.start());
+    });
+    let (s, p, st, sl) = (settings.clone(), ports.clone(), stats.clone(), slots.clone());
+    let sup = sup.child("outbound", move |guard| {
+        let a = Outbound::new(guard, s.clone(), p.checkpoint.clone(), st.clone(), sl.clone());
+        sl.outbound.set(a.start());
+    });
+    let (s, p, sl) = (settings.clone(), ports.clone(), slots.clone());
+    let sup = sup.child("watcher", move |guard| {
+        let a = Watcher::new(guard, s.clone(), p.source.clone(), sl.clone());
+        sl.watcher.set(a.start());
+    });
+    let (p, st, sl) = (ports.clone(), stats.clone(), slots.clone());
+    let sup = sup.child("applier", move |guard| {
+        let a = Applier::new(guard, p.sink.clone(), st.clone());
+        sl.applier.set(a.start());
+    });
+
+    AgentHandle {
+        supervisor: sup.start(),
+        stats,
+        slots,
+    }
+}
+
+/// Runs a blocking port call on the blocking pool, never on the arbiter thread.
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T, crate::PortError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, crate::PortError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| crate::PortError::new(format!("blocking task failed: {e}")))?
+}

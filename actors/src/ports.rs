@@ -1,0 +1,92 @@
+//! Ports: what the runtime needs from the outside world. Adapters live in `src/`.
+//!
+//! All database ports are synchronous and are called from a blocking thread pool, never on an
+//! actix arbiter thread.
+
+use std::time::{Instant, SystemTime};
+
+use tether_schemas::{Event, Update, UpdateStatus};
+
+/// An error from an adapter. The message names what failed, never row data.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct PortError(pub String);
+
+impl PortError {
+    pub fn new(msg: impl Into<String>) -> Self {
+        PortError(msg.into())
+    }
+}
+
+/// Reads committed changes from the clinic database's outbox, in commit order.
+pub trait ChangeSource: Send + Sync + 'static {
+    /// A cheap value that changes whenever new outbox rows may have been committed.
+    fn change_token(&self) -> Result<u64, PortError>;
+    /// Up to `limit` events with `seq > after`, in increasing `seq` (= commit) order.
+    fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, PortError>;
+}
+
+/// The durable record of what the gateway has acknowledged.
+pub trait Checkpoint: Send + Sync + 'static {
+    fn load(&self) -> Result<u64, PortError>;
+    /// Stores `acked` if it is higher than the stored value (concurrent saves never move it back).
+    fn save(&self, acked: u64) -> Result<(), PortError>;
+    /// Deletes acknowledged outbox rows (`seq <= acked`) older than the retention; returns how many.
+    fn purge(&self, acked: u64, retention: std::time::Duration) -> Result<usize, PortError>;
+}
+
+/// The result of applying one cloud update.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    pub status: UpdateStatus,
+    pub reason: Option<String>,
+    /// True when the inbox already held this update (a redelivery): nothing was changed.
+    pub duplicate: bool,
+}
+
+/// Applies cloud updates to the clinic database: atomically with the inbox record, without
+/// the write being captured as a clinic event.
+pub trait ChangeSink: Send + Sync + 'static {
+    fn apply(&self, update: &Update) -> Result<ApplyOutcome, PortError>;
+}
+
+/// Time, so that time-dependent logic can be tested without sleeping.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> Instant;
+    fn wall(&self) -> SystemTime;
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+    fn wall(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+/// How the connection actor reaches the gateway: the HTTP client (TLS lives here) and the
+/// credentials for each attempt. The security layer provides a real one.
+pub trait Dialer: Send + Sync + 'static {
+    fn client(&self) -> awc::Client;
+    /// Extra headers for the upgrade request of one connection attempt (e.g. `Authorization`).
+    fn headers(&self) -> Result<Vec<(String, String)>, PortError>;
+}
+
+/// A plain `ws://` dialer with no credentials.
+#[derive(Debug, Default)]
+pub struct PlainDialer;
+
+impl Dialer for PlainDialer {
+    fn client(&self) -> awc::Client {
+        awc::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .finish()
+    }
+    fn headers(&self) -> Result<Vec<(String, String)>, PortError> {
+        Ok(Vec::new())
+    }
+}

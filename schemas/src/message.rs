@@ -1,0 +1,471 @@
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The protocol version this build speaks (`v` in every envelope).
+pub const PROTOCOL_VERSION: u64 = 1;
+/// Default largest accepted frame, in bytes.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
+
+/// A JSON object: a row, or the key columns of a row.
+pub type Row = Map<String, Value>;
+
+/// Agent → gateway, first frame on a new connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    pub clinic_id: String,
+    pub agent_version: String,
+    /// The highest sequence the agent knows to be durable at the gateway (its checkpoint).
+    pub last_acked_seq: u64,
+}
+
+/// Gateway → agent, answer to `hello`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Welcome {
+    pub session_id: String,
+    /// Every event of this clinic up to and including this sequence is durable at the gateway.
+    pub acked_seq: u64,
+    pub heartbeat_interval_ms: u64,
+    pub max_frame_bytes: u64,
+}
+
+/// What happened to a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Op> {
+        match s {
+            "insert" => Some(Op::Insert),
+            "update" => Some(Op::Update),
+            "delete" => Some(Op::Delete),
+            _ => None,
+        }
+    }
+}
+
+/// One committed change of one row in the clinic database.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    /// Position in the clinic's outbox; strictly increasing in commit order.
+    pub seq: u64,
+    pub entity: String,
+    pub op: Op,
+    pub key: Row,
+    /// The full row after the change; the row before it for `delete`.
+    pub row: Option<Row>,
+    /// When the clinic database committed the change (RFC 3339, UTC).
+    pub committed_at: String,
+}
+
+/// Agent → gateway: a batch of events in outbox order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Events {
+    /// Sequence of the event just before the first one of this batch (0 at the very start).
+    /// The gateway stores the batch only if it already holds everything up to `prev_seq`,
+    /// so an acknowledgement can never cover a gap.
+    pub prev_seq: u64,
+    pub events: Vec<Event>,
+}
+
+/// Gateway → agent: every event up to `seq` is durable (cumulative).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ack {
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateOp {
+    Upsert,
+    Delete,
+}
+
+impl UpdateOp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpdateOp::Upsert => "upsert",
+            UpdateOp::Delete => "delete",
+        }
+    }
+}
+
+/// Gateway → agent: a cloud change to apply to the clinic database.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Update {
+    pub update_id: String,
+    pub entity: String,
+    pub op: UpdateOp,
+    pub key: Row,
+    #[serde(default)]
+    pub row: Option<Row>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateStatus {
+    Applied,
+    Failed,
+}
+
+impl UpdateStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpdateStatus::Applied => "applied",
+            UpdateStatus::Failed => "failed",
+        }
+    }
+}
+
+/// Agent → gateway: the outcome of an `update`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateResult {
+    pub update_id: String,
+    pub status: UpdateStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Machine-readable error codes carried by `error` frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadFrame,
+    UnknownType,
+    UnsupportedVersion,
+    FrameTooLarge,
+    UnexpectedMessage,
+    ClinicMismatch,
+    Gap,
+    StoreUnavailable,
+    Internal,
+}
+
+/// Either side: something was wrong with what the peer sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorFrame {
+    pub code: ErrorCode,
+    pub message: String,
+    /// Path of the offending field, e.g. `events[3].seq`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// Every message of the protocol.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    Hello(Hello),
+    Welcome(Welcome),
+    Events(Events),
+    Ack(Ack),
+    Update(Update),
+    UpdateResult(UpdateResult),
+    Error(ErrorFrame),
+}
+
+/// The `type` values, in the order of [`Message`].
+pub const MESSAGE_TYPES: [&str; 7] = [
+    "hello",
+    "welcome",
+    "events",
+    "ack",
+    "update",
+    "update_result",
+    "error",
+];
+
+impl Message {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::Welcome(_) => "welcome",
+            Message::Events(_) => "events",
+            Message::Ack(_) => "ack",
+            Message::Update(_) => "update",
+            Message::UpdateResult(_) => "update_result",
+            Message::Error(_) => "error",
+        }
+    }
+
+    /// Encode as an envelope. Serialising these types cannot fail (string keys only).
+    pub fn encode(&self) -> String {
+        match self {
+            Message::Hello(m) => envelope("hello", m),
+            Message::Welcome(m) => envelope("welcome", m),
+            Message::Events(m) => envelope("events", m),
+            Message::Ack(m) => envelope("ack", m),
+            Message::Update(m) => envelope("update", m),
+            Message::UpdateResult(m) => envelope("update_result", m),
+            Message::Error(m) => envelope("error", m),
+        }
+    }
+
+    /// Decode one frame, enforcing the size limit, the version and every field.
+    pub fn decode(text: &str, max_frame_bytes: usize) -> Result<Message, DecodeError> {
+        if text.len() > max_frame_bytes {
+            return Err(DecodeError::TooLarge {
+                size: text.len(),
+                limit: max_frame_bytes,
+            });
+        }
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+        let Value::Object(mut obj) = value else {
+            return Err(DecodeError::NotAnObject);
+        };
+        match obj.remove("v") {
+            None => return Err(DecodeError::MissingField("v".into())),
+            Some(Value::Number(n)) if n.as_u64() == Some(PROTOCOL_VERSION) => {}
+            Some(other) => return Err(DecodeError::UnsupportedVersion(other.to_string())),
+        }
+        let kind = match obj.remove("type") {
+            None => return Err(DecodeError::MissingField("type".into())),
+            Some(Value::String(s)) => s,
+            Some(_) => {
+                return Err(DecodeError::Field {
+                    kind: "envelope".into(),
+                    field: "type".into(),
+                    message: "must be a string".into(),
+                })
+            }
+        };
+        let body = Value::Object(obj);
+        Ok(match kind.as_str() {
+            "hello" => Message::Hello(body_as(&kind, body)?),
+            "welcome" => Message::Welcome(body_as(&kind, body)?),
+            "events" => Message::Events(body_as(&kind, body)?),
+            "ack" => Message::Ack(body_as(&kind, body)?),
+            "update" => Message::Update(body_as(&kind, body)?),
+            "update_result" => Message::UpdateResult(body_as(&kind, body)?),
+            "error" => Message::Error(body_as(&kind, body)?),
+            _ => return Err(DecodeError::UnknownType(kind)),
+        })
+    }
+}
+
+#[derive(Serialize)]
+struct Envelope<'a, T> {
+    v: u64,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    #[serde(flatten)]
+    body: &'a T,
+}
+
+fn envelope<T: Serialize>(kind: &str, body: &T) -> String {
+    let env = Envelope {
+        v: PROTOCOL_VERSION,
+        kind,
+        body,
+    };
+    // Only string-keyed maps and plain values: serialisation is infallible.
+    serde_json::to_string(&env).unwrap_or_else(|e| {
+        format!(r#"{{"v":1,"type":"error","code":"internal","message":"encode: {e}"}}"#)
+    })
+}
+
+fn body_as<T: DeserializeOwned>(kind: &str, body: Value) -> Result<T, DecodeError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let field = e.path().to_string();
+        DecodeError::Field {
+            kind: kind.to_string(),
+            field,
+            message: e.into_inner().to_string(),
+        }
+    })
+}
+
+/// Why a frame was rejected. Every variant names what is wrong.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("frame is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("frame is not a JSON object")]
+    NotAnObject,
+    #[error("envelope is missing the field `{0}`")]
+    MissingField(String),
+    #[error("unsupported protocol version {0} (this build speaks v{PROTOCOL_VERSION})")]
+    UnsupportedVersion(String),
+    #[error("unknown message type `{0}`")]
+    UnknownType(String),
+    #[error("{kind}: field `{field}`: {message}")]
+    Field {
+        kind: String,
+        field: String,
+        message: String,
+    },
+}
+
+impl DecodeError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+            DecodeError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+            DecodeError::UnknownType(_) => ErrorCode::UnknownType,
+            _ => ErrorCode::BadFrame,
+        }
+    }
+
+    pub fn field(&self) -> Option<String> {
+        match self {
+            DecodeError::MissingField(f) => Some(f.clone()),
+            DecodeError::Field { field, .. } => Some(field.clone()),
+            DecodeError::UnsupportedVersion(_) => Some("v".into()),
+            DecodeError::UnknownType(_) => Some("type".into()),
+            _ => None,
+        }
+    }
+
+    /// The `error` frame that answers this decode failure.
+    pub fn to_frame(&self) -> ErrorFrame {
+        ErrorFrame {
+            code: self.code(),
+            message: self.to_string(),
+            field: self.field(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Value) -> Row {
+        match v {
+            Value::Object(m) => m,
+            _ => Row::new(),
+        }
+    }
+
+    fn samples() -> Vec<Message> {
+        vec![
+            Message::Hello(Hello {
+                clinic_id: "clinic-1".into(),
+                agent_version: "0.1.0".into(),
+                last_acked_seq: 7,
+            }),
+            Message::Welcome(Welcome {
+                session_id: "s1".into(),
+                acked_seq: 7,
+                heartbeat_interval_ms: 10_000,
+                max_frame_bytes: 1 << 20,
+            }),
+            Message::Events(Events {
+                prev_seq: 7,
+                events: vec![Event {
+                    seq: 8,
+                    entity: "patient".into(),
+                    op: Op::Update,
+                    key: obj(json!({"id": 3})),
+                    row: Some(obj(json!({"id": 3, "name": "x"}))),
+                    committed_at: "2026-01-01T00:00:00.000Z".into(),
+                }],
+            }),
+            Message::Ack(Ack { seq: 8 }),
+            Message::Update(Update {
+                update_id: "u1".into(),
+                entity: "patient".into(),
+                op: UpdateOp::Delete,
+                key: obj(json!({"id": 3})),
+                row: None,
+            }),
+            Message::UpdateResult(UpdateResult {
+                update_id: "u1".into(),
+                status: UpdateStatus::Failed,
+                reason: Some("no such table".into()),
+            }),
+            Message::Error(ErrorFrame {
+                code: ErrorCode::Gap,
+                message: "m".into(),
+                field: Some("prev_seq".into()),
+            }),
+        ]
+    }
+
+    #[test]
+    fn every_message_type_round_trips() {
+        for m in samples() {
+            let text = m.encode();
+            let back = Message::decode(&text, DEFAULT_MAX_FRAME_BYTES).expect(&text);
+            assert_eq!(back, m, "{text}");
+            let v: Value = serde_json::from_str(&text).expect("json");
+            assert_eq!(v["type"], m.kind());
+            assert_eq!(v["v"], 1);
+        }
+    }
+
+    #[test]
+    fn oversized_frame_is_rejected_before_parsing() {
+        let text = format!(r#"{{"v":1,"type":"ack","seq":1,"pad":"{}"}}"#, "x".repeat(100));
+        let err = Message::decode(&text, 50).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::FrameTooLarge);
+    }
+
+    #[test]
+    fn unknown_type_is_named() {
+        let err = Message::decode(r#"{"v":1,"type":"launch"}"#, 1000).unwrap_err();
+        assert_eq!(err, DecodeError::UnknownType("launch".into()));
+        assert!(err.to_string().contains("launch"));
+    }
+
+    #[test]
+    fn wrong_version_is_rejected() {
+        let err = Message::decode(r#"{"v":2,"type":"ack","seq":1}"#, 1000).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::UnsupportedVersion);
+        let err = Message::decode(r#"{"type":"ack","seq":1}"#, 1000).unwrap_err();
+        assert_eq!(err, DecodeError::MissingField("v".into()));
+    }
+
+    #[test]
+    fn bad_nested_field_is_named_with_its_path() {
+        let text = r#"{"v":1,"type":"events","prev_seq":0,"events":[
+            {"seq":1,"entity":"a","op":"insert","key":{},"row":{},"committed_at":"t"},
+            {"seq":"two","entity":"a","op":"insert","key":{},"row":{},"committed_at":"t"}]}"#;
+        let err = Message::decode(text, 10_000).unwrap_err();
+        assert_eq!(err.field().as_deref(), Some("events[1].seq"), "{err}");
+        let text = r#"{"v":1,"type":"events","prev_seq":0,"events":[
+            {"seq":1,"entity":"a","op":"upsert","key":{},"row":{},"committed_at":"t"}]}"#;
+        let err = Message::decode(text, 10_000).unwrap_err();
+        assert_eq!(err.field().as_deref(), Some("events[0].op"), "{err}");
+    }
+
+    #[test]
+    fn unknown_and_missing_fields_are_rejected() {
+        let err = Message::decode(r#"{"v":1,"type":"ack","seq":1,"extra":true}"#, 1000)
+            .unwrap_err();
+        assert!(err.to_string().contains("extra"), "{err}");
+        let err = Message::decode(r#"{"v":1,"type":"ack"}"#, 1000).unwrap_err();
+        assert!(err.to_string().contains("seq"), "{err}");
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        for text in ["", "[]", "null", "{", "{\"v\":1}", "{\"v\":\"1\",\"type\":1}", "\u{0}"] {
+            assert!(Message::decode(text, 1000).is_err(), "{text:?}");
+        }
+    }
+}
