@@ -1,0 +1,798 @@
+//! `config.yaml`: one struct per subsystem, defaults in one place (the `Default` impls), and a
+//! validation pass that reports every problem at once, each with its key path and line.
+//!
+//! Unknown keys are collected (a flattened `extra` map in every section) rather than failing on
+//! the first, so `tether check-config` can list them all. Type errors (text where a number is
+//! expected) come from the YAML parser, which stops at the first one; it names the line.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+
+type Extra = BTreeMap<String, IgnoredAny>;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+pub struct Config {
+    pub logging: LoggingConfig,
+    pub agent: Option<AgentConfig>,
+    pub gateway: Option<GatewayConfig>,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct LoggingConfig {
+    /// Directory for the per-category log files.
+    pub dir: PathBuf,
+    /// error | warn | info | debug | trace
+    pub level: String,
+    /// Rolled files kept per category (one per day).
+    pub keep_days: u32,
+    /// Also print a summary (warnings and errors of every category) to the console.
+    pub console: bool,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            dir: PathBuf::from("logs"),
+            level: "info".into(),
+            keep_days: 14,
+            console: true,
+            extra: Extra::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct AgentConfig {
+    pub clinic_id: String,
+    pub database: DatabaseConfig,
+    pub gateway: AgentGatewayConfig,
+    pub outbox: OutboxConfig,
+    pub tables: Vec<TableConfig>,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            clinic_id: String::new(),
+            database: DatabaseConfig::default(),
+            gateway: AgentGatewayConfig::default(),
+            outbox: OutboxConfig::default(),
+            tables: Vec::new(),
+            extra: Extra::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct DatabaseConfig {
+    /// Only `sqlite` in this build.
+    pub kind: String,
+    pub path: PathBuf,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            kind: "sqlite".into(),
+            path: PathBuf::from("clinic.db"),
+            extra: Extra::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct AgentGatewayConfig {
+    pub url: String,
+    pub heartbeat_interval: Dur,
+    pub connect_timeout: Dur,
+    pub backoff: BackoffConfig,
+    pub max_frame_bytes: u64,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+impl Default for AgentGatewayConfig {
+    fn default() -> Self {
+        AgentGatewayConfig {
+            url: "ws://127.0.0.1:8080/v1/ws".into(),
+            heartbeat_interval: Dur::secs(10),
+            connect_timeout: Dur::secs(10),
+            backoff: BackoffConfig::default(),
+            max_frame_bytes: tether_schemas::DEFAULT_MAX_FRAME_BYTES as u64,
+            extra: Extra::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct BackoffConfig {
+    pub initial: Dur,
+    pub max: Dur,
+    pub reset_after: Dur,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        BackoffConfig {
+            initial: Dur::millis(500),
+            max: Dur::secs(60),
+            reset_after: Dur::secs(60),
+            extra: Extra::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct OutboxConfig {
+    pub poll_interval: Dur,
+    pub batch_max_events: u64,
+    pub batch_max_bytes: u64,
+    pub max_inflight_batches: u64,
+    pub max_buffered_events: u64,
+    pub retention: Dur,
+    pub purge_interval: Dur,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            poll_interval: Dur::millis(50),
+            batch_max_events: 500,
+            batch_max_bytes: 512 * 1024,
+            max_inflight_batches: 4,
+            max_buffered_events: 10_000,
+            retention: Dur::secs(24 * 3600),
+            purge_interval: Dur::secs(60),
+            extra: Extra::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Up,
+    Down,
+    Both,
+}
+
+impl Direction {
+    pub fn up(self) -> bool {
+        matches!(self, Direction::Up | Direction::Both)
+    }
+    pub fn down(self) -> bool {
+        matches!(self, Direction::Down | Direction::Both)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TableConfig {
+    pub table: String,
+    pub entity: String,
+    pub key: Vec<String>,
+    #[serde(default = "default_direction")]
+    pub direction: Direction,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+fn default_direction() -> Direction {
+    Direction::Both
+}
+
+impl TableConfig {
+    pub fn new(table: &str, entity: &str, key: &[&str], direction: Direction) -> Self {
+        TableConfig {
+            table: table.into(),
+            entity: entity.into(),
+            key: key.iter().map(|k| k.to_string()).collect(),
+            direction,
+            extra: Extra::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct GatewayConfig {
+    /// `host:port`; port 0 picks a free one.
+    pub listen: String,
+    pub store: StoreConfig,
+    pub heartbeat_interval: Dur,
+    pub max_frame_bytes: u64,
+    /// Directory of `<entity>.schema.json` files checked against event rows (optional).
+    pub entity_schemas: Option<PathBuf>,
+    /// Updates sent to one clinic and not yet answered.
+    pub update_window: u64,
+    /// Largest number of events one group commit may hold.
+    pub group_commit_max_events: u64,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: "127.0.0.1:8080".into(),
+            store: StoreConfig::default(),
+            heartbeat_interval: Dur::secs(10),
+            max_frame_bytes: tether_schemas::DEFAULT_MAX_FRAME_BYTES as u64,
+            entity_schemas: None,
+            update_window: 32,
+            group_commit_max_events: 20_000,
+            extra: Extra::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct StoreConfig {
+    /// Only `sqlite` in this build.
+    pub kind: String,
+    pub path: PathBuf,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: "sqlite".into(),
+            path: PathBuf::from("gateway.db"),
+            extra: Extra::new(),
+        }
+    }
+}
+
+/// A duration written as `250ms`, `10s`, `5m`, `24h` or `7d`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dur {
+    text: String,
+    value: Option<Duration>,
+}
+
+impl Dur {
+    pub fn millis(ms: u64) -> Self {
+        Dur {
+            text: format!("{ms}ms"),
+            value: Some(Duration::from_millis(ms)),
+        }
+    }
+    pub fn secs(s: u64) -> Self {
+        Dur {
+            text: format!("{s}s"),
+            value: Some(Duration::from_secs(s)),
+        }
+    }
+    /// The parsed value; `validate` has reported unparsable ones, so this falls back to zero.
+    pub fn get(&self) -> Duration {
+        self.value.unwrap_or_default()
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let value = parse_duration(&text);
+        Ok(Dur { text, value })
+    }
+}
+
+/// Parses `250ms`, `10s`, `5m`, `24h`, `7d` (one number, one unit).
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let ms = match unit.trim() {
+        "ms" => n,
+        "s" => n.checked_mul(1000)?,
+        "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        "d" => n.checked_mul(86_400_000)?,
+        _ => return None,
+    };
+    Some(Duration::from_millis(ms))
+}
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "line {l}: {}: {}", self.path, self.message),
+            None => write!(f, "{}: {}", self.path, self.message),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{file}: {}", problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n  "))]
+    Invalid { file: String, problems: Vec<Problem> },
+}
+
+impl ConfigError {
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Invalid { problems, .. } => problems,
+            ConfigError::Read { .. } => &[],
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut cfg = Config::parse(&text, &path.display().to_string())?;
+        cfg.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        Ok(cfg)
+    }
+
+    /// Parses and validates; every problem is reported at once.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let lines = LineIndex::new(text);
+        let cfg: Config = match serde_saphyr::from_str(text) {
+            Ok(c) => c,
+            Err(e) => {
+                let line = e.location().map(|l| l.line() as usize);
+                let path = line
+                    .and_then(|l| lines.path_at(l))
+                    .unwrap_or_else(|| "(document)".into());
+                let message = e.to_string().lines().next().unwrap_or("").to_string();
+                return Err(ConfigError::Invalid {
+                    file: file.into(),
+                    problems: vec![Problem {
+                        path,
+                        line,
+                        message,
+                    }],
+                });
+            }
+        };
+        let problems = cfg.validate(&lines);
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid {
+                file: file.into(),
+                problems,
+            })
+        }
+    }
+
+    /// Relative paths in the file are relative to the file's directory.
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.logging.dir);
+        if let Some(a) = self.agent.as_mut() {
+            fix(&mut a.database.path);
+        }
+        if let Some(g) = self.gateway.as_mut() {
+            fix(&mut g.store.path);
+            if let Some(s) = g.entity_schemas.as_mut() {
+                fix(s);
+            }
+        }
+    }
+
+    fn validate(&self, lines: &LineIndex) -> Vec<Problem> {
+        let mut v = Validator {
+            lines,
+            problems: Vec::new(),
+        };
+        v.unknown("", &self.extra);
+        v.unknown("logging", &self.logging.extra);
+        if !["error", "warn", "info", "debug", "trace"].contains(&self.logging.level.as_str()) {
+            v.bad(
+                "logging.level",
+                format!("`{}` is not one of error, warn, info, debug, trace", self.logging.level),
+            );
+        }
+        if self.logging.keep_days == 0 {
+            v.bad("logging.keep_days", "must be at least 1".into());
+        }
+        if let Some(a) = &self.agent {
+            v.agent(a);
+        }
+        if let Some(g) = &self.gateway {
+            v.gateway(g);
+        }
+        v.problems
+    }
+}
+
+struct Validator<'a> {
+    lines: &'a LineIndex,
+    problems: Vec<Problem>,
+}
+
+impl Validator<'_> {
+    fn bad(&mut self, path: &str, message: String) {
+        self.problems.push(Problem {
+            path: path.to_string(),
+            line: self.lines.line_of(path),
+            message,
+        });
+    }
+
+    fn unknown(&mut self, prefix: &str, extra: &Extra) {
+        for key in extra.keys() {
+            let path = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            self.bad(&path, "unknown key".into());
+        }
+    }
+
+    fn duration(&mut self, path: &str, d: &Dur, min: Duration) {
+        match d.value {
+            None => self.bad(
+                path,
+                format!("`{}` is not a duration (use e.g. 250ms, 10s, 5m, 24h, 7d)", d.text),
+            ),
+            Some(v) if v < min => {
+                self.bad(path, format!("`{}` is below the minimum of {min:?}", d.text))
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn positive(&mut self, path: &str, n: u64) {
+        if n == 0 {
+            self.bad(path, "must be greater than 0".into());
+        }
+    }
+
+    fn agent(&mut self, a: &AgentConfig) {
+        self.unknown("agent", &a.extra);
+        self.unknown("agent.database", &a.database.extra);
+        self.unknown("agent.gateway", &a.gateway.extra);
+        self.unknown("agent.gateway.backoff", &a.gateway.backoff.extra);
+        self.unknown("agent.outbox", &a.outbox.extra);
+        if !valid_id(&a.clinic_id) {
+            self.bad(
+                "agent.clinic_id",
+                "must be 1-64 characters of letters, digits, `-`, `_` or `.`".into(),
+            );
+        }
+        if a.database.kind != "sqlite" {
+            self.bad(
+                "agent.database.kind",
+                format!("`{}` is not supported by this build (sqlite)", a.database.kind),
+            );
+        }
+        let url = a.gateway.url.as_str();
+        if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+            self.bad(
+                "agent.gateway.url",
+                format!("`{url}` must start with ws:// or wss://"),
+            );
+        }
+        let ms = Duration::from_millis(1);
+        self.duration("agent.gateway.heartbeat_interval", &a.gateway.heartbeat_interval, Duration::from_millis(100));
+        self.duration("agent.gateway.connect_timeout", &a.gateway.connect_timeout, Duration::from_millis(100));
+        self.duration("agent.gateway.backoff.initial", &a.gateway.backoff.initial, ms);
+        self.duration("agent.gateway.backoff.max", &a.gateway.backoff.max, ms);
+        self.duration("agent.gateway.backoff.reset_after", &a.gateway.backoff.reset_after, ms);
+        if a.gateway.backoff.max.get() < a.gateway.backoff.initial.get() {
+            self.bad("agent.gateway.backoff.max", "must not be below backoff.initial".into());
+        }
+        if a.gateway.max_frame_bytes < 1024 {
+            self.bad("agent.gateway.max_frame_bytes", "must be at least 1024".into());
+        }
+        let o = &a.outbox;
+        self.duration("agent.outbox.poll_interval", &o.poll_interval, ms);
+        self.duration("agent.outbox.retention", &o.retention, Duration::ZERO);
+        self.duration("agent.outbox.purge_interval", &o.purge_interval, Duration::from_millis(100));
+        self.positive("agent.outbox.batch_max_events", o.batch_max_events);
+        self.positive("agent.outbox.max_inflight_batches", o.max_inflight_batches);
+        if o.batch_max_bytes < 1024 || o.batch_max_bytes >= a.gateway.max_frame_bytes {
+            self.bad(
+                "agent.outbox.batch_max_bytes",
+                "must be at least 1024 and below agent.gateway.max_frame_bytes".into(),
+            );
+        }
+        if o.max_buffered_events < o.batch_max_events {
+            self.bad("agent.outbox.max_buffered_events", "must be at least batch_max_events".into());
+        }
+        if a.tables.is_empty() {
+            self.bad("agent.tables", "at least one table must be mapped".into());
+        }
+        let mut entities = std::collections::HashSet::new();
+        for (i, t) in a.tables.iter().enumerate() {
+            let p = format!("agent.tables[{i}]");
+            self.unknown(&p, &t.extra);
+            if t.table.is_empty() || t.table.starts_with("_tether") {
+                self.bad(&format!("{p}.table"), "must name a table (not a _tether one)".into());
+            }
+            if !valid_id(&t.entity) {
+                self.bad(&format!("{p}.entity"), "must be 1-64 characters of letters, digits, `-`, `_` or `.`".into());
+            } else if !entities.insert(t.entity.clone()) {
+                self.bad(&format!("{p}.entity"), format!("entity `{}` is mapped twice", t.entity));
+            }
+            if t.key.is_empty() {
+                self.bad(&format!("{p}.key"), "at least one key column".into());
+            }
+        }
+    }
+
+    fn gateway(&mut self, g: &GatewayConfig) {
+        self.unknown("gateway", &g.extra);
+        self.unknown("gateway.store", &g.store.extra);
+        if g.listen.parse::<std::net::SocketAddr>().is_err() {
+            self.bad("gateway.listen", format!("`{}` is not host:port (e.g. 0.0.0.0:8080)", g.listen));
+        }
+        if g.store.kind != "sqlite" {
+            self.bad("gateway.store.kind", format!("`{}` is not supported by this build (sqlite)", g.store.kind));
+        }
+        self.duration("gateway.heartbeat_interval", &g.heartbeat_interval, Duration::from_millis(100));
+        if g.max_frame_bytes < 1024 {
+            self.bad("gateway.max_frame_bytes", "must be at least 1024".into());
+        }
+        self.positive("gateway.update_window", g.update_window);
+        self.positive("gateway.group_commit_max_events", g.group_commit_max_events);
+    }
+}
+
+/// Clinic ids and entity names: safe in logs, URLs and file names.
+pub fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Maps key paths (`agent.tables[1].key`) to line numbers for block-style YAML.
+pub struct LineIndex {
+    paths: Vec<(String, usize)>,
+}
+
+struct Frame {
+    indent: usize,
+    seg: String,
+    item: bool,
+    open: bool,
+    items: usize,
+}
+
+impl LineIndex {
+    pub fn new(text: &str) -> Self {
+        let mut paths = Vec::new();
+        let mut stack: Vec<Frame> = Vec::new();
+        for (n, raw) in text.lines().enumerate() {
+            let line = strip_comment(raw);
+            let content = line.trim_start();
+            if content.is_empty() || content.starts_with("---") {
+                continue;
+            }
+            let mut indent = line.len() - content.len();
+            let mut rest = content;
+            if rest == "-" || rest.starts_with("- ") {
+                while let Some(top) = stack.last() {
+                    if top.indent > indent || (top.indent == indent && (top.item || !top.open)) {
+                        stack.pop();
+                    } else {
+                        break;
+                    }
+                }
+                let idx = match stack.last_mut() {
+                    Some(parent) => {
+                        parent.items += 1;
+                        parent.items - 1
+                    }
+                    None => 0,
+                };
+                stack.push(Frame {
+                    indent,
+                    seg: format!("[{idx}]"),
+                    item: true,
+                    open: true,
+                    items: 0,
+                });
+                paths.push((join(&stack), n + 1));
+                rest = rest[1..].trim_start();
+                indent += content.len() - rest.len();
+                if rest.is_empty() {
+                    continue;
+                }
+            }
+            let Some((key, value)) = split_key(rest) else {
+                continue;
+            };
+            while stack.last().is_some_and(|t| t.indent >= indent) {
+                stack.pop();
+            }
+            stack.push(Frame {
+                indent,
+                seg: key.to_string(),
+                item: false,
+                open: value.trim().is_empty(),
+                items: 0,
+            });
+            paths.push((join(&stack), n + 1));
+        }
+        LineIndex { paths }
+    }
+
+    pub fn line_of(&self, path: &str) -> Option<usize> {
+        // The path itself, or the closest ancestor written in the file.
+        let mut p = path.to_string();
+        loop {
+            if let Some((_, l)) = self.paths.iter().find(|(q, _)| *q == p) {
+                return Some(*l);
+            }
+            let cut = p.rfind(['.', '['])?;
+            p.truncate(cut);
+        }
+    }
+
+    pub fn path_at(&self, line: usize) -> Option<String> {
+        self.paths
+            .iter()
+            .filter(|(_, l)| *l <= line)
+            .max_by_key(|(_, l)| *l)
+            .map(|(p, _)| p.clone())
+    }
+}
+
+fn join(stack: &[Frame]) -> String {
+    let mut s = String::new();
+    for f in stack {
+        if !f.item && !s.is_empty() {
+            s.push('.');
+        }
+        s.push_str(&f.seg);
+    }
+    s
+}
+
+fn split_key(s: &str) -> Option<(&str, &str)> {
+    let idx = s.find(':')?;
+    let (k, v) = s.split_at(idx);
+    let v = &v[1..];
+    if !(v.is_empty() || v.starts_with(' ')) {
+        return None;
+    }
+    let k = k.trim().trim_matches(|c| c == '"' || c == '\'');
+    (!k.is_empty() && !k.contains(' ')).then_some((k, v))
+}
+
+fn strip_comment(line: &str) -> &str {
+    let mut in_single = false;
+    let mut in_double = false;
+    let mut prev = ' ';
+    for (i, c) in line.char_indices() {
+        match c {
+            '\'' if !in_double => in_single = !in_single,
+            '"' if !in_single => in_double = !in_double,
+            '#' if !in_single && !in_double && prev.is_whitespace() => return &line[..i],
+            _ => {}
+        }
+        prev = c;
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "
+logging:
+  dir: logs
+agent:
+  clinic_id: clinic-1
+  gateway:
+    url: ws://127.0.0.1:9/v1/ws
+    heartbeat_interval: 2s
+  tables:
+    - table: patients
+      entity: patient
+      key: [id]
+    - table: payments
+      entity: payment
+      key: [id]
+      direction: up
+gateway:
+  listen: 127.0.0.1:0
+";
+
+    #[test]
+    fn checked_in_config_is_valid() {
+        let text = include_str!("../config.yaml");
+        let cfg = Config::parse(text, "config.yaml").expect("config.yaml must be valid");
+        assert!(cfg.agent.is_some() && cfg.gateway.is_some());
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let cfg = Config::parse(GOOD, "t").expect("valid");
+        let a = cfg.agent.expect("agent");
+        assert_eq!(a.gateway.heartbeat_interval.get(), Duration::from_secs(2));
+        assert_eq!(a.outbox.poll_interval.get(), Duration::from_millis(50));
+        assert_eq!(a.tables[1].direction, Direction::Up);
+        assert_eq!(a.tables[0].direction, Direction::Both);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_path_and_line() {
+        let text = GOOD
+            .replace("heartbeat_interval: 2s", "heartbeat_interval: soon\n    colour: blue")
+            .replace("direction: up", "direction: up\n      flavour: x")
+            .replace("listen: 127.0.0.1:0", "listen: nowhere");
+        let err = Config::parse(&text, "t").unwrap_err();
+        let p = err.problems();
+        let find = |path: &str| p.iter().find(|x| x.path == path).cloned();
+        let hb = find("agent.gateway.heartbeat_interval").expect("duration problem");
+        assert_eq!(hb.line, Some(8));
+        assert!(hb.message.contains("soon"));
+        assert_eq!(find("agent.gateway.colour").expect("unknown key").line, Some(9));
+        assert_eq!(find("agent.tables[1].flavour").expect("unknown nested key").line, Some(18));
+        assert_eq!(find("gateway.listen").expect("listen").line, Some(20));
+        assert_eq!(p.len(), 4, "{p:?}");
+    }
+
+    #[test]
+    fn type_errors_name_the_line() {
+        let text = GOOD.replace("key: [id]\n    - table: payments", "key: 5\n    - table: payments");
+        let err = Config::parse(&text, "t").unwrap_err();
+        let p = &err.problems()[0];
+        assert_eq!(p.line, Some(12), "{p}");
+        assert!(p.path.starts_with("agent.tables[0]"), "{p}");
+    }
+
+    #[test]
+    fn duration_parsing() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("7d"), Some(Duration::from_secs(7 * 86400)));
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("3 weeks"), None);
+    }
+}

@@ -1,0 +1,629 @@
+//! SQLite adapter (the embedded default): capture by triggers into an outbox table, the
+//! checkpoint, and the applier with its inbox and echo suppression.
+//!
+//! Installed objects (all prefixed `_tether_`):
+//! - `_tether_outbox(seq AUTOINCREMENT, entity, op, key_json, row_json, committed_at)`
+//! - `_tether_state(name, value)`: the acknowledged position (`acked_seq`)
+//! - `_tether_inbox(update_id, status, reason, applied_at)`: every cloud update applied
+//! - `_tether_apply_guard(active)`: 1 only inside the applier's own transaction; the capture
+//!   triggers skip rows while it is 1, so applied updates are not echoed back up. SQLite has a
+//!   single writer, so no other connection's writes can happen while it is 1.
+//! - per synced table, `AFTER INSERT/UPDATE/DELETE` triggers `_tether_<table>_{ins,upd,del}`.
+//!
+//! SQLite commits one writer at a time and `AUTOINCREMENT` never reuses a value, so outbox
+//! order is commit order and a reader never sees a later `seq` before an earlier one.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use serde_json::{Map, Value};
+use tether_actors::ports::{ApplyOutcome, ChangeSink, ChangeSource, Checkpoint, PortError};
+use tether_schemas::{Event, Op, Update, UpdateOp, UpdateStatus};
+
+use super::{quote_ident as qi, quote_literal as ql};
+use crate::config::TableConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SqliteError {
+    #[error("opening {path}: {source}")]
+    Open {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error("table `{table}` (agent.tables) does not exist in {path}")]
+    NoTable { table: String, path: String },
+    #[error("table `{table}`: key column `{column}` does not exist")]
+    NoColumn { table: String, column: String },
+    #[error("table `{table}`: key [{key}] is not the primary key or a unique index; updates need it to be unique")]
+    KeyNotUnique { table: String, key: String },
+    #[error("{context}: {source}")]
+    Sql {
+        context: String,
+        source: rusqlite::Error,
+    },
+}
+
+fn sql(context: &str) -> impl FnOnce(rusqlite::Error) -> SqliteError + '_ {
+    move |source| SqliteError::Sql {
+        context: context.to_string(),
+        source,
+    }
+}
+
+fn port(context: &str) -> impl FnOnce(rusqlite::Error) -> PortError + '_ {
+    move |e| PortError::new(format!("{context}: {e}"))
+}
+
+/// Opens a connection with the settings every Tether connection uses.
+pub fn open(path: &Path) -> Result<Connection, SqliteError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|source| SqliteError::Open {
+        path: path.display().to_string(),
+        source,
+    })?;
+    conn.busy_timeout(Duration::from_secs(10))
+        .map_err(sql("busy_timeout"))?;
+    Ok(conn)
+}
+
+const BASE_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS _tether_outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    entity TEXT NOT NULL,
+    op TEXT NOT NULL,
+    key_json TEXT NOT NULL,
+    row_json TEXT,
+    committed_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+CREATE TABLE IF NOT EXISTS _tether_state (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS _tether_inbox (
+    update_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    reason TEXT,
+    applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+CREATE TABLE IF NOT EXISTS _tether_apply_guard (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    active INTEGER NOT NULL DEFAULT 0
+);
+INSERT OR IGNORE INTO _tether_apply_guard (id, active) VALUES (1, 0);
+";
+
+/// Columns of a table, in order, with their declared types.
+fn columns(conn: &Connection, table: &str) -> Result<Vec<(String, String)>, rusqlite::Error> {
+    let mut stmt = conn.prepare(&format!("PRAGMA table_info({})", qi(table)))?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?;
+    rows.collect()
+}
+
+/// True if `key` is the primary key or matches a unique index.
+fn key_is_unique(conn: &Connection, table: &str, key: &[String]) -> Result<bool, rusqlite::Error> {
+    let mut want: Vec<&str> = key.iter().map(|s| s.as_str()).collect();
+    want.sort();
+    let mut pk: Vec<(i64, String)> = Vec::new();
+    let mut stmt = conn.prepare(&format!("PRAGMA table_info({})", qi(table)))?;
+    for r in stmt.query_map([], |r| Ok((r.get::<_, i64>(5)?, r.get::<_, String>(1)?)))? {
+        let (n, name) = r?;
+        if n > 0 {
+            pk.push((n, name));
+        }
+    }
+    let mut pk_names: Vec<&str> = pk.iter().map(|(_, n)| n.as_str()).collect();
+    pk_names.sort();
+    if pk_names == want {
+        return Ok(true);
+    }
+    let mut idx = conn.prepare(&format!("PRAGMA index_list({})", qi(table)))?;
+    let indexes: Vec<(String, bool)> = idx
+        .query_map([], |r| Ok((r.get::<_, String>(1)?, r.get::<_, bool>(2)?)))?
+        .collect::<Result<_, _>>()?;
+    for (name, unique) in indexes {
+        if !unique {
+            continue;
+        }
+        let mut info = conn.prepare(&format!("PRAGMA index_info({})", qi(&name)))?;
+        let mut cols: Vec<String> = info
+            .query_map([], |r| r.get::<_, String>(2))?
+            .collect::<Result<_, _>>()?;
+        cols.sort();
+        if cols.iter().map(|s| s.as_str()).collect::<Vec<_>>() == want {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn json_object_expr(prefix: &str, cols: &[(String, String)]) -> String {
+    let parts: Vec<String> = cols
+        .iter()
+        .map(|(name, ty)| {
+            let col = format!("{prefix}.{}", qi(name));
+            // JSON cannot hold BLOBs: they travel as hex text.
+            let expr = if ty.to_ascii_uppercase().contains("BLOB") {
+                format!("hex({col})")
+            } else {
+                col
+            };
+            format!("{}, {expr}", ql(name))
+        })
+        .collect();
+    format!("json_object({})", parts.join(", "))
+}
+
+/// The trigger DDL for one table (exposed for tests and `--dry-run`).
+pub fn trigger_sql(t: &TableConfig, cols: &[(String, String)]) -> Vec<String> {
+    let key_cols: Vec<(String, String)> = t
+        .key
+        .iter()
+        .map(|k| {
+            let ty = cols
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, ty)| ty.clone())
+                .unwrap_or_default();
+            (k.clone(), ty)
+        })
+        .collect();
+    let guard = "(SELECT active FROM _tether_apply_guard WHERE id = 1) = 0";
+    let insert = |op: &str, prefix: &str| {
+        format!(
+            "INSERT INTO _tether_outbox (entity, op, key_json, row_json) VALUES ({}, {}, {}, {});",
+            ql(&t.entity),
+            ql(op),
+            json_object_expr(prefix, &key_cols),
+            json_object_expr(prefix, cols)
+        )
+    };
+    let name = |suffix: &str| qi(&format!("_tether_{}_{suffix}", t.table));
+    let key_changed = t
+        .key
+        .iter()
+        .map(|k| format!("OLD.{c} IS NOT NEW.{c}", c = qi(k)))
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    vec![
+        format!(
+            "CREATE TRIGGER {} AFTER INSERT ON {} WHEN {guard} BEGIN {} END",
+            name("ins"),
+            qi(&t.table),
+            insert("insert", "NEW")
+        ),
+        // A key change is a delete of the old key followed by the new row.
+        format!(
+            "CREATE TRIGGER {} AFTER UPDATE ON {} WHEN {guard} BEGIN \
+             INSERT INTO _tether_outbox (entity, op, key_json, row_json) SELECT {}, 'delete', {}, {} WHERE {key_changed}; \
+             {} END",
+            name("upd"),
+            qi(&t.table),
+            ql(&t.entity),
+            json_object_expr("OLD", &key_cols),
+            json_object_expr("OLD", cols),
+            insert("update", "NEW")
+        ),
+        format!(
+            "CREATE TRIGGER {} AFTER DELETE ON {} WHEN {guard} BEGIN {} END",
+            name("del"),
+            qi(&t.table),
+            insert("delete", "OLD")
+        ),
+    ]
+}
+
+/// What `install` did, for the CLI to print.
+#[derive(Debug, Default)]
+pub struct InstallReport {
+    pub tables: Vec<String>,
+    pub triggers: usize,
+}
+
+/// Creates (idempotently) the Tether tables and the capture triggers of every `up` table.
+pub fn install(path: &Path, tables: &[TableConfig]) -> Result<InstallReport, SqliteError> {
+    let mut conn = open(path)?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql("begin"))?;
+    tx.execute_batch(BASE_SCHEMA).map_err(sql("creating _tether tables"))?;
+    let mut report = InstallReport::default();
+    for t in tables {
+        let cols = columns(&tx, &t.table).map_err(sql("reading table columns"))?;
+        if cols.is_empty() {
+            return Err(SqliteError::NoTable {
+                table: t.table.clone(),
+                path: path.display().to_string(),
+            });
+        }
+        for k in &t.key {
+            if !cols.iter().any(|(c, _)| c == k) {
+                return Err(SqliteError::NoColumn {
+                    table: t.table.clone(),
+                    column: k.clone(),
+                });
+            }
+        }
+        if t.direction.down() && !key_is_unique(&tx, &t.table, &t.key).map_err(sql("reading indexes"))? {
+            return Err(SqliteError::KeyNotUnique {
+                table: t.table.clone(),
+                key: t.key.join(", "),
+            });
+        }
+        drop_triggers(&tx, &t.table)?;
+        if t.direction.up() {
+            for ddl in trigger_sql(t, &cols) {
+                tx.execute_batch(&ddl).map_err(sql("creating trigger"))?;
+                report.triggers += 1;
+            }
+        }
+        report.tables.push(t.table.clone());
+    }
+    tx.commit().map_err(sql("commit"))?;
+    Ok(report)
+}
+
+fn drop_triggers(conn: &Connection, table: &str) -> Result<(), SqliteError> {
+    for suffix in ["ins", "upd", "del"] {
+        conn.execute_batch(&format!(
+            "DROP TRIGGER IF EXISTS {}",
+            qi(&format!("_tether_{table}_{suffix}"))
+        ))
+        .map_err(sql("dropping trigger"))?;
+    }
+    Ok(())
+}
+
+/// Removes every trigger and table `install` created. The clinic's own tables are untouched.
+pub fn uninstall(path: &Path) -> Result<usize, SqliteError> {
+    let mut conn = open(path)?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql("begin"))?;
+    let objects: Vec<(String, String)> = {
+        let mut stmt = tx
+            .prepare("SELECT type, name FROM sqlite_master WHERE name LIKE '\\_tether\\_%' ESCAPE '\\' AND type IN ('trigger', 'table')")
+            .map_err(sql("listing objects"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(sql("listing objects"))?;
+        rows.collect::<Result<_, _>>().map_err(sql("listing objects"))?
+    };
+    for (kind, name) in objects.iter().filter(|(k, _)| k == "trigger") {
+        tx.execute_batch(&format!("DROP {} IF EXISTS {}", kind.to_uppercase(), qi(name)))
+            .map_err(sql("dropping"))?;
+    }
+    for (kind, name) in objects.iter().filter(|(k, _)| k == "table") {
+        tx.execute_batch(&format!("DROP {} IF EXISTS {}", kind.to_uppercase(), qi(name)))
+            .map_err(sql("dropping"))?;
+    }
+    tx.commit().map_err(sql("commit"))?;
+    Ok(objects.len())
+}
+
+fn parse_obj(text: &str, what: &str, seq: u64) -> Result<Map<String, Value>, PortError> {
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(m)) => Ok(m),
+        _ => Err(PortError::new(format!(
+            "outbox row seq={seq}: {what} is not a JSON object"
+        ))),
+    }
+}
+
+/// Reads the outbox ([`ChangeSource`]) on a dedicated connection, so `PRAGMA data_version`
+/// sees every other connection's commits.
+pub struct SqliteSource {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteSource {
+    pub fn open(path: &Path) -> Result<Self, SqliteError> {
+        Ok(SqliteSource {
+            conn: Mutex::new(open(path)?),
+        })
+    }
+}
+
+impl ChangeSource for SqliteSource {
+    fn change_token(&self) -> Result<u64, PortError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))
+            .map(|v| v as u64)
+            .map_err(port("PRAGMA data_version"))
+    }
+
+    fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, PortError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT seq, entity, op, key_json, row_json, committed_at FROM _tether_outbox \
+                 WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )
+            .map_err(port("reading outbox"))?;
+        let rows = stmt
+            .query_map(params![after as i64, limit as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, String>(5)?,
+                ))
+            })
+            .map_err(port("reading outbox"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, entity, op, key, row, committed_at) = row.map_err(port("reading outbox"))?;
+            let seq = seq as u64;
+            let op = Op::parse(&op).ok_or_else(|| {
+                PortError::new(format!("outbox row seq={seq}: unknown op `{op}`"))
+            })?;
+            out.push(Event {
+                seq,
+                entity,
+                op,
+                key: parse_obj(&key, "key_json", seq)?,
+                row: row.map(|r| parse_obj(&r, "row_json", seq)).transpose()?,
+                committed_at,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// The acknowledged position and the outbox purge ([`Checkpoint`]).
+pub struct SqliteCheckpoint {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteCheckpoint {
+    pub fn open(path: &Path) -> Result<Self, SqliteError> {
+        Ok(SqliteCheckpoint {
+            conn: Mutex::new(open(path)?),
+        })
+    }
+}
+
+impl Checkpoint for SqliteCheckpoint {
+    fn load(&self) -> Result<u64, PortError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.query_row(
+            "SELECT value FROM _tether_state WHERE name = 'acked_seq'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()
+        .map(|v| v.unwrap_or(0) as u64)
+        .map_err(port("loading checkpoint (is `tether agent install` done?)"))
+    }
+
+    fn save(&self, acked: u64) -> Result<(), PortError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.execute(
+            "INSERT INTO _tether_state (name, value) VALUES ('acked_seq', ?1) \
+             ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)",
+            params![acked as i64],
+        )
+        .map(|_| ())
+        .map_err(port("saving checkpoint"))
+    }
+
+    fn purge(&self, acked: u64, retention: Duration) -> Result<usize, PortError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.execute(
+            "DELETE FROM _tether_outbox WHERE seq <= ?1 \
+             AND committed_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?2)",
+            params![acked as i64, format!("-{} seconds", retention.as_secs())],
+        )
+        .map_err(port("purging outbox"))
+    }
+}
+
+struct DownTable {
+    table: String,
+    key: Vec<String>,
+    columns: Vec<String>,
+}
+
+/// Applies cloud updates ([`ChangeSink`]).
+pub struct SqliteSink {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+    tables: Vec<TableConfig>,
+    cache: Mutex<HashMap<String, Arc<DownTable>>>,
+}
+
+impl SqliteSink {
+    pub fn open(path: &Path, tables: &[TableConfig]) -> Result<Self, SqliteError> {
+        Ok(SqliteSink {
+            conn: Mutex::new(open(path)?),
+            path: path.to_path_buf(),
+            tables: tables.to_vec(),
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn table_for(&self, conn: &Connection, entity: &str) -> Result<Arc<DownTable>, String> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = cache.get(entity) {
+            return Ok(t.clone());
+        }
+        let cfg = self
+            .tables
+            .iter()
+            .find(|t| t.entity == entity)
+            .ok_or_else(|| format!("entity `{entity}` is not mapped in agent.tables"))?;
+        if !cfg.direction.down() {
+            return Err(format!(
+                "entity `{entity}` is mapped with direction up; cloud updates are not accepted"
+            ));
+        }
+        let cols = columns(conn, &cfg.table).map_err(|e| e.to_string())?;
+        if cols.is_empty() {
+            return Err(format!("table `{}` does not exist in {}", cfg.table, self.path.display()));
+        }
+        let t = Arc::new(DownTable {
+            table: cfg.table.clone(),
+            key: cfg.key.clone(),
+            columns: cols.into_iter().map(|(n, _)| n).collect(),
+        });
+        cache.insert(entity.to_string(), t.clone());
+        Ok(t)
+    }
+}
+
+fn to_sql(v: &Value) -> SqlValue {
+    match v {
+        Value::Null => SqlValue::Null,
+        Value::Bool(b) => SqlValue::Integer(*b as i64),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => SqlValue::Integer(i),
+            None => SqlValue::Real(n.as_f64().unwrap_or(0.0)),
+        },
+        Value::String(s) => SqlValue::Text(s.clone()),
+        other => SqlValue::Text(other.to_string()),
+    }
+}
+
+/// Applies one update inside the caller's transaction. `Err` is the reason it failed.
+fn apply_one(conn: &Connection, t: &DownTable, u: &Update) -> Result<(), String> {
+    for k in &t.key {
+        if !u.key.contains_key(k) {
+            return Err(format!("key column `{k}` is missing from the update's key"));
+        }
+    }
+    if let Some(extra) = u.key.keys().find(|k| !t.key.contains(k)) {
+        return Err(format!("`{extra}` is not a key column of `{}`", t.table));
+    }
+    let where_clause = t
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("{} = ?{}", qi(k), i + 1))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let key_vals: Vec<SqlValue> = t.key.iter().map(|k| to_sql(&u.key[k])).collect();
+    match u.op {
+        UpdateOp::Delete => {
+            conn.execute(
+                &format!("DELETE FROM {} WHERE {where_clause}", qi(&t.table)),
+                rusqlite::params_from_iter(key_vals.iter()),
+            )
+            .map_err(|e| e.to_string())?;
+        }
+        UpdateOp::Upsert => {
+            let row = u
+                .row
+                .as_ref()
+                .ok_or_else(|| "upsert without a `row`".to_string())?;
+            let mut cols: Vec<&str> = Vec::new();
+            let mut vals: Vec<SqlValue> = Vec::new();
+            for (k, v) in &u.key {
+                if let Some(rv) = row.get(k) {
+                    if rv != v {
+                        return Err(format!("`row.{k}` differs from `key.{k}`"));
+                    }
+                }
+                cols.push(k);
+                vals.push(to_sql(v));
+            }
+            for (c, v) in row {
+                if u.key.contains_key(c) {
+                    continue;
+                }
+                if !t.columns.iter().any(|x| x == c) {
+                    return Err(format!("`{c}` is not a column of `{}`", t.table));
+                }
+                cols.push(c);
+                vals.push(to_sql(v));
+            }
+            let placeholders = (1..=cols.len()).map(|i| format!("?{i}")).collect::<Vec<_>>();
+            let non_key: Vec<String> = cols
+                .iter()
+                .filter(|c| !t.key.iter().any(|k| k == *c))
+                .map(|c| format!("{q} = excluded.{q}", q = qi(c)))
+                .collect();
+            let conflict = if non_key.is_empty() {
+                "DO NOTHING".to_string()
+            } else {
+                format!("DO UPDATE SET {}", non_key.join(", "))
+            };
+            let stmt = format!(
+                "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) {conflict}",
+                qi(&t.table),
+                cols.iter().map(|c| qi(c)).collect::<Vec<_>>().join(", "),
+                placeholders.join(", "),
+                t.key.iter().map(|k| qi(k)).collect::<Vec<_>>().join(", "),
+            );
+            conn.execute(&stmt, rusqlite::params_from_iter(vals.iter()))
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+impl ChangeSink for SqliteSink {
+    fn apply(&self, u: &Update) -> Result<ApplyOutcome, PortError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(port("begin"))?;
+        let seen: Option<(String, Option<String>)> = tx
+            .query_row(
+                "SELECT status, reason FROM _tether_inbox WHERE update_id = ?1",
+                params![u.update_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(port("reading inbox"))?;
+        if let Some((status, reason)) = seen {
+            let status = if status == "applied" {
+                UpdateStatus::Applied
+            } else {
+                UpdateStatus::Failed
+            };
+            return Ok(ApplyOutcome {
+                status,
+                reason,
+                duplicate: true,
+            });
+        }
+        tx.execute("UPDATE _tether_apply_guard SET active = 1 WHERE id = 1", [])
+            .map_err(port("setting apply guard"))?;
+        tx.execute_batch("SAVEPOINT tether_apply")
+            .map_err(port("savepoint"))?;
+        let result = self
+            .table_for(&tx, &u.entity)
+            .and_then(|t| apply_one(&tx, &t, u));
+        let (status, reason) = match result {
+            Ok(()) => {
+                tx.execute_batch("RELEASE tether_apply").map_err(port("release"))?;
+                (UpdateStatus::Applied, None)
+            }
+            Err(reason) => {
+                tx.execute_batch("ROLLBACK TO tether_apply; RELEASE tether_apply")
+                    .map_err(port("rollback to savepoint"))?;
+                (UpdateStatus::Failed, Some(reason))
+            }
+        };
+        tx.execute("UPDATE _tether_apply_guard SET active = 0 WHERE id = 1", [])
+            .map_err(port("clearing apply guard"))?;
+        tx.execute(
+            "INSERT INTO _tether_inbox (update_id, status, reason) VALUES (?1, ?2, ?3)",
+            params![u.update_id, status.as_str(), reason],
+        )
+        .map_err(port("writing inbox"))?;
+        tx.commit().map_err(port("commit"))?;
+        Ok(ApplyOutcome {
+            status,
+            reason,
+            duplicate: false,
+        })
+    }
+}

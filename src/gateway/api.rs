@@ -1,0 +1,234 @@
+//! REST API (JSON) for the main Web API and operators.
+//!
+//! - `GET /healthz`
+//! - `GET /v1/clinics`, `GET /v1/clinics/{id}`
+//! - `GET /v1/events?clinic_id=&after=&limit=` (cursor pagination on the event id)
+//! - `POST /v1/clinics/{id}/updates` → 202 `{"update_id": …}`
+//! - `GET /v1/updates/{id}`
+//!
+//! Errors are 4xx/5xx with `{"error": {"message": …, "field": …}}` naming the field at fault.
+
+use std::collections::BTreeMap;
+
+use actix_web::{http::StatusCode, web, HttpResponse};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tether_actors::log_target::AUDIT;
+use tether_actors::registry::{ClinicLive, Snapshot, UpdatesPending};
+use tether_schemas::UpdateOp;
+
+use super::store::{NewUpdate, StoreError};
+use super::GatewayState;
+use crate::config::valid_id;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz))
+        .route("/v1/clinics", web::get().to(list_clinics))
+        .route("/v1/clinics/{id}", web::get().to(get_clinic))
+        .route("/v1/clinics/{id}/updates", web::post().to(post_update))
+        .route("/v1/events", web::get().to(list_events))
+        .route("/v1/updates/{id}", web::get().to(get_update));
+}
+
+fn error(status: StatusCode, field: Option<&str>, message: impl Into<String>) -> HttpResponse {
+    HttpResponse::build(status).json(json!({
+        "error": { "message": message.into(), "field": field }
+    }))
+}
+
+fn store_error(e: impl std::fmt::Display) -> HttpResponse {
+    log::error!(target: "error", "event=api_store_error error={e}");
+    error(StatusCode::SERVICE_UNAVAILABLE, None, "store unavailable")
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, HttpResponse> {
+    match web::block(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(store_error(e)),
+        Err(e) => Err(store_error(e)),
+    }
+}
+
+async fn healthz(state: web::Data<GatewayState>) -> HttpResponse {
+    let store = state.store.clone();
+    match blocking(move || store.read(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)))).await {
+        Ok(_) => HttpResponse::Ok().json(json!({"status": "ok", "store": "ok"})),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, None, "store unavailable"),
+    }
+}
+
+async fn clinic_views(state: &GatewayState) -> Result<Vec<Value>, HttpResponse> {
+    let store = state.store.clone();
+    let records = blocking(move || store.clinics()).await?;
+    let live: Vec<ClinicLive> = state.registry.send(Snapshot).await.unwrap_or_default();
+    let mut live: BTreeMap<String, ClinicLive> =
+        live.into_iter().map(|l| (l.clinic_id.clone(), l)).collect();
+    let mut out = Vec::new();
+    for r in records {
+        let l = live.remove(&r.clinic_id);
+        out.push(json!({
+            "clinic_id": r.clinic_id,
+            "connected": l.as_ref().is_some_and(|l| l.connected),
+            "session_id": l.as_ref().and_then(|l| l.session_id.clone()),
+            "remote_addr": l.as_ref().and_then(|l| l.remote_addr.clone()),
+            "last_heartbeat_ms": l.as_ref().and_then(|l| l.last_heartbeat_ms),
+            "sessions_total": l.as_ref().map(|l| l.sessions_total).unwrap_or(0),
+            "acked_seq": r.acked_seq,
+            "events": r.events,
+            "pending_updates": r.pending_updates,
+            "first_seen": r.first_seen,
+            "last_event_at": r.last_event_at,
+        }));
+    }
+    // Connected clinics that have not stored anything yet.
+    for (_, l) in live {
+        out.push(json!({
+            "clinic_id": l.clinic_id, "connected": l.connected, "session_id": l.session_id,
+            "remote_addr": l.remote_addr, "last_heartbeat_ms": l.last_heartbeat_ms,
+            "sessions_total": l.sessions_total, "acked_seq": l.acked_seq, "events": 0,
+            "pending_updates": 0, "first_seen": null, "last_event_at": null,
+        }));
+    }
+    Ok(out)
+}
+
+async fn list_clinics(state: web::Data<GatewayState>) -> HttpResponse {
+    match clinic_views(&state).await {
+        Ok(v) => HttpResponse::Ok().json(json!({ "clinics": v })),
+        Err(resp) => resp,
+    }
+}
+
+async fn get_clinic(state: web::Data<GatewayState>, id: web::Path<String>) -> HttpResponse {
+    match clinic_views(&state).await {
+        Ok(v) => match v.into_iter().find(|c| c["clinic_id"] == id.as_str()) {
+            Some(c) => HttpResponse::Ok().json(c),
+            None => error(StatusCode::NOT_FOUND, Some("id"), format!("no clinic `{id}`")),
+        },
+        Err(resp) => resp,
+    }
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    clinic_id: Option<String>,
+    after: Option<String>,
+    limit: Option<String>,
+}
+
+async fn list_events(
+    state: web::Data<GatewayState>,
+    q: web::Query<BTreeMap<String, String>>,
+) -> HttpResponse {
+    let q = q.into_inner();
+    if let Some(k) = q.keys().find(|k| !["clinic_id", "after", "limit"].contains(&k.as_str())) {
+        return error(StatusCode::BAD_REQUEST, Some(k), format!("unknown query parameter `{k}`"));
+    }
+    let q = EventsQuery {
+        clinic_id: q.get("clinic_id").cloned(),
+        after: q.get("after").cloned(),
+        limit: q.get("limit").cloned(),
+    };
+    let after = match q.after.as_deref().map(str::parse::<u64>) {
+        None => 0,
+        Some(Ok(v)) => v,
+        Some(Err(_)) => {
+            return error(StatusCode::BAD_REQUEST, Some("after"), "must be a non-negative integer (an event id)")
+        }
+    };
+    let limit = match q.limit.as_deref().map(str::parse::<usize>) {
+        None => 100,
+        Some(Ok(v)) if (1..=1000).contains(&v) => v,
+        Some(_) => return error(StatusCode::BAD_REQUEST, Some("limit"), "must be an integer from 1 to 1000"),
+    };
+    if let Some(c) = &q.clinic_id {
+        if !valid_id(c) {
+            return error(StatusCode::BAD_REQUEST, Some("clinic_id"), "not a valid clinic id");
+        }
+    }
+    let store = state.store.clone();
+    let clinic = q.clinic_id.clone();
+    match blocking(move || store.events_page(clinic.as_deref(), after, limit)).await {
+        Ok(events) => {
+            let next = (events.len() == limit).then(|| events.last().map(|e| e.id)).flatten();
+            HttpResponse::Ok().json(json!({ "events": events, "next_after": next }))
+        }
+        Err(resp) => resp,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateBody {
+    entity: String,
+    op: UpdateOp,
+    key: Map<String, Value>,
+    #[serde(default)]
+    row: Option<Map<String, Value>>,
+}
+
+async fn post_update(
+    state: web::Data<GatewayState>,
+    id: web::Path<String>,
+    body: web::Bytes,
+) -> HttpResponse {
+    let clinic = id.into_inner();
+    if !valid_id(&clinic) {
+        return error(StatusCode::BAD_REQUEST, Some("id"), "not a valid clinic id");
+    }
+    let mut de = serde_json::Deserializer::from_slice(&body);
+    let parsed: UpdateBody = match serde_path_to_error::deserialize(&mut de) {
+        Ok(b) => b,
+        Err(e) => {
+            let field = e.path().to_string();
+            let field = if field == "." { None } else { Some(field) };
+            return error(StatusCode::BAD_REQUEST, field.as_deref(), e.into_inner().to_string());
+        }
+    };
+    if !valid_id(&parsed.entity) {
+        return error(StatusCode::BAD_REQUEST, Some("entity"), "must be 1-64 characters of letters, digits, -, _ or .");
+    }
+    if parsed.key.is_empty() {
+        return error(StatusCode::BAD_REQUEST, Some("key"), "must name at least one key column");
+    }
+    match (parsed.op, &parsed.row) {
+        (UpdateOp::Upsert, None) => return error(StatusCode::BAD_REQUEST, Some("row"), "required for op upsert"),
+        (UpdateOp::Delete, Some(_)) => return error(StatusCode::BAD_REQUEST, Some("row"), "must be absent for op delete"),
+        _ => {}
+    }
+    if let Some(row) = &parsed.row {
+        if let Err(e) = state.schemas.validate(&parsed.entity, &Value::Object(row.clone())) {
+            return error(StatusCode::UNPROCESSABLE_ENTITY, Some("row"), e.to_string());
+        }
+    }
+    let entity = parsed.entity.clone();
+    let op = parsed.op;
+    let update = NewUpdate {
+        clinic_id: clinic.clone(),
+        entity: parsed.entity,
+        op: parsed.op,
+        key: parsed.key,
+        row: parsed.row,
+    };
+    match state.store.enqueue_update(update).await {
+        Ok(update_id) => {
+            log::info!(target: AUDIT, "actor=rest action=enqueue_update clinic={clinic} update_id={update_id} entity={entity} op={} result=accepted", op.as_str());
+            state.registry.do_send(UpdatesPending { clinic_id: clinic });
+            HttpResponse::Accepted().json(json!({ "update_id": update_id, "status": "pending" }))
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+async fn get_update(state: web::Data<GatewayState>, id: web::Path<String>) -> HttpResponse {
+    let id = id.into_inner();
+    let store = state.store.clone();
+    let lookup = id.clone();
+    match blocking(move || store.update(&lookup)).await {
+        Ok(Some(u)) => HttpResponse::Ok().json(u),
+        Ok(None) => error(StatusCode::NOT_FOUND, Some("id"), format!("no update `{id}`")),
+        Err(resp) => resp,
+    }
+}

@@ -1,0 +1,451 @@
+//! One WebSocket session per agent connection. This is the only module that uses the
+//! deprecated `actix-web-actors` crate, so replacing it later touches one file.
+//!
+//! Takes frames from the agent and `SessionCommand`s from the registry; pings every heartbeat
+//! interval and closes a session silent for three; appends event batches to the store and
+//! acknowledges them once durable; delivers the clinic's open cloud updates in order, at most
+//! `update_window` unanswered at a time. A panic-free zone: every frame is validated and bad
+//! input is answered with an `error` frame naming the problem.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use actix::prelude::*;
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web_actors::ws;
+use tether_actors::log_target::{CONNECTION, ERROR, MESSAGE};
+use tether_actors::registry::{self, SessionCommand};
+use tether_schemas::{
+    Ack, DecodeError, ErrorCode, ErrorFrame, Events, Message as Wire, UpdateResult, Welcome,
+};
+
+use super::store::{AppendOutcome, IncomingEvent};
+use super::GatewayState;
+use crate::config::valid_id;
+
+pub struct Session {
+    id: String,
+    clinic: Option<String>,
+    state: web::Data<GatewayState>,
+    remote: Option<String>,
+    last_seen: Instant,
+    inflight_updates: HashSet<String>,
+    last_update_row: i64,
+    fetching: bool,
+    more_updates: bool,
+    closing: bool,
+    batches: u64,
+}
+
+/// `GET /v1/ws`: upgrade to a session.
+pub async fn upgrade(
+    req: HttpRequest,
+    stream: web::Payload,
+    state: web::Data<GatewayState>,
+) -> Result<HttpResponse, actix_web::Error> {
+    let remote = req.peer_addr().map(|a| a.to_string());
+    let max = state.settings.max_frame_bytes;
+    let session = Session {
+        id: format!("s{:016x}", rand::random::<u64>()),
+        clinic: None,
+        state,
+        remote,
+        last_seen: Instant::now(),
+        inflight_updates: HashSet::new(),
+        last_update_row: 0,
+        fetching: false,
+        more_updates: false,
+        closing: false,
+        batches: 0,
+    };
+    ws::WsResponseBuilder::new(session, &req, stream)
+        .frame_size(max)
+        .start()
+}
+
+impl Session {
+    fn clinic_label(&self) -> &str {
+        self.clinic.as_deref().unwrap_or("-")
+    }
+
+    fn send(&self, ctx: &mut ws::WebsocketContext<Self>, msg: Wire) {
+        ctx.text(msg.encode());
+    }
+
+    fn send_error(
+        &self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        code: ErrorCode,
+        message: String,
+        field: Option<String>,
+    ) {
+        log::warn!(target: ERROR, "session={} clinic={} event=rejected_frame code={code:?} field={} message={message:?}", self.id, self.clinic_label(), field.as_deref().unwrap_or("-"));
+        self.send(
+            ctx,
+            Wire::Error(ErrorFrame {
+                code,
+                message,
+                field,
+            }),
+        );
+    }
+
+    fn close(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: ws::CloseCode, why: &str) {
+        if self.closing {
+            return;
+        }
+        self.closing = true;
+        log::info!(target: CONNECTION, "session={} clinic={} event=closing code={} reason={why:?}", self.id, self.clinic_label(), u16::from(code));
+        ctx.close(Some(ws::CloseReason {
+            code,
+            description: Some(why.to_string()),
+        }));
+        ctx.stop();
+    }
+
+    fn on_text(&mut self, text: &str, ctx: &mut ws::WebsocketContext<Self>) {
+        let msg = match Wire::decode(text, self.state.settings.max_frame_bytes) {
+            Ok(m) => m,
+            Err(e @ DecodeError::TooLarge { .. }) => {
+                self.send_error(ctx, e.code(), e.to_string(), None);
+                return self.close(ctx, ws::CloseCode::Size, "frame too large");
+            }
+            Err(e) => {
+                let f = e.to_frame();
+                return self.send_error(ctx, f.code, f.message, f.field);
+            }
+        };
+        match (&self.clinic, msg) {
+            (None, Wire::Hello(h)) => self.on_hello(h, ctx),
+            (Some(_), Wire::Hello(_)) => self.send_error(
+                ctx,
+                ErrorCode::UnexpectedMessage,
+                "hello was already received on this session".into(),
+                Some("type".into()),
+            ),
+            (None, other) => {
+                self.send_error(
+                    ctx,
+                    ErrorCode::UnexpectedMessage,
+                    format!("`{}` before `hello`", other.kind()),
+                    Some("type".into()),
+                );
+                self.close(ctx, ws::CloseCode::Policy, "hello expected");
+            }
+            (Some(_), Wire::Events(ev)) => self.on_events(ev, ctx),
+            (Some(_), Wire::UpdateResult(r)) => self.on_update_result(r, ctx),
+            (Some(_), Wire::Error(e)) => {
+                log::warn!(target: ERROR, "session={} clinic={} event=agent_error code={:?} message={:?}", self.id, self.clinic_label(), e.code, e.message);
+            }
+            (Some(_), other) => self.send_error(
+                ctx,
+                ErrorCode::UnexpectedMessage,
+                format!("`{}` is not sent by agents", other.kind()),
+                Some("type".into()),
+            ),
+        }
+    }
+
+    fn on_hello(&mut self, h: tether_schemas::Hello, ctx: &mut ws::WebsocketContext<Self>) {
+        if !valid_id(&h.clinic_id) {
+            self.send_error(
+                ctx,
+                ErrorCode::BadFrame,
+                "clinic_id must be 1-64 characters of letters, digits, -, _ or .".into(),
+                Some("clinic_id".into()),
+            );
+            return self.close(ctx, ws::CloseCode::Policy, "bad clinic_id");
+        }
+        let clinic = h.clinic_id.clone();
+        self.clinic = Some(clinic.clone());
+        let store = self.state.store.clone();
+        let c = clinic.clone();
+        let fut = async move { web::block(move || store.acked_seq(&c)).await };
+        ctx.wait(fut.into_actor(self).map(move |res, act, ctx| {
+            let acked = match res {
+                Ok(Ok(a)) => a,
+                Ok(Err(e)) => {
+                    log::error!(target: ERROR, "session={} clinic={clinic} event=store_error error={e}", act.id);
+                    act.send_error(ctx, ErrorCode::StoreUnavailable, "store unavailable".into(), None);
+                    return act.close(ctx, ws::CloseCode::Error, "store unavailable");
+                }
+                Err(e) => {
+                    log::error!(target: ERROR, "session={} clinic={clinic} event=store_error error={e}", act.id);
+                    return act.close(ctx, ws::CloseCode::Error, "store unavailable");
+                }
+            };
+            act.state.registry.do_send(registry::Register {
+                clinic_id: clinic.clone(),
+                session_id: act.id.clone(),
+                remote_addr: act.remote.clone(),
+                acked_seq: acked,
+                session: ctx.address().recipient(),
+            });
+            log::info!(target: CONNECTION, "session={} clinic={clinic} event=session_open remote={} agent_version={:?} agent_acked_seq={} gateway_acked_seq={acked}", act.id, act.remote.as_deref().unwrap_or("-"), h.agent_version, h.last_acked_seq);
+            let welcome = Wire::Welcome(Welcome {
+                session_id: act.id.clone(),
+                acked_seq: acked,
+                heartbeat_interval_ms: act.state.settings.heartbeat_interval.as_millis() as u64,
+                max_frame_bytes: act.state.settings.max_frame_bytes as u64,
+            });
+            act.send(ctx, welcome);
+            act.deliver_updates(ctx);
+        }));
+    }
+
+    fn on_events(&mut self, batch: Events, ctx: &mut ws::WebsocketContext<Self>) {
+        let clinic = self.clinic.clone().unwrap_or_default();
+        // Sequences must rise strictly from prev_seq.
+        let mut last = batch.prev_seq;
+        for (i, e) in batch.events.iter().enumerate() {
+            if e.seq <= last {
+                return self.send_error(
+                    ctx,
+                    ErrorCode::BadFrame,
+                    format!("seq {} does not follow {last}", e.seq),
+                    Some(format!("events[{i}].seq")),
+                );
+            }
+            if !valid_id(&e.entity) {
+                return self.send_error(
+                    ctx,
+                    ErrorCode::BadFrame,
+                    "entity must be 1-64 characters of letters, digits, -, _ or .".into(),
+                    Some(format!("events[{i}].entity")),
+                );
+            }
+            last = e.seq;
+        }
+        let Some(first) = batch.events.first().map(|e| e.seq) else {
+            return;
+        };
+        let count = batch.events.len();
+        let prev_seq = batch.prev_seq;
+        let schemas = &self.state.schemas;
+        let incoming: Vec<IncomingEvent> = batch
+            .events
+            .into_iter()
+            .map(|event| {
+                let problem = event.row.as_ref().and_then(|row| {
+                    schemas
+                        .validate(&event.entity, &serde_json::Value::Object(row.clone()))
+                        .err()
+                        .map(|e| e.to_string())
+                });
+                IncomingEvent { event, problem }
+            })
+            .collect();
+        let flagged = incoming.iter().filter(|e| e.problem.is_some()).count();
+        let fut = self.state.store.append(&clinic, batch.prev_seq, incoming);
+        self.batches += 1;
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(AppendOutcome::Stored { acked, inserted }) => {
+                log::info!(target: MESSAGE, "session={} clinic={clinic} event=batch_stored first_seq={first} last_seq={last} count={count} inserted={inserted} flagged={flagged} acked_seq={acked}", act.id);
+                if !act.closing {
+                    act.send(ctx, Wire::Ack(Ack { seq: acked }));
+                }
+                act.state.registry.do_send(registry::Acked {
+                    clinic_id: clinic.clone(),
+                    seq: acked,
+                });
+            }
+            Ok(AppendOutcome::Gap { acked }) => {
+                act.send_error(
+                    ctx,
+                    ErrorCode::Gap,
+                    format!("prev_seq {prev_seq} is beyond the stored position {acked}; resend from {acked}"),
+                    Some("prev_seq".into()),
+                );
+                act.close(ctx, ws::CloseCode::Policy, "gap");
+            }
+            Err(e) => {
+                log::error!(target: ERROR, "session={} clinic={clinic} event=store_write_failed first_seq={first} last_seq={last} error={e}", act.id);
+                act.send_error(ctx, ErrorCode::StoreUnavailable, "store write failed; nothing from this batch was acknowledged".into(), None);
+                act.close(ctx, ws::CloseCode::Error, "store write failed");
+            }
+        }));
+    }
+
+    fn on_update_result(&mut self, r: UpdateResult, ctx: &mut ws::WebsocketContext<Self>) {
+        let clinic = self.clinic.clone().unwrap_or_default();
+        let store = self.state.store.clone();
+        self.inflight_updates.remove(&r.update_id);
+        let fut = async move {
+            let res = store
+                .update_result(&clinic, &r.update_id, r.status, r.reason.clone())
+                .await;
+            (clinic, r, res)
+        };
+        ctx.spawn(fut.into_actor(self).map(|(clinic, r, res), act, ctx| {
+            match res {
+                Ok(true) => {
+                    log::info!(target: MESSAGE, "session={} clinic={clinic} event=update_result update_id={} status={}", act.id, r.update_id, r.status.as_str());
+                }
+                Ok(false) => {
+                    log::warn!(target: MESSAGE, "session={} clinic={clinic} event=update_result_ignored update_id={} reason=\"not open for this clinic\"", act.id, r.update_id);
+                }
+                Err(e) => {
+                    log::error!(target: ERROR, "session={} clinic={clinic} event=store_write_failed update_id={} error={e}", act.id, r.update_id);
+                }
+            }
+            act.deliver_updates(ctx);
+        }));
+    }
+
+    /// Sends the clinic's open updates, oldest first, within the window.
+    fn deliver_updates(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        let Some(clinic) = self.clinic.clone() else {
+            return;
+        };
+        if self.closing {
+            return;
+        }
+        if self.fetching {
+            self.more_updates = true;
+            return;
+        }
+        let window = self.state.settings.update_window;
+        let room = window.saturating_sub(self.inflight_updates.len());
+        if room == 0 {
+            return;
+        }
+        self.fetching = true;
+        self.more_updates = false;
+        let store = self.state.store.clone();
+        let after = self.last_update_row;
+        let fut = async move { web::block(move || store.open_updates(&clinic, after, room)).await };
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+            act.fetching = false;
+            let rows = match res {
+                Ok(Ok(rows)) => rows,
+                Ok(Err(e)) => {
+                    log::error!(target: ERROR, "session={} clinic={} event=store_read_failed error={e}", act.id, act.clinic_label());
+                    return;
+                }
+                Err(e) => {
+                    log::error!(target: ERROR, "session={} clinic={} event=store_read_failed error={e}", act.id, act.clinic_label());
+                    return;
+                }
+            };
+            let full = rows.len() == room;
+            let mut ids = Vec::with_capacity(rows.len());
+            for (row, update) in rows {
+                act.last_update_row = act.last_update_row.max(row);
+                act.inflight_updates.insert(update.update_id.clone());
+                log::info!(target: MESSAGE, "session={} clinic={} event=update_sent update_id={} entity={}", act.id, act.clinic_label(), update.update_id, update.entity);
+                ids.push(update.update_id.clone());
+                act.send(ctx, Wire::Update(update));
+            }
+            if !ids.is_empty() {
+                act.state.store.mark_delivered(ids);
+            }
+            if full || act.more_updates {
+                act.deliver_updates(ctx);
+            }
+        }));
+    }
+}
+
+impl Actor for Session {
+    type Context = ws::WebsocketContext<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let hb = self.state.settings.heartbeat_interval;
+        log::debug!(target: CONNECTION, "session={} event=upgraded remote={}", self.id, self.remote.as_deref().unwrap_or("-"));
+        ctx.run_interval(hb, move |act, ctx| {
+            let silent = act.last_seen.elapsed();
+            if silent > hb * 3 {
+                log::warn!(target: CONNECTION, "session={} clinic={} event=evicted reason=heartbeat_timeout silent_ms={}", act.id, act.clinic_label(), silent.as_millis());
+                act.close(ctx, ws::CloseCode::Away, "heartbeat timeout");
+                return;
+            }
+            ctx.ping(b"");
+        });
+        // A session that never says hello is dropped.
+        ctx.run_later(hb * 3, |act, ctx| {
+            if act.clinic.is_none() {
+                act.close(ctx, ws::CloseCode::Policy, "no hello");
+            }
+        });
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        if let Some(clinic) = &self.clinic {
+            self.state.registry.do_send(registry::Unregister {
+                clinic_id: clinic.clone(),
+                session_id: self.id.clone(),
+            });
+            log::info!(target: CONNECTION, "session={} clinic={clinic} event=session_closed batches={}", self.id, self.batches);
+        }
+    }
+}
+
+impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
+    fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+        self.last_seen = Instant::now();
+        match item {
+            Ok(ws::Message::Text(text)) => self.on_text(&text, ctx),
+            Ok(ws::Message::Ping(b)) => {
+                ctx.pong(&b);
+                if let Some(c) = &self.clinic {
+                    self.state.registry.do_send(registry::Touch {
+                        clinic_id: c.clone(),
+                    });
+                }
+            }
+            Ok(ws::Message::Pong(_)) => {
+                if let Some(c) = &self.clinic {
+                    self.state.registry.do_send(registry::Touch {
+                        clinic_id: c.clone(),
+                    });
+                }
+            }
+            Ok(ws::Message::Binary(_)) => self.send_error(
+                ctx,
+                ErrorCode::BadFrame,
+                "binary frames are not part of the protocol; send JSON text".into(),
+                None,
+            ),
+            Ok(ws::Message::Close(reason)) => {
+                log::info!(target: CONNECTION, "session={} clinic={} event=closed_by_agent code={}", self.id, self.clinic_label(), reason.map(|r| u16::from(r.code)).unwrap_or(1005));
+                self.closing = true;
+                ctx.close(None);
+                ctx.stop();
+            }
+            Ok(ws::Message::Continuation(_)) | Ok(ws::Message::Nop) => {}
+            Err(ws::ProtocolError::Overflow) => {
+                self.send_error(
+                    ctx,
+                    ErrorCode::FrameTooLarge,
+                    format!("frame exceeds {} bytes", self.state.settings.max_frame_bytes),
+                    None,
+                );
+                self.close(ctx, ws::CloseCode::Size, "frame too large");
+            }
+            Err(e) => {
+                log::warn!(target: CONNECTION, "session={} clinic={} event=protocol_error error={:?}", self.id, self.clinic_label(), e.to_string());
+                self.close(ctx, ws::CloseCode::Protocol, "protocol error");
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        if !self.closing {
+            log::warn!(target: CONNECTION, "session={} clinic={} event=unexpected_close", self.id, self.clinic_label());
+        }
+        ctx.stop();
+    }
+}
+
+impl Handler<SessionCommand> for Session {
+    type Result = ();
+    fn handle(&mut self, cmd: SessionCommand, ctx: &mut Self::Context) {
+        match cmd {
+            SessionCommand::Replaced { by_session } => {
+                let why = format!("replaced by newer session {by_session}");
+                self.close(ctx, ws::CloseCode::Other(4001), &why);
+            }
+            SessionCommand::DeliverUpdates => self.deliver_updates(ctx),
+        }
+    }
+}
