@@ -8,3 +8,5 @@ pub mod db;
 pub mod demo;
 pub mod gateway;
 pub mod logging;
+pub mod history;
+pub mod fleet;

@@ -262,6 +262,7 @@ impl Connection {
                 self.backoff.connected(now);
                 self.acked_seq = w.acked_seq;
                 self.stats.connected.store(true, Ordering::Relaxed);
+                AgentStats::add(&self.stats.links_up, 1);
                 log::info!(target: CONNECTION, "clinic={} event=connected session={} gateway_acked_seq={} handshake_ms={}", self.clinic(), w.session_id, w.acked_seq, now.saturating_duration_since(self.attempt_started).as_millis());
                 if let Some(o) = self.slots.outbound.get() {
                     o.do_send(LinkUp {

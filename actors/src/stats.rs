@@ -7,7 +7,10 @@ use std::sync::Mutex;
 #[derive(Debug, Default)]
 pub struct AgentStats {
     pub connected: AtomicBool,
+    /// Reconnect attempts scheduled (failed attempts included).
     pub reconnects: AtomicU64,
+    /// Links that completed hello/welcome.
+    pub links_up: AtomicU64,
     pub connects: AtomicU64,
     pub events_enqueued: AtomicU64,
     pub events_sent: AtomicU64,

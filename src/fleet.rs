@@ -1,0 +1,343 @@
+//! A gateway and N clinic agents in one process, on SQLite files in a directory, with a
+//! realistic sample schema and an activity generator. Used by `tether demo` and by the
+//! integration tests; each agent runs on its own arbiter (thread) so it can be stopped alone.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use rand::Rng;
+use rusqlite::{params, Connection};
+use tether_actors::agent::AgentHandle;
+
+use crate::config::{AgentConfig, Direction, TableConfig};
+use crate::db::sqlite;
+use crate::gateway::{self, GatewayHandle, GatewaySettings};
+
+/// Cloud-created sample rows use negative ids, which SQLite never assigns on its own, so any
+/// clinic change captured for such a key is an echo of a cloud update.
+pub fn cloud_id(n: u64) -> i64 {
+    -(n as i64) - 1
+}
+
+pub const SAMPLE_SCHEMA: &str = "
+PRAGMA journal_mode = WAL;
+CREATE TABLE IF NOT EXISTS patients (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    national_id TEXT,
+    dob TEXT,
+    phone TEXT,
+    updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+CREATE TABLE IF NOT EXISTS appointments (
+    id INTEGER PRIMARY KEY,
+    patient_id INTEGER NOT NULL,
+    starts_at TEXT NOT NULL,
+    status TEXT NOT NULL,
+    notes TEXT
+);
+CREATE TABLE IF NOT EXISTS payments (
+    id INTEGER PRIMARY KEY,
+    patient_id INTEGER NOT NULL,
+    amount_cents INTEGER NOT NULL,
+    method TEXT NOT NULL,
+    paid_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+";
+
+pub fn sample_tables() -> Vec<TableConfig> {
+    vec![
+        TableConfig::new("patients", "patient", &["id"], Direction::Both),
+        TableConfig::new("appointments", "appointment", &["id"], Direction::Both),
+        TableConfig::new("payments", "payment", &["id"], Direction::Up),
+    ]
+}
+
+/// Creates the sample clinic schema and installs Tether in it.
+pub fn create_sample_clinic(path: &Path) -> anyhow::Result<()> {
+    let conn = sqlite::open(path)?;
+    conn.execute_batch(SAMPLE_SCHEMA)?;
+    drop(conn);
+    sqlite::install(path, &sample_tables())?;
+    Ok(())
+}
+
+const FIRST: [&str; 10] = ["Ana", "Ben", "Chloe", "Dev", "Eva", "Femi", "Gus", "Hana", "Ivo", "Jia"];
+const LAST: [&str; 8] = ["Silva", "Okafor", "Nguyen", "Muller", "Haddad", "Kowalski", "Sato", "Reyes"];
+
+/// One step of clinic activity: a realistic mix of single-row, multi-row and multi-statement
+/// transactions. Returns the number of statements committed (not rows).
+pub fn clinic_step(conn: &mut Connection, rng: &mut impl Rng) -> rusqlite::Result<u64> {
+    let roll: u32 = rng.random_range(0..100);
+    let max_patient: i64 = conn.query_row(
+        "SELECT coalesce(max(id), 0) FROM patients WHERE id > 0",
+        [],
+        |r| r.get(0),
+    )?;
+    let pid = if max_patient > 0 {
+        rng.random_range(1..=max_patient)
+    } else {
+        0
+    };
+    let name = format!(
+        "{} {}",
+        FIRST[rng.random_range(0..FIRST.len())],
+        LAST[rng.random_range(0..LAST.len())]
+    );
+    match roll {
+        0..=29 => {
+            conn.execute(
+                "INSERT INTO patients (name, national_id, dob, phone) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    name,
+                    format!("NID-{:09}", rng.random_range(0..1_000_000_000u64)),
+                    format!("19{:02}-0{}-1{}", rng.random_range(40..99), rng.random_range(1..9), rng.random_range(0..9)),
+                    format!("+1-555-{:04}", rng.random_range(0..10_000))
+                ],
+            )?;
+        }
+        30..=59 if pid > 0 => {
+            conn.execute(
+                "INSERT INTO appointments (patient_id, starts_at, status) VALUES (?1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?2), 'booked')",
+                params![pid, format!("+{} hours", rng.random_range(1..500))],
+            )?;
+        }
+        60..=74 => {
+            conn.execute(
+                "UPDATE appointments SET status = ?1 WHERE id = (SELECT id FROM appointments ORDER BY random() LIMIT 1)",
+                params![["confirmed", "arrived", "completed", "no_show"][rng.random_range(0..4)]],
+            )?;
+        }
+        75..=84 if pid > 0 => {
+            conn.execute(
+                "INSERT INTO payments (patient_id, amount_cents, method) VALUES (?1, ?2, ?3)",
+                params![pid, rng.random_range(500..50_000), ["card", "cash", "insurance"][rng.random_range(0..3)]],
+            )?;
+        }
+        85..=89 => {
+            conn.execute(
+                "DELETE FROM appointments WHERE id = (SELECT id FROM appointments WHERE status = 'booked' ORDER BY random() LIMIT 1)",
+                [],
+            )?;
+        }
+        90..=94 if pid > 0 => {
+            // A multi-row statement: one UPDATE touching every appointment of a patient.
+            conn.execute(
+                "UPDATE appointments SET notes = ?2 WHERE patient_id = ?1",
+                params![pid, format!("reminder sent #{}", rng.random_range(0..1000))],
+            )?;
+        }
+        _ => {
+            // A multi-statement transaction: registration, booking and payment together.
+            let tx = conn.transaction()?;
+            tx.execute(
+                "INSERT INTO patients (name, phone) VALUES (?1, ?2)",
+                params![name, format!("+1-555-{:04}", rng.random_range(0..10_000))],
+            )?;
+            let new_id = tx.last_insert_rowid();
+            tx.execute(
+                "INSERT INTO appointments (patient_id, starts_at, status) VALUES (?1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+1 day'), 'booked')",
+                params![new_id],
+            )?;
+            tx.execute(
+                "INSERT INTO payments (patient_id, amount_cents, method) VALUES (?1, 2500, 'card')",
+                params![new_id],
+            )?;
+            tx.commit()?;
+        }
+    }
+    Ok(1)
+}
+
+/// Writes clinic activity at `rate` steps per second on its own thread until stopped.
+pub struct Generator {
+    stop: Arc<AtomicBool>,
+    pub steps: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Generator {
+    pub fn start(db: PathBuf, rate: f64) -> anyhow::Result<Generator> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let steps = Arc::new(AtomicU64::new(0));
+        let mut conn = sqlite::open(&db)?;
+        let (s, n) = (stop.clone(), steps.clone());
+        let period = Duration::from_secs_f64(1.0 / rate.max(0.001));
+        let thread = std::thread::Builder::new()
+            .name("clinic-activity".into())
+            .spawn(move || {
+                let mut rng = rand::rng();
+                let mut next = std::time::Instant::now();
+                while !s.load(Ordering::Relaxed) {
+                    match clinic_step(&mut conn, &mut rng) {
+                        Ok(k) => {
+                            n.fetch_add(k, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            log::warn!(target: "error", "event=demo_write_failed error={e}");
+                        }
+                    }
+                    // Pacing the load generator, not synchronising with it.
+                    next += period;
+                    let now = std::time::Instant::now();
+                    if next > now {
+                        std::thread::sleep(next - now);
+                    } else {
+                        next = now;
+                    }
+                }
+            })?;
+        Ok(Generator {
+            stop,
+            steps,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Generator {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// An agent running on its own arbiter.
+pub struct RunningAgent {
+    pub handle: AgentHandle,
+    arbiter: Arbiter,
+}
+
+impl RunningAgent {
+    pub fn stop(self) {
+        self.handle.shutdown();
+        self.arbiter.stop();
+    }
+}
+
+pub struct Clinic {
+    pub id: String,
+    pub db: PathBuf,
+    pub config: AgentConfig,
+    pub agent: Option<RunningAgent>,
+}
+
+/// Fast timings for demos and tests.
+pub fn quick_agent_config(
+    clinic_id: &str,
+    db: &Path,
+    gateway_url: &str,
+) -> anyhow::Result<AgentConfig> {
+    let yaml = format!(
+        "agent:\n  clinic_id: {clinic_id}\n  database:\n    path: {db}\n  gateway:\n    url: {gateway_url}\n    heartbeat_interval: 500ms\n    connect_timeout: 2s\n    backoff:\n      initial: 50ms\n      max: 1s\n      reset_after: 5s\n  outbox:\n    poll_interval: 20ms\n    purge_interval: 1h\n  tables:\n    - {{table: patients, entity: patient, key: [id], direction: both}}\n    - {{table: appointments, entity: appointment, key: [id], direction: both}}\n    - {{table: payments, entity: payment, key: [id], direction: up}}\n",
+        db = db.display()
+    );
+    crate::config::Config::parse(&yaml, "quick_agent_config")?
+        .agent
+        .ok_or_else(|| anyhow::anyhow!("quick_agent_config: no agent section"))
+}
+
+/// Starts an agent for `clinic` on a new arbiter. Call inside an actix System.
+pub async fn start_agent(cfg: &AgentConfig) -> anyhow::Result<RunningAgent> {
+    let settings = crate::agent::settings(cfg);
+    let ports = crate::agent::sqlite_ports(cfg)?;
+    let arbiter = Arbiter::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = arbiter.spawn_fn(move || {
+        let _ = tx.send(tether_actors::start_agent(settings, ports));
+    });
+    if !spawned {
+        anyhow::bail!("agent arbiter is not running");
+    }
+    let handle = rx.await?;
+    Ok(RunningAgent { handle, arbiter })
+}
+
+pub struct Fleet {
+    pub dir: PathBuf,
+    pub gateway: Option<GatewayHandle>,
+    pub gateway_settings: GatewaySettings,
+    pub clinics: Vec<Clinic>,
+}
+
+impl Fleet {
+    /// A gateway on 127.0.0.1:0 and `n` clinics (databases created, agents not started).
+    pub fn new(dir: &Path, n: usize, heartbeat: Duration) -> anyhow::Result<Fleet> {
+        let settings = GatewaySettings {
+            listen: "127.0.0.1:0".into(),
+            store_path: dir.join("gateway.db"),
+            heartbeat_interval: heartbeat,
+            max_frame_bytes: tether_schemas::DEFAULT_MAX_FRAME_BYTES,
+            entity_schemas: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/entities")),
+            update_window: 32,
+            group_commit_max_events: 20_000,
+            workers: 2,
+        };
+        let gw = gateway::start(settings.clone())?;
+        let url = gw.ws_url();
+        let mut clinics = Vec::new();
+        for i in 1..=n {
+            let id = format!("clinic-{i:03}");
+            let db = dir.join(format!("{id}.db"));
+            create_sample_clinic(&db)?;
+            let config = quick_agent_config(&id, &db, &url)?;
+            clinics.push(Clinic {
+                id,
+                db,
+                config,
+                agent: None,
+            });
+        }
+        Ok(Fleet {
+            dir: dir.to_path_buf(),
+            gateway: Some(gw),
+            gateway_settings: settings,
+            clinics,
+        })
+    }
+
+    pub async fn start_agents(&mut self) -> anyhow::Result<()> {
+        for c in &mut self.clinics {
+            if c.agent.is_none() {
+                c.agent = Some(start_agent(&c.config).await?);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn store(&self) -> Option<Arc<crate::gateway::store::Store>> {
+        self.gateway.as_ref().map(|g| g.store.clone())
+    }
+
+    pub fn http_url(&self) -> String {
+        self.gateway.as_ref().map(|g| g.http_url()).unwrap_or_default()
+    }
+
+    /// Highest outbox sequence committed at a clinic.
+    pub fn outbox_head(db: &Path) -> anyhow::Result<u64> {
+        let conn = sqlite::open(db)?;
+        Ok(conn.query_row("SELECT coalesce(max(seq), 0) FROM _tether_outbox", [], |r| {
+            r.get::<_, i64>(0)
+        })? as u64)
+    }
+
+    pub async fn stop(mut self) {
+        for c in &mut self.clinics {
+            if let Some(a) = c.agent.take() {
+                a.stop();
+            }
+        }
+        if let Some(g) = self.gateway.take() {
+            g.stop().await;
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! History checker: compares what a clinic database committed with what the gateway stored,
+//! row by row — not counters that agree by construction.
+//!
+//! For one clinic: every outbox row (the trigger-captured record of each committed change) must
+//! be at the gateway exactly once with the same entity, op, key, row and commit time; nothing may
+//! be at the gateway that the clinic did not commit; per key, the gateway must have stored the
+//! changes in commit order; and no applied cloud update may have been captured again (echo).
+//! Requires the outbox retention to be longer than the run (purged rows cannot be compared).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use rusqlite::params;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::db::sqlite;
+use crate::gateway::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error(transparent)]
+    Sqlite(#[from] sqlite::SqliteError),
+    #[error("reading clinic outbox: {0}")]
+    Clinic(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct HistoryReport {
+    pub clinic_id: String,
+    /// Changes the clinic committed (outbox rows).
+    pub written: u64,
+    /// Events the gateway stored for the clinic.
+    pub at_gateway: u64,
+    /// Committed at the clinic, absent at the gateway.
+    pub missing: u64,
+    /// Stored at the gateway more often than committed.
+    pub duplicates: u64,
+    /// At the gateway with no matching commit at the clinic.
+    pub unexpected: u64,
+    /// Same position, different content.
+    pub mismatched: u64,
+    /// Keys whose changes the gateway stored out of commit order.
+    pub order_violations: u64,
+    /// Applied cloud updates that were captured back as clinic changes.
+    pub echoed: u64,
+}
+
+impl HistoryReport {
+    pub fn clean(&self) -> bool {
+        self.missing == 0
+            && self.duplicates == 0
+            && self.unexpected == 0
+            && self.mismatched == 0
+            && self.order_violations == 0
+            && self.echoed == 0
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Change {
+    seq: u64,
+    entity: String,
+    op: String,
+    key: Value,
+    row: Value,
+    committed_at: String,
+}
+
+impl Change {
+    fn fingerprint(&self) -> String {
+        format!("{}|{}|{}|{}|{}", self.entity, self.op, self.key, self.row, self.committed_at)
+    }
+}
+
+fn json(text: Option<String>) -> Value {
+    text.and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// Checks one clinic. `echo_keys` are (entity, key) pairs written only by cloud updates: any
+/// clinic change captured for them is an echo.
+pub fn check_clinic(
+    clinic_db: &Path,
+    clinic_id: &str,
+    store: &Store,
+    echo_keys: &[(String, Value)],
+) -> Result<HistoryReport, HistoryError> {
+    let conn = sqlite::open(clinic_db)?;
+    let mut stmt = conn.prepare(
+        "SELECT seq, entity, op, key_json, row_json, committed_at FROM _tether_outbox ORDER BY seq",
+    )?;
+    let clinic: Vec<Change> = stmt
+        .query_map([], |r| {
+            Ok(Change {
+                seq: r.get::<_, i64>(0)? as u64,
+                entity: r.get(1)?,
+                op: r.get(2)?,
+                key: json(r.get(3)?),
+                row: json(r.get(4)?),
+                committed_at: r.get(5)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    let gateway: Vec<(u64, Change)> = store.read(|c| {
+        let mut stmt = c.prepare(
+            "SELECT id, seq, entity, op, key_json, row_json, committed_at FROM events WHERE clinic_id = ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![clinic_id], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                Change {
+                    seq: r.get::<_, i64>(1)? as u64,
+                    entity: r.get(2)?,
+                    op: r.get(3)?,
+                    key: json(r.get(4)?),
+                    row: json(r.get(5)?),
+                    committed_at: r.get(6)?,
+                },
+            ))
+        })?;
+        rows.collect()
+    })?;
+
+    let mut report = HistoryReport {
+        clinic_id: clinic_id.to_string(),
+        written: clinic.len() as u64,
+        at_gateway: gateway.len() as u64,
+        ..Default::default()
+    };
+    let by_seq: HashMap<u64, &Change> = clinic.iter().map(|c| (c.seq, c)).collect();
+    let mut committed: HashMap<String, u64> = HashMap::new();
+    for c in &clinic {
+        *committed.entry(c.fingerprint()).or_default() += 1;
+    }
+    let mut stored: HashMap<String, u64> = HashMap::new();
+    let mut seen_seq: HashMap<u64, u64> = HashMap::new();
+    for (_, g) in &gateway {
+        *seen_seq.entry(g.seq).or_default() += 1;
+        match by_seq.get(&g.seq) {
+            None => report.unexpected += 1,
+            Some(c) if **c != *g => report.mismatched += 1,
+            Some(_) => {}
+        }
+        *stored.entry(g.fingerprint()).or_default() += 1;
+    }
+    for (fp, n) in &stored {
+        let want = committed.get(fp).copied().unwrap_or(0);
+        if *n > want && want > 0 {
+            report.duplicates += n - want;
+        }
+    }
+    for n in seen_seq.values() {
+        report.duplicates += n.saturating_sub(1);
+    }
+    report.missing = clinic
+        .iter()
+        .filter(|c| !seen_seq.contains_key(&c.seq))
+        .count() as u64;
+    // Per key, gateway storage order (id) must follow commit order (seq).
+    let mut last_per_key: BTreeMap<String, u64> = BTreeMap::new();
+    for (_, g) in &gateway {
+        let k = format!("{}|{}", g.entity, g.key);
+        if let Some(prev) = last_per_key.insert(k, g.seq) {
+            if prev > g.seq {
+                report.order_violations += 1;
+            }
+        }
+    }
+    report.echoed = clinic
+        .iter()
+        .filter(|c| echo_keys.iter().any(|(e, k)| *e == c.entity && *k == c.key))
+        .count() as u64;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Direction, TableConfig};
+    use crate::gateway::store::IncomingEvent;
+    use tether_actors::ports::ChangeSource;
+
+    fn block<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    /// The checker must see a loss, a duplicate and an echo when there is one.
+    #[test]
+    fn checker_catches_loss_duplicate_and_echo() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("c.db");
+        let conn = sqlite::open(&db).expect("open");
+        conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+            .expect("schema");
+        sqlite::install(&db, &[TableConfig::new("t", "thing", &["id"], Direction::Both)])
+            .expect("install");
+        for i in 1..=5 {
+            conn.execute("INSERT INTO t (id, v) VALUES (?1, 'x')", params![i])
+                .expect("insert");
+        }
+        let store = Store::open(&dir.path().join("g.db"), 100).expect("store");
+        let source = sqlite::SqliteSource::open(&db).expect("source");
+        let events = source.read_after(0, 100).expect("read");
+        assert_eq!(events.len(), 5);
+        let incoming = |evs: Vec<tether_schemas::Event>| {
+            evs.into_iter()
+                .map(|event| IncomingEvent { event, problem: None })
+                .collect::<Vec<_>>()
+        };
+        // Store all but seq 3: a loss.
+        let mut partial = events.clone();
+        partial.remove(2);
+        block(store.append("c", 0, incoming(partial))).expect("append");
+        let r = check_clinic(&db, "c", &store, &[]).expect("check");
+        assert_eq!((r.written, r.at_gateway, r.missing), (5, 4, 1));
+        assert!(!r.clean());
+
+        // The same change stored again under a new position: a duplicate.
+        let mut dup = events[0].clone();
+        dup.seq = 6;
+        block(store.append("c", 5, incoming(vec![dup]))).expect("append");
+        let r = check_clinic(&db, "c", &store, &[]).expect("check");
+        assert_eq!(r.duplicates, 1, "{r:?}");
+
+        // A row that only the cloud writes appears in the outbox: an echo.
+        let r = check_clinic(&db, "c", &store, &[("thing".into(), serde_json::json!({"id": 2}))])
+            .expect("check");
+        assert_eq!(r.echoed, 1);
+    }
+}
