@@ -345,7 +345,10 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("{file}: {}", problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n  "))]
-    Invalid { file: String, problems: Vec<Problem> },
+    Invalid {
+        file: String,
+        problems: Vec<Problem>,
+    },
 }
 
 impl ConfigError {
@@ -429,7 +432,10 @@ impl Config {
         if !["error", "warn", "info", "debug", "trace"].contains(&self.logging.level.as_str()) {
             v.bad(
                 "logging.level",
-                format!("`{}` is not one of error, warn, info, debug, trace", self.logging.level),
+                format!(
+                    "`{}` is not one of error, warn, info, debug, trace",
+                    self.logging.level
+                ),
             );
         }
         if self.logging.keep_days == 0 {
@@ -474,11 +480,15 @@ impl Validator<'_> {
         match d.value {
             None => self.bad(
                 path,
-                format!("`{}` is not a duration (use e.g. 250ms, 10s, 5m, 24h, 7d)", d.text),
+                format!(
+                    "`{}` is not a duration (use e.g. 250ms, 10s, 5m, 24h, 7d)",
+                    d.text
+                ),
             ),
-            Some(v) if v < min => {
-                self.bad(path, format!("`{}` is below the minimum of {min:?}", d.text))
-            }
+            Some(v) if v < min => self.bad(
+                path,
+                format!("`{}` is below the minimum of {min:?}", d.text),
+            ),
             Some(_) => {}
         }
     }
@@ -504,7 +514,10 @@ impl Validator<'_> {
         if a.database.kind != "sqlite" {
             self.bad(
                 "agent.database.kind",
-                format!("`{}` is not supported by this build (sqlite)", a.database.kind),
+                format!(
+                    "`{}` is not supported by this build (sqlite)",
+                    a.database.kind
+                ),
             );
         }
         let url = a.gateway.url.as_str();
@@ -515,21 +528,47 @@ impl Validator<'_> {
             );
         }
         let ms = Duration::from_millis(1);
-        self.duration("agent.gateway.heartbeat_interval", &a.gateway.heartbeat_interval, Duration::from_millis(100));
-        self.duration("agent.gateway.connect_timeout", &a.gateway.connect_timeout, Duration::from_millis(100));
-        self.duration("agent.gateway.backoff.initial", &a.gateway.backoff.initial, ms);
+        self.duration(
+            "agent.gateway.heartbeat_interval",
+            &a.gateway.heartbeat_interval,
+            Duration::from_millis(100),
+        );
+        self.duration(
+            "agent.gateway.connect_timeout",
+            &a.gateway.connect_timeout,
+            Duration::from_millis(100),
+        );
+        self.duration(
+            "agent.gateway.backoff.initial",
+            &a.gateway.backoff.initial,
+            ms,
+        );
         self.duration("agent.gateway.backoff.max", &a.gateway.backoff.max, ms);
-        self.duration("agent.gateway.backoff.reset_after", &a.gateway.backoff.reset_after, ms);
+        self.duration(
+            "agent.gateway.backoff.reset_after",
+            &a.gateway.backoff.reset_after,
+            ms,
+        );
         if a.gateway.backoff.max.get() < a.gateway.backoff.initial.get() {
-            self.bad("agent.gateway.backoff.max", "must not be below backoff.initial".into());
+            self.bad(
+                "agent.gateway.backoff.max",
+                "must not be below backoff.initial".into(),
+            );
         }
         if a.gateway.max_frame_bytes < 1024 {
-            self.bad("agent.gateway.max_frame_bytes", "must be at least 1024".into());
+            self.bad(
+                "agent.gateway.max_frame_bytes",
+                "must be at least 1024".into(),
+            );
         }
         let o = &a.outbox;
         self.duration("agent.outbox.poll_interval", &o.poll_interval, ms);
         self.duration("agent.outbox.retention", &o.retention, Duration::ZERO);
-        self.duration("agent.outbox.purge_interval", &o.purge_interval, Duration::from_millis(100));
+        self.duration(
+            "agent.outbox.purge_interval",
+            &o.purge_interval,
+            Duration::from_millis(100),
+        );
         self.positive("agent.outbox.batch_max_events", o.batch_max_events);
         self.positive("agent.outbox.max_inflight_batches", o.max_inflight_batches);
         if o.batch_max_bytes < 1024 || o.batch_max_bytes >= a.gateway.max_frame_bytes {
@@ -539,7 +578,10 @@ impl Validator<'_> {
             );
         }
         if o.max_buffered_events < o.batch_max_events {
-            self.bad("agent.outbox.max_buffered_events", "must be at least batch_max_events".into());
+            self.bad(
+                "agent.outbox.max_buffered_events",
+                "must be at least batch_max_events".into(),
+            );
         }
         if a.tables.is_empty() {
             self.bad("agent.tables", "at least one table must be mapped".into());
@@ -549,12 +591,21 @@ impl Validator<'_> {
             let p = format!("agent.tables[{i}]");
             self.unknown(&p, &t.extra);
             if t.table.is_empty() || t.table.starts_with("_tether") {
-                self.bad(&format!("{p}.table"), "must name a table (not a _tether one)".into());
+                self.bad(
+                    &format!("{p}.table"),
+                    "must name a table (not a _tether one)".into(),
+                );
             }
             if !valid_id(&t.entity) {
-                self.bad(&format!("{p}.entity"), "must be 1-64 characters of letters, digits, `-`, `_` or `.`".into());
+                self.bad(
+                    &format!("{p}.entity"),
+                    "must be 1-64 characters of letters, digits, `-`, `_` or `.`".into(),
+                );
             } else if !entities.insert(t.entity.clone()) {
-                self.bad(&format!("{p}.entity"), format!("entity `{}` is mapped twice", t.entity));
+                self.bad(
+                    &format!("{p}.entity"),
+                    format!("entity `{}` is mapped twice", t.entity),
+                );
             }
             if t.key.is_empty() {
                 self.bad(&format!("{p}.key"), "at least one key column".into());
@@ -566,12 +617,22 @@ impl Validator<'_> {
         self.unknown("gateway", &g.extra);
         self.unknown("gateway.store", &g.store.extra);
         if g.listen.parse::<std::net::SocketAddr>().is_err() {
-            self.bad("gateway.listen", format!("`{}` is not host:port (e.g. 0.0.0.0:8080)", g.listen));
+            self.bad(
+                "gateway.listen",
+                format!("`{}` is not host:port (e.g. 0.0.0.0:8080)", g.listen),
+            );
         }
         if g.store.kind != "sqlite" {
-            self.bad("gateway.store.kind", format!("`{}` is not supported by this build (sqlite)", g.store.kind));
+            self.bad(
+                "gateway.store.kind",
+                format!("`{}` is not supported by this build (sqlite)", g.store.kind),
+            );
         }
-        self.duration("gateway.heartbeat_interval", &g.heartbeat_interval, Duration::from_millis(100));
+        self.duration(
+            "gateway.heartbeat_interval",
+            &g.heartbeat_interval,
+            Duration::from_millis(100),
+        );
         if g.max_frame_bytes < 1024 {
             self.bad("gateway.max_frame_bytes", "must be at least 1024".into());
         }
@@ -763,7 +824,10 @@ gateway:
     #[test]
     fn every_problem_is_reported_with_path_and_line() {
         let text = GOOD
-            .replace("heartbeat_interval: 2s", "heartbeat_interval: soon\n    colour: blue")
+            .replace(
+                "heartbeat_interval: 2s",
+                "heartbeat_interval: soon\n    colour: blue",
+            )
             .replace("direction: up", "direction: up\n      flavour: x")
             .replace("listen: 127.0.0.1:0", "listen: nowhere");
         let err = Config::parse(&text, "t").unwrap_err();
@@ -772,15 +836,26 @@ gateway:
         let hb = find("agent.gateway.heartbeat_interval").expect("duration problem");
         assert_eq!(hb.line, Some(8));
         assert!(hb.message.contains("soon"));
-        assert_eq!(find("agent.gateway.colour").expect("unknown key").line, Some(9));
-        assert_eq!(find("agent.tables[1].flavour").expect("unknown nested key").line, Some(18));
+        assert_eq!(
+            find("agent.gateway.colour").expect("unknown key").line,
+            Some(9)
+        );
+        assert_eq!(
+            find("agent.tables[1].flavour")
+                .expect("unknown nested key")
+                .line,
+            Some(18)
+        );
         assert_eq!(find("gateway.listen").expect("listen").line, Some(20));
         assert_eq!(p.len(), 4, "{p:?}");
     }
 
     #[test]
     fn type_errors_name_the_line() {
-        let text = GOOD.replace("key: [id]\n    - table: payments", "key: 5\n    - table: payments");
+        let text = GOOD.replace(
+            "key: [id]\n    - table: payments",
+            "key: 5\n    - table: payments",
+        );
         let err = Config::parse(&text, "t").unwrap_err();
         let p = &err.problems()[0];
         assert_eq!(p.line, Some(12), "{p}");

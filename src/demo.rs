@@ -77,7 +77,14 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
     logging.console = false;
     let _log = crate::logging::init(&logging, "")?;
     crate::logging::install_panic_logger(false);
-    eprintln!("tether demo: {} clinics, {:?}, {} writes/s{} — files in {}", opts.clinics, opts.duration, opts.rate, if opts.chaos { ", chaos on" } else { "" }, dir.display());
+    eprintln!(
+        "tether demo: {} clinics, {:?}, {} writes/s{} — files in {}",
+        opts.clinics,
+        opts.duration,
+        opts.rate,
+        if opts.chaos { ", chaos on" } else { "" },
+        dir.display()
+    );
 
     let system = actix::System::new();
     let mut summary = system.block_on(drive(&opts, &dir))?;
@@ -149,11 +156,23 @@ async fn drive(opts: &DemoOptions, dir: &std::path::Path) -> anyhow::Result<Summ
             // Every 10th update is refused by design (payments only flow up): it must come
             // back `failed` without holding up the others.
             let (entity, key, row, expect) = if n % 10 == 9 {
-                ("payment", json!({"id": 1}), Some(json!({"id": 1, "patient_id": 1, "amount_cents": 1, "method": "cash"})), false)
+                (
+                    "payment",
+                    json!({"id": 1}),
+                    Some(json!({"id": 1, "patient_id": 1, "amount_cents": 1, "method": "cash"})),
+                    false,
+                )
             } else {
                 let id = cloud_id(cloud_rows);
                 cloud_rows += 1;
-                ("patient", json!({"id": id}), Some(json!({"id": id, "name": format!("Cloud Patient {n}"), "phone": "+1-555-0000"})), true)
+                (
+                    "patient",
+                    json!({"id": id}),
+                    Some(
+                        json!({"id": id, "name": format!("Cloud Patient {n}"), "phone": "+1-555-0000"}),
+                    ),
+                    true,
+                )
             };
             let body = json!({"entity": entity, "op": "upsert", "key": key, "row": row});
             match post_update(&client, &base, &fleet.clinics[i].id, &body).await {
@@ -247,13 +266,20 @@ async fn drive(opts: &DemoOptions, dir: &std::path::Path) -> anyhow::Result<Summ
         s.echoed += r.echoed;
         if let Some(a) = &c.agent {
             s.actor_restarts += a.handle.stats.total_restarts();
-            s.reconnects += tether_actors::AgentStats::get(&a.handle.stats.links_up).saturating_sub(1);
+            s.reconnects +=
+                tether_actors::AgentStats::get(&a.handle.stats.links_up).saturating_sub(1);
         }
     }
     s.updates_sent = updates.len() as u64;
     for u in &updates {
         let status = store.update(&u.update_id)?.map(|r| r.status);
-        if status.as_deref() == Some(if u.expect_applied { "failed" } else { "applied" }) {
+        if status.as_deref()
+            == Some(if u.expect_applied {
+                "failed"
+            } else {
+                "applied"
+            })
+        {
             log::warn!(target: "error", "event=demo_unexpected_update_outcome update_id={}", u.update_id);
         }
         match status.as_deref() {
@@ -288,7 +314,11 @@ fn row_present(db: &std::path::Path, u: &CloudUpdate) -> anyhow::Result<bool> {
         [id],
         |r| r.get(0),
     ))?;
-    let want = u.row.as_ref().and_then(|r| r["name"].as_str()).map(str::to_string);
+    let want = u
+        .row
+        .as_ref()
+        .and_then(|r| r["name"].as_str())
+        .map(str::to_string);
     Ok(name.is_some() && name == want)
 }
 
@@ -335,7 +365,10 @@ fn print_status(fleet: &Fleet, generators: &[Generator], elapsed: Duration) {
 
 fn print_summary(s: &Summary, json: bool) {
     if json {
-        println!("{}", serde_json::to_string(s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")));
+        println!(
+            "{}",
+            serde_json::to_string(s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+        );
         return;
     }
     println!();
@@ -347,9 +380,22 @@ fn print_summary(s: &Summary, json: bool) {
     println!("unexpected/mismatch  {} / {}", s.unexpected, s.mismatched);
     println!("order violations     {}", s.order_violations);
     println!("echoed updates       {}", s.echoed);
-    println!("cloud updates        {} sent, {} applied, {} failed (by design), {} unresolved", s.updates_sent, s.updates_applied, s.updates_failed, s.updates_unresolved);
-    println!("commit→durable       p50 {} ms, p99 {} ms", s.p50_ms, s.p99_ms);
+    println!(
+        "cloud updates        {} sent, {} applied, {} failed (by design), {} unresolved",
+        s.updates_sent, s.updates_applied, s.updates_failed, s.updates_unresolved
+    );
+    println!(
+        "commit→durable       p50 {} ms, p99 {} ms",
+        s.p50_ms, s.p99_ms
+    );
     println!("actor restarts       {}", s.actor_restarts);
     println!("reconnects           {}", s.reconnects);
-    println!("result               {}", if s.ok() { "OK: nothing lost, nothing duplicated" } else { "FAILED" });
+    println!(
+        "result               {}",
+        if s.ok() {
+            "OK: nothing lost, nothing duplicated"
+        } else {
+            "FAILED"
+        }
+    );
 }

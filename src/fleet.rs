@@ -65,8 +65,12 @@ pub fn create_sample_clinic(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-const FIRST: [&str; 10] = ["Ana", "Ben", "Chloe", "Dev", "Eva", "Femi", "Gus", "Hana", "Ivo", "Jia"];
-const LAST: [&str; 8] = ["Silva", "Okafor", "Nguyen", "Muller", "Haddad", "Kowalski", "Sato", "Reyes"];
+const FIRST: [&str; 10] = [
+    "Ana", "Ben", "Chloe", "Dev", "Eva", "Femi", "Gus", "Hana", "Ivo", "Jia",
+];
+const LAST: [&str; 8] = [
+    "Silva", "Okafor", "Nguyen", "Muller", "Haddad", "Kowalski", "Sato", "Reyes",
+];
 
 /// One step of clinic activity: a realistic mix of single-row, multi-row and multi-statement
 /// transactions. Returns the number of statements committed (not rows).
@@ -94,7 +98,12 @@ pub fn clinic_step(conn: &mut Connection, rng: &mut impl Rng) -> rusqlite::Resul
                 params![
                     name,
                     format!("NID-{:09}", rng.random_range(0..1_000_000_000u64)),
-                    format!("19{:02}-0{}-1{}", rng.random_range(40..99), rng.random_range(1..9), rng.random_range(0..9)),
+                    format!(
+                        "19{:02}-0{}-1{}",
+                        rng.random_range(40..99),
+                        rng.random_range(1..9),
+                        rng.random_range(0..9)
+                    ),
                     format!("+1-555-{:04}", rng.random_range(0..10_000))
                 ],
             )?;
@@ -114,7 +123,11 @@ pub fn clinic_step(conn: &mut Connection, rng: &mut impl Rng) -> rusqlite::Resul
         75..=84 if pid > 0 => {
             conn.execute(
                 "INSERT INTO payments (patient_id, amount_cents, method) VALUES (?1, ?2, ?3)",
-                params![pid, rng.random_range(500..50_000), ["card", "cash", "insurance"][rng.random_range(0..3)]],
+                params![
+                    pid,
+                    rng.random_range(500..50_000),
+                    ["card", "cash", "insurance"][rng.random_range(0..3)]
+                ],
             )?;
         }
         85..=89 => {
@@ -319,15 +332,20 @@ impl Fleet {
     }
 
     pub fn http_url(&self) -> String {
-        self.gateway.as_ref().map(|g| g.http_url()).unwrap_or_default()
+        self.gateway
+            .as_ref()
+            .map(|g| g.http_url())
+            .unwrap_or_default()
     }
 
     /// Highest outbox sequence committed at a clinic.
     pub fn outbox_head(db: &Path) -> anyhow::Result<u64> {
         let conn = sqlite::open(db)?;
-        Ok(conn.query_row("SELECT coalesce(max(seq), 0) FROM _tether_outbox", [], |r| {
-            r.get::<_, i64>(0)
-        })? as u64)
+        Ok(conn.query_row(
+            "SELECT coalesce(max(seq), 0) FROM _tether_outbox",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
     }
 
     pub async fn stop(mut self) {

@@ -71,7 +71,10 @@ struct Change {
 
 impl Change {
     fn fingerprint(&self) -> String {
-        format!("{}|{}|{}|{}|{}", self.entity, self.op, self.key, self.row, self.committed_at)
+        format!(
+            "{}|{}|{}|{}|{}",
+            self.entity, self.op, self.key, self.row, self.committed_at
+        )
     }
 }
 
@@ -198,8 +201,11 @@ mod tests {
         let conn = sqlite::open(&db).expect("open");
         conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
             .expect("schema");
-        sqlite::install(&db, &[TableConfig::new("t", "thing", &["id"], Direction::Both)])
-            .expect("install");
+        sqlite::install(
+            &db,
+            &[TableConfig::new("t", "thing", &["id"], Direction::Both)],
+        )
+        .expect("install");
         for i in 1..=5 {
             conn.execute("INSERT INTO t (id, v) VALUES (?1, 'x')", params![i])
                 .expect("insert");
@@ -210,7 +216,10 @@ mod tests {
         assert_eq!(events.len(), 5);
         let incoming = |evs: Vec<tether_schemas::Event>| {
             evs.into_iter()
-                .map(|event| IncomingEvent { event, problem: None })
+                .map(|event| IncomingEvent {
+                    event,
+                    problem: None,
+                })
                 .collect::<Vec<_>>()
         };
         // Store all but seq 3: a loss.
@@ -229,8 +238,13 @@ mod tests {
         assert_eq!(r.duplicates, 1, "{r:?}");
 
         // A row that only the cloud writes appears in the outbox: an echo.
-        let r = check_clinic(&db, "c", &store, &[("thing".into(), serde_json::json!({"id": 2}))])
-            .expect("check");
+        let r = check_clinic(
+            &db,
+            "c",
+            &store,
+            &[("thing".into(), serde_json::json!({"id": 2}))],
+        )
+        .expect("check");
         assert_eq!(r.echoed, 1);
     }
 }

@@ -23,10 +23,7 @@ pub const CATEGORIES: [&str; 5] = ["connection", "message", "error", "supervisor
 #[derive(Debug, thiserror::Error)]
 pub enum LoggingError {
     #[error("logging.dir {dir}: {source}")]
-    Dir {
-        dir: String,
-        source: std::io::Error,
-    },
+    Dir { dir: String, source: std::io::Error },
     #[error("log file {file}: {message}")]
     Appender { file: String, message: String },
     #[error("logging: {0}")]
@@ -51,7 +48,10 @@ fn rolling(dir: &Path, name: &str, keep: u32) -> Result<RollingFileAppender, Log
         })?;
     RollingFileAppender::builder()
         .encoder(Box::new(PatternEncoder::new(PATTERN)))
-        .build(&file, Box::new(CompoundPolicy::new(Box::new(trigger), Box::new(roller))))
+        .build(
+            &file,
+            Box::new(CompoundPolicy::new(Box::new(trigger), Box::new(roller))),
+        )
         .map_err(|e| LoggingError::Appender {
             file: file.display().to_string(),
             message: e.to_string(),
@@ -119,7 +119,10 @@ pub fn install_panic_logger(also_stderr: bool) {
             .map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_default();
-        let thread = std::thread::current().name().unwrap_or("unnamed").to_string();
+        let thread = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_string();
         log::error!(target: "error", "event=panic thread={thread} location={location} message={payload:?}");
         if also_stderr {
             previous(info);

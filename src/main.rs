@@ -10,7 +10,11 @@ use tether::config::{parse_duration, Config};
 use tether::{agent, db, demo, gateway, logging};
 
 #[derive(Parser)]
-#[command(name = "tether", version, about = "Real-time sync between clinic databases and the cloud")]
+#[command(
+    name = "tether",
+    version,
+    about = "Real-time sync between clinic databases and the cloud"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

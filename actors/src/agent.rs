@@ -146,14 +146,30 @@ pub fn start_agent(settings: AgentSettings, ports: AgentPorts) -> AgentHandle {
 
     let sup = Supervisor::new(settings.clinic_id.clone(), settings.restart, stats.clone());
 
-    let (s, p, st, sl) = (settings.clone(), ports.clone(), stats.clone(), slots.clone());
+    let (s, p, st, sl) = (
+        settings.clone(),
+        ports.clone(),
+        stats.clone(),
+        slots.clone(),
+    );
     let sup = sup.child("connection", move |guard| {
         let a = Connection::new(guard, s.clone(), p.clone(), st.clone(), sl.clone());
         sl.connection.set(a.start());
     });
-    let (s, p, st, sl) = (settings.clone(), ports.clone(), stats.clone(), slots.clone());
+    let (s, p, st, sl) = (
+        settings.clone(),
+        ports.clone(),
+        stats.clone(),
+        slots.clone(),
+    );
     let sup = sup.child("outbound", move |guard| {
-        let a = Outbound::new(guard, s.clone(), p.checkpoint.clone(), st.clone(), sl.clone());
+        let a = Outbound::new(
+            guard,
+            s.clone(),
+            p.checkpoint.clone(),
+            st.clone(),
+            sl.clone(),
+        );
         sl.outbound.set(a.start());
     });
     let (s, p, sl) = (settings.clone(), ports.clone(), slots.clone());

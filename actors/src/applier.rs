@@ -17,22 +17,24 @@ use crate::stats::AgentStats;
 use crate::supervisor::ExitGuard;
 
 pub struct Applier {
-    guard: ExitGuard,
+    /// Held for its `Drop`: tells the supervisor when this actor ends.
+    _guard: ExitGuard,
     sink: Arc<dyn ChangeSink>,
     stats: Arc<AgentStats>,
 }
 
 impl Applier {
     pub fn new(guard: ExitGuard, sink: Arc<dyn ChangeSink>, stats: Arc<AgentStats>) -> Self {
-        Applier { guard, sink, stats }
+        Applier {
+            _guard: guard,
+            sink,
+            stats,
+        }
     }
 }
 
 impl Actor for Applier {
     type Context = Context<Self>;
-    fn stopped(&mut self, _: &mut Self::Context) {
-        self.guard.mark_stopped();
-    }
 }
 
 /// Apply one update. `Err` means the database could not be reached: try again later.

@@ -99,7 +99,11 @@ mod tests {
             }
             seen.insert(bo.next_delay(&mut rng).as_millis());
         }
-        assert!(seen.len() > 40, "full jitter should spread delays: {}", seen.len());
+        assert!(
+            seen.len() > 40,
+            "full jitter should spread delays: {}",
+            seen.len()
+        );
         assert!(seen.iter().all(|&ms| ms <= 60_000));
     }
 

@@ -49,7 +49,8 @@ pub struct LinkInfo {
 }
 
 pub struct Connection {
-    guard: ExitGuard,
+    /// Held for its `Drop`: tells the supervisor when this actor ends.
+    _guard: ExitGuard,
     settings: Arc<AgentSettings>,
     ports: AgentPorts,
     stats: Arc<AgentStats>,
@@ -83,7 +84,7 @@ impl Connection {
         let backoff = settings.backoff();
         let now = ports.clock.now();
         Connection {
-            guard,
+            _guard: guard,
             settings,
             ports,
             stats,
@@ -154,11 +155,12 @@ impl Connection {
     fn opened(&mut self, framed: Framed<BoxedSocket, ws::Codec>, ctx: &mut Context<Self>) {
         let (sink, stream) = framed.split();
         let epoch = self.epoch;
-        let stream = stream
-            .map(move |item| Incoming::Frame(epoch, item))
-            .chain(futures_util::stream::once(async move {
-                Incoming::End(epoch)
-            }));
+        let stream =
+            stream
+                .map(move |item| Incoming::Frame(epoch, item))
+                .chain(futures_util::stream::once(
+                    async move { Incoming::End(epoch) },
+                ));
         self.stream = Some(ctx.add_stream(stream));
         self.sink = Some(SinkWrite::new(sink, ctx));
         self.state = State::Handshaking;
@@ -205,7 +207,13 @@ impl Connection {
         if was_up {
             let up_ms = self
                 .up_since
-                .map(|t| self.ports.clock.now().saturating_duration_since(t).as_millis())
+                .map(|t| {
+                    self.ports
+                        .clock
+                        .now()
+                        .saturating_duration_since(t)
+                        .as_millis()
+                })
                 .unwrap_or(0);
             log::warn!(target: CONNECTION, "clinic={} event=disconnected reason={why:?} up_ms={up_ms}", self.clinic());
             if let Some(o) = self.slots.outbound.get() {
@@ -236,7 +244,11 @@ impl Connection {
             return;
         }
         let hb = self.settings.heartbeat_interval;
-        let silent = self.ports.clock.now().saturating_duration_since(self.last_seen);
+        let silent = self
+            .ports
+            .clock
+            .now()
+            .saturating_duration_since(self.last_seen);
         if silent > hb * 3 {
             AgentStats::add(&self.stats.heartbeat_misses, 1);
             log::warn!(target: CONNECTION, "clinic={} event=heartbeat_miss silent_ms={} limit_ms={}", self.clinic(), silent.as_millis(), (hb * 3).as_millis());
@@ -307,31 +319,36 @@ impl Connection {
         };
         self.applying = true;
         let epoch = self.epoch;
-        ctx.spawn(applier.send(Apply(update)).into_actor(self).map(
-            move |res, act, ctx| {
-                if act.epoch != epoch {
-                    return; // link changed meanwhile; the gateway will redeliver
-                }
-                act.applying = false;
-                match res {
-                    Ok(Ok(outcome)) => {
-                        if let Some(u) = act.updates.pop_front() {
-                            let result = Wire::UpdateResult(UpdateResult {
-                                update_id: u.update_id,
-                                status: outcome.status,
-                                reason: outcome.reason,
-                            });
-                            act.write(ws::Message::Text(result.encode().into()));
+        ctx.spawn(
+            applier
+                .send(Apply(update))
+                .into_actor(self)
+                .map(move |res, act, ctx| {
+                    if act.epoch != epoch {
+                        return; // link changed meanwhile; the gateway will redeliver
+                    }
+                    act.applying = false;
+                    match res {
+                        Ok(Ok(outcome)) => {
+                            if let Some(u) = act.updates.pop_front() {
+                                let result = Wire::UpdateResult(UpdateResult {
+                                    update_id: u.update_id,
+                                    status: outcome.status,
+                                    reason: outcome.reason,
+                                });
+                                act.write(ws::Message::Text(result.encode().into()));
+                            }
+                            act.apply_next(ctx);
                         }
-                        act.apply_next(ctx);
+                        // The database or the applier is unavailable: retry the same update.
+                        Ok(Err(_)) | Err(_) => {
+                            ctx.run_later(Duration::from_millis(250), |act, ctx| {
+                                act.apply_next(ctx)
+                            });
+                        }
                     }
-                    // The database or the applier is unavailable: retry the same update.
-                    Ok(Err(_)) | Err(_) => {
-                        ctx.run_later(Duration::from_millis(250), |act, ctx| act.apply_next(ctx));
-                    }
-                }
-            },
-        ));
+                }),
+        );
     }
 }
 
@@ -339,13 +356,14 @@ impl Actor for Connection {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(self.settings.heartbeat_interval, |act, ctx| act.heartbeat(ctx));
+        ctx.run_interval(self.settings.heartbeat_interval, |act, ctx| {
+            act.heartbeat(ctx)
+        });
         self.connect(ctx);
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
         self.stats.connected.store(false, Ordering::Relaxed);
-        self.guard.mark_stopped();
     }
 }
 

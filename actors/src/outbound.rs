@@ -118,7 +118,8 @@ impl Outbound {
             let mut bytes = 0usize;
             while let Some(front) = self.pending.front() {
                 if !items.is_empty()
-                    && (items.len() >= s.batch_max_events || bytes + front.bytes > s.batch_max_bytes)
+                    && (items.len() >= s.batch_max_events
+                        || bytes + front.bytes > s.batch_max_bytes)
                 {
                     break;
                 }
@@ -162,6 +163,7 @@ impl Actor for Outbound {
                 }
                 Err(e) => {
                     log::error!(target: ERROR, "clinic={} event=checkpoint_load_failed error={e}", act.settings.clinic_id);
+                    act.guard.request_stop("checkpoint load failed");
                     ctx.stop();
                 }
             },
@@ -184,25 +186,23 @@ impl Actor for Outbound {
             );
         });
     }
-
-    fn stopped(&mut self, _: &mut Self::Context) {
-        self.guard.mark_stopped();
-    }
 }
 
 impl Outbound {
     /// A restarted queue asks whether a link is already up.
     fn ask_for_link(&mut self, ctx: &mut Context<Self>) {
         if let Some(conn) = self.slots.connection.get() {
-            ctx.spawn(conn.send(crate::connection::CurrentLink).into_actor(self).map(
-                |res, act, ctx| {
-                    if let Ok(Some(link)) = res {
-                        if act.link != Some(link.epoch) {
-                            act.link_up(link.epoch, link.acked_seq, ctx);
+            ctx.spawn(
+                conn.send(crate::connection::CurrentLink)
+                    .into_actor(self)
+                    .map(|res, act, ctx| {
+                        if let Ok(Some(link)) = res {
+                            if act.link != Some(link.epoch) {
+                                act.link_up(link.epoch, link.acked_seq, ctx);
+                            }
                         }
-                    }
-                },
-            ));
+                    }),
+            );
         }
     }
 
@@ -377,4 +377,3 @@ impl Handler<crate::InjectPanic> for Outbound {
         panic!("fault injection: outbound");
     }
 }
-

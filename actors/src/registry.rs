@@ -169,7 +169,11 @@ pub struct UpdatesPending {
 impl Handler<UpdatesPending> for Registry {
     type Result = ();
     fn handle(&mut self, msg: UpdatesPending, _: &mut Self::Context) {
-        if let Some(s) = self.clinics.get(&msg.clinic_id).and_then(|e| e.session.as_ref()) {
+        if let Some(s) = self
+            .clinics
+            .get(&msg.clinic_id)
+            .and_then(|e| e.session.as_ref())
+        {
             s.do_send(SessionCommand::DeliverUpdates);
         }
     }

@@ -4,7 +4,11 @@
 //! drops the actor's task and closes its mailbox. Here every supervised actor owns an
 //! [`ExitGuard`]; the guard's `Drop` runs on a clean stop and while a panic unwinds alike, and
 //! tells the [`Supervisor`], which logs the exit on the `supervisor` target (actor, reason,
-//! restart count) and starts a fresh instance after a bounded exponential backoff. Other actors
+//! restart count) and starts a fresh instance after a bounded exponential backoff.
+//!
+//! actix runs `stopped()` even when a panic tore the actor down (its context's `Drop` finishes
+//! the lifecycle), so `stopped()` cannot tell a crash from a stop. An actor that stops on
+//! purpose says so first with [`ExitGuard::request_stop`]; any other exit is a crash. Other actors
 //! reach each other through [`Slot`]s, which the supervisor repoints at the new instance.
 //! Restarted actors rebuild their state from durable state (see each actor's doc).
 
@@ -46,17 +50,24 @@ impl<A: Actor> Slot<A> {
 /// Why a supervised actor ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitReason {
-    /// `stopped()` ran: the actor stopped itself or its context was stopped.
-    Stopped,
-    /// Dropped without `stopped()`: a handler panicked (or its arbiter died).
+    /// The actor stopped on purpose, for the reason it gave.
+    Stopped(&'static str),
+    /// The actor ended without asking to: a handler panicked (or its arbiter died).
     Panicked,
 }
 
 impl ExitReason {
     pub fn as_str(self) -> &'static str {
         match self {
-            ExitReason::Stopped => "stopped",
+            ExitReason::Stopped(_) => "stopped",
             ExitReason::Panicked => "panicked",
+        }
+    }
+
+    pub fn detail(self) -> &'static str {
+        match self {
+            ExitReason::Stopped(why) => why,
+            ExitReason::Panicked => "crash",
         }
     }
 }
@@ -66,13 +77,13 @@ pub struct ExitGuard {
     name: &'static str,
     generation: u64,
     supervisor: Addr<Supervisor>,
-    stopped: bool,
+    stop_requested: Option<&'static str>,
 }
 
 impl ExitGuard {
-    /// Call from `Actor::stopped`.
-    pub fn mark_stopped(&mut self) {
-        self.stopped = true;
+    /// Call before `ctx.stop()` when the actor stops on purpose.
+    pub fn request_stop(&mut self, why: &'static str) {
+        self.stop_requested = Some(why);
     }
 
     pub fn name(&self) -> &'static str {
@@ -82,10 +93,9 @@ impl ExitGuard {
 
 impl Drop for ExitGuard {
     fn drop(&mut self) {
-        let reason = if self.stopped {
-            ExitReason::Stopped
-        } else {
-            ExitReason::Panicked
+        let reason = match self.stop_requested {
+            Some(why) => ExitReason::Stopped(why),
+            None => ExitReason::Panicked,
         };
         self.supervisor.do_send(ChildExited {
             name: self.name,
@@ -175,7 +185,7 @@ impl Supervisor {
             name: child.name,
             generation: child.generation,
             supervisor: me,
-            stopped: false,
+            stop_requested: None,
         };
         (child.start)(guard);
     }
@@ -224,9 +234,9 @@ impl Handler<ChildExited> for Supervisor {
         let total = self.stats.record_restart(msg.name);
         let delay = policy.delay(child.consecutive);
         if child.consecutive >= policy.loop_warn {
-            log::error!(target: SUPERVISOR, "scope={} actor={} event=restart_loop reason={} restart={} consecutive={} backoff_ms={}", self.scope, msg.name, msg.reason.as_str(), total, child.consecutive, delay.as_millis());
+            log::error!(target: SUPERVISOR, "scope={} actor={} event=restart_loop reason={} detail={:?} restart={} consecutive={} backoff_ms={}", self.scope, msg.name, msg.reason.as_str(), msg.reason.detail(), total, child.consecutive, delay.as_millis());
         } else {
-            log::warn!(target: SUPERVISOR, "scope={} actor={} event=crashed reason={} restart={} consecutive={} backoff_ms={}", self.scope, msg.name, msg.reason.as_str(), total, child.consecutive, delay.as_millis());
+            log::warn!(target: SUPERVISOR, "scope={} actor={} event=crashed reason={} detail={:?} restart={} consecutive={} backoff_ms={}", self.scope, msg.name, msg.reason.as_str(), msg.reason.detail(), total, child.consecutive, delay.as_millis());
         }
         let generation = msg.generation;
         let name = msg.name;
@@ -263,9 +273,6 @@ mod tests {
 
     impl Actor for Probe {
         type Context = Context<Self>;
-        fn stopped(&mut self, _: &mut Self::Context) {
-            self.guard.mark_stopped();
-        }
     }
 
     #[derive(Message)]
@@ -294,6 +301,7 @@ mod tests {
     impl Handler<Halt> for Probe {
         type Result = ();
         fn handle(&mut self, _: Halt, ctx: &mut Context<Self>) {
+            self.guard.request_stop("halt requested by test");
             ctx.stop();
         }
     }
@@ -308,7 +316,10 @@ mod tests {
                     }
                 }
             }
-            assert!(Instant::now() < deadline, "actor not back at generation {at_least}");
+            assert!(
+                Instant::now() < deadline,
+                "actor not back at generation {at_least}"
+            );
             actix_rt::time::sleep(Duration::from_millis(5)).await;
         }
     }

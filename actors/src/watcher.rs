@@ -18,7 +18,8 @@ use crate::ports::{ChangeSource, PortError};
 use crate::supervisor::ExitGuard;
 
 pub struct Watcher {
-    guard: ExitGuard,
+    /// Held for its `Drop`: tells the supervisor when this actor ends.
+    _guard: ExitGuard,
     settings: Arc<AgentSettings>,
     source: Arc<dyn ChangeSource>,
     slots: Slots,
@@ -40,7 +41,7 @@ impl Watcher {
     ) -> Self {
         let room = settings.read_chunk;
         Watcher {
-            guard,
+            _guard: guard,
             settings,
             source,
             slots,
@@ -148,10 +149,6 @@ impl Actor for Watcher {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(self.settings.poll_interval, |act, ctx| act.tick(ctx));
-    }
-
-    fn stopped(&mut self, _: &mut Self::Context) {
-        self.guard.mark_stopped();
     }
 }
 

@@ -61,7 +61,10 @@ impl EntitySchemas {
                 path: path.display().to_string(),
                 source,
             })?;
-            validators.insert(entity.to_string(), compile(&path.display().to_string(), &text)?);
+            validators.insert(
+                entity.to_string(),
+                compile(&path.display().to_string(), &text)?,
+            );
         }
         Ok(Self { validators })
     }

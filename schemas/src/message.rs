@@ -420,7 +420,10 @@ mod tests {
 
     #[test]
     fn oversized_frame_is_rejected_before_parsing() {
-        let text = format!(r#"{{"v":1,"type":"ack","seq":1,"pad":"{}"}}"#, "x".repeat(100));
+        let text = format!(
+            r#"{{"v":1,"type":"ack","seq":1,"pad":"{}"}}"#,
+            "x".repeat(100)
+        );
         let err = Message::decode(&text, 50).unwrap_err();
         assert_eq!(err.code(), ErrorCode::FrameTooLarge);
     }
@@ -455,8 +458,8 @@ mod tests {
 
     #[test]
     fn unknown_and_missing_fields_are_rejected() {
-        let err = Message::decode(r#"{"v":1,"type":"ack","seq":1,"extra":true}"#, 1000)
-            .unwrap_err();
+        let err =
+            Message::decode(r#"{"v":1,"type":"ack","seq":1,"extra":true}"#, 1000).unwrap_err();
         assert!(err.to_string().contains("extra"), "{err}");
         let err = Message::decode(r#"{"v":1,"type":"ack"}"#, 1000).unwrap_err();
         assert!(err.to_string().contains("seq"), "{err}");
@@ -464,7 +467,15 @@ mod tests {
 
     #[test]
     fn garbage_never_panics() {
-        for text in ["", "[]", "null", "{", "{\"v\":1}", "{\"v\":\"1\",\"type\":1}", "\u{0}"] {
+        for text in [
+            "",
+            "[]",
+            "null",
+            "{",
+            "{\"v\":1}",
+            "{\"v\":\"1\",\"type\":1}",
+            "\u{0}",
+        ] {
             assert!(Message::decode(text, 1000).is_err(), "{text:?}");
         }
     }

@@ -231,7 +231,8 @@ pub fn install(path: &Path, tables: &[TableConfig]) -> Result<InstallReport, Sql
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(sql("begin"))?;
-    tx.execute_batch(BASE_SCHEMA).map_err(sql("creating _tether tables"))?;
+    tx.execute_batch(BASE_SCHEMA)
+        .map_err(sql("creating _tether tables"))?;
     let mut report = InstallReport::default();
     for t in tables {
         let cols = columns(&tx, &t.table).map_err(sql("reading table columns"))?;
@@ -249,7 +250,9 @@ pub fn install(path: &Path, tables: &[TableConfig]) -> Result<InstallReport, Sql
                 });
             }
         }
-        if t.direction.down() && !key_is_unique(&tx, &t.table, &t.key).map_err(sql("reading indexes"))? {
+        if t.direction.down()
+            && !key_is_unique(&tx, &t.table, &t.key).map_err(sql("reading indexes"))?
+        {
             return Err(SqliteError::KeyNotUnique {
                 table: t.table.clone(),
                 key: t.key.join(", "),
@@ -292,15 +295,24 @@ pub fn uninstall(path: &Path) -> Result<usize, SqliteError> {
         let rows = stmt
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
             .map_err(sql("listing objects"))?;
-        rows.collect::<Result<_, _>>().map_err(sql("listing objects"))?
+        rows.collect::<Result<_, _>>()
+            .map_err(sql("listing objects"))?
     };
     for (kind, name) in objects.iter().filter(|(k, _)| k == "trigger") {
-        tx.execute_batch(&format!("DROP {} IF EXISTS {}", kind.to_uppercase(), qi(name)))
-            .map_err(sql("dropping"))?;
+        tx.execute_batch(&format!(
+            "DROP {} IF EXISTS {}",
+            kind.to_uppercase(),
+            qi(name)
+        ))
+        .map_err(sql("dropping"))?;
     }
     for (kind, name) in objects.iter().filter(|(k, _)| k == "table") {
-        tx.execute_batch(&format!("DROP {} IF EXISTS {}", kind.to_uppercase(), qi(name)))
-            .map_err(sql("dropping"))?;
+        tx.execute_batch(&format!(
+            "DROP {} IF EXISTS {}",
+            kind.to_uppercase(),
+            qi(name)
+        ))
+        .map_err(sql("dropping"))?;
     }
     tx.commit().map_err(sql("commit"))?;
     Ok(objects.len())
@@ -466,7 +478,11 @@ impl SqliteSink {
         }
         let cols = columns(conn, &cfg.table).map_err(|e| e.to_string())?;
         if cols.is_empty() {
-            return Err(format!("table `{}` does not exist in {}", cfg.table, self.path.display()));
+            return Err(format!(
+                "table `{}` does not exist in {}",
+                cfg.table,
+                self.path.display()
+            ));
         }
         let t = Arc::new(DownTable {
             table: cfg.table.clone(),
@@ -543,7 +559,9 @@ fn apply_one(conn: &Connection, t: &DownTable, u: &Update) -> Result<(), String>
                 cols.push(c);
                 vals.push(to_sql(v));
             }
-            let placeholders = (1..=cols.len()).map(|i| format!("?{i}")).collect::<Vec<_>>();
+            let placeholders = (1..=cols.len())
+                .map(|i| format!("?{i}"))
+                .collect::<Vec<_>>();
             let non_key: Vec<String> = cols
                 .iter()
                 .filter(|c| !t.key.iter().any(|k| k == *c))
@@ -603,7 +621,8 @@ impl ChangeSink for SqliteSink {
             .and_then(|t| apply_one(&tx, &t, u));
         let (status, reason) = match result {
             Ok(()) => {
-                tx.execute_batch("RELEASE tether_apply").map_err(port("release"))?;
+                tx.execute_batch("RELEASE tether_apply")
+                    .map_err(port("release"))?;
                 (UpdateStatus::Applied, None)
             }
             Err(reason) => {

@@ -53,7 +53,9 @@ async fn blocking<T: Send + 'static>(
 
 async fn healthz(state: web::Data<GatewayState>) -> HttpResponse {
     let store = state.store.clone();
-    match blocking(move || store.read(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)))).await {
+    match blocking(move || store.read(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))))
+        .await
+    {
         Ok(_) => HttpResponse::Ok().json(json!({"status": "ok", "store": "ok"})),
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, None, "store unavailable"),
     }
@@ -105,7 +107,11 @@ async fn get_clinic(state: web::Data<GatewayState>, id: web::Path<String>) -> Ht
     match clinic_views(&state).await {
         Ok(v) => match v.into_iter().find(|c| c["clinic_id"] == id.as_str()) {
             Some(c) => HttpResponse::Ok().json(c),
-            None => error(StatusCode::NOT_FOUND, Some("id"), format!("no clinic `{id}`")),
+            None => error(
+                StatusCode::NOT_FOUND,
+                Some("id"),
+                format!("no clinic `{id}`"),
+            ),
         },
         Err(resp) => resp,
     }
@@ -123,8 +129,15 @@ async fn list_events(
     q: web::Query<BTreeMap<String, String>>,
 ) -> HttpResponse {
     let q = q.into_inner();
-    if let Some(k) = q.keys().find(|k| !["clinic_id", "after", "limit"].contains(&k.as_str())) {
-        return error(StatusCode::BAD_REQUEST, Some(k), format!("unknown query parameter `{k}`"));
+    if let Some(k) = q
+        .keys()
+        .find(|k| !["clinic_id", "after", "limit"].contains(&k.as_str()))
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            Some(k),
+            format!("unknown query parameter `{k}`"),
+        );
     }
     let q = EventsQuery {
         clinic_id: q.get("clinic_id").cloned(),
@@ -135,24 +148,40 @@ async fn list_events(
         None => 0,
         Some(Ok(v)) => v,
         Some(Err(_)) => {
-            return error(StatusCode::BAD_REQUEST, Some("after"), "must be a non-negative integer (an event id)")
+            return error(
+                StatusCode::BAD_REQUEST,
+                Some("after"),
+                "must be a non-negative integer (an event id)",
+            )
         }
     };
     let limit = match q.limit.as_deref().map(str::parse::<usize>) {
         None => 100,
         Some(Ok(v)) if (1..=1000).contains(&v) => v,
-        Some(_) => return error(StatusCode::BAD_REQUEST, Some("limit"), "must be an integer from 1 to 1000"),
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                Some("limit"),
+                "must be an integer from 1 to 1000",
+            )
+        }
     };
     if let Some(c) = &q.clinic_id {
         if !valid_id(c) {
-            return error(StatusCode::BAD_REQUEST, Some("clinic_id"), "not a valid clinic id");
+            return error(
+                StatusCode::BAD_REQUEST,
+                Some("clinic_id"),
+                "not a valid clinic id",
+            );
         }
     }
     let store = state.store.clone();
     let clinic = q.clinic_id.clone();
     match blocking(move || store.events_page(clinic.as_deref(), after, limit)).await {
         Ok(events) => {
-            let next = (events.len() == limit).then(|| events.last().map(|e| e.id)).flatten();
+            let next = (events.len() == limit)
+                .then(|| events.last().map(|e| e.id))
+                .flatten();
             HttpResponse::Ok().json(json!({ "events": events, "next_after": next }))
         }
         Err(resp) => resp,
@@ -184,22 +213,49 @@ async fn post_update(
         Err(e) => {
             let field = e.path().to_string();
             let field = if field == "." { None } else { Some(field) };
-            return error(StatusCode::BAD_REQUEST, field.as_deref(), e.into_inner().to_string());
+            return error(
+                StatusCode::BAD_REQUEST,
+                field.as_deref(),
+                e.into_inner().to_string(),
+            );
         }
     };
     if !valid_id(&parsed.entity) {
-        return error(StatusCode::BAD_REQUEST, Some("entity"), "must be 1-64 characters of letters, digits, -, _ or .");
+        return error(
+            StatusCode::BAD_REQUEST,
+            Some("entity"),
+            "must be 1-64 characters of letters, digits, -, _ or .",
+        );
     }
     if parsed.key.is_empty() {
-        return error(StatusCode::BAD_REQUEST, Some("key"), "must name at least one key column");
+        return error(
+            StatusCode::BAD_REQUEST,
+            Some("key"),
+            "must name at least one key column",
+        );
     }
     match (parsed.op, &parsed.row) {
-        (UpdateOp::Upsert, None) => return error(StatusCode::BAD_REQUEST, Some("row"), "required for op upsert"),
-        (UpdateOp::Delete, Some(_)) => return error(StatusCode::BAD_REQUEST, Some("row"), "must be absent for op delete"),
+        (UpdateOp::Upsert, None) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                Some("row"),
+                "required for op upsert",
+            )
+        }
+        (UpdateOp::Delete, Some(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                Some("row"),
+                "must be absent for op delete",
+            )
+        }
         _ => {}
     }
     if let Some(row) = &parsed.row {
-        if let Err(e) = state.schemas.validate(&parsed.entity, &Value::Object(row.clone())) {
+        if let Err(e) = state
+            .schemas
+            .validate(&parsed.entity, &Value::Object(row.clone()))
+        {
             return error(StatusCode::UNPROCESSABLE_ENTITY, Some("row"), e.to_string());
         }
     }
@@ -228,7 +284,11 @@ async fn get_update(state: web::Data<GatewayState>, id: web::Path<String>) -> Ht
     let lookup = id.clone();
     match blocking(move || store.update(&lookup)).await {
         Ok(Some(u)) => HttpResponse::Ok().json(u),
-        Ok(None) => error(StatusCode::NOT_FOUND, Some("id"), format!("no update `{id}`")),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            Some("id"),
+            format!("no update `{id}`"),
+        ),
         Err(resp) => resp,
     }
 }

@@ -417,7 +417,10 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
                 self.send_error(
                     ctx,
                     ErrorCode::FrameTooLarge,
-                    format!("frame exceeds {} bytes", self.state.settings.max_frame_bytes),
+                    format!(
+                        "frame exceeds {} bytes",
+                        self.state.settings.max_frame_bytes
+                    ),
                     None,
                 );
                 self.close(ctx, ws::CloseCode::Size, "frame too large");

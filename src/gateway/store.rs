@@ -468,8 +468,14 @@ enum Reply {
         oneshot::Sender<Result<AppendOutcome, StoreError>>,
         Result<AppendOutcome, String>,
     ),
-    Update(oneshot::Sender<Result<String, StoreError>>, Result<String, String>),
-    Result(oneshot::Sender<Result<bool, StoreError>>, Result<bool, String>),
+    Update(
+        oneshot::Sender<Result<String, StoreError>>,
+        Result<String, String>,
+    ),
+    Result(
+        oneshot::Sender<Result<bool, StoreError>>,
+        Result<bool, String>,
+    ),
 }
 
 fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, max_events: usize) {
@@ -513,7 +519,11 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, max_events: usize)
     }
 }
 
-fn run_group(conn: &mut Connection, group: Vec<Cmd>, replies: &mut Vec<Reply>) -> Result<(), String> {
+fn run_group(
+    conn: &mut Connection,
+    group: Vec<Cmd>,
+    replies: &mut Vec<Reply>,
+) -> Result<(), String> {
     let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
@@ -717,13 +727,28 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("g.db"), 100).expect("store");
         let out = block(store.append("c1", 0, vec![ev(1), ev(2), ev(3)])).expect("append");
-        assert_eq!(out, AppendOutcome::Stored { acked: 3, inserted: 3 });
+        assert_eq!(
+            out,
+            AppendOutcome::Stored {
+                acked: 3,
+                inserted: 3
+            }
+        );
         let out = block(store.append("c1", 1, vec![ev(2), ev(3), ev(4)])).expect("append");
-        assert_eq!(out, AppendOutcome::Stored { acked: 4, inserted: 1 });
+        assert_eq!(
+            out,
+            AppendOutcome::Stored {
+                acked: 4,
+                inserted: 1
+            }
+        );
         let out = block(store.append("c1", 10, vec![ev(11)])).expect("append");
         assert_eq!(out, AppendOutcome::Gap { acked: 4 });
         let events = store.events_page(Some("c1"), 0, 100).expect("page");
-        assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert_eq!(
+            events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
         assert_eq!(store.acked_seq("c1").expect("acked"), 4);
         assert_eq!(store.acked_seq("other").expect("acked"), 0);
     }
@@ -732,6 +757,9 @@ mod tests {
     fn iso_dates_are_correct() {
         assert_eq!(iso_from_millis(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(iso_from_millis(951_782_400_123), "2000-02-29T00:00:00.123Z");
-        assert_eq!(iso_from_millis(1_798_675_200_000), "2026-12-31T00:00:00.000Z");
+        assert_eq!(
+            iso_from_millis(1_798_675_200_000),
+            "2026-12-31T00:00:00.000Z"
+        );
     }
 }

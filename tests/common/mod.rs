@@ -1,0 +1,129 @@
+//! Helpers shared by the integration tests: deadlines instead of sleeps, drain checks and
+//! the history check every sync test ends with.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tether::fleet::Fleet;
+use tether::gateway::store::Store;
+use tether::history::{check_clinic, HistoryReport};
+
+/// Polls `f` every 20 ms until it returns true; fails the test after `limit`.
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if f().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// True once the gateway holds every change each clinic committed.
+pub fn drained(fleet: &Fleet) -> bool {
+    let Some(store) = fleet.store() else {
+        return false;
+    };
+    fleet.clinics.iter().all(|c| {
+        let head = Fleet::outbox_head(&c.db).unwrap_or(u64::MAX);
+        store.acked_seq(&c.id).map(|a| a >= head).unwrap_or(false)
+    })
+}
+
+pub async fn wait_drained(fleet: &Fleet, limit: Duration) {
+    wait_until("every clinic change to be acknowledged", limit, || {
+        let done = drained(fleet);
+        async move { done }
+    })
+    .await;
+}
+
+/// The history check: every committed change arrived exactly once, in per-key order, and no
+/// cloud-only key was echoed. Returns the reports for further assertions.
+pub fn assert_history_clean(
+    fleet: &Fleet,
+    echo_keys: &[(usize, String, Value)],
+) -> Vec<HistoryReport> {
+    let store = fleet.store().expect("gateway running");
+    let mut out = Vec::new();
+    for (i, c) in fleet.clinics.iter().enumerate() {
+        let keys: Vec<(String, Value)> = echo_keys
+            .iter()
+            .filter(|(ci, _, _)| *ci == i)
+            .map(|(_, e, k)| (e.clone(), k.clone()))
+            .collect();
+        let r = check_clinic(&c.db, &c.id, &store, &keys).expect("history check");
+        assert!(r.clean(), "history of {} is not clean: {r:?}", c.id);
+        assert_eq!(r.written, r.at_gateway, "{r:?}");
+        out.push(r);
+    }
+    out
+}
+
+pub fn history_of(db: &Path, clinic: &str, store: &Store) -> HistoryReport {
+    check_clinic(db, clinic, store, &[]).expect("history check")
+}
+
+pub fn client() -> awc::Client {
+    awc::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .finish()
+}
+
+pub async fn post_json(url: &str, body: &Value) -> (u16, Value) {
+    let mut resp = client()
+        .post(url)
+        .send_json(body)
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let status = resp.status().as_u16();
+    let v: Value = resp.json().await.unwrap_or(Value::Null);
+    (status, v)
+}
+
+pub async fn get_json(url: &str) -> (u16, Value) {
+    let mut resp = client()
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status().as_u16();
+    let v: Value = resp.json().limit(16 << 20).await.unwrap_or(Value::Null);
+    (status, v)
+}
+
+/// Runs `n` steps of realistic clinic activity on a clinic database.
+pub fn write_activity(db: &Path, n: usize) -> u64 {
+    let mut conn = tether::db::sqlite::open(db).expect("open clinic db");
+    let mut rng = rand::rng();
+    let mut done = 0;
+    for _ in 0..n {
+        done += tether::fleet::clinic_step(&mut conn, &mut rng).expect("clinic write");
+    }
+    done
+}
+
+/// A directory whose log4rs files the test reads (one logger per test process).
+pub fn init_logs(dir: &Path) {
+    let mut cfg = tether::config::LoggingConfig::default();
+    cfg.dir = dir.join("logs");
+    cfg.console = false;
+    cfg.level = "info".into();
+    // nextest runs every test in its own process, so this is the only logger here.
+    let _ = tether::logging::init(&cfg, "");
+}
+
+pub fn read_log(dir: &Path, category: &str) -> String {
+    std::fs::read_to_string(dir.join("logs").join(format!("{category}.log"))).unwrap_or_default()
+}

@@ -1,0 +1,250 @@
+//! End-to-end sync in one process: a gateway on 127.0.0.1:0 and three agents on SQLite files.
+//! Every test ends with the history check (row by row, clinic database vs gateway store).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use tether::fleet::{cloud_id, Fleet};
+
+const HB: Duration = Duration::from_millis(500);
+
+#[actix_rt::test]
+async fn inserts_updates_deletes_and_multi_row_statements_arrive_once_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut fleet = Fleet::new(dir.path(), 3, HB).expect("fleet");
+    // Some history exists before the agents start: it must be picked up too.
+    for c in &fleet.clinics {
+        write_activity(&c.db, 50);
+    }
+    fleet.start_agents().await.expect("agents");
+    for c in &fleet.clinics {
+        write_activity(&c.db, 200);
+        let conn = tether::db::sqlite::open(&c.db).expect("open");
+        // Multi-row statements: one UPDATE and one DELETE touching many rows.
+        conn.execute(
+            "UPDATE appointments SET status = 'confirmed' WHERE status = 'booked'",
+            [],
+        )
+        .expect("multi-row update");
+        conn.execute("DELETE FROM appointments WHERE id % 3 = 0", [])
+            .expect("multi-row delete");
+    }
+    wait_drained(&fleet, Duration::from_secs(30)).await;
+    let reports = assert_history_clean(&fleet, &[]);
+    for r in &reports {
+        assert!(r.written > 250, "{r:?}");
+    }
+    // Each op kind really went through.
+    let store = fleet.store().expect("store");
+    let ops: Vec<String> = store
+        .read(|c| {
+            let mut s = c.prepare("SELECT DISTINCT op FROM events ORDER BY op")?;
+            let rows = s.query_map([], |r| r.get(0))?;
+            rows.collect()
+        })
+        .expect("ops");
+    assert_eq!(ops, vec!["delete", "insert", "update"]);
+    fleet.stop().await;
+}
+
+#[actix_rt::test]
+async fn cloud_updates_land_exactly_once_are_not_echoed_and_a_poison_update_blocks_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut fleet = Fleet::new(dir.path(), 3, HB).expect("fleet");
+    fleet.start_agents().await.expect("agents");
+    let base = fleet.http_url();
+    let mut sent = Vec::new();
+    for n in 0..30u64 {
+        let ci = (n % 3) as usize;
+        let clinic = fleet.clinics[ci].id.clone();
+        let id = cloud_id(n);
+        let body = if n == 7 {
+            // Poison: a column the table does not have.
+            json!({"entity": "patient", "op": "upsert", "key": {"id": id}, "row": {"id": id, "name": "x", "colour": "red"}})
+        } else {
+            json!({"entity": "patient", "op": "upsert", "key": {"id": id}, "row": {"id": id, "name": format!("Cloud {n}")}})
+        };
+        let (status, v) = post_json(&format!("{base}/v1/clinics/{clinic}/updates"), &body).await;
+        assert_eq!(status, 202, "{v}");
+        sent.push((
+            ci,
+            n,
+            v["update_id"].as_str().expect("update_id").to_string(),
+        ));
+    }
+    let store = fleet.store().expect("store");
+    wait_until(
+        "every update to be answered",
+        Duration::from_secs(30),
+        || {
+            let done = sent.iter().all(|(_, _, id)| {
+                matches!(
+                    store.update(id).ok().flatten().map(|u| u.status).as_deref(),
+                    Some("applied" | "failed")
+                )
+            });
+            async move { done }
+        },
+    )
+    .await;
+    for (ci, n, id) in &sent {
+        let (status, u) = get_json(&format!("{base}/v1/updates/{id}")).await;
+        assert_eq!(status, 200);
+        let db = &fleet.clinics[*ci].db;
+        let conn = tether::db::sqlite::open(db).expect("open");
+        let rows: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM patients WHERE id = ?1",
+                [cloud_id(*n)],
+                |r| r.get(0),
+            )
+            .expect("count");
+        let inbox: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM _tether_inbox WHERE update_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .expect("inbox");
+        assert_eq!(inbox, 1, "update {id} recorded once in the inbox");
+        if *n == 7 {
+            assert_eq!(u["status"], "failed");
+            assert!(u["reason"].as_str().unwrap_or("").contains("colour"), "{u}");
+            assert_eq!(rows, 0);
+        } else {
+            assert_eq!(u["status"], "applied", "{u}");
+            assert_eq!(rows, 1);
+        }
+    }
+    // A clinic write after the updates still flows (and is the only thing in the outbox).
+    for c in &fleet.clinics {
+        write_activity(&c.db, 10);
+    }
+    wait_drained(&fleet, Duration::from_secs(30)).await;
+    let echo: Vec<_> = sent
+        .iter()
+        .map(|(ci, n, _)| (*ci, "patient".to_string(), json!({"id": cloud_id(*n)})))
+        .collect();
+    assert_history_clean(&fleet, &echo);
+    fleet.stop().await;
+}
+
+#[actix_rt::test]
+async fn connection_dropped_mid_batch_repeatedly_loses_and_duplicates_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut fleet = Fleet::new(dir.path(), 3, HB).expect("fleet");
+    fleet.start_agents().await.expect("agents");
+    let dbs: Vec<_> = fleet.clinics.iter().map(|c| c.db.clone()).collect();
+    let writer = std::thread::spawn(move || {
+        for db in &dbs {
+            write_activity(db, 600);
+        }
+    });
+    // Drop every link again and again while batches are in flight.
+    let mut drops = 0;
+    while !writer.is_finished() || drops < 10 {
+        for c in &fleet.clinics {
+            if let Some(conn) = c
+                .agent
+                .as_ref()
+                .and_then(|a| a.handle.slots.connection.get())
+            {
+                conn.do_send(tether_actors::connection::DropLink);
+                drops += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    writer.join().expect("writer");
+    wait_drained(&fleet, Duration::from_secs(60)).await;
+    assert_history_clean(&fleet, &[]);
+    let reconnects: u64 = fleet
+        .clinics
+        .iter()
+        .filter_map(|c| c.agent.as_ref())
+        .map(|a| tether_actors::AgentStats::get(&a.handle.stats.links_up))
+        .sum();
+    assert!(
+        reconnects > 3,
+        "links were really re-established: {reconnects}"
+    );
+    fleet.stop().await;
+}
+
+#[cfg(feature = "fault-injection")]
+#[actix_rt::test]
+async fn panic_in_each_actor_is_logged_restarted_and_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    init_logs(dir.path());
+    let mut fleet = Fleet::new(dir.path(), 1, HB).expect("fleet");
+    fleet.start_agents().await.expect("agents");
+    let clinic = &fleet.clinics[0];
+    let agent = clinic.agent.as_ref().expect("agent");
+    for (i, actor) in tether_actors::agent::ACTOR_NAMES.iter().enumerate() {
+        write_activity(&clinic.db, 40);
+        // The applier crashes while it has work: an update is posted just before.
+        let body = json!({"entity": "patient", "op": "upsert", "key": {"id": cloud_id(i as u64)}, "row": {"id": cloud_id(i as u64), "name": "After crash"}});
+        let (status, _) = post_json(
+            &format!("{}/v1/clinics/{}/updates", fleet.http_url(), clinic.id),
+            &body,
+        )
+        .await;
+        assert_eq!(status, 202);
+        assert!(agent.handle.inject_panic(actor), "{actor} was running");
+        let want = i as u64 + 1;
+        wait_until(
+            &format!("{actor} restarted"),
+            Duration::from_secs(10),
+            || {
+                let n = agent.handle.stats.total_restarts();
+                async move { n >= want }
+            },
+        )
+        .await;
+        write_activity(&clinic.db, 40);
+    }
+    wait_drained(&fleet, Duration::from_secs(30)).await;
+    let store = fleet.store().expect("store");
+    wait_until(
+        "updates applied after the crashes",
+        Duration::from_secs(20),
+        || {
+            let n = store
+                .read(|c| {
+                    c.query_row(
+                        "SELECT count(*) FROM updates WHERE status = 'applied'",
+                        [],
+                        |r| r.get::<_, i64>(0),
+                    )
+                })
+                .unwrap_or(0);
+            async move { n == 4 }
+        },
+    )
+    .await;
+    let echo: Vec<_> = (0..4u64)
+        .map(|i| (0usize, "patient".to_string(), json!({"id": cloud_id(i)})))
+        .collect();
+    assert_history_clean(&fleet, &echo);
+    let restarts = agent.handle.stats.restarts();
+    let log = read_log(dir.path(), "supervisor");
+    for actor in tether_actors::agent::ACTOR_NAMES {
+        assert_eq!(restarts.get(actor), Some(&1), "{restarts:?}");
+        let line = log
+            .lines()
+            .find(|l| l.contains(&format!("actor={actor} event=crashed")))
+            .unwrap_or_else(|| panic!("supervisor log lacks the {actor} crash:\n{log}"));
+        assert!(
+            line.contains("reason=panicked") && line.contains("restart=1"),
+            "{line}"
+        );
+        assert!(
+            log.contains(&format!("actor={actor} event=restarted")),
+            "{log}"
+        );
+    }
+    fleet.stop().await;
+}
