@@ -52,7 +52,7 @@ impl Default for LoggingConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Default)]
 #[serde(default)]
 pub struct AgentConfig {
     pub clinic_id: String,
@@ -62,19 +62,6 @@ pub struct AgentConfig {
     pub tables: Vec<TableConfig>,
     #[serde(flatten)]
     extra: Extra,
-}
-
-impl Default for AgentConfig {
-    fn default() -> Self {
-        AgentConfig {
-            clinic_id: String::new(),
-            database: DatabaseConfig::default(),
-            gateway: AgentGatewayConfig::default(),
-            outbox: OutboxConfig::default(),
-            tables: Vec::new(),
-            extra: Extra::new(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

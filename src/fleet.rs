@@ -294,6 +294,7 @@ impl Fleet {
             update_window: 32,
             group_commit_max_events: 20_000,
             workers: 2,
+            shutdown_timeout: Duration::from_secs(1),
         };
         let gw = gateway::start(settings.clone())?;
         let url = gw.ws_url();

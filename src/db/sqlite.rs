@@ -646,3 +646,285 @@ impl ChangeSink for SqliteSink {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Direction;
+    use serde_json::json;
+
+    fn setup(ddl: &str, tables: &[TableConfig]) -> (tempfile::TempDir, PathBuf, Connection) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.db");
+        let conn = open(&path).expect("open");
+        conn.execute_batch(ddl).expect("ddl");
+        install(&path, tables).expect("install");
+        (dir, path, conn)
+    }
+
+    fn obj(v: serde_json::Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
+    fn outbox(path: &Path) -> Vec<Event> {
+        SqliteSource::open(path)
+            .expect("source")
+            .read_after(0, 10_000)
+            .expect("read")
+    }
+
+    #[test]
+    fn triggers_capture_multi_row_statements_key_changes_and_deletes() {
+        let t = TableConfig::new("p", "patient", &["id"], Direction::Both);
+        let (_d, path, conn) = setup(
+            "CREATE TABLE p (id INTEGER PRIMARY KEY, name TEXT, pic BLOB)",
+            std::slice::from_ref(&t),
+        );
+        // Install is idempotent.
+        install(&path, &[t]).expect("second install");
+        conn.execute_batch(
+            "INSERT INTO p (id, name, pic) VALUES (1, 'a', x'00ff'), (2, 'b', NULL), (3, 'c', NULL);
+             UPDATE p SET name = upper(name);
+             UPDATE p SET id = 10 WHERE id = 1;
+             DELETE FROM p WHERE id IN (2, 3);",
+        )
+        .expect("writes");
+        let ev = outbox(&path);
+        let ops: Vec<(&str, i64)> = ev
+            .iter()
+            .map(|e| (e.op.as_str(), e.key["id"].as_i64().unwrap_or(-1)))
+            .collect();
+        assert_eq!(
+            ops,
+            vec![
+                ("insert", 1),
+                ("insert", 2),
+                ("insert", 3),
+                ("update", 1),
+                ("update", 2),
+                ("update", 3),
+                ("delete", 1),
+                ("update", 10),
+                ("delete", 2),
+                ("delete", 3),
+            ]
+        );
+        let first = ev[0].row.as_ref().expect("row");
+        assert_eq!(first["pic"], json!("00FF"), "BLOBs travel as hex");
+        assert_eq!(ev[3].row.as_ref().expect("row")["name"], json!("A"));
+        assert!(ev.windows(2).all(|w| w[0].seq < w[1].seq));
+    }
+
+    #[test]
+    fn awkward_identifiers_are_quoted() {
+        let t = TableConfig::new("my \"odd\" table", "odd", &["the key"], Direction::Both);
+        let (_d, path, conn) = setup(
+            "CREATE TABLE \"my \"\"odd\"\" table\" (\"the key\" INTEGER PRIMARY KEY, \"it's\" TEXT)",
+            std::slice::from_ref(&t),
+        );
+        conn.execute("INSERT INTO \"my \"\"odd\"\" table\" VALUES (1, 'x')", [])
+            .expect("insert");
+        let ev = outbox(&path);
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].row.as_ref().expect("row")["it's"], json!("x"));
+        let sink = SqliteSink::open(&path, &[t]).expect("sink");
+        let out = sink
+            .apply(&Update {
+                update_id: "u1".into(),
+                entity: "odd".into(),
+                op: UpdateOp::Upsert,
+                key: obj(json!({"the key": 2})),
+                row: Some(obj(json!({"the key": 2, "it's": "y"}))),
+            })
+            .expect("apply");
+        assert_eq!(out.status, UpdateStatus::Applied, "{out:?}");
+    }
+
+    #[test]
+    fn update_applied_twice_changes_row_once_and_is_not_echoed() {
+        let t = TableConfig::new("p", "patient", &["id"], Direction::Both);
+        let (_d, path, conn) = setup(
+            "CREATE TABLE p (id INTEGER PRIMARY KEY, name TEXT)",
+            std::slice::from_ref(&t),
+        );
+        let sink = SqliteSink::open(&path, &[t]).expect("sink");
+        let u1 = Update {
+            update_id: "u1".into(),
+            entity: "patient".into(),
+            op: UpdateOp::Upsert,
+            key: obj(json!({"id": 5})),
+            row: Some(obj(json!({"id": 5, "name": "first"}))),
+        };
+        let u2 = Update {
+            update_id: "u2".into(),
+            row: Some(obj(json!({"id": 5, "name": "second"}))),
+            ..u1.clone()
+        };
+        assert!(!sink.apply(&u1).expect("u1").duplicate);
+        assert!(!sink.apply(&u2).expect("u2").duplicate);
+        // A late redelivery of u1 must not undo u2.
+        let again = sink.apply(&u1).expect("u1 again");
+        assert!(again.duplicate);
+        assert_eq!(again.status, UpdateStatus::Applied);
+        let name: String = conn
+            .query_row("SELECT name FROM p WHERE id = 5", [], |r| r.get(0))
+            .expect("row");
+        assert_eq!(name, "second");
+        assert!(outbox(&path).is_empty(), "applied updates are not captured");
+        // The guard is back to 0: the clinic's own writes are captured again.
+        conn.execute("UPDATE p SET name = 'local' WHERE id = 5", [])
+            .expect("local");
+        assert_eq!(outbox(&path).len(), 1);
+        let del = Update {
+            update_id: "u3".into(),
+            op: UpdateOp::Delete,
+            row: None,
+            ..u1
+        };
+        sink.apply(&del).expect("delete");
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM p", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(n, 0);
+        assert_eq!(outbox(&path).len(), 1);
+    }
+
+    #[test]
+    fn bad_updates_fail_with_a_reason_and_change_nothing() {
+        let tables = [
+            TableConfig::new("p", "patient", &["id"], Direction::Both),
+            TableConfig::new("pay", "payment", &["id"], Direction::Up),
+        ];
+        let (_d, path, conn) = setup(
+            "CREATE TABLE p (id INTEGER PRIMARY KEY, name TEXT NOT NULL); CREATE TABLE pay (id INTEGER PRIMARY KEY)",
+            &tables,
+        );
+        let sink = SqliteSink::open(&path, &tables).expect("sink");
+        let cases = [
+            (
+                "u1",
+                "patient",
+                json!({"id": 1}),
+                json!({"id": 1, "colour": "x"}),
+                "colour",
+            ),
+            (
+                "u2",
+                "patient",
+                json!({"id": 1}),
+                json!({"id": 1}),
+                "NOT NULL",
+            ),
+            (
+                "u3",
+                "payment",
+                json!({"id": 1}),
+                json!({"id": 1}),
+                "direction up",
+            ),
+            (
+                "u4",
+                "nothing",
+                json!({"id": 1}),
+                json!({"id": 1}),
+                "not mapped",
+            ),
+            (
+                "u5",
+                "patient",
+                json!({"uuid": 1}),
+                json!({"id": 1, "name": "n"}),
+                "key",
+            ),
+        ];
+        for (id, entity, key, row, needle) in cases {
+            let out = sink
+                .apply(&Update {
+                    update_id: id.into(),
+                    entity: entity.into(),
+                    op: UpdateOp::Upsert,
+                    key: obj(key),
+                    row: Some(obj(row)),
+                })
+                .expect("apply");
+            assert_eq!(out.status, UpdateStatus::Failed, "{id}");
+            let reason = out.reason.unwrap_or_default();
+            assert!(reason.contains(needle), "{id}: {reason}");
+        }
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM p", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(n, 0);
+        let inbox: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM _tether_inbox WHERE status = 'failed'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("inbox");
+        assert_eq!(inbox, 5);
+    }
+
+    #[test]
+    fn install_refuses_missing_tables_and_non_unique_keys_and_uninstall_removes_everything() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.db");
+        let conn = open(&path).expect("open");
+        conn.execute_batch("CREATE TABLE a (id INTEGER, code TEXT)")
+            .expect("ddl");
+        let err = install(
+            &path,
+            &[TableConfig::new("zzz", "z", &["id"], Direction::Up)],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("zzz"), "{err}");
+        let err = install(
+            &path,
+            &[TableConfig::new("a", "a", &["code"], Direction::Both)],
+        )
+        .unwrap_err();
+        assert!(matches!(err, SqliteError::KeyNotUnique { .. }), "{err}");
+        conn.execute_batch("CREATE UNIQUE INDEX a_code ON a (code)")
+            .expect("index");
+        install(
+            &path,
+            &[TableConfig::new("a", "a", &["code"], Direction::Both)],
+        )
+        .expect("install");
+        let removed = uninstall(&path).expect("uninstall");
+        assert!(removed >= 7, "{removed}");
+        let left: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name LIKE '%tether%'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count");
+        assert_eq!(left, 0);
+        conn.execute("INSERT INTO a VALUES (1, 'x')", [])
+            .expect("the clinic table still works");
+    }
+
+    #[test]
+    fn checkpoint_never_moves_back_and_purge_keeps_unacknowledged_rows() {
+        let t = TableConfig::new("p", "patient", &["id"], Direction::Up);
+        let (_d, path, conn) = setup("CREATE TABLE p (id INTEGER PRIMARY KEY)", &[t]);
+        for i in 0..10 {
+            conn.execute("INSERT INTO p VALUES (?1)", [i])
+                .expect("insert");
+        }
+        let cp = SqliteCheckpoint::open(&path).expect("cp");
+        assert_eq!(cp.load().expect("load"), 0);
+        cp.save(6).expect("save");
+        cp.save(4).expect("save lower");
+        assert_eq!(cp.load().expect("load"), 6);
+        assert_eq!(
+            cp.purge(6, Duration::from_secs(3600)).expect("purge"),
+            0,
+            "retention keeps young rows"
+        );
+        assert_eq!(cp.purge(6, Duration::ZERO).expect("purge"), 6);
+        let seqs: Vec<u64> = outbox(&path).iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![7, 8, 9, 10]);
+    }
+}

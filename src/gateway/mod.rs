@@ -44,6 +44,8 @@ pub struct GatewaySettings {
     pub update_window: usize,
     pub group_commit_max_events: usize,
     pub workers: usize,
+    /// How long a graceful stop waits for open connections.
+    pub shutdown_timeout: Duration,
 }
 
 impl GatewaySettings {
@@ -57,6 +59,7 @@ impl GatewaySettings {
             update_window: c.update_window as usize,
             group_commit_max_events: c.group_commit_max_events as usize,
             workers: 2,
+            shutdown_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -113,7 +116,7 @@ pub fn start(settings: GatewaySettings) -> Result<GatewayHandle, GatewayError> {
             .configure(api::routes)
     })
     .workers(settings.workers)
-    .shutdown_timeout(5)
+    .shutdown_timeout(settings.shutdown_timeout.as_secs().max(1))
     .disable_signals()
     .bind(&listen)
     .map_err(|source| GatewayError::Bind {

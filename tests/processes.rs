@@ -1,0 +1,223 @@
+//! Real `tether` processes killed with SIGKILL mid-stream: the agent, then the gateway.
+//! Each test ends with the history check between the clinic database and the gateway store.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tether::fleet::{clinic_step, create_sample_clinic, Fleet};
+use tether::gateway::store::Store;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tether");
+
+/// A child process killed (SIGKILL) when dropped.
+struct Proc(Child);
+
+impl Proc {
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn write_config(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.yaml"));
+    let text = format!("logging:\n  dir: logs-{name}\n  console: false\n{body}");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+fn gateway_config(dir: &Path, listen: &str) -> PathBuf {
+    write_config(
+        dir,
+        "gateway",
+        &format!("gateway:\n  listen: {listen}\n  store:\n    path: gateway.db\n  heartbeat_interval: 500ms\n"),
+    )
+}
+
+fn agent_config(dir: &Path, url: &str) -> PathBuf {
+    write_config(
+        dir,
+        "agent",
+        &format!(
+            "agent:\n  clinic_id: clinic-k\n  database:\n    path: clinic.db\n  gateway:\n    url: {url}\n    heartbeat_interval: 500ms\n    backoff:\n      initial: 50ms\n      max: 500ms\n  outbox:\n    poll_interval: 20ms\n  tables:\n    - {{table: patients, entity: patient, key: [id]}}\n    - {{table: appointments, entity: appointment, key: [id]}}\n    - {{table: payments, entity: payment, key: [id], direction: up}}\n"
+        ),
+    )
+}
+
+/// Starts a gateway and returns it with the address it printed.
+fn start_gateway(dir: &Path, listen: &str) -> (Proc, String) {
+    let cfg = gateway_config(dir, listen);
+    let mut child = Command::new(BIN)
+        .args(["gateway", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn gateway");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read gateway stdout");
+    let addr = line
+        .trim()
+        .strip_prefix("gateway listening on ")
+        .unwrap_or_else(|| panic!("unexpected gateway output: {line:?}"))
+        .to_string();
+    (Proc(child), addr)
+}
+
+fn start_agent(dir: &Path, addr: &str) -> Proc {
+    let cfg = agent_config(dir, &format!("ws://{addr}/v1/ws"));
+    Proc(
+        Command::new(BIN)
+            .args(["agent", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn agent"),
+    )
+}
+
+/// The gateway's acknowledged position for the clinic, read from its store file.
+fn acked(dir: &Path) -> u64 {
+    let Ok(conn) = rusqlite::Connection::open(dir.join("gateway.db")) else {
+        return 0;
+    };
+    conn.query_row(
+        "SELECT acked_seq FROM clinics WHERE clinic_id = 'clinic-k'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|v| v as u64)
+    .unwrap_or(0)
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Writes clinic activity until stopped.
+fn writer(db: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut conn = tether::db::sqlite::open(&db).expect("open");
+        let mut rng = rand::rng();
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            n += clinic_step(&mut conn, &mut rng).expect("write");
+            // Pacing the load (about 500 writes/s), not synchronisation.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        n
+    })
+}
+
+fn final_check(dir: &Path) {
+    let store = Store::open(&dir.join("gateway.db"), 100).expect("store");
+    let r = common::history_of(&dir.join("clinic.db"), "clinic-k", &store);
+    assert!(r.clean(), "{r:?}");
+    assert!(r.written > 200, "{r:?}");
+    assert_eq!(r.written, r.at_gateway, "{r:?}");
+}
+
+#[test]
+fn agent_killed_with_sigkill_mid_stream_resumes_without_loss_or_duplicates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("clinic.db");
+    create_sample_clinic(&db).expect("clinic");
+    let (mut gw, addr) = start_gateway(dir.path(), "127.0.0.1:0");
+    let mut agent = start_agent(dir.path(), &addr);
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(db.clone(), stop.clone());
+
+    wait_for("first acknowledgements", Duration::from_secs(20), || {
+        acked(dir.path()) > 100
+    });
+    agent.kill();
+    let at_kill = acked(dir.path());
+    // Changes keep being committed while the agent is dead.
+    wait_for("a backlog to build up", Duration::from_secs(20), || {
+        Fleet::outbox_head(&db).unwrap_or(0) > at_kill + 200
+    });
+    let mut agent = start_agent(dir.path(), &addr);
+    wait_for(
+        "the restarted agent to make progress",
+        Duration::from_secs(20),
+        || acked(dir.path()) > at_kill + 200,
+    );
+    stop.store(true, Ordering::Relaxed);
+    w.join().expect("writer");
+    let head = Fleet::outbox_head(&db).expect("head");
+    wait_for("the backlog to drain", Duration::from_secs(30), || {
+        acked(dir.path()) >= head
+    });
+    agent.kill();
+    gw.kill();
+    final_check(dir.path());
+}
+
+#[test]
+fn gateway_killed_with_sigkill_mid_stream_and_restarted_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("clinic.db");
+    create_sample_clinic(&db).expect("clinic");
+    let (mut gw, addr) = start_gateway(dir.path(), "127.0.0.1:0");
+    let mut agent = start_agent(dir.path(), &addr);
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(db.clone(), stop.clone());
+
+    wait_for("first acknowledgements", Duration::from_secs(20), || {
+        acked(dir.path()) > 100
+    });
+    gw.kill();
+    let at_kill = acked(dir.path());
+    wait_for("a backlog to build up", Duration::from_secs(20), || {
+        Fleet::outbox_head(&db).unwrap_or(0) > at_kill + 200
+    });
+    // Same address: the agent reconnects by itself.
+    let (mut gw, _) = start_gateway(dir.path(), &addr);
+    wait_for(
+        "progress after the restart",
+        Duration::from_secs(30),
+        || acked(dir.path()) > at_kill + 200,
+    );
+    stop.store(true, Ordering::Relaxed);
+    w.join().expect("writer");
+    let head = Fleet::outbox_head(&db).expect("head");
+    wait_for("the backlog to drain", Duration::from_secs(30), || {
+        acked(dir.path()) >= head
+    });
+    agent.kill();
+    gw.kill();
+    final_check(dir.path());
+    let log =
+        std::fs::read_to_string(dir.path().join("logs-agent/connection.log")).unwrap_or_default();
+    assert!(
+        log.contains("event=disconnected"),
+        "the agent logged the lost link:\n{log}"
+    );
+    assert!(
+        log.matches("event=connected").count() >= 2,
+        "and the reconnection:\n{log}"
+    );
+}
