@@ -60,6 +60,7 @@ pub struct AgentConfig {
     pub gateway: AgentGatewayConfig,
     pub outbox: OutboxConfig,
     pub tables: Vec<TableConfig>,
+    pub encryption: Option<EncryptionConfig>,
     #[serde(flatten)]
     extra: Extra,
 }
@@ -88,10 +89,76 @@ impl Default for DatabaseConfig {
 #[serde(default)]
 pub struct AgentGatewayConfig {
     pub url: String,
+    /// The gateway's id: the `aud` of the agent's tokens.
+    pub gateway_id: String,
+    /// Allow `ws://` and no token (local development only).
+    pub insecure_plaintext: bool,
     pub heartbeat_interval: Dur,
     pub connect_timeout: Dur,
     pub backoff: BackoffConfig,
     pub max_frame_bytes: u64,
+    pub tls: Option<ClientTlsConfig>,
+    pub auth: Option<AgentAuthConfig>,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+pub struct ClientTlsConfig {
+    /// CA that signed the gateway's certificate; the system roots when absent.
+    pub ca: Option<PathBuf>,
+    /// This clinic's certificate and RSA private key (PEM) ...
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// ... or a PKCS#12 bundle, with its password in the named environment variable.
+    pub pkcs12: Option<PathBuf>,
+    pub pkcs12_password_env: Option<String>,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct AgentAuthConfig {
+    /// RSA private key (PEM) that signs the connection tokens; defaults to tls.key.
+    pub key: Option<PathBuf>,
+    /// The key's id in the gateway's clinic registry.
+    pub kid: String,
+    /// At most 5m; the agent reconnects with a fresh token before it runs out.
+    pub token_lifetime: Dur,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+impl Default for AgentAuthConfig {
+    fn default() -> Self {
+        AgentAuthConfig {
+            key: None,
+            kid: String::new(),
+            token_lifetime: Dur::secs(300),
+            extra: Extra::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+pub struct EncryptionConfig {
+    /// Data keys by kid (files written by `tether keys data-key`); keep old ones after a rotation.
+    pub keys: Vec<DataKeyConfig>,
+    /// The kid new values are encrypted with.
+    pub active: String,
+    /// entity -> field names encrypted before they leave the clinic.
+    pub fields: BTreeMap<String, Vec<String>>,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DataKeyConfig {
+    pub kid: String,
+    pub file: PathBuf,
     #[serde(flatten)]
     extra: Extra,
 }
@@ -100,10 +167,14 @@ impl Default for AgentGatewayConfig {
     fn default() -> Self {
         AgentGatewayConfig {
             url: "ws://127.0.0.1:8080/v1/ws".into(),
+            gateway_id: "gw-local".into(),
+            insecure_plaintext: false,
             heartbeat_interval: Dur::secs(10),
             connect_timeout: Dur::secs(10),
             backoff: BackoffConfig::default(),
             max_frame_bytes: tether_schemas::DEFAULT_MAX_FRAME_BYTES as u64,
+            tls: None,
+            auth: None,
             extra: Extra::new(),
         }
     }
@@ -217,8 +288,81 @@ pub struct GatewayConfig {
     pub update_window: u64,
     /// Largest number of events one group commit may hold.
     pub group_commit_max_events: u64,
+    /// This gateway's id (the `aud` clinics put in their tokens).
+    pub id: String,
+    /// Serve `ws://`/`http://` without TLS, and without tokens if `auth` is absent
+    /// (local development only; logged as a warning at start).
+    pub insecure_plaintext: bool,
+    pub tls: Option<ServerTlsConfig>,
+    pub auth: Option<GatewayAuthConfig>,
+    /// REST API bearer tokens, stored as SHA-256 (`tether keys admin-token`).
+    pub admin_tokens: Vec<crate::security::admin::AdminTokenConfig>,
+    /// Data keys to decrypt sensitive fields; without them the store keeps ciphertext.
+    pub decryption_keys: Vec<DataKeyConfig>,
+    pub limits: LimitsConfig,
     #[serde(flatten)]
     extra: Extra,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+pub struct ServerTlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// With a client CA set, agents must present a certificate it signed (mutual TLS) whose
+    /// CN or SAN equals their token's subject.
+    pub client_ca: Option<PathBuf>,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct GatewayAuthConfig {
+    /// Directory of clinic registry entries (`<clinic>.yaml`, from `tether keys registry-entry`).
+    pub clinics_dir: PathBuf,
+    /// Clock skew allowed on exp/nbf.
+    pub leeway: Dur,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+impl Default for GatewayAuthConfig {
+    fn default() -> Self {
+        GatewayAuthConfig {
+            clinics_dir: PathBuf::from("clinics"),
+            leeway: Dur::secs(30),
+            extra: Extra::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct LimitsConfig {
+    /// Frames per second one session may send (sustained), and the burst above it.
+    pub messages_per_second: u64,
+    pub message_burst: u64,
+    /// WebSocket upgrades per second accepted gateway-wide, and the burst.
+    pub handshakes_per_second: u64,
+    pub handshake_burst: u64,
+    /// Browser upgrades (with an Origin header) are refused unless the origin is listed.
+    pub allowed_origins: Vec<String>,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            messages_per_second: 200,
+            message_burst: 400,
+            handshakes_per_second: 200,
+            handshake_burst: 500,
+            allowed_origins: Vec::new(),
+            extra: Extra::new(),
+        }
+    }
 }
 
 impl Default for GatewayConfig {
@@ -231,6 +375,13 @@ impl Default for GatewayConfig {
             entity_schemas: None,
             update_window: 32,
             group_commit_max_events: 20_000,
+            id: "gw-local".into(),
+            insecure_plaintext: false,
+            tls: None,
+            auth: None,
+            admin_tokens: Vec::new(),
+            decryption_keys: Vec::new(),
+            limits: LimitsConfig::default(),
             extra: Extra::new(),
         }
     }
@@ -398,13 +549,41 @@ impl Config {
             }
         };
         fix(&mut self.logging.dir);
+        let fix_opt = |p: &mut Option<PathBuf>| {
+            if let Some(p) = p.as_mut() {
+                fix(p);
+            }
+        };
         if let Some(a) = self.agent.as_mut() {
             fix(&mut a.database.path);
+            if let Some(t) = a.gateway.tls.as_mut() {
+                fix_opt(&mut t.ca);
+                fix_opt(&mut t.cert);
+                fix_opt(&mut t.key);
+                fix_opt(&mut t.pkcs12);
+            }
+            if let Some(auth) = a.gateway.auth.as_mut() {
+                fix_opt(&mut auth.key);
+            }
+            if let Some(e) = a.encryption.as_mut() {
+                for k in &mut e.keys {
+                    fix(&mut k.file);
+                }
+            }
         }
         if let Some(g) = self.gateway.as_mut() {
             fix(&mut g.store.path);
-            if let Some(s) = g.entity_schemas.as_mut() {
-                fix(s);
+            fix_opt(&mut g.entity_schemas);
+            if let Some(t) = g.tls.as_mut() {
+                fix(&mut t.cert);
+                fix(&mut t.key);
+                fix_opt(&mut t.client_ca);
+            }
+            if let Some(a) = g.auth.as_mut() {
+                fix(&mut a.clinics_dir);
+            }
+            for k in &mut g.decryption_keys {
+                fix(&mut k.file);
             }
         }
     }
@@ -513,6 +692,78 @@ impl Validator<'_> {
                 "agent.gateway.url",
                 format!("`{url}` must start with ws:// or wss://"),
             );
+        } else if url.starts_with("ws://") && !a.gateway.insecure_plaintext {
+            self.bad(
+                "agent.gateway.url",
+                "ws:// sends patient data in clear: use wss://, or set agent.gateway.insecure_plaintext: true for local development".into(),
+            );
+        }
+        if let Some(t) = &a.gateway.tls {
+            self.unknown("agent.gateway.tls", &t.extra);
+            if t.pkcs12.is_some() && (t.cert.is_some() || t.key.is_some()) {
+                self.bad(
+                    "agent.gateway.tls.pkcs12",
+                    "use either pkcs12 or cert + key, not both".into(),
+                );
+            }
+            if t.cert.is_some() != t.key.is_some() {
+                self.bad("agent.gateway.tls.cert", "cert and key go together".into());
+            }
+        }
+        match &a.gateway.auth {
+            Some(auth) => {
+                self.unknown("agent.gateway.auth", &auth.extra);
+                if !valid_id(&auth.kid) {
+                    self.bad("agent.gateway.auth.kid", "must name the key in the gateway's clinic registry (letters, digits, - _ .)".into());
+                }
+                self.duration("agent.gateway.auth.token_lifetime", &auth.token_lifetime, Duration::from_secs(2));
+                if auth.token_lifetime.get() > Duration::from_secs(300) {
+                    self.bad("agent.gateway.auth.token_lifetime", "must be at most 5m".into());
+                }
+                let has_key = auth.key.is_some()
+                    || a.gateway.tls.as_ref().is_some_and(|t| t.key.is_some());
+                if !has_key {
+                    self.bad("agent.gateway.auth.key", "no signing key: set auth.key or tls.key".into());
+                }
+            }
+            None if !a.gateway.insecure_plaintext => self.bad(
+                "agent.gateway.auth",
+                "required (the agent proves its identity with a signed token) unless insecure_plaintext: true".into(),
+            ),
+            None => {}
+        }
+        if !valid_id(&a.gateway.gateway_id) {
+            self.bad(
+                "agent.gateway.gateway_id",
+                "must be letters, digits, - _ .".into(),
+            );
+        }
+        if let Some(e) = &a.encryption {
+            self.unknown("agent.encryption", &e.extra);
+            for (i, k) in e.keys.iter().enumerate() {
+                self.unknown(&format!("agent.encryption.keys[{i}]"), &k.extra);
+            }
+            if !e.keys.iter().any(|k| k.kid == e.active) {
+                self.bad(
+                    "agent.encryption.active",
+                    format!("`{}` is not one of agent.encryption.keys", e.active),
+                );
+            }
+            for (entity, fields) in &e.fields {
+                if let Some(t) = a.tables.iter().find(|t| &t.entity == entity) {
+                    if let Some(f) = fields.iter().find(|f| t.key.contains(f)) {
+                        self.bad(
+                            &format!("agent.encryption.fields.{entity}"),
+                            format!("`{f}` is a key column; keys cannot be encrypted"),
+                        );
+                    }
+                } else {
+                    self.bad(
+                        &format!("agent.encryption.fields.{entity}"),
+                        format!("entity `{entity}` is not in agent.tables"),
+                    );
+                }
+            }
         }
         let ms = Duration::from_millis(1);
         self.duration(
@@ -603,6 +854,66 @@ impl Validator<'_> {
     fn gateway(&mut self, g: &GatewayConfig) {
         self.unknown("gateway", &g.extra);
         self.unknown("gateway.store", &g.store.extra);
+        self.unknown("gateway.limits", &g.limits.extra);
+        if !valid_id(&g.id) {
+            self.bad("gateway.id", "must be letters, digits, - _ .".into());
+        }
+        match &g.tls {
+            Some(t) => self.unknown("gateway.tls", &t.extra),
+            None if !g.insecure_plaintext => self.bad(
+                "gateway.tls",
+                "required (cert, key, client_ca) unless insecure_plaintext: true".into(),
+            ),
+            None => {}
+        }
+        match &g.auth {
+            Some(a) => {
+                self.unknown("gateway.auth", &a.extra);
+                self.duration("gateway.auth.leeway", &a.leeway, Duration::ZERO);
+                if a.leeway.get() > Duration::from_secs(300) {
+                    self.bad("gateway.auth.leeway", "must be at most 5m".into());
+                }
+            }
+            None if !g.insecure_plaintext => self.bad(
+                "gateway.auth",
+                "required (clinics_dir) unless insecure_plaintext: true".into(),
+            ),
+            None => {}
+        }
+        if g.admin_tokens.is_empty() && !g.insecure_plaintext {
+            self.bad(
+                "gateway.admin_tokens",
+                "at least one token is required for the REST API unless insecure_plaintext: true"
+                    .into(),
+            );
+        }
+        for (i, t) in g.admin_tokens.iter().enumerate() {
+            if t.sha256.len() != 64 || !t.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+                self.bad(
+                    &format!("gateway.admin_tokens[{i}].sha256"),
+                    "must be 64 hex digits (tether keys admin-token)".into(),
+                );
+            }
+            if t.scopes.is_empty() {
+                self.bad(
+                    &format!("gateway.admin_tokens[{i}].scopes"),
+                    "at least one of read, write".into(),
+                );
+            }
+        }
+        for (i, k) in g.decryption_keys.iter().enumerate() {
+            self.unknown(&format!("gateway.decryption_keys[{i}]"), &k.extra);
+        }
+        self.positive(
+            "gateway.limits.messages_per_second",
+            g.limits.messages_per_second,
+        );
+        self.positive("gateway.limits.message_burst", g.limits.message_burst);
+        self.positive(
+            "gateway.limits.handshakes_per_second",
+            g.limits.handshakes_per_second,
+        );
+        self.positive("gateway.limits.handshake_burst", g.limits.handshake_burst);
         if g.listen.parse::<std::net::SocketAddr>().is_err() {
             self.bad(
                 "gateway.listen",
@@ -778,6 +1089,7 @@ agent:
   clinic_id: clinic-1
   gateway:
     url: ws://127.0.0.1:9/v1/ws
+    insecure_plaintext: true
     heartbeat_interval: 2s
   tables:
     - table: patients
@@ -789,6 +1101,7 @@ agent:
       direction: up
 gateway:
   listen: 127.0.0.1:0
+  insecure_plaintext: true
 ";
 
     #[test]
@@ -821,19 +1134,19 @@ gateway:
         let p = err.problems();
         let find = |path: &str| p.iter().find(|x| x.path == path).cloned();
         let hb = find("agent.gateway.heartbeat_interval").expect("duration problem");
-        assert_eq!(hb.line, Some(8));
+        assert_eq!(hb.line, Some(9));
         assert!(hb.message.contains("soon"));
         assert_eq!(
             find("agent.gateway.colour").expect("unknown key").line,
-            Some(9)
+            Some(10)
         );
         assert_eq!(
             find("agent.tables[1].flavour")
                 .expect("unknown nested key")
                 .line,
-            Some(18)
+            Some(19)
         );
-        assert_eq!(find("gateway.listen").expect("listen").line, Some(20));
+        assert_eq!(find("gateway.listen").expect("listen").line, Some(21));
         assert_eq!(p.len(), 4, "{p:?}");
     }
 
@@ -845,8 +1158,18 @@ gateway:
         );
         let err = Config::parse(&text, "t").unwrap_err();
         let p = &err.problems()[0];
-        assert_eq!(p.line, Some(12), "{p}");
+        assert_eq!(p.line, Some(13), "{p}");
         assert!(p.path.starts_with("agent.tables[0]"), "{p}");
+    }
+
+    #[test]
+    fn plaintext_and_missing_credentials_are_refused_unless_explicitly_insecure() {
+        let text = GOOD.replace("    insecure_plaintext: true\n", "").replace("  insecure_plaintext: true\n", "");
+        let err = Config::parse(&text, "t").unwrap_err();
+        let paths: Vec<&str> = err.problems().iter().map(|p| p.path.as_str()).collect();
+        for want in ["agent.gateway.url", "agent.gateway.auth", "gateway.tls", "gateway.auth", "gateway.admin_tokens"] {
+            assert!(paths.contains(&want), "{want} not in {paths:?}");
+        }
     }
 
     #[test]

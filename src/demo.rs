@@ -105,13 +105,14 @@ struct CloudUpdate {
 }
 
 async fn post_update(
+    fleet: &Fleet,
     client: &awc::Client,
-    base: &str,
     clinic: &str,
     body: &Value,
 ) -> anyhow::Result<String> {
-    let mut resp = client
-        .post(format!("{base}/v1/clinics/{clinic}/updates"))
+    let base = fleet.http_url();
+    let mut resp = fleet
+        .authorize(client.post(format!("{base}/v1/clinics/{clinic}/updates")))
         .send_json(body)
         .await
         .map_err(|e| anyhow::anyhow!("POST update: {e}"))?;
@@ -127,13 +128,11 @@ async fn post_update(
 
 async fn drive(opts: &DemoOptions, dir: &std::path::Path) -> anyhow::Result<Summary> {
     let heartbeat = Duration::from_millis(500);
-    let mut fleet = Fleet::new(dir, opts.clinics, heartbeat)?;
+    // Mutual TLS, clinic-signed tokens, admin tokens and field encryption, like production.
+    let mut fleet = Fleet::build(dir, opts.clinics, heartbeat, Some(3072))?;
     fleet.start_agents().await?;
     let store = fleet.store().context("gateway store")?;
-    let base = fleet.http_url();
-    let client = awc::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .finish();
+    let client = fleet.rest_client()?;
 
     let per_clinic = opts.rate / opts.clinics as f64;
     let mut generators = Vec::new();
@@ -175,7 +174,7 @@ async fn drive(opts: &DemoOptions, dir: &std::path::Path) -> anyhow::Result<Summ
                 )
             };
             let body = json!({"entity": entity, "op": "upsert", "key": key, "row": row});
-            match post_update(&client, &base, &fleet.clinics[i].id, &body).await {
+            match post_update(&fleet, &client, &fleet.clinics[i].id, &body).await {
                 Ok(update_id) => updates.push(CloudUpdate {
                     clinic: i,
                     update_id,

@@ -14,7 +14,13 @@ use tether_actors::agent::AgentHandle;
 
 use crate::config::{AgentConfig, Direction, TableConfig};
 use crate::db::sqlite;
-use crate::gateway::{self, GatewayHandle, GatewaySettings};
+use crate::gateway::{self, GatewayHandle, GatewaySecurity, GatewaySettings};
+use crate::security::jwt::{ClinicRegistry, TokenVerifier};
+use crate::security::tls::ServerTls;
+use crate::security::{admin, keys};
+
+/// The gateway id (token audience) of fleets and demos.
+pub const GATEWAY_ID: &str = "gw-local";
 
 /// Cloud-created sample rows use negative ids, which SQLite never assigns on its own, so any
 /// clinic change captured for such a key is an echo of a cloud update.
@@ -244,14 +250,32 @@ pub struct Clinic {
     pub agent: Option<RunningAgent>,
 }
 
-/// Fast timings for demos and tests.
+/// Fast timings for demos and tests; TLS + token + field encryption when `certs` is given
+/// (a directory made by [`keys::dev_setup`]).
 pub fn quick_agent_config(
     clinic_id: &str,
     db: &Path,
     gateway_url: &str,
+    certs: Option<&Path>,
 ) -> anyhow::Result<AgentConfig> {
+    let security = match certs {
+        None => "    insecure_plaintext: true\n".to_string(),
+        Some(c) => format!(
+            "    tls:\n      ca: {ca}\n      cert: {cert}\n      key: {key}\n    auth:\n      kid: {clinic_id}-1\n      token_lifetime: 5m\n",
+            ca = c.join("ca.pem").display(),
+            cert = c.join(format!("{clinic_id}.pem")).display(),
+            key = c.join(format!("{clinic_id}.key")).display(),
+        ),
+    };
+    let encryption = match certs {
+        None => String::new(),
+        Some(c) => format!(
+            "  encryption:\n    keys:\n      - {{kid: dk1, file: {}}}\n    active: dk1\n    fields:\n      patient: [name, national_id]\n",
+            c.join("dk1.key").display()
+        ),
+    };
     let yaml = format!(
-        "agent:\n  clinic_id: {clinic_id}\n  database:\n    path: {db}\n  gateway:\n    url: {gateway_url}\n    heartbeat_interval: 500ms\n    connect_timeout: 2s\n    backoff:\n      initial: 50ms\n      max: 1s\n      reset_after: 5s\n  outbox:\n    poll_interval: 20ms\n    purge_interval: 1h\n  tables:\n    - {{table: patients, entity: patient, key: [id], direction: both}}\n    - {{table: appointments, entity: appointment, key: [id], direction: both}}\n    - {{table: payments, entity: payment, key: [id], direction: up}}\n",
+        "agent:\n  clinic_id: {clinic_id}\n  database:\n    path: {db}\n{encryption}  gateway:\n    url: {gateway_url}\n{security}    heartbeat_interval: 500ms\n    connect_timeout: 2s\n    backoff:\n      initial: 50ms\n      max: 1s\n      reset_after: 5s\n  outbox:\n    poll_interval: 20ms\n    purge_interval: 1h\n  tables:\n    - {{table: patients, entity: patient, key: [id], direction: both}}\n    - {{table: appointments, entity: appointment, key: [id], direction: both}}\n    - {{table: payments, entity: payment, key: [id], direction: up}}\n",
         db = db.display()
     );
     crate::config::Config::parse(&yaml, "quick_agent_config")?
@@ -277,14 +301,35 @@ pub async fn start_agent(cfg: &AgentConfig) -> anyhow::Result<RunningAgent> {
 
 pub struct Fleet {
     pub dir: PathBuf,
+    /// Where the CA, certificates, registry entries and data key are (secure fleets).
+    pub certs: Option<PathBuf>,
+    /// Bearer token for the REST API (secure fleets).
+    pub admin_token: Option<String>,
     pub gateway: Option<GatewayHandle>,
     pub gateway_settings: GatewaySettings,
     pub clinics: Vec<Clinic>,
 }
 
 impl Fleet {
-    /// A gateway on 127.0.0.1:0 and `n` clinics (databases created, agents not started).
+    /// A gateway on 127.0.0.1:0 over mutual TLS with clinic tokens, admin tokens and field
+    /// encryption, and `n` clinics (databases created, agents not started).
     pub fn new(dir: &Path, n: usize, heartbeat: Duration) -> anyhow::Result<Fleet> {
+        Fleet::build(dir, n, heartbeat, Some(2048))
+    }
+
+    /// The same without TLS, tokens or encryption.
+    pub fn insecure(dir: &Path, n: usize, heartbeat: Duration) -> anyhow::Result<Fleet> {
+        Fleet::build(dir, n, heartbeat, None)
+    }
+
+    /// `key_bits: None` makes an insecure fleet.
+    pub fn build(
+        dir: &Path,
+        n: usize,
+        heartbeat: Duration,
+        key_bits: Option<u32>,
+    ) -> anyhow::Result<Fleet> {
+        let ids: Vec<String> = (1..=n).map(|i| format!("clinic-{i:03}")).collect();
         let settings = GatewaySettings {
             listen: "127.0.0.1:0".into(),
             store_path: dir.join("gateway.db"),
@@ -296,14 +341,49 @@ impl Fleet {
             workers: 2,
             shutdown_timeout: Duration::from_secs(1),
         };
-        let gw = gateway::start(settings.clone())?;
+        let (security, certs, admin_token) = match key_bits {
+            None => (GatewaySecurity::insecure(), None, None),
+            Some(bits) => {
+                let certs = dir.join("certs");
+                keys::dev_setup(&certs, &ids, bits)?;
+                let token = admin::new_token();
+                let mut data = crate::security::crypto::DataKeys::default();
+                data.add_file("dk1", &certs.join("dk1.key"))?;
+                let security = GatewaySecurity {
+                    tls: Some(ServerTls {
+                        cert: certs.join("gateway.pem"),
+                        key: certs.join("gateway.key"),
+                        client_ca: Some(certs.join("ca.pem")),
+                    }),
+                    verifier: Some(TokenVerifier::new(
+                        GATEWAY_ID,
+                        Duration::from_secs(30),
+                        ClinicRegistry::load_dir(&certs.join("clinics"))?,
+                    )),
+                    admin: Some(
+                        admin::AdminTokens::new(&[admin::AdminTokenConfig {
+                            name: "fleet-admin".into(),
+                            sha256: admin::sha256_hex(&token),
+                            scopes: vec![admin::Scope::Read, admin::Scope::Write],
+                        }])
+                        .map_err(|e| anyhow::anyhow!("admin token {e}"))?,
+                    ),
+                    decrypt: Some(crate::security::crypto::FieldCipher::new(
+                        data,
+                        Default::default(),
+                    )),
+                    ..GatewaySecurity::insecure()
+                };
+                (security, Some(certs), Some(token))
+            }
+        };
+        let gw = gateway::start(settings.clone(), security)?;
         let url = gw.ws_url();
         let mut clinics = Vec::new();
-        for i in 1..=n {
-            let id = format!("clinic-{i:03}");
+        for id in ids {
             let db = dir.join(format!("{id}.db"));
             create_sample_clinic(&db)?;
-            let config = quick_agent_config(&id, &db, &url)?;
+            let config = quick_agent_config(&id, &db, &url, certs.as_deref())?;
             clinics.push(Clinic {
                 id,
                 db,
@@ -313,6 +393,8 @@ impl Fleet {
         }
         Ok(Fleet {
             dir: dir.to_path_buf(),
+            certs,
+            admin_token,
             gateway: Some(gw),
             gateway_settings: settings,
             clinics,
@@ -337,6 +419,29 @@ impl Fleet {
             .as_ref()
             .map(|g| g.http_url())
             .unwrap_or_default()
+    }
+
+    /// An HTTP client that trusts the fleet's CA (REST calls).
+    pub fn rest_client(&self) -> anyhow::Result<awc::Client> {
+        let b = awc::Client::builder().timeout(Duration::from_secs(10));
+        Ok(match &self.certs {
+            None => b.finish(),
+            Some(c) => {
+                let conn = crate::security::tls::connector(&crate::security::tls::ClientTls {
+                    ca: Some(c.join("ca.pem")),
+                    ..Default::default()
+                })?;
+                b.connector(awc::Connector::new().openssl(conn)).finish()
+            }
+        })
+    }
+
+    /// A request with the admin bearer token when the fleet has one.
+    pub fn authorize(&self, req: awc::ClientRequest) -> awc::ClientRequest {
+        match &self.admin_token {
+            Some(t) => req.insert_header(("Authorization", format!("Bearer {t}"))),
+            None => req,
+        }
     }
 
     /// Highest outbox sequence committed at a clinic.

@@ -10,3 +10,4 @@ pub mod fleet;
 pub mod gateway;
 pub mod history;
 pub mod logging;
+pub mod security;

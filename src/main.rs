@@ -39,6 +39,11 @@ enum Command {
         #[arg(default_value = "config.yaml")]
         path: PathBuf,
     },
+    /// Create keys and certificates (development CA, clinic and gateway certificates, data keys).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Start a gateway and N clinic agents on temporary SQLite databases and show them syncing.
     Demo {
         #[arg(long, default_value_t = 3)]
@@ -58,6 +63,82 @@ enum Command {
         /// Keep the temporary directory (databases and logs) for inspection.
         #[arg(long)]
         keep: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Everything for a local TLS + token set-up: CA, gateway and clinic certificates,
+    /// registry entries (clinics/*.yaml) and a data key (dk1.key).
+    DevSetup {
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// Comma-separated clinic ids.
+        #[arg(long, default_value = "clinic-001")]
+        clinics: String,
+        #[arg(long, default_value_t = 3072)]
+        bits: u32,
+    },
+    /// A development certificate authority (ca.pem, ca.key).
+    Ca {
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        #[arg(long, default_value = "Tether Dev CA")]
+        name: String,
+        #[arg(long, default_value_t = 3072)]
+        bits: u32,
+    },
+    /// A clinic certificate and RSA key (CN and SAN = clinic id).
+    Clinic {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long, default_value = "certs")]
+        ca: PathBuf,
+        #[arg(long)]
+        id: String,
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 3072)]
+        bits: u32,
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+    /// The gateway's server certificate.
+    Gateway {
+        #[arg(long, default_value = "certs")]
+        ca: PathBuf,
+        /// DNS names (repeatable).
+        #[arg(long, default_value = "localhost")]
+        host: Vec<String>,
+        /// IP addresses (repeatable).
+        #[arg(long, default_value = "127.0.0.1")]
+        ip: Vec<String>,
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 3072)]
+        bits: u32,
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+    /// A 256-bit data key for payload encryption.
+    DataKey {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print a clinic's registry entry (YAML) for the gateway's clinics_dir.
+    RegistryEntry {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        kid: String,
+    },
+    /// A new REST API token and the hashed config entry for it.
+    AdminToken {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "read,write")]
+        scopes: String,
     },
 }
 
@@ -86,6 +167,7 @@ fn load(path: &Path) -> Result<Config> {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Keys { command } => run_keys(command),
         Command::CheckConfig { path } => match Config::load(&path) {
             Ok(_) => {
                 println!("{}: ok", path.display());
@@ -202,13 +284,98 @@ fn run_agent(cfg: &Config, a: tether::config::AgentConfig) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn run_keys(cmd: KeysCommand) -> Result<ExitCode> {
+    use tether::security::{admin, keys};
+    match cmd {
+        KeysCommand::DevSetup { out, clinics, bits } => {
+            let ids: Vec<String> = clinics
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+            for id in &ids {
+                if !tether::config::valid_id(id) {
+                    bail!("--clinics: `{id}` is not a valid clinic id");
+                }
+            }
+            keys::dev_setup(&out, &ids, bits)?;
+            println!(
+                "wrote ca, gateway, {} clinic certificates, clinics/*.yaml and dk1.key to {}",
+                ids.len(),
+                out.display()
+            );
+        }
+        KeysCommand::Ca { out, name, bits } => {
+            let ca = keys::make_ca(&name, 3650, bits)?;
+            keys::save(&ca, &out, "ca")?;
+            println!("wrote {0}/ca.pem and {0}/ca.key", out.display());
+        }
+        KeysCommand::Clinic {
+            ca,
+            id,
+            out,
+            bits,
+            days,
+        } => {
+            if !tether::config::valid_id(&id) {
+                bail!("--id `{id}` is not a valid clinic id");
+            }
+            let ca = keys::load(&ca, "ca")?;
+            let cert = keys::issue(
+                &ca,
+                &id,
+                &[id.as_str()],
+                &[],
+                keys::Usage::Client,
+                days,
+                None,
+                bits,
+            )?;
+            keys::save(&cert, &out, &id)?;
+            println!("wrote {0}/{id}.pem and {0}/{id}.key", out.display());
+        }
+        KeysCommand::Gateway {
+            ca,
+            host,
+            ip,
+            out,
+            bits,
+            days,
+        } => {
+            let ca = keys::load(&ca, "ca")?;
+            let dns: Vec<&str> = host.iter().map(String::as_str).collect();
+            let ips: Vec<&str> = ip.iter().map(String::as_str).collect();
+            let cn = dns.first().copied().unwrap_or("tether-gateway");
+            let cert = keys::issue(&ca, cn, &dns, &ips, keys::Usage::Server, days, None, bits)?;
+            keys::save(&cert, &out, "gateway")?;
+            println!("wrote {0}/gateway.pem and {0}/gateway.key", out.display());
+        }
+        KeysCommand::DataKey { out } => {
+            keys::write_data_key(&out)?;
+            println!("wrote {}", out.display());
+        }
+        KeysCommand::RegistryEntry { id, cert, kid } => {
+            let pem = std::fs::read(&cert).with_context(|| cert.display().to_string())?;
+            let x = openssl::x509::X509::from_pem(&pem)?;
+            print!("{}", keys::registry_entry(&id, &kid, &x)?);
+        }
+        KeysCommand::AdminToken { name, scopes } => {
+            let token = admin::new_token();
+            println!("token (give to the caller, store nowhere else): {token}");
+            println!("config (gateway.admin_tokens):\n  - name: {name}\n    sha256: {}\n    scopes: [{scopes}]", admin::sha256_hex(&token));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run_gateway(cfg: &Config, g: tether::config::GatewayConfig) -> Result<ExitCode> {
     let _log = logging::init(&cfg.logging, "")?;
     logging::install_panic_logger(true);
     let settings = gateway::GatewaySettings::from_config(&g);
     let system = actix::System::new();
     system.block_on(async move {
-        let handle = gateway::start(settings)?;
+        let security = gateway::GatewaySecurity::from_config(&g)?;
+        let handle = gateway::start(settings, security)?;
         println!("gateway listening on {}", handle.addr);
         shutdown_signal().await;
         log::info!(target: "connection", "event=gateway_stopping reason=signal");

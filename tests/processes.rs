@@ -42,7 +42,7 @@ fn gateway_config(dir: &Path, listen: &str) -> PathBuf {
     write_config(
         dir,
         "gateway",
-        &format!("gateway:\n  listen: {listen}\n  store:\n    path: gateway.db\n  heartbeat_interval: 500ms\n"),
+        &format!("gateway:\n  listen: {listen}\n  insecure_plaintext: true\n  store:\n    path: gateway.db\n  heartbeat_interval: 500ms\n"),
     )
 }
 
@@ -51,7 +51,7 @@ fn agent_config(dir: &Path, url: &str) -> PathBuf {
         dir,
         "agent",
         &format!(
-            "agent:\n  clinic_id: clinic-k\n  database:\n    path: clinic.db\n  gateway:\n    url: {url}\n    heartbeat_interval: 500ms\n    backoff:\n      initial: 50ms\n      max: 500ms\n  outbox:\n    poll_interval: 20ms\n  tables:\n    - {{table: patients, entity: patient, key: [id]}}\n    - {{table: appointments, entity: appointment, key: [id]}}\n    - {{table: payments, entity: payment, key: [id], direction: up}}\n"
+            "agent:\n  clinic_id: clinic-k\n  database:\n    path: clinic.db\n  gateway:\n    url: {url}\n    insecure_plaintext: true\n    heartbeat_interval: 500ms\n    backoff:\n      initial: 50ms\n      max: 500ms\n  outbox:\n    poll_interval: 20ms\n  tables:\n    - {{table: patients, entity: patient, key: [id]}}\n    - {{table: appointments, entity: appointment, key: [id]}}\n    - {{table: payments, entity: payment, key: [id], direction: up}}\n"
         ),
     )
 }

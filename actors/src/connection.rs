@@ -66,6 +66,8 @@ pub struct Connection {
     updates: VecDeque<Update>,
     applying: bool,
     attempt_started: Instant,
+    /// The next reconnect is a planned re-authentication: no backoff.
+    reauth: bool,
 }
 
 enum Incoming {
@@ -100,6 +102,7 @@ impl Connection {
             updates: VecDeque::new(),
             applying: false,
             attempt_started: now,
+            reauth: false,
         }
     }
 
@@ -229,7 +232,11 @@ impl Connection {
         self.state = State::Idle;
         self.backoff.disconnected(self.ports.clock.now());
         self.up_since = None;
-        let delay = self.backoff.next_delay(&mut rand::rng());
+        let delay = if std::mem::take(&mut self.reauth) {
+            Duration::ZERO
+        } else {
+            self.backoff.next_delay(&mut rand::rng())
+        };
         AgentStats::add(&self.stats.reconnects, 1);
         log::info!(target: CONNECTION, "clinic={} event=reconnect_scheduled delay_ms={} attempt={}", self.clinic(), delay.as_millis(), self.backoff.attempt());
         ctx.run_later(delay, |act, ctx| {
@@ -276,6 +283,26 @@ impl Connection {
                 self.stats.connected.store(true, Ordering::Relaxed);
                 AgentStats::add(&self.stats.links_up, 1);
                 log::info!(target: CONNECTION, "clinic={} event=connected session={} gateway_acked_seq={} handshake_ms={}", self.clinic(), w.session_id, w.acked_seq, now.saturating_duration_since(self.attempt_started).as_millis());
+                if let Some(life) = self.ports.dialer.credential_lifetime() {
+                    // Reconnect with a fresh token well before this one expires; the resend
+                    // protocol makes the switch lossless.
+                    let margin = (life / 5).min(Duration::from_secs(30));
+                    let at = life
+                        .saturating_sub(margin)
+                        .saturating_sub(now.saturating_duration_since(self.attempt_started));
+                    let epoch = self.epoch;
+                    ctx.run_later(at, move |act, ctx| {
+                        if act.epoch == epoch && act.state == State::Up {
+                            log::info!(target: CONNECTION, "clinic={} event=reauthenticating reason=\"token expires soon\"", act.clinic());
+                            act.write(ws::Message::Close(Some(ws::CloseReason {
+                                code: ws::CloseCode::Normal,
+                                description: Some("re-authenticating".into()),
+                            })));
+                            act.reauth = true;
+                            act.link_lost(ctx, "re-authenticating");
+                        }
+                    });
+                }
                 if let Some(o) = self.slots.outbound.get() {
                     o.do_send(LinkUp {
                         epoch: self.epoch,

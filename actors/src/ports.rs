@@ -74,6 +74,11 @@ pub trait Dialer: Send + Sync + 'static {
     fn client(&self) -> awc::Client;
     /// Extra headers for the upgrade request of one connection attempt (e.g. `Authorization`).
     fn headers(&self) -> Result<Vec<(String, String)>, PortError>;
+    /// How long the credentials of one attempt stay valid; the connection re-authenticates
+    /// (reconnects with fresh credentials) before that runs out.
+    fn credential_lifetime(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// A plain `ws://` dialer with no credentials.

@@ -158,6 +158,8 @@ pub enum ErrorCode {
     ClinicMismatch,
     Gap,
     StoreUnavailable,
+    RateLimited,
+    Unauthorized,
     Internal,
 }
 

@@ -10,6 +10,9 @@
 
 use std::collections::BTreeMap;
 
+use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::middleware::Next;
 use actix_web::{http::StatusCode, web, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -20,6 +23,56 @@ use tether_schemas::UpdateOp;
 use super::store::{NewUpdate, StoreError};
 use super::GatewayState;
 use crate::config::valid_id;
+
+/// Requires an admin bearer token on `/v1/*` (not on `/v1/ws`, which has clinic tokens):
+/// `read` for GET, `write` otherwise. Every REST call is an audit line: who, what, result.
+pub async fn admin_auth(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    let path = req.path().to_string();
+    if !path.starts_with("/v1/") || path == "/v1/ws" {
+        return next.call(req).await.map(|r| r.map_into_left_body());
+    }
+    let method = req.method().clone();
+    let need = if method == actix_web::http::Method::GET {
+        crate::security::admin::Scope::Read
+    } else {
+        crate::security::admin::Scope::Write
+    };
+    let peer = req
+        .peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|| "-".into());
+    let who = match req
+        .app_data::<web::Data<GatewayState>>()
+        .and_then(|s| s.security.admin.as_ref())
+    {
+        None => Ok("anonymous".to_string()),
+        Some(tokens) => tokens.check(
+            req.headers()
+                .get(actix_web::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok()),
+            need,
+        ),
+    };
+    match who {
+        Err(e) => {
+            log::warn!(target: AUDIT, "actor=- peer={peer} action=\"{method} {path}\" result=denied reason={:?}", e.to_string());
+            let status = match e {
+                crate::security::admin::AdminAuthError::Scope(..) => StatusCode::FORBIDDEN,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            let resp = error(status, None, "missing or insufficient admin token");
+            Ok(req.into_response(resp).map_into_right_body())
+        }
+        Ok(name) => {
+            let res = next.call(req).await?;
+            log::info!(target: AUDIT, "actor={name} peer={peer} action=\"{method} {path}\" result={}", res.status().as_u16());
+            Ok(res.map_into_left_body())
+        }
+    }
+}
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
@@ -270,7 +323,7 @@ async fn post_update(
     };
     match state.store.enqueue_update(update).await {
         Ok(update_id) => {
-            log::info!(target: AUDIT, "actor=rest action=enqueue_update clinic={clinic} update_id={update_id} entity={entity} op={} result=accepted", op.as_str());
+            log::info!(target: AUDIT, "action=enqueue_update clinic={clinic} update_id={update_id} entity={entity} op={} result=accepted", op.as_str());
             state.registry.do_send(UpdatesPending { clinic_id: clinic });
             HttpResponse::Accepted().json(json!({ "update_id": update_id, "status": "pending" }))
         }

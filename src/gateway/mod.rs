@@ -17,7 +17,12 @@ use actix_web::{web, App, HttpServer};
 use tether_actors::registry::Registry;
 use tether_schemas::EntitySchemas;
 
-use crate::config::GatewayConfig;
+use crate::config::{DataKeyConfig, GatewayConfig};
+use crate::security::admin::AdminTokens;
+use crate::security::crypto::{DataKeys, FieldCipher};
+use crate::security::jwt::{ClinicRegistry, TokenVerifier};
+use crate::security::limits::SharedBucket;
+use crate::security::tls::{self, ServerTls};
 use store::Store;
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +31,14 @@ pub enum GatewayError {
     Store(#[from] store::StoreError),
     #[error("gateway.entity_schemas: {0}")]
     Schemas(#[from] tether_schemas::EntitySchemaError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("gateway.auth.clinics_dir: {0}")]
+    Registry(#[from] crate::security::jwt::JwtError),
+    #[error("gateway.decryption_keys: {0}")]
+    Keys(#[from] crate::security::crypto::CryptoError),
+    #[error("gateway.admin_tokens: entry {0} has a malformed sha256")]
+    AdminToken(String),
     #[error("gateway.listen {addr}: {source}")]
     Bind {
         addr: String,
@@ -64,16 +77,115 @@ impl GatewaySettings {
     }
 }
 
+/// Who may connect and what they may do.
+pub struct GatewaySecurity {
+    pub tls: Option<ServerTls>,
+    /// `None`: no tokens (insecure local mode); any hello is accepted.
+    pub verifier: Option<TokenVerifier>,
+    /// `None`: the REST API is open (insecure local mode).
+    pub admin: Option<AdminTokens>,
+    /// Decrypts sensitive fields before storing; `None` stores ciphertext.
+    pub decrypt: Option<FieldCipher>,
+    pub admission: SharedBucket,
+    /// Per-session frames per second and burst.
+    pub message_rate: (f64, f64),
+    pub allowed_origins: Vec<String>,
+}
+
+impl GatewaySecurity {
+    /// No TLS, no tokens, open REST: for local development and protocol tests only.
+    pub fn insecure() -> Self {
+        GatewaySecurity {
+            tls: None,
+            verifier: None,
+            admin: None,
+            decrypt: None,
+            admission: SharedBucket::new(1000.0, 2000.0),
+            message_rate: (10_000.0, 20_000.0),
+            allowed_origins: Vec::new(),
+        }
+    }
+
+    pub fn from_config(g: &GatewayConfig) -> Result<Self, GatewayError> {
+        let tls = g.tls.as_ref().map(|t| ServerTls {
+            cert: t.cert.clone(),
+            key: t.key.clone(),
+            client_ca: t.client_ca.clone(),
+        });
+        let verifier = match &g.auth {
+            Some(a) => Some(TokenVerifier::new(
+                &g.id,
+                a.leeway.get(),
+                ClinicRegistry::load_dir(&a.clinics_dir)?,
+            )),
+            None => None,
+        };
+        let admin = if g.admin_tokens.is_empty() {
+            None
+        } else {
+            Some(AdminTokens::new(&g.admin_tokens).map_err(GatewayError::AdminToken)?)
+        };
+        let decrypt = if g.decryption_keys.is_empty() {
+            None
+        } else {
+            Some(FieldCipher::new(
+                data_keys(&g.decryption_keys, None)?,
+                Default::default(),
+            ))
+        };
+        let l = &g.limits;
+        Ok(GatewaySecurity {
+            tls,
+            verifier,
+            admin,
+            decrypt,
+            admission: SharedBucket::new(l.handshakes_per_second as f64, l.handshake_burst as f64),
+            message_rate: (l.messages_per_second as f64, l.message_burst as f64),
+            allowed_origins: l.allowed_origins.clone(),
+        })
+    }
+}
+
+/// Loads data keys; `active` names the one used for new encryptions.
+pub fn data_keys(
+    cfg: &[DataKeyConfig],
+    active: Option<&str>,
+) -> Result<DataKeys, crate::security::crypto::CryptoError> {
+    let mut keys = DataKeys::default();
+    for k in cfg {
+        keys.add_file(&k.kid, &k.file)?;
+    }
+    if let Some(a) = active {
+        keys.set_active(a)?;
+    }
+    Ok(keys)
+}
+
+/// The identities in the client certificate of a TLS connection (CN and SANs).
+#[derive(Debug, Clone)]
+pub struct PeerIdentity(pub Vec<String>);
+
+fn peer_identity(conn: &dyn std::any::Any, ext: &mut actix_web::dev::Extensions) {
+    type Tls = actix_tls::accept::openssl::TlsStream<actix_web::rt::net::TcpStream>;
+    if let Some(tls) = conn.downcast_ref::<Tls>() {
+        if let Some(cert) = tls.ssl().peer_certificate() {
+            ext.insert(PeerIdentity(tls::cert_identities(&cert)));
+        }
+    }
+}
+
 /// Shared by every handler and session.
 pub struct GatewayState {
     pub settings: GatewaySettings,
     pub store: Arc<Store>,
     pub registry: Addr<Registry>,
     pub schemas: EntitySchemas,
+    pub security: GatewaySecurity,
 }
 
 pub struct GatewayHandle {
     pub addr: SocketAddr,
+    pub tls: bool,
     pub server: actix_web::dev::ServerHandle,
     pub store: Arc<Store>,
     pub registry: Addr<Registry>,
@@ -81,10 +193,12 @@ pub struct GatewayHandle {
 
 impl GatewayHandle {
     pub fn ws_url(&self) -> String {
-        format!("ws://{}/v1/ws", self.addr)
+        let s = if self.tls { "wss" } else { "ws" };
+        format!("{s}://{}/v1/ws", self.addr)
     }
     pub fn http_url(&self) -> String {
-        format!("http://{}", self.addr)
+        let s = if self.tls { "https" } else { "http" };
+        format!("{s}://{}", self.addr)
     }
     /// Stops accepting, closes sessions, then stops the store writer.
     pub async fn stop(self) {
@@ -94,7 +208,23 @@ impl GatewayHandle {
 }
 
 /// Starts a gateway inside the current actix `System`.
-pub fn start(settings: GatewaySettings) -> Result<GatewayHandle, GatewayError> {
+pub fn start(
+    settings: GatewaySettings,
+    security: GatewaySecurity,
+) -> Result<GatewayHandle, GatewayError> {
+    let acceptor = match &security.tls {
+        Some(t) => Some(tls::acceptor(t)?),
+        None => {
+            log::warn!(target: "connection", "event=insecure_plaintext message=\"serving ws:// and http:// without TLS: local development only\"");
+            None
+        }
+    };
+    if security.verifier.is_none() {
+        log::warn!(target: "audit", "event=auth_disabled message=\"no clinic tokens required: local development only\"");
+    }
+    if security.admin.is_none() {
+        log::warn!(target: "audit", "event=rest_open message=\"REST API without admin tokens: local development only\"");
+    }
     let store = Store::open(&settings.store_path, settings.group_commit_max_events)?;
     let schemas = match &settings.entity_schemas {
         Some(dir) => EntitySchemas::load_dir(dir)?,
@@ -106,23 +236,30 @@ pub fn start(settings: GatewaySettings) -> Result<GatewayHandle, GatewayError> {
         store: store.clone(),
         registry: registry.clone(),
         schemas,
+        security,
     });
     let listen = settings.listen.clone();
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
             .app_data(web::PayloadConfig::new(settings.max_frame_bytes))
+            .wrap(actix_web::middleware::from_fn(api::admin_auth))
             .route("/v1/ws", web::get().to(session::upgrade))
             .configure(api::routes)
     })
+    .on_connect(peer_identity)
     .workers(settings.workers)
     .shutdown_timeout(settings.shutdown_timeout.as_secs().max(1))
-    .disable_signals()
-    .bind(&listen)
-    .map_err(|source| GatewayError::Bind {
+    .disable_signals();
+    let bind_err = |source| GatewayError::Bind {
         addr: listen.clone(),
         source,
-    })?;
+    };
+    let tls_on = acceptor.is_some();
+    let server = match acceptor {
+        Some(a) => server.bind_openssl(&listen, a).map_err(bind_err)?,
+        None => server.bind(&listen).map_err(bind_err)?,
+    };
     let addr = server
         .addrs()
         .first()
@@ -141,6 +278,7 @@ pub fn start(settings: GatewaySettings) -> Result<GatewayHandle, GatewayError> {
     log::info!(target: "connection", "event=gateway_listening addr={addr}");
     Ok(GatewayHandle {
         addr,
+        tls: tls_on,
         server: handle,
         store,
         registry,

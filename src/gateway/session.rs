@@ -20,8 +20,11 @@ use tether_schemas::{
 };
 
 use super::store::{AppendOutcome, IncomingEvent};
-use super::GatewayState;
+use super::{GatewayState, PeerIdentity};
 use crate::config::valid_id;
+use crate::security::jwt::{AuthError, Verified};
+use crate::security::limits::TokenBucket;
+use tether_actors::log_target::AUDIT;
 
 pub struct Session {
     id: String,
@@ -35,16 +38,85 @@ pub struct Session {
     more_updates: bool,
     closing: bool,
     batches: u64,
+    /// The clinic the connection proved it is (token, and certificate under mutual TLS).
+    auth: Option<Verified>,
+    rate: TokenBucket,
 }
 
-/// `GET /v1/ws`: upgrade to a session.
+fn deny(status: actix_web::http::StatusCode) -> HttpResponse {
+    // The reason goes to the audit log only.
+    HttpResponse::build(status)
+        .json(serde_json::json!({"error": {"message": "connection refused"}}))
+}
+
+/// Checks the bearer token (and the client certificate under mutual TLS) before the upgrade.
+fn authenticate(req: &HttpRequest, state: &GatewayState) -> Result<Option<Verified>, AuthError> {
+    let Some(verifier) = &state.security.verifier else {
+        return Ok(None);
+    };
+    let token = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(AuthError::Missing)?;
+    let v = verifier.verify(token.trim())?;
+    let needs_cert = state
+        .security
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.client_ca.is_some());
+    if needs_cert {
+        let ids = req
+            .conn_data::<PeerIdentity>()
+            .ok_or(AuthError::NoClientCert)?;
+        if !ids.0.iter().any(|i| *i == v.clinic) {
+            return Err(AuthError::CertMismatch {
+                cert: ids.0.clone(),
+                sub: v.clinic.clone(),
+            });
+        }
+    }
+    Ok(Some(v))
+}
+
+/// `GET /v1/ws`: admission, origin and identity checks, then the upgrade to a session.
 pub async fn upgrade(
     req: HttpRequest,
     stream: web::Payload,
     state: web::Data<GatewayState>,
 ) -> Result<HttpResponse, actix_web::Error> {
+    use actix_web::http::StatusCode;
     let remote = req.peer_addr().map(|a| a.to_string());
+    let peer = remote.clone().unwrap_or_else(|| "-".into());
+    if !state.security.admission.take() {
+        log::warn!(target: AUDIT, "event=handshake_refused peer={peer} reason=admission_limit");
+        let mut resp = deny(StatusCode::SERVICE_UNAVAILABLE);
+        resp.headers_mut().insert(
+            actix_web::http::header::RETRY_AFTER,
+            actix_web::http::header::HeaderValue::from_static("1"),
+        );
+        return Ok(resp);
+    }
+    if let Some(origin) = req.headers().get(actix_web::http::header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        if !state.security.allowed_origins.iter().any(|o| o == origin) {
+            log::warn!(target: AUDIT, "event=handshake_refused peer={peer} reason=origin_not_allowed origin={origin:?}");
+            return Ok(deny(StatusCode::FORBIDDEN));
+        }
+    }
+    let auth = match authenticate(&req, &state) {
+        Ok(a) => a,
+        Err(e) => {
+            log::warn!(target: AUDIT, "event=auth_failed peer={peer} reason={:?}", e.to_string());
+            return Ok(deny(StatusCode::UNAUTHORIZED));
+        }
+    };
+    if let Some(a) = &auth {
+        log::info!(target: AUDIT, "event=auth_ok clinic={} kid={} peer={peer} token_exp={}", a.clinic, a.kid, a.exp);
+    }
     let max = state.settings.max_frame_bytes;
+    let (rate, burst) = state.security.message_rate;
     let session = Session {
         id: format!("s{:016x}", rand::random::<u64>()),
         clinic: None,
@@ -57,6 +129,8 @@ pub async fn upgrade(
         more_updates: false,
         closing: false,
         batches: 0,
+        auth,
+        rate: TokenBucket::new(rate, burst),
     };
     ws::WsResponseBuilder::new(session, &req, stream)
         .frame_size(max)
@@ -147,6 +221,18 @@ impl Session {
     }
 
     fn on_hello(&mut self, h: tether_schemas::Hello, ctx: &mut ws::WebsocketContext<Self>) {
+        if let Some(a) = &self.auth {
+            if a.clinic != h.clinic_id {
+                log::warn!(target: AUDIT, "event=clinic_mismatch session={} token_clinic={} hello_clinic={:?} result=closed", self.id, a.clinic, h.clinic_id);
+                self.send_error(
+                    ctx,
+                    ErrorCode::ClinicMismatch,
+                    "hello.clinic_id differs from the authenticated clinic".into(),
+                    Some("clinic_id".into()),
+                );
+                return self.close(ctx, ws::CloseCode::Policy, "clinic mismatch");
+            }
+        }
         if !valid_id(&h.clinic_id) {
             self.send_error(
                 ctx,
@@ -182,6 +268,7 @@ impl Session {
                 session: ctx.address().recipient(),
             });
             log::info!(target: CONNECTION, "session={} clinic={clinic} event=session_open remote={} agent_version={:?} agent_acked_seq={} gateway_acked_seq={acked}", act.id, act.remote.as_deref().unwrap_or("-"), h.agent_version, h.last_acked_seq);
+            log::info!(target: AUDIT, "event=session_open session={} clinic={clinic} authenticated={}", act.id, act.auth.is_some());
             let welcome = Wire::Welcome(Welcome {
                 session_id: act.id.clone(),
                 acked_seq: acked,
@@ -195,6 +282,13 @@ impl Session {
 
     fn on_events(&mut self, batch: Events, ctx: &mut ws::WebsocketContext<Self>) {
         let clinic = self.clinic.clone().unwrap_or_default();
+        let mut batch = batch;
+        if let Some(cipher) = &self.state.security.decrypt {
+            for e in &mut batch.events {
+                // A failure leaves the ciphertext in place; the event is stored flagged below.
+                let _ = cipher.decrypt_event(&clinic, e);
+            }
+        }
         // Sequences must rise strictly from prev_seq.
         let mut last = batch.prev_seq;
         for (i, e) in batch.events.iter().enumerate() {
@@ -222,16 +316,25 @@ impl Session {
         let count = batch.events.len();
         let prev_seq = batch.prev_seq;
         let schemas = &self.state.schemas;
+        let decrypt = self.state.security.decrypt.as_ref();
         let incoming: Vec<IncomingEvent> = batch
             .events
             .into_iter()
             .map(|event| {
-                let problem = event.row.as_ref().and_then(|row| {
-                    schemas
-                        .validate(&event.entity, &serde_json::Value::Object(row.clone()))
-                        .err()
-                        .map(|e| e.to_string())
-                });
+                // With the data keys, a value still encrypted here failed to decrypt: park it
+                // with the reason (ciphertext kept, never plaintext, never dropped).
+                let crypto =
+                    decrypt.and_then(|c| c.decrypt_event(&clinic, &mut event.clone()).err());
+                let problem = crypto
+                    .map(|e| format!("decryption failed: {e}"))
+                    .or_else(|| {
+                        event.row.as_ref().and_then(|row| {
+                            schemas
+                                .validate(&event.entity, &serde_json::Value::Object(row.clone()))
+                                .err()
+                                .map(|e| e.to_string())
+                        })
+                    });
                 IncomingEvent { event, problem }
             })
             .collect();
@@ -351,6 +454,15 @@ impl Actor for Session {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         let hb = self.state.settings.heartbeat_interval;
+        if let Some(a) = &self.auth {
+            // The session lives no longer than its token.
+            let left = a.exp.saturating_sub(crate::security::unix_now());
+            ctx.run_later(std::time::Duration::from_secs(left), |act, ctx| {
+                log::info!(target: AUDIT, "event=token_expired session={} clinic={} result=closed", act.id, act.clinic_label());
+                act.send_error(ctx, ErrorCode::Unauthorized, "token expired; reconnect with a fresh one".into(), None);
+                act.close(ctx, ws::CloseCode::Policy, "token expired");
+            });
+        }
         log::debug!(target: CONNECTION, "session={} event=upgraded remote={}", self.id, self.remote.as_deref().unwrap_or("-"));
         ctx.run_interval(hb, move |act, ctx| {
             let silent = act.last_seen.elapsed();
@@ -376,6 +488,7 @@ impl Actor for Session {
                 session_id: self.id.clone(),
             });
             log::info!(target: CONNECTION, "session={} clinic={clinic} event=session_closed batches={}", self.id, self.batches);
+            log::info!(target: AUDIT, "event=session_closed session={} clinic={clinic}", self.id);
         }
     }
 }
@@ -383,6 +496,18 @@ impl Actor for Session {
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
     fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
         self.last_seen = Instant::now();
+        if matches!(item, Ok(ws::Message::Text(_)) | Ok(ws::Message::Binary(_)))
+            && !self.rate.take()
+        {
+            log::warn!(target: AUDIT, "event=rate_limited session={} clinic={} result=closed", self.id, self.clinic_label());
+            self.send_error(
+                ctx,
+                ErrorCode::RateLimited,
+                "message rate limit exceeded; reconnect later".into(),
+                None,
+            );
+            return self.close(ctx, ws::CloseCode::Again, "rate limited");
+        }
         match item {
             Ok(ws::Message::Text(text)) => self.on_text(&text, ctx),
             Ok(ws::Message::Ping(b)) => {

@@ -82,8 +82,20 @@ pub fn client() -> awc::Client {
 }
 
 pub async fn post_json(url: &str, body: &Value) -> (u16, Value) {
-    let mut resp = client()
-        .post(url)
+    post_as(None, url, body).await
+}
+
+pub async fn get_json(url: &str) -> (u16, Value) {
+    get_as(None, url).await
+}
+
+/// POST with the fleet's CA trust and admin token (or plain when `fleet` is None).
+pub async fn post_as(fleet: Option<&Fleet>, url: &str, body: &Value) -> (u16, Value) {
+    let req = match fleet {
+        Some(f) => f.authorize(f.rest_client().expect("rest client").post(url)),
+        None => client().post(url),
+    };
+    let mut resp = req
         .send_json(body)
         .await
         .unwrap_or_else(|e| panic!("POST {url}: {e}"));
@@ -92,9 +104,12 @@ pub async fn post_json(url: &str, body: &Value) -> (u16, Value) {
     (status, v)
 }
 
-pub async fn get_json(url: &str) -> (u16, Value) {
-    let mut resp = client()
-        .get(url)
+pub async fn get_as(fleet: Option<&Fleet>, url: &str) -> (u16, Value) {
+    let req = match fleet {
+        Some(f) => f.authorize(f.rest_client().expect("rest client").get(url)),
+        None => client().get(url),
+    };
+    let mut resp = req
         .send()
         .await
         .unwrap_or_else(|e| panic!("GET {url}: {e}"));

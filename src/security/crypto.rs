@@ -1,0 +1,309 @@
+//! Payload field encryption: AES-256-GCM (openssl) under a data key named by `kid`.
+//!
+//! A sensitive field's value (any JSON) is replaced by the string
+//! `enc:v1:<kid>:<base64(iv ‖ ciphertext ‖ tag)>`; the associated data binds it to the event's
+//! clinic, entity and key, so a ciphertext moved to another row or clinic fails its tag. Old keys
+//! stay configured after a rotation so older events keep decrypting.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use openssl::symm::{decrypt_aead, encrypt_aead, Cipher};
+use serde_json::{Map, Value};
+use tether_actors::ports::{ChangeSource, PortError};
+use tether_schemas::Event;
+
+use super::safe_id;
+
+const PREFIX: &str = "enc:v1:";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CryptoError {
+    #[error("data key {kid} ({path}): {message}")]
+    Key {
+        kid: String,
+        path: String,
+        message: String,
+    },
+    #[error("unknown data key kid {0}")]
+    UnknownKid(String),
+    #[error("malformed encrypted value in field {0}")]
+    Malformed(String),
+    #[error("authentication tag check failed for field {0} (wrong key, or moved/altered data)")]
+    BadTag(String),
+    #[error("encrypting field {0}: {1}")]
+    Encrypt(String, String),
+}
+
+/// Data keys by kid, with the one used for new encryptions.
+#[derive(Clone, Default)]
+pub struct DataKeys {
+    keys: HashMap<String, [u8; 32]>,
+    active: Option<String>,
+}
+
+impl DataKeys {
+    /// Reads a base64 key file (`tether keys data-key`).
+    pub fn add_file(&mut self, kid: &str, path: &Path) -> Result<(), CryptoError> {
+        let err = |message: String| CryptoError::Key {
+            kid: kid.into(),
+            path: path.display().to_string(),
+            message,
+        };
+        if !safe_id(kid, 64) {
+            return Err(err("kid must be letters, digits, - _ .".into()));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let raw = openssl::base64::decode_block(text.trim()).map_err(|e| err(e.to_string()))?;
+        let key: [u8; 32] = raw
+            .try_into()
+            .map_err(|_| err("must hold 32 bytes (AES-256)".into()))?;
+        self.keys.insert(kid.into(), key);
+        Ok(())
+    }
+
+    pub fn set_active(&mut self, kid: &str) -> Result<(), CryptoError> {
+        if !self.keys.contains_key(kid) {
+            return Err(CryptoError::UnknownKid(kid.into()));
+        }
+        self.active = Some(kid.into());
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+fn aad(clinic: &str, entity: &str, key: &Map<String, Value>) -> Vec<u8> {
+    // serde_json's Map is ordered by key, so both sides serialise the key identically.
+    let key = serde_json::to_string(key).unwrap_or_default();
+    format!("tether/v1\n{clinic}\n{entity}\n{key}").into_bytes()
+}
+
+/// Encrypts and decrypts the configured fields of event rows.
+#[derive(Clone)]
+pub struct FieldCipher {
+    keys: DataKeys,
+    /// entity → sensitive field names.
+    fields: HashMap<String, Vec<String>>,
+}
+
+impl FieldCipher {
+    pub fn new(keys: DataKeys, fields: HashMap<String, Vec<String>>) -> Self {
+        FieldCipher { keys, fields }
+    }
+
+    pub fn encrypt_event(&self, clinic: &str, ev: &mut Event) -> Result<(), CryptoError> {
+        let Some(fields) = self.fields.get(&ev.entity) else {
+            return Ok(());
+        };
+        let Some(row) = ev.row.as_mut() else {
+            return Ok(());
+        };
+        let kid = self
+            .keys
+            .active
+            .clone()
+            .ok_or_else(|| CryptoError::UnknownKid("(none active)".into()))?;
+        let key = self
+            .keys
+            .keys
+            .get(&kid)
+            .ok_or_else(|| CryptoError::UnknownKid(kid.clone()))?;
+        let aad = aad(clinic, &ev.entity, &ev.key);
+        for f in fields {
+            let Some(v) = row.get_mut(f) else { continue };
+            if v.is_null() {
+                continue;
+            }
+            let plain = serde_json::to_vec(v)
+                .map_err(|e| CryptoError::Encrypt(f.clone(), e.to_string()))?;
+            let mut iv = [0u8; 12];
+            openssl::rand::rand_bytes(&mut iv)
+                .map_err(|e| CryptoError::Encrypt(f.clone(), e.to_string()))?;
+            let mut tag = [0u8; 16];
+            let ct = encrypt_aead(
+                Cipher::aes_256_gcm(),
+                key,
+                Some(&iv),
+                &aad,
+                &plain,
+                &mut tag,
+            )
+            .map_err(|e| CryptoError::Encrypt(f.clone(), e.to_string()))?;
+            let mut blob = Vec::with_capacity(12 + ct.len() + 16);
+            blob.extend_from_slice(&iv);
+            blob.extend_from_slice(&ct);
+            blob.extend_from_slice(&tag);
+            *v = Value::String(format!(
+                "{PREFIX}{kid}:{}",
+                openssl::base64::encode_block(&blob)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Decrypts every encrypted field in place. On error the event is left untouched.
+    pub fn decrypt_event(&self, clinic: &str, ev: &mut Event) -> Result<usize, CryptoError> {
+        let Some(row) = ev.row.as_ref() else {
+            return Ok(0);
+        };
+        let aad = aad(clinic, &ev.entity, &ev.key);
+        let mut out = Vec::new();
+        for (name, v) in row {
+            let Some(s) = v.as_str().and_then(|s| s.strip_prefix(PREFIX)) else {
+                continue;
+            };
+            let (kid, b64) = s
+                .split_once(':')
+                .ok_or_else(|| CryptoError::Malformed(name.clone()))?;
+            let key = self
+                .keys
+                .keys
+                .get(kid)
+                .ok_or_else(|| CryptoError::UnknownKid(kid.to_string()))?;
+            let blob = openssl::base64::decode_block(b64)
+                .map_err(|_| CryptoError::Malformed(name.clone()))?;
+            if blob.len() < 28 {
+                return Err(CryptoError::Malformed(name.clone()));
+            }
+            let (iv, rest) = blob.split_at(12);
+            let (ct, tag) = rest.split_at(rest.len() - 16);
+            let plain = decrypt_aead(Cipher::aes_256_gcm(), key, Some(iv), &aad, ct, tag)
+                .map_err(|_| CryptoError::BadTag(name.clone()))?;
+            let value: Value =
+                serde_json::from_slice(&plain).map_err(|_| CryptoError::Malformed(name.clone()))?;
+            out.push((name.clone(), value));
+        }
+        let n = out.len();
+        if let Some(row) = ev.row.as_mut() {
+            for (k, v) in out {
+                row.insert(k, v);
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// A [`ChangeSource`] that encrypts sensitive fields before events leave the clinic.
+pub struct EncryptingSource {
+    inner: Arc<dyn ChangeSource>,
+    cipher: FieldCipher,
+    clinic: String,
+}
+
+impl EncryptingSource {
+    pub fn new(inner: Arc<dyn ChangeSource>, cipher: FieldCipher, clinic: &str) -> Self {
+        EncryptingSource {
+            inner,
+            cipher,
+            clinic: clinic.into(),
+        }
+    }
+}
+
+impl ChangeSource for EncryptingSource {
+    fn change_token(&self) -> Result<u64, PortError> {
+        self.inner.change_token()
+    }
+
+    fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, PortError> {
+        let mut events = self.inner.read_after(after, limit)?;
+        for ev in &mut events {
+            self.cipher
+                .encrypt_event(&self.clinic, ev)
+                .map_err(|e| PortError::new(format!("seq {}: {e}", ev.seq)))?;
+        }
+        Ok(events)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use tether_schemas::Op;
+
+    fn keys(dir: &Path, kids: &[&str]) -> DataKeys {
+        let mut k = DataKeys::default();
+        for kid in kids {
+            let p = dir.join(format!("{kid}.key"));
+            super::super::keys::write_data_key(&p).expect("key");
+            k.add_file(kid, &p).expect("add");
+        }
+        k
+    }
+
+    fn event() -> Event {
+        Event {
+            seq: 1,
+            entity: "patient".into(),
+            op: Op::Insert,
+            key: json!({"id": 7}).as_object().cloned().unwrap_or_default(),
+            row: json!({"id": 7, "name": "Ana Silva", "national_id": "NID-1", "phone": "555"})
+                .as_object()
+                .cloned(),
+            committed_at: "t".into(),
+        }
+    }
+
+    fn cipher(k: DataKeys) -> FieldCipher {
+        FieldCipher::new(
+            k,
+            HashMap::from([(
+                "patient".to_string(),
+                vec!["name".to_string(), "national_id".to_string()],
+            )]),
+        )
+    }
+
+    #[test]
+    fn round_trip_hides_plaintext_and_binds_to_the_row() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut k = keys(dir.path(), &["dk1", "dk2"]);
+        k.set_active("dk1").expect("active");
+        let c = cipher(k.clone());
+        let mut ev = event();
+        c.encrypt_event("clinic-1", &mut ev).expect("encrypt");
+        let text = serde_json::to_string(&ev).expect("json");
+        assert!(
+            !text.contains("Ana Silva") && !text.contains("NID-1"),
+            "{text}"
+        );
+        assert!(text.contains("555"), "other fields stay clear");
+        let mut moved = ev.clone();
+        assert_eq!(c.decrypt_event("clinic-1", &mut ev).expect("decrypt"), 2);
+        assert_eq!(ev.row.as_ref().expect("row")["name"], json!("Ana Silva"));
+        // The same ciphertext presented for another clinic or row fails its tag.
+        assert!(matches!(
+            c.decrypt_event("clinic-2", &mut moved.clone()),
+            Err(CryptoError::BadTag(_))
+        ));
+        moved.key.insert("id".into(), json!(8));
+        assert!(matches!(
+            c.decrypt_event("clinic-1", &mut moved),
+            Err(CryptoError::BadTag(_))
+        ));
+        // After rotation to dk2, dk1 ciphertexts still decrypt; without dk1 they are refused.
+        let mut rotated = k.clone();
+        rotated.set_active("dk2").expect("rotate");
+        let mut old = event();
+        cipher(k)
+            .encrypt_event("clinic-1", &mut old)
+            .expect("encrypt");
+        let mut again = old.clone();
+        assert_eq!(
+            cipher(rotated)
+                .decrypt_event("clinic-1", &mut old)
+                .expect("old key"),
+            2
+        );
+        let only_dk2 = keys(dir.path(), &["dk2"]);
+        assert_eq!(
+            cipher(only_dk2).decrypt_event("clinic-1", &mut again),
+            Err(CryptoError::UnknownKid("dk1".into()))
+        );
+    }
+}

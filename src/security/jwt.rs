@@ -1,0 +1,353 @@
+//! Clinic identity tokens.
+//!
+//! The agent signs a short-lived JWT with its own private key for every connection attempt
+//! (`iss` = `sub` = clinic id, `aud` = gateway id, `iat`, `nbf`, `exp` ≤ 5 min, `jti`, header
+//! `kid`). The gateway looks the `kid` up in its clinic registry, accepts only that key's
+//! algorithms, requires every claim, applies an explicit leeway (default 30 s; the crate's
+//! default of 60 s and its `nbf` default of off are overridden), and refuses a `jti` it has
+//! seen within the token's lifetime.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use super::{safe_id, unix_now};
+
+/// Longest token lifetime the gateway accepts (`exp - iat`).
+pub const MAX_LIFETIME: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    pub iss: String,
+    pub sub: String,
+    pub aud: String,
+    pub iat: u64,
+    pub nbf: u64,
+    pub exp: u64,
+    pub jti: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JwtError {
+    #[error("reading key {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("key {path}: {message}")]
+    Key { path: String, message: String },
+    #[error("signing token: {0}")]
+    Sign(String),
+    #[error("clinic registry {path}: {message}")]
+    Registry { path: String, message: String },
+}
+
+/// Why a token was refused. Goes to the audit log, never into the HTTP response.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no bearer token")]
+    Missing,
+    #[error("malformed token header")]
+    BadHeader,
+    #[error("token has no kid")]
+    NoKid,
+    #[error("kid is not a safe identifier")]
+    BadKid,
+    #[error("unknown kid {0}")]
+    UnknownKid(String),
+    #[error("algorithm {0:?} is not allowed for this key")]
+    AlgorithmNotAllowed(Algorithm),
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    #[error("token lifetime {0} s exceeds the maximum")]
+    TooLong(u64),
+    #[error("empty jti")]
+    NoJti,
+    #[error("replayed jti")]
+    Replay,
+    #[error("client certificate identity {cert:?} does not match token subject {sub}")]
+    CertMismatch { cert: Vec<String>, sub: String },
+    #[error("client certificate required")]
+    NoClientCert,
+}
+
+/// Signs connection tokens for one clinic.
+pub struct TokenSigner {
+    clinic: String,
+    audience: String,
+    kid: String,
+    algorithm: Algorithm,
+    key: EncodingKey,
+    lifetime: Duration,
+}
+
+impl TokenSigner {
+    pub fn from_pem_file(
+        path: &Path,
+        clinic: &str,
+        audience: &str,
+        kid: &str,
+        lifetime: Duration,
+    ) -> Result<Self, JwtError> {
+        let pem = std::fs::read(path).map_err(|source| JwtError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let key = EncodingKey::from_rsa_pem(&pem).map_err(|e| JwtError::Key {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(TokenSigner {
+            clinic: clinic.into(),
+            audience: audience.into(),
+            kid: kid.into(),
+            algorithm: Algorithm::RS256,
+            key,
+            lifetime: lifetime.min(MAX_LIFETIME),
+        })
+    }
+
+    pub fn lifetime(&self) -> Duration {
+        self.lifetime
+    }
+
+    /// A fresh token (new `jti`) valid from now for the configured lifetime.
+    pub fn sign(&self) -> Result<String, JwtError> {
+        let now = unix_now();
+        let claims = Claims {
+            iss: self.clinic.clone(),
+            sub: self.clinic.clone(),
+            aud: self.audience.clone(),
+            iat: now,
+            nbf: now,
+            exp: now + self.lifetime.as_secs(),
+            jti: format!(
+                "{:016x}{:016x}",
+                rand::random::<u64>(),
+                rand::random::<u64>()
+            ),
+        };
+        let mut header = Header::new(self.algorithm);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, &claims, &self.key).map_err(|e| JwtError::Sign(e.to_string()))
+    }
+}
+
+/// One public key of a clinic.
+pub struct ClinicKey {
+    pub clinic: String,
+    pub kid: String,
+    pub algorithms: Vec<Algorithm>,
+    key: DecodingKey,
+}
+
+/// A clinic registry entry as written by `tether keys registry-entry`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryEntry {
+    pub clinic_id: String,
+    pub keys: Vec<RegistryKey>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryKey {
+    pub kid: String,
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    /// PEM: an RSA public key or a certificate.
+    pub public_key: String,
+}
+
+fn default_algorithms() -> Vec<String> {
+    vec!["RS256".into()]
+}
+
+fn parse_alg(s: &str) -> Option<Algorithm> {
+    match s {
+        "RS256" => Some(Algorithm::RS256),
+        "RS384" => Some(Algorithm::RS384),
+        "RS512" => Some(Algorithm::RS512),
+        "PS256" => Some(Algorithm::PS256),
+        "PS384" => Some(Algorithm::PS384),
+        "PS512" => Some(Algorithm::PS512),
+        _ => None,
+    }
+}
+
+/// Every clinic's keys, by `kid` (a kid is unique across the registry).
+#[derive(Default)]
+pub struct ClinicRegistry {
+    by_kid: HashMap<String, ClinicKey>,
+}
+
+impl ClinicRegistry {
+    pub fn add(&mut self, entry: RegistryEntry, source: &str) -> Result<(), JwtError> {
+        let err = |message: String| JwtError::Registry {
+            path: source.to_string(),
+            message,
+        };
+        if !safe_id(&entry.clinic_id, 64) {
+            return Err(err(format!(
+                "clinic_id {:?} is not a valid id",
+                entry.clinic_id
+            )));
+        }
+        for k in entry.keys {
+            if !safe_id(&k.kid, 128) {
+                return Err(err(format!("kid {:?} is not a safe identifier", k.kid)));
+            }
+            let mut algorithms = Vec::new();
+            for a in &k.algorithms {
+                algorithms.push(parse_alg(a).ok_or_else(|| {
+                    err(format!(
+                        "algorithm {a:?} is not allowed (RS256/384/512, PS256/384/512)"
+                    ))
+                })?);
+            }
+            let public =
+                public_key_pem(&k.public_key).map_err(|m| err(format!("kid {}: {m}", k.kid)))?;
+            let key = DecodingKey::from_rsa_pem(&public)
+                .map_err(|e| err(format!("kid {}: {e}", k.kid)))?;
+            if self.by_kid.contains_key(&k.kid) {
+                return Err(err(format!("kid {} is registered twice", k.kid)));
+            }
+            self.by_kid.insert(
+                k.kid.clone(),
+                ClinicKey {
+                    clinic: entry.clinic_id.clone(),
+                    kid: k.kid,
+                    algorithms,
+                    key,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Loads every `*.yaml` registry entry in a directory.
+    pub fn load_dir(dir: &Path) -> Result<Self, JwtError> {
+        let mut reg = ClinicRegistry::default();
+        let err = |message: String| JwtError::Registry {
+            path: dir.display().to_string(),
+            message,
+        };
+        let mut paths: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| err(e.to_string()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+            .collect();
+        paths.sort();
+        for p in paths {
+            let text = std::fs::read_to_string(&p).map_err(|e| err(e.to_string()))?;
+            let entry: RegistryEntry =
+                serde_saphyr::from_str(&text).map_err(|e| JwtError::Registry {
+                    path: p.display().to_string(),
+                    message: e.to_string(),
+                })?;
+            reg.add(entry, &p.display().to_string())?;
+        }
+        Ok(reg)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_kid.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_kid.is_empty()
+    }
+}
+
+/// Accepts a PEM public key, or extracts the public key from a PEM certificate.
+fn public_key_pem(pem: &str) -> Result<Vec<u8>, String> {
+    if pem.contains("BEGIN CERTIFICATE") {
+        let cert = openssl::x509::X509::from_pem(pem.as_bytes()).map_err(|e| e.to_string())?;
+        let key = cert.public_key().map_err(|e| e.to_string())?;
+        key.public_key_to_pem().map_err(|e| e.to_string())
+    } else {
+        Ok(pem.as_bytes().to_vec())
+    }
+}
+
+/// A token that passed every check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub clinic: String,
+    pub kid: String,
+    pub jti: String,
+    pub exp: u64,
+}
+
+/// Verifies connection tokens at the gateway.
+pub struct TokenVerifier {
+    audience: String,
+    leeway: u64,
+    registry: ClinicRegistry,
+    seen: Mutex<HashMap<String, u64>>,
+}
+
+impl TokenVerifier {
+    pub fn new(audience: &str, leeway: Duration, registry: ClinicRegistry) -> Self {
+        TokenVerifier {
+            audience: audience.into(),
+            leeway: leeway.as_secs(),
+            registry,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Verified, AuthError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::BadHeader)?;
+        let kid = header.kid.ok_or(AuthError::NoKid)?;
+        if !safe_id(&kid, 128) {
+            return Err(AuthError::BadKid);
+        }
+        let entry = self
+            .registry
+            .by_kid
+            .get(&kid)
+            .ok_or_else(|| AuthError::UnknownKid(kid.clone()))?;
+        if !entry.algorithms.contains(&header.alg) {
+            return Err(AuthError::AlgorithmNotAllowed(header.alg));
+        }
+        let mut v = Validation::new(header.alg);
+        v.algorithms = entry.algorithms.clone();
+        v.leeway = self.leeway;
+        v.validate_exp = true;
+        v.validate_nbf = true;
+        v.validate_aud = true;
+        v.set_audience(&[&self.audience]);
+        v.set_issuer(&[&entry.clinic]);
+        v.sub = Some(entry.clinic.clone());
+        v.set_required_spec_claims(&["exp", "nbf", "aud", "iss", "sub"]);
+        let data = jsonwebtoken::decode::<Claims>(token, &entry.key, &v)
+            .map_err(|e| AuthError::Invalid(format!("{:?}", e.kind())))?;
+        let c = data.claims;
+        let lifetime = c.exp.saturating_sub(c.iat);
+        if lifetime > MAX_LIFETIME.as_secs() + self.leeway {
+            return Err(AuthError::TooLong(lifetime));
+        }
+        if c.jti.is_empty() {
+            return Err(AuthError::NoJti);
+        }
+        let now = unix_now();
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let horizon = self.leeway;
+        seen.retain(|_, exp| *exp + horizon >= now);
+        if seen.contains_key(&c.jti) {
+            return Err(AuthError::Replay);
+        }
+        seen.insert(c.jti.clone(), c.exp);
+        Ok(Verified {
+            clinic: c.sub,
+            kid,
+            jti: c.jti,
+            exp: c.exp,
+        })
+    }
+}
