@@ -1164,10 +1164,18 @@ gateway:
 
     #[test]
     fn plaintext_and_missing_credentials_are_refused_unless_explicitly_insecure() {
-        let text = GOOD.replace("    insecure_plaintext: true\n", "").replace("  insecure_plaintext: true\n", "");
+        let text = GOOD
+            .replace("    insecure_plaintext: true\n", "")
+            .replace("  insecure_plaintext: true\n", "");
         let err = Config::parse(&text, "t").unwrap_err();
         let paths: Vec<&str> = err.problems().iter().map(|p| p.path.as_str()).collect();
-        for want in ["agent.gateway.url", "agent.gateway.auth", "gateway.tls", "gateway.auth", "gateway.admin_tokens"] {
+        for want in [
+            "agent.gateway.url",
+            "agent.gateway.auth",
+            "gateway.tls",
+            "gateway.auth",
+            "gateway.admin_tokens",
+        ] {
             assert!(paths.contains(&want), "{want} not in {paths:?}");
         }
     }

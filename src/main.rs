@@ -323,13 +323,11 @@ fn run_keys(cmd: KeysCommand) -> Result<ExitCode> {
             let ca = keys::load(&ca, "ca")?;
             let cert = keys::issue(
                 &ca,
-                &id,
-                &[id.as_str()],
-                &[],
-                keys::Usage::Client,
-                days,
-                None,
-                bits,
+                &keys::Leaf {
+                    dns: &[id.as_str()],
+                    days,
+                    ..keys::Leaf::new(&id, keys::Usage::Client, bits)
+                },
             )?;
             keys::save(&cert, &out, &id)?;
             println!("wrote {0}/{id}.pem and {0}/{id}.key", out.display());
@@ -346,7 +344,15 @@ fn run_keys(cmd: KeysCommand) -> Result<ExitCode> {
             let dns: Vec<&str> = host.iter().map(String::as_str).collect();
             let ips: Vec<&str> = ip.iter().map(String::as_str).collect();
             let cn = dns.first().copied().unwrap_or("tether-gateway");
-            let cert = keys::issue(&ca, cn, &dns, &ips, keys::Usage::Server, days, None, bits)?;
+            let cert = keys::issue(
+                &ca,
+                &keys::Leaf {
+                    dns: &dns,
+                    ips: &ips,
+                    days,
+                    ..keys::Leaf::new(cn, keys::Usage::Server, bits)
+                },
+            )?;
             keys::save(&cert, &out, "gateway")?;
             println!("wrote {0}/gateway.pem and {0}/gateway.key", out.display());
         }

@@ -158,10 +158,17 @@ async fn connection_dropped_mid_batch_repeatedly_loses_and_duplicates_nothing() 
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !writer.is_finished() || fleet.clinics.iter().any(|c| links(c) < 4) {
-        assert!(std::time::Instant::now() < deadline, "links did not come back");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "links did not come back"
+        );
         for c in &fleet.clinics {
             let Some(a) = c.agent.as_ref() else { continue };
-            if a.handle.stats.connected.load(std::sync::atomic::Ordering::Relaxed) {
+            if a.handle
+                .stats
+                .connected
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
                 if let Some(conn) = a.handle.slots.connection.get() {
                     conn.do_send(tether_actors::connection::DropLink);
                 }
@@ -197,10 +204,14 @@ async fn panic_in_each_actor_is_logged_restarted_and_loses_nothing() {
         assert_eq!(status, 202);
         assert!(agent.handle.inject_panic(actor), "{actor} was running");
         let restarted = format!("actor={actor} event=restarted");
-        wait_until(&format!("{actor} restarted"), Duration::from_secs(10), || {
-            let seen = read_log(dir.path(), "supervisor").contains(&restarted);
-            async move { seen }
-        })
+        wait_until(
+            &format!("{actor} restarted"),
+            Duration::from_secs(10),
+            || {
+                let seen = read_log(dir.path(), "supervisor").contains(&restarted);
+                async move { seen }
+            },
+        )
         .await;
         write_activity(&clinic.db, 40);
     }

@@ -286,7 +286,9 @@ impl Connection {
                 if let Some(life) = self.ports.dialer.credential_lifetime() {
                     // Reconnect with a fresh token well before this one expires; the resend
                     // protocol makes the switch lossless.
-                    let margin = (life / 5).min(Duration::from_secs(30));
+                    // Token times are whole seconds: allow one more second for the rounding.
+                    let margin = (life / 5).clamp(Duration::from_secs(1), Duration::from_secs(30))
+                        + Duration::from_secs(1);
                     let at = life
                         .saturating_sub(margin)
                         .saturating_sub(now.saturating_duration_since(self.attempt_started));

@@ -70,7 +70,7 @@ fn authenticate(req: &HttpRequest, state: &GatewayState) -> Result<Option<Verifi
         let ids = req
             .conn_data::<PeerIdentity>()
             .ok_or(AuthError::NoClientCert)?;
-        if !ids.0.iter().any(|i| *i == v.clinic) {
+        if !ids.0.contains(&v.clinic) {
             return Err(AuthError::CertMismatch {
                 cert: ids.0.clone(),
                 sub: v.clinic.clone(),

@@ -80,18 +80,44 @@ pub fn make_ca(cn: &str, days: u32, bits: u32) -> Result<Issued, KeyError> {
     })
 }
 
-/// A leaf certificate signed by `ca`. `valid` is (not_before, not_after) in Unix seconds;
-/// `None` means from now for `days`.
-pub fn issue(
-    ca: &Issued,
-    cn: &str,
-    dns: &[&str],
-    ips: &[&str],
-    usage: Usage,
-    days: u32,
-    valid: Option<(i64, i64)>,
-    bits: u32,
-) -> Result<Issued, KeyError> {
+/// What a leaf certificate says.
+#[derive(Debug, Clone, Copy)]
+pub struct Leaf<'a> {
+    pub cn: &'a str,
+    pub dns: &'a [&'a str],
+    pub ips: &'a [&'a str],
+    pub usage: Usage,
+    pub days: u32,
+    /// (not_before, not_after) in Unix seconds; `None` means from now for `days`.
+    pub valid: Option<(i64, i64)>,
+    pub bits: u32,
+}
+
+impl<'a> Leaf<'a> {
+    pub fn new(cn: &'a str, usage: Usage, bits: u32) -> Self {
+        Leaf {
+            cn,
+            dns: &[],
+            ips: &[],
+            usage,
+            days: 825,
+            valid: None,
+            bits,
+        }
+    }
+}
+
+/// A leaf certificate signed by `ca`.
+pub fn issue(ca: &Issued, leaf: &Leaf<'_>) -> Result<Issued, KeyError> {
+    let Leaf {
+        cn,
+        dns,
+        ips,
+        usage,
+        days,
+        valid,
+        bits,
+    } = *leaf;
     let key = rsa_key(bits)?;
     let mut name = X509NameBuilder::new()?;
     name.append_entry_by_text("CN", cn)?;
@@ -216,17 +242,23 @@ pub fn dev_setup(dir: &Path, clinics: &[String], bits: u32) -> Result<(), KeyErr
     save(&ca, dir, "ca")?;
     let gw = issue(
         &ca,
-        "localhost",
-        &["localhost"],
-        &["127.0.0.1"],
-        Usage::Server,
-        825,
-        None,
-        bits,
+        &Leaf {
+            dns: &["localhost"],
+            ips: &["127.0.0.1"],
+            days: 825,
+            valid: None,
+            ..Leaf::new("localhost", Usage::Server, bits)
+        },
     )?;
     save(&gw, dir, "gateway")?;
     for c in clinics {
-        let cert = issue(&ca, c, &[c.as_str()], &[], Usage::Client, 825, None, bits)?;
+        let cert = issue(
+            &ca,
+            &Leaf {
+                dns: &[c.as_str()],
+                ..Leaf::new(c, Usage::Client, bits)
+            },
+        )?;
         save(&cert, dir, c)?;
         let entry = registry_entry(c, &format!("{c}-1"), &cert.cert)?;
         write(
