@@ -486,6 +486,8 @@ async fn mutual_tls_refuses_missing_foreign_expired_mismatched_old_and_plaintext
         let old = ClientTls {
             min_version: Some(v),
             max_version: Some(v),
+            // Let the client really offer the old protocol: the refusal must be the server's.
+            cipher_list: Some("DEFAULT:@SECLEVEL=0".into()),
             ..pki.client("clinic-a")
         };
         match dial(&gw, &old, Some(&token()), None).await {
@@ -503,6 +505,37 @@ async fn mutual_tls_refuses_missing_foreign_expired_mismatched_old_and_plaintext
         plain_result.is_err(),
         "plaintext ws:// to the TLS port must fail"
     );
+    // The agent checks the gateway's host name: a certificate for another host is refused.
+    let wrong_dir = dir.path().join("wrong");
+    let ca = keys::load(dir.path(), "ca").expect("ca");
+    let wrong = keys::issue(
+        &ca,
+        &Leaf {
+            dns: &["elsewhere.example"],
+            ..Leaf::new("elsewhere.example", Usage::Server, 2048)
+        },
+    )
+    .expect("wrong");
+    keys::save(&wrong, &wrong_dir, "gateway").expect("save");
+    let mut sec = security(&pki, Duration::from_secs(30));
+    sec.tls = Some(ServerTls {
+        cert: wrong_dir.join("gateway.pem"),
+        key: wrong_dir.join("gateway.key"),
+        client_ca: Some(pki.path("ca.pem")),
+    });
+    let other = gateway::start(
+        GatewaySettings {
+            store_path: wrong_dir.join("g.db"),
+            ..settings(dir.path())
+        },
+        sec,
+    )
+    .expect("gateway");
+    match dial(&other, &pki.client("clinic-a"), Some(&token()), None).await {
+        Outcome::Refused(_) => {}
+        o => panic!("a gateway certificate for another host name must be refused: {o:?}"),
+    }
+    other.stop().await;
     // And the right client still gets in.
     assert_eq!(
         status_of(&gw, &pki.client("clinic-a"), Some(&token())).await,
@@ -903,4 +936,90 @@ async fn marker_planted_in_every_payload_field_never_reaches_a_log() {
         scanned > 20,
         "the logs were really written ({scanned} lines)"
     );
+}
+
+#[actix_rt::test]
+async fn undecryptable_fields_are_parked_as_ciphertext_never_dropped_or_stored_in_clear() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path());
+    let dk = dir.path().join("dk1.key");
+    keys::write_data_key(&dk).expect("dk");
+    let mut data = tether::security::crypto::DataKeys::default();
+    data.add_file("dk1", &dk).expect("dk1");
+    data.set_active("dk1").expect("active");
+    let fields =
+        std::collections::HashMap::from([("patient".to_string(), vec!["name".to_string()])]);
+    let cipher = tether::security::crypto::FieldCipher::new(data.clone(), fields);
+    let sec = GatewaySecurity {
+        decrypt: Some(tether::security::crypto::FieldCipher::new(
+            data,
+            Default::default(),
+        )),
+        ..security(&pki, Duration::from_secs(30))
+    };
+    let gw = gateway::start(settings(dir.path()), sec).expect("gateway");
+    let event = |seq: u64, name: &str| tether_schemas::Event {
+        seq,
+        entity: "patient".into(),
+        op: tether_schemas::Op::Insert,
+        key: json!({"id": seq}).as_object().cloned().unwrap_or_default(),
+        row: json!({"id": seq, "name": name}).as_object().cloned(),
+        committed_at: "2026-01-01T00:00:00.000Z".into(),
+    };
+    let mut good = event(1, "Ana Silva");
+    cipher
+        .encrypt_event("clinic-a", &mut good)
+        .expect("encrypt");
+    // Encrypted for clinic-b: its tag will not check out for clinic-a.
+    let mut moved = event(2, "Ben Okafor");
+    cipher
+        .encrypt_event("clinic-b", &mut moved)
+        .expect("encrypt");
+    let mut unknown = event(3, "x");
+    unknown.row.as_mut().expect("row").insert(
+        "name".into(),
+        json!("enc:v1:dk9:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
+    );
+    let Outcome::Open(mut ws) = dial(
+        &gw,
+        &pki.client("clinic-a"),
+        Some(&good_token(&pki, "clinic-a")),
+        None,
+    )
+    .await
+    else {
+        panic!("must connect")
+    };
+    send(&mut ws, hello("clinic-a")).await;
+    next_json(&mut ws).await.expect("welcome");
+    let frame = tether_schemas::Message::Events(tether_schemas::Events {
+        prev_seq: 0,
+        events: vec![good, moved, unknown],
+    })
+    .encode();
+    ws.send(ws::Message::Text(frame.into()))
+        .await
+        .expect("send");
+    assert_eq!(
+        next_json(&mut ws).await.expect("ack")["seq"],
+        3,
+        "all three acknowledged"
+    );
+    let page = gw.store.events_page(Some("clinic-a"), 0, 10).expect("page");
+    assert_eq!(page.len(), 3);
+    assert_eq!(page[0].row.as_ref().expect("row")["name"], "Ana Silva");
+    assert!(page[0].problem.is_none());
+    for (e, needle) in [(&page[1], "tag"), (&page[2], "dk9")] {
+        let problem = e.problem.as_deref().expect("parked");
+        assert!(
+            problem.contains("decryption failed") && problem.contains(needle),
+            "{problem}"
+        );
+        let name = e.row.as_ref().expect("row")["name"]
+            .as_str()
+            .expect("str")
+            .to_string();
+        assert!(name.starts_with("enc:v1:"), "kept as ciphertext: {name}");
+    }
+    gw.stop().await;
 }

@@ -75,6 +75,9 @@ pub struct ClientTls {
     /// Highest protocol version to offer (tests use it to play an old client).
     pub max_version: Option<SslVersion>,
     pub min_version: Option<SslVersion>,
+    /// OpenSSL cipher string override (tests use `DEFAULT:@SECLEVEL=0` to play a legacy
+    /// client that really offers TLS 1.0/1.1).
+    pub cipher_list: Option<String>,
 }
 
 pub fn connector(cfg: &ClientTls) -> Result<SslConnector, TlsError> {
@@ -85,6 +88,9 @@ pub fn connector(cfg: &ClientTls) -> Result<SslConnector, TlsError> {
     if let Some(v) = cfg.max_version {
         b.set_max_proto_version(Some(v))
             .map_err(err("TLS set-up", none))?;
+    }
+    if let Some(c) = &cfg.cipher_list {
+        b.set_cipher_list(c).map_err(err("TLS set-up", none))?;
     }
     // awc speaks HTTP/1.1 for the WebSocket upgrade: never negotiate h2.
     b.set_alpn_protos(b"\x08http/1.1")
