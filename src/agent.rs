@@ -27,6 +27,136 @@ pub enum AgentSetupError {
     Crypto(#[from] crate::security::crypto::CryptoError),
     #[error("agent.gateway.tls.pkcs12_password_env: variable {0} is not set")]
     Env(String),
+    #[error("agent.database.password_env: variable {0} is not set")]
+    DbPasswordEnv(String),
+    #[error(transparent)]
+    Postgres(#[from] crate::db::postgres::PgError),
+    #[error(transparent)]
+    SqlServer(#[from] crate::db::sqlserver::MssqlError),
+    #[error("agent.tables: no table `{0}`")]
+    UnknownTable(String),
+}
+
+/// The connection string with the password from `password_env` added.
+pub fn connection_string(a: &AgentConfig) -> Result<String, AgentSetupError> {
+    let d = &a.database;
+    let mut s = d.connection.clone();
+    if let Some(var) = &d.password_env {
+        let pw = std::env::var(var).map_err(|_| AgentSetupError::DbPasswordEnv(var.clone()))?;
+        match d.kind.as_str() {
+            "postgres" => {
+                s = format!(
+                    "{s} password='{}'",
+                    pw.replace('\\', "\\\\").replace('\'', "\\'")
+                )
+            }
+            _ => s = format!("{s};password={{{}}}", pw.replace('}', "}}")),
+        }
+    }
+    Ok(s)
+}
+
+fn mssql(
+    a: &AgentConfig,
+) -> Result<std::sync::Arc<crate::db::sqlserver::MssqlDb>, AgentSetupError> {
+    Ok(crate::db::sqlserver::MssqlDb::connect(
+        &connection_string(a)?,
+        a.database.ca.as_deref(),
+        a.database.timeout.get(),
+    )?)
+}
+
+/// `tether agent install`: creates the capture objects; returns a line for the user.
+pub fn install(a: &AgentConfig) -> Result<String, AgentSetupError> {
+    let d = &a.database;
+    match d.kind.as_str() {
+        "postgres" => {
+            let n = crate::db::postgres::install(&connection_string(a)?, &a.tables)?;
+            Ok(format!("installed schema tether and {n} capture triggers"))
+        }
+        "sqlserver" => {
+            let db = mssql(a)?;
+            db.batches(&crate::db::sqlserver::install_script(&a.tables))?;
+            Ok("installed schema tether and the capture triggers".into())
+        }
+        _ => {
+            let r = crate::db::sqlite::install(&d.path, &a.tables)?;
+            Ok(format!(
+                "installed in {}: tables [{}], {} triggers",
+                d.path.display(),
+                r.tables.join(", "),
+                r.triggers
+            ))
+        }
+    }
+}
+
+/// `tether agent uninstall`: removes every object `install` created.
+pub fn uninstall(a: &AgentConfig) -> Result<String, AgentSetupError> {
+    let d = &a.database;
+    match d.kind.as_str() {
+        "postgres" => {
+            crate::db::postgres::uninstall(&connection_string(a)?, &a.tables)?;
+            Ok("removed schema tether and the capture triggers".into())
+        }
+        "sqlserver" => {
+            mssql(a)?.batches(&crate::db::sqlserver::uninstall_script(&a.tables))?;
+            Ok("removed schema tether and the capture triggers".into())
+        }
+        _ => {
+            let n = crate::db::sqlite::uninstall(&d.path)?;
+            Ok(format!("removed {n} objects from {}", d.path.display()))
+        }
+    }
+}
+
+/// `tether agent snapshot --table T`: queues every current row; returns (done, total).
+pub fn snapshot(
+    a: &AgentConfig,
+    table: &str,
+    chunk: usize,
+    reset: bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(u64, u64), AgentSetupError> {
+    let t = a
+        .tables
+        .iter()
+        .find(|t| t.table == table || t.entity == table)
+        .ok_or_else(|| AgentSetupError::UnknownTable(table.to_string()))?;
+    match a.database.kind.as_str() {
+        "postgres" => {
+            let conn = connection_string(a)?;
+            if reset {
+                let mut c = crate::db::postgres::connect(&conn)?;
+                c.execute(
+                    "DELETE FROM tether.state WHERE name = $1",
+                    &[&format!("snapshot:{}", t.table)],
+                )
+                .map_err(|e| crate::db::postgres::PgError::Sql {
+                    context: "reset".into(),
+                    message: e.to_string(),
+                })?;
+            }
+            let p = crate::db::postgres::snapshot(&conn, t, chunk as i64, &mut |p| {
+                progress(p.done, p.total)
+            })?;
+            Ok((p.done, p.total))
+        }
+        "sqlserver" => Err(AgentSetupError::SqlServer(
+            crate::db::sqlserver::MssqlError::Config(
+                "snapshot is not implemented for SQL Server in this build".into(),
+            ),
+        )),
+        _ => {
+            if reset {
+                crate::db::sqlite::reset_snapshot(&a.database.path, &t.table)?;
+            }
+            let p = crate::db::sqlite::snapshot(&a.database.path, t, chunk, &mut |p| {
+                progress(p.done, p.total)
+            })?;
+            Ok((p.done, p.total))
+        }
+    }
 }
 
 pub fn settings(a: &AgentConfig) -> AgentSettings {
@@ -93,11 +223,38 @@ pub fn dialer(a: &AgentConfig) -> Result<SecureDialer, AgentSetupError> {
     ))
 }
 
-/// SQLite adapters for the agent's ports (each with its own connection), plus the dialer and
-/// field encryption from config.
-pub fn sqlite_ports(a: &AgentConfig) -> Result<AgentPorts, AgentSetupError> {
+/// The database adapters for the agent's ports (each with its own connection), plus the dialer
+/// and field encryption from config.
+pub fn ports(a: &AgentConfig) -> Result<AgentPorts, AgentSetupError> {
+    use tether_actors::ports::{ChangeSink, Checkpoint};
     let path = &a.database.path;
-    let mut source: Arc<dyn ChangeSource> = Arc::new(SqliteSource::open(path)?);
+    let (mut source, checkpoint, sink): (
+        Arc<dyn ChangeSource>,
+        Arc<dyn Checkpoint>,
+        Arc<dyn ChangeSink>,
+    ) = match a.database.kind.as_str() {
+        "postgres" => {
+            let c = connection_string(a)?;
+            (
+                Arc::new(crate::db::postgres::PgSource::open(&c)?),
+                Arc::new(crate::db::postgres::PgCheckpoint::open(&c)?),
+                Arc::new(crate::db::postgres::PgSink::open(&c, &a.tables)?),
+            )
+        }
+        "sqlserver" => {
+            let db = mssql(a)?;
+            (
+                Arc::new(crate::db::sqlserver::MssqlSource(db.clone())),
+                Arc::new(crate::db::sqlserver::MssqlCheckpoint(db.clone())),
+                Arc::new(crate::db::sqlserver::MssqlSink::new(db, &a.tables)),
+            )
+        }
+        _ => (
+            Arc::new(SqliteSource::open(path)?),
+            Arc::new(SqliteCheckpoint::open(path)?),
+            Arc::new(SqliteSink::open(path, &a.tables)?),
+        ),
+    };
     if let Some(e) = &a.encryption {
         let keys = crate::gateway::data_keys(&e.keys, Some(&e.active))?;
         let fields: HashMap<String, Vec<String>> = e.fields.clone().into_iter().collect();
@@ -109,8 +266,8 @@ pub fn sqlite_ports(a: &AgentConfig) -> Result<AgentPorts, AgentSetupError> {
     }
     Ok(AgentPorts {
         source,
-        checkpoint: Arc::new(SqliteCheckpoint::open(path)?),
-        sink: Arc::new(SqliteSink::open(path, &a.tables)?),
+        checkpoint,
+        sink,
         dialer: Arc::new(dialer(a)?),
         clock: Arc::new(SystemClock),
     })

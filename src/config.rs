@@ -68,9 +68,23 @@ pub struct AgentConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct DatabaseConfig {
-    /// Only `sqlite` in this build.
+    /// sqlite | postgres | sqlserver
     pub kind: String,
+    /// sqlite: the database file.
     pub path: PathBuf,
+    /// postgres: a libpq-style connection string (`host=… port=… user=… dbname=…`);
+    /// sqlserver: an ADO connection string (`server=tcp:host,1433;database=…;user=…;password=…;
+    /// encrypt=true;trustservercertificate=false`).
+    pub connection: String,
+    /// Name of an environment variable holding the password (kept out of the file).
+    pub password_env: Option<String>,
+    /// sqlserver: CA certificate (PEM) for the server's TLS certificate.
+    pub ca: Option<PathBuf>,
+    /// sqlserver: capture mode, `triggers` (default; works on Express, no SQL Agent) or
+    /// `change_tracking`.
+    pub capture: String,
+    /// Every database call gives up after this long (tiberius has no timeout of its own).
+    pub timeout: Dur,
     #[serde(flatten)]
     extra: Extra,
 }
@@ -80,6 +94,11 @@ impl Default for DatabaseConfig {
         DatabaseConfig {
             kind: "sqlite".into(),
             path: PathBuf::from("clinic.db"),
+            connection: String::new(),
+            password_env: None,
+            ca: None,
+            capture: "triggers".into(),
+            timeout: Dur::secs(30),
             extra: Extra::new(),
         }
     }
@@ -249,13 +268,46 @@ impl Direction {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct TableConfig {
+    /// `table` or `schema.table`.
     pub table: String,
     pub entity: String,
     pub key: Vec<String>,
     #[serde(default = "default_direction")]
     pub direction: Direction,
+    /// What happens when a cloud update meets a clinic change: cloud_wins | clinic_wins |
+    /// newest_wins (by `version_column`). Conflicts are recorded, never silently dropped.
+    #[serde(default)]
+    pub conflict: ConflictPolicy,
+    /// The column compared by newest_wins (a version number or an updated_at timestamp).
+    #[serde(default)]
+    pub version_column: Option<String>,
+    /// Send every existing row once when `tether agent install` runs.
+    #[serde(default)]
+    pub snapshot_on_install: bool,
     #[serde(flatten)]
     extra: Extra,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ConflictPolicy {
+    /// The cloud update is applied.
+    #[default]
+    CloudWins,
+    /// The update is not applied while the clinic has an unacknowledged change to that row.
+    ClinicWins,
+    /// The higher `version_column` wins.
+    NewestWins,
+}
+
+impl ConflictPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConflictPolicy::CloudWins => "cloud_wins",
+            ConflictPolicy::ClinicWins => "clinic_wins",
+            ConflictPolicy::NewestWins => "newest_wins",
+        }
+    }
 }
 
 fn default_direction() -> Direction {
@@ -269,6 +321,9 @@ impl TableConfig {
             entity: entity.into(),
             key: key.iter().map(|k| k.to_string()).collect(),
             direction,
+            conflict: ConflictPolicy::CloudWins,
+            version_column: None,
+            snapshot_on_install: false,
             extra: Extra::new(),
         }
     }
@@ -677,15 +732,40 @@ impl Validator<'_> {
                 "must be 1-64 characters of letters, digits, `-`, `_` or `.`".into(),
             );
         }
-        if a.database.kind != "sqlite" {
-            self.bad(
+        match a.database.kind.as_str() {
+            "sqlite" => {}
+            "postgres" | "sqlserver" => {
+                if a.database.connection.trim().is_empty() {
+                    self.bad(
+                        "agent.database.connection",
+                        format!("required for kind {}", a.database.kind),
+                    );
+                }
+            }
+            other => self.bad(
                 "agent.database.kind",
+                format!("`{other}` is not one of sqlite, postgres, sqlserver"),
+            ),
+        }
+        if !["triggers", "change_tracking"].contains(&a.database.capture.as_str()) {
+            self.bad(
+                "agent.database.capture",
                 format!(
-                    "`{}` is not supported by this build (sqlite)",
-                    a.database.kind
+                    "`{}` is not one of triggers, change_tracking",
+                    a.database.capture
                 ),
             );
+        } else if a.database.capture == "change_tracking" {
+            self.bad(
+                "agent.database.capture",
+                "change_tracking is not implemented in this build; use triggers".into(),
+            );
         }
+        self.duration(
+            "agent.database.timeout",
+            &a.database.timeout,
+            Duration::from_millis(100),
+        );
         let url = a.gateway.url.as_str();
         if !(url.starts_with("ws://") || url.starts_with("wss://")) {
             self.bad(
@@ -847,6 +927,12 @@ impl Validator<'_> {
             }
             if t.key.is_empty() {
                 self.bad(&format!("{p}.key"), "at least one key column".into());
+            }
+            if t.conflict == ConflictPolicy::NewestWins && t.version_column.is_none() {
+                self.bad(
+                    &format!("{p}.version_column"),
+                    "required by conflict: newest_wins".into(),
+                );
             }
         }
     }

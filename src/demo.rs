@@ -229,7 +229,7 @@ async fn drive(opts: &DemoOptions, dir: &std::path::Path) -> anyhow::Result<Summ
         }
         for u in &updates {
             let st = store.update(&u.update_id)?.map(|r| r.status);
-            if !matches!(st.as_deref(), Some("applied") | Some("failed")) {
+            if !matches!(st.as_deref(), Some("applied" | "failed" | "conflict")) {
                 all = false;
             }
         }

@@ -286,7 +286,9 @@ pub fn quick_agent_config(
 /// Starts an agent for `clinic` on a new arbiter. Call inside an actix System.
 pub async fn start_agent(cfg: &AgentConfig) -> anyhow::Result<RunningAgent> {
     let settings = crate::agent::settings(cfg);
-    let ports = crate::agent::sqlite_ports(cfg)?;
+    // Opening database connections blocks: do it on the blocking pool.
+    let c = cfg.clone();
+    let ports = tokio::task::spawn_blocking(move || crate::agent::ports(&c)).await??;
     let arbiter = Arbiter::new();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let spawned = arbiter.spawn_fn(move || {

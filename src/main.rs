@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tether::config::{parse_duration, Config};
-use tether::{agent, db, demo, gateway, logging};
+use tether::{agent, demo, gateway, logging};
 
 #[derive(Parser)]
 #[command(
@@ -148,6 +148,43 @@ enum AgentAction {
     Install,
     /// Remove every object `install` created.
     Uninstall,
+    /// Send every current row of a table as upserts, in key order; resumable after a crash.
+    Snapshot {
+        /// Table (or entity) name from agent.tables.
+        #[arg(long)]
+        table: String,
+        #[arg(long, default_value_t = 1000)]
+        chunk: usize,
+        /// Start again from the first row even if a snapshot finished before.
+        #[arg(long)]
+        reset: bool,
+    },
+}
+
+fn run_snapshot(
+    a: &tether::config::AgentConfig,
+    table: &str,
+    chunk: usize,
+    reset: bool,
+) -> Result<()> {
+    use std::io::Write;
+    let mut last_pct = u64::MAX;
+    let (done, total) = agent::snapshot(a, table, chunk.max(1), reset, &mut |done, total| {
+        let pct = if total == 0 {
+            100
+        } else {
+            (done * 100 / total).min(100)
+        };
+        if pct != last_pct {
+            last_pct = pct;
+            let bar = "#".repeat((pct / 5) as usize);
+            eprint!("\rsnapshot {table}: [{bar:<20}] {pct:>3}% {done}/{total}");
+            let _ = std::io::stderr().flush();
+        }
+    })?;
+    eprintln!();
+    println!("snapshot of {table}: {done} rows queued (table had {total} when it started)");
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -186,18 +223,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .with_context(|| format!("{}: no `agent:` section", config.display()))?;
             match action {
                 Some(AgentAction::Install) => {
-                    let r = db::sqlite::install(&a.database.path, &a.tables)?;
-                    println!(
-                        "installed in {}: tables [{}], {} triggers",
-                        a.database.path.display(),
-                        r.tables.join(", "),
-                        r.triggers
-                    );
+                    println!("{}", agent::install(&a)?);
+                    for t in a.tables.iter().filter(|t| t.snapshot_on_install) {
+                        run_snapshot(&a, &t.table, 1000, false)?;
+                    }
                     Ok(ExitCode::SUCCESS)
                 }
                 Some(AgentAction::Uninstall) => {
-                    let n = db::sqlite::uninstall(&a.database.path)?;
-                    println!("removed {n} objects from {}", a.database.path.display());
+                    println!("{}", agent::uninstall(&a)?);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some(AgentAction::Snapshot {
+                    table,
+                    chunk,
+                    reset,
+                }) => {
+                    run_snapshot(&a, &table, chunk, reset)?;
                     Ok(ExitCode::SUCCESS)
                 }
                 None => run_agent(&cfg, a),
@@ -271,7 +312,7 @@ async fn shutdown_signal() {
 fn run_agent(cfg: &Config, a: tether::config::AgentConfig) -> Result<ExitCode> {
     let _log = logging::init(&cfg.logging, "")?;
     logging::install_panic_logger(true);
-    let ports = agent::sqlite_ports(&a)?;
+    let ports = agent::ports(&a)?;
     let settings = agent::settings(&a);
     log::info!(target: "supervisor", "event=agent_starting clinic={} gateway={} database={}", a.clinic_id, a.gateway.url, a.database.path.display());
     let system = actix::System::new();

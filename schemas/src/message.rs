@@ -125,6 +125,8 @@ pub struct Update {
 pub enum UpdateStatus {
     Applied,
     Failed,
+    /// Not applied: the table's conflict policy kept the clinic's version.
+    Conflict,
 }
 
 impl UpdateStatus {
@@ -132,6 +134,7 @@ impl UpdateStatus {
         match self {
             UpdateStatus::Applied => "applied",
             UpdateStatus::Failed => "failed",
+            UpdateStatus::Conflict => "conflict",
         }
     }
 }

@@ -96,6 +96,22 @@ CREATE TABLE IF NOT EXISTS _tether_apply_guard (
     active INTEGER NOT NULL DEFAULT 0
 );
 INSERT OR IGNORE INTO _tether_apply_guard (id, active) VALUES (1, 0);
+CREATE TABLE IF NOT EXISTS _tether_conflicts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    update_id TEXT NOT NULL,
+    entity TEXT NOT NULL,
+    key_json TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    cloud_row TEXT,
+    at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+CREATE TABLE IF NOT EXISTS _tether_snapshot (
+    table_name TEXT PRIMARY KEY,
+    last_key TEXT,
+    rows INTEGER NOT NULL DEFAULT 0,
+    done INTEGER NOT NULL DEFAULT 0
+);
 ";
 
 /// Columns of a table, in order, with their declared types.
@@ -441,6 +457,8 @@ struct DownTable {
     table: String,
     key: Vec<String>,
     columns: Vec<String>,
+    policy: crate::config::ConflictPolicy,
+    version_column: Option<String>,
 }
 
 /// Applies cloud updates ([`ChangeSink`]).
@@ -488,6 +506,8 @@ impl SqliteSink {
             table: cfg.table.clone(),
             key: cfg.key.clone(),
             columns: cols.into_iter().map(|(n, _)| n).collect(),
+            policy: cfg.conflict,
+            version_column: cfg.version_column.clone(),
         });
         cache.insert(entity.to_string(), t.clone());
         Ok(t)
@@ -507,8 +527,95 @@ fn to_sql(v: &Value) -> SqlValue {
     }
 }
 
+fn from_sql(v: SqlValue) -> Value {
+    match v {
+        SqlValue::Null => Value::Null,
+        SqlValue::Integer(i) => Value::from(i),
+        SqlValue::Real(f) => serde_json::Number::from_f64(f)
+            .map(Value::Number)
+            .unwrap_or(Value::Null),
+        SqlValue::Text(t) => Value::String(t),
+        SqlValue::Blob(_) => Value::Null,
+    }
+}
+
+/// Whether the table's conflict policy lets the update through.
+fn conflict_check(
+    conn: &Connection,
+    t: &DownTable,
+    u: &Update,
+) -> Result<Option<&'static str>, String> {
+    use crate::config::ConflictPolicy;
+    let key_where = t
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("{} = ?{}", qi(k), i + 1))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let key_vals: Vec<SqlValue> = t.key.iter().map(|k| to_sql(&u.key[k])).collect();
+    match t.policy {
+        ConflictPolicy::CloudWins => Ok(None),
+        ConflictPolicy::ClinicWins => {
+            // An outbox row for this key that the gateway has not acknowledged yet.
+            let mut cond = t
+                .key
+                .iter()
+                .enumerate()
+                .map(|(i, k)| {
+                    format!(
+                        "json_extract(key_json, {}) = ?{}",
+                        ql(&format!("$.\"{}\"", k.replace('"', "\\\""))),
+                        i + 2
+                    )
+                })
+                .collect::<Vec<_>>();
+            cond.insert(0, "entity = ?1".into());
+            let sql = format!(
+                "SELECT EXISTS (SELECT 1 FROM _tether_outbox WHERE {} AND seq > coalesce((SELECT value FROM _tether_state WHERE name = 'acked_seq'), 0))",
+                cond.join(" AND ")
+            );
+            let mut params: Vec<SqlValue> = vec![SqlValue::Text(u.entity.clone())];
+            params.extend(key_vals);
+            let pending: bool = conn
+                .query_row(&sql, rusqlite::params_from_iter(params.iter()), |r| {
+                    r.get(0)
+                })
+                .map_err(|e| e.to_string())?;
+            Ok(pending.then_some(super::CLINIC_CHANGE_PENDING))
+        }
+        ConflictPolicy::NewestWins => {
+            let (UpdateOp::Upsert, Some(vc)) = (u.op, t.version_column.as_deref()) else {
+                return Ok(None);
+            };
+            let cloud = u
+                .row
+                .as_ref()
+                .and_then(|r| r.get(vc))
+                .ok_or_else(|| format!("newest_wins needs `{vc}` in the update's row"))?;
+            let local: Option<SqlValue> = conn
+                .query_row(
+                    &format!("SELECT {} FROM {} WHERE {key_where}", qi(vc), qi(&t.table)),
+                    rusqlite::params_from_iter(key_vals.iter()),
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(|e| e.to_string())?;
+            Ok(local.and_then(|l| {
+                (super::compare_versions(&from_sql(l), cloud) == Some(std::cmp::Ordering::Greater))
+                    .then_some(super::LOCAL_NEWER)
+            }))
+        }
+    }
+}
+
+enum Applied {
+    Done,
+    Conflict(&'static str),
+}
+
 /// Applies one update inside the caller's transaction. `Err` is the reason it failed.
-fn apply_one(conn: &Connection, t: &DownTable, u: &Update) -> Result<(), String> {
+fn apply_one(conn: &Connection, t: &DownTable, u: &Update) -> Result<Applied, String> {
     for k in &t.key {
         if !u.key.contains_key(k) {
             return Err(format!("key column `{k}` is missing from the update's key"));
@@ -524,6 +631,9 @@ fn apply_one(conn: &Connection, t: &DownTable, u: &Update) -> Result<(), String>
         .map(|(i, k)| format!("{} = ?{}", qi(k), i + 1))
         .collect::<Vec<_>>()
         .join(" AND ");
+    if let Some(why) = conflict_check(conn, t, u)? {
+        return Ok(Applied::Conflict(why));
+    }
     let key_vals: Vec<SqlValue> = t.key.iter().map(|k| to_sql(&u.key[k])).collect();
     match u.op {
         UpdateOp::Delete => {
@@ -583,7 +693,7 @@ fn apply_one(conn: &Connection, t: &DownTable, u: &Update) -> Result<(), String>
                 .map_err(|e| e.to_string())?;
         }
     }
-    Ok(())
+    Ok(Applied::Done)
 }
 
 impl ChangeSink for SqliteSink {
@@ -601,10 +711,10 @@ impl ChangeSink for SqliteSink {
             .optional()
             .map_err(port("reading inbox"))?;
         if let Some((status, reason)) = seen {
-            let status = if status == "applied" {
-                UpdateStatus::Applied
-            } else {
-                UpdateStatus::Failed
+            let status = match status.as_str() {
+                "applied" => UpdateStatus::Applied,
+                "conflict" => UpdateStatus::Conflict,
+                _ => UpdateStatus::Failed,
             };
             return Ok(ApplyOutcome {
                 status,
@@ -618,12 +728,29 @@ impl ChangeSink for SqliteSink {
             .map_err(port("savepoint"))?;
         let result = self
             .table_for(&tx, &u.entity)
-            .and_then(|t| apply_one(&tx, &t, u));
+            .and_then(|t| apply_one(&tx, &t, u).map(|a| (a, t.policy)));
         let (status, reason) = match result {
-            Ok(()) => {
+            Ok((Applied::Done, _)) => {
                 tx.execute_batch("RELEASE tether_apply")
                     .map_err(port("release"))?;
                 (UpdateStatus::Applied, None)
+            }
+            Ok((Applied::Conflict(why), policy)) => {
+                tx.execute_batch("ROLLBACK TO tether_apply; RELEASE tether_apply")
+                    .map_err(port("rollback to savepoint"))?;
+                tx.execute(
+                    "INSERT INTO _tether_conflicts (update_id, entity, key_json, policy, reason, cloud_row) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        u.update_id,
+                        u.entity,
+                        serde_json::to_string(&u.key).unwrap_or_default(),
+                        policy.as_str(),
+                        why,
+                        u.row.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default())
+                    ],
+                )
+                .map_err(port("recording conflict"))?;
+                (UpdateStatus::Conflict, Some(why.to_string()))
             }
             Err(reason) => {
                 tx.execute_batch("ROLLBACK TO tether_apply; RELEASE tether_apply")
@@ -645,6 +772,128 @@ impl ChangeSink for SqliteSink {
             duplicate: false,
         })
     }
+}
+
+/// Progress of a snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotProgress {
+    pub done: u64,
+    pub total: u64,
+}
+
+/// Sends every current row of `t` as an `update` event, in key order, `chunk` rows per
+/// transaction; the position is saved with each chunk, so a crash resumes where it stopped.
+/// Live changes made meanwhile are appended after the snapshot row of their key.
+pub fn snapshot(
+    path: &Path,
+    t: &TableConfig,
+    chunk: usize,
+    progress: &mut dyn FnMut(SnapshotProgress),
+) -> Result<SnapshotProgress, SqliteError> {
+    let mut conn = open(path)?;
+    let cols = columns(&conn, &t.table).map_err(sql("reading table columns"))?;
+    if cols.is_empty() {
+        return Err(SqliteError::NoTable {
+            table: t.table.clone(),
+            path: path.display().to_string(),
+        });
+    }
+    let key_cols: Vec<(String, String)> =
+        t.key.iter().map(|k| (k.clone(), String::new())).collect();
+    let key_list = t.key.iter().map(|k| qi(k)).collect::<Vec<_>>().join(", ");
+    let total: i64 = conn
+        .query_row(&format!("SELECT count(*) FROM {}", qi(&t.table)), [], |r| {
+            r.get(0)
+        })
+        .map_err(sql("counting rows"))?;
+    let mut p = SnapshotProgress {
+        done: 0,
+        total: total as u64,
+    };
+    loop {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin"))?;
+        let (last, rows, done): (Option<String>, i64, bool) = tx
+            .query_row(
+                "SELECT last_key, rows, done FROM _tether_snapshot WHERE table_name = ?1",
+                params![t.table],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(sql("reading snapshot position"))?
+            .unwrap_or((None, 0, false));
+        if done {
+            p.done = rows as u64;
+            return Ok(p);
+        }
+        // Rows after the last key sent, in key order.
+        let (filter, args): (String, Vec<SqlValue>) = match &last {
+            None => (String::new(), Vec::new()),
+            Some(k) => {
+                let key: Map<String, Value> = serde_json::from_str(k).unwrap_or_default();
+                let marks = (1..=t.key.len())
+                    .map(|i| format!("?{i}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                (
+                    format!("WHERE ({key_list}) > ({marks})"),
+                    t.key
+                        .iter()
+                        .map(|c| to_sql(key.get(c).unwrap_or(&Value::Null)))
+                        .collect(),
+                )
+            }
+        };
+        let select = format!(
+            "SELECT {}, {} FROM {} AS NEW {filter} ORDER BY {key_list} LIMIT {chunk}",
+            json_object_expr("NEW", &key_cols),
+            json_object_expr("NEW", &cols),
+            qi(&t.table)
+        );
+        let batch: Vec<(String, String)> = {
+            let mut stmt = tx.prepare(&select).map_err(sql("snapshot read"))?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(args.iter()), |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .map_err(sql("snapshot read"))?;
+            rows.collect::<Result<_, _>>()
+                .map_err(sql("snapshot read"))?
+        };
+        for (key, row) in &batch {
+            tx.execute(
+                "INSERT INTO _tether_outbox (entity, op, key_json, row_json) VALUES (?1, 'update', ?2, ?3)",
+                params![t.entity, key, row],
+            )
+            .map_err(sql("snapshot write"))?;
+        }
+        let n = batch.len();
+        let finished = n < chunk;
+        tx.execute(
+            "INSERT INTO _tether_snapshot (table_name, last_key, rows, done) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (table_name) DO UPDATE SET last_key = excluded.last_key, rows = excluded.rows, done = excluded.done",
+            params![t.table, batch.last().map(|b| b.0.clone()).or(last), rows + n as i64, finished],
+        )
+        .map_err(sql("saving snapshot position"))?;
+        tx.commit().map_err(sql("commit"))?;
+        p.done = (rows + n as i64) as u64;
+        progress(p);
+        if finished {
+            return Ok(p);
+        }
+    }
+}
+
+/// Forgets a finished snapshot so that `snapshot` runs again.
+pub fn reset_snapshot(path: &Path, table: &str) -> Result<(), SqliteError> {
+    let conn = open(path)?;
+    conn.execute(
+        "DELETE FROM _tether_snapshot WHERE table_name = ?1",
+        params![table],
+    )
+    .map(|_| ())
+    .map_err(sql("resetting snapshot"))
 }
 
 #[cfg(test)]
@@ -926,5 +1175,173 @@ mod tests {
         assert_eq!(cp.purge(6, Duration::ZERO).expect("purge"), 6);
         let seqs: Vec<u64> = outbox(&path).iter().map(|e| e.seq).collect();
         assert_eq!(seqs, vec![7, 8, 9, 10]);
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+    use crate::config::{ConflictPolicy, Direction};
+    use serde_json::json;
+
+    fn setup(policy: ConflictPolicy) -> (tempfile::TempDir, PathBuf, Connection, SqliteSink) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.db");
+        let conn = open(&path).expect("open");
+        conn.execute_batch("CREATE TABLE p (id INTEGER PRIMARY KEY, name TEXT, version INTEGER)")
+            .expect("ddl");
+        let mut t = TableConfig::new("p", "patient", &["id"], Direction::Both);
+        t.conflict = policy;
+        t.version_column = Some("version".into());
+        install(&path, std::slice::from_ref(&t)).expect("install");
+        let sink = SqliteSink::open(&path, &[t]).expect("sink");
+        (dir, path, conn, sink)
+    }
+
+    fn upsert(id: &str, version: i64) -> Update {
+        Update {
+            update_id: id.into(),
+            entity: "patient".into(),
+            op: UpdateOp::Upsert,
+            key: json!({"id": 1}).as_object().cloned().unwrap_or_default(),
+            row: json!({"id": 1, "name": "cloud", "version": version})
+                .as_object()
+                .cloned(),
+        }
+    }
+
+    fn name(conn: &Connection) -> String {
+        conn.query_row("SELECT name FROM p WHERE id = 1", [], |r| r.get(0))
+            .expect("row")
+    }
+
+    fn conflicts(conn: &Connection) -> i64 {
+        conn.query_row("SELECT count(*) FROM _tether_conflicts", [], |r| r.get(0))
+            .expect("count")
+    }
+
+    #[test]
+    fn cloud_wins_overwrites_a_pending_clinic_change() {
+        let (_d, _p, conn, sink) = setup(ConflictPolicy::CloudWins);
+        conn.execute("INSERT INTO p VALUES (1, 'clinic', 5)", [])
+            .expect("insert");
+        let out = sink.apply(&upsert("u1", 1)).expect("apply");
+        assert_eq!(out.status, UpdateStatus::Applied);
+        assert_eq!(name(&conn), "cloud");
+        assert_eq!(conflicts(&conn), 0);
+    }
+
+    #[test]
+    fn clinic_wins_keeps_an_unacknowledged_clinic_change_and_records_the_conflict() {
+        let (_d, path, conn, sink) = setup(ConflictPolicy::ClinicWins);
+        conn.execute("INSERT INTO p VALUES (1, 'clinic', 5)", [])
+            .expect("insert");
+        let out = sink.apply(&upsert("u1", 1)).expect("apply");
+        assert_eq!(out.status, UpdateStatus::Conflict, "{out:?}");
+        assert!(out.reason.unwrap_or_default().contains("clinic_wins"));
+        assert_eq!(name(&conn), "clinic");
+        assert_eq!(conflicts(&conn), 1);
+        // Once the gateway has acknowledged the clinic's change, the cloud may write.
+        SqliteCheckpoint::open(&path)
+            .expect("cp")
+            .save(1)
+            .expect("save");
+        let out = sink.apply(&upsert("u2", 1)).expect("apply");
+        assert_eq!(out.status, UpdateStatus::Applied);
+        assert_eq!(name(&conn), "cloud");
+        // The conflicted update redelivered keeps its recorded outcome.
+        assert_eq!(
+            sink.apply(&upsert("u1", 1)).expect("again").status,
+            UpdateStatus::Conflict
+        );
+    }
+
+    #[test]
+    fn newest_wins_compares_the_version_column() {
+        let (_d, _p, conn, sink) = setup(ConflictPolicy::NewestWins);
+        conn.execute("INSERT INTO p VALUES (1, 'clinic', 5)", [])
+            .expect("insert");
+        let older = sink.apply(&upsert("u1", 4)).expect("apply");
+        assert_eq!(older.status, UpdateStatus::Conflict);
+        assert_eq!(name(&conn), "clinic");
+        let newer = sink.apply(&upsert("u2", 6)).expect("apply");
+        assert_eq!(newer.status, UpdateStatus::Applied);
+        assert_eq!(name(&conn), "cloud");
+        let mut no_version = upsert("u3", 0);
+        no_version.row.as_mut().expect("row").remove("version");
+        assert_eq!(
+            sink.apply(&no_version).expect("apply").status,
+            UpdateStatus::Failed
+        );
+        assert_eq!(conflicts(&conn), 1);
+    }
+
+    #[test]
+    fn snapshot_is_ordered_resumable_and_interleaves_with_live_changes() {
+        let (_d, path, conn, _sink) = setup(ConflictPolicy::CloudWins);
+        for i in 1..=25 {
+            conn.execute("INSERT INTO p VALUES (?1, 'n', 1)", [i])
+                .expect("insert");
+        }
+        let before = SqliteSource::open(&path)
+            .expect("src")
+            .read_after(0, 1000)
+            .expect("read")
+            .len();
+        let t = TableConfig::new("p", "patient", &["id"], Direction::Both);
+        let mut seen = Vec::new();
+        snapshot(&path, &t, 10, &mut |p| seen.push(p.done)).expect("snapshot");
+        assert_eq!(seen, vec![10, 20, 25], "progress per chunk");
+        // Done: a second run queues nothing.
+        let again = snapshot(&path, &t, 10, &mut |_| {}).expect("again");
+        assert_eq!(again.done, 25);
+        conn.execute("UPDATE p SET name = 'live' WHERE id = 25", [])
+            .expect("live");
+        let events = SqliteSource::open(&path)
+            .expect("src")
+            .read_after(0, 1000)
+            .expect("read");
+        let snap: Vec<i64> = events[before..]
+            .iter()
+            .filter(|e| e.op == Op::Update)
+            .map(|e| e.key["id"].as_i64().unwrap_or(-1))
+            .collect();
+        assert_eq!(&snap[..25], &(1..=25).collect::<Vec<_>>()[..], "key order");
+        let last = events.last().expect("live event");
+        assert_eq!(
+            last.row.as_ref().expect("row")["name"],
+            json!("live"),
+            "the live change comes after the snapshot row"
+        );
+    }
+
+    #[test]
+    fn snapshot_resumes_after_an_interrupted_run() {
+        let (_d, path, conn, _sink) = setup(ConflictPolicy::CloudWins);
+        for i in 1..=30 {
+            conn.execute("INSERT INTO p VALUES (?1, 'n', 1)", [i])
+                .expect("insert");
+        }
+        let t = TableConfig::new("p", "patient", &["id"], Direction::Both);
+        // Pretend a run stopped after key 12.
+        conn.execute(
+            "INSERT INTO _tether_snapshot (table_name, last_key, rows, done) VALUES ('p', '{\"id\":12}', 12, 0)",
+            [],
+        )
+        .expect("position");
+        let p = snapshot(&path, &t, 100, &mut |_| {}).expect("resume");
+        assert_eq!(p.done, 30);
+        let keys: Vec<i64> = SqliteSource::open(&path)
+            .expect("src")
+            .read_after(30, 1000)
+            .expect("read")
+            .iter()
+            .map(|e| e.key["id"].as_i64().unwrap_or(-1))
+            .collect();
+        assert_eq!(
+            keys,
+            (13..=30).collect::<Vec<_>>(),
+            "only the rows after the saved key"
+        );
     }
 }

@@ -142,3 +142,15 @@ pub fn init_logs(dir: &Path) {
 pub fn read_log(dir: &Path, category: &str) -> String {
     std::fs::read_to_string(dir.join("logs").join(format!("{category}.log"))).unwrap_or_default()
 }
+
+/// Polls `f` every 20 ms (blocking) until it returns true; fails the test after `limit`.
+pub fn poll_blocking(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,772 @@
+//! PostgreSQL adapter (`postgres` crate, called from the blocking pool).
+//!
+//! Installed in schema `tether`: `outbox` (bigserial `seq`, the writing transaction's
+//! `txid`), `state` (checkpoint, snapshot cursors), `inbox`, `conflicts`, and the PL/pgSQL
+//! trigger function `tether.capture()` attached to each synced table. The applier sets
+//! `set_config('tether.apply', '1', true)` (transaction-local) and the trigger skips its rows.
+//!
+//! ## Commit-order safety
+//! Sequence values are handed out in insert order, not commit order: a transaction can hold
+//! seq 5 uncommitted while seq 6 is already visible. Reading `seq > cursor` naively would skip 5
+//! for ever. Filtering on `txid < xmin` of the snapshot is not enough either: a snapshot's
+//! `xmin`/`xmax` only bound transactions up to the latest *completed* one, so a transaction that
+//! took its txid after the last completion is invisible to both. So the reader takes rows in
+//! seq order and stops at the first hole. When it first sees a hole it draws a fresh txid `N`
+//! (`pg_current_xact_id()` in its own tiny transaction): the hole's owner took its txid before
+//! the hole's seq, hence before `N`. The hole is passed over only once a snapshot's `xmin` is at
+//! least `N`, i.e. no transaction older than `N` is still running. Holes left by rolled-back
+//! transactions are thus skipped after a short delay, and no committed row is ever skipped.
+
+use std::collections::HashMap;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use postgres::{Client, IsolationLevel, NoTls};
+use serde_json::{Map, Value};
+use tether_actors::ports::{ApplyOutcome, ChangeSink, ChangeSource, Checkpoint, PortError};
+use tether_schemas::{Event, Op, Update, UpdateOp, UpdateStatus};
+
+use super::{compare_versions, quote_ident as qi, quote_literal as ql, quote_qualified as qq};
+use crate::config::{ConflictPolicy, TableConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("connecting to PostgreSQL: {0}")]
+    Connect(String),
+    #[error("table `{0}` (agent.tables) does not exist")]
+    NoTable(String),
+    #[error("table `{table}`: key column `{column}` does not exist")]
+    NoColumn { table: String, column: String },
+    #[error("{context}: {message}")]
+    Sql { context: String, message: String },
+}
+
+fn sql(context: &str) -> impl FnOnce(postgres::Error) -> PgError + '_ {
+    move |e| PgError::Sql {
+        context: context.to_string(),
+        message: e.to_string(),
+    }
+}
+
+fn port(context: &str) -> impl FnOnce(postgres::Error) -> PortError + '_ {
+    move |e| PortError::new(format!("{context}: {e}"))
+}
+
+pub fn connect(conn: &str) -> Result<Client, PgError> {
+    Client::connect(conn, NoTls).map_err(|e| PgError::Connect(e.to_string()))
+}
+
+type Job = Box<dyn FnOnce(&mut Client) + Send>;
+
+/// A connection owned by its own thread. `postgres::Client` drives a private runtime and
+/// blocks inside it, which tokio forbids on any runtime thread (spawn_blocking included); so
+/// each port's client lives on a plain thread and calls are shipped to it. Dropping the
+/// handle ends the thread, which closes the connection.
+pub struct PgConn {
+    tx: Mutex<mpsc::Sender<Job>>,
+}
+
+impl PgConn {
+    pub fn open(conn: &str) -> Result<Self, PgError> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let conn = conn.to_string();
+        std::thread::Builder::new()
+            .name("pg-conn".into())
+            .spawn(move || match connect(&conn) {
+                Ok(mut client) => {
+                    let _ = ready_tx.send(Ok(()));
+                    while let Ok(job) = rx.recv() {
+                        job(&mut client);
+                    }
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })
+            .map_err(|e| PgError::Connect(e.to_string()))?;
+        ready_rx
+            .recv()
+            .map_err(|_| PgError::Connect("connection thread ended".into()))??;
+        Ok(PgConn { tx: Mutex::new(tx) })
+    }
+
+    /// Runs `f` with the client on the connection's thread and waits for the result.
+    pub fn with<T, F>(&self, f: F) -> Result<T, PortError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Client) -> Result<T, PortError> + Send + 'static,
+    {
+        let (rtx, rrx) = mpsc::channel();
+        self.tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(Box::new(move |c| {
+                let _ = rtx.send(f(c));
+            }))
+            .map_err(|_| PortError::new("PostgreSQL connection thread stopped"))?;
+        rrx.recv()
+            .map_err(|_| PortError::new("PostgreSQL connection thread stopped"))?
+    }
+}
+
+pub const BASE_SCHEMA: &str = r#"
+CREATE SCHEMA IF NOT EXISTS tether;
+CREATE TABLE IF NOT EXISTS tether.outbox (
+    seq bigserial PRIMARY KEY,
+    txid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    entity text NOT NULL,
+    op text NOT NULL,
+    key_json jsonb NOT NULL,
+    row_json jsonb,
+    committed_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE TABLE IF NOT EXISTS tether.state (name text PRIMARY KEY, value bigint NOT NULL, text_value text);
+CREATE TABLE IF NOT EXISTS tether.inbox (
+    update_id text PRIMARY KEY,
+    status text NOT NULL,
+    reason text,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS tether.conflicts (
+    id bigserial PRIMARY KEY,
+    update_id text NOT NULL,
+    entity text NOT NULL,
+    key_json jsonb NOT NULL,
+    policy text NOT NULL,
+    reason text NOT NULL,
+    cloud_row jsonb,
+    at timestamptz NOT NULL DEFAULT now()
+);
+CREATE OR REPLACE FUNCTION tether.capture() RETURNS trigger LANGUAGE plpgsql AS $fn$
+DECLARE
+    ent text := TG_ARGV[0];
+    k text;
+    newkey jsonb := '{}'::jsonb;
+    oldkey jsonb := '{}'::jsonb;
+    newrow jsonb;
+    oldrow jsonb;
+BEGIN
+    IF current_setting('tether.apply', true) = '1' THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        newrow := to_jsonb(NEW);
+        FOR k IN SELECT jsonb_array_elements_text(TG_ARGV[1]::jsonb) LOOP
+            newkey := newkey || jsonb_build_object(k, newrow -> k);
+        END LOOP;
+    END IF;
+    IF TG_OP <> 'INSERT' THEN
+        oldrow := to_jsonb(OLD);
+        FOR k IN SELECT jsonb_array_elements_text(TG_ARGV[1]::jsonb) LOOP
+            oldkey := oldkey || jsonb_build_object(k, oldrow -> k);
+        END LOOP;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO tether.outbox (entity, op, key_json, row_json) VALUES (ent, 'insert', newkey, newrow);
+    ELSIF TG_OP = 'UPDATE' THEN
+        IF oldkey IS DISTINCT FROM newkey THEN
+            INSERT INTO tether.outbox (entity, op, key_json, row_json) VALUES (ent, 'delete', oldkey, oldrow);
+        END IF;
+        INSERT INTO tether.outbox (entity, op, key_json, row_json) VALUES (ent, 'update', newkey, newrow);
+    ELSE
+        INSERT INTO tether.outbox (entity, op, key_json, row_json) VALUES (ent, 'delete', oldkey, oldrow);
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+"#;
+
+/// The trigger DDL for one table (also printed by `tether agent install --dry-run`).
+pub fn trigger_sql(t: &TableConfig) -> Vec<String> {
+    let keys = serde_json::to_string(&t.key).unwrap_or_else(|_| "[]".into());
+    vec![
+        format!("DROP TRIGGER IF EXISTS tether_capture ON {}", qq(&t.table)),
+        format!(
+            "CREATE TRIGGER tether_capture AFTER INSERT OR UPDATE OR DELETE ON {} FOR EACH ROW EXECUTE FUNCTION tether.capture({}, {})",
+            qq(&t.table),
+            ql(&t.entity),
+            ql(&keys)
+        ),
+    ]
+}
+
+fn split(table: &str) -> (String, String) {
+    match table.split_once('.') {
+        Some((s, t)) => (s.to_string(), t.to_string()),
+        None => ("public".to_string(), table.to_string()),
+    }
+}
+
+fn columns(
+    c: &mut impl postgres::GenericClient,
+    table: &str,
+) -> Result<Vec<String>, postgres::Error> {
+    let (schema, name) = split(table);
+    let rows = c.query(
+        "SELECT column_name::text FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2 ORDER BY ordinal_position",
+        &[&schema, &name],
+    )?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Creates (idempotently) the tether schema and the capture trigger of every `up` table.
+pub fn install(conn: &str, tables: &[TableConfig]) -> Result<usize, PgError> {
+    let mut c = connect(conn)?;
+    let mut tx = c.transaction().map_err(sql("begin"))?;
+    tx.batch_execute(BASE_SCHEMA)
+        .map_err(sql("creating tether schema"))?;
+    let mut triggers = 0;
+    for t in tables {
+        let cols = columns(&mut tx, &t.table).map_err(sql("reading columns"))?;
+        if cols.is_empty() {
+            return Err(PgError::NoTable(t.table.clone()));
+        }
+        for k in &t.key {
+            if !cols.contains(k) {
+                return Err(PgError::NoColumn {
+                    table: t.table.clone(),
+                    column: k.clone(),
+                });
+            }
+        }
+        let ddl = trigger_sql(t);
+        tx.batch_execute(&ddl[0]).map_err(sql("dropping trigger"))?;
+        if t.direction.up() {
+            tx.batch_execute(&ddl[1]).map_err(sql("creating trigger"))?;
+            triggers += 1;
+        }
+    }
+    tx.commit().map_err(sql("commit"))?;
+    Ok(triggers)
+}
+
+/// Drops the tether schema (outbox, state, inbox, conflicts, function) and every trigger.
+pub fn uninstall(conn: &str, tables: &[TableConfig]) -> Result<(), PgError> {
+    let mut c = connect(conn)?;
+    let mut tx = c.transaction().map_err(sql("begin"))?;
+    for t in tables {
+        let (schema, name) = split(&t.table);
+        let exists: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM information_schema.tables WHERE table_schema = $1 AND table_name = $2)",
+                &[&schema, &name],
+            )
+            .map_err(sql("checking table"))?
+            .get(0);
+        if exists {
+            tx.batch_execute(&trigger_sql(t)[0])
+                .map_err(sql("dropping trigger"))?;
+        }
+    }
+    tx.batch_execute("DROP SCHEMA IF EXISTS tether CASCADE")
+        .map_err(sql("dropping schema"))?;
+    tx.commit().map_err(sql("commit"))
+}
+
+const READ: &str = "SELECT seq, entity, op, key_json, row_json, \
+    to_char(committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') \
+    FROM tether.outbox WHERE seq > $1 ORDER BY seq LIMIT $2";
+
+/// Reads the outbox ([`ChangeSource`]) in commit-safe order (see the module doc).
+pub struct PgSource {
+    client: PgConn,
+    /// First seq of each hole → the txid drawn when it was first seen.
+    holes: Arc<Mutex<HashMap<i64, i64>>>,
+}
+
+impl PgSource {
+    pub fn open(conn: &str) -> Result<Self, PgError> {
+        Ok(PgSource {
+            client: PgConn::open(conn)?,
+            holes: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+}
+
+fn obj(v: Value, what: &str, seq: i64) -> Result<Map<String, Value>, PortError> {
+    match v {
+        Value::Object(m) => Ok(m),
+        _ => Err(PortError::new(format!(
+            "outbox seq={seq}: {what} is not an object"
+        ))),
+    }
+}
+
+impl ChangeSource for PgSource {
+    fn change_token(&self) -> Result<u64, PortError> {
+        // New seqs, or a finished transaction (xmin moves): either can make rows readable.
+        let row = self.client.with(|c| c
+            .query_one(
+                "SELECT (SELECT last_value FROM tether.outbox_seq_seq), pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
+                &[],
+            )
+            .map_err(port("reading change token")))?;
+        let (a, b): (i64, i64) = (row.get(0), row.get(1));
+        Ok((a as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b as u64)
+    }
+
+    fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, PortError> {
+        let holes = self.holes.clone();
+        self.client.with(move |c| {
+            let (xmin, rows) = Self::read_raw(c, after, limit)?;
+            Self::sequence(c, &holes, after, xmin, rows)
+        })
+    }
+}
+
+type RawRows = Vec<postgres::Row>;
+
+impl PgSource {
+    fn read_raw(c: &mut Client, after: u64, limit: usize) -> Result<(i64, RawRows), PortError> {
+        let mut tx = c
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .map_err(port("begin"))?;
+        let xmin: i64 = tx
+            .query_one(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
+                &[],
+            )
+            .map_err(port("reading snapshot"))?
+            .get(0);
+        let rows = tx
+            .query(READ, &[&(after as i64), &(limit as i64)])
+            .map_err(port("reading outbox"))?;
+        tx.commit().map_err(port("commit"))?;
+        Ok((xmin, rows))
+    }
+
+    /// Keeps the rows up to the first hole that a running transaction may still fill.
+    fn sequence(
+        c: &mut Client,
+        holes: &Mutex<HashMap<i64, i64>>,
+        after: u64,
+        xmin: i64,
+        rows: RawRows,
+    ) -> Result<Vec<Event>, PortError> {
+        let mut holes = holes.lock().unwrap_or_else(|p| p.into_inner());
+        holes.retain(|start, _| *start > after as i64);
+        let mut expected = after as i64 + 1;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let seq: i64 = r.get(0);
+            if seq != expected {
+                let watermark = match holes.get(&expected) {
+                    Some(n) => *n,
+                    None => {
+                        let n: i64 = c
+                            .query_one("SELECT pg_current_xact_id()::text::bigint", &[])
+                            .map_err(port("drawing a txid"))?
+                            .get(0);
+                        holes.insert(expected, n);
+                        n
+                    }
+                };
+                if xmin < watermark {
+                    break; // a transaction that may own the hole may still be running
+                }
+            }
+            let op: String = r.get(2);
+            out.push(Event {
+                seq: seq as u64,
+                entity: r.get(1),
+                op: Op::parse(&op).ok_or_else(|| {
+                    PortError::new(format!("outbox seq={seq}: unknown op `{op}`"))
+                })?,
+                key: obj(r.get(3), "key_json", seq)?,
+                row: r
+                    .get::<_, Option<Value>>(4)
+                    .map(|v| obj(v, "row_json", seq))
+                    .transpose()?,
+                committed_at: r.get(5),
+            });
+            expected = seq + 1;
+        }
+        Ok(out)
+    }
+}
+
+/// Checkpoint and purge ([`Checkpoint`]).
+pub struct PgCheckpoint {
+    client: PgConn,
+}
+
+impl PgCheckpoint {
+    pub fn open(conn: &str) -> Result<Self, PgError> {
+        Ok(PgCheckpoint {
+            client: PgConn::open(conn)?,
+        })
+    }
+}
+
+impl Checkpoint for PgCheckpoint {
+    fn load(&self) -> Result<u64, PortError> {
+        let row = self.client.with(|c| {
+            c.query_opt(
+                "SELECT value FROM tether.state WHERE name = 'acked_seq'",
+                &[],
+            )
+            .map_err(port("loading checkpoint (is `tether agent install` done?)"))
+        })?;
+        Ok(row.map(|r| r.get::<_, i64>(0)).unwrap_or(0) as u64)
+    }
+
+    fn save(&self, acked: u64) -> Result<(), PortError> {
+        self.client.with(move |c| {
+            c.execute(
+                "INSERT INTO tether.state (name, value) VALUES ('acked_seq', $1) \
+             ON CONFLICT (name) DO UPDATE SET value = GREATEST(tether.state.value, EXCLUDED.value)",
+                &[&(acked as i64)],
+            )
+            .map(|_| ())
+            .map_err(port("saving checkpoint"))
+        })
+    }
+
+    fn purge(&self, acked: u64, retention: Duration) -> Result<usize, PortError> {
+        self.client.with(move |c| c.execute(
+            "DELETE FROM tether.outbox WHERE seq <= $1 AND committed_at < now() - make_interval(secs => $2)",
+            &[&(acked as i64), &(retention.as_secs_f64())],
+        )
+        .map(|n| n as usize)
+        .map_err(port("purging outbox")))
+    }
+}
+
+struct DownTable {
+    cfg: TableConfig,
+    columns: Vec<String>,
+}
+
+/// Applies cloud updates ([`ChangeSink`]).
+pub struct PgSink {
+    client: PgConn,
+    inner: Arc<SinkInner>,
+}
+
+struct SinkInner {
+    tables: Vec<TableConfig>,
+    cache: Mutex<HashMap<String, Arc<DownTable>>>,
+}
+
+impl PgSink {
+    pub fn open(conn: &str, tables: &[TableConfig]) -> Result<Self, PgError> {
+        Ok(PgSink {
+            client: PgConn::open(conn)?,
+            inner: Arc::new(SinkInner {
+                tables: tables.to_vec(),
+                cache: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+}
+
+impl SinkInner {
+    fn table_for(
+        &self,
+        c: &mut impl postgres::GenericClient,
+        entity: &str,
+    ) -> Result<Arc<DownTable>, String> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = cache.get(entity) {
+            return Ok(t.clone());
+        }
+        let cfg = self
+            .tables
+            .iter()
+            .find(|t| t.entity == entity)
+            .ok_or_else(|| format!("entity `{entity}` is not mapped in agent.tables"))?;
+        if !cfg.direction.down() {
+            return Err(format!(
+                "entity `{entity}` is mapped with direction up; cloud updates are not accepted"
+            ));
+        }
+        let columns = columns(c, &cfg.table).map_err(|e| e.to_string())?;
+        if columns.is_empty() {
+            return Err(format!("table `{}` does not exist", cfg.table));
+        }
+        let t = Arc::new(DownTable {
+            cfg: cfg.clone(),
+            columns,
+        });
+        cache.insert(entity.to_string(), t.clone());
+        Ok(t)
+    }
+}
+
+enum Outcome {
+    Applied,
+    Conflict(&'static str),
+}
+
+fn key_json(t: &DownTable, u: &Update) -> Result<Value, String> {
+    for k in &t.cfg.key {
+        if !u.key.contains_key(k) {
+            return Err(format!("key column `{k}` is missing from the update's key"));
+        }
+    }
+    if let Some(extra) = u.key.keys().find(|k| !t.cfg.key.contains(k)) {
+        return Err(format!(
+            "`{extra}` is not a key column of `{}`",
+            t.cfg.table
+        ));
+    }
+    Ok(Value::Object(u.key.clone()))
+}
+
+fn apply_one(
+    tx: &mut postgres::Transaction<'_>,
+    t: &DownTable,
+    u: &Update,
+) -> Result<Outcome, String> {
+    let e = |e: postgres::Error| e.to_string();
+    let key = key_json(t, u)?;
+    let table = qq(&t.cfg.table);
+    let key_cols: Vec<String> = t.cfg.key.iter().map(|k| qi(k)).collect();
+    let key_list = key_cols.join(", ");
+    let key_match = format!(
+        "({key_list}) = (SELECT {key_list} FROM jsonb_populate_record(NULL::{table}, $1::jsonb))"
+    );
+    match t.cfg.conflict {
+        ConflictPolicy::CloudWins => {}
+        ConflictPolicy::ClinicWins => {
+            let pending: bool = tx
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM tether.outbox WHERE entity = $1 AND key_json = $2::jsonb \
+                     AND seq > COALESCE((SELECT value FROM tether.state WHERE name = 'acked_seq'), 0))",
+                    &[&u.entity, &key],
+                )
+                .map_err(e)?
+                .get(0);
+            if pending {
+                return Ok(Outcome::Conflict(super::CLINIC_CHANGE_PENDING));
+            }
+        }
+        ConflictPolicy::NewestWins => {
+            if let (UpdateOp::Upsert, Some(vc)) = (u.op, t.cfg.version_column.as_deref()) {
+                let cloud = u
+                    .row
+                    .as_ref()
+                    .and_then(|r| r.get(vc))
+                    .ok_or_else(|| format!("newest_wins needs `{vc}` in the update's row"))?;
+                let local: Option<Value> = tx
+                    .query_opt(
+                        &format!("SELECT to_jsonb({}) FROM {table} WHERE {key_match}", qi(vc)),
+                        &[&key],
+                    )
+                    .map_err(e)?
+                    .map(|r| r.get(0));
+                if let Some(local) = local {
+                    if compare_versions(&local, cloud) == Some(std::cmp::Ordering::Greater) {
+                        return Ok(Outcome::Conflict(super::LOCAL_NEWER));
+                    }
+                }
+            }
+        }
+    }
+    match u.op {
+        UpdateOp::Delete => {
+            tx.execute(&format!("DELETE FROM {table} WHERE {key_match}"), &[&key])
+                .map_err(e)?;
+        }
+        UpdateOp::Upsert => {
+            let mut row = u
+                .row
+                .clone()
+                .ok_or_else(|| "upsert without a `row`".to_string())?;
+            for (k, v) in &u.key {
+                if let Some(rv) = row.get(k) {
+                    if rv != v {
+                        return Err(format!("`row.{k}` differs from `key.{k}`"));
+                    }
+                }
+                row.insert(k.clone(), v.clone());
+            }
+            if let Some(bad) = row.keys().find(|c| !t.columns.contains(c)) {
+                return Err(format!("`{bad}` is not a column of `{}`", t.cfg.table));
+            }
+            let cols: Vec<String> = row.keys().map(|c| qi(c)).collect();
+            let sets: Vec<String> = row
+                .keys()
+                .filter(|c| !t.cfg.key.contains(c))
+                .map(|c| format!("{q} = EXCLUDED.{q}", q = qi(c)))
+                .collect();
+            let action = if sets.is_empty() {
+                "DO NOTHING".to_string()
+            } else {
+                format!("DO UPDATE SET {}", sets.join(", "))
+            };
+            let stmt = format!(
+                "INSERT INTO {table} ({cols}) SELECT {cols} FROM jsonb_populate_record(NULL::{table}, $1::jsonb) ON CONFLICT ({key_list}) {action}",
+                cols = cols.join(", ")
+            );
+            tx.execute(&stmt, &[&Value::Object(row)]).map_err(e)?;
+        }
+    }
+    Ok(Outcome::Applied)
+}
+
+impl ChangeSink for PgSink {
+    fn apply(&self, u: &Update) -> Result<ApplyOutcome, PortError> {
+        let inner = self.inner.clone();
+        let u = u.clone();
+        self.client.with(move |c| inner.apply_on(c, &u))
+    }
+}
+
+impl SinkInner {
+    fn apply_on(&self, c: &mut Client, u: &Update) -> Result<ApplyOutcome, PortError> {
+        let mut tx = c.transaction().map_err(port("begin"))?;
+        if let Some(r) = tx
+            .query_opt(
+                "SELECT status, reason FROM tether.inbox WHERE update_id = $1",
+                &[&u.update_id],
+            )
+            .map_err(port("reading inbox"))?
+        {
+            let status: String = r.get(0);
+            return Ok(ApplyOutcome {
+                status: match status.as_str() {
+                    "applied" => UpdateStatus::Applied,
+                    "conflict" => UpdateStatus::Conflict,
+                    _ => UpdateStatus::Failed,
+                },
+                reason: r.get(1),
+                duplicate: true,
+            });
+        }
+        tx.execute("SELECT set_config('tether.apply', '1', true)", &[])
+            .map_err(port("setting tether.apply"))?;
+        tx.batch_execute("SAVEPOINT tether_apply")
+            .map_err(port("savepoint"))?;
+        let result = self
+            .table_for(&mut tx, &u.entity)
+            .and_then(|t| apply_one(&mut tx, &t, u).map(|o| (o, t.cfg.conflict)));
+        let (status, reason) = match result {
+            Ok((Outcome::Applied, _)) => {
+                tx.batch_execute("RELEASE SAVEPOINT tether_apply")
+                    .map_err(port("release"))?;
+                (UpdateStatus::Applied, None)
+            }
+            Ok((Outcome::Conflict(why), policy)) => {
+                tx.batch_execute("ROLLBACK TO SAVEPOINT tether_apply")
+                    .map_err(port("rollback"))?;
+                tx.execute(
+                    "INSERT INTO tether.conflicts (update_id, entity, key_json, policy, reason, cloud_row) VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[&u.update_id, &u.entity, &Value::Object(u.key.clone()), &policy.as_str(), &why, &u.row.clone().map(Value::Object)],
+                )
+                .map_err(port("recording conflict"))?;
+                (UpdateStatus::Conflict, Some(why.to_string()))
+            }
+            Err(reason) => {
+                tx.batch_execute("ROLLBACK TO SAVEPOINT tether_apply")
+                    .map_err(port("rollback"))?;
+                (UpdateStatus::Failed, Some(reason))
+            }
+        };
+        tx.execute(
+            "INSERT INTO tether.inbox (update_id, status, reason) VALUES ($1, $2, $3)",
+            &[&u.update_id, &status.as_str(), &reason],
+        )
+        .map_err(port("writing inbox"))?;
+        tx.commit().map_err(port("commit"))?;
+        Ok(ApplyOutcome {
+            status,
+            reason,
+            duplicate: false,
+        })
+    }
+}
+
+/// Progress of a snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotProgress {
+    pub done: u64,
+    pub total: u64,
+}
+
+/// Sends every current row of `t` as an `update` event, in key order, `chunk` rows per
+/// transaction; the position is saved with each chunk, so a crash resumes where it stopped.
+/// Each chunk takes `FOR SHARE` locks on the rows it sends: a live update of such a row either
+/// committed before (and the chunk sends its new version, after the live event) or waits for the
+/// chunk (and its event comes after the snapshot row). Either way the last event of every key
+/// is the row as it is.
+pub fn snapshot(
+    conn: &str,
+    t: &TableConfig,
+    chunk: i64,
+    progress: &mut dyn FnMut(SnapshotProgress),
+) -> Result<SnapshotProgress, PgError> {
+    let mut c = connect(conn)?;
+    let table = qq(&t.table);
+    let key_list = t.key.iter().map(|k| qi(k)).collect::<Vec<_>>().join(", ");
+    let state_name = format!("snapshot:{}", t.table);
+    let keys = serde_json::to_string(&t.key).unwrap_or_else(|_| "[]".into());
+    let total: i64 = c
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .map_err(sql("counting rows"))?
+        .get(0);
+    let mut p = SnapshotProgress {
+        done: 0,
+        total: total as u64,
+    };
+    loop {
+        let mut tx = c.transaction().map_err(sql("begin"))?;
+        let (cursor, done): (Option<String>, i64) = tx
+            .query_opt(
+                "SELECT text_value, value FROM tether.state WHERE name = $1",
+                &[&state_name],
+            )
+            .map_err(sql("reading snapshot position"))?
+            .map(|r| (r.get(0), r.get(1)))
+            .unwrap_or((None, 0));
+        if cursor.as_deref() == Some("done") {
+            p.done = done as u64;
+            tx.commit().map_err(sql("commit"))?;
+            return Ok(p);
+        }
+        let after = match &cursor {
+            Some(k) => format!(
+                "WHERE ({key_list}) > (SELECT {key_list} FROM jsonb_populate_record(NULL::{table}, {}::jsonb))",
+                ql(k)
+            ),
+            None => String::new(),
+        };
+        let key_of = format!(
+            "(SELECT jsonb_object_agg(k, r -> k) FROM jsonb_array_elements_text({}::jsonb) k)",
+            ql(&keys)
+        );
+        let stmt = format!(
+            "WITH locked AS (SELECT t.* FROM {table} t {after} ORDER BY {key_list} LIMIT {chunk} FOR SHARE), \
+             chunk AS (SELECT to_jsonb(l) AS r, row_number() OVER (ORDER BY {key_list}) AS rn FROM locked l), \
+             ins AS (INSERT INTO tether.outbox (entity, op, key_json, row_json) \
+                 SELECT {ent}, 'update', {key_of}, r FROM chunk ORDER BY rn RETURNING 1) \
+             SELECT (SELECT count(*) FROM ins), (SELECT {key_of}::text FROM chunk ORDER BY rn DESC LIMIT 1)",
+            ent = ql(&t.entity),
+        );
+        let row = tx.query_one(&stmt, &[]).map_err(sql("snapshot chunk"))?;
+        let n: i64 = row.get(0);
+        let last: Option<String> = row.get(1);
+        let done = done + n;
+        let next = if n < chunk {
+            Some("done".to_string())
+        } else {
+            last
+        };
+        tx.execute(
+            "INSERT INTO tether.state (name, value, text_value) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, text_value = EXCLUDED.text_value",
+            &[&state_name, &done, &next],
+        )
+        .map_err(sql("saving snapshot position"))?;
+        tx.commit().map_err(sql("commit"))?;
+        p.done = done as u64;
+        progress(p);
+        if n < chunk {
+            return Ok(p);
+        }
+    }
+}

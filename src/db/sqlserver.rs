@@ -1,0 +1,831 @@
+//! SQL Server adapter (tiberius 0.12 through a bb8-tiberius 0.16 pool). Works on Express
+//! (2016+): no CDC, no SQL Agent.
+//!
+//! Installed in schema `tether`: `outbox` (identity `seq` + `rowversion` `rv`), `state`,
+//! `inbox`, `conflicts`, and one `AFTER INSERT, UPDATE, DELETE` trigger per synced table that
+//! writes set-based from `inserted`/`deleted` (multi-row statements) with the row as JSON
+//! (`FOR JSON PATH, WITHOUT_ARRAY_WRAPPER, INCLUDE_NULL_VALUES`), skipping rows written by the
+//! applier (`SESSION_CONTEXT(N'tether.apply') = 1`).
+//!
+//! ## Commit-order safety
+//! Events are read and numbered by `rowversion`, not by the identity: only rows with
+//! `rv < MIN_ACTIVE_ROWVERSION()` are read. Every row a still-open or future transaction will
+//! make visible has `rv >= MIN_ACTIVE_ROWVERSION()`, so the set read is closed and a cursor on
+//! `rv` never skips a row. A second writer to the same row waits for the first's lock and gets
+//! a higher `rv`, so per-row order holds. The event `seq` on the wire is `CAST(rv AS bigint)`.
+//!
+//! Every call runs under `agent.database.timeout` (tiberius has no timeout of its own).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use tether_actors::ports::{ApplyOutcome, ChangeSink, ChangeSource, Checkpoint, PortError};
+use tether_schemas::{Event, Op, Update, UpdateOp, UpdateStatus};
+
+use crate::config::{ConflictPolicy, TableConfig};
+
+/// `[name]` with `]` doubled.
+pub fn bracket(name: &str) -> String {
+    format!("[{}]", name.replace(']', "]]"))
+}
+
+/// `[schema].[table]`; `dbo` when the name has no schema.
+pub fn bracket_qualified(name: &str) -> String {
+    match name.split_once('.') {
+        Some((s, t)) => format!("{}.{}", bracket(s), bracket(t)),
+        None => format!("[dbo].{}", bracket(name)),
+    }
+}
+
+/// `N'…'` with quotes doubled.
+pub fn nliteral(s: &str) -> String {
+    format!("N'{}'", s.replace('\'', "''"))
+}
+
+pub const BASE_SCHEMA: &str = "\
+IF SCHEMA_ID(N'tether') IS NULL EXEC(N'CREATE SCHEMA tether');
+IF OBJECT_ID(N'tether.outbox', N'U') IS NULL
+BEGIN
+    CREATE TABLE tether.outbox (
+        seq bigint IDENTITY(1,1) NOT NULL PRIMARY KEY,
+        rv rowversion NOT NULL,
+        entity nvarchar(128) NOT NULL,
+        op varchar(10) NOT NULL,
+        key_json nvarchar(max) NOT NULL,
+        row_json nvarchar(max) NULL,
+        committed_at datetime2(3) NOT NULL DEFAULT SYSUTCDATETIME()
+    );
+    CREATE UNIQUE INDEX outbox_rv ON tether.outbox (rv);
+END;
+IF OBJECT_ID(N'tether.state', N'U') IS NULL
+    CREATE TABLE tether.state (name nvarchar(400) NOT NULL PRIMARY KEY, value bigint NOT NULL, text_value nvarchar(max) NULL);
+IF OBJECT_ID(N'tether.inbox', N'U') IS NULL
+    CREATE TABLE tether.inbox (update_id nvarchar(100) NOT NULL PRIMARY KEY, status varchar(10) NOT NULL, reason nvarchar(max) NULL, applied_at datetime2(3) NOT NULL DEFAULT SYSUTCDATETIME());
+IF OBJECT_ID(N'tether.conflicts', N'U') IS NULL
+    CREATE TABLE tether.conflicts (id bigint IDENTITY(1,1) PRIMARY KEY, update_id nvarchar(100) NOT NULL, entity nvarchar(128) NOT NULL, key_json nvarchar(max) NOT NULL, policy varchar(20) NOT NULL, reason nvarchar(400) NOT NULL, cloud_row nvarchar(max) NULL, at datetime2(3) NOT NULL DEFAULT SYSUTCDATETIME());
+";
+
+fn trigger_name(t: &TableConfig) -> String {
+    format!(
+        "[tether].{}",
+        bracket(&format!("capture_{}", t.table.replace('.', "_")))
+    )
+}
+
+/// The capture trigger of one table (T-SQL; one batch).
+pub fn trigger_sql(t: &TableConfig) -> String {
+    let key_json = |alias: &str| {
+        let cols: Vec<String> = t
+            .key
+            .iter()
+            .map(|k| format!("{alias}.{} AS {}", bracket(k), bracket(k)))
+            .collect();
+        format!(
+            "(SELECT {} FOR JSON PATH, WITHOUT_ARRAY_WRAPPER, INCLUDE_NULL_VALUES)",
+            cols.join(", ")
+        )
+    };
+    let row_json = |alias: &str| {
+        format!("(SELECT {alias}.* FOR JSON PATH, WITHOUT_ARRAY_WRAPPER, INCLUDE_NULL_VALUES)")
+    };
+    let same_key = |a: &str, b: &str| {
+        t.key
+            .iter()
+            .map(|k| format!("{a}.{c} = {b}.{c}", c = bracket(k)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    let ent = nliteral(&t.entity);
+    format!(
+        "CREATE OR ALTER TRIGGER {name} ON {table} AFTER INSERT, UPDATE, DELETE AS\n\
+         BEGIN\n\
+         \x20   SET NOCOUNT ON;\n\
+         \x20   IF CAST(SESSION_CONTEXT(N'tether.apply') AS int) = 1 RETURN;\n\
+         \x20   INSERT INTO tether.outbox (entity, op, key_json, row_json)\n\
+         \x20       SELECT {ent}, 'delete', {dkey}, {drow} FROM deleted d\n\
+         \x20       WHERE NOT EXISTS (SELECT 1 FROM inserted i WHERE {di});\n\
+         \x20   INSERT INTO tether.outbox (entity, op, key_json, row_json)\n\
+         \x20       SELECT {ent}, CASE WHEN EXISTS (SELECT 1 FROM deleted d WHERE {di}) THEN 'update' ELSE 'insert' END, {ikey}, {irow}\n\
+         \x20       FROM inserted i;\n\
+         END",
+        name = trigger_name(t),
+        table = bracket_qualified(&t.table),
+        dkey = key_json("d"),
+        drow = row_json("d"),
+        ikey = key_json("i"),
+        irow = row_json("i"),
+        di = same_key("d", "i"),
+    )
+}
+
+/// The whole install script (what `tether agent install` runs), as separate batches.
+pub fn install_script(tables: &[TableConfig]) -> Vec<String> {
+    let mut batches = vec![BASE_SCHEMA.to_string()];
+    for t in tables {
+        batches.push(format!(
+            "IF OBJECT_ID(N'{}', N'TR') IS NOT NULL DROP TRIGGER {}",
+            trigger_name(t).replace('\'', "''"),
+            trigger_name(t)
+        ));
+        if t.direction.up() {
+            batches.push(trigger_sql(t));
+        }
+    }
+    batches
+}
+
+/// Removes every trigger and table `install_script` created.
+pub fn uninstall_script(tables: &[TableConfig]) -> Vec<String> {
+    let mut batches: Vec<String> = tables
+        .iter()
+        .map(|t| {
+            format!(
+                "IF OBJECT_ID(N'{}', N'TR') IS NOT NULL DROP TRIGGER {}",
+                trigger_name(t).replace('\'', "''"),
+                trigger_name(t)
+            )
+        })
+        .collect();
+    for table in ["outbox", "state", "inbox", "conflicts"] {
+        batches.push(format!("DROP TABLE IF EXISTS tether.{table}"));
+    }
+    batches.push("IF SCHEMA_ID(N'tether') IS NOT NULL EXEC(N'DROP SCHEMA tether')".into());
+    batches
+}
+
+/// Reads committed rows after a rowversion cursor, in rowversion order.
+pub const READ_SQL: &str =
+    "SELECT TOP (@P2) CAST(rv AS bigint) AS seq, entity, op, key_json, row_json, \
+    CONVERT(varchar(30), committed_at, 127) + 'Z' AS committed_at \
+    FROM tether.outbox WITH (READCOMMITTEDLOCK) \
+    WHERE rv > CAST(@P1 AS binary(8)) AND rv < MIN_ACTIVE_ROWVERSION() ORDER BY rv";
+
+/// The MERGE that applies an upsert; `types` maps each column to its declared SQL type.
+pub fn merge_sql(t: &TableConfig, cols: &[String], types: &HashMap<String, String>) -> String {
+    let with: Vec<String> = cols
+        .iter()
+        .map(|c| {
+            let ty = types
+                .get(c)
+                .cloned()
+                .unwrap_or_else(|| "nvarchar(max)".into());
+            format!(
+                "{} {ty} {}",
+                bracket(c),
+                nliteral(&format!("$.\"{}\"", c.replace('"', "\\\"")))
+            )
+        })
+        .collect();
+    let on: Vec<String> = t
+        .key
+        .iter()
+        .map(|k| format!("target.{c} = src.{c}", c = bracket(k)))
+        .collect();
+    let sets: Vec<String> = cols
+        .iter()
+        .filter(|c| !t.key.contains(c))
+        .map(|c| format!("target.{q} = src.{q}", q = bracket(c)))
+        .collect();
+    let list: Vec<String> = cols.iter().map(|c| bracket(c)).collect();
+    let src_list: Vec<String> = cols.iter().map(|c| format!("src.{}", bracket(c))).collect();
+    let matched = if sets.is_empty() {
+        String::new()
+    } else {
+        format!(" WHEN MATCHED THEN UPDATE SET {}", sets.join(", "))
+    };
+    format!(
+        "MERGE {table} WITH (HOLDLOCK) AS target USING (SELECT * FROM OPENJSON(@P1) WITH ({with})) AS src ON {on}{matched} \
+         WHEN NOT MATCHED THEN INSERT ({list}) VALUES ({src_list});",
+        table = bracket_qualified(&t.table),
+        with = with.join(", "),
+        on = on.join(" AND "),
+        list = list.join(", "),
+        src_list = src_list.join(", "),
+    )
+}
+
+/// The DELETE that applies a delete (key values from JSON in @P1).
+pub fn delete_sql(t: &TableConfig, types: &HashMap<String, String>) -> String {
+    let with: Vec<String> = t
+        .key
+        .iter()
+        .map(|k| {
+            let ty = types
+                .get(k)
+                .cloned()
+                .unwrap_or_else(|| "nvarchar(max)".into());
+            format!(
+                "{} {ty} {}",
+                bracket(k),
+                nliteral(&format!("$.\"{}\"", k.replace('"', "\\\"")))
+            )
+        })
+        .collect();
+    let on: Vec<String> = t
+        .key
+        .iter()
+        .map(|k| format!("target.{c} = src.{c}", c = bracket(k)))
+        .collect();
+    format!(
+        "DELETE target FROM {table} AS target JOIN OPENJSON(@P1) WITH ({with}) AS src ON {on};",
+        table = bracket_qualified(&t.table),
+        with = with.join(", "),
+        on = on.join(" AND ")
+    )
+}
+
+/// A column's declared type, as OPENJSON `WITH` needs it.
+pub fn declared_type(
+    data_type: &str,
+    max_len: Option<i32>,
+    precision: Option<u8>,
+    scale: Option<i32>,
+) -> String {
+    let dt = data_type.to_ascii_lowercase();
+    match dt.as_str() {
+        "nvarchar" | "varchar" | "nchar" | "char" | "varbinary" | "binary" => match max_len {
+            Some(-1) | None => format!("{dt}(max)"),
+            Some(n) => format!("{dt}({n})"),
+        },
+        "decimal" | "numeric" => {
+            format!("{dt}({},{})", precision.unwrap_or(18), scale.unwrap_or(0))
+        }
+        "datetime2" | "datetimeoffset" | "time" => match scale {
+            Some(s) => format!("{dt}({s})"),
+            None => dt,
+        },
+        "text" | "ntext" => "nvarchar(max)".into(),
+        _ => dt,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MssqlError {
+    #[error("agent.database.connection: {0}")]
+    Config(String),
+    #[error("SQL Server: {0}")]
+    Sql(String),
+    #[error("SQL Server call timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+type Pool = bb8::Pool<bb8_tiberius::ConnectionManager>;
+
+/// A pooled connection with its own small runtime; ports call it from the blocking pool.
+pub struct MssqlDb {
+    /// Always `Some` until dropped (taken out so an async thread can drop us safely).
+    rt: Option<tokio::runtime::Runtime>,
+    pool: Pool,
+    timeout: Duration,
+}
+
+impl MssqlDb {
+    /// `connection` is an ADO string; `ca` a PEM CA for the server certificate.
+    pub fn connect(
+        connection: &str,
+        ca: Option<&std::path::Path>,
+        timeout: Duration,
+    ) -> Result<Arc<Self>, MssqlError> {
+        let mut config = tiberius::Config::from_ado_string(connection)
+            .map_err(|e| MssqlError::Config(e.to_string()))?;
+        if let Some(ca) = ca {
+            config.trust_cert_ca(ca.display().to_string());
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| MssqlError::Sql(e.to_string()))?;
+        let mgr = bb8_tiberius::ConnectionManager::new(config);
+        let pool = rt
+            .block_on(async {
+                tokio::time::timeout(
+                    timeout,
+                    bb8::Pool::builder()
+                        .max_size(4)
+                        .connection_timeout(timeout)
+                        .build(mgr),
+                )
+                .await
+            })
+            .map_err(|_| MssqlError::Timeout(timeout))?
+            .map_err(|e| MssqlError::Sql(e.to_string()))?;
+        Ok(Arc::new(MssqlDb {
+            rt: Some(rt),
+            pool,
+            timeout,
+        }))
+    }
+
+    /// Runs `f` on a pooled connection under the timeout.
+    pub fn run<T, F>(&self, f: F) -> Result<T, MssqlError>
+    where
+        F: for<'c> FnOnce(
+            &'c mut bb8::PooledConnection<'_, bb8_tiberius::ConnectionManager>,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T, tiberius::error::Error>> + 'c>,
+        >,
+    {
+        let timeout = self.timeout;
+        let rt = self
+            .rt
+            .as_ref()
+            .ok_or_else(|| MssqlError::Sql("runtime stopped".into()))?;
+        rt.block_on(async {
+            tokio::time::timeout(timeout, async {
+                let mut conn = self
+                    .pool
+                    .get()
+                    .await
+                    .map_err(|e| MssqlError::Sql(e.to_string()))?;
+                f(&mut conn)
+                    .await
+                    .map_err(|e| MssqlError::Sql(e.to_string()))
+            })
+            .await
+            .map_err(|_| MssqlError::Timeout(timeout))?
+        })
+    }
+
+    /// Runs a script of batches (install/uninstall).
+    pub fn batches(&self, batches: &[String]) -> Result<(), MssqlError> {
+        for b in batches {
+            let b = b.clone();
+            self.run(move |c| {
+                Box::pin(async move { c.simple_query(b).await?.into_results().await.map(|_| ()) })
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MssqlDb {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks; the last owner may be an actor on an async thread.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn port(e: MssqlError) -> PortError {
+    PortError::new(e.to_string())
+}
+
+fn parse_obj(
+    text: Option<&str>,
+    what: &str,
+    seq: i64,
+) -> Result<Option<Map<String, Value>>, PortError> {
+    match text {
+        None => Ok(None),
+        Some(t) => match serde_json::from_str::<Value>(t) {
+            Ok(Value::Object(m)) => Ok(Some(m)),
+            _ => Err(PortError::new(format!(
+                "outbox seq={seq}: {what} is not a JSON object"
+            ))),
+        },
+    }
+}
+
+pub struct MssqlSource(pub Arc<MssqlDb>);
+
+impl ChangeSource for MssqlSource {
+    fn change_token(&self) -> Result<u64, PortError> {
+        // Any commit moves MIN_ACTIVE_ROWVERSION or @@DBTS.
+        self.0
+            .run(|c| {
+                Box::pin(async move {
+                    let row = c
+                        .simple_query("SELECT CAST(@@DBTS AS bigint) ^ CAST(MIN_ACTIVE_ROWVERSION() AS bigint)")
+                        .await?
+                        .into_row()
+                        .await?;
+                    Ok(row.and_then(|r| r.get::<i64, _>(0)).unwrap_or(0) as u64)
+                })
+            })
+            .map_err(port)
+    }
+
+    fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, PortError> {
+        type RawRow = (i64, String, String, String, Option<String>, String);
+        let rows: Vec<RawRow> = self
+            .0
+            .run(move |c| {
+                Box::pin(async move {
+                    let rows = c
+                        .query(READ_SQL, &[&(after as i64), &(limit as i64)])
+                        .await?
+                        .into_first_result()
+                        .await?;
+                    Ok(rows
+                        .iter()
+                        .map(|r| {
+                            (
+                                r.get::<i64, _>(0).unwrap_or(0),
+                                r.get::<&str, _>(1).unwrap_or("").to_string(),
+                                r.get::<&str, _>(2).unwrap_or("").to_string(),
+                                r.get::<&str, _>(3).unwrap_or("{}").to_string(),
+                                r.get::<&str, _>(4).map(str::to_string),
+                                r.get::<&str, _>(5).unwrap_or("").to_string(),
+                            )
+                        })
+                        .collect())
+                })
+            })
+            .map_err(port)?;
+        rows.into_iter()
+            .map(|(seq, entity, op, key, row, committed_at)| {
+                Ok(Event {
+                    seq: seq as u64,
+                    entity,
+                    op: Op::parse(&op).ok_or_else(|| {
+                        PortError::new(format!("outbox seq={seq}: unknown op `{op}`"))
+                    })?,
+                    key: parse_obj(Some(&key), "key_json", seq)?.unwrap_or_default(),
+                    row: parse_obj(row.as_deref(), "row_json", seq)?,
+                    committed_at,
+                })
+            })
+            .collect()
+    }
+}
+
+pub struct MssqlCheckpoint(pub Arc<MssqlDb>);
+
+impl Checkpoint for MssqlCheckpoint {
+    fn load(&self) -> Result<u64, PortError> {
+        self.0
+            .run(|c| {
+                Box::pin(async move {
+                    let row = c
+                        .simple_query("SELECT value FROM tether.state WHERE name = N'acked_seq'")
+                        .await?
+                        .into_row()
+                        .await?;
+                    Ok(row.and_then(|r| r.get::<i64, _>(0)).unwrap_or(0) as u64)
+                })
+            })
+            .map_err(port)
+    }
+
+    fn save(&self, acked: u64) -> Result<(), PortError> {
+        self.0
+            .run(move |c| {
+                Box::pin(async move {
+                    c.execute(
+                        "MERGE tether.state WITH (HOLDLOCK) AS t USING (SELECT N'acked_seq' AS name, @P1 AS value) AS s ON t.name = s.name \
+                         WHEN MATCHED AND t.value < s.value THEN UPDATE SET value = s.value \
+                         WHEN NOT MATCHED THEN INSERT (name, value) VALUES (s.name, s.value);",
+                        &[&(acked as i64)],
+                    )
+                    .await
+                    .map(|_| ())
+                })
+            })
+            .map_err(port)
+    }
+
+    fn purge(&self, acked: u64, retention: Duration) -> Result<usize, PortError> {
+        let secs = retention.as_secs() as i64;
+        self.0
+            .run(move |c| {
+                Box::pin(async move {
+                    c.execute(
+                        "DELETE FROM tether.outbox WHERE rv <= CAST(@P1 AS binary(8)) AND committed_at < DATEADD(second, -@P2, SYSUTCDATETIME())",
+                        &[&(acked as i64), &secs],
+                    )
+                    .await
+                    .map(|r| r.total() as usize)
+                })
+            })
+            .map_err(port)
+    }
+}
+
+pub struct MssqlSink {
+    db: Arc<MssqlDb>,
+    tables: Vec<TableConfig>,
+    types: Mutex<HashMap<String, Arc<HashMap<String, String>>>>,
+}
+
+impl MssqlSink {
+    pub fn new(db: Arc<MssqlDb>, tables: &[TableConfig]) -> Self {
+        MssqlSink {
+            db,
+            tables: tables.to_vec(),
+            types: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn column_types(&self, table: &str) -> Result<Arc<HashMap<String, String>>, PortError> {
+        if let Some(t) = self
+            .types
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(table)
+        {
+            return Ok(t.clone());
+        }
+        let (schema, name) = table.split_once('.').unwrap_or(("dbo", table));
+        let (schema, name) = (schema.to_string(), name.to_string());
+        let types: HashMap<String, String> = self
+            .db
+            .run(move |c| {
+                Box::pin(async move {
+                    let rows = c
+                        .query(
+                            "SELECT COLUMN_NAME, DATA_TYPE, CHARACTER_MAXIMUM_LENGTH, CAST(NUMERIC_PRECISION AS int), \
+                             COALESCE(NUMERIC_SCALE, DATETIME_PRECISION) FROM INFORMATION_SCHEMA.COLUMNS \
+                             WHERE TABLE_SCHEMA = @P1 AND TABLE_NAME = @P2",
+                            &[&schema.as_str(), &name.as_str()],
+                        )
+                        .await?
+                        .into_first_result()
+                        .await?;
+                    Ok(rows
+                        .iter()
+                        .map(|r| {
+                            let col = r.get::<&str, _>(0).unwrap_or("").to_string();
+                            let ty = declared_type(
+                                r.get::<&str, _>(1).unwrap_or("nvarchar"),
+                                r.get::<i32, _>(2),
+                                r.get::<i32, _>(3).map(|p| p as u8),
+                                r.get::<i32, _>(4),
+                            );
+                            (col, ty)
+                        })
+                        .collect())
+                })
+            })
+            .map_err(port)?;
+        let types = Arc::new(types);
+        self.types
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(table.to_string(), types.clone());
+        Ok(types)
+    }
+}
+
+impl ChangeSink for MssqlSink {
+    fn apply(&self, u: &Update) -> Result<ApplyOutcome, PortError> {
+        let Some(t) = self.tables.iter().find(|t| t.entity == u.entity).cloned() else {
+            return Ok(ApplyOutcome {
+                status: UpdateStatus::Failed,
+                reason: Some(format!(
+                    "entity `{}` is not mapped in agent.tables",
+                    u.entity
+                )),
+                duplicate: false,
+            });
+        };
+        if !t.direction.down() {
+            return Ok(ApplyOutcome {
+                status: UpdateStatus::Failed,
+                reason: Some(format!("entity `{}` is mapped with direction up", u.entity)),
+                duplicate: false,
+            });
+        }
+        let types = self.column_types(&t.table)?;
+        let mut row = u.row.clone().unwrap_or_default();
+        for (k, v) in &u.key {
+            row.insert(k.clone(), v.clone());
+        }
+        if let Some(bad) = row.keys().find(|c| !types.contains_key(*c)) {
+            return Ok(ApplyOutcome {
+                status: UpdateStatus::Failed,
+                reason: Some(format!("`{bad}` is not a column of `{}`", t.table)),
+                duplicate: false,
+            });
+        }
+        let cols: Vec<String> = row.keys().cloned().collect();
+        let stmt = match u.op {
+            UpdateOp::Upsert => merge_sql(&t, &cols, &types),
+            UpdateOp::Delete => delete_sql(&t, &types),
+        };
+        let conflict = |policy: &str, why: &str| {
+            let why = why.replace('\'', "''");
+            format!(
+                "BEGIN INSERT INTO tether.conflicts (update_id, entity, key_json, policy, reason, cloud_row) VALUES (@P2, @P3, @P4, '{policy}', N'{why}', @P1); \
+                 INSERT INTO tether.inbox (update_id, status, reason) VALUES (@P2, 'conflict', N'{why}'); COMMIT; \
+                 EXEC sp_set_session_context N'tether.apply', 0; SELECT 'conflict', N'{why}', 0; RETURN; END;"
+            )
+        };
+        let guard = match (t.conflict, t.version_column.as_deref(), u.op) {
+            (ConflictPolicy::ClinicWins, _, _) => format!(
+                "IF EXISTS (SELECT 1 FROM tether.outbox WHERE entity = @P3 AND key_json = @P4 AND rv > CAST(COALESCE((SELECT value FROM tether.state WHERE name = N'acked_seq'), 0) AS binary(8))) {}",
+                conflict("clinic_wins", super::CLINIC_CHANGE_PENDING)
+            ),
+            (ConflictPolicy::NewestWins, Some(vc), UpdateOp::Upsert) => {
+                let mut with_cols: Vec<String> = t.key.clone();
+                with_cols.push(vc.to_string());
+                let with: Vec<String> = with_cols
+                    .iter()
+                    .map(|c| {
+                        let ty = types.get(c).cloned().unwrap_or_else(|| "nvarchar(max)".into());
+                        format!("{} {ty} {}", bracket(c), nliteral(&format!("$.\"{}\"", c.replace('"', "\\\""))))
+                    })
+                    .collect();
+                let on: Vec<String> = t.key.iter().map(|k| format!("target.{c} = src.{c}", c = bracket(k))).collect();
+                format!(
+                    "IF EXISTS (SELECT 1 FROM {table} AS target JOIN OPENJSON(@P1) WITH ({with}) AS src ON {on} WHERE target.{v} > src.{v}) {c}",
+                    table = bracket_qualified(&t.table),
+                    with = with.join(", "),
+                    on = on.join(" AND "),
+                    v = bracket(vc),
+                    c = conflict("newest_wins", super::LOCAL_NEWER)
+                )
+            }
+            _ => String::new(),
+        };
+        let payload = serde_json::to_string(&row).map_err(|e| PortError::new(e.to_string()))?;
+        let key_text = serde_json::to_string(&u.key).map_err(|e| PortError::new(e.to_string()))?;
+        let id = u.update_id.clone();
+        let entity = u.entity.clone();
+        let batch = format!(
+            "SET XACT_ABORT OFF; EXEC sp_set_session_context N'tether.apply', 1; \
+             BEGIN TRY BEGIN TRAN; \
+               IF EXISTS (SELECT 1 FROM tether.inbox WHERE update_id = @P2) BEGIN SELECT status, reason, 1 FROM tether.inbox WHERE update_id = @P2; COMMIT; EXEC sp_set_session_context N'tether.apply', 0; RETURN; END; \
+               {guard} \
+               {stmt} \
+               INSERT INTO tether.inbox (update_id, status) VALUES (@P2, 'applied'); \
+               COMMIT; SELECT 'applied', NULL, 0; \
+             END TRY BEGIN CATCH \
+               IF @@TRANCOUNT > 0 ROLLBACK; \
+               INSERT INTO tether.inbox (update_id, status, reason) VALUES (@P2, 'failed', ERROR_MESSAGE()); \
+               SELECT 'failed', ERROR_MESSAGE(), 0; \
+             END CATCH; EXEC sp_set_session_context N'tether.apply', 0;"
+        );
+        let (status, reason, dup): (String, Option<String>, bool) = self
+            .db
+            .run(move |c| {
+                Box::pin(async move {
+                    let row = c
+                        .query(
+                            batch,
+                            &[
+                                &payload.as_str(),
+                                &id.as_str(),
+                                &entity.as_str(),
+                                &key_text.as_str(),
+                            ],
+                        )
+                        .await?
+                        .into_row()
+                        .await?;
+                    Ok(row
+                        .map(|r| {
+                            (
+                                r.get::<&str, _>(0).unwrap_or("failed").to_string(),
+                                r.get::<&str, _>(1).map(str::to_string),
+                                r.get::<i32, _>(2).unwrap_or(0) == 1,
+                            )
+                        })
+                        .unwrap_or(("failed".into(), Some("no result".into()), false)))
+                })
+            })
+            .map_err(port)?;
+        Ok(ApplyOutcome {
+            status: match status.as_str() {
+                "applied" => UpdateStatus::Applied,
+                "conflict" => UpdateStatus::Conflict,
+                _ => UpdateStatus::Failed,
+            },
+            reason,
+            duplicate: dup,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Direction;
+
+    fn odd() -> TableConfig {
+        TableConfig::new(
+            "clinic.My ]Table",
+            "odd",
+            &["the key", "k]2"],
+            Direction::Both,
+        )
+    }
+
+    #[test]
+    fn identifiers_and_literals_are_quoted() {
+        assert_eq!(bracket("a]b"), "[a]]b]");
+        assert_eq!(bracket_qualified("patients"), "[dbo].[patients]");
+        assert_eq!(bracket_qualified("s.t t"), "[s].[t t]");
+        assert_eq!(nliteral("it's"), "N'it''s'");
+    }
+
+    #[test]
+    fn trigger_is_set_based_quoted_and_skips_the_applier() {
+        let sql = trigger_sql(&odd());
+        assert!(sql.starts_with("CREATE OR ALTER TRIGGER [tether].[capture_clinic_My ]]Table] ON [clinic].[My ]]Table] AFTER INSERT, UPDATE, DELETE"), "{sql}");
+        assert!(sql.contains("IF CAST(SESSION_CONTEXT(N'tether.apply') AS int) = 1 RETURN;"));
+        // Set-based over inserted/deleted: no cursor, no per-row variables.
+        assert!(sql.contains("FROM deleted d") && sql.contains("FROM inserted i"));
+        assert!(!sql.to_ascii_uppercase().contains("CURSOR"));
+        assert!(sql.contains("FOR JSON PATH, WITHOUT_ARRAY_WRAPPER, INCLUDE_NULL_VALUES"));
+        assert!(
+            sql.contains("d.[the key] = i.[the key] AND d.[k]]2] = i.[k]]2]"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("(SELECT i.[the key] AS [the key], i.[k]]2] AS [k]]2] FOR JSON PATH"),
+            "{sql}"
+        );
+        assert_eq!(sql.matches("INSERT INTO tether.outbox").count(), 2);
+    }
+
+    #[test]
+    fn install_and_uninstall_scripts_cover_every_object() {
+        let up = TableConfig::new("payments", "payment", &["id"], Direction::Up);
+        let down = TableConfig::new("fees", "fee", &["id"], Direction::Down);
+        let install = install_script(&[up.clone(), down.clone()]);
+        assert!(
+            install[0].contains("CREATE TABLE tether.outbox")
+                && install[0].contains("rv rowversion")
+        );
+        assert!(install
+            .iter()
+            .any(|b| b.contains("CREATE OR ALTER TRIGGER [tether].[capture_payments]")));
+        assert!(
+            !install
+                .iter()
+                .any(|b| b.contains("CREATE OR ALTER TRIGGER [tether].[capture_fees]")),
+            "down-only tables are not captured"
+        );
+        let un = uninstall_script(&[up, down]).join("\n");
+        for obj in [
+            "DROP TRIGGER [tether].[capture_payments]",
+            "tether.outbox",
+            "tether.state",
+            "tether.inbox",
+            "tether.conflicts",
+            "DROP SCHEMA tether",
+        ] {
+            assert!(un.contains(obj), "{obj} not dropped:\n{un}");
+        }
+    }
+
+    #[test]
+    fn reads_are_bounded_by_min_active_rowversion() {
+        assert!(READ_SQL.contains("rv < MIN_ACTIVE_ROWVERSION()"));
+        assert!(READ_SQL.contains("ORDER BY rv"));
+        assert!(READ_SQL.contains("CAST(rv AS bigint) AS seq"));
+    }
+
+    #[test]
+    fn merge_and_delete_use_declared_types() {
+        let t = odd();
+        let types: HashMap<String, String> = [
+            ("the key".to_string(), "int".to_string()),
+            ("k]2".to_string(), "nvarchar(20)".to_string()),
+            (
+                "amount".to_string(),
+                declared_type("decimal", None, Some(10), Some(2)),
+            ),
+        ]
+        .into();
+        let cols = vec![
+            "the key".to_string(),
+            "k]2".to_string(),
+            "amount".to_string(),
+        ];
+        let m = merge_sql(&t, &cols, &types);
+        assert!(
+            m.starts_with("MERGE [clinic].[My ]]Table] WITH (HOLDLOCK)"),
+            "{m}"
+        );
+        assert!(m.contains("[amount] decimal(10,2) N'$.\"amount\"'"), "{m}");
+        assert!(
+            m.contains("ON target.[the key] = src.[the key] AND target.[k]]2] = src.[k]]2]"),
+            "{m}"
+        );
+        assert!(
+            m.contains("WHEN MATCHED THEN UPDATE SET target.[amount] = src.[amount]"),
+            "{m}"
+        );
+        let d = delete_sql(&t, &types);
+        assert!(
+            d.starts_with("DELETE target FROM [clinic].[My ]]Table] AS target JOIN OPENJSON(@P1)"),
+            "{d}"
+        );
+        assert_eq!(
+            declared_type("nvarchar", Some(-1), None, None),
+            "nvarchar(max)"
+        );
+        assert_eq!(
+            declared_type("datetime2", None, None, Some(7)),
+            "datetime2(7)"
+        );
+        assert_eq!(
+            declared_type("uniqueidentifier", None, None, None),
+            "uniqueidentifier"
+        );
+    }
+}

@@ -1,0 +1,704 @@
+//! PostgreSQL adapter, live against the server on 127.0.0.1:5432 (override with TETHER_TEST_PG),
+//! in a database created for this run and dropped after. These tests fail, never skip, when
+//! PostgreSQL is unreachable.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use postgres::{Client, NoTls};
+use serde_json::{json, Value};
+use tether::config::{ConflictPolicy, Direction, TableConfig};
+use tether::db::postgres::{self as pg, PgCheckpoint, PgSink, PgSource};
+use tether_actors::ports::{ChangeSink, ChangeSource, Checkpoint};
+use tether_schemas::{Op, Update, UpdateOp, UpdateStatus};
+
+fn admin_url() -> String {
+    std::env::var("TETHER_TEST_PG")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".into())
+}
+
+/// A uniquely named database, dropped when this is dropped.
+struct TestDb {
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    fn new() -> TestDb {
+        let name = format!(
+            "tether_t_{}_{:x}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let mut admin = Client::connect(&admin_url(), NoTls).unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL must be running for these tests ({}): {e}",
+                admin_url()
+            )
+        });
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("create database");
+        let url = format!("{} dbname={name}", admin_url().replace("dbname=test", ""));
+        let db = TestDb { name, url };
+        db.client()
+            .batch_execute(
+                "CREATE TABLE patients (id bigint PRIMARY KEY, name text NOT NULL, dob date, balance numeric(10,2), \
+                   photo bytea, external uuid, seen_at timestamptz, active boolean, version int NOT NULL DEFAULT 1);
+                 CREATE TABLE payments (id bigserial PRIMARY KEY, patient_id bigint NOT NULL, amount_cents int NOT NULL);
+                 CREATE TABLE scratch (id int);",
+            )
+            .expect("schema");
+        db
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.url, NoTls).expect("connect test db")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = Client::connect(&admin_url(), NoTls) {
+            let _ = admin.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ));
+        }
+    }
+}
+
+fn tables(policy: ConflictPolicy) -> Vec<TableConfig> {
+    let mut p = TableConfig::new("patients", "patient", &["id"], Direction::Both);
+    p.conflict = policy;
+    p.version_column = Some("version".into());
+    vec![
+        p,
+        TableConfig::new("payments", "payment", &["id"], Direction::Up),
+    ]
+}
+
+fn update(id: &str, op: UpdateOp, key: i64, row: Option<Value>) -> Update {
+    Update {
+        update_id: id.into(),
+        entity: "patient".into(),
+        op,
+        key: json!({"id": key}).as_object().cloned().unwrap_or_default(),
+        row: row.and_then(|r| r.as_object().cloned()),
+    }
+}
+
+/// The history check at adapter level: everything committed is read exactly once, in order.
+fn read_all(src: &PgSource) -> Vec<tether_schemas::Event> {
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let batch = src.read_after(after, 7).expect("read");
+        if batch.is_empty() {
+            return out;
+        }
+        after = batch.last().map(|e| e.seq).unwrap_or(after);
+        out.extend(batch);
+    }
+}
+
+#[test]
+fn install_captures_multi_row_statements_and_uninstall_removes_everything() {
+    let db = TestDb::new();
+    let t = tables(ConflictPolicy::CloudWins);
+    pg::install(&db.url, &t).expect("install");
+    pg::install(&db.url, &t).expect("install is idempotent");
+    let mut c = db.client();
+    c.batch_execute(
+        "INSERT INTO patients (id, name, dob, balance, photo, external, seen_at, active) VALUES
+           (1, 'a', '1980-01-02', 12.50, '\\x00ff', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '2026-01-01T10:00:00Z', true),
+           (2, 'b', NULL, NULL, NULL, NULL, NULL, NULL);
+         UPDATE patients SET name = upper(name);
+         UPDATE patients SET id = 10 WHERE id = 1;
+         DELETE FROM patients WHERE id = 2;
+         INSERT INTO payments (patient_id, amount_cents) SELECT g, g * 100 FROM generate_series(1, 5) g;",
+    )
+    .expect("writes");
+    let src = PgSource::open(&db.url).expect("source");
+    let events = read_all(&src);
+    let ops: Vec<(&str, &str, i64)> = events
+        .iter()
+        .map(|e| {
+            (
+                e.entity.as_str(),
+                e.op.as_str(),
+                e.key["id"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    assert_eq!(
+        &ops[..7],
+        &[
+            ("patient", "insert", 1),
+            ("patient", "insert", 2),
+            ("patient", "update", 1),
+            ("patient", "update", 2),
+            ("patient", "delete", 1),
+            ("patient", "update", 10),
+            ("patient", "delete", 2),
+        ]
+    );
+    assert_eq!(ops[7..].iter().filter(|o| o.0 == "payment").count(), 5);
+    let first = events[0].row.as_ref().expect("row");
+    assert_eq!(first["balance"], json!(12.50));
+    assert_eq!(first["dob"], json!("1980-01-02"));
+    assert_eq!(first["photo"], json!("\\x00ff"));
+    assert_eq!(
+        first["external"],
+        json!("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")
+    );
+    pg::uninstall(&db.url, &t).expect("uninstall");
+    let left: i64 = c
+        .query_one(
+            "SELECT count(*) FROM information_schema.schemata WHERE schema_name = 'tether'",
+            &[],
+        )
+        .expect("q")
+        .get(0);
+    assert_eq!(left, 0);
+    let triggers: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgname = 'tether_capture'",
+            &[],
+        )
+        .expect("q")
+        .get(0);
+    assert_eq!(triggers, 0);
+    c.batch_execute("INSERT INTO patients (id, name) VALUES (99, 'still works')")
+        .expect("plain insert");
+}
+
+#[test]
+fn out_of_order_commits_are_never_skipped() {
+    let db = TestDb::new();
+    pg::install(&db.url, &tables(ConflictPolicy::CloudWins)).expect("install");
+    let src = PgSource::open(&db.url).expect("source");
+    let mut early = db.client();
+    let mut late = db.client();
+    // `early` takes its transaction id first (a write elsewhere), `late` takes seq 1, then
+    // `early` takes seq 2 and commits while `late` is still open.
+    let mut t_early = early.transaction().expect("begin");
+    t_early
+        .execute("INSERT INTO scratch VALUES (1)", &[])
+        .expect("txid");
+    let mut t_late = late.transaction().expect("begin");
+    t_late
+        .execute("INSERT INTO patients (id, name) VALUES (1, 'late')", &[])
+        .expect("seq 1");
+    t_early
+        .execute("INSERT INTO patients (id, name) VALUES (2, 'early')", &[])
+        .expect("seq 2");
+    t_early.commit().expect("commit early");
+    assert!(
+        src.read_after(0, 100).expect("read").is_empty(),
+        "seq 2 must wait for seq 1"
+    );
+    t_late.commit().expect("commit late");
+    let seqs: Vec<u64> = read_all(&src).iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![1, 2]);
+
+    // A rolled-back transaction leaves a hole that is passed once nothing can fill it.
+    let mut t = early.transaction().expect("begin");
+    t.execute(
+        "INSERT INTO patients (id, name) VALUES (3, 'rolled back')",
+        &[],
+    )
+    .expect("seq 3");
+    t.rollback().expect("rollback");
+    early
+        .execute("INSERT INTO patients (id, name) VALUES (4, 'after')", &[])
+        .expect("seq 4");
+    // The hole is passed once every transaction older than it has ended (other tests' open
+    // transactions on this server can delay that a little).
+    let mut batch = Vec::new();
+    common::poll_blocking(
+        "the rolled-back hole to be passed",
+        Duration::from_secs(20),
+        || {
+            batch = src.read_after(2, 100).expect("read");
+            !batch.is_empty()
+        },
+    );
+    assert_eq!(batch.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4]);
+}
+
+#[test]
+fn concurrent_writers_holding_transactions_open_lose_nothing() {
+    let db = TestDb::new();
+    pg::install(&db.url, &tables(ConflictPolicy::CloudWins)).expect("install");
+    let src = Arc::new(PgSource::open(&db.url).expect("source"));
+    let writers = 6;
+    let per = 40;
+    let barrier = Arc::new(Barrier::new(writers));
+    let mut handles = Vec::new();
+    for w in 0..writers {
+        let url = db.url.clone();
+        let barrier = barrier.clone();
+        handles.push(std::thread::spawn(move || {
+            let mut c = Client::connect(&url, NoTls).expect("connect");
+            barrier.wait();
+            for i in 0..per {
+                let mut t = c.transaction().expect("begin");
+                if i % 3 == 0 {
+                    t.execute("INSERT INTO scratch VALUES (1)", &[])
+                        .expect("txid first");
+                }
+                t.execute(
+                    "INSERT INTO payments (patient_id, amount_cents) VALUES ($1, $2)",
+                    &[&(w as i64), &(i as i32)],
+                )
+                .expect("insert");
+                // Hold some transactions open while others commit.
+                if (i + w) % 4 == 0 {
+                    std::thread::sleep(Duration::from_millis(3));
+                }
+                if i % 11 == 5 {
+                    t.rollback().expect("rollback");
+                } else {
+                    t.commit().expect("commit");
+                }
+            }
+        }));
+    }
+    // Read continuously while they write, as the watcher does.
+    let mut got = Vec::new();
+    let mut after = 0;
+    let reader_src = src.clone();
+    while handles.iter().any(|h| !h.is_finished()) {
+        let batch = reader_src.read_after(after, 13).expect("read");
+        if let Some(l) = batch.last() {
+            after = l.seq;
+        }
+        got.extend(batch);
+    }
+    for h in handles {
+        h.join().expect("writer");
+    }
+    common::poll_blocking("the tail to be read", Duration::from_secs(10), || {
+        let batch = src.read_after(after, 1000).expect("read");
+        if let Some(l) = batch.last() {
+            after = l.seq;
+        }
+        got.extend(batch);
+        let committed: i64 = db
+            .client()
+            .query_one("SELECT count(*) FROM payments", &[])
+            .expect("q")
+            .get(0);
+        got.len() as i64 == committed
+    });
+    let mut c = db.client();
+    let committed: Vec<i64> = c
+        .query("SELECT seq FROM tether.outbox ORDER BY seq", &[])
+        .expect("q")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let read: Vec<i64> = got.iter().map(|e| e.seq as i64).collect();
+    assert_eq!(
+        read, committed,
+        "every committed row read exactly once, in order"
+    );
+    assert!(committed.len() >= writers * per * 9 / 10);
+}
+
+#[test]
+fn applied_updates_are_not_echoed_and_redelivery_changes_nothing() {
+    let db = TestDb::new();
+    pg::install(&db.url, &tables(ConflictPolicy::CloudWins)).expect("install");
+    let sink = PgSink::open(&db.url, &tables(ConflictPolicy::CloudWins)).expect("sink");
+    let u1 = update(
+        "u1",
+        UpdateOp::Upsert,
+        5,
+        Some(
+            json!({"id": 5, "name": "first", "dob": "1990-05-06", "balance": 3.25, "external": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "seen_at": "2026-01-01T00:00:00+02:00", "active": true, "photo": "\\x0102"}),
+        ),
+    );
+    let u2 = update(
+        "u2",
+        UpdateOp::Upsert,
+        5,
+        Some(json!({"id": 5, "name": "second"})),
+    );
+    assert_eq!(sink.apply(&u1).expect("u1").status, UpdateStatus::Applied);
+    assert_eq!(sink.apply(&u2).expect("u2").status, UpdateStatus::Applied);
+    let again = sink.apply(&u1).expect("u1 again");
+    assert!(again.duplicate);
+    let mut c = db.client();
+    let row = c
+        .query_one("SELECT name, dob::text, balance::text, external::text, active, encode(photo, 'hex') FROM patients WHERE id = 5", &[])
+        .expect("row");
+    assert_eq!(row.get::<_, String>(0), "second");
+    assert_eq!(row.get::<_, String>(1), "1990-05-06");
+    assert_eq!(row.get::<_, String>(2), "3.25");
+    assert_eq!(
+        row.get::<_, String>(3),
+        "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
+    );
+    assert!(row.get::<_, bool>(4));
+    assert_eq!(row.get::<_, String>(5), "0102");
+    let src = PgSource::open(&db.url).expect("source");
+    assert!(
+        read_all(&src).is_empty(),
+        "nothing the applier wrote was captured"
+    );
+    c.execute("UPDATE patients SET name = 'local' WHERE id = 5", &[])
+        .expect("local");
+    assert_eq!(
+        read_all(&src).len(),
+        1,
+        "the clinic's own write is captured"
+    );
+    assert_eq!(
+        sink.apply(&update("u3", UpdateOp::Delete, 5, None))
+            .expect("delete")
+            .status,
+        UpdateStatus::Applied
+    );
+    assert_eq!(read_all(&src).len(), 1);
+}
+
+#[test]
+fn each_conflict_policy_is_applied_and_recorded() {
+    for policy in [
+        ConflictPolicy::CloudWins,
+        ConflictPolicy::ClinicWins,
+        ConflictPolicy::NewestWins,
+    ] {
+        let db = TestDb::new();
+        pg::install(&db.url, &tables(policy)).expect("install");
+        let sink = PgSink::open(&db.url, &tables(policy)).expect("sink");
+        let mut c = db.client();
+        c.execute(
+            "INSERT INTO patients (id, name, version) VALUES (1, 'clinic', 5)",
+            &[],
+        )
+        .expect("local");
+        let out = sink
+            .apply(&update(
+                "u1",
+                UpdateOp::Upsert,
+                1,
+                Some(json!({"id": 1, "name": "cloud", "version": 4})),
+            ))
+            .expect("apply");
+        let name: String = c
+            .query_one("SELECT name FROM patients WHERE id = 1", &[])
+            .expect("q")
+            .get(0);
+        let conflicts: i64 = c
+            .query_one("SELECT count(*) FROM tether.conflicts", &[])
+            .expect("q")
+            .get(0);
+        match policy {
+            ConflictPolicy::CloudWins => {
+                assert_eq!(
+                    (out.status, name.as_str(), conflicts),
+                    (UpdateStatus::Applied, "cloud", 0)
+                );
+            }
+            ConflictPolicy::ClinicWins | ConflictPolicy::NewestWins => {
+                assert_eq!(
+                    (out.status, name.as_str(), conflicts),
+                    (UpdateStatus::Conflict, "clinic", 1),
+                    "{policy:?}"
+                );
+                let status: String = c
+                    .query_one(
+                        "SELECT status FROM tether.inbox WHERE update_id = 'u1'",
+                        &[],
+                    )
+                    .expect("q")
+                    .get(0);
+                assert_eq!(status, "conflict");
+            }
+        }
+        // After the clinic's change is acknowledged (clinic_wins) or with a newer version
+        // (newest_wins), the cloud may write.
+        PgCheckpoint::open(&db.url)
+            .expect("cp")
+            .save(1)
+            .expect("save");
+        let out = sink
+            .apply(&update(
+                "u2",
+                UpdateOp::Upsert,
+                1,
+                Some(json!({"id": 1, "name": "cloud2", "version": 6})),
+            ))
+            .expect("apply");
+        assert_eq!(out.status, UpdateStatus::Applied, "{policy:?}");
+    }
+}
+
+#[test]
+fn a_poison_update_is_parked_while_others_proceed() {
+    let db = TestDb::new();
+    pg::install(&db.url, &tables(ConflictPolicy::CloudWins)).expect("install");
+    let sink = PgSink::open(&db.url, &tables(ConflictPolicy::CloudWins)).expect("sink");
+    let results: Vec<UpdateStatus> = [
+        update(
+            "a",
+            UpdateOp::Upsert,
+            1,
+            Some(json!({"id": 1, "name": "ok"})),
+        ),
+        update(
+            "b",
+            UpdateOp::Upsert,
+            2,
+            Some(json!({"id": 2, "name": null})),
+        ),
+        update(
+            "c",
+            UpdateOp::Upsert,
+            3,
+            Some(json!({"id": 3, "name": "x", "dob": "not a date"})),
+        ),
+        update(
+            "d",
+            UpdateOp::Upsert,
+            4,
+            Some(json!({"id": 4, "name": "x", "colour": "red"})),
+        ),
+        update(
+            "e",
+            UpdateOp::Upsert,
+            5,
+            Some(json!({"id": 5, "name": "ok too"})),
+        ),
+    ]
+    .iter()
+    .map(|u| sink.apply(u).expect("apply").status)
+    .collect();
+    assert_eq!(
+        results,
+        vec![
+            UpdateStatus::Applied,
+            UpdateStatus::Failed,
+            UpdateStatus::Failed,
+            UpdateStatus::Failed,
+            UpdateStatus::Applied
+        ]
+    );
+    let n: i64 = db
+        .client()
+        .query_one("SELECT count(*) FROM patients", &[])
+        .expect("q")
+        .get(0);
+    assert_eq!(n, 2);
+}
+
+#[test]
+fn snapshot_with_live_changes_interleaved_keeps_per_key_order() {
+    let db = TestDb::new();
+    let t = tables(ConflictPolicy::CloudWins);
+    pg::install(&db.url, &t).expect("install");
+    let mut c = db.client();
+    c.batch_execute(
+        "SET session_replication_role = replica; \
+        INSERT INTO patients (id, name) SELECT g, 'row ' || g FROM generate_series(1, 300) g; \
+        SET session_replication_role = origin;",
+    )
+    .expect("preexisting rows (not captured)");
+    let url = db.url.clone();
+    let writer = std::thread::spawn(move || {
+        let mut c = Client::connect(&url, NoTls).expect("connect");
+        for i in 0..150i64 {
+            let id = 1 + (i * 7) % 300;
+            c.execute(
+                "UPDATE patients SET name = 'live ' || $2, version = version + 1 WHERE id = $1",
+                &[&id, &i.to_string()],
+            )
+            .expect("live update");
+        }
+    });
+    let mut progress = Vec::new();
+    let p = pg::snapshot(&db.url, &t[0], 25, &mut |p| progress.push(p.done)).expect("snapshot");
+    writer.join().expect("writer");
+    assert_eq!(p.done, 300);
+    assert!(progress.len() >= 12, "{progress:?}");
+    let again = pg::snapshot(&db.url, &t[0], 25, &mut |_| {}).expect("finished snapshot");
+    assert_eq!(again.done, 300, "a finished snapshot is not repeated");
+    // History check: for every key, the last event read equals the row as it is now.
+    let src = PgSource::open(&db.url).expect("source");
+    let events = read_all(&src);
+    let mut last: HashMap<i64, Value> = HashMap::new();
+    let mut snap_keys = Vec::new();
+    for e in &events {
+        let id = e.key["id"].as_i64().expect("id");
+        if e.op == Op::Update && e.row.as_ref().is_some_and(|r| r["version"] == json!(1)) {
+            snap_keys.push(id);
+        }
+        last.insert(id, Value::Object(e.row.clone().unwrap_or_default()));
+    }
+    assert_eq!(last.len(), 300, "every row sent");
+    for r in c
+        .query("SELECT id, name, version FROM patients", &[])
+        .expect("rows")
+    {
+        let id: i64 = r.get(0);
+        let want = (r.get::<_, String>(1), r.get::<_, i32>(2));
+        let got = &last[&id];
+        assert_eq!(
+            (
+                got["name"].as_str().map(str::to_string),
+                got["version"].as_i64()
+            ),
+            (Some(want.0), Some(want.1 as i64)),
+            "key {id}"
+        );
+    }
+}
+
+/// Runs `f` with a fresh client on a plain thread: the synchronous client must not block a
+/// runtime thread.
+fn pg_blocking<T: Send + 'static>(
+    url: &str,
+    f: impl FnOnce(&mut Client) -> T + Send + 'static,
+) -> T {
+    let url = url.to_string();
+    std::thread::spawn(move || {
+        let mut c = Client::connect(&url, NoTls).expect("connect");
+        f(&mut c)
+    })
+    .join()
+    .expect("pg thread")
+}
+
+/// End to end: an agent on PostgreSQL syncing through a gateway, ending with the history check
+/// (the gateway holds exactly the clinic's outbox, in order) and a cloud update applied once
+/// and not echoed.
+#[test]
+fn agent_on_postgres_syncs_through_the_gateway() {
+    let db = TestDb::new();
+    let url = db.url.clone();
+    actix::System::new().block_on(e2e(url));
+    drop(db);
+}
+
+async fn e2e(url: String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gw = tether::gateway::start(
+        tether::gateway::GatewaySettings {
+            listen: "127.0.0.1:0".into(),
+            store_path: dir.path().join("gateway.db"),
+            heartbeat_interval: Duration::from_millis(500),
+            max_frame_bytes: 1 << 20,
+            entity_schemas: None,
+            update_window: 8,
+            group_commit_max_events: 1000,
+            workers: 1,
+            shutdown_timeout: Duration::from_millis(200),
+        },
+        tether::gateway::GatewaySecurity::insecure(),
+    )
+    .expect("gateway");
+    let yaml = format!(
+        "agent:\n  clinic_id: clinic-pg\n  database:\n    kind: postgres\n    connection: \"{}\"\n  gateway:\n    url: {}\n    insecure_plaintext: true\n    heartbeat_interval: 500ms\n    backoff: {{initial: 50ms, max: 500ms}}\n  outbox:\n    poll_interval: 20ms\n  tables:\n    - {{table: patients, entity: patient, key: [id]}}\n    - {{table: payments, entity: payment, key: [id], direction: up}}\n",
+        url,
+        gw.ws_url()
+    );
+    let cfg = tether::config::Config::parse(&yaml, "test")
+        .expect("config")
+        .agent
+        .expect("agent");
+    let c = cfg.clone();
+    let installed =
+        std::thread::spawn(move || tether::agent::install(&c).map_err(|e| e.to_string()))
+            .join()
+            .expect("join");
+    println!("{}", installed.expect("install"));
+    let agent = tether::fleet::start_agent(&cfg).await.expect("agent");
+    let writer_url = url.clone();
+    let writer = std::thread::spawn(move || {
+        let mut c = Client::connect(&writer_url, NoTls).expect("connect");
+        for i in 0..200i64 {
+            let mut t = c.transaction().expect("begin");
+            t.execute("INSERT INTO patients (id, name) VALUES ($1, 'p') ON CONFLICT (id) DO UPDATE SET name = 'again'", &[&(i % 120)]).expect("w");
+            t.execute(
+                "INSERT INTO payments (patient_id, amount_cents) VALUES ($1, 100)",
+                &[&i],
+            )
+            .expect("w");
+            t.commit().expect("commit");
+        }
+    });
+    let body = json!({"entity": "patient", "op": "upsert", "key": {"id": -7}, "row": {"id": -7, "name": "from the cloud"}});
+    let (status, v) = common::post_json(
+        &format!("{}/v1/clinics/clinic-pg/updates", gw.http_url()),
+        &body,
+    )
+    .await;
+    assert_eq!(status, 202, "{v}");
+    writer.join().expect("writer");
+    let store = gw.store.clone();
+    common::wait_until(
+        "the PostgreSQL outbox to be acknowledged",
+        Duration::from_secs(30),
+        || {
+            let head: i64 = pg_blocking(&url, |c| {
+                c.query_one("SELECT coalesce(max(seq), 0) FROM tether.outbox", &[])
+                    .map(|r| r.get(0))
+                    .unwrap_or(i64::MAX)
+            });
+            let acked = store.acked_seq("clinic-pg").unwrap_or(0) as i64;
+            let applied = store
+                .read(|c| {
+                    c.query_row(
+                        "SELECT count(*) FROM updates WHERE status = 'applied'",
+                        [],
+                        |r| r.get::<_, i64>(0),
+                    )
+                })
+                .unwrap_or(0);
+            async move { head > 0 && acked >= head && applied == 1 }
+        },
+    )
+    .await;
+    // History check: the gateway holds exactly the clinic's outbox, same order, same content.
+    type Ev = (i64, String, Value, Option<Value>);
+    let clinic: Vec<Ev> = pg_blocking(&url, |c| {
+        c.query(
+            "SELECT seq, op, key_json, row_json FROM tether.outbox ORDER BY seq",
+            &[],
+        )
+        .expect("outbox")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+    });
+    let at_gateway: Vec<Ev> = gw
+        .store
+        .events_page(Some("clinic-pg"), 0, 10_000)
+        .expect("events")
+        .into_iter()
+        .map(|e| (e.seq as i64, e.op, e.key, e.row))
+        .collect();
+    assert_eq!(clinic.len(), 400, "every clinic commit captured once");
+    assert_eq!(
+        at_gateway, clinic,
+        "lost, duplicated, reordered or altered events"
+    );
+    let name: String = pg_blocking(&url, |c| {
+        c.query_one("SELECT name FROM patients WHERE id = -7", &[])
+            .expect("applied")
+            .get(0)
+    });
+    assert_eq!(name, "from the cloud");
+    assert!(
+        !clinic.iter().any(|e| e.2 == json!({"id": -7})),
+        "the cloud update was not echoed"
+    );
+    agent.stop();
+    gw.stop().await;
+}
