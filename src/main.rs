@@ -170,11 +170,7 @@ fn run_snapshot(
     use std::io::Write;
     let mut last_pct = u64::MAX;
     let (done, total) = agent::snapshot(a, table, chunk.max(1), reset, &mut |done, total| {
-        let pct = if total == 0 {
-            100
-        } else {
-            (done * 100 / total).min(100)
-        };
+        let pct = (done * 100).checked_div(total).unwrap_or(100).min(100);
         if pct != last_pct {
             last_pct = pct;
             let bar = "#".repeat((pct / 5) as usize);

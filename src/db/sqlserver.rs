@@ -311,6 +311,14 @@ impl MssqlDb {
             })
             .map_err(|_| MssqlError::Timeout(timeout))?
             .map_err(|e| MssqlError::Sql(e.to_string()))?;
+        // bb8 connects lazily: log in once now so a wrong address or password fails here.
+        rt.block_on(async {
+            tokio::time::timeout(timeout, pool.get())
+                .await
+                .map_err(|_| MssqlError::Timeout(timeout))?
+                .map(|_| ())
+                .map_err(|e| MssqlError::Sql(e.to_string()))
+        })?;
         Ok(Arc::new(MssqlDb {
             rt: Some(rt),
             pool,
