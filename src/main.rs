@@ -24,7 +24,7 @@ struct Cli {
 enum Command {
     /// Run the clinic agent (or install/uninstall its database objects).
     Agent {
-        #[arg(long, short, default_value = "config.yaml")]
+        #[arg(long, short, global = true, default_value = "config.yaml")]
         config: PathBuf,
         #[command(subcommand)]
         action: Option<AgentAction>,

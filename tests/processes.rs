@@ -320,3 +320,60 @@ fn secure_processes_configured_from_yaml_sync_over_mutual_tls() {
         "{audit}"
     );
 }
+
+/// The commands a clinic's IT runs, as written in the README.
+#[test]
+fn install_snapshot_and_uninstall_from_the_command_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let db = d.join("clinic.db");
+    {
+        let conn = tether::db::sqlite::open(&db).expect("open");
+        conn.execute_batch(tether::fleet::SAMPLE_SCHEMA)
+            .expect("schema");
+        for i in 0..120 {
+            conn.execute("INSERT INTO patients (name) VALUES (?1)", [format!("p{i}")])
+                .expect("row");
+        }
+    }
+    let cfg = agent_config(d, "ws://127.0.0.1:9/v1/ws");
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert!(run(&["agent", "install"]).contains("9 triggers"));
+    assert!(
+        run(&["agent", "install"]).contains("9 triggers"),
+        "idempotent"
+    );
+    assert!(
+        run(&["agent", "snapshot", "--table", "patients", "--chunk", "50"]).contains("120 rows")
+    );
+    assert_eq!(Fleet::outbox_head(&db).expect("head"), 120);
+    assert!(run(&["agent", "uninstall"]).contains("removed"));
+    let conn = tether::db::sqlite::open(&db).expect("open");
+    let left: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name LIKE '\\_tether%' ESCAPE '\\'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count");
+    assert_eq!(left, 0);
+    let out = Command::new(BIN)
+        .args(["check-config"])
+        .arg(d.join("nope.yaml"))
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+}
