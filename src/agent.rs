@@ -74,6 +74,13 @@ pub fn install(a: &AgentConfig) -> Result<String, AgentSetupError> {
             let n = crate::db::postgres::install(&connection_string(a)?, &a.tables)?;
             Ok(format!("installed schema tether and {n} capture triggers"))
         }
+        "sqlserver" if d.capture == "change_tracking" => {
+            let db = mssql(a)?;
+            db.batches(&crate::db::sqlserver::change_tracking_install_script(
+                &a.tables, 7,
+            ))?;
+            Ok("installed schema tether and enabled Change Tracking (7-day retention)".into())
+        }
         "sqlserver" => {
             let db = mssql(a)?;
             db.batches(&crate::db::sqlserver::install_script(&a.tables))?;
@@ -142,11 +149,19 @@ pub fn snapshot(
             })?;
             Ok((p.done, p.total))
         }
-        "sqlserver" => Err(AgentSetupError::SqlServer(
-            crate::db::sqlserver::MssqlError::Config(
-                "snapshot is not implemented for SQL Server in this build".into(),
-            ),
-        )),
+        "sqlserver" => {
+            use crate::db::sqlserver as ms;
+            let db = mssql(a)?;
+            if reset {
+                db.batches(&[ms::reset_snapshot_sql(t)])?;
+            }
+            let sink = ms::MssqlSink::new(db.clone(), &a.tables);
+            let types = sink
+                .column_types(&t.table)
+                .map_err(|e| ms::MssqlError::Sql(e.to_string()))?;
+            let done = ms::snapshot(&db, t, &types, chunk as u32, &mut |n| progress(n, 0))?;
+            Ok((done, done))
+        }
         _ => {
             if reset {
                 crate::db::sqlite::reset_snapshot(&a.database.path, &t.table)?;
@@ -242,11 +257,29 @@ pub fn ports(a: &AgentConfig) -> Result<AgentPorts, AgentSetupError> {
             )
         }
         "sqlserver" => {
+            use crate::db::sqlserver as ms;
             let db = mssql(a)?;
+            let ct = a.database.capture == "change_tracking";
+            let mut sink = ms::MssqlSink::new(db.clone(), &a.tables);
+            sink.change_tracking = ct;
+            let sink = Arc::new(sink);
+            let change_tracked = if ct {
+                a.tables
+                    .iter()
+                    .filter(|t| t.direction.up())
+                    .cloned()
+                    .collect()
+            } else {
+                Vec::new()
+            };
             (
-                Arc::new(crate::db::sqlserver::MssqlSource(db.clone())),
-                Arc::new(crate::db::sqlserver::MssqlCheckpoint(db.clone())),
-                Arc::new(crate::db::sqlserver::MssqlSink::new(db, &a.tables)),
+                Arc::new(ms::MssqlSource {
+                    db: db.clone(),
+                    change_tracked,
+                    sink_types: sink.clone(),
+                }),
+                Arc::new(ms::MssqlCheckpoint(db)),
+                sink,
             )
         }
         _ => (

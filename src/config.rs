@@ -755,10 +755,10 @@ impl Validator<'_> {
                     a.database.capture
                 ),
             );
-        } else if a.database.capture == "change_tracking" {
+        } else if a.database.capture == "change_tracking" && a.database.kind != "sqlserver" {
             self.bad(
                 "agent.database.capture",
-                "change_tracking is not implemented in this build; use triggers".into(),
+                "change_tracking is a SQL Server capture mode".into(),
             );
         }
         self.duration(

@@ -108,7 +108,7 @@ fn live_capture_apply_conflict_and_uninstall() {
              UPDATE [dbo].[{table}] SET name = UPPER(name); DELETE FROM [dbo].[{table}] WHERE id = 2;"
         )])
         .expect("writes");
-        let src = MssqlSource(db.clone());
+        let src = MssqlSource::triggers(db.clone());
         let events = src.read_after(0, 100).expect("read");
         let ops: Vec<(&str, i64)> = events.iter().map(|e| (e.op.as_str(), e.key["id"].as_i64().unwrap_or(-1))).collect();
         assert_eq!(ops, vec![("insert", 1), ("insert", 2), ("update", 1), ("update", 2), ("delete", 2)]);

@@ -136,6 +136,141 @@ pub fn install_script(tables: &[TableConfig]) -> Vec<String> {
     batches
 }
 
+/// Capture mode `change_tracking`: enables Change Tracking on the database and each `up`
+/// table instead of creating triggers (the tether tables are still created: the pump copies
+/// tracked changes into the outbox, which the rowversion reader then sends).
+pub fn change_tracking_install_script(tables: &[TableConfig], retention_days: u32) -> Vec<String> {
+    let mut batches = vec![
+        BASE_SCHEMA.to_string(),
+        format!(
+            "IF NOT EXISTS (SELECT 1 FROM sys.change_tracking_databases WHERE database_id = DB_ID()) \
+             ALTER DATABASE CURRENT SET CHANGE_TRACKING = ON (CHANGE_RETENTION = {retention_days} DAYS, AUTO_CLEANUP = ON)"
+        ),
+    ];
+    for t in tables.iter().filter(|t| t.direction.up()) {
+        let q = bracket_qualified(&t.table);
+        batches.push(format!(
+            "IF NOT EXISTS (SELECT 1 FROM sys.change_tracking_tables WHERE object_id = OBJECT_ID({obj})) ALTER TABLE {q} ENABLE CHANGE_TRACKING",
+            obj = nliteral(&q)
+        ));
+    }
+    batches
+}
+
+/// The context the applier writes under in `change_tracking` mode; the pump skips it.
+pub const CT_CONTEXT: &str = "CAST(N'tether.apply' AS varbinary(128))";
+
+/// One pump step for a change-tracked table: copies the committed changes since the saved
+/// version into the outbox, in version order, and saves the new version — one transaction.
+/// Falling behind the retention (`CHANGE_TRACKING_MIN_VALID_VERSION`) raises error 50001,
+/// never a silent gap: the caller logs it loudly and starts a snapshot of the table.
+pub fn change_tracking_pump_sql(t: &TableConfig) -> String {
+    let q = bracket_qualified(&t.table);
+    let state = nliteral(&format!("ct:{}", t.table));
+    let key_json = t
+        .key
+        .iter()
+        .map(|k| format!("ct.{c} AS {c}", c = bracket(k)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let join = t
+        .key
+        .iter()
+        .map(|k| format!("src.{c} = ct.{c}", c = bracket(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    format!(
+        "SET XACT_ABORT ON; BEGIN TRAN; \
+         DECLARE @from bigint = (SELECT value FROM tether.state WITH (UPDLOCK, HOLDLOCK) WHERE name = {state}); \
+         DECLARE @to bigint = CHANGE_TRACKING_CURRENT_VERSION(); \
+         IF @from IS NULL BEGIN \
+           INSERT INTO tether.state (name, value) VALUES ({state}, @to); COMMIT; SELECT 0; RETURN; END; \
+         IF @from < CHANGE_TRACKING_MIN_VALID_VERSION(OBJECT_ID({obj})) BEGIN \
+           ROLLBACK; THROW 50001, N'change tracking fell behind its retention for {table_text}: a snapshot is needed', 1; END; \
+         INSERT INTO tether.outbox (entity, op, key_json, row_json) \
+           SELECT {ent}, CASE ct.SYS_CHANGE_OPERATION WHEN 'I' THEN 'insert' WHEN 'U' THEN 'update' ELSE 'delete' END, \
+             (SELECT {key_json} FOR JSON PATH, WITHOUT_ARRAY_WRAPPER, INCLUDE_NULL_VALUES), \
+             CASE WHEN ct.SYS_CHANGE_OPERATION = 'D' THEN NULL ELSE (SELECT src.* FOR JSON PATH, WITHOUT_ARRAY_WRAPPER, INCLUDE_NULL_VALUES) END \
+           FROM CHANGETABLE(CHANGES {q}, @from) AS ct LEFT JOIN {q} AS src ON {join} \
+           WHERE ct.SYS_CHANGE_VERSION <= @to AND (ct.SYS_CHANGE_CONTEXT IS NULL OR ct.SYS_CHANGE_CONTEXT <> {ctx}) \
+           ORDER BY ct.SYS_CHANGE_VERSION; \
+         UPDATE tether.state SET value = @to WHERE name = {state}; \
+         COMMIT; SELECT @@ROWCOUNT;",
+        obj = nliteral(&q),
+        table_text = t.table.replace('\'', "''"),
+        ent = nliteral(&t.entity),
+        ctx = CT_CONTEXT,
+    )
+}
+
+/// One snapshot chunk: the next `chunk` rows after the saved key, in key order, copied into
+/// the outbox as `update` events under shared locks held to the end of the transaction (a live
+/// update of a sent row waits and is captured after it), and the position saved — one
+/// transaction, so a crash resumes at the last saved key. Returns the rows copied.
+pub fn snapshot_chunk_sql(t: &TableConfig, types: &HashMap<String, String>, chunk: u32) -> String {
+    let q = bracket_qualified(&t.table);
+    let state = nliteral(&format!("snapshot:{}", t.table));
+    let with = t
+        .key
+        .iter()
+        .map(|k| {
+            let ty = types
+                .get(k)
+                .cloned()
+                .unwrap_or_else(|| "nvarchar(max)".into());
+            format!(
+                "{} {ty} {}",
+                bracket(k),
+                nliteral(&format!("$.\"{}\"", k.replace('"', "\\\"")))
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    // (k1, k2, …) > (last…) spelled out: k1 > a OR (k1 = a AND k2 > b) OR …
+    let mut ors = Vec::new();
+    for i in 0..t.key.len() {
+        let mut ands: Vec<String> = t.key[..i]
+            .iter()
+            .map(|k| format!("t.{c} = last.{c}", c = bracket(k)))
+            .collect();
+        ands.push(format!("t.{c} > last.{c}", c = bracket(&t.key[i])));
+        ors.push(format!("({})", ands.join(" AND ")));
+    }
+    let order = t
+        .key
+        .iter()
+        .map(|k| format!("t.{}", bracket(k)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let key_json = t
+        .key
+        .iter()
+        .map(|k| format!("t.{c} AS {c}", c = bracket(k)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "SET XACT_ABORT ON; BEGIN TRAN; \
+         DECLARE @last nvarchar(max) = (SELECT text_value FROM tether.state WITH (UPDLOCK, HOLDLOCK) WHERE name = {state}); \
+         IF @last = N'done' BEGIN COMMIT; SELECT -1; RETURN; END; \
+         DECLARE @rows TABLE (n int IDENTITY(1,1) PRIMARY KEY, k nvarchar(max), r nvarchar(max)); \
+         INSERT INTO @rows (k, r) SELECT TOP ({chunk}) \
+             (SELECT {key_json} FOR JSON PATH, WITHOUT_ARRAY_WRAPPER, INCLUDE_NULL_VALUES), \
+             (SELECT t.* FOR JSON PATH, WITHOUT_ARRAY_WRAPPER, INCLUDE_NULL_VALUES) \
+           FROM {q} AS t WITH (HOLDLOCK, ROWLOCK) \
+           WHERE @last IS NULL OR EXISTS (SELECT 1 FROM OPENJSON(@last) WITH ({with}) AS last WHERE {pred}) \
+           ORDER BY {order}; \
+         INSERT INTO tether.outbox (entity, op, key_json, row_json) SELECT {ent}, 'update', k, r FROM @rows ORDER BY n; \
+         DECLARE @count int = (SELECT COUNT(*) FROM @rows); \
+         DECLARE @next nvarchar(max) = CASE WHEN @count < {chunk} THEN N'done' ELSE (SELECT TOP (1) k FROM @rows ORDER BY n DESC) END; \
+         MERGE tether.state AS s USING (SELECT {state} AS name) AS v ON s.name = v.name \
+           WHEN MATCHED THEN UPDATE SET value = s.value + @count, text_value = @next \
+           WHEN NOT MATCHED THEN INSERT (name, value, text_value) VALUES ({state}, @count, @next); \
+         COMMIT; SELECT @count;",
+        pred = ors.join(" OR "),
+        ent = nliteral(&t.entity),
+    )
+}
+
 /// Removes every trigger and table `install_script` created.
 pub fn uninstall_script(tables: &[TableConfig]) -> Vec<String> {
     let mut batches: Vec<String> = tables
@@ -148,6 +283,13 @@ pub fn uninstall_script(tables: &[TableConfig]) -> Vec<String> {
             )
         })
         .collect();
+    for t in tables {
+        let q = bracket_qualified(&t.table);
+        batches.push(format!(
+            "IF EXISTS (SELECT 1 FROM sys.change_tracking_tables WHERE object_id = OBJECT_ID({})) ALTER TABLE {q} DISABLE CHANGE_TRACKING",
+            nliteral(&q)
+        ));
+    }
     for table in ["outbox", "state", "inbox", "conflicts"] {
         batches.push(format!("DROP TABLE IF EXISTS tether.{table}"));
     }
@@ -397,12 +539,101 @@ fn parse_obj(
     }
 }
 
-pub struct MssqlSource(pub Arc<MssqlDb>);
+/// Runs snapshot chunks until the table is done; resumable (the position is in tether.state).
+pub fn snapshot(
+    db: &MssqlDb,
+    t: &TableConfig,
+    types: &HashMap<String, String>,
+    chunk: u32,
+    progress: &mut dyn FnMut(u64),
+) -> Result<u64, MssqlError> {
+    let sql = snapshot_chunk_sql(t, types, chunk);
+    let mut total = 0u64;
+    loop {
+        let sql = sql.clone();
+        let n: i32 = db.run(move |c| {
+            Box::pin(async move {
+                let row = c.simple_query(sql).await?.into_row().await?;
+                Ok(row.and_then(|r| r.get::<i32, _>(0)).unwrap_or(0))
+            })
+        })?;
+        if n < 0 {
+            return Ok(total);
+        }
+        total += n as u64;
+        progress(total);
+        if (n as u32) < chunk {
+            return Ok(total);
+        }
+    }
+}
+
+/// Clears a table's snapshot position so the next `snapshot` starts from the first key.
+pub fn reset_snapshot_sql(t: &TableConfig) -> String {
+    format!(
+        "DELETE FROM tether.state WHERE name = {}",
+        nliteral(&format!("snapshot:{}", t.table))
+    )
+}
+
+/// Reads the outbox; in `change_tracking` mode it first pumps tracked changes into it.
+pub struct MssqlSource {
+    pub db: Arc<MssqlDb>,
+    /// Tables captured by Change Tracking (empty in `triggers` mode).
+    pub change_tracked: Vec<TableConfig>,
+    pub sink_types: Arc<MssqlSink>,
+}
+
+impl MssqlSource {
+    pub fn triggers(db: Arc<MssqlDb>) -> Self {
+        let sink = Arc::new(MssqlSink::new(db.clone(), &[]));
+        MssqlSource {
+            db,
+            change_tracked: Vec::new(),
+            sink_types: sink,
+        }
+    }
+
+    fn pump(&self) -> Result<(), PortError> {
+        for t in &self.change_tracked {
+            let sql = change_tracking_pump_sql(t);
+            let res = self.db.run(move |c| {
+                Box::pin(async move { c.simple_query(sql).await?.into_results().await.map(|_| ()) })
+            });
+            if let Err(e) = res {
+                if !e.to_string().contains("50001") {
+                    return Err(port(e));
+                }
+                // Fell behind the retention: loud, then a fresh start plus a full snapshot.
+                log::error!(target: "error", "event=change_tracking_behind table={} action=snapshot error={:?}", t.table, e.to_string());
+                let types = self.sink_types.column_types(&t.table)?;
+                let restart = format!(
+                    "DELETE FROM tether.state WHERE name = {}; {}",
+                    nliteral(&format!("ct:{}", t.table)),
+                    reset_snapshot_sql(t)
+                );
+                self.db.batches(&[restart]).map_err(port)?;
+                let sql = change_tracking_pump_sql(t);
+                self.db
+                    .run(move |c| {
+                        Box::pin(async move {
+                            c.simple_query(sql).await?.into_results().await.map(|_| ())
+                        })
+                    })
+                    .map_err(port)?;
+                let n = snapshot(&self.db, t, &types, 1000, &mut |_| {}).map_err(port)?;
+                log::warn!(target: "error", "event=change_tracking_resnapshot table={} rows={n}", t.table);
+            }
+        }
+        Ok(())
+    }
+}
 
 impl ChangeSource for MssqlSource {
     fn change_token(&self) -> Result<u64, PortError> {
+        self.pump()?;
         // Any commit moves MIN_ACTIVE_ROWVERSION or @@DBTS.
-        self.0
+        self.db
             .run(|c| {
                 Box::pin(async move {
                     let row = c
@@ -419,7 +650,7 @@ impl ChangeSource for MssqlSource {
     fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, PortError> {
         type RawRow = (i64, String, String, String, Option<String>, String);
         let rows: Vec<RawRow> = self
-            .0
+            .db
             .run(move |c| {
                 Box::pin(async move {
                     let rows = c
@@ -516,6 +747,8 @@ pub struct MssqlSink {
     db: Arc<MssqlDb>,
     tables: Vec<TableConfig>,
     types: Mutex<HashMap<String, Arc<HashMap<String, String>>>>,
+    /// `change_tracking` mode: writes carry the tether context so the pump skips them.
+    pub change_tracking: bool,
 }
 
 impl MssqlSink {
@@ -524,10 +757,11 @@ impl MssqlSink {
             db,
             tables: tables.to_vec(),
             types: Mutex::new(HashMap::new()),
+            change_tracking: false,
         }
     }
 
-    fn column_types(&self, table: &str) -> Result<Arc<HashMap<String, String>>, PortError> {
+    pub fn column_types(&self, table: &str) -> Result<Arc<HashMap<String, String>>, PortError> {
         if let Some(t) = self
             .types
             .lock()
@@ -612,6 +846,11 @@ impl ChangeSink for MssqlSink {
         let stmt = match u.op {
             UpdateOp::Upsert => merge_sql(&t, &cols, &types),
             UpdateOp::Delete => delete_sql(&t, &types),
+        };
+        let stmt = if self.change_tracking {
+            format!("WITH CHANGE_TRACKING_CONTEXT ({CT_CONTEXT}) {stmt}")
+        } else {
+            stmt
         };
         let conflict = |policy: &str, why: &str| {
             let why = why.replace('\'', "''");
@@ -778,6 +1017,69 @@ mod tests {
         ] {
             assert!(un.contains(obj), "{obj} not dropped:\n{un}");
         }
+    }
+
+    #[test]
+    fn change_tracking_pump_is_commit_ordered_skips_the_applier_and_refuses_silent_gaps() {
+        let t = TableConfig::new("dbo.visits", "visit", &["id"], Direction::Up);
+        let install = change_tracking_install_script(std::slice::from_ref(&t), 7).join("\n");
+        assert!(
+            install.contains("SET CHANGE_TRACKING = ON (CHANGE_RETENTION = 7 DAYS"),
+            "{install}"
+        );
+        assert!(
+            install.contains("ALTER TABLE [dbo].[visits] ENABLE CHANGE_TRACKING"),
+            "{install}"
+        );
+        assert!(
+            !install.contains("CREATE OR ALTER TRIGGER"),
+            "no triggers in change_tracking mode"
+        );
+        let pump = change_tracking_pump_sql(&t);
+        assert!(
+            pump.contains("CHANGE_TRACKING_MIN_VALID_VERSION(OBJECT_ID(N'[dbo].[visits]'))"),
+            "{pump}"
+        );
+        assert!(
+            pump.contains("THROW 50001"),
+            "falling behind is an error: {pump}"
+        );
+        assert!(pump.contains("CHANGETABLE(CHANGES [dbo].[visits], @from)"));
+        assert!(
+            pump.contains("ct.SYS_CHANGE_VERSION <= @to")
+                && pump.contains("ORDER BY ct.SYS_CHANGE_VERSION")
+        );
+        assert!(
+            pump.contains(&format!("ct.SYS_CHANGE_CONTEXT <> {CT_CONTEXT}")),
+            "echo suppression"
+        );
+        assert!(pump.contains("UPDATE tether.state SET value = @to"));
+    }
+
+    #[test]
+    fn snapshot_chunk_is_keyed_locked_and_resumable() {
+        let t = TableConfig::new(
+            "clinic.appts",
+            "appointment",
+            &["clinic_no", "id"],
+            Direction::Both,
+        );
+        let types: HashMap<String, String> = [
+            ("clinic_no".to_string(), "int".to_string()),
+            ("id".to_string(), "bigint".to_string()),
+        ]
+        .into();
+        let sql = snapshot_chunk_sql(&t, &types, 500);
+        assert!(sql.contains("SELECT TOP (500)"), "{sql}");
+        assert!(
+            sql.contains("WITH (HOLDLOCK, ROWLOCK)"),
+            "live updates wait for the chunk: {sql}"
+        );
+        assert!(sql.contains("(t.[clinic_no] > last.[clinic_no]) OR (t.[clinic_no] = last.[clinic_no] AND t.[id] > last.[id])"), "{sql}");
+        assert!(sql.contains("ORDER BY t.[clinic_no], t.[id]"), "{sql}");
+        assert!(sql.contains("OPENJSON(@last) WITH ([clinic_no] int N'$.\"clinic_no\"', [id] bigint N'$.\"id\"')"), "{sql}");
+        assert!(sql.contains("N'snapshot:clinic.appts'"), "{sql}");
+        assert!(sql.contains("N'done'"));
     }
 
     #[test]
