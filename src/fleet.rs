@@ -342,6 +342,7 @@ impl Fleet {
             group_commit_max_events: 20_000,
             workers: 2,
             shutdown_timeout: Duration::from_secs(1),
+            faults: Default::default(),
         };
         let (security, certs, admin_token) = match key_bits {
             None => (GatewaySecurity::insecure(), None, None),

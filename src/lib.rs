@@ -11,3 +11,4 @@ pub mod gateway;
 pub mod history;
 pub mod logging;
 pub mod security;
+pub mod faults;

@@ -29,6 +29,7 @@ fn start(dir: &Path, heartbeat: Duration) -> GatewayHandle {
             group_commit_max_events: 1000,
             workers: 1,
             shutdown_timeout: Duration::from_millis(200),
+            faults: Default::default(),
         },
         GatewaySecurity::insecure(),
     )

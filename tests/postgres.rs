@@ -599,6 +599,7 @@ async fn e2e(url: String) {
             group_commit_max_events: 1000,
             workers: 1,
             shutdown_timeout: Duration::from_millis(200),
+            faults: Default::default(),
         },
         tether::gateway::GatewaySecurity::insecure(),
     )

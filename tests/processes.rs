@@ -377,3 +377,49 @@ fn install_snapshot_and_uninstall_from_the_command_line() {
         .expect("run");
     assert!(!out.status.success());
 }
+
+/// The gateway dies right after a group commit, before sending its acknowledgements (a
+/// fault-injection build honours TETHER_FAULT_ABORT_AFTER_COMMITS). The agent resends what was
+/// not acknowledged; the store already has it and must not store it twice.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn gateway_killed_after_commit_before_ack_stores_nothing_twice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("clinic.db");
+    create_sample_clinic(&db).expect("clinic");
+    let cfg = gateway_config(dir.path(), "127.0.0.1:0");
+    let mut child = Command::new(BIN)
+        .args(["gateway", "--config"])
+        .arg(&cfg)
+        .env("TETHER_FAULT_ABORT_AFTER_COMMITS", "20")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("gateway");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    let addr = line.trim().rsplit(' ').next().expect("addr").to_string();
+    let mut crashing = Proc(child);
+    let mut agent = start_agent(dir.path(), &addr);
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(db.clone(), stop.clone());
+    // The 20th commit aborts the process.
+    wait_for("the gateway to abort", Duration::from_secs(30), || {
+        matches!(crashing.0.try_wait(), Ok(Some(_)))
+    });
+    let stored_at_crash = acked(dir.path());
+    let (mut gw, _) = start_gateway(dir.path(), &addr);
+    wait_for("progress after the restart", Duration::from_secs(30), || {
+        acked(dir.path()) > stored_at_crash + 100
+    });
+    stop.store(true, Ordering::Relaxed);
+    w.join().expect("writer");
+    let head = Fleet::outbox_head(&db).expect("head");
+    wait_for("the backlog to drain", Duration::from_secs(30), || acked(dir.path()) >= head);
+    agent.kill();
+    gw.kill();
+    crashing.kill();
+    final_check(dir.path());
+}

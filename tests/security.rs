@@ -166,6 +166,7 @@ fn settings(dir: &Path) -> GatewaySettings {
         group_commit_max_events: 1000,
         workers: 1,
         shutdown_timeout: Duration::from_millis(200),
+        faults: Default::default(),
     }
 }
 

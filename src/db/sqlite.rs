@@ -115,7 +115,7 @@ CREATE TABLE IF NOT EXISTS _tether_snapshot (
 ";
 
 /// Columns of a table, in order, with their declared types.
-fn columns(conn: &Connection, table: &str) -> Result<Vec<(String, String)>, rusqlite::Error> {
+pub fn columns(conn: &Connection, table: &str) -> Result<Vec<(String, String)>, rusqlite::Error> {
     let mut stmt = conn.prepare(&format!("PRAGMA table_info({})", qi(table)))?;
     let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?;
     rows.collect()

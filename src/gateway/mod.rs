@@ -59,6 +59,39 @@ pub struct GatewaySettings {
     pub workers: usize,
     /// How long a graceful stop waits for open connections.
     pub shutdown_timeout: Duration,
+    /// Test-only faults; honoured only in builds with the `fault-injection` feature.
+    pub faults: GatewayFaults,
+}
+
+/// Deliberate misbehaviour for the fault tests (ignored without `fault-injection`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GatewayFaults {
+    /// Abort the process right after this many group commits, before acknowledging them.
+    pub abort_after_commits: Option<u64>,
+    /// The broken build the history checker must catch: acknowledge a batch on receipt,
+    /// before it is durable, and lose every 7th batch as if the process died before its commit.
+    pub ack_before_commit: bool,
+}
+
+impl GatewayFaults {
+    pub fn active(self) -> GatewayFaults {
+        if cfg!(feature = "fault-injection") {
+            self
+        } else {
+            GatewayFaults::default()
+        }
+    }
+
+    /// From `TETHER_FAULT_ABORT_AFTER_COMMITS` / `TETHER_FAULT_ACK_BEFORE_COMMIT` (fault builds).
+    pub fn from_env() -> GatewayFaults {
+        GatewayFaults {
+            abort_after_commits: std::env::var("TETHER_FAULT_ABORT_AFTER_COMMITS")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+            ack_before_commit: std::env::var("TETHER_FAULT_ACK_BEFORE_COMMIT").is_ok(),
+        }
+        .active()
+    }
 }
 
 impl GatewaySettings {
@@ -73,6 +106,7 @@ impl GatewaySettings {
             group_commit_max_events: c.group_commit_max_events as usize,
             workers: 2,
             shutdown_timeout: Duration::from_secs(5),
+            faults: GatewayFaults::from_env(),
         }
     }
 }
@@ -225,7 +259,12 @@ pub fn start(
     if security.admin.is_none() {
         log::warn!(target: "audit", "event=rest_open message=\"REST API without admin tokens: local development only\"");
     }
-    let store = Store::open(&settings.store_path, settings.group_commit_max_events)?;
+    let faults = settings.faults.active();
+    let store = Store::open_with(
+        &settings.store_path,
+        settings.group_commit_max_events,
+        faults.abort_after_commits,
+    )?;
     let schemas = match &settings.entity_schemas {
         Some(dir) => EntitySchemas::load_dir(dir)?,
         None => EntitySchemas::default(),

@@ -339,8 +339,18 @@ impl Session {
             })
             .collect();
         let flagged = incoming.iter().filter(|e| e.problem.is_some()).count();
-        let fut = self.state.store.append(&clinic, batch.prev_seq, incoming);
         self.batches += 1;
+        let faults = self.state.settings.faults.active();
+        if faults.ack_before_commit {
+            // The deliberately broken build: acknowledge now, store later (or never).
+            self.send(ctx, Wire::Ack(Ack { seq: last }));
+            if first % 7 == 0 {
+                return;
+            }
+            let _ = self.state.store.append(&clinic, 0, incoming);
+            return;
+        }
+        let fut = self.state.store.append(&clinic, batch.prev_seq, incoming);
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok(AppendOutcome::Stored { acked, inserted }) => {
                 log::info!(target: MESSAGE, "session={} clinic={clinic} event=batch_stored first_seq={first} last_seq={last} count={count} inserted={inserted} flagged={flagged} acked_seq={acked}", act.id);

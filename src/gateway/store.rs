@@ -139,6 +139,8 @@ pub struct NewUpdate {
 }
 
 enum Cmd {
+    /// `PRAGMA max_page_count`: caps the file size, so writes fail as on a full disk.
+    PageLimit(Option<u64>),
     Append {
         clinic: String,
         prev_seq: u64,
@@ -168,6 +170,10 @@ impl Cmd {
             _ => 1,
         }
     }
+
+    fn is_page_limit(&self) -> bool {
+        matches!(self, Cmd::PageLimit(_))
+    }
 }
 
 pub struct Store {
@@ -179,6 +185,16 @@ pub struct Store {
 
 impl Store {
     pub fn open(path: &Path, group_commit_max_events: usize) -> Result<Arc<Store>, StoreError> {
+        Store::open_with(path, group_commit_max_events, None)
+    }
+
+    /// `abort_after_commits`: test-only crash point (the process aborts right after that many
+    /// group commits, before any of their acknowledgements).
+    pub fn open_with(
+        path: &Path,
+        group_commit_max_events: usize,
+        abort_after_commits: Option<u64>,
+    ) -> Result<Arc<Store>, StoreError> {
         let conn = open_conn(path)?;
         conn.execute_batch(SCHEMA).map_err(|e| StoreError::Open {
             path: path.display().to_string(),
@@ -187,7 +203,9 @@ impl Store {
         let (tx, rx) = mpsc::channel();
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(conn, rx, group_commit_max_events.max(1)))
+            .spawn(move || {
+                writer_loop(conn, rx, group_commit_max_events.max(1), abort_after_commits)
+            })
             .map_err(|e| StoreError::Open {
                 path: path.display().to_string(),
                 message: e.to_string(),
@@ -242,6 +260,19 @@ impl Store {
         let (reply, rx) = oneshot::channel();
         self.send(Cmd::EnqueueUpdate { update, reply })?;
         rx.await.map_err(|_| StoreError::Stopped)?
+    }
+
+    /// Caps the store file at `pages` pages (SQLite answers writes past it with "database or
+    /// disk is full", exactly as on a full disk); `None` lifts the cap. Operators can use it as
+    /// a quota; the fault tests use it to fill the disk.
+    pub fn set_page_limit(&self, pages: Option<u64>) {
+        let _ = self.send(Cmd::PageLimit(pages));
+    }
+
+    /// Pages the store file uses now.
+    pub fn page_count(&self) -> Result<u64, StoreError> {
+        self.read(|c| c.query_row("PRAGMA page_count", [], |r| r.get::<_, i64>(0)))
+            .map(|n| n as u64)
     }
 
     pub fn mark_delivered(&self, ids: Vec<String>) {
@@ -478,12 +509,30 @@ enum Reply {
     ),
 }
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, max_events: usize) {
+fn writer_loop(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Cmd>,
+    max_events: usize,
+    abort_after_commits: Option<u64>,
+) {
+    let mut commits = 0u64;
     while let Ok(first) = rx.recv() {
+        if let Cmd::PageLimit(pages) = first {
+            let n = pages.unwrap_or(4_294_967_294) as i64;
+            if let Err(e) = conn.query_row(&format!("PRAGMA max_page_count = {n}"), [], |r| r.get::<_, i64>(0)) {
+                log::error!(target: "error", "event=store_page_limit_failed error={e}");
+            }
+            continue;
+        }
         let mut group = vec![first];
         let mut weight = group[0].weight();
+        let mut held: Option<Cmd> = None;
         while weight < max_events {
             match rx.try_recv() {
+                Ok(cmd) if cmd.is_page_limit() => {
+                    held = Some(cmd);
+                    break;
+                }
                 Ok(cmd) => {
                     weight += cmd.weight();
                     group.push(cmd);
@@ -493,6 +542,12 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, max_events: usize)
         }
         let mut replies = Vec::with_capacity(group.len());
         let committed = run_group(&mut conn, group, &mut replies);
+        commits += 1;
+        if committed.is_ok() && abort_after_commits == Some(commits) {
+            // Test-only crash point: durable, not yet acknowledged.
+            log::error!(target: "error", "event=fault_abort_after_commit commits={commits}");
+            std::process::abort();
+        }
         for r in replies {
             match (r, &committed) {
                 (Reply::Append(tx, res), Ok(())) => {
@@ -516,6 +571,12 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, max_events: usize)
                 }
             }
         }
+        if let Some(Cmd::PageLimit(pages)) = held {
+            let n = pages.unwrap_or(4_294_967_294) as i64;
+            if let Err(e) = conn.query_row(&format!("PRAGMA max_page_count = {n}"), [], |r| r.get::<_, i64>(0)) {
+                log::error!(target: "error", "event=store_page_limit_failed error={e}");
+            }
+        }
     }
 }
 
@@ -535,7 +596,8 @@ fn run_group(
         }
     };
     let now = now_iso();
-    for cmd in group {
+    let mut pending = group.into_iter();
+    while let Some(cmd) = pending.next() {
         if let Err(e) = tx.execute_batch("SAVEPOINT cmd") {
             push_failed(cmd, &e.to_string(), replies);
             continue;
@@ -549,6 +611,10 @@ fn run_group(
             } => Reply::Append(reply, append(&tx, &clinic, prev_seq, &events, &now)),
             Cmd::EnqueueUpdate { update, reply } => {
                 Reply::Update(reply, enqueue_update(&tx, &update, &now))
+            }
+            Cmd::PageLimit(_) => {
+                let _ = tx.execute_batch("RELEASE cmd");
+                continue;
             }
             Cmd::MarkDelivered { ids } => {
                 for id in ids {
@@ -578,18 +644,33 @@ fn run_group(
                 .map_err(|e| e.to_string()),
             ),
         };
-        let failed = matches!(
-            &reply,
-            Reply::Append(_, Err(_)) | Reply::Update(_, Err(_)) | Reply::Result(_, Err(_))
-        );
-        let end = if failed {
+        let error = match &reply {
+            Reply::Append(_, Err(e)) | Reply::Update(_, Err(e)) | Reply::Result(_, Err(e)) => {
+                Some(e.clone())
+            }
+            _ => None,
+        };
+        // Some errors (a full disk, I/O) make SQLite roll the whole transaction back: then
+        // the group failed as a whole, for that reason.
+        if let (Some(root), true) = (&error, tx.is_autocommit()) {
+            replies.push(reply);
+            for cmd in pending {
+                push_failed(cmd, root, replies);
+            }
+            return Err(root.clone());
+        }
+        let end = if error.is_some() {
             "ROLLBACK TO cmd; RELEASE cmd"
         } else {
             "RELEASE cmd"
         };
         if let Err(e) = tx.execute_batch(end) {
             replies.push(reply);
-            return Err(e.to_string());
+            let msg = error.unwrap_or_else(|| e.to_string());
+            for cmd in pending {
+                push_failed(cmd, &msg, replies);
+            }
+            return Err(msg);
         }
         replies.push(reply);
     }
@@ -601,7 +682,7 @@ fn push_failed(cmd: Cmd, msg: &str, replies: &mut Vec<Reply>) {
         Cmd::Append { reply, .. } => replies.push(Reply::Append(reply, Err(msg.into()))),
         Cmd::EnqueueUpdate { reply, .. } => replies.push(Reply::Update(reply, Err(msg.into()))),
         Cmd::UpdateResult { reply, .. } => replies.push(Reply::Result(reply, Err(msg.into()))),
-        Cmd::MarkDelivered { .. } => {}
+        Cmd::MarkDelivered { .. } | Cmd::PageLimit(_) => {}
     }
 }
 
@@ -761,5 +842,38 @@ mod tests {
             iso_from_millis(1_798_675_200_000),
             "2026-12-31T00:00:00.000Z"
         );
+    }
+}
+
+#[cfg(test)]
+mod page_limit_tests {
+    use super::*;
+    use tether_schemas::Op;
+
+    #[test]
+    fn a_full_disk_fails_the_commit_and_lifting_the_limit_recovers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("g.db"), 100).expect("store");
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
+        let big = |seq: u64| IncomingEvent {
+            event: Event {
+                seq,
+                entity: "e".into(),
+                op: Op::Insert,
+                key: Map::new(),
+                row: serde_json::json!({"pad": "x".repeat(20_000)}).as_object().cloned(),
+                committed_at: "t".into(),
+            },
+            problem: None,
+        };
+        rt.block_on(store.append("c", 0, vec![big(1)])).expect("first");
+        let pages = store.page_count().expect("pages");
+        store.set_page_limit(Some(pages));
+        let err = rt.block_on(store.append("c", 1, vec![big(2), big(3)]));
+        assert!(matches!(&err, Err(StoreError::Write(m)) if m.contains("full")), "{err:?}");
+        assert_eq!(store.acked_seq("c").expect("acked"), 1, "nothing of the failed group is acknowledged");
+        store.set_page_limit(None);
+        let ok = rt.block_on(store.append("c", 1, vec![big(2), big(3)])).expect("after");
+        assert_eq!(ok, AppendOutcome::Stored { acked: 3, inserted: 2 });
     }
 }
