@@ -62,7 +62,10 @@ impl FaultProxy {
         let thread = std::thread::Builder::new()
             .name("fault-proxy".into())
             .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
                     Ok(rt) => rt,
                     Err(e) => {
                         let _ = addr_tx.send(Err(e));

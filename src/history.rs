@@ -179,6 +179,109 @@ pub fn check_clinic(
     Ok(report)
 }
 
+/// Installs an independent journal of every committed clinic change: table `_journal` filled
+/// by its own triggers in the same transactions as the changes, never purged. A checker that
+/// reads it can see losses the outbox can no longer show (after a purge). Test support.
+pub fn install_journal(
+    db: &Path,
+    tables: &[crate::config::TableConfig],
+) -> Result<(), HistoryError> {
+    let conn = sqlite::open(db)?;
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS _journal (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, entity TEXT NOT NULL, op TEXT NOT NULL,
+            key_json TEXT NOT NULL, row_json TEXT,
+            committed_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))",
+    )?;
+    for t in tables.iter().filter(|t| t.direction.up()) {
+        let cols = sqlite::columns(&conn, &t.table)?;
+        for ddl in sqlite::trigger_sql(t, &cols) {
+            let ddl = ddl
+                .replace("_tether_outbox", "_journal")
+                .replace("\"_tether_", "\"_journal_");
+            conn.execute_batch(&ddl)?;
+        }
+    }
+    Ok(())
+}
+
+/// Compares the journal with the gateway store, key by key: every journaled change must be
+/// stored once, in the journal's order; anything else is counted.
+pub fn check_journal(
+    db: &Path,
+    clinic_id: &str,
+    store: &Store,
+) -> Result<HistoryReport, HistoryError> {
+    type Change = (String, Value);
+    let conn = sqlite::open(db)?;
+    let mut stmt =
+        conn.prepare("SELECT entity, op, key_json, row_json FROM _journal ORDER BY seq")?;
+    let journal: Vec<(String, Change)> = stmt
+        .query_map([], |r| {
+            let entity: String = r.get(0)?;
+            let key = json(r.get(2)?);
+            Ok((
+                format!("{entity}|{key}"),
+                (r.get::<_, String>(1)?, json(r.get(3)?)),
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    let stored: Vec<(String, Change)> = store.read(|c| {
+        let mut s = c.prepare(
+            "SELECT entity, op, key_json, row_json FROM events WHERE clinic_id = ?1 ORDER BY seq",
+        )?;
+        let rows = s.query_map(params![clinic_id], |r| {
+            let entity: String = r.get(0)?;
+            let key = json(r.get(2)?);
+            Ok((
+                format!("{entity}|{key}"),
+                (r.get::<_, String>(1)?, json(r.get(3)?)),
+            ))
+        })?;
+        rows.collect()
+    })?;
+    let mut report = HistoryReport {
+        clinic_id: clinic_id.to_string(),
+        written: journal.len() as u64,
+        at_gateway: stored.len() as u64,
+        ..Default::default()
+    };
+    let mut by_key_j: BTreeMap<String, Vec<Change>> = BTreeMap::new();
+    for (k, c) in journal {
+        by_key_j.entry(k).or_default().push(c);
+    }
+    let mut by_key_g: BTreeMap<String, Vec<Change>> = BTreeMap::new();
+    for (k, c) in stored {
+        by_key_g.entry(k).or_default().push(c);
+    }
+    for (k, g) in &by_key_g {
+        if !by_key_j.contains_key(k) {
+            report.unexpected += g.len() as u64;
+        }
+    }
+    for (k, j) in &by_key_j {
+        let g = by_key_g.get(k).cloned().unwrap_or_default();
+        if &g == j {
+            continue;
+        }
+        // Multiset difference: missing and extra changes of this key.
+        let mut pool: Vec<Option<&Change>> = g.iter().map(Some).collect();
+        let mut matched = 0u64;
+        for c in j {
+            if let Some(slot) = pool.iter_mut().find(|s| s.is_some_and(|x| x == c)) {
+                *slot = None;
+                matched += 1;
+            }
+        }
+        report.missing += j.len() as u64 - matched;
+        report.duplicates += g.len() as u64 - matched;
+        if matched == j.len() as u64 && matched == g.len() as u64 {
+            report.order_violations += 1; // same changes, different order
+        }
+    }
+    Ok(report)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,91 +350,4 @@ mod tests {
         .expect("check");
         assert_eq!(r.echoed, 1);
     }
-}
-
-/// Installs an independent journal of every committed clinic change: table `_journal` filled
-/// by its own triggers in the same transactions as the changes, never purged. A checker that
-/// reads it can see losses the outbox can no longer show (after a purge). Test support.
-pub fn install_journal(db: &Path, tables: &[crate::config::TableConfig]) -> Result<(), HistoryError> {
-    let conn = sqlite::open(db)?;
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS _journal (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT, entity TEXT NOT NULL, op TEXT NOT NULL,
-            key_json TEXT NOT NULL, row_json TEXT,
-            committed_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))",
-    )?;
-    for t in tables.iter().filter(|t| t.direction.up()) {
-        let cols = sqlite::columns(&conn, &t.table)?;
-        for ddl in sqlite::trigger_sql(t, &cols) {
-            let ddl = ddl
-                .replace("_tether_outbox", "_journal")
-                .replace("\"_tether_", "\"_journal_");
-            conn.execute_batch(&ddl)?;
-        }
-    }
-    Ok(())
-}
-
-/// Compares the journal with the gateway store, key by key: every journaled change must be
-/// stored once, in the journal's order; anything else is counted.
-pub fn check_journal(db: &Path, clinic_id: &str, store: &Store) -> Result<HistoryReport, HistoryError> {
-    type Change = (String, Value);
-    let conn = sqlite::open(db)?;
-    let mut stmt = conn.prepare("SELECT entity, op, key_json, row_json FROM _journal ORDER BY seq")?;
-    let journal: Vec<(String, Change)> = stmt
-        .query_map([], |r| {
-            let entity: String = r.get(0)?;
-            let key = json(r.get(2)?);
-            Ok((format!("{entity}|{key}"), (r.get::<_, String>(1)?, json(r.get(3)?))))
-        })?
-        .collect::<Result<_, _>>()?;
-    let stored: Vec<(String, Change)> = store.read(|c| {
-        let mut s = c.prepare("SELECT entity, op, key_json, row_json FROM events WHERE clinic_id = ?1 ORDER BY seq")?;
-        let rows = s.query_map(params![clinic_id], |r| {
-            let entity: String = r.get(0)?;
-            let key = json(r.get(2)?);
-            Ok((format!("{entity}|{key}"), (r.get::<_, String>(1)?, json(r.get(3)?))))
-        })?;
-        rows.collect()
-    })?;
-    let mut report = HistoryReport {
-        clinic_id: clinic_id.to_string(),
-        written: journal.len() as u64,
-        at_gateway: stored.len() as u64,
-        ..Default::default()
-    };
-    let mut by_key_j: BTreeMap<String, Vec<Change>> = BTreeMap::new();
-    for (k, c) in journal {
-        by_key_j.entry(k).or_default().push(c);
-    }
-    let mut by_key_g: BTreeMap<String, Vec<Change>> = BTreeMap::new();
-    for (k, c) in stored {
-        by_key_g.entry(k).or_default().push(c);
-    }
-    for (k, g) in &by_key_g {
-        if !by_key_j.contains_key(k) {
-            report.unexpected += g.len() as u64;
-        }
-    }
-    for (k, j) in &by_key_j {
-        let g = by_key_g.get(k).cloned().unwrap_or_default();
-        if &g == j {
-            continue;
-        }
-        // Multiset difference: missing and extra changes of this key.
-        let mut pool: Vec<Option<&Change>> = g.iter().map(Some).collect();
-        let mut matched = 0u64;
-        for c in j {
-            if let Some(slot) = pool.iter_mut().find(|s| s.is_some_and(|x| x == c)) {
-                *slot = None;
-                matched += 1;
-            }
-        }
-        report.missing += j.len() as u64 - matched;
-        report.duplicates += g.len() as u64 - matched;
-        if matched == j.len() as u64 && matched == g.len() as u64 {
-            report.order_violations += 1; // same changes, different order
-        }
-    }
-    Ok(report)
 }

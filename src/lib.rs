@@ -3,12 +3,14 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod bench;
 pub mod config;
 pub mod db;
 pub mod demo;
+pub mod faults;
 pub mod fleet;
 pub mod gateway;
 pub mod history;
+pub mod loadgen;
 pub mod logging;
 pub mod security;
-pub mod faults;

@@ -44,6 +44,19 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Measure throughput, latency, memory and reconnect storms (one JSON line per scenario).
+    Bench {
+        /// ingest | latency | connections | footprint | drain | storm | all
+        scenario: String,
+        #[arg(long)]
+        json: bool,
+        /// Scale every scenario down (for a quick look; the docs use the full sizes).
+        #[arg(long)]
+        quick: bool,
+        /// Idle TLS connections for `connections`.
+        #[arg(long)]
+        connections: Option<usize>,
+    },
     /// Start a gateway and N clinic agents on temporary SQLite databases and show them syncing.
     Demo {
         #[arg(long, default_value_t = 3)]
@@ -201,6 +214,30 @@ fn load(path: &Path) -> Result<Config> {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Keys { command } => run_keys(command),
+        Command::Bench {
+            scenario,
+            json,
+            quick,
+            connections,
+        } => {
+            let mut o = tether::bench::BenchOptions::default();
+            if quick {
+                o = tether::bench::BenchOptions {
+                    clinics: 2,
+                    events_per_clinic: 5_000,
+                    latency_clinics: 50,
+                    latency_secs: 5,
+                    connections: 200,
+                    drain_events: 10_000,
+                    storm_clients: 200,
+                };
+            }
+            if let Some(n) = connections {
+                o.connections = n;
+            }
+            tether::bench::run(&scenario, json, o)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::CheckConfig { path } => match Config::load(&path) {
             Ok(_) => {
                 println!("{}: ok", path.display());

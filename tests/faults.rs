@@ -57,7 +57,13 @@ async fn half_open_link_is_detected_within_three_heartbeats_then_recovers() {
     })
     .await;
     write_activity(&fleet.clinics[0].db, 20);
-    let stats = fleet.clinics[0].agent.as_ref().expect("agent").handle.stats.clone();
+    let stats = fleet.clinics[0]
+        .agent
+        .as_ref()
+        .expect("agent")
+        .handle
+        .stats
+        .clone();
     let misses = tether_actors::AgentStats::get(&stats.heartbeat_misses);
     proxies[0].set(Mode::Blackhole);
     let t0 = Instant::now();
@@ -68,8 +74,14 @@ async fn half_open_link_is_detected_within_three_heartbeats_then_recovers() {
     .await;
     let detected = t0.elapsed();
     // Silence longer than 3 intervals, noticed at the next heartbeat tick.
-    assert!(detected <= HB * 5, "half-open link detected after {detected:?}");
-    assert!(detected >= HB * 3, "not before three silent intervals: {detected:?}");
+    assert!(
+        detected <= HB * 5,
+        "half-open link detected after {detected:?}"
+    );
+    assert!(
+        detected >= HB * 3,
+        "not before three silent intervals: {detected:?}"
+    );
     write_activity(&fleet.clinics[0].db, 20);
     proxies[0].set(Mode::Pass);
     let before = links(&fleet, 0);
@@ -97,7 +109,11 @@ async fn partitions_short_long_and_longer_than_the_token_lifetime_lose_nothing()
     }
     fleet.start_agents().await.expect("agents");
     let dbs: Vec<_> = fleet.clinics.iter().map(|c| c.db.clone()).collect();
-    for partition in [Duration::from_secs(1), Duration::from_secs(30), Duration::from_secs(5)] {
+    for partition in [
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+        Duration::from_secs(5),
+    ] {
         let before: Vec<u64> = (0..2).map(|i| links(&fleet, i)).collect();
         for p in &proxies {
             p.set(Mode::Refuse);
@@ -113,10 +129,14 @@ async fn partitions_short_long_and_longer_than_the_token_lifetime_lose_nothing()
         for p in &proxies {
             p.set(Mode::Pass);
         }
-        wait_until(&format!("reconnection after a {partition:?} partition"), Duration::from_secs(30), || {
-            let back = (0..2).all(|i| links(&fleet, i) > before[i]);
-            async move { back }
-        })
+        wait_until(
+            &format!("reconnection after a {partition:?} partition"),
+            Duration::from_secs(30),
+            || {
+                let back = (0..2).all(|i| links(&fleet, i) > before[i]);
+                async move { back }
+            },
+        )
         .await;
     }
     wait_drained(&fleet, Duration::from_secs(30)).await;
@@ -147,7 +167,10 @@ async fn resets_mid_frame_and_sliced_slow_streams_lose_nothing() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    assert!(proxies[0].counters.resets.load(Ordering::Relaxed) >= 1, "a frame was cut");
+    assert!(
+        proxies[0].counters.resets.load(Ordering::Relaxed) >= 1,
+        "a frame was cut"
+    );
     wait_drained(&fleet, Duration::from_secs(30)).await;
     assert_history_clean(&fleet, &[]);
     assert_journal_clean(&fleet);
@@ -178,10 +201,19 @@ async fn heavy_random_drops_during_a_ten_thousand_event_burst_lose_nothing() {
     });
     // Drop the established link at random moments until the burst is written and the link
     // has been re-established at least five times.
-    let stats = fleet.clinics[0].agent.as_ref().expect("agent").handle.stats.clone();
+    let stats = fleet.clinics[0]
+        .agent
+        .as_ref()
+        .expect("agent")
+        .handle
+        .stats
+        .clone();
     let deadline = Instant::now() + Duration::from_secs(120);
     while !writer.is_finished() || links(&fleet, 0) < 6 {
-        assert!(Instant::now() < deadline, "the link did not keep coming back");
+        assert!(
+            Instant::now() < deadline,
+            "the link did not keep coming back"
+        );
         if stats.connected.load(Ordering::Relaxed) {
             proxies[0].reset_all();
         }
@@ -215,12 +247,20 @@ async fn disk_full_at_the_gateway_acknowledges_nothing_and_recovers_when_space_r
         conn.execute("INSERT INTO appointments (patient_id, starts_at, status, notes) VALUES (1, 't', 'booked', ?1)", [format!("{i}-{}", "x".repeat(2000))])
             .expect("insert");
     }
-    wait_until("the gateway to report the full disk", Duration::from_secs(20), || {
-        let log = read_log(dir.path(), "error");
-        async move { log.contains("event=store_write_failed") && log.contains("full") }
-    })
+    wait_until(
+        "the gateway to report the full disk",
+        Duration::from_secs(20),
+        || {
+            let log = read_log(dir.path(), "error");
+            async move { log.contains("event=store_write_failed") && log.contains("full") }
+        },
+    )
     .await;
-    assert_eq!(store.acked_seq(&fleet.clinics[0].id).expect("acked"), acked_before, "nothing acknowledged while the disk is full");
+    assert_eq!(
+        store.acked_seq(&fleet.clinics[0].id).expect("acked"),
+        acked_before,
+        "nothing acknowledged while the disk is full"
+    );
     store.set_page_limit(None);
     wait_drained(&fleet, Duration::from_secs(60)).await;
     assert_history_clean(&fleet, &[]);
@@ -242,19 +282,28 @@ async fn duplicated_and_reordered_batches_are_stored_once() {
     let script = [
         batch(0, 1, 5),
         batch(5, 6, 10),
-        batch(0, 1, 5),   // duplicate
-        batch(0, 1, 10),  // overlapping duplicate
+        batch(0, 1, 5),  // duplicate
+        batch(0, 1, 10), // overlapping duplicate
         batch(10, 11, 15),
-        batch(5, 6, 12),  // overlap reaching into stored range
+        batch(5, 6, 12), // overlap reaching into stored range
     ];
     let (_, mut ws) = client().ws(gw.ws_url()).connect().await.expect("connect");
-    ws.send(awc::ws::Message::Text(hello.clone().into())).await.expect("hello");
+    ws.send(awc::ws::Message::Text(hello.clone().into()))
+        .await
+        .expect("hello");
     for frame in &script {
-        ws.send(awc::ws::Message::Text(frame.clone().into())).await.expect("send");
+        ws.send(awc::ws::Message::Text(frame.clone().into()))
+            .await
+            .expect("send");
     }
     let mut acks = Vec::new();
     while acks.len() < script.len() {
-        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("frame").expect("open").expect("frame") {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("frame")
+            .expect("open")
+            .expect("frame")
+        {
             awc::ws::Frame::Text(t) => {
                 let v: serde_json::Value = serde_json::from_slice(&t).expect("json");
                 if v["type"] == "ack" {
@@ -268,19 +317,51 @@ async fn duplicated_and_reordered_batches_are_stored_once() {
     assert_eq!(*acks.iter().max().expect("acks"), 15);
     // Reordered: a later batch before the earlier one is a gap, refused, nothing stored.
     let (_, mut ws2) = client().ws(gw.ws_url()).connect().await.expect("connect");
-    ws2.send(awc::ws::Message::Text(hello.into())).await.expect("hello");
-    ws2.send(awc::ws::Message::Text(batch(20, 21, 25).into())).await.expect("send");
-    ws2.send(awc::ws::Message::Text(batch(15, 16, 20).into())).await.expect("send");
-    let seqs: Vec<u64> = gw.store.events_page(Some("clinic-dup"), 0, 100).expect("page").iter().map(|e| e.seq).collect();
+    ws2.send(awc::ws::Message::Text(hello.into()))
+        .await
+        .expect("hello");
+    ws2.send(awc::ws::Message::Text(batch(20, 21, 25).into()))
+        .await
+        .expect("send");
+    ws2.send(awc::ws::Message::Text(batch(15, 16, 20).into()))
+        .await
+        .expect("send");
+    let seqs: Vec<u64> = gw
+        .store
+        .events_page(Some("clinic-dup"), 0, 100)
+        .expect("page")
+        .iter()
+        .map(|e| e.seq)
+        .collect();
     let mut deadline_seqs = seqs.clone();
-    wait_until("the in-order batch to be stored", Duration::from_secs(5), || {
-        deadline_seqs = gw.store.events_page(Some("clinic-dup"), 0, 100).expect("page").iter().map(|e| e.seq).collect();
-        let n = deadline_seqs.len();
-        async move { n >= 15 }
-    })
+    wait_until(
+        "the in-order batch to be stored",
+        Duration::from_secs(5),
+        || {
+            deadline_seqs = gw
+                .store
+                .events_page(Some("clinic-dup"), 0, 100)
+                .expect("page")
+                .iter()
+                .map(|e| e.seq)
+                .collect();
+            let n = deadline_seqs.len();
+            async move { n >= 15 }
+        },
+    )
     .await;
-    let stored: Vec<u64> = gw.store.events_page(Some("clinic-dup"), 0, 100).expect("page").iter().map(|e| e.seq).collect();
-    assert_eq!(&stored[..15], &(1..=15).collect::<Vec<_>>()[..], "each event once, in order");
+    let stored: Vec<u64> = gw
+        .store
+        .events_page(Some("clinic-dup"), 0, 100)
+        .expect("page")
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(
+        &stored[..15],
+        &(1..=15).collect::<Vec<_>>()[..],
+        "each event once, in order"
+    );
     assert!(!stored.contains(&21), "the batch after the gap was refused");
     fleet.stop().await;
 }
@@ -300,10 +381,12 @@ async fn the_journal_checker_catches_a_build_that_acks_before_commit() {
         }
         settings.store_path = dir.path().join("g2.db");
         settings.faults.ack_before_commit = broken;
-        let gw = tether::gateway::start(settings, tether::gateway::GatewaySecurity::insecure()).expect("gateway");
+        let gw = tether::gateway::start(settings, tether::gateway::GatewaySecurity::insecure())
+            .expect("gateway");
         let db = dir.path().join("clinic.db");
         tether::fleet::create_sample_clinic(&db).expect("clinic");
-        let mut cfg = tether::fleet::quick_agent_config("clinic-b", &db, &gw.ws_url(), None).expect("cfg");
+        let mut cfg =
+            tether::fleet::quick_agent_config("clinic-b", &db, &gw.ws_url(), None).expect("cfg");
         cfg.outbox.retention = tether::config::Dur::secs(0);
         cfg.outbox.purge_interval = tether::config::Dur::millis(100);
         install_journal(&db, &cfg.tables).expect("journal");
@@ -314,24 +397,37 @@ async fn the_journal_checker_catches_a_build_that_acks_before_commit() {
         }
         let head = Fleet::outbox_head(&db).expect("head");
         let stats = agent.handle.stats.clone();
-        wait_until("the agent's checkpoint to reach the head", Duration::from_secs(20), || {
-            let acked = tether_actors::AgentStats::get(&stats.acked_seq);
-            async move { acked >= head }
-        })
+        wait_until(
+            "the agent's checkpoint to reach the head",
+            Duration::from_secs(20),
+            || {
+                let acked = tether_actors::AgentStats::get(&stats.acked_seq);
+                async move { acked >= head }
+            },
+        )
         .await;
         // Let the purge run, then compare.
         wait_until("the outbox purge", Duration::from_secs(10), || {
             let left: i64 = tether::db::sqlite::open(&db)
-                .and_then(|c| Ok(c.query_row("SELECT count(*) FROM _tether_outbox", [], |r| r.get(0)).unwrap_or(-1)))
+                .map(|c| {
+                    c.query_row("SELECT count(*) FROM _tether_outbox", [], |r| r.get(0))
+                        .unwrap_or(-1)
+                })
                 .unwrap_or(-1);
             async move { left == 0 }
         })
         .await;
         let report = check_journal(&db, "clinic-b", &gw.store).expect("check");
         if broken {
-            assert!(report.missing > 0, "the broken build lost events and the checker saw it: {report:?}");
+            assert!(
+                report.missing > 0,
+                "the broken build lost events and the checker saw it: {report:?}"
+            );
         } else {
-            assert!(report.clean(), "the correct build under the same purge loses nothing: {report:?}");
+            assert!(
+                report.clean(),
+                "the correct build under the same purge loses nothing: {report:?}"
+            );
         }
         agent.stop();
         gw.stop().await;

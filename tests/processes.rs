@@ -411,13 +411,17 @@ fn gateway_killed_after_commit_before_ack_stores_nothing_twice() {
     });
     let stored_at_crash = acked(dir.path());
     let (mut gw, _) = start_gateway(dir.path(), &addr);
-    wait_for("progress after the restart", Duration::from_secs(30), || {
-        acked(dir.path()) > stored_at_crash + 100
-    });
+    wait_for(
+        "progress after the restart",
+        Duration::from_secs(30),
+        || acked(dir.path()) > stored_at_crash + 100,
+    );
     stop.store(true, Ordering::Relaxed);
     w.join().expect("writer");
     let head = Fleet::outbox_head(&db).expect("head");
-    wait_for("the backlog to drain", Duration::from_secs(30), || acked(dir.path()) >= head);
+    wait_for("the backlog to drain", Duration::from_secs(30), || {
+        acked(dir.path()) >= head
+    });
     agent.kill();
     gw.kill();
     crashing.kill();

@@ -204,7 +204,12 @@ impl Store {
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || {
-                writer_loop(conn, rx, group_commit_max_events.max(1), abort_after_commits)
+                writer_loop(
+                    conn,
+                    rx,
+                    group_commit_max_events.max(1),
+                    abort_after_commits,
+                )
             })
             .map_err(|e| StoreError::Open {
                 path: path.display().to_string(),
@@ -519,7 +524,9 @@ fn writer_loop(
     while let Ok(first) = rx.recv() {
         if let Cmd::PageLimit(pages) = first {
             let n = pages.unwrap_or(4_294_967_294) as i64;
-            if let Err(e) = conn.query_row(&format!("PRAGMA max_page_count = {n}"), [], |r| r.get::<_, i64>(0)) {
+            if let Err(e) = conn.query_row(&format!("PRAGMA max_page_count = {n}"), [], |r| {
+                r.get::<_, i64>(0)
+            }) {
                 log::error!(target: "error", "event=store_page_limit_failed error={e}");
             }
             continue;
@@ -573,7 +580,9 @@ fn writer_loop(
         }
         if let Some(Cmd::PageLimit(pages)) = held {
             let n = pages.unwrap_or(4_294_967_294) as i64;
-            if let Err(e) = conn.query_row(&format!("PRAGMA max_page_count = {n}"), [], |r| r.get::<_, i64>(0)) {
+            if let Err(e) = conn.query_row(&format!("PRAGMA max_page_count = {n}"), [], |r| {
+                r.get::<_, i64>(0)
+            }) {
                 log::error!(target: "error", "event=store_page_limit_failed error={e}");
             }
         }
@@ -854,26 +863,46 @@ mod page_limit_tests {
     fn a_full_disk_fails_the_commit_and_lifting_the_limit_recovers() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("g.db"), 100).expect("store");
-        let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt");
         let big = |seq: u64| IncomingEvent {
             event: Event {
                 seq,
                 entity: "e".into(),
                 op: Op::Insert,
                 key: Map::new(),
-                row: serde_json::json!({"pad": "x".repeat(20_000)}).as_object().cloned(),
+                row: serde_json::json!({"pad": "x".repeat(20_000)})
+                    .as_object()
+                    .cloned(),
                 committed_at: "t".into(),
             },
             problem: None,
         };
-        rt.block_on(store.append("c", 0, vec![big(1)])).expect("first");
+        rt.block_on(store.append("c", 0, vec![big(1)]))
+            .expect("first");
         let pages = store.page_count().expect("pages");
         store.set_page_limit(Some(pages));
         let err = rt.block_on(store.append("c", 1, vec![big(2), big(3)]));
-        assert!(matches!(&err, Err(StoreError::Write(m)) if m.contains("full")), "{err:?}");
-        assert_eq!(store.acked_seq("c").expect("acked"), 1, "nothing of the failed group is acknowledged");
+        assert!(
+            matches!(&err, Err(StoreError::Write(m)) if m.contains("full")),
+            "{err:?}"
+        );
+        assert_eq!(
+            store.acked_seq("c").expect("acked"),
+            1,
+            "nothing of the failed group is acknowledged"
+        );
         store.set_page_limit(None);
-        let ok = rt.block_on(store.append("c", 1, vec![big(2), big(3)])).expect("after");
-        assert_eq!(ok, AppendOutcome::Stored { acked: 3, inserted: 2 });
+        let ok = rt
+            .block_on(store.append("c", 1, vec![big(2), big(3)]))
+            .expect("after");
+        assert_eq!(
+            ok,
+            AppendOutcome::Stored {
+                acked: 3,
+                inserted: 2
+            }
+        );
     }
 }

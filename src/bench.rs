@@ -1,0 +1,443 @@
+//! `tether bench <scenario>`: measured figures, one JSON line per scenario with the machine.
+//! Scenarios: ingest, latency, connections, footprint, drain, storm, all. See
+//! docs/BENCHMARKS.md for what each measures and what limits it.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::fleet::{self, Fleet};
+use crate::gateway::{self, GatewayHandle, GatewaySecurity, GatewaySettings};
+use crate::loadgen::{rss_kb, rss_kb_of, run_client, ClientSpec, Swarm};
+use crate::security::limits::SharedBucket;
+
+pub const SCENARIOS: [&str; 6] = [
+    "ingest",
+    "latency",
+    "connections",
+    "footprint",
+    "drain",
+    "storm",
+];
+
+/// Sizes; the defaults are the issue's, smaller ones keep CI quick.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub clinics: usize,
+    pub events_per_clinic: u64,
+    pub latency_clinics: usize,
+    pub latency_secs: u64,
+    pub connections: usize,
+    pub drain_events: u64,
+    pub storm_clients: usize,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            clinics: 8,
+            events_per_clinic: 25_000,
+            latency_clinics: 500,
+            latency_secs: 20,
+            connections: 2_000,
+            drain_events: 100_000,
+            storm_clients: 1_000,
+        }
+    }
+}
+
+pub fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let mem_gb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kb| kb / 1024 / 1024)
+        .unwrap_or(0);
+    json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "cpu": cpu,
+        "mem_gb": mem_gb,
+        "os": std::env::consts::OS,
+        "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+    })
+}
+
+fn settings(dir: &Path, listen: &str) -> GatewaySettings {
+    GatewaySettings {
+        listen: listen.into(),
+        store_path: dir.join("gateway.db"),
+        heartbeat_interval: Duration::from_secs(10),
+        max_frame_bytes: tether_schemas::DEFAULT_MAX_FRAME_BYTES,
+        entity_schemas: None,
+        update_window: 32,
+        group_commit_max_events: 20_000,
+        workers: 2,
+        shutdown_timeout: Duration::from_secs(1),
+        faults: Default::default(),
+    }
+}
+
+fn percentile(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    (sorted[i.min(sorted.len() - 1)] as f64 / 1000.0 * 100.0).round() / 100.0
+}
+
+/// Fills a clinic's outbox with `n` changes in large transactions (a backlog).
+fn backlog(db: &Path, n: u64) -> anyhow::Result<()> {
+    let conn = crate::db::sqlite::open(db)?;
+    let mut left = n;
+    while left > 0 {
+        let chunk = left.min(5_000);
+        conn.execute(
+            "INSERT INTO payments (patient_id, amount_cents, method) \
+             WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < ?1) \
+             SELECT i, i * 7, 'card' FROM s",
+            [chunk as i64],
+        )?;
+        left -= chunk;
+    }
+    Ok(())
+}
+
+async fn drain_fleet(fleet: &Fleet, deadline: Duration) -> anyhow::Result<Duration> {
+    let store = fleet.store().ok_or_else(|| anyhow::anyhow!("no gateway"))?;
+    let heads: Vec<(String, u64)> = fleet
+        .clinics
+        .iter()
+        .map(|c| Ok((c.id.clone(), Fleet::outbox_head(&c.db)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let t0 = Instant::now();
+    loop {
+        let done = heads
+            .iter()
+            .all(|(id, head)| store.acked_seq(id).map(|a| a >= *head).unwrap_or(false));
+        if done {
+            return Ok(t0.elapsed());
+        }
+        if t0.elapsed() > deadline {
+            anyhow::bail!("not drained within {deadline:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// K clinics push a backlog as fast as acknowledgements allow: durable events/s at the gateway.
+pub async fn ingest(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
+    let mut fleet = Fleet::insecure(dir, o.clinics, Duration::from_secs(10))?;
+    for c in &mut fleet.clinics {
+        c.config.outbox.batch_max_events = 2_000;
+        c.config.outbox.batch_max_bytes = 900 * 1024;
+        c.config.outbox.max_inflight_batches = 8;
+        c.config.outbox.max_buffered_events = 40_000;
+        backlog(&c.db, o.events_per_clinic)?;
+    }
+    let total = o.events_per_clinic * o.clinics as u64;
+    let t0 = Instant::now();
+    fleet.start_agents().await?;
+    drain_fleet(&fleet, Duration::from_secs(600)).await?;
+    let secs = t0.elapsed().as_secs_f64();
+    let rss = rss_kb() / 1024;
+    fleet.stop().await;
+    Ok(
+        json!({"scenario": "ingest", "clinics": o.clinics, "events": total,
+        "seconds": (secs * 100.0).round() / 100.0, "events_per_s": (total as f64 / secs).round(),
+        "rss_mb": rss, "machine": machine()}),
+    )
+}
+
+/// One clinic drains a queued backlog after an outage: events/s.
+pub async fn drain(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
+    let mut fleet = Fleet::insecure(dir, 1, Duration::from_secs(10))?;
+    let c = &mut fleet.clinics[0];
+    c.config.outbox.batch_max_events = 2_000;
+    c.config.outbox.batch_max_bytes = 900 * 1024;
+    c.config.outbox.max_inflight_batches = 8;
+    c.config.outbox.max_buffered_events = 40_000;
+    backlog(&c.db, o.drain_events)?;
+    let t0 = Instant::now();
+    fleet.start_agents().await?;
+    drain_fleet(&fleet, Duration::from_secs(600)).await?;
+    let secs = t0.elapsed().as_secs_f64();
+    fleet.stop().await;
+    Ok(
+        json!({"scenario": "drain", "events": o.drain_events, "seconds": (secs * 100.0).round() / 100.0,
+        "events_per_s": (o.drain_events as f64 / secs).round(), "machine": machine()}),
+    )
+}
+
+fn spawn_swarm(
+    n: usize,
+    url: &str,
+    tls: Option<openssl::ssl::SslConnector>,
+    events_per_s: f64,
+    prefix: &str,
+) -> Arc<Swarm> {
+    let swarm = Arc::new(Swarm::default());
+    for i in 0..n {
+        let spec = ClientSpec {
+            url: url.to_string(),
+            clinic_id: format!("{prefix}{i:05}"),
+            tls: tls.clone(),
+            headers: Vec::new(),
+            backoff_base: Duration::from_millis(200),
+            backoff_cap: Duration::from_secs(10),
+            events_per_s,
+        };
+        actix::spawn(run_client(spec, swarm.clone()));
+    }
+    swarm
+}
+
+async fn wait_up(swarm: &Swarm, n: usize, limit: Duration) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    while (Swarm::get(&swarm.up) as usize) < n {
+        if t0.elapsed() > limit {
+            anyhow::bail!(
+                "only {} of {n} clients up after {limit:?}",
+                Swarm::get(&swarm.up)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(t0.elapsed())
+}
+
+/// Many clinics × 2 events/s: commit-to-durable-ack latency at the protocol level.
+pub async fn latency(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
+    let gw = gateway::start(settings(dir, "127.0.0.1:0"), GatewaySecurity::insecure())?;
+    let swarm = spawn_swarm(o.latency_clinics, &gw.ws_url(), None, 2.0, "lat-");
+    wait_up(&swarm, o.latency_clinics, Duration::from_secs(60)).await?;
+    if let Ok(mut l) = swarm.latencies_us.lock() {
+        l.clear();
+    }
+    tokio::time::sleep(Duration::from_secs(o.latency_secs)).await;
+    swarm.stop.store(true, Ordering::Relaxed);
+    let mut l = swarm
+        .latencies_us
+        .lock()
+        .map(|l| l.clone())
+        .unwrap_or_default();
+    l.sort_unstable();
+    gw.stop().await;
+    Ok(
+        json!({"scenario": "latency", "clinics": o.latency_clinics, "events_per_clinic_per_s": 2,
+        "acked": l.len(), "p50_ms": percentile(&l, 0.5), "p99_ms": percentile(&l, 0.99),
+        "p999_ms": percentile(&l, 0.999), "machine": machine()}),
+    )
+}
+
+/// After a gateway restart, all clients come back: seconds until every one has a session.
+pub async fn storm(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
+    let mut sec = GatewaySecurity::insecure();
+    sec.admission = SharedBucket::new(200.0, 200.0);
+    let gw = gateway::start(settings(dir, "127.0.0.1:0"), sec)?;
+    let addr = gw.addr.to_string();
+    let swarm = spawn_swarm(o.storm_clients, &gw.ws_url(), None, 0.0, "storm-");
+    wait_up(&swarm, o.storm_clients, Duration::from_secs(120)).await?;
+    let rss_before = rss_kb();
+    let refused_before = Swarm::get(&swarm.refused);
+    gw.stop().await;
+    let mut sec = GatewaySecurity::insecure();
+    sec.admission = SharedBucket::new(200.0, 200.0);
+    let gw: GatewayHandle = gateway::start(settings(dir, &addr), sec)?;
+    let t = wait_up(&swarm, o.storm_clients, Duration::from_secs(120)).await?;
+    let refused = Swarm::get(&swarm.refused) - refused_before;
+    let rss_after = rss_kb();
+    swarm.stop.store(true, Ordering::Relaxed);
+    gw.stop().await;
+    Ok(
+        json!({"scenario": "storm", "clients": o.storm_clients, "seconds_until_all_back": (t.as_secs_f64() * 100.0).round() / 100.0,
+        "admission_limit_per_s": 200, "refused_503": refused,
+        "rss_mb_before": rss_before / 1024, "rss_mb_after": rss_after / 1024, "machine": machine()}),
+    )
+}
+
+/// N idle TLS connections held by a gateway in its own process: RSS per connection.
+pub async fn connections(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
+    let certs = dir.join("certs");
+    crate::security::keys::dev_setup(&certs, &[], 2048)?;
+    let cfg = dir.join("gw.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "logging:\n  dir: logs\n  console: false\n  level: warn\ngateway:\n  listen: 127.0.0.1:0\n  insecure_plaintext: true\n  store:\n    path: gw.db\n  tls:\n    cert: {c}/gateway.pem\n    key: {c}/gateway.key\n  limits:\n    handshakes_per_second: 5000\n    handshake_burst: 5000\n",
+            c = certs.display()
+        ),
+    )?;
+    let exe = std::env::current_exe()?;
+    let mut child = std::process::Command::new(exe)
+        .args(["gateway", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(
+        child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?,
+    )
+    .read_line(&mut line)?;
+    let addr = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let pid = child.id().to_string();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = rss_kb_of(&pid);
+    let tls = crate::security::tls::connector(&crate::security::tls::ClientTls {
+        ca: Some(certs.join("ca.pem")),
+        ..Default::default()
+    })?;
+    let swarm = spawn_swarm(
+        o.connections,
+        &format!("wss://{addr}/v1/ws"),
+        Some(tls),
+        0.0,
+        "conn-",
+    );
+    let r = wait_up(&swarm, o.connections, Duration::from_secs(300)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let loaded = rss_kb_of(&pid);
+    swarm.stop.store(true, Ordering::Relaxed);
+    let _ = child.kill();
+    let _ = child.wait();
+    r?;
+    let per = (loaded.saturating_sub(idle) as f64 * 1024.0 / o.connections as f64).round();
+    Ok(
+        json!({"scenario": "connections", "connections": o.connections, "tls": true,
+        "gateway_rss_mb_idle": idle / 1024, "gateway_rss_mb_loaded": loaded / 1024,
+        "bytes_per_connection": per, "machine": machine()}),
+    )
+}
+
+/// A real agent process: RSS idle and while the clinic writes ~1,000 changes/s.
+pub async fn footprint(dir: &Path, _o: &BenchOptions) -> anyhow::Result<Value> {
+    let gw = gateway::start(settings(dir, "127.0.0.1:0"), GatewaySecurity::insecure())?;
+    let db = dir.join("clinic.db");
+    fleet::create_sample_clinic(&db)?;
+    let cfg = dir.join("agent.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "logging:\n  dir: logs-agent\n  console: false\n  level: warn\nagent:\n  clinic_id: fp\n  database:\n    path: {}\n  gateway:\n    url: {}\n    insecure_plaintext: true\n  tables:\n    - {{table: patients, entity: patient, key: [id]}}\n    - {{table: appointments, entity: appointment, key: [id]}}\n    - {{table: payments, entity: payment, key: [id], direction: up}}\n",
+            db.display(),
+            gw.ws_url()
+        ),
+    )?;
+    let exe = std::env::current_exe()?;
+    let mut child = std::process::Command::new(exe)
+        .args(["agent", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let pid = child.id().to_string();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle = rss_kb_of(&pid);
+    let writer_db = db.clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let writer = std::thread::spawn(move || -> anyhow::Result<u64> {
+        let conn = crate::db::sqlite::open(&writer_db)?;
+        let mut n = 0u64;
+        let t0 = Instant::now();
+        while !s.load(Ordering::Relaxed) {
+            conn.execute(
+                "INSERT INTO payments (patient_id, amount_cents, method) \
+                 WITH RECURSIVE q(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM q WHERE i < 50) SELECT i, i, 'cash' FROM q",
+                [],
+            )?;
+            n += 50;
+            // Pace the load at about 1,000 changes/s.
+            let due = Duration::from_millis(n);
+            if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        Ok(n)
+    });
+    let mut peak = 0;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        peak = peak.max(rss_kb_of(&pid));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let written = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    let _ = child.kill();
+    let _ = child.wait();
+    gw.stop().await;
+    Ok(
+        json!({"scenario": "footprint", "agent_rss_mb_idle": (idle as f64 / 1024.0 * 10.0).round() / 10.0,
+        "agent_rss_mb_at_1000_events_per_s": (peak as f64 / 1024.0 * 10.0).round() / 10.0,
+        "events_written": written, "machine": machine()}),
+    )
+}
+
+/// Runs one scenario (or all) and prints one JSON line each (or a readable summary).
+pub fn run(scenario: &str, json_out: bool, o: BenchOptions) -> anyhow::Result<Vec<Value>> {
+    let names: Vec<&str> = if scenario == "all" {
+        SCENARIOS.to_vec()
+    } else if SCENARIOS.contains(&scenario) {
+        vec![scenario]
+    } else {
+        anyhow::bail!(
+            "unknown scenario `{scenario}` (one of {}, all)",
+            SCENARIOS.join(", ")
+        );
+    };
+    let mut out = Vec::new();
+    for name in names {
+        let dir = tempfile::Builder::new().prefix("tether-bench-").tempdir()?;
+        let mut logging = crate::config::LoggingConfig::default();
+        logging.dir = dir.path().join("logs");
+        logging.console = false;
+        logging.level = "warn".into();
+        let _ = crate::logging::init(&logging, "");
+        let system = actix::System::new();
+        let path = dir.path().to_path_buf();
+        let opts = o.clone();
+        let v = system.block_on(async move {
+            match name {
+                "ingest" => ingest(&path, &opts).await,
+                "latency" => latency(&path, &opts).await,
+                "connections" => connections(&path, &opts).await,
+                "footprint" => footprint(&path, &opts).await,
+                "drain" => drain(&path, &opts).await,
+                _ => storm(&path, &opts).await,
+            }
+        })?;
+        if json_out {
+            println!("{v}");
+        } else {
+            println!(
+                "{name}: {}",
+                serde_json::to_string_pretty(&v).unwrap_or_default()
+            );
+        }
+        out.push(v);
+    }
+    Ok(out)
+}

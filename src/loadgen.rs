@@ -1,0 +1,181 @@
+//! Lightweight protocol clients (hello, welcome, pings, events) for storm tests and
+//! benchmarks: thousands in one process, each with the agent's full-jitter backoff. They speak
+//! the real protocol to a real gateway but keep no database.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use awc::error::WsClientError;
+use awc::ws::{self, Frame};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tether_actors::backoff::Backoff;
+
+/// Shared counters of a swarm of clients.
+#[derive(Debug, Default)]
+pub struct Swarm {
+    /// Clients with a live session (welcome received, not closed since).
+    pub up: AtomicU64,
+    pub sessions: AtomicU64,
+    /// Upgrades answered 503 by the gateway's admission limit.
+    pub refused: AtomicU64,
+    pub failures: AtomicU64,
+    pub acked_events: AtomicU64,
+    pub stop: AtomicBool,
+    /// Send→ack latencies in microseconds (latency scenario).
+    pub latencies_us: Mutex<Vec<u64>>,
+}
+
+impl Swarm {
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone)]
+pub struct ClientSpec {
+    pub url: String,
+    pub clinic_id: String,
+    /// TLS connector (wss) and extra headers (a token).
+    pub tls: Option<openssl::ssl::SslConnector>,
+    pub headers: Vec<(String, String)>,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    /// Events per second to send once connected (0: idle).
+    pub events_per_s: f64,
+}
+
+fn client(spec: &ClientSpec) -> awc::Client {
+    let b = awc::Client::builder().timeout(Duration::from_secs(30));
+    match &spec.tls {
+        Some(c) => b
+            .connector(
+                awc::Connector::new()
+                    .openssl(c.clone())
+                    .timeout(Duration::from_secs(30)),
+            )
+            .finish(),
+        None => b.finish(),
+    }
+}
+
+/// Runs one client until `swarm.stop`: connect, hello, wait for welcome, keep the session
+/// (answering pings, optionally sending events), reconnect with full jitter when it ends.
+pub async fn run_client(spec: ClientSpec, swarm: Arc<Swarm>) {
+    let mut backoff = Backoff::new(spec.backoff_base, spec.backoff_cap, Duration::from_secs(60));
+    let http = client(&spec);
+    let mut seq = 0u64;
+    while !swarm.stop.load(Ordering::Relaxed) {
+        let mut req = http.ws(spec.url.as_str());
+        for (k, v) in &spec.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        let framed = match req.connect().await {
+            Ok((_, f)) => f,
+            Err(WsClientError::InvalidResponseStatus(s)) if s.as_u16() == 503 => {
+                swarm.refused.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(backoff.next_delay(&mut rand::rng())).await;
+                continue;
+            }
+            Err(_) => {
+                swarm.failures.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(backoff.next_delay(&mut rand::rng())).await;
+                continue;
+            }
+        };
+        let mut ws = framed;
+        let hello = json!({"v": 1, "type": "hello", "clinic_id": spec.clinic_id, "agent_version": "loadgen", "last_acked_seq": seq});
+        if ws
+            .send(ws::Message::Text(hello.to_string().into()))
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        let mut up = false;
+        let mut sent_at: std::collections::VecDeque<(u64, Instant)> = Default::default();
+        let period =
+            (spec.events_per_s > 0.0).then(|| Duration::from_secs_f64(1.0 / spec.events_per_s));
+        let mut tick = tokio::time::interval(period.unwrap_or(Duration::from_secs(3600)));
+        tick.tick().await;
+        loop {
+            if swarm.stop.load(Ordering::Relaxed) {
+                let _ = ws.close().await;
+                break;
+            }
+            tokio::select! {
+                item = ws.next() => {
+                    let Some(Ok(frame)) = item else { break };
+                    match frame {
+                        Frame::Ping(b) if ws.send(ws::Message::Pong(b.clone())).await.is_err() => break,
+                        Frame::Ping(_) => {}
+                        Frame::Text(t) => {
+                            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&t) else { continue };
+                            match v["type"].as_str() {
+                                Some("welcome") => {
+                                    up = true;
+                                    seq = seq.max(v["acked_seq"].as_u64().unwrap_or(0));
+                                    swarm.up.fetch_add(1, Ordering::Relaxed);
+                                    swarm.sessions.fetch_add(1, Ordering::Relaxed);
+                                    backoff.connected(Instant::now());
+                                }
+                                Some("ack") => {
+                                    let acked = v["seq"].as_u64().unwrap_or(0);
+                                    let now = Instant::now();
+                                    let mut lat = Vec::new();
+                                    while sent_at.front().is_some_and(|(s, _)| *s <= acked) {
+                                        if let Some((_, t)) = sent_at.pop_front() {
+                                            lat.push(now.duration_since(t).as_micros() as u64);
+                                        }
+                                    }
+                                    swarm.acked_events.fetch_add(lat.len() as u64, Ordering::Relaxed);
+                                    if let Ok(mut l) = swarm.latencies_us.lock() {
+                                        l.extend(lat);
+                                    }
+                                }
+                                _ => {}
+                            }
+                        }
+                        Frame::Close(_) => break,
+                        _ => {}
+                    }
+                }
+                _ = tick.tick(), if up && period.is_some() => {
+                    seq += 1;
+                    let frame = json!({"v": 1, "type": "events", "prev_seq": seq - 1, "events": [
+                        {"seq": seq, "entity": "payment", "op": "insert", "key": {"id": seq},
+                         "row": {"id": seq, "amount_cents": 100}, "committed_at": "2026-01-01T00:00:00.000Z"}]});
+                    sent_at.push_back((seq, Instant::now()));
+                    if ws.send(ws::Message::Text(frame.to_string().into())).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        if up {
+            swarm.up.fetch_sub(1, Ordering::Relaxed);
+            backoff.disconnected(Instant::now());
+        }
+        if !swarm.stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(backoff.next_delay(&mut rand::rng())).await;
+        }
+    }
+}
+
+/// Resident set size of this process, in KiB (Linux; 0 elsewhere).
+pub fn rss_kb() -> u64 {
+    rss_kb_of("self")
+}
+
+/// Resident set size of a process by pid (`"self"` for this one), in KiB.
+pub fn rss_kb_of(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
