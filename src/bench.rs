@@ -191,6 +191,7 @@ fn spawn_swarm(
     prefix: &str,
 ) -> Arc<Swarm> {
     let swarm = Arc::new(Swarm::default());
+    let http = crate::loadgen::http_client(tls.as_ref());
     for i in 0..n {
         let spec = ClientSpec {
             url: url.to_string(),
@@ -201,7 +202,7 @@ fn spawn_swarm(
             backoff_cap: Duration::from_secs(10),
             events_per_s,
         };
-        actix::spawn(run_client(spec, swarm.clone()));
+        actix::spawn(run_client(spec, http.clone(), swarm.clone()));
     }
     swarm
 }

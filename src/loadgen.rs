@@ -46,25 +46,24 @@ pub struct ClientSpec {
     pub events_per_s: f64,
 }
 
-fn client(spec: &ClientSpec) -> awc::Client {
+/// One HTTP client for a whole swarm on this thread (awc clients are cheap to clone and
+/// costly to create: each owns a connector).
+pub fn http_client(tls: Option<&openssl::ssl::SslConnector>) -> awc::Client {
+    // No cap on simultaneous connections (awc's default is 100): every client holds one.
+    let connector = awc::Connector::new()
+        .limit(0)
+        .timeout(Duration::from_secs(30));
     let b = awc::Client::builder().timeout(Duration::from_secs(30));
-    match &spec.tls {
-        Some(c) => b
-            .connector(
-                awc::Connector::new()
-                    .openssl(c.clone())
-                    .timeout(Duration::from_secs(30)),
-            )
-            .finish(),
-        None => b.finish(),
+    match tls {
+        Some(c) => b.connector(connector.openssl(c.clone())).finish(),
+        None => b.connector(connector).finish(),
     }
 }
 
 /// Runs one client until `swarm.stop`: connect, hello, wait for welcome, keep the session
 /// (answering pings, optionally sending events), reconnect with full jitter when it ends.
-pub async fn run_client(spec: ClientSpec, swarm: Arc<Swarm>) {
+pub async fn run_client(spec: ClientSpec, http: awc::Client, swarm: Arc<Swarm>) {
     let mut backoff = Backoff::new(spec.backoff_base, spec.backoff_cap, Duration::from_secs(60));
-    let http = client(&spec);
     let mut seq = 0u64;
     while !swarm.stop.load(Ordering::Relaxed) {
         let mut req = http.ws(spec.url.as_str());
