@@ -433,3 +433,56 @@ async fn the_journal_checker_catches_a_build_that_acks_before_commit() {
         gw.stop().await;
     }
 }
+
+/// The long soak: three clinics writing through fault proxies that cycle through every fault
+/// mode, with actors crashing now and then, for TETHER_SOAK_SECS (default 600). Ends with both
+/// history checks.
+#[cfg(feature = "fault-injection")]
+#[actix_rt::test]
+#[ignore = "soak: TETHER_SOAK_SECS=600 cargo nextest run --all-features --run-ignored only -E 'test(soak)'"]
+async fn soak_under_cycling_faults() {
+    let secs: u64 = std::env::var("TETHER_SOAK_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(600);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut fleet, proxies) = fleet_with_proxies(dir.path(), 3);
+    fleet.start_agents().await.expect("agents");
+    let modes = [
+        Mode::Pass,
+        Mode::Blackhole,
+        Mode::Latency(Duration::from_millis(150)),
+        Mode::Bandwidth(50_000),
+        Mode::Slice(3),
+        Mode::CloseMidFrame,
+        Mode::Refuse,
+    ];
+    let until = Instant::now() + Duration::from_secs(secs);
+    let mut round = 0usize;
+    while Instant::now() < until {
+        for (i, p) in proxies.iter().enumerate() {
+            p.set(modes[(round + i) % modes.len()]);
+            if round % 5 == i {
+                p.reset_all();
+            }
+        }
+        if round % 7 == 0 {
+            let actor = tether_actors::agent::ACTOR_NAMES[round % 4];
+            if let Some(a) = fleet.clinics[round % 3].agent.as_ref() {
+                a.handle.inject_panic(actor);
+            }
+        }
+        for c in &fleet.clinics {
+            write_activity(&c.db, 20);
+        }
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    for p in &proxies {
+        p.set(Mode::Pass);
+    }
+    wait_drained(&fleet, Duration::from_secs(120)).await;
+    assert_history_clean(&fleet, &[]);
+    assert_journal_clean(&fleet);
+    fleet.stop().await;
+}

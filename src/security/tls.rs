@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use openssl::pkcs12::Pkcs12;
 use openssl::ssl::{
-    SslAcceptor, SslAcceptorBuilder, SslConnector, SslFiletype, SslMethod, SslMode,
-    SslVerifyMode, SslVersion,
+    SslAcceptor, SslAcceptorBuilder, SslConnector, SslFiletype, SslMethod, SslMode, SslVerifyMode,
+    SslVersion,
 };
 use openssl::x509::X509;
 
