@@ -466,7 +466,7 @@ async fn soak_under_cycling_faults() {
                 p.reset_all();
             }
         }
-        if round % 7 == 0 {
+        if round.is_multiple_of(7) {
             let actor = tether_actors::agent::ACTOR_NAMES[round % 4];
             if let Some(a) = fleet.clinics[round % 3].agent.as_ref() {
                 a.handle.inject_panic(actor);
