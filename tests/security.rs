@@ -746,7 +746,7 @@ async fn floods_are_rate_limited_browsers_need_an_allowed_origin_and_storms_are_
     };
     send(&mut ws, hello("clinic-a")).await;
     next_json(&mut ws).await.expect("welcome");
-    let rss_before = rss_kb();
+    let rss_before = tether::loadgen::rss_kb();
     let frame = json!({"v": 1, "type": "ack", "seq": 1, "pad": "x".repeat(30_000)}).to_string();
     let mut closed = None;
     for _ in 0..2000 {
@@ -765,7 +765,7 @@ async fn floods_are_rate_limited_browsers_need_an_allowed_origin_and_storms_are_
         }
     }
     assert_eq!(closed, Some(1013), "flood closed with try-again-later");
-    let grown_mb = rss_kb().saturating_sub(rss_before) / 1024;
+    let grown_mb = tether::loadgen::rss_kb().saturating_sub(rss_before) / 1024;
     assert!(
         grown_mb < 64,
         "memory stayed bounded under a 60 MB flood: +{grown_mb} MB"
@@ -807,17 +807,6 @@ async fn floods_are_rate_limited_browsers_need_an_allowed_origin_and_storms_are_
     assert!(codes.contains(&503), "{codes:?}");
     assert!(codes.contains(&101), "{codes:?}");
     gw.stop().await;
-}
-
-fn rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 #[actix_rt::test]

@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use actix::prelude::*;
-use tether_schemas::{Event, Events, Message as Wire};
+use tether_schemas::Event;
 
 use crate::agent::{blocking, AgentSettings, Slots};
 use crate::connection::SendFrame;
@@ -131,11 +131,7 @@ impl Outbound {
             let prev_seq = items.first().map(|p| p.prev).unwrap_or(self.acked);
             let first_seq = items.first().map(|p| p.event.seq).unwrap_or(0);
             let last_seq = items.last().map(|p| p.event.seq).unwrap_or(0);
-            let frame = Wire::Events(Events {
-                prev_seq,
-                events: items.iter().map(|p| p.event.clone()).collect(),
-            })
-            .encode();
+            let frame = tether_schemas::encode_events(prev_seq, items.iter().map(|p| &p.event));
             log::info!(target: MESSAGE, "clinic={} event=batch_sent first_seq={first_seq} last_seq={last_seq} count={} bytes={}", s.clinic_id, items.len(), frame.len());
             AgentStats::add(&self.stats.events_sent, items.len() as u64);
             conn.do_send(SendFrame { epoch, text: frame });
@@ -265,7 +261,7 @@ impl Handler<Enqueue> for Outbound {
                 if self.room() == 0 {
                     break;
                 }
-                let bytes = serde_json::to_vec(&event).map(|v| v.len()).unwrap_or(0) + 1;
+                let bytes = tether_schemas::encoded_len(&event) + 1;
                 self.pending.push_back(Pending {
                     prev: self.last_enqueued,
                     event,

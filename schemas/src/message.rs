@@ -269,6 +269,39 @@ impl Message {
     }
 }
 
+/// Encodes an `events` frame from borrowed events (no copy of the rows).
+pub fn encode_events<'a>(prev_seq: u64, events: impl Iterator<Item = &'a Event>) -> String {
+    #[derive(Serialize)]
+    struct EventsRef<'a> {
+        prev_seq: u64,
+        events: Vec<&'a Event>,
+    }
+    envelope(
+        "events",
+        &EventsRef {
+            prev_seq,
+            events: events.collect(),
+        },
+    )
+}
+
+/// Length of an event's JSON encoding, without building the text.
+pub fn encoded_len(event: &Event) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    let _ = serde_json::to_writer(&mut c, event);
+    c.0
+}
+
 #[derive(Serialize)]
 struct Envelope<'a, T> {
     v: u64,
@@ -421,6 +454,17 @@ mod tests {
             assert_eq!(v["type"], m.kind());
             assert_eq!(v["v"], 1);
         }
+    }
+
+    #[test]
+    fn borrowed_events_encode_like_owned_ones() {
+        let Message::Events(ev) = samples().remove(2) else {
+            panic!("sample 2 is events")
+        };
+        let owned = Message::Events(ev.clone()).encode();
+        assert_eq!(encode_events(ev.prev_seq, ev.events.iter()), owned);
+        let one = serde_json::to_string(&ev.events[0]).expect("json");
+        assert_eq!(encoded_len(&ev.events[0]), one.len());
     }
 
     #[test]

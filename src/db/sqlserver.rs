@@ -210,22 +210,7 @@ pub fn change_tracking_pump_sql(t: &TableConfig) -> String {
 pub fn snapshot_chunk_sql(t: &TableConfig, types: &HashMap<String, String>, chunk: u32) -> String {
     let q = bracket_qualified(&t.table);
     let state = nliteral(&format!("snapshot:{}", t.table));
-    let with = t
-        .key
-        .iter()
-        .map(|k| {
-            let ty = types
-                .get(k)
-                .cloned()
-                .unwrap_or_else(|| "nvarchar(max)".into());
-            format!(
-                "{} {ty} {}",
-                bracket(k),
-                nliteral(&format!("$.\"{}\"", k.replace('"', "\\\"")))
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
+    let with = openjson_with(&t.key, types);
     // (k1, k2, …) > (last…) spelled out: k1 > a OR (k1 = a AND k2 > b) OR …
     let mut ors = Vec::new();
     for i in 0..t.key.len() {
@@ -304,10 +289,9 @@ pub const READ_SQL: &str =
     FROM tether.outbox WITH (READCOMMITTEDLOCK) \
     WHERE rv > CAST(@P1 AS binary(8)) AND rv < MIN_ACTIVE_ROWVERSION() ORDER BY rv";
 
-/// The MERGE that applies an upsert; `types` maps each column to its declared SQL type.
-pub fn merge_sql(t: &TableConfig, cols: &[String], types: &HashMap<String, String>) -> String {
-    let with: Vec<String> = cols
-        .iter()
+/// `OPENJSON … WITH (…)` column list: each column with its declared type and JSON path.
+fn openjson_with(cols: &[String], types: &HashMap<String, String>) -> String {
+    cols.iter()
         .map(|c| {
             let ty = types
                 .get(c)
@@ -319,12 +303,21 @@ pub fn merge_sql(t: &TableConfig, cols: &[String], types: &HashMap<String, Strin
                 nliteral(&format!("$.\"{}\"", c.replace('"', "\\\"")))
             )
         })
-        .collect();
-    let on: Vec<String> = t
-        .key
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `target.[k1] = src.[k1] AND …` over the key columns.
+fn key_match(t: &TableConfig) -> String {
+    t.key
         .iter()
         .map(|k| format!("target.{c} = src.{c}", c = bracket(k)))
-        .collect();
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// The MERGE that applies an upsert; `types` maps each column to its declared SQL type.
+pub fn merge_sql(t: &TableConfig, cols: &[String], types: &HashMap<String, String>) -> String {
     let sets: Vec<String> = cols
         .iter()
         .filter(|c| !t.key.contains(c))
@@ -341,8 +334,8 @@ pub fn merge_sql(t: &TableConfig, cols: &[String], types: &HashMap<String, Strin
         "MERGE {table} WITH (HOLDLOCK) AS target USING (SELECT * FROM OPENJSON(@P1) WITH ({with})) AS src ON {on}{matched} \
          WHEN NOT MATCHED THEN INSERT ({list}) VALUES ({src_list});",
         table = bracket_qualified(&t.table),
-        with = with.join(", "),
-        on = on.join(" AND "),
+        with = openjson_with(cols, types),
+        on = key_match(t),
         list = list.join(", "),
         src_list = src_list.join(", "),
     )
@@ -350,31 +343,11 @@ pub fn merge_sql(t: &TableConfig, cols: &[String], types: &HashMap<String, Strin
 
 /// The DELETE that applies a delete (key values from JSON in @P1).
 pub fn delete_sql(t: &TableConfig, types: &HashMap<String, String>) -> String {
-    let with: Vec<String> = t
-        .key
-        .iter()
-        .map(|k| {
-            let ty = types
-                .get(k)
-                .cloned()
-                .unwrap_or_else(|| "nvarchar(max)".into());
-            format!(
-                "{} {ty} {}",
-                bracket(k),
-                nliteral(&format!("$.\"{}\"", k.replace('"', "\\\"")))
-            )
-        })
-        .collect();
-    let on: Vec<String> = t
-        .key
-        .iter()
-        .map(|k| format!("target.{c} = src.{c}", c = bracket(k)))
-        .collect();
     format!(
         "DELETE target FROM {table} AS target JOIN OPENJSON(@P1) WITH ({with}) AS src ON {on};",
         table = bracket_qualified(&t.table),
-        with = with.join(", "),
-        on = on.join(" AND ")
+        with = openjson_with(&t.key, types),
+        on = key_match(t)
     )
 }
 
@@ -868,19 +841,11 @@ impl ChangeSink for MssqlSink {
             (ConflictPolicy::NewestWins, Some(vc), UpdateOp::Upsert) => {
                 let mut with_cols: Vec<String> = t.key.clone();
                 with_cols.push(vc.to_string());
-                let with: Vec<String> = with_cols
-                    .iter()
-                    .map(|c| {
-                        let ty = types.get(c).cloned().unwrap_or_else(|| "nvarchar(max)".into());
-                        format!("{} {ty} {}", bracket(c), nliteral(&format!("$.\"{}\"", c.replace('"', "\\\""))))
-                    })
-                    .collect();
-                let on: Vec<String> = t.key.iter().map(|k| format!("target.{c} = src.{c}", c = bracket(k))).collect();
                 format!(
                     "IF EXISTS (SELECT 1 FROM {table} AS target JOIN OPENJSON(@P1) WITH ({with}) AS src ON {on} WHERE target.{v} > src.{v}) {c}",
                     table = bracket_qualified(&t.table),
-                    with = with.join(", "),
-                    on = on.join(" AND "),
+                    with = openjson_with(&with_cols, &types),
+                    on = key_match(&t),
                     v = bracket(vc),
                     c = conflict("newest_wins", super::LOCAL_NEWER)
                 )

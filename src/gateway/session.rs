@@ -283,10 +283,14 @@ impl Session {
     fn on_events(&mut self, batch: Events, ctx: &mut ws::WebsocketContext<Self>) {
         let clinic = self.clinic.clone().unwrap_or_default();
         let mut batch = batch;
+        // With the data keys, a value that fails to decrypt is parked with the reason
+        // (ciphertext kept, never plaintext, never dropped); decrypt_event leaves it untouched.
+        let mut problems: Vec<Option<String>> = vec![None; batch.events.len()];
         if let Some(cipher) = &self.state.security.decrypt {
-            for e in &mut batch.events {
-                // A failure leaves the ciphertext in place; the event is stored flagged below.
-                let _ = cipher.decrypt_event(&clinic, e);
+            for (e, p) in batch.events.iter_mut().zip(problems.iter_mut()) {
+                if let Err(err) = cipher.decrypt_event(&clinic, e) {
+                    *p = Some(format!("decryption failed: {err}"));
+                }
             }
         }
         // Sequences must rise strictly from prev_seq.
@@ -316,25 +320,23 @@ impl Session {
         let count = batch.events.len();
         let prev_seq = batch.prev_seq;
         let schemas = &self.state.schemas;
-        let decrypt = self.state.security.decrypt.as_ref();
         let incoming: Vec<IncomingEvent> = batch
             .events
             .into_iter()
-            .map(|event| {
-                // With the data keys, a value still encrypted here failed to decrypt: park it
-                // with the reason (ciphertext kept, never plaintext, never dropped).
-                let crypto =
-                    decrypt.and_then(|c| c.decrypt_event(&clinic, &mut event.clone()).err());
-                let problem = crypto
-                    .map(|e| format!("decryption failed: {e}"))
-                    .or_else(|| {
-                        event.row.as_ref().and_then(|row| {
-                            schemas
-                                .validate(&event.entity, &serde_json::Value::Object(row.clone()))
-                                .err()
-                                .map(|e| e.to_string())
-                        })
-                    });
+            .zip(problems)
+            .map(|(mut event, problem)| {
+                let problem = problem.or_else(|| {
+                    // Validate in place: the row is moved into a Value and back, not copied.
+                    let row = serde_json::Value::Object(event.row.take()?);
+                    let verdict = schemas
+                        .validate(&event.entity, &row)
+                        .err()
+                        .map(|e| e.to_string());
+                    if let serde_json::Value::Object(m) = row {
+                        event.row = Some(m);
+                    }
+                    verdict
+                });
                 IncomingEvent { event, problem }
             })
             .collect();
