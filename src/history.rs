@@ -6,6 +6,7 @@
 //! be at the gateway that the clinic did not commit; per key, the gateway must have stored the
 //! changes in commit order; and no applied cloud update may have been captured again (echo).
 //! Requires the outbox retention to be longer than the run (purged rows cannot be compared).
+//! Only the events of the clinic's current outbox (`source_id`) are compared.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -109,7 +110,8 @@ pub fn check_clinic(
         .collect::<Result<_, _>>()?;
     let gateway: Vec<(u64, Change)> = store.read(|c| {
         let mut stmt = c.prepare(
-            "SELECT id, seq, entity, op, key_json, row_json, committed_at FROM events WHERE clinic_id = ?1 ORDER BY id",
+            "SELECT id, seq, entity, op, key_json, row_json, committed_at FROM events WHERE clinic_id = ?1 \
+             AND source_id = coalesce((SELECT source_id FROM clinics WHERE clinic_id = ?1), 0) ORDER BY id",
         )?;
         let rows = stmt.query_map(params![clinic_id], |r| {
             Ok((
@@ -228,7 +230,8 @@ pub fn check_journal(
         .collect::<Result<_, _>>()?;
     let stored: Vec<(String, Change)> = store.read(|c| {
         let mut s = c.prepare(
-            "SELECT entity, op, key_json, row_json FROM events WHERE clinic_id = ?1 ORDER BY seq",
+            "SELECT entity, op, key_json, row_json FROM events WHERE clinic_id = ?1 \
+             AND source_id = coalesce((SELECT source_id FROM clinics WHERE clinic_id = ?1), 0) ORDER BY seq",
         )?;
         let rows = s.query_map(params![clinic_id], |r| {
             let entity: String = r.get(0)?;

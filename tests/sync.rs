@@ -257,3 +257,62 @@ async fn panic_in_each_actor_is_logged_restarted_and_loses_nothing() {
     }
     fleet.stop().await;
 }
+
+/// A clinic whose database is re-created (a reinstall) starts its outbox sequences again. The
+/// gateway must not take the new changes for duplicates of the old ones.
+#[actix_rt::test]
+async fn a_recreated_clinic_database_is_not_mistaken_for_duplicates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut fleet = Fleet::new(dir.path(), 1, HB).expect("fleet");
+    fleet.start_agents().await.expect("agents");
+    write_activity(&fleet.clinics[0].db, 60);
+    wait_drained(&fleet, Duration::from_secs(20)).await;
+    if let Some(a) = fleet.clinics[0].agent.take() {
+        a.stop();
+    }
+    let db = fleet.clinics[0].db.clone();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    tether::fleet::create_sample_clinic(&db).expect("re-created clinic");
+    write_activity(&db, 25);
+    let new_head = Fleet::outbox_head(&db).expect("head");
+    let new_source: i64 = tether::db::sqlite::open(&db)
+        .expect("open")
+        .query_row(
+            "SELECT value FROM _tether_state WHERE name = 'source_id'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("source id");
+    fleet.start_agents().await.expect("agent again");
+    let store = fleet.store().expect("store");
+    let read = || {
+        store
+            .read(|c| {
+                c.query_row(
+                    "SELECT k.source_id, k.acked_seq, (SELECT count(*) FROM events e WHERE e.clinic_id = k.clinic_id AND e.source_id = k.source_id) \
+                     FROM clinics k WHERE k.clinic_id = 'clinic-001'",
+                    [],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)),
+                )
+            })
+            .expect("clinic")
+    };
+    wait_until(
+        "the new database's changes to be acknowledged",
+        Duration::from_secs(20),
+        || {
+            let (source, acked, _) = read();
+            async move { source == new_source && acked as u64 >= new_head }
+        },
+    )
+    .await;
+    let (source, _, stored) = read();
+    assert_ne!(source, 0);
+    assert_eq!(
+        stored as u64, new_head,
+        "every change of the new database arrived"
+    );
+    fleet.stop().await;
+}

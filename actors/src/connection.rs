@@ -68,6 +68,7 @@ pub struct Connection {
     attempt_started: Instant,
     /// The next reconnect is a planned re-authentication: no backoff.
     reauth: bool,
+    source_id: u64,
 }
 
 enum Incoming {
@@ -103,6 +104,7 @@ impl Connection {
             applying: false,
             attempt_started: now,
             reauth: false,
+            source_id: 0,
         }
     }
 
@@ -172,6 +174,7 @@ impl Connection {
             clinic_id: self.settings.clinic_id.clone(),
             agent_version: self.settings.agent_version.clone(),
             last_acked_seq: self.stats.acked_seq.load(Ordering::Relaxed),
+            source_id: self.source_id,
         });
         self.write(ws::Message::Text(hello.encode().into()));
         // The whole handshake (upgrade + welcome) must finish within connect_timeout.
@@ -388,7 +391,21 @@ impl Actor for Connection {
         ctx.run_interval(self.settings.heartbeat_interval, |act, ctx| {
             act.heartbeat(ctx)
         });
-        self.connect(ctx);
+        // Which outbox this agent speaks for (read once, off the arbiter thread).
+        let cp = self.ports.checkpoint.clone();
+        ctx.wait(
+            crate::agent::blocking(move || cp.source_id())
+                .into_actor(self)
+                .map(|res, act, ctx| {
+                    match res {
+                        Ok(id) => act.source_id = id,
+                        Err(e) => {
+                            log::error!(target: ERROR, "clinic={} event=source_id_unreadable error={e}", act.clinic())
+                        }
+                    }
+                    act.connect(ctx);
+                }),
+        );
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {

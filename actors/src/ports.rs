@@ -33,6 +33,10 @@ pub trait Checkpoint: Send + Sync + 'static {
     fn save(&self, acked: u64) -> Result<(), PortError>;
     /// Deletes acknowledged outbox rows (`seq <= acked`) older than the retention; returns how many.
     fn purge(&self, acked: u64, retention: std::time::Duration) -> Result<usize, PortError>;
+    /// The outbox's identity, made at install; a re-created outbox has a new one (0: unknown).
+    fn source_id(&self) -> Result<u64, PortError> {
+        Ok(0)
+    }
 }
 
 /// The result of applying one cloud update.

@@ -18,6 +18,10 @@ pub struct Hello {
     pub agent_version: String,
     /// The highest sequence the agent knows to be durable at the gateway (its checkpoint).
     pub last_acked_seq: u64,
+    /// Identifies the clinic outbox the sequences come from (random, made at install). A new
+    /// value means the outbox was re-created and its sequences start again; 0 = unknown.
+    #[serde(default)]
+    pub source_id: u64,
 }
 
 /// Gateway → agent, answer to `hello`.
@@ -405,6 +409,7 @@ mod tests {
                 clinic_id: "clinic-1".into(),
                 agent_version: "0.1.0".into(),
                 last_acked_seq: 7,
+                source_id: 42,
             }),
             Message::Welcome(Welcome {
                 session_id: "s1".into(),

@@ -122,6 +122,7 @@ CREATE TABLE IF NOT EXISTS tether.outbox (
     committed_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE TABLE IF NOT EXISTS tether.state (name text PRIMARY KEY, value bigint NOT NULL, text_value text);
+INSERT INTO tether.state (name, value) VALUES ('source_id', 1 + floor(random() * 9007199254740990)::bigint) ON CONFLICT (name) DO NOTHING;
 CREATE TABLE IF NOT EXISTS tether.inbox (
     update_id text PRIMARY KEY,
     status text NOT NULL,

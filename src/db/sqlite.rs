@@ -100,6 +100,7 @@ CREATE TABLE IF NOT EXISTS _tether_apply_guard (
     active INTEGER NOT NULL DEFAULT 0
 );
 INSERT OR IGNORE INTO _tether_apply_guard (id, active) VALUES (1, 0);
+INSERT OR IGNORE INTO _tether_state (name, value) VALUES ('source_id', abs(random() % 9007199254740991) + 1);
 CREATE TABLE IF NOT EXISTS _tether_conflicts (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     update_id TEXT NOT NULL,
@@ -444,6 +445,18 @@ impl Checkpoint for SqliteCheckpoint {
         )
         .map(|_| ())
         .map_err(port("saving checkpoint"))
+    }
+
+    fn source_id(&self) -> Result<u64, PortError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.query_row(
+            "SELECT value FROM _tether_state WHERE name = 'source_id'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()
+        .map(|v| v.unwrap_or(0) as u64)
+        .map_err(port("reading source id"))
     }
 
     fn purge(&self, acked: u64, retention: Duration) -> Result<usize, PortError> {

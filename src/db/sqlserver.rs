@@ -61,6 +61,8 @@ BEGIN
 END;
 IF OBJECT_ID(N'tether.state', N'U') IS NULL
     CREATE TABLE tether.state (name nvarchar(400) NOT NULL PRIMARY KEY, value bigint NOT NULL, text_value nvarchar(max) NULL);
+IF NOT EXISTS (SELECT 1 FROM tether.state WHERE name = N'source_id')
+    INSERT INTO tether.state (name, value) VALUES (N'source_id', ABS(CAST(CAST(NEWID() AS binary(6)) AS bigint)) + 1);
 IF OBJECT_ID(N'tether.inbox', N'U') IS NULL
     CREATE TABLE tether.inbox (update_id nvarchar(100) NOT NULL PRIMARY KEY, status varchar(10) NOT NULL, reason nvarchar(max) NULL, applied_at datetime2(3) NOT NULL DEFAULT SYSUTCDATETIME());
 IF OBJECT_ID(N'tether.conflicts', N'U') IS NULL
@@ -667,6 +669,21 @@ impl ChangeSource for MssqlSource {
 pub struct MssqlCheckpoint(pub Arc<MssqlDb>);
 
 impl Checkpoint for MssqlCheckpoint {
+    fn source_id(&self) -> Result<u64, PortError> {
+        self.0
+            .run(|c| {
+                Box::pin(async move {
+                    let row = c
+                        .simple_query("SELECT value FROM tether.state WHERE name = N'source_id'")
+                        .await?
+                        .into_row()
+                        .await?;
+                    Ok(row.and_then(|r| r.get::<i64, _>(0)).unwrap_or(0) as u64)
+                })
+            })
+            .map_err(port)
+    }
+
     fn load(&self) -> Result<u64, PortError> {
         self.0
             .run(|c| {

@@ -41,6 +41,8 @@ pub struct Session {
     /// The clinic the connection proved it is (token, and certificate under mutual TLS).
     auth: Option<Verified>,
     rate: TokenBucket,
+    /// The clinic outbox this session speaks for (from `hello`).
+    source: u64,
 }
 
 fn deny(status: actix_web::http::StatusCode) -> HttpResponse {
@@ -131,6 +133,7 @@ pub async fn upgrade(
         batches: 0,
         auth,
         rate: TokenBucket::new(rate, burst),
+        source: 0,
     };
     ws::WsResponseBuilder::new(session, &req, stream)
         .frame_size(max)
@@ -244,19 +247,17 @@ impl Session {
         }
         let clinic = h.clinic_id.clone();
         self.clinic = Some(clinic.clone());
+        self.source = h.source_id;
         let store = self.state.store.clone();
         let c = clinic.clone();
-        let fut = async move { web::block(move || store.acked_seq(&c)).await };
+        let source = h.source_id;
+        let fut = async move { store.hello(&c, source).await };
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| {
             let acked = match res {
-                Ok(Ok(a)) => a,
-                Ok(Err(e)) => {
-                    log::error!(target: ERROR, "session={} clinic={clinic} event=store_error error={e}", act.id);
-                    act.send_error(ctx, ErrorCode::StoreUnavailable, "store unavailable".into(), None);
-                    return act.close(ctx, ws::CloseCode::Error, "store unavailable");
-                }
+                Ok(a) => a,
                 Err(e) => {
                     log::error!(target: ERROR, "session={} clinic={clinic} event=store_error error={e}", act.id);
+                    act.send_error(ctx, ErrorCode::StoreUnavailable, "store unavailable".into(), None);
                     return act.close(ctx, ws::CloseCode::Error, "store unavailable");
                 }
             };
@@ -353,7 +354,10 @@ impl Session {
             drop(self.state.store.append(&clinic, 0, incoming));
             return;
         }
-        let fut = self.state.store.append(&clinic, batch.prev_seq, incoming);
+        let fut = self
+            .state
+            .store
+            .append_from(&clinic, self.source, prev_seq, incoming);
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok(AppendOutcome::Stored { acked, inserted }) => {
                 log::info!(target: MESSAGE, "session={} clinic={clinic} event=batch_stored first_seq={first} last_seq={last} count={count} inserted={inserted} flagged={flagged} acked_seq={acked}", act.id);

@@ -68,6 +68,7 @@ const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS clinics (
     clinic_id TEXT PRIMARY KEY,
     acked_seq INTEGER NOT NULL DEFAULT 0,
+    source_id INTEGER NOT NULL DEFAULT 0,
     first_seen TEXT NOT NULL,
     last_event_at TEXT
 );
@@ -82,7 +83,8 @@ CREATE TABLE IF NOT EXISTS events (
     committed_at TEXT NOT NULL,
     received_at TEXT NOT NULL,
     problem TEXT,
-    UNIQUE (clinic_id, seq)
+    source_id INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (clinic_id, source_id, seq)
 );
 CREATE TABLE IF NOT EXISTS updates (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -141,8 +143,15 @@ pub struct NewUpdate {
 enum Cmd {
     /// `PRAGMA max_page_count`: caps the file size, so writes fail as on a full disk.
     PageLimit(Option<u64>),
+    /// A session said hello: returns the position for its outbox (`source`).
+    Hello {
+        clinic: String,
+        source: u64,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
     Append {
         clinic: String,
+        source: u64,
         prev_seq: u64,
         events: Vec<IncomingEvent>,
         reply: oneshot::Sender<Result<AppendOutcome, StoreError>>,
@@ -248,9 +257,22 @@ impl Store {
         prev_seq: u64,
         events: Vec<IncomingEvent>,
     ) -> impl std::future::Future<Output = Result<AppendOutcome, StoreError>> {
+        self.append_from(clinic, 0, prev_seq, events)
+    }
+
+    /// Like `append`, for the outbox `source` the session said hello with: a batch from an
+    /// outbox that is no longer the clinic's current one is refused (as a gap).
+    pub fn append_from(
+        &self,
+        clinic: &str,
+        source: u64,
+        prev_seq: u64,
+        events: Vec<IncomingEvent>,
+    ) -> impl std::future::Future<Output = Result<AppendOutcome, StoreError>> {
         let (reply, rx) = oneshot::channel();
         let sent = self.send(Cmd::Append {
             clinic: clinic.to_string(),
+            source,
             prev_seq,
             events,
             reply,
@@ -259,6 +281,20 @@ impl Store {
             sent?;
             rx.await.map_err(|_| StoreError::Stopped)?
         }
+    }
+
+    /// Registers a session's outbox and returns the position to resume from. A different,
+    /// non-zero `source` than the one on record means the clinic's outbox was re-created: its
+    /// sequences start again, so the position restarts at 0 for it (the old events stay), and
+    /// the change is logged loudly instead of its events being taken for duplicates.
+    pub async fn hello(&self, clinic: &str, source: u64) -> Result<u64, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Hello {
+            clinic: clinic.to_string(),
+            source,
+            reply,
+        })?;
+        rx.await.map_err(|_| StoreError::Stopped)?
     }
 
     pub async fn enqueue_update(&self, update: NewUpdate) -> Result<String, StoreError> {
@@ -500,6 +536,10 @@ fn new_update_id() -> String {
 }
 
 enum Reply {
+    Hello(
+        oneshot::Sender<Result<u64, StoreError>>,
+        Result<u64, String>,
+    ),
     Append(
         oneshot::Sender<Result<AppendOutcome, StoreError>>,
         Result<AppendOutcome, String>,
@@ -560,6 +600,12 @@ fn writer_loop(
                 (Reply::Append(tx, res), Ok(())) => {
                     let _ = tx.send(res.map_err(StoreError::Write));
                 }
+                (Reply::Hello(tx, res), Ok(())) => {
+                    let _ = tx.send(res.map_err(StoreError::Write));
+                }
+                (Reply::Hello(tx, _), Err(e)) => {
+                    let _ = tx.send(Err(StoreError::Write(e.clone())));
+                }
                 (Reply::Update(tx, res), Ok(())) => {
                     let _ = tx.send(res.map_err(StoreError::Write));
                 }
@@ -612,12 +658,18 @@ fn run_group(
             continue;
         }
         let reply = match cmd {
+            Cmd::Hello {
+                clinic,
+                source,
+                reply,
+            } => Reply::Hello(reply, hello(&tx, &clinic, source, &now)),
             Cmd::Append {
                 clinic,
+                source,
                 prev_seq,
                 events,
                 reply,
-            } => Reply::Append(reply, append(&tx, &clinic, prev_seq, &events, &now)),
+            } => Reply::Append(reply, append(&tx, &clinic, source, prev_seq, &events, &now)),
             Cmd::EnqueueUpdate { update, reply } => {
                 Reply::Update(reply, enqueue_update(&tx, &update, &now))
             }
@@ -654,9 +706,10 @@ fn run_group(
             ),
         };
         let error = match &reply {
-            Reply::Append(_, Err(e)) | Reply::Update(_, Err(e)) | Reply::Result(_, Err(e)) => {
-                Some(e.clone())
-            }
+            Reply::Append(_, Err(e))
+            | Reply::Update(_, Err(e))
+            | Reply::Result(_, Err(e))
+            | Reply::Hello(_, Err(e)) => Some(e.clone()),
             _ => None,
         };
         // Some errors (a full disk, I/O) make SQLite roll the whole transaction back: then
@@ -689,36 +742,85 @@ fn run_group(
 fn push_failed(cmd: Cmd, msg: &str, replies: &mut Vec<Reply>) {
     match cmd {
         Cmd::Append { reply, .. } => replies.push(Reply::Append(reply, Err(msg.into()))),
+        Cmd::Hello { reply, .. } => replies.push(Reply::Hello(reply, Err(msg.into()))),
         Cmd::EnqueueUpdate { reply, .. } => replies.push(Reply::Update(reply, Err(msg.into()))),
         Cmd::UpdateResult { reply, .. } => replies.push(Reply::Result(reply, Err(msg.into()))),
         Cmd::MarkDelivered { .. } | Cmd::PageLimit(_) => {}
     }
 }
 
+fn hello(
+    tx: &rusqlite::Transaction<'_>,
+    clinic: &str,
+    source: u64,
+    now: &str,
+) -> Result<u64, String> {
+    let e = |e: rusqlite::Error| e.to_string();
+    let row: Option<(i64, i64)> = tx
+        .query_row(
+            "SELECT acked_seq, source_id FROM clinics WHERE clinic_id = ?1",
+            params![clinic],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(e)?;
+    match row {
+        None => {
+            tx.execute(
+                "INSERT INTO clinics (clinic_id, acked_seq, source_id, first_seen) VALUES (?1, 0, ?2, ?3)",
+                params![clinic, source as i64, now],
+            )
+            .map_err(e)?;
+            Ok(0)
+        }
+        Some((acked, known)) if known as u64 == source || source == 0 => Ok(acked as u64),
+        Some((acked, 0)) => {
+            tx.execute(
+                "UPDATE clinics SET source_id = ?2 WHERE clinic_id = ?1",
+                params![clinic, source as i64],
+            )
+            .map_err(e)?;
+            Ok(acked as u64)
+        }
+        Some((acked, known)) => {
+            log::error!(target: "error", "clinic={clinic} event=outbox_recreated old_source={known} new_source={source} old_acked_seq={acked} action=position_restarts_at_0");
+            log::warn!(target: "audit", "event=outbox_recreated clinic={clinic} old_source={known} new_source={source}");
+            tx.execute(
+                "UPDATE clinics SET source_id = ?2, acked_seq = 0 WHERE clinic_id = ?1",
+                params![clinic, source as i64],
+            )
+            .map_err(e)?;
+            Ok(0)
+        }
+    }
+}
+
 fn append(
     tx: &rusqlite::Transaction<'_>,
     clinic: &str,
+    source: u64,
     prev_seq: u64,
     events: &[IncomingEvent],
     now: &str,
 ) -> Result<AppendOutcome, String> {
     let e = |e: rusqlite::Error| e.to_string();
-    let acked: u64 = tx
+    let (acked, known): (u64, u64) = tx
         .query_row(
-            "SELECT acked_seq FROM clinics WHERE clinic_id = ?1",
+            "SELECT acked_seq, source_id FROM clinics WHERE clinic_id = ?1",
             params![clinic],
-            |r| r.get::<_, i64>(0),
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
         )
         .optional()
         .map_err(e)?
-        .unwrap_or(0) as u64;
-    if prev_seq > acked {
+        .unwrap_or((0, 0));
+    if prev_seq > acked || (source != 0 && known != 0 && source != known) {
         return Ok(AppendOutcome::Gap { acked });
     }
+    let source = if source == 0 { known } else { source };
     let mut stmt = tx
         .prepare_cached(
-            "INSERT OR IGNORE INTO events (clinic_id, seq, entity, op, key_json, row_json, committed_at, received_at, problem) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT OR IGNORE INTO events (clinic_id, seq, entity, op, key_json, row_json, committed_at, received_at, problem, source_id) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )
         .map_err(e)?;
     let mut inserted = 0;
@@ -742,7 +844,8 @@ fn append(
                 row,
                 ev.committed_at,
                 now,
-                ie.problem
+                ie.problem,
+                source as i64
             ])
             .map_err(e)?;
         last = last.max(ev.seq);
@@ -904,5 +1007,57 @@ mod page_limit_tests {
                 inserted: 2
             }
         );
+    }
+}
+
+#[cfg(test)]
+mod source_tests {
+    use super::*;
+    use tether_schemas::Op;
+
+    fn ev(seq: u64) -> IncomingEvent {
+        IncomingEvent {
+            event: Event {
+                seq,
+                entity: "e".into(),
+                op: Op::Insert,
+                key: Map::new(),
+                row: None,
+                committed_at: "t".into(),
+            },
+            problem: None,
+        }
+    }
+
+    #[test]
+    fn a_recreated_outbox_starts_a_new_position_instead_of_being_taken_for_duplicates() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("g.db"), 100).expect("store");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt");
+        assert_eq!(rt.block_on(store.hello("c", 111)).expect("hello"), 0);
+        rt.block_on(store.append_from("c", 111, 0, vec![ev(1), ev(2), ev(3)]))
+            .expect("a");
+        assert_eq!(rt.block_on(store.hello("c", 111)).expect("same outbox"), 3);
+        // The clinic's database was re-created: sequences start again at 1.
+        assert_eq!(rt.block_on(store.hello("c", 222)).expect("new outbox"), 0);
+        let out = rt
+            .block_on(store.append_from("c", 222, 0, vec![ev(1), ev(2)]))
+            .expect("b");
+        assert_eq!(
+            out,
+            AppendOutcome::Stored {
+                acked: 2,
+                inserted: 2
+            },
+            "stored, not ignored"
+        );
+        // A late batch from the old outbox is refused.
+        let stale = rt
+            .block_on(store.append_from("c", 111, 3, vec![ev(4)]))
+            .expect("stale");
+        assert_eq!(stale, AppendOutcome::Gap { acked: 2 });
+        assert_eq!(store.events_page(Some("c"), 0, 100).expect("page").len(), 5);
     }
 }
