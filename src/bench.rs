@@ -256,6 +256,17 @@ pub async fn storm(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
     let rss_before = rss_kb();
     let refused_before = Swarm::get(&swarm.refused);
     gw.stop().await;
+    // Every client must have seen its session end before the new gateway starts.
+    let t0 = Instant::now();
+    while Swarm::get(&swarm.up) > 0 {
+        if t0.elapsed() > Duration::from_secs(60) {
+            anyhow::bail!(
+                "{} clients never noticed the gateway stop",
+                Swarm::get(&swarm.up)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut sec = GatewaySecurity::insecure();
     sec.admission = SharedBucket::new(200.0, 200.0);
     let gw: GatewayHandle = gateway::start(settings(dir, &addr), sec)?;
