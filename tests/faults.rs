@@ -73,14 +73,16 @@ async fn half_open_link_is_detected_within_three_heartbeats_then_recovers() {
     })
     .await;
     let detected = t0.elapsed();
-    // Silence longer than 3 intervals, noticed at the next heartbeat tick.
+    // The link is declared dead once it has been silent for more than 3 intervals, at the next
+    // heartbeat tick (so 3–4 intervals after the last frame, which came at most one interval
+    // before the blackhole), plus scheduling slack on a loaded CI machine.
     assert!(
-        detected <= HB * 5,
+        detected <= HB * 4 + Duration::from_millis(700),
         "half-open link detected after {detected:?}"
     );
     assert!(
-        detected >= HB * 3,
-        "not before three silent intervals: {detected:?}"
+        detected >= HB * 2,
+        "not before the link had been silent for three intervals: {detected:?}"
     );
     write_activity(&fleet.clinics[0].db, 20);
     proxies[0].set(Mode::Pass);
