@@ -254,11 +254,11 @@ async fn dial(
 ) -> Outcome {
     let conn = tether::security::tls::connector(tls).expect("connector");
     let client = awc::Client::builder()
-        .timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
         .connector(
             awc::Connector::new()
                 .openssl(conn)
-                .timeout(Duration::from_secs(5)),
+                .timeout(Duration::from_secs(30)),
         )
         .finish();
     let mut req = client.ws(url.unwrap_or_else(|| gw.ws_url()));
@@ -282,7 +282,7 @@ async fn status_of(gw: &GatewayHandle, tls: &ClientTls, token: Option<&str>) -> 
 
 async fn next_json(ws: &mut Ws) -> Option<Value> {
     loop {
-        let item = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        let item = tokio::time::timeout(Duration::from_secs(15), ws.next())
             .await
             .expect("frame within 5 s")?;
         match item.ok()? {
@@ -730,7 +730,7 @@ async fn floods_are_rate_limited_browsers_need_an_allowed_origin_and_storms_are_
     let pki = Pki::new(dir.path());
     let sec = GatewaySecurity {
         message_rate: (50.0, 100.0),
-        admission: SharedBucket::new(5.0, 8.0),
+        admission: SharedBucket::new(5.0, 4.0),
         ..security(&pki, Duration::from_secs(30))
     };
     let gw = gateway::start(settings(dir.path()), sec).expect("gateway");
@@ -796,9 +796,19 @@ async fn floods_are_rate_limited_browsers_need_an_allowed_origin_and_storms_are_
     // All at once, so the burst is exceeded whatever the machine's speed.
     let client = pki.client("clinic-a");
     let tokens: Vec<String> = (0..30).map(|_| good_token(&pki, "clinic-a")).collect();
-    let codes: Vec<u16> =
-        futures_util::future::join_all(tokens.iter().map(|t| status_of(&gw, &client, Some(t))))
+    // Under heavy load some handshakes may also time out at the TLS layer (0 here): they are
+    // turned away too; what matters is that the limit answers 503 and admits some.
+    let outcomes =
+        futures_util::future::join_all(tokens.iter().map(|t| dial(&gw, &client, Some(t), None)))
             .await;
+    let codes: Vec<u16> = outcomes
+        .iter()
+        .map(|o| match o {
+            Outcome::Open(_) => 101,
+            Outcome::Status(s) => *s,
+            Outcome::Refused(_) => 0,
+        })
+        .collect();
     assert!(codes.contains(&503), "{codes:?}");
     assert!(codes.contains(&101), "{codes:?}");
     gw.stop().await;
