@@ -132,6 +132,16 @@ fn writer(db: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
     })
 }
 
+/// Stops the writer and waits until the gateway holds everything the clinic committed.
+fn stop_and_drain(dir: &Path, db: &Path, stop: &AtomicBool, w: std::thread::JoinHandle<u64>) {
+    stop.store(true, Ordering::Relaxed);
+    w.join().expect("writer");
+    let head = Fleet::outbox_head(db).expect("head");
+    wait_for("the backlog to drain", Duration::from_secs(30), || {
+        acked(dir) >= head
+    });
+}
+
 fn final_check(dir: &Path) {
     let store = Store::open(&dir.join("gateway.db"), 100).expect("store");
     let r = common::history_of(&dir.join("clinic.db"), "clinic-k", &store);
@@ -165,12 +175,7 @@ fn agent_killed_with_sigkill_mid_stream_resumes_without_loss_or_duplicates() {
         Duration::from_secs(20),
         || acked(dir.path()) > at_kill + 200,
     );
-    stop.store(true, Ordering::Relaxed);
-    w.join().expect("writer");
-    let head = Fleet::outbox_head(&db).expect("head");
-    wait_for("the backlog to drain", Duration::from_secs(30), || {
-        acked(dir.path()) >= head
-    });
+    stop_and_drain(dir.path(), &db, &stop, w);
     agent.kill();
     gw.kill();
     final_check(dir.path());
@@ -201,12 +206,7 @@ fn gateway_killed_with_sigkill_mid_stream_and_restarted_loses_nothing() {
         Duration::from_secs(30),
         || acked(dir.path()) > at_kill + 200,
     );
-    stop.store(true, Ordering::Relaxed);
-    w.join().expect("writer");
-    let head = Fleet::outbox_head(&db).expect("head");
-    wait_for("the backlog to drain", Duration::from_secs(30), || {
-        acked(dir.path()) >= head
-    });
+    stop_and_drain(dir.path(), &db, &stop, w);
     agent.kill();
     gw.kill();
     final_check(dir.path());
@@ -416,12 +416,7 @@ fn gateway_killed_after_commit_before_ack_stores_nothing_twice() {
         Duration::from_secs(30),
         || acked(dir.path()) > stored_at_crash + 100,
     );
-    stop.store(true, Ordering::Relaxed);
-    w.join().expect("writer");
-    let head = Fleet::outbox_head(&db).expect("head");
-    wait_for("the backlog to drain", Duration::from_secs(30), || {
-        acked(dir.path()) >= head
-    });
+    stop_and_drain(dir.path(), &db, &stop, w);
     agent.kill();
     gw.kill();
     crashing.kill();

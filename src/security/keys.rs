@@ -46,9 +46,8 @@ fn serial() -> Result<openssl::asn1::Asn1Integer, KeyError> {
     Ok(bn.to_asn1_integer()?)
 }
 
-/// A self-signed CA.
-pub fn make_ca(cn: &str, days: u32, bits: u32) -> Result<Issued, KeyError> {
-    let key = rsa_key(bits)?;
+/// A v3 certificate builder with a fresh serial and subject `CN=cn, O=Tether`.
+fn builder(cn: &str) -> Result<(openssl::x509::X509Builder, openssl::x509::X509Name), KeyError> {
     let mut name = X509NameBuilder::new()?;
     name.append_entry_by_text("CN", cn)?;
     name.append_entry_by_text("O", "Tether")?;
@@ -58,6 +57,13 @@ pub fn make_ca(cn: &str, days: u32, bits: u32) -> Result<Issued, KeyError> {
     let sn = serial()?;
     b.set_serial_number(&sn)?;
     b.set_subject_name(&name)?;
+    Ok((b, name))
+}
+
+/// A self-signed CA.
+pub fn make_ca(cn: &str, days: u32, bits: u32) -> Result<Issued, KeyError> {
+    let key = rsa_key(bits)?;
+    let (mut b, name) = builder(cn)?;
     b.set_issuer_name(&name)?;
     b.set_pubkey(&key)?;
     let (nb, na) = (Asn1Time::days_from_now(0)?, Asn1Time::days_from_now(days)?);
@@ -119,15 +125,7 @@ pub fn issue(ca: &Issued, leaf: &Leaf<'_>) -> Result<Issued, KeyError> {
         bits,
     } = *leaf;
     let key = rsa_key(bits)?;
-    let mut name = X509NameBuilder::new()?;
-    name.append_entry_by_text("CN", cn)?;
-    name.append_entry_by_text("O", "Tether")?;
-    let name = name.build();
-    let mut b = X509::builder()?;
-    b.set_version(2)?;
-    let sn = serial()?;
-    b.set_serial_number(&sn)?;
-    b.set_subject_name(&name)?;
+    let (mut b, _) = builder(cn)?;
     b.set_issuer_name(ca.cert.subject_name())?;
     b.set_pubkey(&key)?;
     match valid {
