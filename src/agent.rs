@@ -29,10 +29,14 @@ pub enum AgentSetupError {
     Env(String),
     #[error("agent.database.password_env: variable {0} is not set")]
     DbPasswordEnv(String),
+    #[cfg(feature = "postgres")]
     #[error(transparent)]
     Postgres(#[from] crate::db::postgres::PgError),
+    #[cfg(feature = "sqlserver")]
     #[error(transparent)]
     SqlServer(#[from] crate::db::sqlserver::MssqlError),
+    #[error("agent.database.kind: this build has no {0} support (cargo feature `{0}`)")]
+    Unsupported(&'static str),
     #[error("agent.tables: no table `{0}`")]
     UnknownTable(String),
 }
@@ -44,6 +48,7 @@ pub fn connection_string(a: &AgentConfig) -> Result<String, AgentSetupError> {
     if let Some(var) = &d.password_env {
         let pw = std::env::var(var).map_err(|_| AgentSetupError::DbPasswordEnv(var.clone()))?;
         match d.kind.as_str() {
+            #[cfg(feature = "postgres")]
             "postgres" => {
                 s = format!(
                     "{s} password='{}'",
@@ -56,6 +61,7 @@ pub fn connection_string(a: &AgentConfig) -> Result<String, AgentSetupError> {
     Ok(s)
 }
 
+#[cfg(feature = "sqlserver")]
 fn mssql(
     a: &AgentConfig,
 ) -> Result<std::sync::Arc<crate::db::sqlserver::MssqlDb>, AgentSetupError> {
@@ -70,10 +76,12 @@ fn mssql(
 pub fn install(a: &AgentConfig) -> Result<String, AgentSetupError> {
     let d = &a.database;
     match d.kind.as_str() {
+        #[cfg(feature = "postgres")]
         "postgres" => {
             let n = crate::db::postgres::install(&connection_string(a)?, &a.tables)?;
             Ok(format!("installed schema tether and {n} capture triggers"))
         }
+        #[cfg(feature = "sqlserver")]
         "sqlserver" if d.capture == "change_tracking" => {
             let db = mssql(a)?;
             db.batches(&crate::db::sqlserver::change_tracking_install_script(
@@ -81,11 +89,16 @@ pub fn install(a: &AgentConfig) -> Result<String, AgentSetupError> {
             ))?;
             Ok("installed schema tether and enabled Change Tracking (7-day retention)".into())
         }
+        #[cfg(feature = "sqlserver")]
         "sqlserver" => {
             let db = mssql(a)?;
             db.batches(&crate::db::sqlserver::install_script(&a.tables))?;
             Ok("installed schema tether and the capture triggers".into())
         }
+        #[cfg(not(feature = "postgres"))]
+        "postgres" => Err(AgentSetupError::Unsupported("postgres")),
+        #[cfg(not(feature = "sqlserver"))]
+        "sqlserver" => Err(AgentSetupError::Unsupported("sqlserver")),
         _ => {
             let r = crate::db::sqlite::install(&d.path, &a.tables)?;
             Ok(format!(
@@ -102,14 +115,20 @@ pub fn install(a: &AgentConfig) -> Result<String, AgentSetupError> {
 pub fn uninstall(a: &AgentConfig) -> Result<String, AgentSetupError> {
     let d = &a.database;
     match d.kind.as_str() {
+        #[cfg(feature = "postgres")]
         "postgres" => {
             crate::db::postgres::uninstall(&connection_string(a)?, &a.tables)?;
             Ok("removed schema tether and the capture triggers".into())
         }
+        #[cfg(feature = "sqlserver")]
         "sqlserver" => {
             mssql(a)?.batches(&crate::db::sqlserver::uninstall_script(&a.tables))?;
             Ok("removed schema tether and the capture triggers".into())
         }
+        #[cfg(not(feature = "postgres"))]
+        "postgres" => Err(AgentSetupError::Unsupported("postgres")),
+        #[cfg(not(feature = "sqlserver"))]
+        "sqlserver" => Err(AgentSetupError::Unsupported("sqlserver")),
         _ => {
             let n = crate::db::sqlite::uninstall(&d.path)?;
             Ok(format!("removed {n} objects from {}", d.path.display()))
@@ -131,6 +150,7 @@ pub fn snapshot(
         .find(|t| t.table == table || t.entity == table)
         .ok_or_else(|| AgentSetupError::UnknownTable(table.to_string()))?;
     match a.database.kind.as_str() {
+        #[cfg(feature = "postgres")]
         "postgres" => {
             let conn = connection_string(a)?;
             if reset {
@@ -149,6 +169,7 @@ pub fn snapshot(
             })?;
             Ok((p.done, p.total))
         }
+        #[cfg(feature = "sqlserver")]
         "sqlserver" => {
             use crate::db::sqlserver as ms;
             let db = mssql(a)?;
@@ -162,6 +183,10 @@ pub fn snapshot(
             let done = ms::snapshot(&db, t, &types, chunk as u32, &mut |n| progress(n, 0))?;
             Ok((done, done))
         }
+        #[cfg(not(feature = "postgres"))]
+        "postgres" => Err(AgentSetupError::Unsupported("postgres")),
+        #[cfg(not(feature = "sqlserver"))]
+        "sqlserver" => Err(AgentSetupError::Unsupported("sqlserver")),
         _ => {
             if reset {
                 crate::db::sqlite::reset_snapshot(&a.database.path, &t.table)?;
@@ -248,6 +273,7 @@ pub fn ports(a: &AgentConfig) -> Result<AgentPorts, AgentSetupError> {
         Arc<dyn Checkpoint>,
         Arc<dyn ChangeSink>,
     ) = match a.database.kind.as_str() {
+        #[cfg(feature = "postgres")]
         "postgres" => {
             let c = connection_string(a)?;
             (
@@ -256,6 +282,7 @@ pub fn ports(a: &AgentConfig) -> Result<AgentPorts, AgentSetupError> {
                 Arc::new(crate::db::postgres::PgSink::open(&c, &a.tables)?),
             )
         }
+        #[cfg(feature = "sqlserver")]
         "sqlserver" => {
             use crate::db::sqlserver as ms;
             let db = mssql(a)?;
@@ -282,6 +309,10 @@ pub fn ports(a: &AgentConfig) -> Result<AgentPorts, AgentSetupError> {
                 sink,
             )
         }
+        #[cfg(not(feature = "postgres"))]
+        "postgres" => return Err(AgentSetupError::Unsupported("postgres")),
+        #[cfg(not(feature = "sqlserver"))]
+        "sqlserver" => return Err(AgentSetupError::Unsupported("sqlserver")),
         _ => (
             Arc::new(SqliteSource::open(path)?),
             Arc::new(SqliteCheckpoint::open(path)?),
@@ -289,7 +320,7 @@ pub fn ports(a: &AgentConfig) -> Result<AgentPorts, AgentSetupError> {
         ),
     };
     if let Some(e) = &a.encryption {
-        let keys = crate::gateway::data_keys(&e.keys, Some(&e.active))?;
+        let keys = crate::security::crypto::data_keys(&e.keys, Some(&e.active))?;
         let fields: HashMap<String, Vec<String>> = e.fields.clone().into_iter().collect();
         source = Arc::new(EncryptingSource::new(
             source,

@@ -358,8 +358,12 @@ pub async fn footprint(dir: &Path, _o: &BenchOptions) -> anyhow::Result<Value> {
             gw.ws_url()
         ),
     )?;
-    let exe = std::env::current_exe()?;
-    let mut child = std::process::Command::new(exe)
+    // TETHER_AGENT_BIN: measure an agent-only build (`--no-default-features`) instead.
+    let exe = match std::env::var_os("TETHER_AGENT_BIN") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => std::env::current_exe()?,
+    };
+    let mut child = std::process::Command::new(&exe)
         .args(["agent", "--config"])
         .arg(&cfg)
         .stdout(std::process::Stdio::null())

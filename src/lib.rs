@@ -3,13 +3,18 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+#[cfg(feature = "gateway")]
 pub mod bench;
 pub mod config;
 pub mod db;
+#[cfg(feature = "gateway")]
 pub mod demo;
 pub mod faults;
+#[cfg(feature = "gateway")]
 pub mod fleet;
+#[cfg(feature = "gateway")]
 pub mod gateway;
+#[cfg(feature = "gateway")]
 pub mod history;
 pub mod loadgen;
 pub mod logging;

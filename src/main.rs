@@ -6,8 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use tether::config::{parse_duration, Config};
-use tether::{agent, demo, gateway, logging};
+use tether::config::Config;
+use tether::{agent, logging};
+#[cfg(feature = "gateway")]
+use tether::{demo, gateway};
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +32,7 @@ enum Command {
         action: Option<AgentAction>,
     },
     /// Run the cloud gateway.
+    #[cfg(feature = "gateway")]
     Gateway {
         #[arg(long, short, default_value = "config.yaml")]
         config: PathBuf,
@@ -45,6 +48,7 @@ enum Command {
         command: KeysCommand,
     },
     /// Measure throughput, latency, memory and reconnect storms (one JSON line per scenario).
+    #[cfg(feature = "gateway")]
     Bench {
         /// ingest | latency | connections | footprint | drain | storm | all
         scenario: String,
@@ -58,6 +62,7 @@ enum Command {
         connections: Option<usize>,
     },
     /// Start a gateway and N clinic agents on temporary SQLite databases and show them syncing.
+    #[cfg(feature = "gateway")]
     Demo {
         #[arg(long, default_value_t = 3)]
         clinics: usize,
@@ -214,6 +219,7 @@ fn load(path: &Path) -> Result<Config> {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Keys { command } => run_keys(command),
+        #[cfg(feature = "gateway")]
         Command::Bench {
             scenario,
             json,
@@ -277,6 +283,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 None => run_agent(&cfg, a),
             }
         }
+        #[cfg(feature = "gateway")]
         Command::Gateway { config } => {
             let cfg = load(&config)?;
             let g = cfg
@@ -285,6 +292,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .with_context(|| format!("{}: no `gateway:` section", config.display()))?;
             run_gateway(&cfg, g)
         }
+        #[cfg(feature = "gateway")]
         Command::Demo {
             clinics,
             duration,
@@ -293,7 +301,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             chaos,
             keep,
         } => {
-            let Some(duration) = parse_duration(&duration) else {
+            let Some(duration) = tether::config::parse_duration(&duration) else {
                 bail!("--duration `{duration}` is not a duration (e.g. 20s, 2m)");
             };
             if clinics == 0 || clinics > 200 {
@@ -448,6 +456,7 @@ fn run_keys(cmd: KeysCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[cfg(feature = "gateway")]
 fn run_gateway(cfg: &Config, g: tether::config::GatewayConfig) -> Result<ExitCode> {
     let _log = logging::init(&cfg.logging, "")?;
     logging::install_panic_logger(true);

@@ -3,8 +3,10 @@
 //! capture triggers, reads the outbox in commit-safe order, and applies cloud updates with
 //! echo suppression and the table's conflict policy.
 
+#[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod sqlite;
+#[cfg(feature = "sqlserver")]
 pub mod sqlserver;
 
 use std::cmp::Ordering;

@@ -17,9 +17,9 @@ use actix_web::{web, App, HttpServer};
 use tether_actors::registry::Registry;
 use tether_schemas::EntitySchemas;
 
-use crate::config::{DataKeyConfig, GatewayConfig};
+use crate::config::GatewayConfig;
 use crate::security::admin::AdminTokens;
-use crate::security::crypto::{DataKeys, FieldCipher};
+use crate::security::crypto::FieldCipher;
 use crate::security::jwt::{ClinicRegistry, TokenVerifier};
 use crate::security::limits::SharedBucket;
 use crate::security::tls::{self, ServerTls};
@@ -180,20 +180,7 @@ impl GatewaySecurity {
     }
 }
 
-/// Loads data keys; `active` names the one used for new encryptions.
-pub fn data_keys(
-    cfg: &[DataKeyConfig],
-    active: Option<&str>,
-) -> Result<DataKeys, crate::security::crypto::CryptoError> {
-    let mut keys = DataKeys::default();
-    for k in cfg {
-        keys.add_file(&k.kid, &k.file)?;
-    }
-    if let Some(a) = active {
-        keys.set_active(a)?;
-    }
-    Ok(keys)
-}
+pub use crate::security::crypto::data_keys;
 
 /// The identities in the client certificate of a TLS connection (CN and SANs).
 #[derive(Debug, Clone)]

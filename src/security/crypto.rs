@@ -82,6 +82,21 @@ fn aad(clinic: &str, entity: &str, key: &Map<String, Value>) -> Vec<u8> {
     format!("tether/v1\n{clinic}\n{entity}\n{key}").into_bytes()
 }
 
+/// Loads data keys; `active` names the one used for new encryptions.
+pub fn data_keys(
+    cfg: &[crate::config::DataKeyConfig],
+    active: Option<&str>,
+) -> Result<DataKeys, CryptoError> {
+    let mut keys = DataKeys::default();
+    for k in cfg {
+        keys.add_file(&k.kid, &k.file)?;
+    }
+    if let Some(a) = active {
+        keys.set_active(a)?;
+    }
+    Ok(keys)
+}
+
 /// Encrypts and decrypts the configured fields of event rows.
 #[derive(Clone)]
 pub struct FieldCipher {
