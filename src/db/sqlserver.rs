@@ -668,35 +668,31 @@ impl ChangeSource for MssqlSource {
 
 pub struct MssqlCheckpoint(pub Arc<MssqlDb>);
 
-impl Checkpoint for MssqlCheckpoint {
-    fn source_id(&self) -> Result<u64, PortError> {
+impl MssqlCheckpoint {
+    /// A value of `tether.state` (0 when absent).
+    fn state(&self, name: &'static str) -> Result<u64, PortError> {
+        let sql = format!(
+            "SELECT value FROM tether.state WHERE name = {}",
+            nliteral(name)
+        );
         self.0
-            .run(|c| {
+            .run(move |c| {
                 Box::pin(async move {
-                    let row = c
-                        .simple_query("SELECT value FROM tether.state WHERE name = N'source_id'")
-                        .await?
-                        .into_row()
-                        .await?;
+                    let row = c.simple_query(sql).await?.into_row().await?;
                     Ok(row.and_then(|r| r.get::<i64, _>(0)).unwrap_or(0) as u64)
                 })
             })
             .map_err(port)
     }
+}
+
+impl Checkpoint for MssqlCheckpoint {
+    fn source_id(&self) -> Result<u64, PortError> {
+        self.state("source_id")
+    }
 
     fn load(&self) -> Result<u64, PortError> {
-        self.0
-            .run(|c| {
-                Box::pin(async move {
-                    let row = c
-                        .simple_query("SELECT value FROM tether.state WHERE name = N'acked_seq'")
-                        .await?
-                        .into_row()
-                        .await?;
-                    Ok(row.and_then(|r| r.get::<i64, _>(0)).unwrap_or(0) as u64)
-                })
-            })
-            .map_err(port)
+        self.state("acked_seq")
     }
 
     fn save(&self, acked: u64) -> Result<(), PortError> {
