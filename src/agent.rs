@@ -39,6 +39,8 @@ pub enum AgentSetupError {
     Unsupported(&'static str),
     #[error("agent.tables: no table `{0}`")]
     UnknownTable(String),
+    #[error("agent.database: {0}")]
+    Port(tether_actors::PortError),
 }
 
 /// The connection string with the password from `password_env` added.
@@ -134,6 +136,17 @@ pub fn uninstall(a: &AgentConfig) -> Result<String, AgentSetupError> {
             Ok(format!("removed {n} objects from {}", d.path.display()))
         }
     }
+}
+
+/// Changes in the outbox that the gateway has not acknowledged (counted up to `limit`), read
+/// through the same ports the agent uses. `uninstall` refuses to drop them without `--force`.
+pub fn unsent(a: &AgentConfig, limit: usize) -> Result<usize, AgentSetupError> {
+    let p = ports(a)?;
+    let acked = p.checkpoint.load().map_err(AgentSetupError::Port)?;
+    Ok(p.source
+        .read_after(acked, limit)
+        .map_err(AgentSetupError::Port)?
+        .len())
 }
 
 /// `tether agent snapshot --table T`: queues every current row; returns (done, total).

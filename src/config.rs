@@ -61,8 +61,29 @@ pub struct AgentConfig {
     pub outbox: OutboxConfig,
     pub tables: Vec<TableConfig>,
     pub encryption: Option<EncryptionConfig>,
+    pub shutdown: ShutdownConfig,
     #[serde(flatten)]
     extra: Extra,
+}
+
+/// `agent.shutdown`: what happens on SIGTERM / Ctrl-C / a Windows service STOP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ShutdownConfig {
+    /// How long to wait for the gateway to acknowledge the batches already sent before closing
+    /// the socket anyway (unacknowledged rows stay in the outbox and are sent next time).
+    pub drain_timeout: Dur,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_timeout: Dur::secs(10),
+            extra: Extra::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -726,6 +747,7 @@ impl Validator<'_> {
         self.unknown("agent.gateway", &a.gateway.extra);
         self.unknown("agent.gateway.backoff", &a.gateway.backoff.extra);
         self.unknown("agent.outbox", &a.outbox.extra);
+        self.unknown("agent.shutdown", &a.shutdown.extra);
         if !valid_id(&a.clinic_id) {
             self.bad(
                 "agent.clinic_id",
@@ -846,6 +868,11 @@ impl Validator<'_> {
             }
         }
         let ms = Duration::from_millis(1);
+        self.duration(
+            "agent.shutdown.drain_timeout",
+            &a.shutdown.drain_timeout,
+            ms,
+        );
         self.duration(
             "agent.gateway.heartbeat_interval",
             &a.gateway.heartbeat_interval,

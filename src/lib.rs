@@ -19,3 +19,4 @@ pub mod history;
 pub mod loadgen;
 pub mod logging;
 pub mod security;
+pub mod service;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tether::config::Config;
-use tether::{agent, logging};
+use tether::{agent, logging, service};
 #[cfg(feature = "gateway")]
 use tether::{demo, gateway};
 
@@ -36,6 +36,12 @@ enum Command {
     Gateway {
         #[arg(long, short, default_value = "config.yaml")]
         config: PathBuf,
+    },
+    /// Install, control or remove the agent (or gateway) as a system service: a systemd unit on
+    /// Linux, a Windows service on Windows.
+    Service {
+        #[command(subcommand)]
+        action: ServiceAction,
     },
     /// Check a config file and list every problem with its line.
     CheckConfig {
@@ -160,12 +166,97 @@ enum KeysCommand {
     },
 }
 
+#[derive(clap::Args, Clone)]
+struct ServiceTarget {
+    /// Service name.
+    #[arg(long)]
+    name: Option<String>,
+    /// The service runs the gateway instead of the agent.
+    #[arg(long)]
+    gateway: bool,
+    /// Where systemd units live (Linux).
+    #[arg(long, default_value = "/etc/systemd/system")]
+    unit_dir: PathBuf,
+}
+
+impl ServiceTarget {
+    fn role(&self) -> tether::service::systemd::Role {
+        if self.gateway {
+            tether::service::systemd::Role::Gateway
+        } else {
+            tether::service::systemd::Role::Agent
+        }
+    }
+
+    fn name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| self.role().default_name().to_string())
+    }
+}
+
+#[derive(Subcommand)]
+enum ServiceAction {
+    /// Register the service: starts at boot, restarts on failure, runs from the given config.
+    Install {
+        #[command(flatten)]
+        target: ServiceTarget,
+        /// Config file (default: %ProgramData%\Tether\config.yaml on Windows,
+        /// /etc/tether/config.yaml elsewhere).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Account to run as (Windows: e.g. `NT AUTHORITY\LocalService` or `.\tether`;
+        /// Linux: a user name). Default: LocalSystem / root.
+        #[arg(long)]
+        user: Option<String>,
+        /// Environment variable holding the account's password (Windows accounts that need one).
+        #[arg(long)]
+        password_env: Option<String>,
+        /// Print the systemd unit instead of installing it.
+        #[arg(long)]
+        print: bool,
+        /// Register only; do not start it now.
+        #[arg(long)]
+        no_start: bool,
+    },
+    /// Stop and remove the service (the database objects stay: `tether agent uninstall`).
+    Uninstall {
+        #[command(flatten)]
+        target: ServiceTarget,
+    },
+    Start {
+        #[command(flatten)]
+        target: ServiceTarget,
+    },
+    Stop {
+        #[command(flatten)]
+        target: ServiceTarget,
+    },
+    Status {
+        #[command(flatten)]
+        target: ServiceTarget,
+    },
+    /// What the Windows service manager launches (not for interactive use).
+    #[command(hide = true)]
+    Run {
+        #[command(flatten)]
+        target: ServiceTarget,
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
 #[derive(Subcommand)]
 enum AgentAction {
     /// Create the outbox, checkpoint and inbox tables and the capture triggers (idempotent).
     Install,
-    /// Remove every object `install` created.
-    Uninstall,
+    /// Remove every object `install` created. Refuses while the outbox holds changes the gateway
+    /// has not acknowledged (start the agent and let it drain first), unless `--force`.
+    Uninstall {
+        /// Drop unsent changes too.
+        #[arg(long)]
+        force: bool,
+    },
     /// Send every current row of a table as upserts, in key order; resumable after a crash.
     Snapshot {
         /// Table (or entity) name from agent.tables.
@@ -244,6 +335,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             tether::bench::run(&scenario, json, o)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Service { action } => run_service(action),
         Command::CheckConfig { path } => match Config::load(&path) {
             Ok(_) => {
                 println!("{}: ok", path.display());
@@ -268,7 +360,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     }
                     Ok(ExitCode::SUCCESS)
                 }
-                Some(AgentAction::Uninstall) => {
+                Some(AgentAction::Uninstall { force }) => {
+                    // A database without our objects has nothing unsent: go on to uninstall.
+                    let unsent = agent::unsent(&a, 100_000).unwrap_or(0);
+                    if unsent > 0 && !force {
+                        bail!("the outbox holds {unsent}{} changes the gateway has not acknowledged; run the agent until it has sent them (its message log shows the acks), or pass --force to drop them", if unsent >= 100_000 { "+" } else { "" });
+                    }
+                    if unsent > 0 {
+                        eprintln!("warning: dropping {unsent} unsent changes (--force)");
+                    }
                     println!("{}", agent::uninstall(&a)?);
                     Ok(ExitCode::SUCCESS)
                 }
@@ -328,41 +428,170 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {},
-                    _ = term.recv() => {},
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
 fn run_agent(cfg: &Config, a: tether::config::AgentConfig) -> Result<ExitCode> {
     let _log = logging::init(&cfg.logging, "")?;
     logging::install_panic_logger(true);
-    let ports = agent::ports(&a)?;
-    let settings = agent::settings(&a);
-    log::info!(target: "supervisor", "event=agent_starting clinic={} gateway={} database={}", a.clinic_id, a.gateway.url, a.database.path.display());
-    let system = actix::System::new();
-    system.block_on(async move {
-        let handle = tether_actors::start_agent(settings, ports);
-        shutdown_signal().await;
-        log::info!(target: "supervisor", "event=agent_stopping reason=signal");
-        handle.shutdown();
-    });
+    let notifier = std::sync::Arc::new(service::systemd::Systemd::from_env());
+    service::run_agent(&a, service::shutdown_signal(), notifier)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn default_config_path() -> PathBuf {
+    #[cfg(windows)]
+    {
+        let base = std::env::var_os("ProgramData")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(r"C:\ProgramData"));
+        base.join("Tether").join("config.yaml")
+    }
+    #[cfg(not(windows))]
+    PathBuf::from("/etc/tether/config.yaml")
+}
+
+#[cfg(not(windows))]
+fn run_service(action: ServiceAction) -> Result<ExitCode> {
+    use service::systemd::{self as sd, UnitSpec};
+    match action {
+        ServiceAction::Install {
+            target,
+            config,
+            user,
+            password_env,
+            print,
+            no_start,
+        } => {
+            if password_env.is_some() {
+                bail!("--password-env is for Windows accounts; systemd runs `User=` without a password");
+            }
+            let config = std::path::absolute(config.unwrap_or_else(default_config_path))
+                .context("--config")?;
+            // The unit must point at a config that works: check it now, with every problem listed.
+            let cfg = load(&config)?;
+            let drain_timeout = match target.role() {
+                sd::Role::Agent => {
+                    let a = cfg
+                        .agent
+                        .as_ref()
+                        .with_context(|| format!("{}: no `agent:` section", config.display()))?;
+                    a.shutdown.drain_timeout.get()
+                }
+                sd::Role::Gateway => {
+                    cfg.gateway
+                        .as_ref()
+                        .with_context(|| format!("{}: no `gateway:` section", config.display()))?;
+                    std::time::Duration::from_secs(10)
+                }
+            };
+            let exe = std::env::current_exe().context("locating the tether executable")?;
+            let text = sd::unit(&UnitSpec {
+                role: target.role(),
+                exe,
+                config,
+                user,
+                watchdog: std::time::Duration::from_secs(60),
+                drain_timeout,
+            });
+            if print {
+                print!("{text}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let name = target.name();
+            let path = sd::write_unit(&target.unit_dir, &name, &text)?;
+            println!("wrote {}", path.display());
+            sd::systemctl(&["daemon-reload"])?;
+            if no_start {
+                sd::systemctl(&["enable", &name])?;
+            } else {
+                sd::systemctl(&["enable", "--now", &name])?;
+            }
+            println!(
+                "{name}: enabled{}",
+                if no_start { "" } else { " and started" }
+            );
+        }
+        ServiceAction::Uninstall { target } => {
+            let name = target.name();
+            // A unit that is not loaded cannot be disabled; that is fine when removing it.
+            if let Err(e) = sd::systemctl(&["disable", "--now", &name]) {
+                eprintln!("warning: {e}");
+            }
+            match sd::remove_unit(&target.unit_dir, &name)? {
+                Some(p) => println!("removed {}", p.display()),
+                None => println!("{name}: no unit file in {}", target.unit_dir.display()),
+            }
+            sd::systemctl(&["daemon-reload"])?;
+        }
+        ServiceAction::Start { target } => sd::systemctl(&["start", &target.name()])?,
+        ServiceAction::Stop { target } => sd::systemctl(&["stop", &target.name()])?,
+        ServiceAction::Status { target } => {
+            // `systemctl status` exits 3 for a stopped unit: report, do not fail.
+            if let Err(e) = sd::systemctl(&["status", "--no-pager", &target.name()]) {
+                eprintln!("{e}");
+                return Ok(ExitCode::from(3));
+            }
+        }
+        ServiceAction::Run { .. } => {
+            bail!("`tether service run` is the Windows service entry point; on Linux systemd runs `tether agent` directly")
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(windows)]
+fn run_service(action: ServiceAction) -> Result<ExitCode> {
+    use service::windows as win;
+    match action {
+        ServiceAction::Install {
+            target,
+            config,
+            user,
+            password_env,
+            print: _,
+            no_start,
+        } => {
+            if target.gateway {
+                bail!("--gateway: the gateway is not offered as a Windows service; run it under systemd on Linux");
+            }
+            let config = std::path::absolute(config.unwrap_or_else(default_config_path))
+                .context("--config")?;
+            load(&config)?;
+            let password = match password_env {
+                Some(var) => Some(std::env::var(&var).with_context(|| {
+                    format!("--password-env: environment variable {var} is not set")
+                })?),
+                None => None,
+            };
+            let spec = win::InstallSpec {
+                name: target.name(),
+                gateway: target.gateway,
+                exe: std::env::current_exe().context("locating the tether executable")?,
+                config,
+                account: user,
+                password,
+            };
+            win::install(&spec)?;
+            println!(
+                "{}: installed (automatic start, restart on failure after 5 s, 30 s, 60 s)",
+                spec.name
+            );
+            if !no_start {
+                win::start(&spec.name)?;
+                println!("{}: start requested", spec.name);
+            }
+        }
+        ServiceAction::Uninstall { target } => {
+            win::uninstall(&target.name())?;
+            println!("{}: removed", target.name());
+        }
+        ServiceAction::Start { target } => win::start(&target.name())?,
+        ServiceAction::Stop { target } => win::stop(&target.name())?,
+        ServiceAction::Status { target } => {
+            println!("{}: {}", target.name(), win::status(&target.name())?)
+        }
+        ServiceAction::Run { target, config } => {
+            win::run(target.name(), target.gateway, config)?;
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -466,8 +695,23 @@ fn run_gateway(cfg: &Config, g: tether::config::GatewayConfig) -> Result<ExitCod
         let security = gateway::GatewaySecurity::from_config(&g)?;
         let handle = gateway::start(settings, security)?;
         println!("gateway listening on {}", handle.addr);
-        shutdown_signal().await;
-        log::info!(target: "connection", "event=gateway_stopping reason=signal");
+        let sd = service::systemd::Systemd::from_env();
+        use service::Notifier;
+        sd.ready("gateway listening");
+        let sd = std::sync::Arc::new(sd);
+        if let Some(every) = sd.watchdog_interval() {
+            let sd = sd.clone();
+            actix::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    sd.watchdog();
+                }
+            });
+        }
+        let why = service::shutdown_signal().await;
+        log::info!(target: "connection", "event=gateway_stopping reason={why}");
+        sd.stopping(std::time::Duration::from_secs(10));
         handle.stop().await;
         Ok::<_, anyhow::Error>(())
     })?;

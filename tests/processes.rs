@@ -51,7 +51,7 @@ fn agent_config(dir: &Path, url: &str) -> PathBuf {
         dir,
         "agent",
         &format!(
-            "agent:\n  clinic_id: clinic-k\n  database:\n    path: clinic.db\n  gateway:\n    url: {url}\n    insecure_plaintext: true\n    heartbeat_interval: 500ms\n    backoff:\n      initial: 50ms\n      max: 500ms\n  outbox:\n    poll_interval: 20ms\n  tables:\n    - {{table: patients, entity: patient, key: [id]}}\n    - {{table: appointments, entity: appointment, key: [id]}}\n    - {{table: payments, entity: payment, key: [id], direction: up}}\n"
+            "agent:\n  clinic_id: clinic-k\n  database:\n    path: clinic.db\n  gateway:\n    url: {url}\n    insecure_plaintext: true\n    heartbeat_interval: 500ms\n    backoff:\n      initial: 50ms\n      max: 500ms\n  outbox:\n    poll_interval: 20ms\n  tables:\n    - {{table: patients, entity: patient, key: [id]}}\n    - {{table: appointments, entity: appointment, key: [id]}}\n    - {{table: payments, entity: payment, key: [id], direction: up}}\n  shutdown:\n    drain_timeout: 5s\n"
         ),
     )
 }
@@ -80,16 +80,32 @@ fn start_gateway(dir: &Path, listen: &str) -> (Proc, String) {
 }
 
 fn start_agent(dir: &Path, addr: &str) -> Proc {
+    start_agent_with_env(dir, addr, &[])
+}
+
+fn start_agent_with_env(dir: &Path, addr: &str, env: &[(&str, String)]) -> Proc {
     let cfg = agent_config(dir, &format!("ws://{addr}/v1/ws"));
-    Proc(
-        Command::new(BIN)
-            .args(["agent", "--config"])
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn agent"),
+    let mut cmd = Command::new(BIN);
+    cmd.args(["agent", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Proc(cmd.spawn().expect("spawn agent"))
+}
+
+/// The agent's own checkpoint (what it believes the gateway holds), read from the clinic file.
+fn checkpoint(db: &Path) -> u64 {
+    let conn = rusqlite::Connection::open(db).expect("open clinic db");
+    conn.query_row(
+        "SELECT value FROM _tether_state WHERE name = 'acked_seq'",
+        [],
+        |r| r.get::<_, i64>(0),
     )
+    .map(|v| v as u64)
+    .unwrap_or(0)
 }
 
 /// The gateway's acknowledged position for the clinic, read from its store file.
@@ -175,6 +191,118 @@ fn agent_killed_with_sigkill_mid_stream_resumes_without_loss_or_duplicates() {
         Duration::from_secs(20),
         || acked(dir.path()) > at_kill + 200,
     );
+    stop_and_drain(dir.path(), &db, &stop, w);
+    agent.kill();
+    gw.kill();
+    final_check(dir.path());
+}
+
+/// Receives sd_notify datagrams until one contains `want` (or the deadline passes).
+fn expect_notify(sock: &std::os::unix::net::UnixDatagram, want: &str, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "no {want:?} from the agent within {limit:?}; got {seen:?}"
+        );
+        sock.set_read_timeout(Some(left)).expect("timeout");
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+            if msg.contains(want) {
+                return msg;
+            }
+            seen.push(msg);
+        }
+    }
+}
+
+#[test]
+fn sigterm_mid_stream_drains_acks_closes_cleanly_and_exits_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("clinic.db");
+    create_sample_clinic(&db).expect("clinic");
+    let (mut gw, addr) = start_gateway(dir.path(), "127.0.0.1:0");
+    // Play systemd: a notify socket and a watchdog of 400 ms (pings every 200 ms).
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("bind notify");
+    let mut agent = start_agent_with_env(
+        dir.path(),
+        &addr,
+        &[
+            ("NOTIFY_SOCKET", notify_path.display().to_string()),
+            ("WATCHDOG_USEC", "400000".into()),
+        ],
+    );
+    let ready = expect_notify(&notify, "READY=1", Duration::from_secs(20));
+    assert!(ready.contains("STATUS=agent running"), "{ready}");
+    expect_notify(&notify, "WATCHDOG=1", Duration::from_secs(5));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(db.clone(), stop.clone());
+    wait_for("first acknowledgements", Duration::from_secs(20), || {
+        acked(dir.path()) > 300
+    });
+    // SIGTERM while the writer keeps committing and batches are in flight.
+    let pid = agent.0.id().to_string();
+    let sent = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let drain_timeout = Duration::from_secs(5);
+    let exit = loop {
+        if let Some(s) = agent.0.try_wait().expect("wait") {
+            break s;
+        }
+        if sent.elapsed() > drain_timeout + Duration::from_secs(3) {
+            let logs = ["supervisor", "connection", "error"].map(|c| {
+                std::fs::read_to_string(dir.path().join(format!("logs-agent/{c}.log")))
+                    .unwrap_or_default()
+            });
+            panic!(
+                "agent still running {:?} after SIGTERM; its logs:\n{}",
+                sent.elapsed(),
+                logs.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "agent exited with {exit:?}");
+    expect_notify(&notify, "STOPPING=1", Duration::from_secs(1));
+
+    // Everything the agent checkpointed is at the gateway, and the gateway acknowledged
+    // nothing the agent had not checkpointed (the drain waited for the acks in flight).
+    let at_stop = acked(dir.path());
+    assert_eq!(checkpoint(&db), at_stop, "checkpoint and gateway agree");
+    let log =
+        std::fs::read_to_string(dir.path().join("logs-agent/supervisor.log")).unwrap_or_default();
+    let drained = log
+        .lines()
+        .find(|l| l.contains("event=drained"))
+        .unwrap_or_else(|| panic!("no drain line in\n{log}"));
+    assert!(
+        drained.contains("timed_out=false") && drained.contains("link_lost=false"),
+        "{drained}"
+    );
+    assert!(log.contains("event=agent_stopping reason=SIGTERM"), "{log}");
+    let gw_log =
+        std::fs::read_to_string(dir.path().join("logs-gateway/connection.log")).unwrap_or_default();
+    assert!(
+        gw_log.contains("event=closed_by_agent code=1001"),
+        "the gateway saw a clean close:\n{gw_log}"
+    );
+
+    // The rows committed after the stop are still in the outbox: the next run sends them.
+    wait_for(
+        "rows committed after the stop",
+        Duration::from_secs(20),
+        || Fleet::outbox_head(&db).unwrap_or(0) > at_stop + 100,
+    );
+    let mut agent = start_agent(dir.path(), &addr);
     stop_and_drain(dir.path(), &db, &stop, w);
     agent.kill();
     gw.kill();
@@ -360,7 +488,24 @@ fn install_snapshot_and_uninstall_from_the_command_line() {
         run(&["agent", "snapshot", "--table", "patients", "--chunk", "50"]).contains("120 rows")
     );
     assert_eq!(Fleet::outbox_head(&db).expect("head"), 120);
-    assert!(run(&["agent", "uninstall"]).contains("removed"));
+    // 120 changes were never sent: uninstall refuses to drop them without --force.
+    let refused = Command::new(BIN)
+        .args(["agent", "uninstall", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run");
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("120 changes the gateway has not acknowledged"),
+        "{err}"
+    );
+    assert_eq!(
+        Fleet::outbox_head(&db).expect("head"),
+        120,
+        "nothing removed"
+    );
+    assert!(run(&["agent", "uninstall", "--force"]).contains("removed"));
     let conn = tether::db::sqlite::open(&db).expect("open");
     let left: i64 = conn
         .query_row(

@@ -118,6 +118,77 @@ impl AgentHandle {
         self.supervisor.do_send(Shutdown);
     }
 
+    /// Resolves once the agent has loaded its checkpoint from the clinic database (the outbound
+    /// queue answers with its position): the database is reachable and the actors run. Being
+    /// connected is not required — a clinic may be offline for hours and still be working.
+    pub async fn wait_ready(&self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tick.tick().await;
+            if let Some(o) = self.slots.outbound.get() {
+                if let Ok(Some(_)) = o.send(crate::outbound::Position).await {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Graceful shutdown: stop restarting actors, stop reading new outbox rows, wait (at most
+    /// `timeout`) until every batch already sent is acknowledged and checkpointed, close the
+    /// socket with a close frame, let the applier finish the update it is applying, and stop
+    /// all four actors. Whatever was not acknowledged stays in the outbox and is sent by the
+    /// next run: the checkpoint only ever moves on an ack.
+    pub async fn drain(&self, timeout: Duration) -> DrainReport {
+        use crate::connection::Close;
+        use crate::outbound::{Drain, Halt};
+        let started = std::time::Instant::now();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let _ = self.supervisor.send(Shutdown).await;
+        if let Some(w) = self.slots.watcher.get() {
+            let _ = w.send(Halt).await;
+        }
+        let mut report = DrainReport::default();
+        match self.slots.outbound.get() {
+            Some(o) => match tokio::time::timeout_at(deadline, o.send(Drain)).await {
+                Ok(Ok(Ok(out))) => {
+                    report.acked_seq = out.acked_seq;
+                    report.unacked_events = out.unacked_events;
+                    report.link_lost = out.link_lost;
+                }
+                Ok(Ok(Err(e))) => report.error = Some(e.to_string()),
+                Ok(Err(e)) => report.error = Some(format!("outbound queue gone: {e}")),
+                Err(_) => report.timed_out = true,
+            },
+            None => report.error = Some("outbound queue not running".into()),
+        }
+        if report.acked_seq == 0 {
+            report.acked_seq = self
+                .stats
+                .acked_seq
+                .load(std::sync::atomic::Ordering::Relaxed);
+        }
+        if let Some(c) = self.slots.connection.get() {
+            // The close handshake gets what is left of the budget, and at least a moment.
+            let close_by = deadline.max(tokio::time::Instant::now() + Duration::from_millis(500));
+            if tokio::time::timeout_at(close_by, c.send(Close))
+                .await
+                .is_err()
+            {
+                report.close_timed_out = true;
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), c.send(Halt)).await;
+        }
+        if let Some(a) = self.slots.applier.get() {
+            // Waits for the update being applied (one transaction), within reason.
+            let _ = tokio::time::timeout(Duration::from_secs(5), a.send(Halt)).await;
+        }
+        if let Some(o) = self.slots.outbound.get() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), o.send(Halt)).await;
+        }
+        report.elapsed = started.elapsed();
+        report
+    }
+
     /// Makes one actor panic. Returns false if it is not running right now.
     #[cfg(feature = "fault-injection")]
     pub fn inject_panic(&self, actor: &str) -> bool {
@@ -135,6 +206,31 @@ impl AgentHandle {
             "applier" => send(&self.slots.applier),
             _ => false,
         }
+    }
+}
+
+/// How a graceful shutdown went.
+#[derive(Debug, Clone, Default)]
+pub struct DrainReport {
+    /// Durable at the gateway and checkpointed.
+    pub acked_seq: u64,
+    /// Read from the outbox but not acknowledged; they stay in the outbox for the next run.
+    pub unacked_events: usize,
+    /// The link was down (or went down) before everything in flight was acknowledged.
+    pub link_lost: bool,
+    /// The acknowledgements did not all arrive within the drain timeout.
+    pub timed_out: bool,
+    /// The gateway did not answer the close frame in time.
+    pub close_timed_out: bool,
+    pub error: Option<String>,
+    pub elapsed: Duration,
+}
+
+impl DrainReport {
+    /// Nothing read from the outbox was left unacknowledged (a clinic that was offline with
+    /// nothing in flight is clean too).
+    pub fn clean(&self) -> bool {
+        !self.timed_out && self.unacked_events == 0 && self.error.is_none()
     }
 }
 

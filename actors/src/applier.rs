@@ -17,19 +17,15 @@ use crate::stats::AgentStats;
 use crate::supervisor::ExitGuard;
 
 pub struct Applier {
-    /// Held for its `Drop`: tells the supervisor when this actor ends.
-    _guard: ExitGuard,
+    /// Tells the supervisor when this actor ends (its `Drop`).
+    guard: ExitGuard,
     sink: Arc<dyn ChangeSink>,
     stats: Arc<AgentStats>,
 }
 
 impl Applier {
     pub fn new(guard: ExitGuard, sink: Arc<dyn ChangeSink>, stats: Arc<AgentStats>) -> Self {
-        Applier {
-            _guard: guard,
-            sink,
-            stats,
-        }
+        Applier { guard, sink, stats }
     }
 }
 
@@ -76,6 +72,16 @@ impl Handler<Apply> for Applier {
                 res
             }),
         ))
+    }
+}
+
+/// Answered after the update being applied (if any) is committed or rolled back: the `Apply`
+/// handler holds the mailbox until its transaction ends.
+impl Handler<crate::outbound::Halt> for Applier {
+    type Result = ();
+    fn handle(&mut self, _: crate::outbound::Halt, ctx: &mut Self::Context) {
+        self.guard.request_stop("agent shutting down");
+        ctx.stop();
     }
 }
 

@@ -39,6 +39,8 @@ enum State {
     /// Socket open, `hello` sent, `welcome` not yet received.
     Handshaking,
     Up,
+    /// Shutting down: a close frame was sent; no reconnect.
+    Closing,
 }
 
 /// What the link currently is, for an outbound queue that restarted.
@@ -49,8 +51,8 @@ pub struct LinkInfo {
 }
 
 pub struct Connection {
-    /// Held for its `Drop`: tells the supervisor when this actor ends.
-    _guard: ExitGuard,
+    /// Tells the supervisor when this actor ends (its `Drop`).
+    guard: ExitGuard,
     settings: Arc<AgentSettings>,
     ports: AgentPorts,
     stats: Arc<AgentStats>,
@@ -69,6 +71,8 @@ pub struct Connection {
     /// The next reconnect is a planned re-authentication: no backoff.
     reauth: bool,
     source_id: u64,
+    /// Told when the gateway has answered our close (or the socket ended).
+    close_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
 enum Incoming {
@@ -87,7 +91,7 @@ impl Connection {
         let backoff = settings.backoff();
         let now = ports.clock.now();
         Connection {
-            _guard: guard,
+            guard,
             settings,
             ports,
             stats,
@@ -105,6 +109,7 @@ impl Connection {
             attempt_started: now,
             reauth: false,
             source_id: 0,
+            close_waiters: Vec::new(),
         }
     }
 
@@ -197,6 +202,10 @@ impl Connection {
 
     /// Tear the current socket down and schedule the next attempt.
     fn link_lost(&mut self, ctx: &mut Context<Self>, why: &str) {
+        if self.state == State::Closing {
+            self.closed(ctx);
+            return;
+        }
         if matches!(self.state, State::Idle) {
             return;
         }
@@ -229,6 +238,20 @@ impl Connection {
             log::warn!(target: CONNECTION, "clinic={} event=connect_failed reason={why:?}", self.clinic());
         }
         self.schedule_reconnect(ctx);
+    }
+
+    /// The close handshake finished (or the socket ended) during shutdown.
+    fn closed(&mut self, ctx: &mut Context<Self>) {
+        if let Some(mut sink) = self.sink.take() {
+            sink.close();
+        }
+        if let Some(h) = self.stream.take() {
+            ctx.cancel_future(h);
+        }
+        self.stats.connected.store(false, Ordering::Relaxed);
+        for w in self.close_waiters.drain(..) {
+            let _ = w.send(());
+        }
     }
 
     fn schedule_reconnect(&mut self, ctx: &mut Context<Self>) {
@@ -361,6 +384,10 @@ impl Connection {
                     }
                     act.applying = false;
                     match res {
+                        Ok(Ok(_)) if act.state != State::Up => {
+                            // Closing: no frame after our close; the gateway redelivers and
+                            // the inbox recognises the update as applied.
+                        }
                         Ok(Ok(outcome)) => {
                             if let Some(u) = act.updates.pop_front() {
                                 let result = Wire::UpdateResult(UpdateResult {
@@ -441,7 +468,11 @@ impl StreamHandler<Incoming> for Connection {
                         let (code, desc) = reason
                             .map(|r| (u16::from(r.code), r.description.unwrap_or_default()))
                             .unwrap_or((1005, String::new()));
-                        log::warn!(target: CONNECTION, "clinic={} event=closed_by_gateway code={code} reason={desc:?}", self.clinic());
+                        if self.state == State::Closing {
+                            log::info!(target: CONNECTION, "clinic={} event=closed code={code} reason={desc:?}", self.clinic());
+                        } else {
+                            log::warn!(target: CONNECTION, "clinic={} event=closed_by_gateway code={code} reason={desc:?}", self.clinic());
+                        }
                         self.link_lost(ctx, "closed by gateway");
                     }
                     ws::Frame::Binary(_) | ws::Frame::Continuation(_) => {
@@ -494,6 +525,50 @@ impl Handler<CurrentLink> for Connection {
             epoch: self.epoch,
             acked_seq: self.acked_seq,
         })
+    }
+}
+
+/// Shutdown: send a close frame (1001, going away), stop reconnecting, and answer once the
+/// gateway has closed its side or the socket ended. The caller bounds the wait.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Close;
+
+impl Handler<Close> for Connection {
+    type Result = ResponseFuture<()>;
+    fn handle(&mut self, _: Close, ctx: &mut Self::Context) -> Self::Result {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.close_waiters.push(tx);
+        match self.state {
+            State::Closing => {}
+            State::Up | State::Handshaking => {
+                if self.state == State::Up {
+                    log::info!(target: CONNECTION, "clinic={} event=closing reason=\"agent shutting down\"", self.clinic());
+                }
+                self.write(ws::Message::Close(Some(ws::CloseReason {
+                    code: ws::CloseCode::Away,
+                    description: Some("agent shutting down".into()),
+                })));
+                self.state = State::Closing;
+            }
+            State::Idle | State::Connecting => {
+                self.state = State::Closing;
+                self.closed(ctx);
+            }
+        }
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
+}
+
+impl Handler<crate::outbound::Halt> for Connection {
+    type Result = ();
+    fn handle(&mut self, _: crate::outbound::Halt, ctx: &mut Self::Context) {
+        self.state = State::Closing;
+        self.closed(ctx);
+        self.guard.request_stop("agent shutting down");
+        ctx.stop();
     }
 }
 

@@ -14,7 +14,7 @@ pub mod stats;
 pub mod supervisor;
 pub mod watcher;
 
-pub use agent::{start_agent, AgentHandle, AgentSettings};
+pub use agent::{start_agent, AgentHandle, AgentSettings, DrainReport};
 pub use ports::{ChangeSink, ChangeSource, Checkpoint, Clock, Dialer, PortError, SystemClock};
 pub use stats::AgentStats;
 

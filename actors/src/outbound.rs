@@ -48,6 +48,9 @@ pub struct Outbound {
     pending: VecDeque<Pending>,
     inflight: VecDeque<Batch>,
     link: Option<u64>,
+    /// Shutting down: no new batch is sent; waiters hear when nothing is in flight any more.
+    draining: bool,
+    drain_waiters: Vec<tokio::sync::oneshot::Sender<DrainOutcome>>,
 }
 
 impl Outbound {
@@ -70,6 +73,8 @@ impl Outbound {
             pending: VecDeque::new(),
             inflight: VecDeque::new(),
             link: None,
+            draining: false,
+            drain_waiters: Vec::new(),
         }
     }
 
@@ -107,7 +112,26 @@ impl Outbound {
         );
     }
 
+    /// While draining: once nothing is in flight (all acknowledged) or the link is gone (the
+    /// rest stays in the outbox), tell whoever waits.
+    fn check_drained(&mut self) {
+        if !self.draining || (self.link.is_some() && !self.inflight.is_empty()) {
+            return;
+        }
+        let outcome = DrainOutcome {
+            acked_seq: self.acked,
+            unacked_events: self.buffered(),
+            link_lost: self.link.is_none(),
+        };
+        for w in self.drain_waiters.drain(..) {
+            let _ = w.send(outcome);
+        }
+    }
+
     fn pump(&mut self, _ctx: &mut Context<Self>) {
+        if self.draining {
+            return;
+        }
         let Some(epoch) = self.link else { return };
         let Some(conn) = self.slots.connection.get() else {
             return;
@@ -319,6 +343,7 @@ impl Handler<LinkDown> for Outbound {
         if self.link == Some(msg.epoch) {
             self.link = None;
             self.requeue_inflight();
+            self.check_drained();
         }
     }
 }
@@ -363,6 +388,57 @@ impl Handler<Acked> for Outbound {
         if self.link == Some(msg.epoch) {
             self.pump(ctx);
         }
+        self.check_drained();
+    }
+}
+
+/// What a drain ended with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainOutcome {
+    /// Everything up to here is durable at the gateway, and the checkpoint says so.
+    pub acked_seq: u64,
+    /// Events read from the outbox but not acknowledged: they stay in the outbox.
+    pub unacked_events: usize,
+    /// The link went down before everything in flight was acknowledged.
+    pub link_lost: bool,
+}
+
+/// Shutdown: send nothing new, wait until what is in flight is acknowledged (or the link is
+/// gone), then write the checkpoint and answer. The caller bounds the wait.
+#[derive(Message)]
+#[rtype(result = "Result<DrainOutcome, crate::PortError>")]
+pub struct Drain;
+
+impl Handler<Drain> for Outbound {
+    type Result = ResponseFuture<Result<DrainOutcome, crate::PortError>>;
+
+    fn handle(&mut self, _: Drain, _: &mut Self::Context) -> Self::Result {
+        self.draining = true;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.drain_waiters.push(tx);
+        self.check_drained();
+        let cp = self.checkpoint.clone();
+        Box::pin(async move {
+            let outcome = rx
+                .await
+                .map_err(|_| crate::PortError::new("outbound queue stopped while draining"))?;
+            let acked = outcome.acked_seq;
+            blocking(move || cp.save(acked)).await?;
+            Ok(outcome)
+        })
+    }
+}
+
+/// Stop on purpose (shutdown), without a restart.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Halt;
+
+impl Handler<Halt> for Outbound {
+    type Result = ();
+    fn handle(&mut self, _: Halt, ctx: &mut Self::Context) {
+        self.guard.request_stop("agent shutting down");
+        ctx.stop();
     }
 }
 

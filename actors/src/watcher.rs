@@ -18,8 +18,8 @@ use crate::ports::{ChangeSource, PortError};
 use crate::supervisor::ExitGuard;
 
 pub struct Watcher {
-    /// Held for its `Drop`: tells the supervisor when this actor ends.
-    _guard: ExitGuard,
+    /// Tells the supervisor when this actor ends (its `Drop`).
+    guard: ExitGuard,
     settings: Arc<AgentSettings>,
     source: Arc<dyn ChangeSource>,
     slots: Slots,
@@ -41,7 +41,7 @@ impl Watcher {
     ) -> Self {
         let room = settings.read_chunk;
         Watcher {
-            _guard: guard,
+            guard,
             settings,
             source,
             slots,
@@ -149,6 +149,14 @@ impl Actor for Watcher {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(self.settings.poll_interval, |act, ctx| act.tick(ctx));
+    }
+}
+
+impl Handler<crate::outbound::Halt> for Watcher {
+    type Result = ();
+    fn handle(&mut self, _: crate::outbound::Halt, ctx: &mut Self::Context) {
+        self.guard.request_stop("agent shutting down");
+        ctx.stop();
     }
 }
 
