@@ -22,6 +22,9 @@ pub enum SessionCommand {
     Replaced { by_session: String },
     /// New cloud updates were queued for this clinic.
     DeliverUpdates,
+    /// The gateway is stopping: finish the store writes in flight (and ack them), take no new
+    /// batch, then close with 1001.
+    Shutdown,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -127,6 +130,25 @@ impl Handler<Unregister> for Registry {
                 e.live.connected_since_ms = None;
             }
         }
+    }
+}
+
+/// Tells every open session that the gateway is stopping. Answers how many were told.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct ShutdownSessions;
+
+impl Handler<ShutdownSessions> for Registry {
+    type Result = usize;
+    fn handle(&mut self, _: ShutdownSessions, _: &mut Self::Context) -> usize {
+        let mut n = 0;
+        for e in self.clinics.values() {
+            if let Some(s) = &e.session {
+                s.do_send(SessionCommand::Shutdown);
+                n += 1;
+            }
+        }
+        n
     }
 }
 

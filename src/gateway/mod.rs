@@ -221,8 +221,16 @@ impl GatewayHandle {
         let s = if self.tls { "https" } else { "http" };
         format!("{s}://{}", self.addr)
     }
-    /// Stops accepting, closes sessions, then stops the store writer.
+    /// Graceful stop: every session finishes the store writes in flight and acknowledges them,
+    /// takes no new batch and closes with 1001; the server stops accepting and waits (up to
+    /// `shutdown_timeout`) for the connections to end; then the store writer stops.
     pub async fn stop(self) {
+        let sessions = self
+            .registry
+            .send(tether_actors::registry::ShutdownSessions)
+            .await
+            .unwrap_or(0);
+        log::info!(target: "connection", "event=closing_sessions sessions={sessions}");
         self.server.stop(true).await;
         self.store.close();
     }

@@ -38,6 +38,10 @@ pub struct Session {
     more_updates: bool,
     closing: bool,
     batches: u64,
+    /// Store writes not yet answered (their acks are still to be sent).
+    writes_inflight: usize,
+    /// The gateway is stopping: close once `writes_inflight` reaches 0.
+    shutting_down: bool,
     /// The clinic the connection proved it is (token, and certificate under mutual TLS).
     auth: Option<Verified>,
     rate: TokenBucket,
@@ -131,6 +135,8 @@ pub async fn upgrade(
         more_updates: false,
         closing: false,
         batches: 0,
+        writes_inflight: 0,
+        shutting_down: false,
         auth,
         rate: TokenBucket::new(rate, burst),
         source: 0,
@@ -282,6 +288,10 @@ impl Session {
     }
 
     fn on_events(&mut self, batch: Events, ctx: &mut ws::WebsocketContext<Self>) {
+        if self.shutting_down {
+            // Not stored, not acknowledged: the agent resends it to the next gateway.
+            return;
+        }
         let clinic = self.clinic.clone().unwrap_or_default();
         let mut batch = batch;
         // With the data keys, a value that fails to decrypt is parked with the reason
@@ -358,14 +368,32 @@ impl Session {
             .state
             .store
             .append_from(&clinic, self.source, prev_seq, incoming);
-        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| match res {
+        self.writes_inflight += 1;
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+            act.writes_inflight -= 1;
+            act.stored(res, &clinic, (first, last, count, flagged, prev_seq), ctx);
+            if act.shutting_down && act.writes_inflight == 0 {
+                act.close(ctx, ws::CloseCode::Away, "gateway shutting down");
+            }
+        }));
+    }
+
+    fn stored(
+        &mut self,
+        res: Result<AppendOutcome, crate::gateway::store::StoreError>,
+        clinic: &str,
+        (first, last, count, flagged, prev_seq): (u64, u64, usize, usize, u64),
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) {
+        let act = self;
+        match res {
             Ok(AppendOutcome::Stored { acked, inserted }) => {
                 log::info!(target: MESSAGE, "session={} clinic={clinic} event=batch_stored first_seq={first} last_seq={last} count={count} inserted={inserted} flagged={flagged} acked_seq={acked}", act.id);
                 if !act.closing {
                     act.send(ctx, Wire::Ack(Ack { seq: acked }));
                 }
                 act.state.registry.do_send(registry::Acked {
-                    clinic_id: clinic.clone(),
+                    clinic_id: clinic.to_string(),
                     seq: acked,
                 });
             }
@@ -380,10 +408,15 @@ impl Session {
             }
             Err(e) => {
                 log::error!(target: ERROR, "session={} clinic={clinic} event=store_write_failed first_seq={first} last_seq={last} error={e}", act.id);
-                act.send_error(ctx, ErrorCode::StoreUnavailable, "store write failed; nothing from this batch was acknowledged".into(), None);
+                act.send_error(
+                    ctx,
+                    ErrorCode::StoreUnavailable,
+                    "store write failed; nothing from this batch was acknowledged".into(),
+                    None,
+                );
                 act.close(ctx, ws::CloseCode::Error, "store write failed");
             }
-        }));
+        }
     }
 
     fn on_update_result(&mut self, r: UpdateResult, ctx: &mut ws::WebsocketContext<Self>) {
@@ -591,6 +624,12 @@ impl Handler<SessionCommand> for Session {
                 self.close(ctx, ws::CloseCode::Other(4001), &why);
             }
             SessionCommand::DeliverUpdates => self.deliver_updates(ctx),
+            SessionCommand::Shutdown => {
+                self.shutting_down = true;
+                if self.writes_inflight == 0 {
+                    self.close(ctx, ws::CloseCode::Away, "gateway shutting down");
+                }
+            }
         }
     }
 }
