@@ -41,6 +41,12 @@ pub enum AgentSetupError {
     UnknownTable(String),
     #[error("agent.database: {0}")]
     Port(tether_actors::PortError),
+    #[error(transparent)]
+    Proxy(#[from] crate::proxy::ProxyError),
+    #[error("agent.gateway.proxy.password_env: variable {0} is not set")]
+    ProxyPasswordEnv(String),
+    #[error("agent.gateway.proxy.password_file: {0}: {1}")]
+    ProxyPasswordFile(String, std::io::Error),
 }
 
 /// The connection string with the password from `password_env` added.
@@ -269,11 +275,38 @@ pub fn dialer(a: &AgentConfig) -> Result<SecureDialer, AgentSetupError> {
         }
         None => None,
     };
-    Ok(SecureDialer::new(
-        connector,
-        signer,
-        g.connect_timeout.get(),
-    ))
+    Ok(SecureDialer::new(connector, signer, g.connect_timeout.get()).with_proxy(proxy(a)?))
+}
+
+/// The proxy the agent tunnels through: `agent.gateway.proxy`, else the environment
+/// (`HTTPS_PROXY` for wss://, `HTTP_PROXY` for ws://, minus `NO_PROXY`).
+pub fn proxy(a: &AgentConfig) -> Result<Option<crate::proxy::Proxy>, AgentSetupError> {
+    use crate::proxy::{from_env, Proxy};
+    let Some(p) = &a.gateway.proxy else {
+        return Ok(from_env(&a.gateway.url, |k| std::env::var(k).ok())?);
+    };
+    if p.url == "direct" {
+        return Ok(None);
+    }
+    let proxy = Proxy::parse(&p.url, "agent.gateway.proxy.url")?;
+    let password = match (&p.password_env, &p.password_file) {
+        (Some(var), _) => {
+            Some(std::env::var(var).map_err(|_| AgentSetupError::ProxyPasswordEnv(var.clone()))?)
+        }
+        (None, Some(file)) => Some(
+            std::fs::read_to_string(file)
+                .map_err(|e| AgentSetupError::ProxyPasswordFile(file.display().to_string(), e))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    Ok(Some(match &p.username {
+        Some(user) => proxy.with_credentials(user, password.as_deref().unwrap_or_default()),
+        None => proxy,
+    }))
 }
 
 /// The database adapters for the agent's ports (each with its own connection), plus the dialer

@@ -139,8 +139,35 @@ pub struct AgentGatewayConfig {
     pub max_frame_bytes: u64,
     pub tls: Option<ClientTlsConfig>,
     pub auth: Option<AgentAuthConfig>,
+    /// An HTTP CONNECT proxy; absent: `HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY` decide.
+    pub proxy: Option<ProxyConfig>,
     #[serde(flatten)]
     extra: Extra,
+}
+
+/// `agent.gateway.proxy`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+pub struct ProxyConfig {
+    /// `http://host:port`, or `direct` to ignore the proxy environment variables.
+    pub url: String,
+    pub username: Option<String>,
+    /// Environment variable holding the password (never the file itself) ...
+    pub password_env: Option<String>,
+    /// ... or a file holding it (first line).
+    pub password_file: Option<PathBuf>,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+impl ProxyConfig {
+    /// A proxy without credentials.
+    pub fn new(url: impl Into<String>) -> Self {
+        ProxyConfig {
+            url: url.into(),
+            ..ProxyConfig::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -215,6 +242,7 @@ impl Default for AgentGatewayConfig {
             max_frame_bytes: tether_schemas::DEFAULT_MAX_FRAME_BYTES as u64,
             tls: None,
             auth: None,
+            proxy: None,
             extra: Extra::new(),
         }
     }
@@ -641,6 +669,9 @@ impl Config {
             if let Some(auth) = a.gateway.auth.as_mut() {
                 fix_opt(&mut auth.key);
             }
+            if let Some(p) = a.gateway.proxy.as_mut() {
+                fix_opt(&mut p.password_file);
+            }
             if let Some(e) = a.encryption.as_mut() {
                 for k in &mut e.keys {
                     fix(&mut k.file);
@@ -748,6 +779,31 @@ impl Validator<'_> {
         self.unknown("agent.gateway.backoff", &a.gateway.backoff.extra);
         self.unknown("agent.outbox", &a.outbox.extra);
         self.unknown("agent.shutdown", &a.shutdown.extra);
+        if let Some(p) = &a.gateway.proxy {
+            self.unknown("agent.gateway.proxy", &p.extra);
+            if p.url.is_empty() {
+                self.bad(
+                    "agent.gateway.proxy.url",
+                    "missing (http://host:port, or `direct`)".into(),
+                );
+            } else if p.url != "direct" {
+                if let Err(e) = crate::proxy::Proxy::parse(&p.url, "agent.gateway.proxy.url") {
+                    self.bad("agent.gateway.proxy.url", e.message);
+                }
+            }
+            if p.password_env.is_some() && p.password_file.is_some() {
+                self.bad(
+                    "agent.gateway.proxy",
+                    "give password_env or password_file, not both".into(),
+                );
+            }
+            if (p.password_env.is_some() || p.password_file.is_some()) && p.username.is_none() {
+                self.bad(
+                    "agent.gateway.proxy.username",
+                    "a password is configured but no username".into(),
+                );
+            }
+        }
         if !valid_id(&a.clinic_id) {
             self.bad(
                 "agent.clinic_id",

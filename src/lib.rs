@@ -18,5 +18,6 @@ pub mod gateway;
 pub mod history;
 pub mod loadgen;
 pub mod logging;
+pub mod proxy;
 pub mod security;
 pub mod service;

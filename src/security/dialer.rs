@@ -12,6 +12,7 @@ pub struct SecureDialer {
     connector: Option<SslConnector>,
     signer: Option<TokenSigner>,
     timeout: Duration,
+    proxy: Option<crate::proxy::Proxy>,
 }
 
 impl SecureDialer {
@@ -24,22 +25,38 @@ impl SecureDialer {
             connector,
             signer,
             timeout,
+            proxy: None,
         }
+    }
+
+    /// Tunnel every connection through this HTTP CONNECT proxy.
+    pub fn with_proxy(mut self, proxy: Option<crate::proxy::Proxy>) -> Self {
+        self.proxy = proxy;
+        self
     }
 }
 
 impl Dialer for SecureDialer {
     fn client(&self) -> awc::Client {
         let b = awc::Client::builder().timeout(self.timeout);
-        match &self.connector {
-            Some(c) => b
+        match (&self.proxy, &self.connector) {
+            (Some(p), tls) => {
+                let connector = awc::Connector::new()
+                    .connector(crate::proxy::ProxyConnector::new(p.clone(), self.timeout))
+                    .timeout(self.timeout);
+                match tls {
+                    Some(c) => b.connector(connector.openssl(c.clone())).finish(),
+                    None => b.connector(connector).finish(),
+                }
+            }
+            (None, Some(c)) => b
                 .connector(
                     awc::Connector::new()
                         .openssl(c.clone())
                         .timeout(self.timeout),
                 )
                 .finish(),
-            None => b.finish(),
+            (None, None) => b.finish(),
         }
     }
 

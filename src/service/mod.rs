@@ -51,7 +51,11 @@ where
     let ports = crate::agent::ports(a)?;
     let settings = crate::agent::settings(a);
     let drain_timeout = a.shutdown.drain_timeout.get();
-    log::info!(target: "supervisor", "event=agent_starting clinic={} gateway={} database={} version={}", a.clinic_id, a.gateway.url, a.database.path.display(), env!("CARGO_PKG_VERSION"));
+    let proxy = match crate::agent::proxy(a)? {
+        Some(p) => p.to_string(),
+        None => "none".to_string(),
+    };
+    log::info!(target: "supervisor", "event=agent_starting clinic={} gateway={} proxy={proxy} database={} version={}", a.clinic_id, a.gateway.url, a.database.path.display(), env!("CARGO_PKG_VERSION"));
     // The actors run on their own thread so that the exit is bounded: dropping a runtime waits
     // for every blocking call still running (a database call stuck on a lock), and a service
     // must not hang in "stop pending" because of one.

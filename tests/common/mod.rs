@@ -2,6 +2,8 @@
 //! the history check every sync test ends with.
 #![allow(dead_code)]
 
+pub mod procs;
+
 use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
