@@ -31,6 +31,8 @@ pub struct BenchOptions {
     pub latency_clinics: usize,
     pub latency_secs: u64,
     pub connections: usize,
+    /// `connections` without TLS (to separate OpenSSL's share from the HTTP stack's).
+    pub plaintext: bool,
     pub drain_events: u64,
     pub storm_clients: usize,
 }
@@ -43,6 +45,7 @@ impl Default for BenchOptions {
             latency_clinics: 500,
             latency_secs: 20,
             connections: 2_000,
+            plaintext: false,
             drain_events: 100_000,
             storm_clients: 1_000,
         }
@@ -282,7 +285,8 @@ pub async fn storm(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
     )
 }
 
-/// N idle TLS connections held by a gateway in its own process: RSS per connection.
+/// N idle TLS (or, with `plaintext`, plain) connections held by a gateway in its own process:
+/// RSS per connection.
 pub async fn connections(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
     let certs = dir.join("certs");
     crate::security::keys::dev_setup(&certs, &[], 2048)?;
@@ -290,8 +294,15 @@ pub async fn connections(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> 
     std::fs::write(
         &cfg,
         format!(
-            "logging:\n  dir: logs\n  console: false\n  level: warn\ngateway:\n  listen: 127.0.0.1:0\n  insecure_plaintext: true\n  store:\n    path: gw.db\n  tls:\n    cert: {c}/gateway.pem\n    key: {c}/gateway.key\n  limits:\n    handshakes_per_second: 5000\n    handshake_burst: 5000\n",
-            c = certs.display()
+            "logging:\n  dir: logs\n  console: false\n  level: warn\ngateway:\n  listen: 127.0.0.1:0\n  insecure_plaintext: true\n  store:\n    path: gw.db\n{tls}  limits:\n    handshakes_per_second: 5000\n    handshake_burst: 5000\n",
+            tls = if o.plaintext {
+                String::new()
+            } else {
+                format!(
+                    "  tls:\n    cert: {c}/gateway.pem\n    key: {c}/gateway.key\n",
+                    c = certs.display()
+                )
+            }
         ),
     )?;
     let exe = std::env::current_exe()?;
@@ -318,14 +329,21 @@ pub async fn connections(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> 
     let pid = child.id().to_string();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle = rss_kb_of(&pid);
-    let tls = crate::security::tls::connector(&crate::security::tls::ClientTls {
-        ca: Some(certs.join("ca.pem")),
-        ..Default::default()
-    })?;
+    let tls = if o.plaintext {
+        None
+    } else {
+        Some(crate::security::tls::connector(
+            &crate::security::tls::ClientTls {
+                ca: Some(certs.join("ca.pem")),
+                ..Default::default()
+            },
+        )?)
+    };
+    let scheme = if o.plaintext { "ws" } else { "wss" };
     let swarm = spawn_swarm(
         o.connections,
-        &format!("wss://{addr}/v1/ws"),
-        Some(tls),
+        &format!("{scheme}://{addr}/v1/ws"),
+        tls,
         0.0,
         "conn-",
     );
@@ -338,7 +356,7 @@ pub async fn connections(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> 
     r?;
     let per = (loaded.saturating_sub(idle) as f64 * 1024.0 / o.connections as f64).round();
     Ok(
-        json!({"scenario": "connections", "connections": o.connections, "tls": true,
+        json!({"scenario": "connections", "connections": o.connections, "tls": !o.plaintext,
         "gateway_rss_mb_idle": idle / 1024, "gateway_rss_mb_loaded": loaded / 1024,
         "bytes_per_connection": per, "machine": machine()}),
     )

@@ -66,6 +66,9 @@ enum Command {
         /// Idle TLS connections for `connections`.
         #[arg(long)]
         connections: Option<usize>,
+        /// `connections` over plain ws:// (measures the HTTP stack without OpenSSL).
+        #[arg(long)]
+        plaintext: bool,
     },
     /// Start a gateway and N clinic agents on temporary SQLite databases and show them syncing.
     #[cfg(feature = "gateway")]
@@ -316,6 +319,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
             quick,
             connections,
+            plaintext,
         } => {
             let mut o = tether::bench::BenchOptions::default();
             if quick {
@@ -325,6 +329,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     latency_clinics: 50,
                     latency_secs: 5,
                     connections: 200,
+                    plaintext: false,
                     drain_events: 10_000,
                     storm_clients: 200,
                 };
@@ -332,6 +337,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(n) = connections {
                 o.connections = n;
             }
+            o.plaintext = plaintext;
             tether::bench::run(&scenario, json, o)?;
             Ok(ExitCode::SUCCESS)
         }
