@@ -55,8 +55,8 @@ pub struct ProxyError {
 }
 
 impl Proxy {
-    /// Parses `http://[user[:password]@]host[:port]` (port 3128 when absent, as most proxies use;
-    /// 80 for an explicit `http://host:80`). `origin` names the setting in errors.
+    /// Parses `http://[user[:password]@]host[:port]` (port 3128, the usual proxy port, when absent;
+    /// IPv6 hosts in brackets). `origin` names the setting in errors.
     pub fn parse(url: &str, origin: &str) -> Result<Proxy, ProxyError> {
         let bad = |m: &str| ProxyError {
             origin: origin.to_string(),
@@ -79,14 +79,23 @@ impl Proxy {
         if hostport.is_empty() || hostport.contains('/') {
             return Err(bad("expected http://host:port"));
         }
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || hostport.starts_with('[') => {
-                let port = p
-                    .parse::<u16>()
-                    .map_err(|_| bad(&format!("`{p}` is not a port")))?;
-                (h.trim_start_matches('[').trim_end_matches(']'), port)
+        let (host, port_text) = if let Some(v6) = hostport.strip_prefix('[') {
+            // [v6 address] or [v6 address]:port
+            let (h, after) = v6
+                .split_once(']')
+                .ok_or_else(|| bad("unclosed `[` in the host"))?;
+            (h, after.strip_prefix(':'))
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (hostport, None),
             }
-            _ => (hostport, 3128),
+        };
+        let port = match port_text {
+            Some(p) => p
+                .parse::<u16>()
+                .map_err(|_| bad(&format!("`{p}` is not a port")))?,
+            None => 3128,
         };
         if host.is_empty() {
             return Err(bad("no host"));
@@ -322,6 +331,12 @@ mod tests {
         assert_eq!((p.host.as_str(), p.port), ("10.0.0.1", 3128));
         assert_eq!(p.authorization.as_deref(), Some("Basic YW5uOnNAY3JldA=="));
         assert_eq!(Proxy::parse("corp-proxy", "x").expect("bare").port, 3128);
+        let p = Proxy::parse("http://[::1]:8080", "x").expect("v6");
+        assert_eq!((p.host.as_str(), p.port), ("::1", 8080));
+        assert_eq!(
+            Proxy::parse("http://[fe80::1]", "x").expect("v6").port,
+            3128
+        );
         let shown = format!("{p:?} {p}");
         assert!(!shown.contains("cret") && !shown.contains("ann"), "{shown}");
     }
