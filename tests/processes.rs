@@ -15,10 +15,12 @@ use tether::fleet::{create_sample_clinic, Fleet};
 
 #[test]
 fn agent_killed_with_sigkill_mid_stream_resumes_without_loss_or_duplicates() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("clinic.db");
-    create_sample_clinic(&db).expect("clinic");
-    let (mut gw, addr) = start_gateway(dir.path(), "127.0.0.1:0");
+    let Site {
+        dir,
+        db,
+        mut gw,
+        addr,
+    } = site();
     let mut agent = start_agent(dir.path(), &addr);
     let stop = Arc::new(AtomicBool::new(false));
     let w = writer(db.clone(), stop.clone());
@@ -68,10 +70,12 @@ fn expect_notify(sock: &std::os::unix::net::UnixDatagram, want: &str, limit: Dur
 
 #[test]
 fn sigterm_mid_stream_drains_acks_closes_cleanly_and_exits_zero() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("clinic.db");
-    create_sample_clinic(&db).expect("clinic");
-    let (mut gw, addr) = start_gateway(dir.path(), "127.0.0.1:0");
+    let Site {
+        dir,
+        db,
+        mut gw,
+        addr,
+    } = site();
     // Play systemd: a notify socket and a watchdog of 400 ms (pings every 200 ms).
     let notify_path = dir.path().join("notify.sock");
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("bind notify");
@@ -133,32 +137,14 @@ fn sigterm_mid_stream_drains_acks_closes_cleanly_and_exits_zero() {
     final_check(dir.path());
 }
 
-/// Sends SIGTERM and waits (with a deadline) for a clean exit.
-fn terminate(p: &mut Proc, limit: Duration) -> std::process::ExitStatus {
-    let sent = Instant::now();
-    let status = Command::new("kill")
-        .args(["-TERM", &p.0.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    loop {
-        if let Some(s) = p.0.try_wait().expect("wait") {
-            return s;
-        }
-        assert!(
-            sent.elapsed() < limit,
-            "still running {limit:?} after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn gateway_sigterm_mid_stream_closes_sessions_with_1001_exits_zero_and_loses_nothing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("clinic.db");
-    create_sample_clinic(&db).expect("clinic");
-    let (mut gw, addr) = start_gateway(dir.path(), "127.0.0.1:0");
+    let Site {
+        dir,
+        db,
+        mut gw,
+        addr,
+    } = site();
     let mut agent = start_agent(dir.path(), &addr);
     let stop = Arc::new(AtomicBool::new(false));
     let w = writer(db.clone(), stop.clone());
@@ -192,10 +178,12 @@ fn gateway_sigterm_mid_stream_closes_sessions_with_1001_exits_zero_and_loses_not
 
 #[test]
 fn gateway_killed_with_sigkill_mid_stream_and_restarted_loses_nothing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("clinic.db");
-    create_sample_clinic(&db).expect("clinic");
-    let (mut gw, addr) = start_gateway(dir.path(), "127.0.0.1:0");
+    let Site {
+        dir,
+        db,
+        mut gw,
+        addr,
+    } = site();
     let mut agent = start_agent(dir.path(), &addr);
     let stop = Arc::new(AtomicBool::new(false));
     let w = writer(db.clone(), stop.clone());

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::procs::*;
-use tether::fleet::{create_sample_clinic, Fleet};
+use tether::fleet::Fleet;
 
 const TINYPROXY: &str = "/usr/bin/tinyproxy";
 
@@ -69,22 +69,7 @@ fn agent_log(dir: &Path, category: &str) -> String {
     std::fs::read_to_string(dir.join(format!("logs-agent/{category}.log"))).unwrap_or_default()
 }
 
-struct Setup {
-    dir: tempfile::TempDir,
-    db: PathBuf,
-    gw: Proc,
-    addr: String,
-}
-
-fn setup() -> Setup {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("clinic.db");
-    create_sample_clinic(&db).expect("clinic");
-    let (gw, addr) = start_gateway(dir.path(), "127.0.0.1:0");
-    Setup { dir, db, gw, addr }
-}
-
-fn spawn_agent(s: &Setup, gateway_extra: &str, env: &[(&str, &str)]) -> Proc {
+fn spawn_agent(s: &Site, gateway_extra: &str, env: &[(&str, &str)]) -> Proc {
     let cfg = agent_config_with(
         s.dir.path(),
         &format!("ws://{}/v1/ws", s.addr),
@@ -108,7 +93,7 @@ fn spawn_agent(s: &Setup, gateway_extra: &str, env: &[(&str, &str)]) -> Proc {
 }
 
 /// Writes for a while, then drains and checks the history.
-fn sync_and_check(s: &mut Setup, agent: &mut Proc) {
+fn sync_and_check(s: &mut Site, agent: &mut Proc) {
     let stop = Arc::new(AtomicBool::new(false));
     let w = writer(s.db.clone(), stop.clone());
     wait_for("acknowledgements", Duration::from_secs(20), || {
@@ -122,7 +107,7 @@ fn sync_and_check(s: &mut Setup, agent: &mut Proc) {
 
 #[test]
 fn syncs_through_the_configured_proxy() {
-    let mut s = setup();
+    let mut s = site();
     let port = free_port();
     let _proxy = start_proxy(s.dir.path(), port, None);
     let mut agent = spawn_agent(
@@ -144,7 +129,7 @@ fn syncs_through_the_configured_proxy() {
 
 #[test]
 fn honours_http_proxy_and_no_proxy_from_the_environment() {
-    let mut s = setup();
+    let mut s = site();
     let port = free_port();
     let _proxy = start_proxy(s.dir.path(), port, None);
     // NO_PROXY covers the gateway: direct, the proxy sees nothing.
@@ -166,7 +151,7 @@ fn honours_http_proxy_and_no_proxy_from_the_environment() {
 
 #[test]
 fn authenticates_to_the_proxy_and_says_so_when_refused_without_logging_the_password() {
-    let mut s = setup();
+    let mut s = site();
     let port = free_port();
     let _proxy = start_proxy(s.dir.path(), port, Some(("clinicuser", "Pr0xyPass")));
     let wrong = s.dir.path().join("wrong.txt");
@@ -204,7 +189,7 @@ fn authenticates_to_the_proxy_and_says_so_when_refused_without_logging_the_passw
 
 #[test]
 fn proxy_killed_mid_stream_then_back_loses_nothing() {
-    let mut s = setup();
+    let mut s = site();
     let port = free_port();
     let mut proxy = start_proxy(s.dir.path(), port, None);
     let mut agent = spawn_agent(

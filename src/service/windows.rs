@@ -92,14 +92,17 @@ pub fn install(spec: &InstallSpec) -> Result<()> {
     Ok(())
 }
 
+fn open(name: &str, access: ServiceAccess) -> Result<windows_service::service::Service> {
+    manager(ServiceManagerAccess::CONNECT)?
+        .open_service(name, access)
+        .with_context(|| format!("opening service {name}"))
+}
+
 pub fn uninstall(name: &str) -> Result<()> {
-    let m = manager(ServiceManagerAccess::CONNECT)?;
-    let service = m
-        .open_service(
-            name,
-            ServiceAccess::QUERY_STATUS | ServiceAccess::STOP | ServiceAccess::DELETE,
-        )
-        .with_context(|| format!("opening service {name}"))?;
+    let service = open(
+        name,
+        ServiceAccess::QUERY_STATUS | ServiceAccess::STOP | ServiceAccess::DELETE,
+    )?;
     if service.query_status()?.current_state != ServiceState::Stopped {
         // The drain runs now; deletion completes when the service has stopped.
         let _ = service.stop();
@@ -111,10 +114,7 @@ pub fn uninstall(name: &str) -> Result<()> {
 }
 
 pub fn start(name: &str) -> Result<()> {
-    let m = manager(ServiceManagerAccess::CONNECT)?;
-    let service = m
-        .open_service(name, ServiceAccess::START)
-        .with_context(|| format!("opening service {name}"))?;
+    let service = open(name, ServiceAccess::START)?;
     service
         .start(&[] as &[&OsStr])
         .with_context(|| format!("starting service {name}"))?;
@@ -122,10 +122,7 @@ pub fn start(name: &str) -> Result<()> {
 }
 
 pub fn stop(name: &str) -> Result<()> {
-    let m = manager(ServiceManagerAccess::CONNECT)?;
-    let service = m
-        .open_service(name, ServiceAccess::STOP)
-        .with_context(|| format!("opening service {name}"))?;
+    let service = open(name, ServiceAccess::STOP)?;
     service
         .stop()
         .with_context(|| format!("stopping service {name}"))?;
@@ -133,10 +130,7 @@ pub fn stop(name: &str) -> Result<()> {
 }
 
 pub fn status(name: &str) -> Result<String> {
-    let m = manager(ServiceManagerAccess::CONNECT)?;
-    let service = m
-        .open_service(name, ServiceAccess::QUERY_STATUS)
-        .with_context(|| format!("opening service {name}"))?;
+    let service = open(name, ServiceAccess::QUERY_STATUS)?;
     let s = service.query_status()?;
     Ok(match s.current_state {
         ServiceState::Stopped => "stopped".into(),

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tether::fleet::{clinic_step, Fleet};
 use tether::gateway::store::Store;
@@ -125,15 +125,37 @@ pub fn acked(dir: &Path) -> u64 {
     .unwrap_or(0)
 }
 
-pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+pub use super::poll_blocking as wait_for;
+
+/// A fresh directory with a clinic database (sample schema) and a gateway process.
+pub struct Site {
+    pub dir: tempfile::TempDir,
+    pub db: PathBuf,
+    pub gw: Proc,
+    pub addr: String,
+}
+
+pub fn site() -> Site {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("clinic.db");
+    tether::fleet::create_sample_clinic(&db).expect("clinic");
+    let (gw, addr) = start_gateway(dir.path(), "127.0.0.1:0");
+    Site { dir, db, gw, addr }
+}
+
+/// Sends SIGTERM and waits (with a deadline) for the process to exit.
+pub fn terminate(p: &mut Proc, limit: Duration) -> std::process::ExitStatus {
+    let status = Command::new("kill")
+        .args(["-TERM", &p.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let mut exit = None;
+    wait_for("the process to exit after SIGTERM", limit, || {
+        exit = p.0.try_wait().expect("wait");
+        exit.is_some()
+    });
+    exit.expect("exited")
 }
 
 /// Writes clinic activity until stopped.
