@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tether_actors::agent::{AgentPorts, AgentSettings};
+use tether_actors::agent::{AgentPorts, AgentSettings, Transport};
 use tether_actors::ports::ChangeSource;
 use tether_actors::supervisor::RestartPolicy;
 use tether_actors::SystemClock;
@@ -235,6 +235,9 @@ pub fn settings(a: &AgentConfig) -> AgentSettings {
     s.outbox_retention = a.outbox.retention.get();
     s.purge_interval = a.outbox.purge_interval.get();
     s.restart = RestartPolicy::default();
+    s.transport = Transport::parse(&a.gateway.transport).unwrap_or(Transport::Auto);
+    s.fallback_after = a.gateway.fallback_after.clamp(1, u32::MAX as u64) as u32;
+    s.upgrade_retry = a.gateway.upgrade_retry.get();
     s
 }
 

@@ -141,6 +141,12 @@ pub struct AgentGatewayConfig {
     pub auth: Option<AgentAuthConfig>,
     /// An HTTP CONNECT proxy; absent: `HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY` decide.
     pub proxy: Option<ProxyConfig>,
+    /// `auto` (WebSocket, falling back to HTTP when upgrades are blocked), `websocket` or `http`.
+    pub transport: String,
+    /// Blocked upgrades in a row before `auto` falls back to HTTP.
+    pub fallback_after: u64,
+    /// On the HTTP fallback, how often `auto` checks whether the WebSocket works again.
+    pub upgrade_retry: Dur,
     #[serde(flatten)]
     extra: Extra,
 }
@@ -243,6 +249,9 @@ impl Default for AgentGatewayConfig {
             tls: None,
             auth: None,
             proxy: None,
+            transport: "auto".into(),
+            fallback_after: 3,
+            upgrade_retry: Dur::secs(300),
             extra: Extra::new(),
         }
     }
@@ -804,6 +813,21 @@ impl Validator<'_> {
                 );
             }
         }
+        if !["auto", "websocket", "http"].contains(&a.gateway.transport.as_str()) {
+            self.bad(
+                "agent.gateway.transport",
+                format!(
+                    "`{}` is not one of auto, websocket, http",
+                    a.gateway.transport
+                ),
+            );
+        }
+        self.positive("agent.gateway.fallback_after", a.gateway.fallback_after);
+        self.duration(
+            "agent.gateway.upgrade_retry",
+            &a.gateway.upgrade_retry,
+            Duration::from_millis(100),
+        );
         if !valid_id(&a.clinic_id) {
             self.bad(
                 "agent.clinic_id",

@@ -98,22 +98,7 @@ async fn cloud_updates_land_exactly_once_are_not_echoed_and_a_poison_update_bloc
     for (ci, n, id) in &sent {
         let (status, u) = get_as(Some(&fleet), &format!("{base}/v1/updates/{id}")).await;
         assert_eq!(status, 200);
-        let db = &fleet.clinics[*ci].db;
-        let conn = tether::db::sqlite::open(db).expect("open");
-        let rows: i64 = conn
-            .query_row(
-                "SELECT count(*) FROM patients WHERE id = ?1",
-                [cloud_id(*n)],
-                |r| r.get(0),
-            )
-            .expect("count");
-        let inbox: i64 = conn
-            .query_row(
-                "SELECT count(*) FROM _tether_inbox WHERE update_id = ?1",
-                [id],
-                |r| r.get(0),
-            )
-            .expect("inbox");
+        let (rows, inbox) = applied_counts(&fleet.clinics[*ci].db, cloud_id(*n), id);
         assert_eq!(inbox, 1, "update {id} recorded once in the inbox");
         if *n == 7 {
             assert_eq!(u["status"], "failed");

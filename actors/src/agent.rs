@@ -47,6 +47,32 @@ pub struct AgentSettings {
     pub purge_interval: Duration,
     pub max_frame_bytes: usize,
     pub restart: RestartPolicy,
+    /// Which link to the gateway: WebSocket, the HTTP fallback, or WebSocket with fallback.
+    pub transport: Transport,
+    /// Blocked WebSocket upgrades in a row before `Transport::Auto` falls back to HTTP.
+    pub fallback_after: u32,
+    /// On the HTTP fallback, how often `Transport::Auto` probes for a working WebSocket.
+    pub upgrade_retry: Duration,
+}
+
+/// The agent's choice of link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// WebSocket; the HTTP fallback when upgrades are blocked, and back when they pass.
+    Auto,
+    WebSocket,
+    Http,
+}
+
+impl Transport {
+    pub fn parse(s: &str) -> Option<Transport> {
+        match s {
+            "auto" => Some(Transport::Auto),
+            "websocket" => Some(Transport::WebSocket),
+            "http" => Some(Transport::Http),
+            _ => None,
+        }
+    }
 }
 
 impl AgentSettings {
@@ -71,7 +97,24 @@ impl AgentSettings {
             purge_interval: Duration::from_secs(60),
             max_frame_bytes: tether_schemas::DEFAULT_MAX_FRAME_BYTES,
             restart: RestartPolicy::default(),
+            transport: Transport::Auto,
+            fallback_after: 3,
+            upgrade_retry: Duration::from_secs(300),
         }
+    }
+
+    /// The HTTP fallback's base URL: the WebSocket URL with `http(s)` and `/v1/http`.
+    pub fn http_base(&self) -> String {
+        let url = &self.gateway_url;
+        let (scheme, rest) = if let Some(r) = url.strip_prefix("wss://") {
+            ("https://", r)
+        } else if let Some(r) = url.strip_prefix("ws://") {
+            ("http://", r)
+        } else {
+            ("", url.as_str())
+        };
+        let authority = rest.split('/').next().unwrap_or(rest);
+        format!("{scheme}{authority}/v1/http")
     }
 
     pub fn backoff(&self) -> Backoff {

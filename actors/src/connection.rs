@@ -1,8 +1,15 @@
-//! Connection actor: the agent's one WebSocket link to the gateway (awc client).
+//! Connection actor: the agent's one link to the gateway (awc client) — a WebSocket, or the
+//! HTTP fallback (`http_link`) when upgrades are blocked on the way.
 //! Connects, sends `hello`, waits for `welcome`; pings every `heartbeat_interval` and declares
 //! the link dead when nothing (pong or frame) came back for three intervals; reconnects with
-//! exponential backoff and full jitter. Every connect, close, error, unexpected close and
-//! heartbeat miss is a line on the `connection` log.
+//! exponential backoff and full jitter. Every connect, close, error, unexpected close,
+//! heartbeat miss and change of transport is a line on the `connection` log.
+//!
+//! Transport (`AgentSettings::transport`, `auto` by default): an upgrade refused or stripped
+//! on the way, or a socket that dies before `welcome`, counts as *blocked*; after
+//! `fallback_after` in a row the agent switches to the HTTP fallback, and while on it probes
+//! the WebSocket every `upgrade_retry`, switching back (losslessly: resend from `welcome`) once
+//! an upgrade passes. The mode lives in `AgentStats::on_http`, so it survives a restart.
 //! Takes: `SendFrame` (outbound queue), `CurrentLink`. Sends: `LinkUp`/`LinkDown`/`Acked` to the
 //! outbound queue, `Apply` to the applier (one at a time, in arrival order), `update_result`s.
 //! State: the socket and the updates not yet applied. On restart it reloads nothing: it
@@ -22,14 +29,24 @@ use awc::BoxedSocket;
 use futures_util::stream::{SplitSink, StreamExt};
 use tether_schemas::{Hello, Message as Wire, Update, UpdateResult};
 
-use crate::agent::{AgentPorts, AgentSettings, Slots};
+use crate::agent::{AgentPorts, AgentSettings, Slots, Transport};
 use crate::applier::Apply;
+use crate::http_link::{self, HttpLinkError, PollItem};
 use crate::log_target::{CONNECTION, ERROR};
 use crate::outbound::{Acked, LinkDown, LinkUp};
 use crate::stats::AgentStats;
 use crate::supervisor::ExitGuard;
 
 type WsSink = SplitSink<Framed<BoxedSocket, ws::Codec>, ws::Message>;
+
+/// The writing half of the current link.
+enum LinkOut {
+    Ws(SinkWrite<ws::Message, WsSink>),
+    Http {
+        tx: tokio::sync::mpsc::UnboundedSender<String>,
+        ch: http_link::Channel,
+    },
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -59,7 +76,7 @@ pub struct Connection {
     slots: Slots,
     state: State,
     epoch: u64,
-    sink: Option<SinkWrite<ws::Message, WsSink>>,
+    link: Option<LinkOut>,
     stream: Option<SpawnHandle>,
     last_seen: Instant,
     up_since: Option<Instant>,
@@ -73,11 +90,35 @@ pub struct Connection {
     source_id: u64,
     /// Told when the gateway has answered our close (or the socket ended).
     close_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// WebSocket attempts blocked on the way, in a row (see the module docs).
+    blocked: u32,
+    /// Failed HTTP fallback attempts in a row.
+    http_failures: u32,
 }
 
 enum Incoming {
     Frame(u64, Result<ws::Frame, WsProtocolError>),
+    Http(u64, PollItem),
     End(u64),
+}
+
+/// Whether a failed upgrade means "something on the way blocks WebSockets" rather than "the
+/// gateway is down" or "the gateway refused us".
+fn upgrade_blocked(e: &awc::error::WsClientError) -> bool {
+    use awc::error::WsClientError as E;
+    match e {
+        // 401: our credentials; 408/429/503: load; 5xx: the gateway or a balancer is down.
+        E::InvalidResponseStatus(s) => {
+            let s = s.as_u16();
+            (400..500).contains(&s) && ![401, 408, 429].contains(&s) || s == 501
+        }
+        E::InvalidUpgradeHeader
+        | E::InvalidConnectionHeader(_)
+        | E::MissingConnectionHeader
+        | E::MissingWebSocketAcceptHeader
+        | E::InvalidChallengeResponse(..) => true,
+        _ => false,
+    }
 }
 
 impl Connection {
@@ -98,7 +139,7 @@ impl Connection {
             slots,
             state: State::Idle,
             epoch: 0,
-            sink: None,
+            link: None,
             stream: None,
             last_seen: now,
             up_since: None,
@@ -110,11 +151,47 @@ impl Connection {
             reauth: false,
             source_id: 0,
             close_waiters: Vec::new(),
+            blocked: 0,
+            http_failures: 0,
         }
     }
 
     fn clinic(&self) -> &str {
         &self.settings.clinic_id
+    }
+
+    fn on_http(&self) -> bool {
+        match self.settings.transport {
+            Transport::Http => true,
+            Transport::WebSocket => false,
+            Transport::Auto => self.stats.on_http.load(Ordering::Relaxed),
+        }
+    }
+
+    fn transport_name(&self) -> &'static str {
+        if self.on_http() {
+            "http"
+        } else {
+            "websocket"
+        }
+    }
+
+    /// One more WebSocket attempt blocked on the way; fall back after `fallback_after`.
+    fn note_blocked(&mut self, why: &str) {
+        if self.settings.transport != Transport::Auto || self.on_http() {
+            return;
+        }
+        self.blocked += 1;
+        log::warn!(target: CONNECTION, "clinic={} event=upgrade_blocked count={} of={} reason={why:?}", self.clinic(), self.blocked, self.settings.fallback_after);
+        if self.blocked >= self.settings.fallback_after {
+            self.blocked = 0;
+            self.http_failures = 0;
+            self.stats.on_http.store(true, Ordering::Relaxed);
+            AgentStats::add(&self.stats.fallbacks, 1);
+            log::warn!(target: CONNECTION, "clinic={} event=transport_changed transport=http reason=\"websocket upgrade blocked {} times in a row (last: {why})\" upgrade_retry_ms={}", self.clinic(), self.settings.fallback_after, self.settings.upgrade_retry.as_millis());
+            // The next attempt is the fallback: no backoff.
+            self.reauth = true;
+        }
     }
 
     fn connect(&mut self, ctx: &mut Context<Self>) {
@@ -123,8 +200,14 @@ impl Connection {
         self.epoch = self.stats.connects.fetch_add(1, Ordering::Relaxed) + 1;
         self.attempt_started = self.ports.clock.now();
         let epoch = self.epoch;
-        let url = self.settings.gateway_url.clone();
-        log::info!(target: CONNECTION, "clinic={} event=connecting url={url} attempt={}", self.clinic(), self.backoff.attempt() + 1);
+        // Forced transports are reported the same way as `auto`'s choice.
+        self.stats.on_http.store(self.on_http(), Ordering::Relaxed);
+        let url = if self.on_http() {
+            self.settings.http_base()
+        } else {
+            self.settings.gateway_url.clone()
+        };
+        log::info!(target: CONNECTION, "clinic={} event=connecting url={url} transport={} attempt={}", self.clinic(), self.transport_name(), self.backoff.attempt() + 1);
         let headers = match self.ports.dialer.headers() {
             Ok(h) => h,
             Err(e) => {
@@ -133,6 +216,9 @@ impl Connection {
                 return;
             }
         };
+        if self.on_http() {
+            return self.connect_http(url, headers, ctx);
+        }
         let mut req = self
             .ports
             .dialer
@@ -152,6 +238,9 @@ impl Connection {
                 Ok(Ok((_resp, framed))) => act.opened(framed, ctx),
                 Ok(Err(e)) => {
                     log::warn!(target: CONNECTION, "clinic={} event=connect_failed error={:?}", act.clinic(), e.to_string());
+                    if upgrade_blocked(&e) {
+                        act.note_blocked(&format!("upgrade refused: {e}"));
+                    }
                     act.schedule_reconnect(ctx);
                 }
                 Err(_) => {
@@ -160,6 +249,77 @@ impl Connection {
                 }
             }
         }));
+    }
+
+    /// The HTTP fallback: open a channel, then the same handshake as over a WebSocket.
+    fn connect_http(
+        &mut self,
+        base: String,
+        headers: Vec<(String, String)>,
+        ctx: &mut Context<Self>,
+    ) {
+        let epoch = self.epoch;
+        let client = self.ports.dialer.client();
+        let timeout = self.settings.connect_timeout;
+        let fut = async move { http_link::open(client, &base, headers, timeout).await };
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+            if act.epoch != epoch || act.state != State::Connecting {
+                return;
+            }
+            match res {
+                Ok(ch) => {
+                    act.http_failures = 0;
+                    act.opened_http(ch, ctx);
+                }
+                Err(e) => {
+                    log::warn!(target: CONNECTION, "clinic={} event=connect_failed transport=http error={:?}", act.clinic(), e.to_string());
+                    act.http_fallback_failed(&e);
+                    act.schedule_reconnect(ctx);
+                }
+            }
+        }));
+    }
+
+    /// `auto` gives the WebSocket another go when the fallback does not work either.
+    fn http_fallback_failed(&mut self, e: &HttpLinkError) {
+        if self.settings.transport != Transport::Auto {
+            return;
+        }
+        self.http_failures += 1;
+        if self.http_failures >= self.settings.fallback_after {
+            self.http_failures = 0;
+            self.stats.on_http.store(false, Ordering::Relaxed);
+            log::warn!(target: CONNECTION, "clinic={} event=transport_changed transport=websocket reason=\"the HTTP fallback failed {} times in a row (last: {e})\"", self.clinic(), self.settings.fallback_after);
+        }
+    }
+
+    fn opened_http(&mut self, ch: http_link::Channel, ctx: &mut Context<Self>) {
+        let epoch = self.epoch;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let sender = http_link::sender(
+            ch.clone(),
+            rx,
+            self.settings.max_frame_bytes,
+            self.settings.heartbeat_interval * 3,
+        );
+        ctx.spawn(sender.into_actor(self).map(move |res, act, ctx| {
+            if let Err(e) = res {
+                if act.epoch == epoch {
+                    log::warn!(target: CONNECTION, "clinic={} event=send_failed transport=http error={:?}", act.clinic(), e.to_string());
+                    act.link_lost(ctx, "send failed");
+                }
+            }
+        }));
+        let mut poll_ch = ch.clone();
+        poll_ch.poll_wait = poll_ch.poll_wait.min(self.settings.heartbeat_interval);
+        let stream = http_link::poller(poll_ch)
+            .map(move |item| Incoming::Http(epoch, item))
+            .chain(futures_util::stream::once(
+                async move { Incoming::End(epoch) },
+            ));
+        self.stream = Some(ctx.add_stream(stream));
+        self.link = Some(LinkOut::Http { tx, ch });
+        self.handshake(ctx);
     }
 
     fn opened(&mut self, framed: Framed<BoxedSocket, ws::Codec>, ctx: &mut Context<Self>) {
@@ -172,7 +332,13 @@ impl Connection {
                     async move { Incoming::End(epoch) },
                 ));
         self.stream = Some(ctx.add_stream(stream));
-        self.sink = Some(SinkWrite::new(sink, ctx));
+        self.link = Some(LinkOut::Ws(SinkWrite::new(sink, ctx)));
+        self.handshake(ctx);
+    }
+
+    /// The link is open: `hello`, then `welcome` within `connect_timeout`.
+    fn handshake(&mut self, ctx: &mut Context<Self>) {
+        let epoch = self.epoch;
         self.state = State::Handshaking;
         self.last_seen = self.ports.clock.now();
         let hello = Wire::Hello(Hello {
@@ -181,7 +347,7 @@ impl Connection {
             last_acked_seq: self.stats.acked_seq.load(Ordering::Relaxed),
             source_id: self.source_id,
         });
-        self.write(ws::Message::Text(hello.encode().into()));
+        self.write_text(hello.encode());
         // The whole handshake (upgrade + welcome) must finish within connect_timeout.
         let timeout = self.settings.connect_timeout;
         ctx.run_later(timeout, move |act, ctx| {
@@ -192,11 +358,46 @@ impl Connection {
         });
     }
 
+    /// A WebSocket control frame (ping, pong); the HTTP fallback has none.
     fn write(&mut self, msg: ws::Message) {
-        if let Some(sink) = self.sink.as_mut() {
+        if let Some(LinkOut::Ws(sink)) = self.link.as_mut() {
             if sink.write(msg).is_err() {
                 log::warn!(target: CONNECTION, "clinic={} event=write_failed", self.settings.clinic_id);
             }
+        }
+    }
+
+    /// One protocol message, whichever the transport.
+    fn write_text(&mut self, text: String) {
+        let failed = match self.link.as_mut() {
+            Some(LinkOut::Ws(sink)) => sink.write(ws::Message::Text(text.into())).is_err(),
+            Some(LinkOut::Http { tx, .. }) => tx.send(text).is_err(),
+            None => false,
+        };
+        if failed {
+            log::warn!(target: CONNECTION, "clinic={} event=write_failed", self.settings.clinic_id);
+        }
+    }
+
+    /// Our close: a close frame, or `POST …/close` on the HTTP fallback.
+    fn send_close(&mut self, ctx: &mut Context<Self>, code: ws::CloseCode, why: &str) {
+        match self.link.as_mut() {
+            Some(LinkOut::Ws(sink)) => {
+                let _ = sink.write(ws::Message::Close(Some(ws::CloseReason {
+                    code,
+                    description: Some(why.into()),
+                })));
+            }
+            Some(LinkOut::Http { ch, .. }) => {
+                let (ch, why) = (ch.clone(), why.to_string());
+                let fut = async move { http_link::close(ch, u16::from(code), &why).await };
+                ctx.spawn(fut.into_actor(self).map(|res, act, _| {
+                    if let Err(e) = res {
+                        log::debug!(target: CONNECTION, "clinic={} event=close_not_confirmed transport=http error={:?}", act.clinic(), e.to_string());
+                    }
+                }));
+            }
+            None => {}
         }
     }
 
@@ -210,7 +411,10 @@ impl Connection {
             return;
         }
         let was_up = self.state == State::Up;
-        if let Some(mut sink) = self.sink.take() {
+        if self.state == State::Handshaking && !self.on_http() {
+            self.note_blocked(&format!("the socket failed before welcome: {why}"));
+        }
+        if let Some(LinkOut::Ws(mut sink)) = self.link.take() {
             sink.close();
         }
         if let Some(h) = self.stream.take() {
@@ -242,7 +446,7 @@ impl Connection {
 
     /// The close handshake finished (or the socket ended) during shutdown.
     fn closed(&mut self, ctx: &mut Context<Self>) {
-        if let Some(mut sink) = self.sink.take() {
+        if let Some(LinkOut::Ws(mut sink)) = self.link.take() {
             sink.close();
         }
         if let Some(h) = self.stream.take() {
@@ -308,7 +512,14 @@ impl Connection {
                 self.acked_seq = w.acked_seq;
                 self.stats.connected.store(true, Ordering::Relaxed);
                 AgentStats::add(&self.stats.links_up, 1);
-                log::info!(target: CONNECTION, "clinic={} event=connected session={} gateway_acked_seq={} handshake_ms={}", self.clinic(), w.session_id, w.acked_seq, now.saturating_duration_since(self.attempt_started).as_millis());
+                log::info!(target: CONNECTION, "clinic={} event=connected transport={} session={} gateway_acked_seq={} handshake_ms={}", self.clinic(), self.transport_name(), w.session_id, w.acked_seq, now.saturating_duration_since(self.attempt_started).as_millis());
+                if self.on_http() {
+                    if self.settings.transport == Transport::Auto {
+                        self.schedule_upgrade_probe(ctx);
+                    }
+                } else {
+                    self.blocked = 0;
+                }
                 if let Some(life) = self.ports.dialer.credential_lifetime() {
                     // Reconnect with a fresh token well before this one expires; the resend
                     // protocol makes the switch lossless.
@@ -322,10 +533,7 @@ impl Connection {
                     ctx.run_later(at, move |act, ctx| {
                         if act.epoch == epoch && act.state == State::Up {
                             log::info!(target: CONNECTION, "clinic={} event=reauthenticating reason=\"token expires soon\"", act.clinic());
-                            act.write(ws::Message::Close(Some(ws::CloseReason {
-                                code: ws::CloseCode::Normal,
-                                description: Some("re-authenticating".into()),
-                            })));
+                            act.send_close(ctx, ws::CloseCode::Normal, "re-authenticating");
                             act.reauth = true;
                             act.link_lost(ctx, "re-authenticating");
                         }
@@ -358,6 +566,67 @@ impl Connection {
                 log::error!(target: ERROR, "clinic={} event=unexpected_message type={} state={state:?}", self.clinic(), other.kind());
             }
         }
+    }
+
+    /// On the HTTP fallback under `auto`: every `upgrade_retry`, try a WebSocket upgrade (and
+    /// close it straight away); when one passes, move the link back to a WebSocket.
+    fn schedule_upgrade_probe(&mut self, ctx: &mut Context<Self>) {
+        let epoch = self.epoch;
+        ctx.run_later(self.settings.upgrade_retry, move |act, ctx| {
+            if act.epoch != epoch || act.state != State::Up || !act.on_http() {
+                return;
+            }
+            let headers = match act.ports.dialer.headers() {
+                Ok(h) => h,
+                Err(e) => {
+                    log::warn!(target: CONNECTION, "clinic={} event=credentials_failed error={e}", act.clinic());
+                    return act.schedule_upgrade_probe(ctx);
+                }
+            };
+            let mut req = act
+                .ports
+                .dialer
+                .client()
+                .ws(act.settings.gateway_url.as_str())
+                .max_frame_size(act.settings.max_frame_bytes);
+            for (k, v) in headers {
+                req = req.header(k, v);
+            }
+            let timeout = act.settings.connect_timeout;
+            let probe = async move {
+                use futures_util::SinkExt;
+                match tokio::time::timeout(timeout, req.connect()).await {
+                    Ok(Ok((_, mut framed))) => {
+                        let bye = ws::Message::Close(Some(ws::CloseReason {
+                            code: ws::CloseCode::Normal,
+                            description: Some("upgrade probe".into()),
+                        }));
+                        let _ = tokio::time::timeout(timeout, framed.send(bye)).await;
+                        Ok(())
+                    }
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("timed out after {} ms", timeout.as_millis())),
+                }
+            };
+            ctx.spawn(probe.into_actor(act).map(move |res, act, ctx| {
+                if act.epoch != epoch || act.state != State::Up {
+                    return;
+                }
+                match res {
+                    Ok(()) => {
+                        log::info!(target: CONNECTION, "clinic={} event=transport_changed transport=websocket reason=\"a websocket upgrade passed again\"", act.clinic());
+                        act.stats.on_http.store(false, Ordering::Relaxed);
+                        act.send_close(ctx, ws::CloseCode::Normal, "moving to websocket");
+                        act.reauth = true;
+                        act.link_lost(ctx, "moving to websocket");
+                    }
+                    Err(e) => {
+                        log::info!(target: CONNECTION, "clinic={} event=upgrade_still_blocked error={e:?}", act.clinic());
+                        act.schedule_upgrade_probe(ctx);
+                    }
+                }
+            }));
+        });
     }
 
     /// Applies the oldest unapplied update; the next waits for its result (per-row order).
@@ -395,7 +664,7 @@ impl Connection {
                                     status: outcome.status,
                                     reason: outcome.reason,
                                 });
-                                act.write(ws::Message::Text(result.encode().into()));
+                                act.write_text(result.encode());
                             }
                             act.apply_next(ctx);
                         }
@@ -448,7 +717,21 @@ impl StreamHandler<Incoming> for Connection {
                     self.link_lost(ctx, "stream ended");
                 }
             }
-            Incoming::Frame(epoch, _) if epoch != self.epoch => {}
+            Incoming::Frame(epoch, _) | Incoming::Http(epoch, _) if epoch != self.epoch => {}
+            Incoming::Http(_, PollItem::Messages(msgs)) => {
+                self.last_seen = self.ports.clock.now();
+                for text in msgs {
+                    self.on_text(&text, ctx);
+                }
+            }
+            Incoming::Http(_, PollItem::Closed(c)) => {
+                self.gateway_closed(c.code, c.reason);
+                self.link_lost(ctx, "closed by gateway");
+            }
+            Incoming::Http(_, PollItem::Failed(e)) => {
+                log::warn!(target: CONNECTION, "clinic={} event=poll_failed transport=http error={:?}", self.clinic(), e.to_string());
+                self.link_lost(ctx, "poll failed");
+            }
             Incoming::Frame(_, Err(e)) => {
                 log::warn!(target: CONNECTION, "clinic={} event=protocol_error error={:?}", self.clinic(), e.to_string());
                 self.link_lost(ctx, "protocol error");
@@ -468,11 +751,7 @@ impl StreamHandler<Incoming> for Connection {
                         let (code, desc) = reason
                             .map(|r| (u16::from(r.code), r.description.unwrap_or_default()))
                             .unwrap_or((1005, String::new()));
-                        if self.state == State::Closing {
-                            log::info!(target: CONNECTION, "clinic={} event=closed code={code} reason={desc:?}", self.clinic());
-                        } else {
-                            log::warn!(target: CONNECTION, "clinic={} event=closed_by_gateway code={code} reason={desc:?}", self.clinic());
-                        }
+                        self.gateway_closed(code, desc);
                         self.link_lost(ctx, "closed by gateway");
                     }
                     ws::Frame::Binary(_) | ws::Frame::Continuation(_) => {
@@ -485,6 +764,16 @@ impl StreamHandler<Incoming> for Connection {
 
     fn finished(&mut self, _: &mut Self::Context) {
         // Each stream ends with `Incoming::End`; the actor itself must keep running.
+    }
+}
+
+impl Connection {
+    fn gateway_closed(&self, code: u16, desc: String) {
+        if self.state == State::Closing {
+            log::info!(target: CONNECTION, "clinic={} event=closed code={code} reason={desc:?}", self.clinic());
+        } else {
+            log::warn!(target: CONNECTION, "clinic={} event=closed_by_gateway code={code} reason={desc:?}", self.clinic());
+        }
     }
 }
 
@@ -509,7 +798,7 @@ impl Handler<SendFrame> for Connection {
     type Result = ();
     fn handle(&mut self, msg: SendFrame, _: &mut Self::Context) {
         if msg.epoch == self.epoch && self.state == State::Up {
-            self.write(ws::Message::Text(msg.text.into()));
+            self.write_text(msg.text);
         }
     }
 }
@@ -545,10 +834,7 @@ impl Handler<Close> for Connection {
                 if self.state == State::Up {
                     log::info!(target: CONNECTION, "clinic={} event=closing reason=\"agent shutting down\"", self.clinic());
                 }
-                self.write(ws::Message::Close(Some(ws::CloseReason {
-                    code: ws::CloseCode::Away,
-                    description: Some("agent shutting down".into()),
-                })));
+                self.send_close(ctx, ws::CloseCode::Away, "agent shutting down");
                 self.state = State::Closing;
             }
             State::Idle | State::Connecting => {

@@ -37,6 +37,8 @@ pub struct ClinicLive {
     pub last_heartbeat_ms: Option<u64>,
     pub acked_seq: u64,
     pub sessions_total: u64,
+    /// `websocket` or `http` (the fallback) for the current (or last) session.
+    pub transport: Option<String>,
 }
 
 struct Entry {
@@ -74,6 +76,7 @@ impl Registry {
                     last_heartbeat_ms: None,
                     acked_seq: 0,
                     sessions_total: 0,
+                    transport: None,
                 },
                 session: None,
             })
@@ -88,6 +91,8 @@ pub struct Register {
     pub remote_addr: Option<String>,
     pub acked_seq: u64,
     pub session: Recipient<SessionCommand>,
+    /// `websocket` or `http`.
+    pub transport: &'static str,
 }
 
 impl Handler<Register> for Registry {
@@ -104,6 +109,7 @@ impl Handler<Register> for Registry {
         e.session = Some(msg.session);
         e.live.connected = true;
         e.live.session_id = Some(msg.session_id);
+        e.live.transport = Some(msg.transport.to_string());
         e.live.remote_addr = msg.remote_addr;
         e.live.connected_since_ms = Some(now);
         e.live.last_heartbeat_ms = Some(now);

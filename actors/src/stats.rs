@@ -19,6 +19,10 @@ pub struct AgentStats {
     pub updates_applied: AtomicU64,
     pub updates_failed: AtomicU64,
     pub heartbeat_misses: AtomicU64,
+    /// The current (or last) link is the HTTP fallback, not a WebSocket.
+    pub on_http: AtomicBool,
+    /// Switches from WebSocket to the HTTP fallback.
+    pub fallbacks: AtomicU64,
     restarts: Mutex<BTreeMap<String, u64>>,
 }
 

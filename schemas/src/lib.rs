@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod entity;
+pub mod http;
 mod message;
 
 pub use entity::{EntitySchemaError, EntitySchemas};

@@ -86,3 +86,28 @@ fn sample_entity_rows_match_their_entity_schemas() {
     let bad = serde_json::json!({"id": 1, "patient_id": 1, "amount_cents": -5, "method": "cash"});
     assert!(schemas.validate("payment", &bad).is_err());
 }
+
+#[test]
+fn http_fallback_answers_match_their_schemas_and_types() {
+    use tether_schemas::http::{Opened, Polled};
+    for kind in ["http_opened", "http_polled"] {
+        let v = validator(kind);
+        let example = read(dir("examples/http").join(format!("{kind}.json")));
+        let errors: Vec<String> = v.iter_errors(&example).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{kind} example vs schema: {errors:?}");
+        let back = if kind == "http_opened" {
+            let o: Opened = serde_json::from_value(example.clone()).expect("opened");
+            serde_json::to_value(o).expect("json")
+        } else {
+            let p: Polled = serde_json::from_str(&example.to_string()).expect("polled");
+            for m in &p.messages {
+                Message::decode(m.get(), 1 << 20).expect("each message is an envelope");
+            }
+            serde_json::to_value(&p).expect("json")
+        };
+        assert_eq!(back, example, "{kind} round trip");
+        let mut extra = example.as_object().expect("object").clone();
+        extra.insert("surprise".into(), Value::Bool(true));
+        assert!(!v.is_valid(&Value::Object(extra)), "{kind}: unknown field");
+    }
+}

@@ -31,7 +31,8 @@ pub async fn admin_auth(
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
     let path = req.path().to_string();
-    if !path.starts_with("/v1/") || path == "/v1/ws" {
+    // Agent transports authenticate clinics themselves (token, certificate, channel id).
+    if !path.starts_with("/v1/") || path == "/v1/ws" || path.starts_with("/v1/http/") {
         return next.call(req).await.map(|r| r.map_into_left_body());
     }
     let method = req.method().clone();
@@ -130,6 +131,7 @@ async fn clinic_views(state: &GatewayState) -> Result<Vec<Value>, HttpResponse> 
             "remote_addr": l.as_ref().and_then(|l| l.remote_addr.clone()),
             "last_heartbeat_ms": l.as_ref().and_then(|l| l.last_heartbeat_ms),
             "sessions_total": l.as_ref().map(|l| l.sessions_total).unwrap_or(0),
+            "transport": l.as_ref().and_then(|l| l.transport.clone()),
             "acked_seq": r.acked_seq,
             "events": r.events,
             "pending_updates": r.pending_updates,
@@ -142,7 +144,8 @@ async fn clinic_views(state: &GatewayState) -> Result<Vec<Value>, HttpResponse> 
         out.push(json!({
             "clinic_id": l.clinic_id, "connected": l.connected, "session_id": l.session_id,
             "remote_addr": l.remote_addr, "last_heartbeat_ms": l.last_heartbeat_ms,
-            "sessions_total": l.sessions_total, "acked_seq": l.acked_seq, "events": 0,
+            "sessions_total": l.sessions_total, "transport": l.transport,
+            "acked_seq": l.acked_seq, "events": 0,
             "pending_updates": 0, "first_seen": null, "last_event_at": null,
         }));
     }

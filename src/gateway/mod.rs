@@ -202,6 +202,8 @@ pub struct GatewayState {
     pub registry: Addr<Registry>,
     pub schemas: EntitySchemas,
     pub security: GatewaySecurity,
+    /// Open channels of the HTTP fallback transport.
+    pub http_channels: session::http::Channels,
 }
 
 pub struct GatewayHandle {
@@ -271,6 +273,7 @@ pub fn start(
         registry: registry.clone(),
         schemas,
         security,
+        http_channels: Default::default(),
     });
     let listen = settings.listen.clone();
     let server = HttpServer::new(move || {
@@ -279,6 +282,7 @@ pub fn start(
             .app_data(web::PayloadConfig::new(settings.max_frame_bytes))
             .wrap(actix_web::middleware::from_fn(api::admin_auth))
             .route("/v1/ws", web::get().to(session::upgrade))
+            .configure(|cfg| session::http::routes(cfg, settings.max_frame_bytes))
             .configure(api::routes)
     })
     .on_connect(peer_identity)

@@ -156,3 +156,18 @@ pub fn poll_blocking(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// (rows with the cloud id in `patients`, inbox entries for the update) in a clinic database.
+pub fn applied_counts(db: &Path, cloud_id: i64, update_id: &str) -> (i64, i64) {
+    let conn = tether::db::sqlite::open(db).expect("open");
+    let count = |sql: &str, p: &dyn rusqlite::ToSql| -> i64 {
+        conn.query_row(sql, [p], |r| r.get(0)).expect(sql)
+    };
+    (
+        count("SELECT count(*) FROM patients WHERE id = ?1", &cloud_id),
+        count(
+            "SELECT count(*) FROM _tether_inbox WHERE update_id = ?1",
+            &update_id,
+        ),
+    )
+}

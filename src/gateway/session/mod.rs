@@ -1,5 +1,10 @@
-//! One WebSocket session per agent connection. This is the only module that uses the
-//! deprecated `actix-web-actors` crate, so replacing it later touches one file.
+//! One session per agent connection. This is the only module that uses the deprecated
+//! `actix-web-actors` crate, so replacing it later touches this module alone.
+//!
+//! Two transports reach the same [`Session`]: the WebSocket upgrade at `/v1/ws`, and the HTTP
+//! fallback under `/v1/http` ([`http`]), which feeds the agent's messages to the session as
+//! frames and hands its frames back to long-polls — so acks, ordering, limits and every
+//! protocol rule live in one place whichever way the clinic connects.
 //!
 //! Takes frames from the agent and `SessionCommand`s from the registry; pings every heartbeat
 //! interval and closes a session silent for three; appends event batches to the store and
@@ -26,6 +31,8 @@ use crate::security::jwt::{AuthError, Verified};
 use crate::security::limits::TokenBucket;
 use tether_actors::log_target::AUDIT;
 
+pub mod http;
+
 pub struct Session {
     id: String,
     clinic: Option<String>,
@@ -47,12 +54,23 @@ pub struct Session {
     rate: TokenBucket,
     /// The clinic outbox this session speaks for (from `hello`).
     source: u64,
+    /// `websocket` or `http` (the fallback).
+    transport: &'static str,
 }
 
 fn deny(status: actix_web::http::StatusCode) -> HttpResponse {
     // The reason goes to the audit log only.
     HttpResponse::build(status)
         .json(serde_json::json!({"error": {"message": "connection refused"}}))
+}
+
+/// Clients must present a certificate (and it must name the clinic).
+fn mutual_tls(state: &GatewayState) -> bool {
+    state
+        .security
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.client_ca.is_some())
 }
 
 /// Checks the bearer token (and the client certificate under mutual TLS) before the upgrade.
@@ -67,12 +85,7 @@ fn authenticate(req: &HttpRequest, state: &GatewayState) -> Result<Option<Verifi
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or(AuthError::Missing)?;
     let v = verifier.verify(token.trim())?;
-    let needs_cert = state
-        .security
-        .tls
-        .as_ref()
-        .is_some_and(|t| t.client_ca.is_some());
-    if needs_cert {
+    if mutual_tls(state) {
         let ids = req
             .conn_data::<PeerIdentity>()
             .ok_or(AuthError::NoClientCert)?;
@@ -86,15 +99,14 @@ fn authenticate(req: &HttpRequest, state: &GatewayState) -> Result<Option<Verifi
     Ok(Some(v))
 }
 
-/// `GET /v1/ws`: admission, origin and identity checks, then the upgrade to a session.
-pub async fn upgrade(
-    req: HttpRequest,
-    stream: web::Payload,
-    state: web::Data<GatewayState>,
-) -> Result<HttpResponse, actix_web::Error> {
+/// Admission, origin and identity checks shared by both transports: the verified clinic (or
+/// `None` without tokens configured), or the refusal to send.
+fn admit(req: &HttpRequest, state: &GatewayState) -> Result<Option<Verified>, Box<HttpResponse>> {
     use actix_web::http::StatusCode;
-    let remote = req.peer_addr().map(|a| a.to_string());
-    let peer = remote.clone().unwrap_or_else(|| "-".into());
+    let peer = req
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "-".into());
     if !state.security.admission.take() {
         log::warn!(target: AUDIT, "event=handshake_refused peer={peer} reason=admission_limit");
         let mut resp = deny(StatusCode::SERVICE_UNAVAILABLE);
@@ -102,45 +114,70 @@ pub async fn upgrade(
             actix_web::http::header::RETRY_AFTER,
             actix_web::http::header::HeaderValue::from_static("1"),
         );
-        return Ok(resp);
+        return Err(Box::new(resp));
     }
     if let Some(origin) = req.headers().get(actix_web::http::header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("");
         if !state.security.allowed_origins.iter().any(|o| o == origin) {
             log::warn!(target: AUDIT, "event=handshake_refused peer={peer} reason=origin_not_allowed origin={origin:?}");
-            return Ok(deny(StatusCode::FORBIDDEN));
+            return Err(Box::new(deny(StatusCode::FORBIDDEN)));
         }
     }
-    let auth = match authenticate(&req, &state) {
+    let auth = match authenticate(req, state) {
         Ok(a) => a,
         Err(e) => {
             log::warn!(target: AUDIT, "event=auth_failed peer={peer} reason={:?}", e.to_string());
-            return Ok(deny(StatusCode::UNAUTHORIZED));
+            return Err(Box::new(deny(StatusCode::UNAUTHORIZED)));
         }
     };
     if let Some(a) = &auth {
         log::info!(target: AUDIT, "event=auth_ok clinic={} kid={} peer={peer} token_exp={}", a.clinic, a.kid, a.exp);
     }
-    let max = state.settings.max_frame_bytes;
-    let (rate, burst) = state.security.message_rate;
-    let session = Session {
-        id: format!("s{:016x}", rand::random::<u64>()),
-        clinic: None,
-        state,
-        remote,
-        last_seen: Instant::now(),
-        inflight_updates: HashSet::new(),
-        last_update_row: 0,
-        fetching: false,
-        more_updates: false,
-        closing: false,
-        batches: 0,
-        writes_inflight: 0,
-        shutting_down: false,
-        auth,
-        rate: TokenBucket::new(rate, burst),
-        source: 0,
+    Ok(auth)
+}
+
+impl Session {
+    fn new(
+        state: web::Data<GatewayState>,
+        req: &HttpRequest,
+        auth: Option<Verified>,
+        transport: &'static str,
+    ) -> Self {
+        let (rate, burst) = state.security.message_rate;
+        Session {
+            id: format!("s{:016x}", rand::random::<u64>()),
+            clinic: None,
+            state,
+            remote: req.peer_addr().map(|a| a.to_string()),
+            last_seen: Instant::now(),
+            inflight_updates: HashSet::new(),
+            last_update_row: 0,
+            fetching: false,
+            more_updates: false,
+            closing: false,
+            batches: 0,
+            writes_inflight: 0,
+            shutting_down: false,
+            auth,
+            rate: TokenBucket::new(rate, burst),
+            source: 0,
+            transport,
+        }
+    }
+}
+
+/// `GET /v1/ws`: admission, origin and identity checks, then the upgrade to a session.
+pub async fn upgrade(
+    req: HttpRequest,
+    stream: web::Payload,
+    state: web::Data<GatewayState>,
+) -> Result<HttpResponse, actix_web::Error> {
+    let auth = match admit(&req, &state) {
+        Ok(a) => a,
+        Err(refused) => return Ok(*refused),
     };
+    let max = state.settings.max_frame_bytes;
+    let session = Session::new(state, &req, auth, "websocket");
     ws::WsResponseBuilder::new(session, &req, stream)
         .frame_size(max)
         .start()
@@ -273,8 +310,9 @@ impl Session {
                 remote_addr: act.remote.clone(),
                 acked_seq: acked,
                 session: ctx.address().recipient(),
+                transport: act.transport,
             });
-            log::info!(target: CONNECTION, "session={} clinic={clinic} event=session_open remote={} agent_version={:?} agent_acked_seq={} gateway_acked_seq={acked}", act.id, act.remote.as_deref().unwrap_or("-"), h.agent_version, h.last_acked_seq);
+            log::info!(target: CONNECTION, "session={} clinic={clinic} event=session_open transport={} remote={} agent_version={:?} agent_acked_seq={} gateway_acked_seq={acked}", act.id, act.transport, act.remote.as_deref().unwrap_or("-"), h.agent_version, h.last_acked_seq);
             log::info!(target: AUDIT, "event=session_open session={} clinic={clinic} authenticated={}", act.id, act.auth.is_some());
             let welcome = Wire::Welcome(Welcome {
                 session_id: act.id.clone(),

@@ -1,0 +1,411 @@
+//! The HTTP fallback transport (`tether_schemas::http`, `docs/PROTOCOL.md`): for clinics whose
+//! proxies refuse or break the WebSocket upgrade.
+//!
+//! `open` admits the clinic exactly like the upgrade (admission, origin, token, certificate)
+//! and starts an ordinary [`Session`] whose input is fed from `send` requests and whose output
+//! is read by a pump into a per-channel queue that `poll` requests drain. The session cannot
+//! tell the difference: the agent's messages become text frames, each poll becomes a ping (the
+//! heartbeat), the agent's `close` becomes a close frame. Messages stay queued until a later
+//! poll's `after` passes their cursor, so an answer lost on the way is polled again; a `send`
+//! retried under the same `seq` is answered and ignored.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use actix_codec::{Decoder, Encoder};
+use actix_http::ws::{CloseCode, CloseReason, Codec, Frame, Message as WsMessage};
+use actix_web::error::PayloadError;
+use actix_web::{web, HttpRequest, HttpResponse};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tether_actors::log_target::{AUDIT, CONNECTION};
+use tether_schemas::http::{Closed, Opened};
+use tokio::sync::{mpsc, Notify};
+
+use super::{admit, ws, GatewayState, PeerIdentity, Session};
+
+/// The open channels, by id. Held in [`GatewayState`].
+#[derive(Default)]
+pub struct Channels {
+    map: Mutex<HashMap<String, Arc<Channel>>>,
+}
+
+impl Channels {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Channel>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, id: &str) -> Option<Arc<Channel>> {
+        self.lock().get(id).cloned()
+    }
+
+    /// Open channels (for status and tests).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+struct Channel {
+    /// The clinic the token named (`None` without tokens configured).
+    clinic: Option<String>,
+    input: mpsc::UnboundedSender<Result<Bytes, PayloadError>>,
+    down: Mutex<Down>,
+    /// Wakes polls when a message or the close arrives.
+    notify: Notify,
+}
+
+#[derive(Default)]
+struct Down {
+    /// Messages for the agent with their cursors, oldest first.
+    queue: VecDeque<(u64, String)>,
+    last_cursor: u64,
+    closed: Option<Closed>,
+    /// The last `send` accepted.
+    last_send: u64,
+}
+
+impl Channel {
+    fn down(&self) -> MutexGuard<'_, Down> {
+        self.down.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One frame into the session, encoded as a client would (masked).
+    fn feed(&self, msg: WsMessage) -> bool {
+        let mut buf = BytesMut::new();
+        if Codec::new().client_mode().encode(msg, &mut buf).is_err() {
+            return false;
+        }
+        self.input.send(Ok(buf.freeze())).is_ok()
+    }
+
+    fn push(&self, text: String) {
+        let mut d = self.down();
+        d.last_cursor += 1;
+        let c = d.last_cursor;
+        d.queue.push_back((c, text));
+        drop(d);
+        self.notify.notify_waiters();
+    }
+
+    fn finish(&self, closed: Closed) {
+        let mut d = self.down();
+        if d.closed.is_none() {
+            d.closed = Some(closed);
+        }
+        drop(d);
+        self.notify.notify_waiters();
+    }
+}
+
+fn problem(status: actix_web::http::StatusCode, message: &str) -> HttpResponse {
+    HttpResponse::build(status).json(serde_json::json!({"error": {"message": message}}))
+}
+
+/// `POST /v1/http/open`.
+pub async fn open(req: HttpRequest, state: web::Data<GatewayState>) -> HttpResponse {
+    let auth = match admit(&req, &state) {
+        Ok(a) => a,
+        Err(refused) => return *refused,
+    };
+    let clinic = auth.as_ref().map(|a| a.clinic.clone());
+    let session = Session::new(state.clone(), &req, auth, "http");
+    let (tx, rx) = mpsc::unbounded_channel();
+    let input = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let codec = Codec::new().max_size(state.settings.max_frame_bytes);
+    let output = ws::WebsocketContext::with_codec(session, input, codec);
+    let id = format!(
+        "h{:016x}{:016x}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    );
+    let ch = Arc::new(Channel {
+        clinic,
+        input: tx,
+        down: Mutex::new(Down::default()),
+        notify: Notify::new(),
+    });
+    state.http_channels.lock().insert(id.clone(), ch.clone());
+    let hb = state.settings.heartbeat_interval;
+    // The channel outlives its session long enough for the agent's last poll to see the close.
+    let linger = (hb * 3).max(Duration::from_secs(1));
+    let st = state.clone();
+    let cid = id.clone();
+    actix_web::rt::spawn(async move {
+        pump(&ch, output, st.settings.max_frame_bytes).await;
+        actix_web::rt::time::sleep(linger).await;
+        st.http_channels.lock().remove(&cid);
+    });
+    log::debug!(target: CONNECTION, "event=http_channel_opened channel={} remote={}", &id[..9], req.peer_addr().map(|a| a.to_string()).unwrap_or_else(|| "-".into()));
+    HttpResponse::Created().json(Opened {
+        channel: id,
+        poll_wait_ms: hb.as_millis() as u64,
+    })
+}
+
+/// Reads the session's frames into the channel until the session ends.
+async fn pump(
+    ch: &Channel,
+    output: impl futures_util::Stream<Item = Result<Bytes, actix_web::Error>>,
+    max: usize,
+) {
+    let mut output = std::pin::pin!(output);
+    let mut codec = Codec::new().client_mode().max_size(max.saturating_mul(2));
+    let mut buf = BytesMut::new();
+    let mut closed = None;
+    'read: while let Some(chunk) = output.next().await {
+        match chunk {
+            Ok(b) => buf.extend_from_slice(&b),
+            Err(_) => break,
+        }
+        loop {
+            match codec.decode(&mut buf) {
+                Ok(Some(Frame::Text(t))) => match String::from_utf8(t.to_vec()) {
+                    Ok(text) => ch.push(text),
+                    Err(_) => {
+                        log::error!(target: CONNECTION, "event=http_channel_bad_frame reason=\"text frame is not UTF-8\"")
+                    }
+                },
+                Ok(Some(Frame::Close(r))) => {
+                    closed = Some(match r {
+                        Some(r) => Closed {
+                            code: u16::from(r.code),
+                            reason: r.description.unwrap_or_default(),
+                        },
+                        None => Closed {
+                            code: 1005,
+                            reason: String::new(),
+                        },
+                    });
+                }
+                // The session's pings: the agent's polls are the heartbeat here.
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    log::error!(target: CONNECTION, "event=http_channel_bad_frame error={:?}", e.to_string());
+                    break 'read;
+                }
+            }
+        }
+    }
+    ch.finish(closed.unwrap_or(Closed {
+        code: 1006,
+        reason: "session ended".into(),
+    }));
+}
+
+/// The channel of a request, checked against the client certificate under mutual TLS.
+fn channel(
+    req: &HttpRequest,
+    state: &GatewayState,
+    id: &str,
+) -> Result<Arc<Channel>, Box<HttpResponse>> {
+    use actix_web::http::StatusCode;
+    let Some(ch) = state.http_channels.get(id) else {
+        return Err(Box::new(problem(
+            StatusCode::NOT_FOUND,
+            "unknown or closed channel",
+        )));
+    };
+    if super::mutual_tls(state) {
+        let ok = match (&ch.clinic, req.conn_data::<PeerIdentity>()) {
+            (Some(clinic), Some(ids)) => ids.0.contains(clinic),
+            (None, Some(_)) => true,
+            _ => false,
+        };
+        if !ok {
+            let peer = req
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into());
+            log::warn!(target: AUDIT, "event=http_channel_refused peer={peer} reason=certificate_mismatch");
+            return Err(Box::new(problem(
+                StatusCode::FORBIDDEN,
+                "certificate does not match the channel",
+            )));
+        }
+    }
+    Ok(ch)
+}
+
+#[derive(Deserialize)]
+pub struct SendQuery {
+    seq: Option<u64>,
+}
+
+/// `POST /v1/http/{channel}/send?seq=N`: protocol messages, one per line.
+pub async fn send(
+    req: HttpRequest,
+    state: web::Data<GatewayState>,
+    path: web::Path<String>,
+    query: web::Query<SendQuery>,
+    body: Bytes,
+) -> HttpResponse {
+    use actix_web::http::StatusCode;
+    let ch = match channel(&req, &state, &path) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    let Some(seq) = query.seq else {
+        return problem(StatusCode::BAD_REQUEST, "query parameter `seq` is missing");
+    };
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return problem(StatusCode::BAD_REQUEST, "body is not UTF-8");
+    };
+    {
+        let mut d = ch.down();
+        if d.closed.is_some() {
+            return problem(StatusCode::GONE, "the session has ended");
+        }
+        if seq <= d.last_send {
+            // A retry of a send that arrived: already fed to the session.
+            return HttpResponse::NoContent().finish();
+        }
+        if seq != d.last_send + 1 {
+            return problem(
+                StatusCode::CONFLICT,
+                &format!("seq {seq} does not follow {}", d.last_send),
+            );
+        }
+        d.last_send = seq;
+        // Fed while holding the lock, so two sends cannot interleave their messages.
+        for line in text.split('\n').filter(|l| !l.trim().is_empty()) {
+            if !ch.feed(WsMessage::Text(line.to_string().into())) {
+                return problem(StatusCode::GONE, "the session has ended");
+            }
+        }
+    }
+    HttpResponse::NoContent().finish()
+}
+
+#[derive(Deserialize)]
+pub struct PollQuery {
+    #[serde(default)]
+    after: u64,
+    wait_ms: Option<u64>,
+}
+
+/// At most this much message text per poll answer; the rest waits for the next poll.
+const POLL_MAX_BYTES: usize = 4 * 1024 * 1024;
+
+/// `GET /v1/http/{channel}/poll?after=C&wait_ms=W`.
+pub async fn poll(
+    req: HttpRequest,
+    state: web::Data<GatewayState>,
+    path: web::Path<String>,
+    query: web::Query<PollQuery>,
+) -> HttpResponse {
+    let ch = match channel(&req, &state, &path) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    // Each poll is the agent's heartbeat.
+    ch.feed(WsMessage::Ping(Bytes::new()));
+    let hb = state.settings.heartbeat_interval;
+    let wait = query
+        .wait_ms
+        .map(Duration::from_millis)
+        .unwrap_or(hb)
+        .min(hb);
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let notified = ch.notify.notified();
+        let mut notified = std::pin::pin!(notified);
+        notified.as_mut().enable();
+        {
+            let mut d = ch.down();
+            while d.queue.front().is_some_and(|(c, _)| *c <= query.after) {
+                d.queue.pop_front();
+            }
+            let now = tokio::time::Instant::now();
+            if !d.queue.is_empty() || d.closed.is_some() || now >= deadline {
+                return answer(&d, query.after);
+            }
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            let d = ch.down();
+            return answer(&d, query.after);
+        }
+    }
+}
+
+/// `{"cursor": …, "messages": [...], "closed": …}`, with the queued messages spliced in as
+/// they are (each is already one JSON envelope).
+fn answer(d: &Down, after: u64) -> HttpResponse {
+    let mut body = String::from("{\"messages\":[");
+    let mut cursor = after;
+    let mut complete = true;
+    for (i, (c, text)) in d.queue.iter().filter(|(c, _)| *c > after).enumerate() {
+        if i > 0 {
+            if body.len() + text.len() > POLL_MAX_BYTES {
+                complete = false;
+                break;
+            }
+            body.push(',');
+        }
+        body.push_str(text);
+        cursor = *c;
+    }
+    body.push_str(&format!("],\"cursor\":{cursor}"));
+    if let (true, Some(c)) = (complete, &d.closed) {
+        let closed = serde_json::to_string(c).unwrap_or_else(|_| "null".into());
+        body.push_str(&format!(",\"closed\":{closed}"));
+    }
+    body.push('}');
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .insert_header(("cache-control", "no-store"))
+        .body(body)
+}
+
+/// `POST /v1/http/{channel}/close` with `{"code": …, "reason": …}`: the agent is done. Answers
+/// once the session has closed (or after a heartbeat interval).
+pub async fn close(
+    req: HttpRequest,
+    state: web::Data<GatewayState>,
+    path: web::Path<String>,
+    body: web::Json<Closed>,
+) -> HttpResponse {
+    let ch = match channel(&req, &state, &path) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    let reason = CloseReason {
+        code: CloseCode::from(body.code),
+        description: Some(body.reason.clone()),
+    };
+    if ch.feed(WsMessage::Close(Some(reason))) {
+        let deadline = tokio::time::Instant::now() + state.settings.heartbeat_interval;
+        loop {
+            let notified = ch.notify.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if ch.down().closed.is_some() {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break;
+            }
+        }
+    }
+    HttpResponse::NoContent().finish()
+}
+
+/// The routes under `/v1/http`.
+pub fn routes(cfg: &mut web::ServiceConfig, max_frame_bytes: usize) {
+    cfg.route("/v1/http/open", web::post().to(open))
+        .service(
+            web::resource("/v1/http/{channel}/send")
+                .app_data(web::PayloadConfig::new(max_frame_bytes + 1024))
+                .route(web::post().to(send)),
+        )
+        .route("/v1/http/{channel}/poll", web::get().to(poll))
+        .route("/v1/http/{channel}/close", web::post().to(close));
+}
