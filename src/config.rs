@@ -62,8 +62,40 @@ pub struct AgentConfig {
     pub tables: Vec<TableConfig>,
     pub encryption: Option<EncryptionConfig>,
     pub shutdown: ShutdownConfig,
+    pub admin: AdminConfig,
     #[serde(flatten)]
     extra: Extra,
+}
+
+/// `agent.admin`: the local health and metrics endpoint (`/healthz`, `/readyz`, `/metrics`,
+/// `/status`), read by `tether agent status`. Loopback addresses only.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct AdminConfig {
+    /// `127.0.0.1:7571` by default; `off` disables it.
+    pub listen: String,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:7571".into(),
+            extra: Extra::new(),
+        }
+    }
+}
+
+impl AdminConfig {
+    /// The address to serve on, or `None` when turned off.
+    pub fn addr(&self) -> Option<std::net::SocketAddr> {
+        if self.listen == "off" {
+            return None;
+        }
+        let a = self.listen.replace("localhost", "127.0.0.1");
+        a.parse().ok()
+    }
 }
 
 /// `agent.shutdown`: what happens on SIGTERM / Ctrl-C / a Windows service STOP.
@@ -788,6 +820,20 @@ impl Validator<'_> {
         self.unknown("agent.gateway.backoff", &a.gateway.backoff.extra);
         self.unknown("agent.outbox", &a.outbox.extra);
         self.unknown("agent.shutdown", &a.shutdown.extra);
+        self.unknown("agent.admin", &a.admin.extra);
+        if a.admin.listen != "off" {
+            match a.admin.addr() {
+                None => self.bad(
+                    "agent.admin.listen",
+                    format!("`{}` is not host:port (or `off`)", a.admin.listen),
+                ),
+                Some(addr) if !addr.ip().is_loopback() => self.bad(
+                    "agent.admin.listen",
+                    format!("{addr} is not a loopback address: the admin endpoint is local only (127.0.0.1 or ::1)"),
+                ),
+                Some(_) => {}
+            }
+        }
         if let Some(p) = &a.gateway.proxy {
             self.unknown("agent.gateway.proxy", &p.extra);
             if p.url.is_empty() {
@@ -1312,6 +1358,38 @@ gateway:
         assert_eq!(a.outbox.poll_interval.get(), Duration::from_millis(50));
         assert_eq!(a.tables[1].direction, Direction::Up);
         assert_eq!(a.tables[0].direction, Direction::Both);
+    }
+
+    #[test]
+    fn transport_and_admin_settings_are_checked() {
+        let a = Config::parse(GOOD, "t")
+            .expect("valid")
+            .agent
+            .expect("agent");
+        assert_eq!(a.gateway.transport, "auto");
+        assert_eq!(a.gateway.fallback_after, 3);
+        assert_eq!(a.admin.addr(), "127.0.0.1:7571".parse().ok());
+        let text = GOOD
+            .replace(
+                "heartbeat_interval: 2s",
+                "heartbeat_interval: 2s\n    transport: sometimes\n    fallback_after: 0",
+            )
+            .replace("  tables:", "  admin:\n    listen: 0.0.0.0:7571\n  tables:");
+        let err = Config::parse(&text, "t").unwrap_err();
+        let p = err.problems();
+        let find = |path: &str| p.iter().find(|x| x.path == path).cloned();
+        let t = find("agent.gateway.transport").expect("transport problem");
+        assert_eq!(t.line, Some(10));
+        assert!(t.message.contains("sometimes"), "{}", t.message);
+        assert!(find("agent.gateway.fallback_after").is_some());
+        let admin = find("agent.admin.listen").expect("admin problem");
+        assert!(admin.message.contains("loopback"), "{}", admin.message);
+        let off = GOOD.replace("  tables:", "  admin:\n    listen: off\n  tables:");
+        let a = Config::parse(&off, "t")
+            .expect("off is valid")
+            .agent
+            .expect("agent");
+        assert_eq!(a.admin.addr(), None);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! gateway's HTTP/WebSocket server, and the wiring that plugs adapters into `tether-actors`.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod agent;
 #[cfg(feature = "gateway")]
 pub mod bench;

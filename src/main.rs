@@ -260,6 +260,14 @@ enum AgentAction {
         #[arg(long)]
         force: bool,
     },
+    /// Ask the running agent (its local admin endpoint, `agent.admin.listen`) how it is doing:
+    /// link and transport, outbox backlog, restarts, readiness. Exit code 0 when ready, 1 when
+    /// running but not ready, 3 when no agent answers.
+    Status {
+        /// Print the raw JSON instead of the summary.
+        #[arg(long)]
+        json: bool,
+    },
     /// Send every current row of a table as upserts, in key order; resumable after a crash.
     Snapshot {
         /// Table (or entity) name from agent.tables.
@@ -377,6 +385,37 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     }
                     println!("{}", agent::uninstall(&a)?);
                     Ok(ExitCode::SUCCESS)
+                }
+                Some(AgentAction::Status { json }) => {
+                    let Some(addr) = a.admin.addr() else {
+                        bail!(
+                            "agent.admin.listen is `off` in {}: the agent has no status endpoint",
+                            config.display()
+                        );
+                    };
+                    match tether::admin::fetch_status(addr, std::time::Duration::from_secs(5)) {
+                        Ok(s) => {
+                            if json {
+                                println!("{}", serde_json::to_string_pretty(&s)?);
+                            } else {
+                                print!("{}", tether::admin::describe(&s));
+                            }
+                            Ok(if s.ready {
+                                ExitCode::SUCCESS
+                            } else {
+                                ExitCode::from(1)
+                            })
+                        }
+                        Err(e @ tether::admin::StatusError::NotRunning(_)) => {
+                            println!("{}: {e}", a.clinic_id);
+                            match agent::unsent(&a, 100_000) {
+                                Ok(n) => println!("  outbox: {n} changes not yet acknowledged by the gateway (read from the database)"),
+                                Err(e) => println!("  outbox: unreadable: {e}"),
+                            }
+                            Ok(ExitCode::from(3))
+                        }
+                        Err(e) => Err(e.into()),
+                    }
                 }
                 Some(AgentAction::Snapshot {
                     table,

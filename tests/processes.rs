@@ -436,3 +436,103 @@ fn gateway_killed_after_commit_before_ack_stores_nothing_twice() {
     crashing.kill();
     final_check(dir.path());
 }
+
+/// `GET path` on the agent's admin endpoint: (status code, body); `None` if nothing answers.
+fn admin_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(c, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut text = String::new();
+    c.read_to_string(&mut text).ok()?;
+    let code = text.get(9..12)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n")?.1.to_string();
+    Some((code, body))
+}
+
+fn status_cmd(cfg: &std::path::Path) -> (i32, String) {
+    let out = Command::new(BIN)
+        .args(["agent", "--config"])
+        .arg(cfg)
+        .arg("status")
+        .output()
+        .expect("tether agent status");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+    )
+}
+
+#[test]
+fn the_admin_endpoint_and_agent_status_tell_health_readiness_and_backlog() {
+    let Site {
+        dir,
+        db,
+        mut gw,
+        addr,
+    } = site();
+    let port = free_port();
+    let cfg = agent_config_admin(
+        dir.path(),
+        &format!("ws://{addr}/v1/ws"),
+        "",
+        &format!("127.0.0.1:{port}"),
+    );
+    let mut agent = Proc(
+        Command::new(BIN)
+            .args(["agent", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("agent"),
+    );
+    wait_for("/healthz", Duration::from_secs(20), || {
+        admin_get(port, "/healthz").is_some_and(|(c, _)| c == 200)
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(db.clone(), stop.clone());
+    stop_and_drain(dir.path(), &db, &stop, w);
+    wait_for("/readyz", Duration::from_secs(20), || {
+        admin_get(port, "/readyz").is_some_and(|(c, _)| c == 200)
+    });
+    let (code, metrics) = admin_get(port, "/metrics").expect("metrics");
+    assert_eq!(code, 200);
+    let head = Fleet::outbox_head(&db).expect("head");
+    for want in [
+        "tether_agent_connected{clinic=\"clinic-k\"} 1".to_string(),
+        "tether_agent_outbox_backlog_events{clinic=\"clinic-k\"} 0".to_string(),
+        format!("tether_agent_acked_seq{{clinic=\"clinic-k\"}} {head}"),
+        "tether_agent_actor_restarts_total{clinic=\"clinic-k\",actor=\"watcher\"} 0".to_string(),
+    ] {
+        assert!(metrics.contains(&want), "{want} missing in\n{metrics}");
+    }
+    let (code, text) = status_cmd(&cfg);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("connected over websocket"), "{text}");
+    assert!(text.contains("0 events waiting"), "{text}");
+    assert!(text.contains("ready:    yes"), "{text}");
+
+    // The gateway goes away: still alive, no longer ready, and the backlog shows.
+    gw.kill();
+    let extra = tether::fleet::clinic_step(
+        &mut tether::db::sqlite::open(&db).expect("open"),
+        &mut rand::rng(),
+    )
+    .expect("write");
+    assert!(extra > 0);
+    wait_for("/readyz to say not ready", Duration::from_secs(20), || {
+        admin_get(port, "/readyz").is_some_and(|(c, b)| c == 503 && b.contains("not connected"))
+    });
+    assert_eq!(admin_get(port, "/healthz").map(|(c, _)| c), Some(200));
+    let (code, text) = status_cmd(&cfg);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("NOT connected"), "{text}");
+    assert!(!text.contains(" 0 events waiting"), "{text}");
+
+    // No agent at all: exit code 3, and the unsent count read from the database.
+    agent.kill();
+    let (code, text) = status_cmd(&cfg);
+    assert_eq!(code, 3, "{text}");
+    assert!(text.contains("no agent answers"), "{text}");
+    assert!(text.contains("changes not yet acknowledged"), "{text}");
+}

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
@@ -16,13 +15,6 @@ use common::procs::*;
 use tether::fleet::Fleet;
 
 const TINYPROXY: &str = "/usr/bin/tinyproxy";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 /// Starts tinyproxy on 127.0.0.1:`port` (with Basic auth when given) and waits until it listens.
 fn start_proxy(dir: &Path, port: u16, auth: Option<(&str, &str)>) -> Proc {

@@ -24,6 +24,29 @@ pub trait ChangeSource: Send + Sync + 'static {
     fn change_token(&self) -> Result<u64, PortError>;
     /// Up to `limit` events with `seq > after`, in increasing `seq` (= commit) order.
     fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, PortError>;
+    /// How many events wait after `after`, and when the oldest was committed. The default
+    /// counts by reading (at most [`BACKLOG_READ_CAP`]); adapters answer with one query.
+    fn backlog(&self, after: u64) -> Result<Backlog, PortError> {
+        let events = self.read_after(after, BACKLOG_READ_CAP)?;
+        Ok(Backlog {
+            events: events.len() as u64,
+            at_least: events.len() >= BACKLOG_READ_CAP,
+            oldest_committed_at: events.first().map(|e| e.committed_at.clone()),
+        })
+    }
+}
+
+/// The most events [`ChangeSource::backlog`]'s default reads to count.
+pub const BACKLOG_READ_CAP: usize = 10_000;
+
+/// Events not yet acknowledged (admin endpoint, `tether agent status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Backlog {
+    pub events: u64,
+    /// `events` is a lower bound (the count stopped at a cap).
+    pub at_least: bool,
+    /// RFC 3339 commit time of the oldest waiting event.
+    pub oldest_committed_at: Option<String>,
 }
 
 /// The durable record of what the gateway has acknowledged.

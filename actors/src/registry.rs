@@ -39,6 +39,34 @@ pub struct ClinicLive {
     pub sessions_total: u64,
     /// `websocket` or `http` (the fallback) for the current (or last) session.
     pub transport: Option<String>,
+    /// `connected`; `reconnecting` (link lost less than `offline_after` ago); `offline`.
+    pub state: &'static str,
+    pub disconnected_at_ms: Option<u64>,
+    /// Why the last session ended.
+    pub last_close: Option<String>,
+    /// The highest outbox sequence the agent had read when it last sent (its `head_seq`).
+    pub head_seq: u64,
+    /// Events the agent has read and the gateway does not hold yet (`head_seq - acked_seq`).
+    pub lag_events: u64,
+    /// Commit-to-durable delay of the newest event stored (ms).
+    pub lag_ms: Option<u64>,
+    /// The clinic is flagged as lagging (see [`Registry::new`]).
+    pub lagging: bool,
+    /// Sessions ended by the gateway for silence.
+    pub evictions: u64,
+}
+
+/// One clinic lifecycle event, for the SSE stream and the dashboard.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Lifecycle {
+    /// Increases by one per event of this gateway run.
+    pub id: u64,
+    pub at_ms: u64,
+    pub clinic_id: String,
+    /// `connected`, `disconnected`, `evicted`, `offline`, `lagging`, `caught_up`.
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 struct Entry {
@@ -46,9 +74,19 @@ struct Entry {
     session: Option<Recipient<SessionCommand>>,
 }
 
-#[derive(Default)]
 pub struct Registry {
     clinics: BTreeMap<String, Entry>,
+    events: tokio::sync::broadcast::Sender<Lifecycle>,
+    next_event: u64,
+    offline_after: std::time::Duration,
+    lag_events_limit: u64,
+    lag_ms_limit: u64,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new(std::time::Duration::from_secs(30), 10_000, 60_000)
+    }
 }
 
 fn now_ms() -> u64 {
@@ -60,9 +98,84 @@ fn now_ms() -> u64 {
 
 impl Actor for Registry {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Links lost longer than `offline_after` ago turn `offline`.
+        let tick = (self.offline_after / 4).max(std::time::Duration::from_millis(50));
+        ctx.run_interval(tick, |act, _| {
+            let now = now_ms();
+            let limit = act.offline_after.as_millis() as u64;
+            let mut gone = Vec::new();
+            for e in act.clinics.values_mut() {
+                if e.live.state == "reconnecting"
+                    && e.live
+                        .disconnected_at_ms
+                        .is_some_and(|t| now.saturating_sub(t) >= limit)
+                {
+                    e.live.state = "offline";
+                    gone.push(e.live.clinic_id.clone());
+                }
+            }
+            for c in gone {
+                log::warn!(target: CONNECTION, "clinic={c} event=offline after_ms={limit}");
+                act.emit(&c, "offline", None);
+            }
+        });
+    }
 }
 
 impl Registry {
+    /// `offline_after`: how long a lost link counts as `reconnecting` before `offline`.
+    /// A clinic is `lagging` when it has more than `lag_events` read and not stored, or its
+    /// newest event took longer than `lag_ms` from commit to durable.
+    pub fn new(offline_after: std::time::Duration, lag_events: u64, lag_ms: u64) -> Self {
+        Registry {
+            clinics: BTreeMap::new(),
+            events: tokio::sync::broadcast::channel(1024).0,
+            next_event: 0,
+            offline_after,
+            lag_events_limit: lag_events,
+            lag_ms_limit: lag_ms,
+        }
+    }
+
+    fn emit(&mut self, clinic: &str, kind: &'static str, detail: Option<String>) {
+        self.next_event += 1;
+        // No subscriber is fine: the event is for whoever listens now.
+        let _ = self.events.send(Lifecycle {
+            id: self.next_event,
+            at_ms: now_ms(),
+            clinic_id: clinic.to_string(),
+            kind,
+            detail,
+        });
+    }
+
+    fn check_lag(&mut self, clinic: &str) {
+        let (ev_limit, ms_limit) = (self.lag_events_limit, self.lag_ms_limit);
+        let Some(e) = self.clinics.get_mut(clinic) else {
+            return;
+        };
+        let l = &mut e.live;
+        let behind = l.lag_events > ev_limit || l.lag_ms.is_some_and(|m| m > ms_limit);
+        if behind == l.lagging {
+            return;
+        }
+        l.lagging = behind;
+        let detail = format!(
+            "lag_events={} lag_ms={}",
+            l.lag_events,
+            l.lag_ms.unwrap_or(0)
+        );
+        if behind {
+            log::warn!(target: CONNECTION, "clinic={clinic} event=lagging {detail}");
+            self.emit(clinic, "lagging", Some(detail));
+        } else {
+            log::info!(target: CONNECTION, "clinic={clinic} event=caught_up {detail}");
+            self.emit(clinic, "caught_up", Some(detail));
+        }
+    }
+
     fn entry(&mut self, clinic: &str) -> &mut Entry {
         self.clinics
             .entry(clinic.to_string())
@@ -77,6 +190,14 @@ impl Registry {
                     acked_seq: 0,
                     sessions_total: 0,
                     transport: None,
+                    state: "offline",
+                    disconnected_at_ms: None,
+                    last_close: None,
+                    head_seq: 0,
+                    lag_events: 0,
+                    lag_ms: None,
+                    lagging: false,
+                    evictions: 0,
                 },
                 session: None,
             })
@@ -113,8 +234,14 @@ impl Handler<Register> for Registry {
         e.live.remote_addr = msg.remote_addr;
         e.live.connected_since_ms = Some(now);
         e.live.last_heartbeat_ms = Some(now);
-        e.live.acked_seq = e.live.acked_seq.max(msg.acked_seq);
+        e.live.acked_seq = msg.acked_seq;
+        e.live.head_seq = msg.acked_seq;
+        e.live.lag_events = 0;
         e.live.sessions_total += 1;
+        e.live.state = "connected";
+        e.live.disconnected_at_ms = None;
+        let detail = format!("transport={}", msg.transport);
+        self.emit(&msg.clinic_id, "connected", Some(detail));
     }
 }
 
@@ -123,19 +250,59 @@ impl Handler<Register> for Registry {
 pub struct Unregister {
     pub clinic_id: String,
     pub session_id: String,
+    /// Why the session ended (close reason, or "connection lost").
+    pub reason: String,
+    /// The agent said goodbye (it is stopping): `offline` at once, not `reconnecting`.
+    pub goodbye: bool,
+    /// The gateway closed it for silence.
+    pub evicted: bool,
 }
 
 impl Handler<Unregister> for Registry {
     type Result = ();
     fn handle(&mut self, msg: Unregister, _: &mut Self::Context) {
-        if let Some(e) = self.clinics.get_mut(&msg.clinic_id) {
-            // Only the current session may mark the clinic offline.
-            if e.live.session_id.as_deref() == Some(msg.session_id.as_str()) {
-                e.session = None;
-                e.live.connected = false;
-                e.live.connected_since_ms = None;
-            }
+        let Some(e) = self.clinics.get_mut(&msg.clinic_id) else {
+            return;
+        };
+        // Only the current session may mark the clinic disconnected.
+        if e.live.session_id.as_deref() != Some(msg.session_id.as_str()) || !e.live.connected {
+            return;
         }
+        e.session = None;
+        e.live.connected = false;
+        e.live.connected_since_ms = None;
+        e.live.disconnected_at_ms = Some(now_ms());
+        e.live.last_close = Some(msg.reason.clone());
+        e.live.state = if msg.goodbye {
+            "offline"
+        } else {
+            "reconnecting"
+        };
+        if msg.evicted {
+            e.live.evictions += 1;
+        }
+        let kind = if msg.evicted {
+            "evicted"
+        } else {
+            "disconnected"
+        };
+        let goodbye = msg.goodbye;
+        self.emit(&msg.clinic_id, kind, Some(msg.reason));
+        if goodbye {
+            self.emit(&msg.clinic_id, "offline", Some("agent stopped".into()));
+        }
+    }
+}
+
+/// A receiver of every lifecycle event from now on.
+#[derive(Message)]
+#[rtype(result = "tokio::sync::broadcast::Receiver<Lifecycle>")]
+pub struct Subscribe;
+
+impl Handler<Subscribe> for Registry {
+    type Result = MessageResult<Subscribe>;
+    fn handle(&mut self, _: Subscribe, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.events.subscribe())
     }
 }
 
@@ -178,13 +345,24 @@ impl Handler<Touch> for Registry {
 pub struct Acked {
     pub clinic_id: String,
     pub seq: u64,
+    /// The agent's `head_seq` from the batch, when it sent one.
+    pub head_seq: Option<u64>,
+    /// Commit-to-durable delay of the batch's newest event (ms), when known.
+    pub lag_ms: Option<u64>,
 }
 
 impl Handler<Acked> for Registry {
     type Result = ();
     fn handle(&mut self, msg: Acked, _: &mut Self::Context) {
         let e = self.entry(&msg.clinic_id);
-        e.live.acked_seq = e.live.acked_seq.max(msg.seq);
+        let l = &mut e.live;
+        l.acked_seq = l.acked_seq.max(msg.seq);
+        l.head_seq = msg.head_seq.unwrap_or(l.head_seq).max(l.acked_seq);
+        l.lag_events = l.head_seq - l.acked_seq;
+        if msg.lag_ms.is_some() {
+            l.lag_ms = msg.lag_ms;
+        }
+        self.check_lag(&msg.clinic_id);
     }
 }
 

@@ -87,6 +87,10 @@ pub struct Events {
     /// so an acknowledgement can never cover a gap.
     pub prev_seq: u64,
     pub events: Vec<Event>,
+    /// The highest outbox sequence the agent has read so far (its view of its backlog's end);
+    /// lets the gateway report how far behind a clinic is. Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_seq: Option<u64>,
 }
 
 /// Gateway → agent: every event up to `seq` is durable (cumulative).
@@ -274,17 +278,24 @@ impl Message {
 }
 
 /// Encodes an `events` frame from borrowed events (no copy of the rows).
-pub fn encode_events<'a>(prev_seq: u64, events: impl Iterator<Item = &'a Event>) -> String {
+pub fn encode_events<'a>(
+    prev_seq: u64,
+    head_seq: Option<u64>,
+    events: impl Iterator<Item = &'a Event>,
+) -> String {
     #[derive(Serialize)]
     struct EventsRef<'a> {
         prev_seq: u64,
         events: Vec<&'a Event>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        head_seq: Option<u64>,
     }
     envelope(
         "events",
         &EventsRef {
             prev_seq,
             events: events.collect(),
+            head_seq,
         },
     )
 }
@@ -427,6 +438,7 @@ mod tests {
                     row: Some(obj(json!({"id": 3, "name": "x"}))),
                     committed_at: "2026-01-01T00:00:00.000Z".into(),
                 }],
+                head_seq: Some(9),
             }),
             Message::Ack(Ack { seq: 8 }),
             Message::Update(Update {
@@ -467,7 +479,10 @@ mod tests {
             panic!("sample 2 is events")
         };
         let owned = Message::Events(ev.clone()).encode();
-        assert_eq!(encode_events(ev.prev_seq, ev.events.iter()), owned);
+        assert_eq!(
+            encode_events(ev.prev_seq, ev.head_seq, ev.events.iter()),
+            owned
+        );
         let one = serde_json::to_string(&ev.events[0]).expect("json");
         assert_eq!(encoded_len(&ev.events[0]), one.len());
     }
@@ -531,6 +546,93 @@ mod tests {
             "\u{0}",
         ] {
             assert!(Message::decode(text, 1000).is_err(), "{text:?}");
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch of an RFC 3339 timestamp as the adapters write
+/// `committed_at` (`2026-11-27T10:15:02.114Z`, `…+02:00`, fraction optional); `None` if it is
+/// not one.
+pub fn rfc3339_ms(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let t = s.get(r)?;
+        t.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| t.parse().ok())?
+    };
+    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut ms = 0i64;
+    if b.get(i) == Some(&b'.') {
+        let start = i + 1;
+        i = start;
+        while b.get(i).is_some_and(|c| c.is_ascii_digit()) {
+            i += 1;
+        }
+        let frac = s.get(start..i)?;
+        let padded: String = frac.chars().chain("000".chars()).take(3).collect();
+        ms = padded.parse().ok()?;
+    }
+    let offset_min = match s.get(i..)? {
+        "" | "Z" | "z" => 0,
+        o if o.len() == 6 && (o.starts_with('+') || o.starts_with('-')) => {
+            let v = num(i + 1..i + 3)? * 60 + num(i + 4..i + 6)?;
+            if o.starts_with('-') {
+                -v
+            } else {
+                v
+            }
+        }
+        _ => return None,
+    };
+    // Days from the civil date (proleptic Gregorian), Howard Hinnant's algorithm.
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset_min * 60;
+    u64::try_from(secs * 1000 + ms).ok()
+}
+
+#[cfg(test)]
+mod time_tests {
+    use super::rfc3339_ms;
+
+    #[test]
+    fn parses_the_adapters_timestamps() {
+        assert_eq!(rfc3339_ms("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            rfc3339_ms("2026-11-27T10:15:02.114Z"),
+            Some(1_795_774_502_114)
+        );
+        assert_eq!(
+            rfc3339_ms("2026-11-27T12:15:02.114+02:00"),
+            Some(1_795_774_502_114)
+        );
+        assert_eq!(rfc3339_ms("2026-11-27 10:15:02.1"), Some(1_795_774_502_100));
+        assert_eq!(
+            rfc3339_ms("2000-02-29T00:00:00.123456Z"),
+            Some(951_782_400_123)
+        );
+        for bad in [
+            "",
+            "yesterday",
+            "2026-13-01T00:00:00Z",
+            "2026-11-27T10:15",
+            "2026-11-27T10:15:02X",
+        ] {
+            assert_eq!(rfc3339_ms(bad), None, "{bad}");
         }
     }
 }

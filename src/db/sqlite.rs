@@ -363,6 +363,22 @@ impl SqliteSource {
 }
 
 impl ChangeSource for SqliteSource {
+    fn backlog(&self, after: u64) -> Result<tether_actors::ports::Backlog, PortError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let (events, oldest) = conn
+            .query_row(
+                "SELECT count(*), min(committed_at) FROM _tether_outbox WHERE seq > ?1",
+                params![after as i64],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?)),
+            )
+            .map_err(port("counting the outbox"))?;
+        Ok(tether_actors::ports::Backlog {
+            events: events.max(0) as u64,
+            at_least: false,
+            oldest_committed_at: oldest,
+        })
+    }
+
     fn change_token(&self) -> Result<u64, PortError> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))

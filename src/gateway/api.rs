@@ -32,7 +32,8 @@ pub async fn admin_auth(
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
     let path = req.path().to_string();
     // Agent transports authenticate clinics themselves (token, certificate, channel id).
-    if !path.starts_with("/v1/") || path == "/v1/ws" || path.starts_with("/v1/http/") {
+    let guarded = path.starts_with("/v1/") || path == "/metrics";
+    if !guarded || path == "/v1/ws" || path.starts_with("/v1/http/") {
         return next.call(req).await.map(|r| r.map_into_left_body());
     }
     let method = req.method().clone();
@@ -95,7 +96,7 @@ fn store_error(e: impl std::fmt::Display) -> HttpResponse {
     error(StatusCode::SERVICE_UNAVAILABLE, None, "store unavailable")
 }
 
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, HttpResponse> {
     match web::block(f).await {

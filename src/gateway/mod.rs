@@ -4,7 +4,14 @@
 //! and runs the HTTP server; the returned handle gives the bound address and a graceful stop.
 
 pub mod api;
+pub mod metrics;
+pub mod monitor;
 pub mod session;
+
+/// A clinic is reported `lagging` beyond this many events read and not yet durable ...
+pub const LAG_EVENTS: u64 = 10_000;
+/// ... or when its newest event took longer than this (ms) from commit to durable.
+pub const LAG_MS: u64 = 60_000;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -204,6 +211,7 @@ pub struct GatewayState {
     pub security: GatewaySecurity,
     /// Open channels of the HTTP fallback transport.
     pub http_channels: session::http::Channels,
+    pub metrics: metrics::GatewayMetrics,
 }
 
 pub struct GatewayHandle {
@@ -266,7 +274,10 @@ pub fn start(
         Some(dir) => EntitySchemas::load_dir(dir)?,
         None => EntitySchemas::default(),
     };
-    let registry = Registry::default().start();
+    // A lost link is `reconnecting` for three heartbeat intervals, then `offline`; a clinic
+    // with more than LAG_EVENTS read and not stored, or whose newest event took longer than
+    // LAG_MS from commit to durable, is `lagging`.
+    let registry = Registry::new(settings.heartbeat_interval * 3, LAG_EVENTS, LAG_MS).start();
     let state = web::Data::new(GatewayState {
         settings: settings.clone(),
         store: store.clone(),
@@ -274,6 +285,7 @@ pub fn start(
         schemas,
         security,
         http_channels: Default::default(),
+        metrics: Default::default(),
     });
     let listen = settings.listen.clone();
     let server = HttpServer::new(move || {
@@ -284,6 +296,7 @@ pub fn start(
             .route("/v1/ws", web::get().to(session::upgrade))
             .configure(|cfg| session::http::routes(cfg, settings.max_frame_bytes))
             .configure(api::routes)
+            .configure(monitor::routes)
     })
     .on_connect(peer_identity)
     .workers(settings.workers)

@@ -233,6 +233,10 @@ impl ChangeSource for EncryptingSource {
         }
         Ok(events)
     }
+
+    fn backlog(&self, after: u64) -> Result<tether_actors::ports::Backlog, PortError> {
+        self.inner.backlog(after)
+    }
 }
 
 #[cfg(test)]

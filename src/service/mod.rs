@@ -59,14 +59,39 @@ where
     // The actors run on their own thread so that the exit is bounded: dropping a runtime waits
     // for every blocking call still running (a database call stuck on a lock), and a service
     // must not hang in "stop pending" because of one.
+    let admin = match a.admin.addr() {
+        None => None,
+        Some(addr) => {
+            // Its own database handles: status reads never queue behind the watcher's.
+            let p = crate::agent::ports(a)?;
+            Some((
+                addr,
+                crate::admin::AdminState {
+                    clinic_id: a.clinic_id.clone(),
+                    gateway_url: a.gateway.url.clone(),
+                    proxy: proxy.clone(),
+                    stats: Arc::new(Default::default()),
+                    source: p.source,
+                    checkpoint: p.checkpoint,
+                    started: std::time::Instant::now(),
+                },
+            ))
+        }
+    };
     let (report_tx, report_rx) = std::sync::mpsc::channel();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let runner = std::thread::Builder::new()
         .name("tether-agent".into())
         .spawn(move || {
             let system = actix::System::new();
-            let report =
-                system.block_on(agent_main(settings, ports, stop, notifier, drain_timeout));
+            let report = system.block_on(agent_main(
+                settings,
+                ports,
+                stop,
+                notifier,
+                drain_timeout,
+                admin,
+            ));
             let _ = report_tx.send(report);
             drop(system);
             let _ = done_tx.send(());
@@ -91,11 +116,25 @@ async fn agent_main<S>(
     stop: S,
     notifier: Arc<dyn Notifier>,
     drain_timeout: Duration,
+    admin: Option<(std::net::SocketAddr, crate::admin::AdminState)>,
 ) -> DrainReport
 where
     S: Future<Output = &'static str>,
 {
     let handle = tether_actors::start_agent(settings, ports);
+    if let Some((addr, mut state)) = admin {
+        state.stats = handle.stats.clone();
+        match crate::admin::bind(addr).await {
+            Ok(listener) => {
+                log::info!(target: "supervisor", "event=admin_listening addr={addr} endpoints=\"/healthz /readyz /metrics /status\"");
+                actix::spawn(crate::admin::serve(listener, Arc::new(state)));
+            }
+            // Syncing matters more than the status page: say so loudly and go on.
+            Err(e) => {
+                log::error!(target: "error", "event=admin_unavailable addr={addr} error={e} note=\"sync continues; `tether agent status` cannot reach this agent\"");
+            }
+        }
+    }
     let watchdog = notifier.watchdog_interval().map(|every| {
         let n = notifier.clone();
         let sup = handle.supervisor.clone();

@@ -48,13 +48,19 @@ pub fn agent_config(dir: &Path, url: &str) -> PathBuf {
     agent_config_with(dir, url, "")
 }
 
-/// `gateway_extra`: YAML lines added under `agent.gateway` (4-space indent).
+/// `gateway_extra`: YAML lines added under `agent.gateway` (4-space indent). The admin
+/// endpoint is off (parallel tests would share its port); see [`agent_config_admin`].
 pub fn agent_config_with(dir: &Path, url: &str, gateway_extra: &str) -> PathBuf {
+    agent_config_admin(dir, url, gateway_extra, "off")
+}
+
+/// The same with `agent.admin.listen: admin`.
+pub fn agent_config_admin(dir: &Path, url: &str, gateway_extra: &str, admin: &str) -> PathBuf {
     write_config(
         dir,
         "agent",
         &format!(
-            "agent:\n  clinic_id: clinic-k\n  database:\n    path: clinic.db\n  gateway:\n    url: {url}\n    insecure_plaintext: true\n{gateway_extra}    heartbeat_interval: 500ms\n    backoff:\n      initial: 50ms\n      max: 500ms\n  outbox:\n    poll_interval: 20ms\n  tables:\n    - {{table: patients, entity: patient, key: [id]}}\n    - {{table: appointments, entity: appointment, key: [id]}}\n    - {{table: payments, entity: payment, key: [id], direction: up}}\n  shutdown:\n    drain_timeout: 5s\n"
+            "agent:\n  clinic_id: clinic-k\n  database:\n    path: clinic.db\n  gateway:\n    url: {url}\n    insecure_plaintext: true\n{gateway_extra}    heartbeat_interval: 500ms\n    backoff:\n      initial: 50ms\n      max: 500ms\n  outbox:\n    poll_interval: 20ms\n  tables:\n    - {{table: patients, entity: patient, key: [id]}}\n    - {{table: appointments, entity: appointment, key: [id]}}\n    - {{table: payments, entity: payment, key: [id], direction: up}}\n  shutdown:\n    drain_timeout: 5s\n  admin:\n    listen: {admin}\n"
         ),
     )
 }
@@ -126,6 +132,14 @@ pub fn acked(dir: &Path) -> u64 {
 }
 
 pub use super::poll_blocking as wait_for;
+
+/// A port nothing listens on right now (for services the test starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
 
 /// A fresh directory with a clinic database (sample schema) and a gateway process.
 pub struct Site {

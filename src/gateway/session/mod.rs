@@ -56,6 +56,14 @@ pub struct Session {
     source: u64,
     /// `websocket` or `http` (the fallback).
     transport: &'static str,
+    /// How the session ended: the close code and reason, and who closed it.
+    end: Option<End>,
+}
+
+struct End {
+    code: u16,
+    reason: String,
+    by_agent: bool,
 }
 
 fn deny(status: actix_web::http::StatusCode) -> HttpResponse {
@@ -108,6 +116,7 @@ fn admit(req: &HttpRequest, state: &GatewayState) -> Result<Option<Verified>, Bo
         .map(|a| a.to_string())
         .unwrap_or_else(|| "-".into());
     if !state.security.admission.take() {
+        state.metrics.add(&state.metrics.handshakes_refused, 1);
         log::warn!(target: AUDIT, "event=handshake_refused peer={peer} reason=admission_limit");
         let mut resp = deny(StatusCode::SERVICE_UNAVAILABLE);
         resp.headers_mut().insert(
@@ -119,6 +128,7 @@ fn admit(req: &HttpRequest, state: &GatewayState) -> Result<Option<Verified>, Bo
     if let Some(origin) = req.headers().get(actix_web::http::header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("");
         if !state.security.allowed_origins.iter().any(|o| o == origin) {
+            state.metrics.add(&state.metrics.handshakes_refused, 1);
             log::warn!(target: AUDIT, "event=handshake_refused peer={peer} reason=origin_not_allowed origin={origin:?}");
             return Err(Box::new(deny(StatusCode::FORBIDDEN)));
         }
@@ -126,6 +136,7 @@ fn admit(req: &HttpRequest, state: &GatewayState) -> Result<Option<Verified>, Bo
     let auth = match authenticate(req, state) {
         Ok(a) => a,
         Err(e) => {
+            state.metrics.add(&state.metrics.auth_failures, 1);
             log::warn!(target: AUDIT, "event=auth_failed peer={peer} reason={:?}", e.to_string());
             return Err(Box::new(deny(StatusCode::UNAUTHORIZED)));
         }
@@ -162,6 +173,7 @@ impl Session {
             rate: TokenBucket::new(rate, burst),
             source: 0,
             transport,
+            end: None,
         }
     }
 }
@@ -215,6 +227,11 @@ impl Session {
             return;
         }
         self.closing = true;
+        self.end = Some(End {
+            code: u16::from(code),
+            reason: why.to_string(),
+            by_agent: false,
+        });
         log::info!(target: CONNECTION, "session={} clinic={} event=closing code={} reason={why:?}", self.id, self.clinic_label(), u16::from(code));
         ctx.close(Some(ws::CloseReason {
             code,
@@ -304,6 +321,7 @@ impl Session {
                     return act.close(ctx, ws::CloseCode::Error, "store unavailable");
                 }
             };
+            act.state.metrics.add(&act.state.metrics.sessions_opened, 1);
             act.state.registry.do_send(registry::Register {
                 clinic_id: clinic.clone(),
                 session_id: act.id.clone(),
@@ -368,6 +386,11 @@ impl Session {
         };
         let count = batch.events.len();
         let prev_seq = batch.prev_seq;
+        let head_seq = batch.head_seq;
+        let newest_commit = batch
+            .events
+            .last()
+            .and_then(|e| tether_schemas::rfc3339_ms(&e.committed_at));
         let schemas = &self.state.schemas;
         let incoming: Vec<IncomingEvent> = batch
             .events
@@ -407,9 +430,22 @@ impl Session {
             .store
             .append_from(&clinic, self.source, prev_seq, incoming);
         self.writes_inflight += 1;
+        let started = Instant::now();
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
             act.writes_inflight -= 1;
-            act.stored(res, &clinic, (first, last, count, flagged, prev_seq), ctx);
+            if let Ok(AppendOutcome::Stored { inserted, .. }) = &res {
+                act.state
+                    .metrics
+                    .stored(*inserted as u64, started.elapsed());
+            }
+            let lag_ms = newest_commit.map(|t| crate::security::unix_now_ms().saturating_sub(t));
+            act.stored(
+                res,
+                &clinic,
+                (first, last, count, flagged, prev_seq),
+                (head_seq, lag_ms),
+                ctx,
+            );
             if act.shutting_down && act.writes_inflight == 0 {
                 act.close(ctx, ws::CloseCode::Away, "gateway shutting down");
             }
@@ -421,6 +457,7 @@ impl Session {
         res: Result<AppendOutcome, crate::gateway::store::StoreError>,
         clinic: &str,
         (first, last, count, flagged, prev_seq): (u64, u64, usize, usize, u64),
+        (head_seq, lag_ms): (Option<u64>, Option<u64>),
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
         let act = self;
@@ -433,6 +470,8 @@ impl Session {
                 act.state.registry.do_send(registry::Acked {
                     clinic_id: clinic.to_string(),
                     seq: acked,
+                    head_seq,
+                    lag_ms,
                 });
             }
             Ok(AppendOutcome::Gap { acked }) => {
@@ -571,9 +610,23 @@ impl Actor for Session {
 
     fn stopped(&mut self, _: &mut Self::Context) {
         if let Some(clinic) = &self.clinic {
+            let (reason, goodbye, evicted) = match &self.end {
+                Some(e) => (
+                    format!("{} {}", e.code, e.reason),
+                    e.by_agent && e.code == 1001,
+                    !e.by_agent && e.reason == "heartbeat timeout",
+                ),
+                None => ("connection lost".to_string(), false, false),
+            };
+            if evicted {
+                self.state.metrics.add(&self.state.metrics.evictions, 1);
+            }
             self.state.registry.do_send(registry::Unregister {
                 clinic_id: clinic.clone(),
                 session_id: self.id.clone(),
+                reason,
+                goodbye,
+                evicted,
             });
             log::info!(target: CONNECTION, "session={} clinic={clinic} event=session_closed batches={}", self.id, self.batches);
             log::info!(target: AUDIT, "event=session_closed session={} clinic={clinic}", self.id);
@@ -587,6 +640,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
         if matches!(item, Ok(ws::Message::Text(_)) | Ok(ws::Message::Binary(_)))
             && !self.rate.take()
         {
+            self.state.metrics.add(&self.state.metrics.rate_limited, 1);
             log::warn!(target: AUDIT, "event=rate_limited session={} clinic={} result=closed", self.id, self.clinic_label());
             self.send_error(
                 ctx,
@@ -620,7 +674,15 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
                 None,
             ),
             Ok(ws::Message::Close(reason)) => {
-                log::info!(target: CONNECTION, "session={} clinic={} event=closed_by_agent code={}", self.id, self.clinic_label(), reason.map(|r| u16::from(r.code)).unwrap_or(1005));
+                let code = reason.as_ref().map(|r| u16::from(r.code)).unwrap_or(1005);
+                log::info!(target: CONNECTION, "session={} clinic={} event=closed_by_agent code={code}", self.id, self.clinic_label());
+                self.end = Some(End {
+                    code,
+                    reason: reason
+                        .and_then(|r| r.description)
+                        .unwrap_or_else(|| "closed by agent".into()),
+                    by_agent: true,
+                });
                 self.closing = true;
                 ctx.close(None);
                 ctx.stop();

@@ -1,0 +1,423 @@
+//! The agent's local admin endpoint (`agent.admin.listen`, loopback only): `/healthz` (the
+//! event loop answers), `/readyz` (connected and caught up), `/metrics` (Prometheus) and
+//! `/status` (JSON, read by `tether agent status`). A deliberately small HTTP/1.1 server: GET
+//! only, one request per connection, no dependencies beyond tokio — it also runs in the
+//! agent-only build, which has no web framework.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tether_actors::ports::{Backlog, Checkpoint};
+use tether_actors::{AgentStats, ChangeSource};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A clinic is "caught up" when nothing has waited in its outbox longer than this.
+pub const CAUGHT_UP_WITHIN: Duration = Duration::from_secs(10);
+
+/// What the endpoint reads: the running agent's counters and its own database handles.
+pub struct AdminState {
+    pub clinic_id: String,
+    pub gateway_url: String,
+    pub proxy: String,
+    pub stats: Arc<AgentStats>,
+    pub source: Arc<dyn ChangeSource>,
+    pub checkpoint: Arc<dyn Checkpoint>,
+    pub started: Instant,
+}
+
+/// `GET /status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub clinic_id: String,
+    pub version: String,
+    pub uptime_s: u64,
+    pub gateway_url: String,
+    pub proxy: String,
+    pub connected: bool,
+    /// `websocket` or `http` (the fallback).
+    pub transport: String,
+    pub acked_seq: u64,
+    pub backlog_events: u64,
+    pub backlog_at_least: bool,
+    pub oldest_pending_s: Option<f64>,
+    pub ready: bool,
+    /// Why not ready, in words.
+    pub not_ready: Option<String>,
+    pub reconnects: u64,
+    pub links_up: u64,
+    pub heartbeat_misses: u64,
+    pub fallbacks: u64,
+    pub events_sent: u64,
+    pub updates_applied: u64,
+    pub updates_failed: u64,
+    pub restarts: std::collections::BTreeMap<String, u64>,
+    /// The outbox could not be read (the database is unavailable).
+    pub database_error: Option<String>,
+}
+
+impl AdminState {
+    async fn status(self: &Arc<Self>) -> Status {
+        let s = &self.stats;
+        let me = self.clone();
+        let backlog = tokio::task::spawn_blocking(move || -> Result<Backlog, String> {
+            let acked = me.checkpoint.load().map_err(|e| e.to_string())?;
+            me.source.backlog(acked).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        let (backlog, database_error) = match backlog {
+            Ok(b) => (b, None),
+            Err(e) => (Backlog::default(), Some(e)),
+        };
+        let oldest_pending_s = backlog
+            .oldest_committed_at
+            .as_deref()
+            .and_then(tether_schemas::rfc3339_ms)
+            .map(|t| crate::security::unix_now_ms().saturating_sub(t) as f64 / 1000.0);
+        let connected = s.connected.load(Ordering::Relaxed);
+        let not_ready = if !connected {
+            Some("not connected to the gateway".to_string())
+        } else if let Some(e) = &database_error {
+            Some(format!("outbox unreadable: {e}"))
+        } else if oldest_pending_s.is_some_and(|a| a > CAUGHT_UP_WITHIN.as_secs_f64()) {
+            Some(format!(
+                "behind: {} events waiting, the oldest for {:.0} s",
+                backlog.events,
+                oldest_pending_s.unwrap_or(0.0)
+            ))
+        } else {
+            None
+        };
+        Status {
+            clinic_id: self.clinic_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_s: self.started.elapsed().as_secs(),
+            gateway_url: self.gateway_url.clone(),
+            proxy: self.proxy.clone(),
+            connected,
+            transport: if s.on_http.load(Ordering::Relaxed) {
+                "http".into()
+            } else {
+                "websocket".into()
+            },
+            acked_seq: AgentStats::get(&s.acked_seq),
+            backlog_events: backlog.events,
+            backlog_at_least: backlog.at_least,
+            oldest_pending_s,
+            ready: not_ready.is_none(),
+            not_ready,
+            reconnects: AgentStats::get(&s.reconnects),
+            links_up: AgentStats::get(&s.links_up),
+            heartbeat_misses: AgentStats::get(&s.heartbeat_misses),
+            fallbacks: AgentStats::get(&s.fallbacks),
+            events_sent: AgentStats::get(&s.events_sent),
+            updates_applied: AgentStats::get(&s.updates_applied),
+            updates_failed: AgentStats::get(&s.updates_failed),
+            restarts: s.restarts(),
+            database_error,
+        }
+    }
+}
+
+/// The Prometheus exposition of a status.
+pub fn metrics_text(st: &Status) -> String {
+    let mut out = String::new();
+    let mut one = |name: &str, kind: &str, help: &str, v: f64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{clinic=\"{}\"}} {v}",
+            st.clinic_id
+        );
+    };
+    let b = |x: bool| if x { 1.0 } else { 0.0 };
+    one(
+        "tether_agent_connected",
+        "gauge",
+        "1 while the link to the gateway is up.",
+        b(st.connected),
+    );
+    one(
+        "tether_agent_ready",
+        "gauge",
+        "1 while connected and caught up (see /readyz).",
+        b(st.ready),
+    );
+    one(
+        "tether_agent_on_http_fallback",
+        "gauge",
+        "1 while the link is the HTTP fallback rather than a WebSocket.",
+        b(st.transport == "http"),
+    );
+    one(
+        "tether_agent_outbox_backlog_events",
+        "gauge",
+        "Events in the outbox not yet acknowledged by the gateway.",
+        st.backlog_events as f64,
+    );
+    one(
+        "tether_agent_outbox_oldest_pending_seconds",
+        "gauge",
+        "Age of the oldest unacknowledged event (0 when none).",
+        st.oldest_pending_s.unwrap_or(0.0),
+    );
+    one(
+        "tether_agent_acked_seq",
+        "gauge",
+        "The durable outbox position the gateway acknowledged.",
+        st.acked_seq as f64,
+    );
+    one(
+        "tether_agent_reconnects_total",
+        "counter",
+        "Reconnect attempts scheduled (failed attempts included).",
+        st.reconnects as f64,
+    );
+    one(
+        "tether_agent_links_up_total",
+        "counter",
+        "Links that completed hello/welcome.",
+        st.links_up as f64,
+    );
+    one(
+        "tether_agent_heartbeat_misses_total",
+        "counter",
+        "Links declared dead after three silent heartbeat intervals.",
+        st.heartbeat_misses as f64,
+    );
+    one(
+        "tether_agent_fallbacks_total",
+        "counter",
+        "Switches to the HTTP fallback after blocked WebSocket upgrades.",
+        st.fallbacks as f64,
+    );
+    one(
+        "tether_agent_events_sent_total",
+        "counter",
+        "Events sent (resends included).",
+        st.events_sent as f64,
+    );
+    one(
+        "tether_agent_updates_applied_total",
+        "counter",
+        "Cloud updates applied to the clinic database.",
+        st.updates_applied as f64,
+    );
+    one(
+        "tether_agent_updates_failed_total",
+        "counter",
+        "Cloud updates refused by the clinic database.",
+        st.updates_failed as f64,
+    );
+    one(
+        "tether_agent_uptime_seconds",
+        "gauge",
+        "Seconds since the agent started.",
+        st.uptime_s as f64,
+    );
+    let name = "tether_agent_actor_restarts_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Actor restarts by the supervisor after a crash.\n# TYPE {name} counter"
+    );
+    for actor in ["connection", "watcher", "outbound", "applier"] {
+        let n = st.restarts.get(actor).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "{name}{{clinic=\"{}\",actor=\"{actor}\"}} {n}",
+            st.clinic_id
+        );
+    }
+    out
+}
+
+/// Binds the endpoint (loopback only).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    if !addr.ip().is_loopback() {
+        return Err(std::io::Error::other(format!(
+            "{addr} is not a loopback address"
+        )));
+    }
+    tokio::net::TcpListener::bind(addr).await
+}
+
+/// Serves until the listener fails.
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AdminState>) {
+    loop {
+        let (conn, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!(target: "error", "event=admin_accept_failed error={e}");
+                return;
+            }
+        };
+        if !peer.ip().is_loopback() {
+            continue;
+        }
+        let st = state.clone();
+        actix::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(10), answer(conn, st)).await;
+        });
+    }
+}
+
+async fn answer(mut conn: tokio::net::TcpStream, st: Arc<AdminState>) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 || buf.len() > 8192 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let head = String::from_utf8_lossy(&buf);
+    let mut parts = head.lines().next().unwrap_or("").split(' ');
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (code, ctype, body) = if method != "GET" {
+        (405, "text/plain", "GET only\n".to_string())
+    } else {
+        match path {
+            "/healthz" => (200, "text/plain", "ok\n".to_string()),
+            "/readyz" => {
+                let s = st.status().await;
+                match &s.not_ready {
+                    None => (200, "text/plain", "ready\n".to_string()),
+                    Some(why) => (503, "text/plain", format!("not ready: {why}\n")),
+                }
+            }
+            "/metrics" => {
+                let s = st.status().await;
+                (200, "text/plain; version=0.0.4", metrics_text(&s))
+            }
+            "/status" => {
+                let s = st.status().await;
+                let json = serde_json::to_string_pretty(&s).unwrap_or_else(|_| "{}".into());
+                (200, "application/json", json)
+            }
+            _ => (
+                404,
+                "text/plain",
+                "try /healthz /readyz /metrics /status\n".into(),
+            ),
+        }
+    };
+    let reason = match code {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Service Unavailable",
+    };
+    let resp = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(resp.as_bytes()).await?;
+    conn.shutdown().await
+}
+
+/// Why `tether agent status` got no status.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("no agent answers on {0} (is the agent or its service running?)")]
+    NotRunning(SocketAddr),
+    #[error("the agent on {addr} answered badly: {why}")]
+    Bad { addr: SocketAddr, why: String },
+}
+
+/// `GET /status` from a running agent (blocking; for the CLI).
+pub fn fetch_status(addr: SocketAddr, timeout: Duration) -> Result<Status, StatusError> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|_| StatusError::NotRunning(addr))?;
+    let bad = |why: String| StatusError::Bad { addr, why };
+    conn.set_read_timeout(Some(timeout))
+        .map_err(|e| bad(e.to_string()))?;
+    conn.write_all(b"GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .map_err(|e| bad(e.to_string()))?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text)
+        .map_err(|e| bad(e.to_string()))?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| bad("no HTTP answer".into()))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(bad(head.lines().next().unwrap_or("").to_string()));
+    }
+    serde_json::from_str(body).map_err(|e| bad(e.to_string()))
+}
+
+/// The human summary `tether agent status` prints.
+pub fn describe(s: &Status) -> String {
+    let mut o = String::new();
+    let age = |secs: u64| match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m{:02}s", secs / 60, secs % 60),
+        _ => format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60),
+    };
+    let _ = writeln!(
+        o,
+        "{} — tether agent {}, up {}",
+        s.clinic_id,
+        s.version,
+        age(s.uptime_s)
+    );
+    let link = if s.connected {
+        format!("connected over {} to {}", s.transport, s.gateway_url)
+    } else {
+        format!(
+            "NOT connected (trying {} via {})",
+            s.gateway_url, s.transport
+        )
+    };
+    let _ = writeln!(o, "  link:     {link} (proxy: {})", s.proxy);
+    if s.transport == "http" {
+        let _ = writeln!(o, "            on the HTTP fallback: WebSocket upgrades were blocked on the way (see connection.log, event=transport_changed)");
+    }
+    let oldest = s
+        .oldest_pending_s
+        .map(|a| format!("oldest {}", age(a as u64)))
+        .unwrap_or_else(|| "none waiting".into());
+    let more = if s.backlog_at_least { "+" } else { "" };
+    let _ = writeln!(
+        o,
+        "  outbox:   {}{more} events waiting ({oldest}); acknowledged up to seq {}",
+        s.backlog_events, s.acked_seq
+    );
+    let _ = writeln!(
+        o,
+        "  cloud:    {} updates applied, {} refused",
+        s.updates_applied, s.updates_failed
+    );
+    let restarts = if s.restarts.is_empty() {
+        "none".to_string()
+    } else {
+        s.restarts
+            .iter()
+            .map(|(a, n)| format!("{a} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let _ = writeln!(
+        o,
+        "  health:   {} links, {} reconnect attempts, {} heartbeat misses, {} fallbacks; actor restarts: {restarts}",
+        s.links_up, s.reconnects, s.heartbeat_misses, s.fallbacks
+    );
+    if let Some(e) = &s.database_error {
+        let _ = writeln!(o, "  database: {e}");
+    }
+    match &s.not_ready {
+        None => {
+            let _ = writeln!(o, "  ready:    yes");
+        }
+        Some(why) => {
+            let _ = writeln!(o, "  ready:    no — {why}");
+        }
+    }
+    o
+}

@@ -1,0 +1,210 @@
+//! Gateway metrics in the Prometheus text format (`GET /metrics`): counters kept here by the
+//! sessions, per-clinic gauges read from the registry and the store at scrape time.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tether_actors::registry::ClinicLive;
+
+use super::store::ClinicRecord;
+
+/// Upper bounds (seconds) of the ack-latency histogram: batch received → durable.
+const ACK_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// Counters shared by every session. Lives in `GatewayState` (no statics).
+#[derive(Debug, Default)]
+pub struct GatewayMetrics {
+    pub events_ingested: AtomicU64,
+    pub batches_stored: AtomicU64,
+    pub auth_failures: AtomicU64,
+    /// Upgrades or opens refused by admission control or the Origin allow-list.
+    pub handshakes_refused: AtomicU64,
+    pub evictions: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub sessions_opened: AtomicU64,
+    ack_buckets: [AtomicU64; ACK_BUCKETS.len()],
+    ack_count: AtomicU64,
+    ack_sum_us: AtomicU64,
+}
+
+impl GatewayMetrics {
+    pub fn add(&self, counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// One batch made durable: `events` new rows, `took` from receipt to commit.
+    pub fn stored(&self, events: u64, took: Duration) {
+        self.add(&self.events_ingested, events);
+        self.add(&self.batches_stored, 1);
+        let secs = took.as_secs_f64();
+        for (b, bound) in self.ack_buckets.iter().zip(ACK_BUCKETS) {
+            if secs <= bound {
+                b.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.ack_count.fetch_add(1, Ordering::Relaxed);
+        self.ack_sum_us
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The whole exposition: these counters, then per-clinic gauges.
+    pub fn render(&self, live: &[ClinicLive], records: &[ClinicRecord], now_ms: u64) -> String {
+        let mut out = String::with_capacity(4096 + live.len() * 1024);
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut counter = |name: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        };
+        counter(
+            "tether_gateway_events_ingested_total",
+            "Events made durable (duplicates not counted).",
+            get(&self.events_ingested),
+        );
+        counter(
+            "tether_gateway_batches_stored_total",
+            "Event batches committed and acknowledged.",
+            get(&self.batches_stored),
+        );
+        counter(
+            "tether_gateway_auth_failures_total",
+            "Connection attempts refused for their token or certificate.",
+            get(&self.auth_failures),
+        );
+        counter(
+            "tether_gateway_handshakes_refused_total",
+            "Connection attempts refused by admission control or the Origin allow-list.",
+            get(&self.handshakes_refused),
+        );
+        counter(
+            "tether_gateway_evictions_total",
+            "Sessions closed by the gateway after three silent heartbeat intervals.",
+            get(&self.evictions),
+        );
+        counter(
+            "tether_gateway_rate_limited_total",
+            "Sessions closed for exceeding the message rate.",
+            get(&self.rate_limited),
+        );
+        counter(
+            "tether_gateway_sessions_opened_total",
+            "Agent sessions that completed hello/welcome.",
+            get(&self.sessions_opened),
+        );
+        let name = "tether_gateway_ack_latency_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Batch received to durable and acknowledged.\n# TYPE {name} histogram"
+        );
+        for (b, bound) in self.ack_buckets.iter().zip(ACK_BUCKETS) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", get(b));
+        }
+        let count = get(&self.ack_count);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = get(&self.ack_sum_us) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+
+        let by_transport = |t: &str| {
+            live.iter()
+                .filter(|l| l.connected && l.transport.as_deref() == Some(t))
+                .count()
+        };
+        let _ = writeln!(
+            out,
+            "# HELP tether_gateway_connections Open agent sessions by transport.\n# TYPE tether_gateway_connections gauge"
+        );
+        for t in ["websocket", "http"] {
+            let _ = writeln!(
+                out,
+                "tether_gateway_connections{{transport=\"{t}\"}} {}",
+                by_transport(t)
+            );
+        }
+        let gauges: [(&str, &str); 8] = [
+            (
+                "tether_clinic_connected",
+                "1 while the clinic has a session.",
+            ),
+            (
+                "tether_clinic_lag_events",
+                "Events the agent has read from its outbox that the gateway does not hold yet.",
+            ),
+            (
+                "tether_clinic_lag_seconds",
+                "Commit-to-durable delay of the clinic's newest stored event.",
+            ),
+            (
+                "tether_clinic_backlog_updates",
+                "Cloud updates queued for the clinic and not yet answered.",
+            ),
+            (
+                "tether_clinic_acked_seq",
+                "The clinic's durable outbox position.",
+            ),
+            (
+                "tether_clinic_heartbeat_age_seconds",
+                "Seconds since the clinic's last heartbeat.",
+            ),
+            (
+                "tether_clinic_sessions_total",
+                "Sessions since the gateway started.",
+            ),
+            (
+                "tether_clinic_evictions_total",
+                "Sessions evicted for silence.",
+            ),
+        ];
+        let pending = |id: &str| {
+            records
+                .iter()
+                .find(|r| r.clinic_id == id)
+                .map(|r| r.pending_updates)
+                .unwrap_or(0)
+        };
+        for (i, (name, help)) in gauges.iter().enumerate() {
+            let kind = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for l in live {
+                let v: f64 = match i {
+                    0 => f64::from(u8::from(l.connected)),
+                    1 => l.lag_events as f64,
+                    2 => l.lag_ms.unwrap_or(0) as f64 / 1000.0,
+                    3 => pending(&l.clinic_id) as f64,
+                    4 => l.acked_seq as f64,
+                    5 => l
+                        .last_heartbeat_ms
+                        .map(|t| now_ms.saturating_sub(t) as f64 / 1000.0)
+                        .unwrap_or(f64::NAN),
+                    6 => l.sessions_total as f64,
+                    _ => l.evictions as f64,
+                };
+                if v.is_nan() {
+                    continue;
+                }
+                let _ = writeln!(out, "{name}{{clinic=\"{}\"}} {v}", l.clinic_id);
+            }
+        }
+        let name = "tether_clinic_info";
+        let _ = writeln!(
+            out,
+            "# HELP {name} The clinic's state (connected, reconnecting, offline) and transport.\n# TYPE {name} gauge"
+        );
+        for l in live {
+            let transport = l.transport.as_deref().unwrap_or("none");
+            let _ = writeln!(
+                out,
+                "{name}{{clinic=\"{}\",state=\"{}\",transport=\"{transport}\"}} 1",
+                l.clinic_id, l.state
+            );
+        }
+        out
+    }
+}

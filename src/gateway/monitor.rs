@@ -1,0 +1,218 @@
+//! Fleet monitoring: `GET /metrics` (Prometheus), `GET /v1/stream/lifecycle` (SSE of clinic
+//! lifecycle events for the Web API), `GET /v1/stream/fleet` (SSE of clinic tiles for the
+//! dashboard) and the dashboard page itself at `/`. The streams and metrics sit behind the
+//! admin `read` token like the rest of the REST API; the page carries no data of its own.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use actix_web::{web, HttpResponse};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tether_actors::registry::{ClinicLive, Snapshot, Subscribe};
+
+use super::api::blocking;
+use super::store::ClinicRecord;
+use super::GatewayState;
+
+/// The dashboard: one static page, no build step, no external assets.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// A comment line every so often keeps proxies from closing an idle stream.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/", web::get().to(dashboard))
+        .route("/metrics", web::get().to(metrics))
+        .route("/v1/stream/lifecycle", web::get().to(lifecycle))
+        .route("/v1/stream/fleet", web::get().to(fleet));
+}
+
+async fn dashboard() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .insert_header(("cache-control", "no-store"))
+        .insert_header((
+            "content-security-policy",
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:",
+        ))
+        .body(DASHBOARD)
+}
+
+async fn live_and_records(
+    state: &GatewayState,
+) -> Result<(Vec<ClinicLive>, Vec<ClinicRecord>), HttpResponse> {
+    let store = state.store.clone();
+    let records = blocking(move || store.clinics()).await?;
+    let live = state.registry.send(Snapshot).await.unwrap_or_default();
+    Ok((live, records))
+}
+
+async fn metrics(state: web::Data<GatewayState>) -> HttpResponse {
+    match live_and_records(&state).await {
+        Ok((live, records)) => HttpResponse::Ok()
+            .content_type("text/plain; version=0.0.4; charset=utf-8")
+            .body(
+                state
+                    .metrics
+                    .render(&live, &records, crate::security::unix_now_ms()),
+            ),
+        Err(resp) => resp,
+    }
+}
+
+fn sse(event: &str, id: Option<u64>, data: &impl Serialize) -> Bytes {
+    let json = serde_json::to_string(data).unwrap_or_else(|_| "null".into());
+    let id = id.map(|i| format!("id: {i}\n")).unwrap_or_default();
+    Bytes::from(format!("{id}event: {event}\ndata: {json}\n\n"))
+}
+
+fn stream_response(
+    body: impl futures_util::Stream<Item = Result<Bytes, actix_web::Error>> + 'static,
+) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("cache-control", "no-store"))
+        .insert_header(("x-accel-buffering", "no"))
+        .streaming(body)
+}
+
+/// `GET /v1/stream/lifecycle`: `connected`, `disconnected`, `evicted`, `offline`, `lagging`,
+/// `caught_up` events as they happen (from the moment of subscribing).
+async fn lifecycle(state: web::Data<GatewayState>) -> HttpResponse {
+    let Ok(rx) = state.registry.send(Subscribe).await else {
+        return HttpResponse::ServiceUnavailable().finish();
+    };
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        let next = tokio::time::timeout(KEEPALIVE, rx.recv()).await;
+        let chunk = match next {
+            Err(_) => Bytes::from_static(b": keep-alive\n\n"),
+            Ok(Ok(ev)) => sse(ev.kind, Some(ev.id), &ev),
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(n))) => {
+                sse("missed", None, &serde_json::json!({"events": n}))
+            }
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return None,
+        };
+        Some((Ok::<_, actix_web::Error>(chunk), rx))
+    });
+    stream_response(body)
+}
+
+/// One dashboard tile.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Tile {
+    pub clinic_id: String,
+    pub state: &'static str,
+    pub transport: Option<String>,
+    pub acked_seq: u64,
+    pub lag_events: u64,
+    pub lag_ms: Option<u64>,
+    pub lagging: bool,
+    pub backlog_updates: u64,
+    pub last_heartbeat_ms: Option<u64>,
+    pub sessions_total: u64,
+    pub evictions: u64,
+    pub last_close: Option<String>,
+}
+
+fn tiles(live: Vec<ClinicLive>, records: &[ClinicRecord]) -> Vec<Tile> {
+    let pending: HashMap<&str, u64> = records
+        .iter()
+        .map(|r| (r.clinic_id.as_str(), r.pending_updates))
+        .collect();
+    let mut seen: Vec<Tile> = live
+        .into_iter()
+        .map(|l| Tile {
+            backlog_updates: pending.get(l.clinic_id.as_str()).copied().unwrap_or(0),
+            clinic_id: l.clinic_id,
+            state: l.state,
+            transport: l.transport,
+            acked_seq: l.acked_seq,
+            lag_events: l.lag_events,
+            lag_ms: l.lag_ms,
+            lagging: l.lagging,
+            last_heartbeat_ms: l.last_heartbeat_ms,
+            sessions_total: l.sessions_total,
+            evictions: l.evictions,
+            last_close: l.last_close,
+        })
+        .collect();
+    // Clinics the store knows that have not connected since this gateway started.
+    for r in records {
+        if !seen.iter().any(|t| t.clinic_id == r.clinic_id) {
+            seen.push(Tile {
+                clinic_id: r.clinic_id.clone(),
+                state: "offline",
+                transport: None,
+                acked_seq: r.acked_seq,
+                lag_events: 0,
+                lag_ms: None,
+                lagging: false,
+                backlog_updates: r.pending_updates,
+                last_heartbeat_ms: None,
+                sessions_total: 0,
+                evictions: 0,
+                last_close: None,
+            });
+        }
+    }
+    seen.sort_by(|a, b| a.clinic_id.cmp(&b.clinic_id));
+    seen
+}
+
+#[derive(Deserialize)]
+pub struct FleetQuery {
+    interval_ms: Option<u64>,
+}
+
+struct FleetStream {
+    state: web::Data<GatewayState>,
+    sent: HashMap<String, Tile>,
+    interval: Duration,
+    first: bool,
+}
+
+/// `GET /v1/stream/fleet?interval_ms=1000`: a `snapshot` of every tile, then every interval a
+/// `tiles` event with the tiles that changed (`now_ms` included for ages).
+async fn fleet(state: web::Data<GatewayState>, q: web::Query<FleetQuery>) -> HttpResponse {
+    let interval = Duration::from_millis(q.interval_ms.unwrap_or(1000).clamp(100, 10_000));
+    let st = FleetStream {
+        state,
+        sent: HashMap::new(),
+        interval,
+        first: true,
+    };
+    let body = futures_util::stream::unfold(st, |mut st| async move {
+        if !st.first {
+            tokio::time::sleep(st.interval).await;
+        }
+        let (live, records) = match live_and_records(&st.state).await {
+            Ok(v) => v,
+            Err(_) => {
+                let chunk = sse(
+                    "error",
+                    None,
+                    &serde_json::json!({"message": "store unavailable"}),
+                );
+                return Some((Ok::<_, actix_web::Error>(chunk), st));
+            }
+        };
+        let all = tiles(live, &records);
+        let changed: Vec<&Tile> = all
+            .iter()
+            .filter(|t| st.sent.get(&t.clinic_id) != Some(*t))
+            .collect();
+        let kind = if st.first { "snapshot" } else { "tiles" };
+        let chunk = sse(
+            kind,
+            None,
+            &serde_json::json!({"now_ms": crate::security::unix_now_ms(), "tiles": changed}),
+        );
+        for t in all {
+            st.sent.insert(t.clinic_id.clone(), t);
+        }
+        st.first = false;
+        Some((Ok(chunk), st))
+    });
+    stream_response(body)
+}

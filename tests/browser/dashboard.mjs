@@ -1,0 +1,56 @@
+// Drives the gateway's fleet dashboard in Debian's headless Chromium for tests/dashboard.rs.
+// Usage: node dashboard.mjs <gateway url> <admin token> <clinics> <clinic to watch> <screenshot>
+// Talks to the Rust test over stdio: prints READY once every tile is connected, waits for a
+// line STOPPED (the test stopped the watched clinic's agent), prints OFFLINE <ms> when that
+// tile turns offline, saves the screenshot, prints DONE. Any failure: a message and exit 1.
+import { chromium } from "playwright-core";
+import readline from "node:readline";
+
+const [url, token, count, watch, shot] = process.argv.slice(2);
+const fail = (why) => { console.log("FAIL " + why); process.exit(1); };
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--disable-background-networking", "--no-first-run", "--disable-extensions"],
+});
+try {
+  const page = await browser.newPage({ ignoreHTTPSErrors: true, viewport: { width: 1280, height: 800 } });
+  page.on("pageerror", (e) => fail("page error: " + e.message));
+  await page.goto(`${url}/#token=${encodeURIComponent(token)}&interval=250`);
+  await page.waitForFunction((n) => document.querySelectorAll('.tile[data-state="connected"]').length >= n,
+    Number(count), { timeout: 30000 });
+  // The token left the address bar; the counters add up.
+  if (page.url().includes(token)) fail("token still in the URL");
+  const connected = Number(await page.textContent("#n-connected"));
+  if (connected !== Number(count)) fail(`header counts ${connected} connected, expected ${count}`);
+  // Filtering narrows the grid to one clinic; clearing brings all back.
+  await page.fill("#filter", watch);
+  const shown = await page.locator(".tile").count();
+  if (shown !== 1) fail(`filter '${watch}' shows ${shown} tiles`);
+  await page.fill("#filter", "");
+  if ((await page.locator(".tile").count()) !== Number(count)) fail("clearing the filter");
+  // Sorting by clinic id puts them in order.
+  await page.selectOption("#sort", "id");
+  const ids = await page.$$eval(".tile", (ts) => ts.map((t) => t.dataset.clinic));
+  if (ids.join() !== [...ids].sort().join()) fail("sort by id: " + ids.join());
+  await page.selectOption("#sort", "problems");
+  console.log("READY");
+  const rl = readline.createInterface({ input: process.stdin });
+  for await (const line of rl) { if (line.trim() === "STOPPED") break; }
+  rl.close();
+  const t0 = Date.now();
+  await page.waitForSelector(`.tile[data-clinic="${watch}"][data-state="offline"]`, { timeout: 30000 });
+  console.log("OFFLINE " + (Date.now() - t0));
+  // Problems first: the offline clinic leads the grid.
+  const first = await page.$eval(".tile", (t) => t.dataset.clinic);
+  if (first !== watch) fail(`offline clinic not first (first is ${first})`);
+  const offline = Number(await page.textContent("#n-offline"));
+  if (offline !== 1) fail(`header counts ${offline} offline`);
+  await page.screenshot({ path: shot, fullPage: true });
+  console.log("DONE");
+} catch (e) {
+  fail(String(e && e.message || e).split("\n")[0]);
+} finally {
+  await browser.close();
+}
+process.exit(0);
