@@ -318,7 +318,7 @@ async fn rest_errors_name_the_field_and_events_paginate_by_cursor() {
     for (path, field) in cases {
         let (status, v) = get_json(&format!("{base}{path}")).await;
         assert_eq!(status, 400, "{path}");
-        assert_eq!(v["error"]["field"], field, "{path}: {v}");
+        assert_eq!(v["field"], field, "{path}: {v}");
     }
     let posts = [
         (
@@ -345,7 +345,7 @@ async fn rest_errors_name_the_field_and_events_paginate_by_cursor() {
     for (body, field) in posts {
         let (status, v) = post_json(&format!("{base}/v1/clinics/clinic-p/updates"), &body).await;
         assert!(status == 400 || status == 422, "{body}: {status}");
-        let got = v["error"]["field"].as_str().unwrap_or(".");
+        let got = v["field"].as_str().unwrap_or(".");
         assert_eq!(got, field, "{body}: {v}");
     }
     let (status, _) = get_json(&format!("{base}/v1/updates/upd_nope")).await;

@@ -1,12 +1,15 @@
 //! REST API (JSON) for the main Web API and operators.
 //!
 //! - `GET /healthz`
-//! - `GET /v1/clinics`, `GET /v1/clinics/{id}`
+//! - `GET /v1/clinics?state=&transport=&after=&limit=` (cursor on the clinic id), `GET /v1/clinics/{id}`
 //! - `GET /v1/events?clinic_id=&after=&limit=` (cursor pagination on the event id)
 //! - `POST /v1/clinics/{id}/updates` → 202 `{"update_id": …}`
 //! - `GET /v1/updates/{id}`
 //!
-//! Errors are 4xx/5xx with `{"error": {"message": …, "field": …}}` naming the field at fault.
+//! The whole API (monitoring, agent transports) is described in `schemas/openapi.json`, served at
+//! `/v1/openapi.json`; `routes.rs` holds the table of routes.
+//!
+//! Errors are `application/problem+json` (RFC 9457) with `field` naming the input at fault.
 
 use std::collections::BTreeMap;
 
@@ -33,7 +36,8 @@ pub async fn admin_auth(
     let path = req.path().to_string();
     // Agent transports authenticate clinics themselves (token, certificate, channel id).
     let guarded = path.starts_with("/v1/") || path == "/metrics";
-    if !guarded || path == "/v1/ws" || path.starts_with("/v1/http/") {
+    let public = path == "/v1/ws" || path == "/v1/openapi.json" || path.starts_with("/v1/http/");
+    if !guarded || public {
         return next.call(req).await.map(|r| r.map_into_left_body());
     }
     let method = req.method().clone();
@@ -76,19 +80,8 @@ pub async fn admin_auth(
     }
 }
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz))
-        .route("/v1/clinics", web::get().to(list_clinics))
-        .route("/v1/clinics/{id}", web::get().to(get_clinic))
-        .route("/v1/clinics/{id}/updates", web::post().to(post_update))
-        .route("/v1/events", web::get().to(list_events))
-        .route("/v1/updates/{id}", web::get().to(get_update));
-}
-
 fn error(status: StatusCode, field: Option<&str>, message: impl Into<String>) -> HttpResponse {
-    HttpResponse::build(status).json(json!({
-        "error": { "message": message.into(), "field": field }
-    }))
+    super::problem::problem(status, field, message)
 }
 
 fn store_error(e: impl std::fmt::Display) -> HttpResponse {
@@ -106,7 +99,7 @@ pub(super) async fn blocking<T: Send + 'static>(
     }
 }
 
-async fn healthz(state: web::Data<GatewayState>) -> HttpResponse {
+pub(super) async fn healthz(state: web::Data<GatewayState>) -> HttpResponse {
     let store = state.store.clone();
     match blocking(move || store.read(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))))
         .await
@@ -133,6 +126,9 @@ async fn clinic_views(state: &GatewayState) -> Result<Vec<Value>, HttpResponse> 
             "last_heartbeat_ms": l.as_ref().and_then(|l| l.last_heartbeat_ms),
             "sessions_total": l.as_ref().map(|l| l.sessions_total).unwrap_or(0),
             "transport": l.as_ref().and_then(|l| l.transport.clone()),
+            "state": l.as_ref().map(|l| l.state).unwrap_or("offline"),
+            "lag_events": l.as_ref().map(|l| l.lag_events).unwrap_or(0),
+            "lag_ms": l.as_ref().and_then(|l| l.lag_ms),
             "acked_seq": r.acked_seq,
             "events": r.events,
             "pending_updates": r.pending_updates,
@@ -146,6 +142,7 @@ async fn clinic_views(state: &GatewayState) -> Result<Vec<Value>, HttpResponse> 
             "clinic_id": l.clinic_id, "connected": l.connected, "session_id": l.session_id,
             "remote_addr": l.remote_addr, "last_heartbeat_ms": l.last_heartbeat_ms,
             "sessions_total": l.sessions_total, "transport": l.transport,
+            "state": l.state, "lag_events": l.lag_events, "lag_ms": l.lag_ms,
             "acked_seq": l.acked_seq, "events": 0,
             "pending_updates": 0, "first_seen": null, "last_event_at": null,
         }));
@@ -153,14 +150,80 @@ async fn clinic_views(state: &GatewayState) -> Result<Vec<Value>, HttpResponse> 
     Ok(out)
 }
 
-async fn list_clinics(state: web::Data<GatewayState>) -> HttpResponse {
+pub(super) async fn list_clinics(
+    state: web::Data<GatewayState>,
+    q: web::Query<BTreeMap<String, String>>,
+) -> HttpResponse {
+    let q = q.into_inner();
+    if let Some(k) = q
+        .keys()
+        .find(|k| !["state", "transport", "after", "limit"].contains(&k.as_str()))
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            Some(k),
+            format!("unknown query parameter `{k}`"),
+        );
+    }
+    let want_state = q.get("state").map(String::as_str);
+    if let Some(s) = want_state {
+        if !["connected", "reconnecting", "offline"].contains(&s) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                Some("state"),
+                "must be connected, reconnecting or offline",
+            );
+        }
+    }
+    let want_transport = q.get("transport").map(String::as_str);
+    if let Some(t) = want_transport {
+        if !["websocket", "http"].contains(&t) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                Some("transport"),
+                "must be websocket or http",
+            );
+        }
+    }
+    let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
+        None => 500,
+        Some(Ok(v)) if (1..=1000).contains(&v) => v,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                Some("limit"),
+                "must be an integer from 1 to 1000",
+            )
+        }
+    };
+    let after = q.get("after").cloned().unwrap_or_default();
     match clinic_views(&state).await {
-        Ok(v) => HttpResponse::Ok().json(json!({ "clinics": v })),
+        Ok(mut v) => {
+            v.sort_by(|a, b| a["clinic_id"].as_str().cmp(&b["clinic_id"].as_str()));
+            let page: Vec<Value> = v
+                .into_iter()
+                .filter(|c| c["clinic_id"].as_str().unwrap_or("") > after.as_str())
+                .filter(|c| want_state.is_none_or(|s| c["state"] == s))
+                .filter(|c| want_transport.is_none_or(|t| c["transport"] == t))
+                .take(limit + 1)
+                .collect();
+            let more = page.len() > limit;
+            let page: Vec<Value> = page.into_iter().take(limit).collect();
+            let next = if more {
+                page.last().map(|c| c["clinic_id"].clone())
+            } else {
+                None
+            };
+            HttpResponse::Ok().json(json!({ "clinics": page, "next_after": next }))
+        }
         Err(resp) => resp,
     }
 }
 
-async fn get_clinic(state: web::Data<GatewayState>, id: web::Path<String>) -> HttpResponse {
+pub(super) async fn get_clinic(
+    state: web::Data<GatewayState>,
+    id: web::Path<String>,
+) -> HttpResponse {
     match clinic_views(&state).await {
         Ok(v) => match v.into_iter().find(|c| c["clinic_id"] == id.as_str()) {
             Some(c) => HttpResponse::Ok().json(c),
@@ -181,7 +244,7 @@ struct EventsQuery {
     limit: Option<String>,
 }
 
-async fn list_events(
+pub(super) async fn list_events(
     state: web::Data<GatewayState>,
     q: web::Query<BTreeMap<String, String>>,
 ) -> HttpResponse {
@@ -255,7 +318,7 @@ struct UpdateBody {
     row: Option<Map<String, Value>>,
 }
 
-async fn post_update(
+pub(super) async fn post_update(
     state: web::Data<GatewayState>,
     id: web::Path<String>,
     body: web::Bytes,
@@ -335,7 +398,10 @@ async fn post_update(
     }
 }
 
-async fn get_update(state: web::Data<GatewayState>, id: web::Path<String>) -> HttpResponse {
+pub(super) async fn get_update(
+    state: web::Data<GatewayState>,
+    id: web::Path<String>,
+) -> HttpResponse {
     let id = id.into_inner();
     let store = state.store.clone();
     let lookup = id.clone();

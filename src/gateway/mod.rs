@@ -6,6 +6,8 @@
 pub mod api;
 pub mod metrics;
 pub mod monitor;
+pub mod problem;
+pub mod routes;
 pub mod session;
 
 /// A clinic is reported `lagging` beyond this many events read and not yet durable ...
@@ -291,12 +293,10 @@ pub fn start(
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
-            .app_data(web::PayloadConfig::new(settings.max_frame_bytes))
+            .app_data(web::PayloadConfig::new(settings.max_frame_bytes + 1024))
             .wrap(actix_web::middleware::from_fn(api::admin_auth))
-            .route("/v1/ws", web::get().to(session::upgrade))
-            .configure(|cfg| session::http::routes(cfg, settings.max_frame_bytes))
-            .configure(api::routes)
-            .configure(monitor::routes)
+            .wrap(actix_web::middleware::ErrorHandlers::new().default_handler(problem::rewrite))
+            .configure(routes::register)
     })
     .on_connect(peer_identity)
     .workers(settings.workers)

@@ -21,14 +21,7 @@ const DASHBOARD: &str = include_str!("dashboard.html");
 /// A comment line every so often keeps proxies from closing an idle stream.
 const KEEPALIVE: Duration = Duration::from_secs(15);
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/", web::get().to(dashboard))
-        .route("/metrics", web::get().to(metrics))
-        .route("/v1/stream/lifecycle", web::get().to(lifecycle))
-        .route("/v1/stream/fleet", web::get().to(fleet));
-}
-
-async fn dashboard() -> HttpResponse {
+pub(super) async fn dashboard() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
         .insert_header(("cache-control", "no-store"))
@@ -48,7 +41,7 @@ async fn live_and_records(
     Ok((live, records))
 }
 
-async fn metrics(state: web::Data<GatewayState>) -> HttpResponse {
+pub(super) async fn metrics(state: web::Data<GatewayState>) -> HttpResponse {
     match live_and_records(&state).await {
         Ok((live, records)) => HttpResponse::Ok()
             .content_type("text/plain; version=0.0.4; charset=utf-8")
@@ -79,7 +72,7 @@ fn stream_response(
 
 /// `GET /v1/stream/lifecycle`: `connected`, `disconnected`, `evicted`, `offline`, `lagging`,
 /// `caught_up` events as they happen (from the moment of subscribing).
-async fn lifecycle(state: web::Data<GatewayState>) -> HttpResponse {
+pub(super) async fn lifecycle(state: web::Data<GatewayState>) -> HttpResponse {
     let Ok(rx) = state.registry.send(Subscribe).await else {
         return HttpResponse::ServiceUnavailable().finish();
     };
@@ -174,7 +167,10 @@ struct FleetStream {
 
 /// `GET /v1/stream/fleet?interval_ms=1000`: a `snapshot` of every tile, then every interval a
 /// `tiles` event with the tiles that changed (`now_ms` included for ages).
-async fn fleet(state: web::Data<GatewayState>, q: web::Query<FleetQuery>) -> HttpResponse {
+pub(super) async fn fleet(
+    state: web::Data<GatewayState>,
+    q: web::Query<FleetQuery>,
+) -> HttpResponse {
     let interval = Duration::from_millis(q.interval_ms.unwrap_or(1000).clamp(100, 10_000));
     let st = FleetStream {
         state,

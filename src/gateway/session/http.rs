@@ -104,7 +104,7 @@ impl Channel {
 }
 
 fn problem(status: actix_web::http::StatusCode, message: &str) -> HttpResponse {
-    HttpResponse::build(status).json(serde_json::json!({"error": {"message": message}}))
+    crate::gateway::problem::problem(status, None, message)
 }
 
 /// `POST /v1/http/open`.
@@ -396,16 +396,4 @@ pub async fn close(
         }
     }
     HttpResponse::NoContent().finish()
-}
-
-/// The routes under `/v1/http`.
-pub fn routes(cfg: &mut web::ServiceConfig, max_frame_bytes: usize) {
-    cfg.route("/v1/http/open", web::post().to(open))
-        .service(
-            web::resource("/v1/http/{channel}/send")
-                .app_data(web::PayloadConfig::new(max_frame_bytes + 1024))
-                .route(web::post().to(send)),
-        )
-        .route("/v1/http/{channel}/poll", web::get().to(poll))
-        .route("/v1/http/{channel}/close", web::post().to(close));
 }

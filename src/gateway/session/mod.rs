@@ -68,8 +68,7 @@ struct End {
 
 fn deny(status: actix_web::http::StatusCode) -> HttpResponse {
     // The reason goes to the audit log only.
-    HttpResponse::build(status)
-        .json(serde_json::json!({"error": {"message": "connection refused"}}))
+    crate::gateway::problem::problem(status, None, "connection refused")
 }
 
 /// Clients must present a certificate (and it must name the clinic).
