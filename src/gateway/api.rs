@@ -150,20 +150,23 @@ async fn clinic_views(state: &GatewayState) -> Result<Vec<Value>, HttpResponse> 
     Ok(out)
 }
 
+/// Refuses a query parameter the route does not know, naming it.
+fn known_params(q: &BTreeMap<String, String>, known: &[&str]) -> Option<HttpResponse> {
+    let k = q.keys().find(|k| !known.contains(&k.as_str()))?;
+    Some(error(
+        StatusCode::BAD_REQUEST,
+        Some(k),
+        format!("unknown query parameter `{k}`"),
+    ))
+}
+
 pub(super) async fn list_clinics(
     state: web::Data<GatewayState>,
     q: web::Query<BTreeMap<String, String>>,
 ) -> HttpResponse {
     let q = q.into_inner();
-    if let Some(k) = q
-        .keys()
-        .find(|k| !["state", "transport", "after", "limit"].contains(&k.as_str()))
-    {
-        return error(
-            StatusCode::BAD_REQUEST,
-            Some(k),
-            format!("unknown query parameter `{k}`"),
-        );
+    if let Some(resp) = known_params(&q, &["state", "transport", "after", "limit"]) {
+        return resp;
     }
     let want_state = q.get("state").map(String::as_str);
     if let Some(s) = want_state {
@@ -249,15 +252,8 @@ pub(super) async fn list_events(
     q: web::Query<BTreeMap<String, String>>,
 ) -> HttpResponse {
     let q = q.into_inner();
-    if let Some(k) = q
-        .keys()
-        .find(|k| !["clinic_id", "after", "limit"].contains(&k.as_str()))
-    {
-        return error(
-            StatusCode::BAD_REQUEST,
-            Some(k),
-            format!("unknown query parameter `{k}`"),
-        );
+    if let Some(resp) = known_params(&q, &["clinic_id", "after", "limit"]) {
+        return resp;
     }
     let q = EventsQuery {
         clinic_id: q.get("clinic_id").cloned(),
