@@ -37,6 +37,8 @@ pub enum AgentSetupError {
     SqlServer(#[from] crate::db::sqlserver::MssqlError),
     #[error("agent.database.kind: this build has no {0} support (cargo feature `{0}`)")]
     Unsupported(&'static str),
+    #[error("agent.rpc.queries: not supported on {0} yet (SQLite only); remove them or use a SQLite clinic database")]
+    RpcUnsupported(String),
     #[error("agent.tables: no table `{0}`")]
     UnknownTable(String),
     #[error("agent.database: {0}")]
@@ -383,5 +385,20 @@ pub fn ports(a: &AgentConfig) -> Result<AgentPorts, AgentSetupError> {
         sink,
         dialer: Arc::new(dialer(a)?),
         clock: Arc::new(SystemClock),
+        queries: queries(a)?,
     })
+}
+
+/// The allow-listed queries of `agent.rpc` (SQLite; other engines answer that they have none).
+fn queries(a: &AgentConfig) -> Result<Arc<dyn tether_actors::ports::QueryRunner>, AgentSetupError> {
+    if a.rpc.queries.is_empty() {
+        return Ok(Arc::new(tether_actors::ports::NoQueries));
+    }
+    match a.database.kind.as_str() {
+        "sqlite" => Ok(Arc::new(crate::db::sqlite::SqliteQueries::open(
+            &a.database.path,
+            &a.rpc,
+        )?)),
+        other => Err(AgentSetupError::RpcUnsupported(other.to_string())),
+    }
 }

@@ -63,6 +63,41 @@ pub struct AgentConfig {
     pub encryption: Option<EncryptionConfig>,
     pub shutdown: ShutdownConfig,
     pub admin: AdminConfig,
+    pub rpc: RpcConfig,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+/// `agent.rpc`: the named, parameterised, read-only queries the cloud may run through the
+/// gateway (`POST /v1/clinics/{id}/rpc`). Nothing else can be asked.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct RpcConfig {
+    pub queries: std::collections::BTreeMap<String, RpcQueryConfig>,
+    /// A query still running after this is interrupted.
+    pub timeout: Dur,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+impl Default for RpcConfig {
+    fn default() -> Self {
+        RpcConfig {
+            queries: Default::default(),
+            timeout: Dur::secs(10),
+            extra: Extra::new(),
+        }
+    }
+}
+
+/// One allow-listed query: `sql` with `:name` placeholders for each of `params`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+pub struct RpcQueryConfig {
+    pub sql: String,
+    pub params: Vec<String>,
+    /// At most this many rows are returned (`truncated` says when more matched).
+    pub max_rows: u64,
     #[serde(flatten)]
     extra: Extra,
 }
@@ -821,6 +856,33 @@ impl Validator<'_> {
         self.unknown("agent.outbox", &a.outbox.extra);
         self.unknown("agent.shutdown", &a.shutdown.extra);
         self.unknown("agent.admin", &a.admin.extra);
+        self.unknown("agent.rpc", &a.rpc.extra);
+        self.duration(
+            "agent.rpc.timeout",
+            &a.rpc.timeout,
+            Duration::from_millis(10),
+        );
+        for (name, q) in &a.rpc.queries {
+            let key = format!("agent.rpc.queries.{name}");
+            self.unknown(&key, &q.extra);
+            if !valid_id(name) {
+                self.bad(
+                    &key,
+                    "query names are 1-64 letters, digits, -, _ or .".into(),
+                );
+            }
+            if q.sql.trim().is_empty() {
+                self.bad(&format!("{key}.sql"), "missing".into());
+            }
+            for p in &q.params {
+                if !valid_id(p) || !q.sql.contains(&format!(":{p}")) {
+                    self.bad(
+                        &format!("{key}.params"),
+                        format!("`{p}` does not appear in sql as :{p}"),
+                    );
+                }
+            }
+        }
         if a.admin.listen != "off" {
             match a.admin.addr() {
                 None => self.bad(

@@ -134,6 +134,8 @@ pub struct AgentPorts {
     pub sink: Arc<dyn ChangeSink>,
     pub dialer: Arc<dyn Dialer>,
     pub clock: Arc<dyn Clock>,
+    /// The allow-listed queries the gateway may ask for (`rpc_request`).
+    pub queries: Arc<dyn crate::ports::QueryRunner>,
 }
 
 /// Late-bound addresses of the four actors.

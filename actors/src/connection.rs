@@ -94,7 +94,12 @@ pub struct Connection {
     blocked: u32,
     /// Failed HTTP fallback attempts in a row.
     http_failures: u32,
+    /// `rpc_request`s being run.
+    rpc_running: usize,
 }
+
+/// At most this many `rpc_request`s run at once; more are answered "busy".
+const MAX_RPC_RUNNING: usize = 4;
 
 enum Incoming {
     Frame(u64, Result<ws::Frame, WsProtocolError>),
@@ -153,6 +158,7 @@ impl Connection {
             close_waiters: Vec::new(),
             blocked: 0,
             http_failures: 0,
+            rpc_running: 0,
         }
     }
 
@@ -559,6 +565,7 @@ impl Connection {
                 self.updates.push_back(u);
                 self.apply_next(ctx);
             }
+            (State::Up, Wire::RpcRequest(r)) => self.run_query(r, ctx),
             (_, Wire::Error(e)) => {
                 log::error!(target: ERROR, "clinic={} event=gateway_error code={:?} field={} message={:?}", self.clinic(), e.code, e.field.as_deref().unwrap_or("-"), e.message);
             }
@@ -627,6 +634,70 @@ impl Connection {
                 }
             }));
         });
+    }
+
+    /// Runs an allow-listed query off the event loop and answers on the same link. Only the
+    /// query's name, id, row count and time are logged: parameters and rows are patient data.
+    fn run_query(&mut self, r: tether_schemas::RpcRequest, ctx: &mut Context<Self>) {
+        use tether_schemas::{RpcResponse, RpcStatus};
+        if self.rpc_running >= MAX_RPC_RUNNING {
+            let busy = Wire::RpcResponse(RpcResponse {
+                request_id: r.request_id,
+                status: RpcStatus::Error,
+                rows: None,
+                truncated: None,
+                error: Some(format!("busy: {MAX_RPC_RUNNING} queries already running")),
+                field: None,
+            });
+            return self.write_text(busy.encode());
+        }
+        self.rpc_running += 1;
+        let epoch = self.epoch;
+        let queries = self.ports.queries.clone();
+        let started = self.ports.clock.now();
+        let (id, name) = (r.request_id.clone(), r.name.clone());
+        let fut = async move {
+            crate::agent::blocking(move || Ok(queries.run(&r.name, &r.params)))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(crate::ports::QueryError {
+                        field: None,
+                        message: e.to_string(),
+                    })
+                })
+        };
+        ctx.spawn(fut.into_actor(self).map(move |res, act, _| {
+            act.rpc_running -= 1;
+            let ms = act.ports.clock.now().saturating_duration_since(started).as_millis();
+            let resp = match res {
+                Ok(q) => {
+                    log::info!(target: crate::log_target::MESSAGE, "clinic={} event=rpc_answered request_id={id} name={name} rows={} truncated={} ms={ms}", act.clinic(), q.rows.len(), q.truncated);
+                    RpcResponse {
+                        request_id: id,
+                        status: RpcStatus::Ok,
+                        rows: Some(q.rows),
+                        truncated: Some(q.truncated),
+                        error: None,
+                        field: None,
+                    }
+                }
+                Err(e) => {
+                    log::warn!(target: crate::log_target::MESSAGE, "clinic={} event=rpc_refused request_id={id} name={name} field={} ms={ms}", act.clinic(), e.field.as_deref().unwrap_or("-"));
+                    RpcResponse {
+                        request_id: id,
+                        status: RpcStatus::Error,
+                        rows: None,
+                        truncated: None,
+                        error: Some(e.message),
+                        field: e.field,
+                    }
+                }
+            };
+            // The link may have changed meanwhile: the gateway's caller has then been told.
+            if act.epoch == epoch && act.state == State::Up {
+                act.write_text(Wire::RpcResponse(resp).encode());
+            }
+        }));
     }
 
     /// Applies the oldest unapplied update; the next waits for its result (per-row order).

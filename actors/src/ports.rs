@@ -122,3 +122,39 @@ impl Dialer for PlainDialer {
         Ok(Vec::new())
     }
 }
+
+/// Rows of one allow-listed query (`rpc_request`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueryRows {
+    pub rows: Vec<tether_schemas::Row>,
+    /// More rows matched than the query's limit.
+    pub truncated: bool,
+}
+
+/// Why a named query was not answered. `field` names the input at fault (`name`,
+/// `params.<p>`), for the caller's error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct QueryError {
+    pub field: Option<String>,
+    pub message: String,
+}
+
+/// Runs the agent's allow-listed, named, parameterised queries against the clinic database
+/// (for `POST /v1/clinics/{id}/rpc`). Read-only by contract; adapters enforce it.
+pub trait QueryRunner: Send + Sync + 'static {
+    fn run(&self, name: &str, params: &tether_schemas::Row) -> Result<QueryRows, QueryError>;
+}
+
+/// No queries configured: every request is answered "unknown query".
+#[derive(Debug, Default)]
+pub struct NoQueries;
+
+impl QueryRunner for NoQueries {
+    fn run(&self, name: &str, _: &tether_schemas::Row) -> Result<QueryRows, QueryError> {
+        Err(QueryError {
+            field: Some("name".into()),
+            message: format!("no query `{name}` is configured on this agent (agent.rpc.queries)"),
+        })
+    }
+}

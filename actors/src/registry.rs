@@ -25,6 +25,13 @@ pub enum SessionCommand {
     /// The gateway is stopping: finish the store writes in flight (and ack them), take no new
     /// batch, then close with 1001.
     Shutdown,
+    /// Relay an `rpc_request` to the agent (`POST /v1/clinics/{id}/rpc`); the answer goes to
+    /// whoever registered `request_id` with the gateway.
+    Rpc {
+        request_id: String,
+        name: String,
+        params: tether_schemas::Row,
+    },
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -290,6 +297,28 @@ impl Handler<Unregister> for Registry {
         self.emit(&msg.clinic_id, kind, Some(msg.reason));
         if goodbye {
             self.emit(&msg.clinic_id, "offline", Some("agent stopped".into()));
+        }
+    }
+}
+
+/// Hands a command to the clinic's current session: `false` when it has none.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct ToClinic {
+    pub clinic_id: String,
+    pub cmd: SessionCommand,
+}
+
+impl Handler<ToClinic> for Registry {
+    type Result = bool;
+    fn handle(&mut self, msg: ToClinic, _: &mut Self::Context) -> bool {
+        match self
+            .clinics
+            .get(&msg.clinic_id)
+            .and_then(|e| e.session.as_ref())
+        {
+            Some(s) => s.try_send(msg.cmd).is_ok(),
+            None => false,
         }
     }
 }

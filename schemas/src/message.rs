@@ -157,6 +157,43 @@ pub struct UpdateResult {
     pub reason: Option<String>,
 }
 
+/// Gateway → agent: run one of the agent's allow-listed, named queries (`agent.rpc.queries`)
+/// with these parameters, for `POST /v1/clinics/{id}/rpc`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RpcRequest {
+    pub request_id: String,
+    pub name: String,
+    #[serde(default)]
+    pub params: Row,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RpcStatus {
+    Ok,
+    /// Not run or failed: `error` says why (unknown name, bad parameter, database error).
+    Error,
+}
+
+/// Agent → gateway: the answer to an `rpc_request`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RpcResponse {
+    pub request_id: String,
+    pub status: RpcStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<Vec<Row>>,
+    /// More rows matched than the query's `max_rows`; `rows` holds the first ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncated: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// With `error`: the request field at fault (`name`, `params.<p>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
 /// Machine-readable error codes carried by `error` frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -195,10 +232,12 @@ pub enum Message {
     Update(Update),
     UpdateResult(UpdateResult),
     Error(ErrorFrame),
+    RpcRequest(RpcRequest),
+    RpcResponse(RpcResponse),
 }
 
 /// The `type` values, in the order of [`Message`].
-pub const MESSAGE_TYPES: [&str; 7] = [
+pub const MESSAGE_TYPES: [&str; 9] = [
     "hello",
     "welcome",
     "events",
@@ -206,6 +245,8 @@ pub const MESSAGE_TYPES: [&str; 7] = [
     "update",
     "update_result",
     "error",
+    "rpc_request",
+    "rpc_response",
 ];
 
 impl Message {
@@ -218,6 +259,8 @@ impl Message {
             Message::Update(_) => "update",
             Message::UpdateResult(_) => "update_result",
             Message::Error(_) => "error",
+            Message::RpcRequest(_) => "rpc_request",
+            Message::RpcResponse(_) => "rpc_response",
         }
     }
 
@@ -231,6 +274,8 @@ impl Message {
             Message::Update(m) => envelope("update", m),
             Message::UpdateResult(m) => envelope("update_result", m),
             Message::Error(m) => envelope("error", m),
+            Message::RpcRequest(m) => envelope("rpc_request", m),
+            Message::RpcResponse(m) => envelope("rpc_response", m),
         }
     }
 
@@ -272,6 +317,8 @@ impl Message {
             "update" => Message::Update(body_as(&kind, body)?),
             "update_result" => Message::UpdateResult(body_as(&kind, body)?),
             "error" => Message::Error(body_as(&kind, body)?),
+            "rpc_request" => Message::RpcRequest(body_as(&kind, body)?),
+            "rpc_response" => Message::RpcResponse(body_as(&kind, body)?),
             _ => return Err(DecodeError::UnknownType(kind)),
         })
     }

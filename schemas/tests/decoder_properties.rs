@@ -60,7 +60,7 @@ proptest! {
     }
 
     #[test]
-    fn mangled_examples_never_panic(idx in 0usize..7, cut in 0usize..400, byte in any::<u8>()) {
+    fn mangled_examples_never_panic(idx in 0usize..MESSAGE_TYPES.len(), cut in 0usize..400, byte in any::<u8>()) {
         let kind = MESSAGE_TYPES[idx];
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("examples/{kind}.json"));
         let mut bytes = std::fs::read(path).expect("example");

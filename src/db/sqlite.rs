@@ -1456,3 +1456,143 @@ mod concurrency_tests {
         );
     }
 }
+
+/// The allow-listed queries of `agent.rpc` on a connection of their own that cannot write
+/// (`PRAGMA query_only`): a query that tries to is refused by SQLite itself. Each run is
+/// interrupted once it passes `agent.rpc.timeout`.
+pub struct SqliteQueries {
+    conn: Mutex<Connection>,
+    queries: HashMap<String, crate::config::RpcQueryConfig>,
+    timeout: Duration,
+}
+
+/// Rows returned when a query sets no `max_rows`.
+const DEFAULT_MAX_ROWS: usize = 1000;
+
+impl SqliteQueries {
+    pub fn open(path: &Path, rpc: &crate::config::RpcConfig) -> Result<Self, SqliteError> {
+        let conn = open(path)?;
+        conn.execute_batch("PRAGMA query_only = ON;")
+            .map_err(|source| SqliteError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        Ok(SqliteQueries {
+            conn: Mutex::new(conn),
+            queries: rpc.queries.clone().into_iter().collect(),
+            timeout: rpc.timeout.get(),
+        })
+    }
+}
+
+fn json_to_sql(v: &Value) -> Option<SqlValue> {
+    Some(match v {
+        Value::Null => SqlValue::Null,
+        Value::Bool(b) => SqlValue::Integer(i64::from(*b)),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => SqlValue::Integer(i),
+            None => SqlValue::Real(n.as_f64()?),
+        },
+        Value::String(s) => SqlValue::Text(s.clone()),
+        Value::Array(_) | Value::Object(_) => return None,
+    })
+}
+
+fn sql_to_json(v: rusqlite::types::ValueRef<'_>) -> Value {
+    use rusqlite::types::ValueRef as V;
+    match v {
+        V::Null => Value::Null,
+        V::Integer(i) => Value::from(i),
+        V::Real(f) => serde_json::Number::from_f64(f)
+            .map(Value::Number)
+            .unwrap_or(Value::Null),
+        V::Text(t) => Value::String(String::from_utf8_lossy(t).into_owned()),
+        V::Blob(b) => Value::String(b.iter().map(|x| format!("{x:02x}")).collect()),
+    }
+}
+
+impl tether_actors::ports::QueryRunner for SqliteQueries {
+    fn run(
+        &self,
+        name: &str,
+        params: &Map<String, Value>,
+    ) -> Result<tether_actors::ports::QueryRows, tether_actors::ports::QueryError> {
+        use tether_actors::ports::{QueryError, QueryRows};
+        let bad = |field: String, message: String| QueryError {
+            field: Some(field),
+            message,
+        };
+        let Some(q) = self.queries.get(name) else {
+            return Err(bad(
+                "name".into(),
+                format!("no query `{name}` is configured on this agent (agent.rpc.queries)"),
+            ));
+        };
+        if let Some(extra) = params.keys().find(|k| !q.params.contains(k)) {
+            return Err(bad(
+                format!("params.{extra}"),
+                format!("query `{name}` takes no parameter `{extra}`"),
+            ));
+        }
+        let mut bound = Vec::with_capacity(q.params.len());
+        for p in &q.params {
+            let v = params
+                .get(p)
+                .ok_or_else(|| bad(format!("params.{p}"), format!("query `{name}` needs `{p}`")))?;
+            let v = json_to_sql(v).ok_or_else(|| {
+                bad(
+                    format!("params.{p}"),
+                    "must be a string, number, boolean or null".into(),
+                )
+            })?;
+            bound.push((format!(":{p}"), v));
+        }
+        let max = match q.max_rows {
+            0 => DEFAULT_MAX_ROWS,
+            n => n as usize,
+        };
+        let db = |e: rusqlite::Error| QueryError {
+            field: None,
+            message: format!("query `{name}` failed: {e}"),
+        };
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = std::time::Instant::now() + self.timeout;
+        conn.progress_handler(10_000, Some(move || std::time::Instant::now() > deadline));
+        let result = (|| {
+            let mut stmt = conn.prepare_cached(&q.sql).map_err(db)?;
+            let names: Vec<String> = stmt.column_names().iter().map(|c| c.to_string()).collect();
+            let refs: Vec<(&str, &dyn rusqlite::ToSql)> = bound
+                .iter()
+                .map(|(k, v)| (k.as_str(), v as &dyn rusqlite::ToSql))
+                .collect();
+            let mut rows = stmt.query(refs.as_slice()).map_err(db)?;
+            let mut out = QueryRows::default();
+            while let Some(r) = rows.next().map_err(db)? {
+                if out.rows.len() == max {
+                    out.truncated = true;
+                    break;
+                }
+                let mut m = Map::new();
+                for (i, n) in names.iter().enumerate() {
+                    m.insert(n.clone(), sql_to_json(r.get_ref(i).map_err(db)?));
+                }
+                out.rows.push(m);
+            }
+            Ok(out)
+        })();
+        conn.progress_handler(0, None::<fn() -> bool>);
+        result.map_err(|e: QueryError| {
+            if std::time::Instant::now() > deadline {
+                QueryError {
+                    field: None,
+                    message: format!(
+                        "query `{name}` interrupted after {} ms (agent.rpc.timeout)",
+                        self.timeout.as_millis()
+                    ),
+                }
+            } else {
+                e
+            }
+        })
+    }
+}

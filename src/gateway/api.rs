@@ -5,6 +5,7 @@
 //! - `GET /v1/events?clinic_id=&after=&limit=` (cursor pagination on the event id)
 //! - `POST /v1/clinics/{id}/updates` → 202 `{"update_id": …}`
 //! - `GET /v1/updates/{id}`
+//! - `POST /v1/clinics/{id}/rpc` → the rows of one of the clinic's allow-listed queries
 //!
 //! The whole API (monitoring, agent transports) is described in `schemas/openapi.json`, served at
 //! `/v1/openapi.json`; `routes.rs` holds the table of routes.
@@ -314,27 +315,43 @@ struct UpdateBody {
     row: Option<Map<String, Value>>,
 }
 
+/// The `{id}` path segment (a valid clinic id) and the JSON body, or the 400 naming what is
+/// wrong (the body's field path included).
+fn clinic_and_body<T: serde::de::DeserializeOwned>(
+    id: web::Path<String>,
+    body: &[u8],
+) -> Result<(String, T), Box<HttpResponse>> {
+    let clinic = id.into_inner();
+    if !valid_id(&clinic) {
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            Some("id"),
+            "not a valid clinic id",
+        )));
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    match serde_path_to_error::deserialize(&mut de) {
+        Ok(b) => Ok((clinic, b)),
+        Err(e) => {
+            let field = e.path().to_string();
+            let field = if field == "." { None } else { Some(field) };
+            Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                field.as_deref(),
+                e.into_inner().to_string(),
+            )))
+        }
+    }
+}
+
 pub(super) async fn post_update(
     state: web::Data<GatewayState>,
     id: web::Path<String>,
     body: web::Bytes,
 ) -> HttpResponse {
-    let clinic = id.into_inner();
-    if !valid_id(&clinic) {
-        return error(StatusCode::BAD_REQUEST, Some("id"), "not a valid clinic id");
-    }
-    let mut de = serde_json::Deserializer::from_slice(&body);
-    let parsed: UpdateBody = match serde_path_to_error::deserialize(&mut de) {
-        Ok(b) => b,
-        Err(e) => {
-            let field = e.path().to_string();
-            let field = if field == "." { None } else { Some(field) };
-            return error(
-                StatusCode::BAD_REQUEST,
-                field.as_deref(),
-                e.into_inner().to_string(),
-            );
-        }
+    let (clinic, parsed) = match clinic_and_body::<UpdateBody>(id, &body) {
+        Ok(v) => v,
+        Err(resp) => return *resp,
     };
     if !valid_id(&parsed.entity) {
         return error(
@@ -391,6 +408,102 @@ pub(super) async fn post_update(
             HttpResponse::Accepted().json(json!({ "update_id": update_id, "status": "pending" }))
         }
         Err(e) => store_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RpcBody {
+    name: String,
+    #[serde(default)]
+    params: Map<String, Value>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+/// `POST /v1/clinics/{id}/rpc`: runs one of the clinic's allow-listed queries through its
+/// session and answers with the rows. Parameters and rows are never logged.
+pub(super) async fn post_rpc(
+    state: web::Data<GatewayState>,
+    id: web::Path<String>,
+    body: web::Bytes,
+) -> HttpResponse {
+    let (clinic, parsed) = match clinic_and_body::<RpcBody>(id, &body) {
+        Ok(v) => v,
+        Err(resp) => return *resp,
+    };
+    if !valid_id(&parsed.name) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            Some("name"),
+            "must be 1-64 characters of letters, digits, -, _ or .",
+        );
+    }
+    let timeout = match parsed.timeout_ms.unwrap_or(10_000) {
+        t @ 1..=60_000 => std::time::Duration::from_millis(t),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                Some("timeout_ms"),
+                "must be from 1 to 60000",
+            )
+        }
+    };
+    let request_id = format!("rpc_{:016x}", rand::random::<u64>());
+    let answer = state.rpc.register(&request_id);
+    let cmd = tether_actors::registry::SessionCommand::Rpc {
+        request_id: request_id.clone(),
+        name: parsed.name.clone(),
+        params: parsed.params,
+    };
+    let delivered = state
+        .registry
+        .send(tether_actors::registry::ToClinic {
+            clinic_id: clinic.clone(),
+            cmd,
+        })
+        .await
+        .unwrap_or(false);
+    if !delivered {
+        state.rpc.forget(&request_id);
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("id"),
+            format!("clinic `{clinic}` is not connected; try again when it is (GET /v1/clinics/{clinic} shows its state)"),
+        );
+    }
+    match tokio::time::timeout(timeout, answer).await {
+        Err(_) => {
+            state.rpc.forget(&request_id);
+            error(
+                StatusCode::GATEWAY_TIMEOUT,
+                Some("timeout_ms"),
+                format!(
+                    "clinic `{clinic}` did not answer within {} ms",
+                    timeout.as_millis()
+                ),
+            )
+        }
+        Ok(Err(_)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            "the clinic's session ended before it answered",
+        ),
+        Ok(Ok(r)) if r.status == tether_schemas::RpcStatus::Ok => HttpResponse::Ok().json(json!({
+            "request_id": request_id,
+            "rows": r.rows.unwrap_or_default(),
+            "truncated": r.truncated.unwrap_or(false),
+        })),
+        Ok(Ok(r)) => {
+            let detail = r.error.unwrap_or_else(|| "refused by the clinic".into());
+            // Refused before running (unknown name, bad parameter) vs failed while running.
+            let status = if r.field.is_some() {
+                StatusCode::UNPROCESSABLE_ENTITY
+            } else {
+                StatusCode::BAD_GATEWAY
+            };
+            error(status, r.field.as_deref(), detail)
+        }
     }
 }
 

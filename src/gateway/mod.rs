@@ -214,6 +214,8 @@ pub struct GatewayState {
     /// Open channels of the HTTP fallback transport.
     pub http_channels: session::http::Channels,
     pub metrics: metrics::GatewayMetrics,
+    /// Callers of `POST /v1/clinics/{id}/rpc` waiting for the clinic's answer.
+    pub rpc: session::RpcWaiters,
 }
 
 pub struct GatewayHandle {
@@ -288,6 +290,7 @@ pub fn start(
         security,
         http_channels: Default::default(),
         metrics: Default::default(),
+        rpc: Default::default(),
     });
     let listen = settings.listen.clone();
     let server = HttpServer::new(move || {

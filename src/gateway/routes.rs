@@ -43,6 +43,7 @@ fn table() -> Table {
     t.add(get.clone(), "/v1/clinics", api::list_clinics);
     t.add(get.clone(), "/v1/clinics/{id}", api::get_clinic);
     t.add(post.clone(), "/v1/clinics/{id}/updates", api::post_update);
+    t.add(post.clone(), "/v1/clinics/{id}/rpc", api::post_rpc);
     t.add(get.clone(), "/v1/events", api::list_events);
     t.add(get.clone(), "/v1/updates/{id}", api::get_update);
     t.add(get.clone(), "/v1/stream/lifecycle", monitor::lifecycle);

@@ -58,6 +58,52 @@ pub struct Session {
     transport: &'static str,
     /// How the session ended: the close code and reason, and who closed it.
     end: Option<End>,
+    /// `rpc_request`s relayed to the agent and not answered yet.
+    rpc_outstanding: HashSet<String>,
+}
+
+/// Callers of `POST /v1/clinics/{id}/rpc` waiting for their answer, by request id.
+#[derive(Default)]
+pub struct RpcWaiters(std::sync::Mutex<std::collections::HashMap<String, RpcWaiter>>);
+
+type RpcWaiter = tokio::sync::oneshot::Sender<tether_schemas::RpcResponse>;
+
+impl RpcWaiters {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, RpcWaiter>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn register(
+        &self,
+        id: &str,
+    ) -> tokio::sync::oneshot::Receiver<tether_schemas::RpcResponse> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.lock().insert(id.to_string(), tx);
+        rx
+    }
+
+    pub fn forget(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    /// Hands the answer to its caller; `false` if nobody waits for it any more.
+    fn answer(&self, r: tether_schemas::RpcResponse) -> bool {
+        match self.lock().remove(&r.request_id) {
+            Some(tx) => tx.send(r).is_ok(),
+            None => false,
+        }
+    }
+
+    fn fail(&self, id: &str, why: &str) {
+        self.answer(tether_schemas::RpcResponse {
+            request_id: id.to_string(),
+            status: tether_schemas::RpcStatus::Error,
+            rows: None,
+            truncated: None,
+            error: Some(why.to_string()),
+            field: None,
+        });
+    }
 }
 
 struct End {
@@ -173,6 +219,7 @@ impl Session {
             source: 0,
             transport,
             end: None,
+            rpc_outstanding: HashSet::new(),
         }
     }
 }
@@ -270,6 +317,21 @@ impl Session {
             }
             (Some(_), Wire::Events(ev)) => self.on_events(ev, ctx),
             (Some(_), Wire::UpdateResult(r)) => self.on_update_result(r, ctx),
+            (Some(_), Wire::RpcResponse(r)) => {
+                if self.rpc_outstanding.remove(&r.request_id) {
+                    log::info!(target: MESSAGE, "session={} clinic={} event=rpc_answered request_id={} status={:?} rows={}", self.id, self.clinic_label(), r.request_id, r.status, r.rows.as_ref().map(Vec::len).unwrap_or(0));
+                    if !self.state.rpc.answer(r) {
+                        log::warn!(target: MESSAGE, "session={} clinic={} event=rpc_answer_late reason=\"the caller stopped waiting\"", self.id, self.clinic_label());
+                    }
+                } else {
+                    self.send_error(
+                        ctx,
+                        ErrorCode::UnexpectedMessage,
+                        format!("no rpc_request `{}` is open on this session", r.request_id),
+                        Some("request_id".into()),
+                    );
+                }
+            }
             (Some(_), Wire::Error(e)) => {
                 log::warn!(target: ERROR, "session={} clinic={} event=agent_error code={:?} message={:?}", self.id, self.clinic_label(), e.code, e.message);
             }
@@ -608,6 +670,11 @@ impl Actor for Session {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
+        for id in self.rpc_outstanding.drain() {
+            self.state
+                .rpc
+                .fail(&id, "the clinic disconnected before answering");
+        }
         if let Some(clinic) = &self.clinic {
             let (reason, goodbye, evicted) = match &self.end {
                 Some(e) => (
@@ -723,6 +790,28 @@ impl Handler<SessionCommand> for Session {
                 self.close(ctx, ws::CloseCode::Other(4001), &why);
             }
             SessionCommand::DeliverUpdates => self.deliver_updates(ctx),
+            SessionCommand::Rpc {
+                request_id,
+                name,
+                params,
+            } => {
+                if self.closing || self.shutting_down {
+                    return self
+                        .state
+                        .rpc
+                        .fail(&request_id, "the clinic's session is closing");
+                }
+                log::info!(target: MESSAGE, "session={} clinic={} event=rpc_sent request_id={request_id} name={name}", self.id, self.clinic_label());
+                self.rpc_outstanding.insert(request_id.clone());
+                self.send(
+                    ctx,
+                    Wire::RpcRequest(tether_schemas::RpcRequest {
+                        request_id,
+                        name,
+                        params,
+                    }),
+                );
+            }
             SessionCommand::Shutdown => {
                 self.shutting_down = true;
                 if self.writes_inflight == 0 {
