@@ -92,6 +92,7 @@ fn settings(dir: &Path, listen: &str) -> GatewaySettings {
         workers: 2,
         shutdown_timeout: Duration::from_secs(1),
         faults: Default::default(),
+        webhooks: Vec::new(),
     }
 }
 

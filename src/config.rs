@@ -480,8 +480,48 @@ pub struct GatewayConfig {
     /// Data keys to decrypt sensitive fields; without them the store keeps ciphertext.
     pub decryption_keys: Vec<DataKeyConfig>,
     pub limits: LimitsConfig,
+    /// Endpoints of the main Web API that receive every durable clinic event, signed.
+    pub webhooks: Vec<WebhookConfig>,
     #[serde(flatten)]
     extra: Extra,
+}
+
+/// One `gateway.webhooks` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct WebhookConfig {
+    pub name: String,
+    pub url: String,
+    /// Environment variable holding the HMAC secret ...
+    pub secret_env: Option<String>,
+    /// ... or a file holding it.
+    pub secret_file: Option<PathBuf>,
+    /// Only events of these entities (all when empty).
+    pub entities: Vec<String>,
+    /// Attempts before an event goes to the dead-letter list.
+    pub max_attempts: u64,
+    pub timeout: Dur,
+    pub backoff_initial: Dur,
+    pub backoff_max: Dur,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            name: String::new(),
+            url: String::new(),
+            secret_env: None,
+            secret_file: None,
+            entities: Vec::new(),
+            max_attempts: 8,
+            timeout: Dur::secs(10),
+            backoff_initial: Dur::secs(1),
+            backoff_max: Dur::secs(60),
+            extra: Extra::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -562,6 +602,7 @@ impl Default for GatewayConfig {
             admin_tokens: Vec::new(),
             decryption_keys: Vec::new(),
             limits: LimitsConfig::default(),
+            webhooks: Vec::new(),
             extra: Extra::new(),
         }
     }
@@ -1156,6 +1197,44 @@ impl Validator<'_> {
         self.unknown("gateway", &g.extra);
         self.unknown("gateway.store", &g.store.extra);
         self.unknown("gateway.limits", &g.limits.extra);
+        for (i, w) in g.webhooks.iter().enumerate() {
+            let key = format!("gateway.webhooks[{i}]");
+            self.unknown(&key, &w.extra);
+            if !valid_id(&w.name) {
+                self.bad(
+                    &format!("{key}.name"),
+                    "1-64 letters, digits, -, _ or .".into(),
+                );
+            }
+            if !(w.url.starts_with("https://") || w.url.starts_with("http://")) {
+                self.bad(
+                    &format!("{key}.url"),
+                    format!("`{}` is not an http(s) URL", w.url),
+                );
+            }
+            if w.secret_env.is_none() && w.secret_file.is_none() {
+                self.bad(
+                    &key,
+                    "needs secret_env or secret_file (the HMAC key)".into(),
+                );
+            }
+            self.positive(&format!("{key}.max_attempts"), w.max_attempts);
+            self.duration(
+                &format!("{key}.timeout"),
+                &w.timeout,
+                Duration::from_millis(10),
+            );
+            self.duration(
+                &format!("{key}.backoff_initial"),
+                &w.backoff_initial,
+                Duration::from_millis(1),
+            );
+            self.duration(
+                &format!("{key}.backoff_max"),
+                &w.backoff_max,
+                Duration::from_millis(1),
+            );
+        }
         if !valid_id(&g.id) {
             self.bad("gateway.id", "must be letters, digits, - _ .".into());
         }

@@ -343,6 +343,7 @@ impl Fleet {
             workers: 2,
             shutdown_timeout: Duration::from_secs(1),
             faults: Default::default(),
+            webhooks: Vec::new(),
         };
         let (security, certs, admin_token) = match key_bits {
             None => (GatewaySecurity::insecure(), None, None),

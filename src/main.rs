@@ -734,7 +734,8 @@ fn run_keys(cmd: KeysCommand) -> Result<ExitCode> {
 fn run_gateway(cfg: &Config, g: tether::config::GatewayConfig) -> Result<ExitCode> {
     let _log = logging::init(&cfg.logging, "")?;
     logging::install_panic_logger(true);
-    let settings = gateway::GatewaySettings::from_config(&g);
+    let mut settings = gateway::GatewaySettings::from_config(&g);
+    settings.webhooks = gateway::webhooks_from_config(&g)?;
     let system = actix::System::new();
     system.block_on(async move {
         let security = gateway::GatewaySecurity::from_config(&g)?;

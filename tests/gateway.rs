@@ -30,6 +30,7 @@ fn start(dir: &Path, heartbeat: Duration) -> GatewayHandle {
             workers: 1,
             shutdown_timeout: Duration::from_millis(200),
             faults: Default::default(),
+            webhooks: Vec::new(),
         },
         GatewaySecurity::insecure(),
     )

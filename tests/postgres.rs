@@ -600,6 +600,7 @@ async fn e2e(url: String) {
             workers: 1,
             shutdown_timeout: Duration::from_millis(200),
             faults: Default::default(),
+            webhooks: Vec::new(),
         },
         tether::gateway::GatewaySecurity::insecure(),
     )

@@ -167,6 +167,7 @@ fn settings(dir: &Path) -> GatewaySettings {
         workers: 1,
         shutdown_timeout: Duration::from_millis(200),
         faults: Default::default(),
+        webhooks: Vec::new(),
     }
 }
 

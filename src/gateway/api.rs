@@ -151,6 +151,19 @@ async fn clinic_views(state: &GatewayState) -> Result<Vec<Value>, HttpResponse> 
     Ok(out)
 }
 
+/// `limit` of a page: 1 to 1000, `default` when absent.
+fn page_limit(raw: Option<&str>, default: usize) -> Result<usize, Box<HttpResponse>> {
+    match raw.map(str::parse::<usize>) {
+        None => Ok(default),
+        Some(Ok(v)) if (1..=1000).contains(&v) => Ok(v),
+        Some(_) => Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            Some("limit"),
+            "must be an integer from 1 to 1000",
+        ))),
+    }
+}
+
 /// Refuses a query parameter the route does not know, naming it.
 fn known_params(q: &BTreeMap<String, String>, known: &[&str]) -> Option<HttpResponse> {
     let k = q.keys().find(|k| !known.contains(&k.as_str()))?;
@@ -189,16 +202,9 @@ pub(super) async fn list_clinics(
             );
         }
     }
-    let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
-        None => 500,
-        Some(Ok(v)) if (1..=1000).contains(&v) => v,
-        Some(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                Some("limit"),
-                "must be an integer from 1 to 1000",
-            )
-        }
+    let limit = match page_limit(q.get("limit").map(String::as_str), 500) {
+        Ok(l) => l,
+        Err(resp) => return *resp,
     };
     let after = q.get("after").cloned().unwrap_or_default();
     match clinic_views(&state).await {
@@ -272,16 +278,9 @@ pub(super) async fn list_events(
             )
         }
     };
-    let limit = match q.limit.as_deref().map(str::parse::<usize>) {
-        None => 100,
-        Some(Ok(v)) if (1..=1000).contains(&v) => v,
-        Some(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                Some("limit"),
-                "must be an integer from 1 to 1000",
-            )
-        }
+    let limit = match page_limit(q.limit.as_deref(), 100) {
+        Ok(l) => l,
+        Err(resp) => return *resp,
     };
     if let Some(c) = &q.clinic_id {
         if !valid_id(c) {
@@ -329,19 +328,21 @@ fn clinic_and_body<T: serde::de::DeserializeOwned>(
             "not a valid clinic id",
         )));
     }
+    Ok((clinic, json_body(body)?))
+}
+
+/// The JSON body, or the 400 naming the field at fault.
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<HttpResponse>> {
     let mut de = serde_json::Deserializer::from_slice(body);
-    match serde_path_to_error::deserialize(&mut de) {
-        Ok(b) => Ok((clinic, b)),
-        Err(e) => {
-            let field = e.path().to_string();
-            let field = if field == "." { None } else { Some(field) };
-            Err(Box::new(error(
-                StatusCode::BAD_REQUEST,
-                field.as_deref(),
-                e.into_inner().to_string(),
-            )))
-        }
-    }
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let field = e.path().to_string();
+        let field = if field == "." { None } else { Some(field) };
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            field.as_deref(),
+            e.into_inner().to_string(),
+        ))
+    })
 }
 
 pub(super) async fn post_update(
@@ -522,5 +523,139 @@ pub(super) async fn get_update(
             format!("no update `{id}`"),
         ),
         Err(resp) => resp,
+    }
+}
+
+fn no_webhook(name: &str) -> HttpResponse {
+    error(
+        StatusCode::NOT_FOUND,
+        Some("name"),
+        format!("no webhook `{name}` (gateway.webhooks)"),
+    )
+}
+
+/// `GET /v1/webhooks`: each endpoint with its cursor, counters and dead letters.
+pub(super) async fn list_webhooks(state: web::Data<GatewayState>) -> HttpResponse {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = Vec::new();
+    for (s, stats) in &state.webhooks.endpoints {
+        let w = state.webhooks.clone();
+        let name = s.name.clone();
+        let (cursor, dead) = match web::block(move || {
+            Ok::<_, StoreError>((w.cursor(&name)?, w.dead_letters(&name, 0, 1000)?.len()))
+        })
+        .await
+        {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => return store_error(e),
+            Err(e) => return store_error(e),
+        };
+        out.push(json!({
+            "name": s.name,
+            "url": s.url,
+            "entities": s.entities,
+            "cursor": cursor,
+            "delivered": stats.delivered.load(Relaxed),
+            "failures": stats.failures.load(Relaxed),
+            "dead_letters": dead,
+        }));
+    }
+    HttpResponse::Ok().json(json!({ "webhooks": out }))
+}
+
+/// `GET /v1/webhooks/{name}/dead-letters?after=&limit=`.
+pub(super) async fn list_dead_letters(
+    state: web::Data<GatewayState>,
+    name: web::Path<String>,
+    q: web::Query<BTreeMap<String, String>>,
+) -> HttpResponse {
+    let name = name.into_inner();
+    if state.webhooks.find(&name).is_none() {
+        return no_webhook(&name);
+    }
+    let q = q.into_inner();
+    if let Some(resp) = known_params(&q, &["after", "limit"]) {
+        return resp;
+    }
+    let Ok(after) = q.get("after").map_or(Ok(0), |a| a.parse::<u64>()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            Some("after"),
+            "must be a dead-letter id",
+        );
+    };
+    let limit = match page_limit(q.get("limit").map(String::as_str), 100) {
+        Ok(l) => l,
+        Err(resp) => return *resp,
+    };
+    let w = state.webhooks.clone();
+    match web::block(move || w.dead_letters(&name, after, limit)).await {
+        Ok(Ok(list)) => {
+            let next = (list.len() == limit)
+                .then(|| list.last().map(|d| d.id))
+                .flatten();
+            HttpResponse::Ok().json(json!({ "dead_letters": list, "next_after": next }))
+        }
+        Ok(Err(e)) => store_error(e),
+        Err(e) => store_error(e),
+    }
+}
+
+/// `POST /v1/webhooks/{name}/dead-letters/{id}/replay`: one more delivery, now.
+pub(super) async fn replay_dead_letter(
+    state: web::Data<GatewayState>,
+    path: web::Path<(String, String)>,
+) -> HttpResponse {
+    use super::webhooks::ReplayError;
+    let (name, id) = path.into_inner();
+    let Ok(id) = id.parse::<u64>() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            Some("id"),
+            format!("no dead letter `{id}`: ids are integers"),
+        );
+    };
+    match state.webhooks.replay_dead_letter(&name, id).await {
+        Ok(delivered) => HttpResponse::Ok().json(json!({ "delivered": delivered })),
+        Err(ReplayError::NoWebhook) => no_webhook(&name),
+        Err(ReplayError::NoDeadLetter) => error(
+            StatusCode::NOT_FOUND,
+            Some("id"),
+            format!("no dead letter {id} for webhook `{name}`"),
+        ),
+        Err(ReplayError::Store(e)) => store_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayBody {
+    from_event_id: u64,
+}
+
+/// `POST /v1/webhooks/{name}/replay` `{"from_event_id": N}`: re-deliver from an event on.
+pub(super) async fn replay_webhook(
+    state: web::Data<GatewayState>,
+    name: web::Path<String>,
+    body: web::Bytes,
+) -> HttpResponse {
+    let name = name.into_inner();
+    if state.webhooks.find(&name).is_none() {
+        return no_webhook(&name);
+    }
+    let parsed: ReplayBody = match json_body(&body) {
+        Ok(b) => b,
+        Err(resp) => return *resp,
+    };
+    let w = state.webhooks.clone();
+    let n = name.clone();
+    match web::block(move || w.replay_from(&n, parsed.from_event_id)).await {
+        Ok(Ok(())) => {
+            log::info!(target: AUDIT, "action=webhook_replay webhook={name} from_event_id={}", parsed.from_event_id);
+            HttpResponse::Accepted()
+                .json(json!({ "webhook": name, "from_event_id": parsed.from_event_id }))
+        }
+        Ok(Err(e)) => store_error(e),
+        Err(e) => store_error(e),
     }
 }

@@ -9,6 +9,7 @@ pub mod monitor;
 pub mod problem;
 pub mod routes;
 pub mod session;
+pub mod webhooks;
 
 /// A clinic is reported `lagging` beyond this many events read and not yet durable ...
 pub const LAG_EVENTS: u64 = 10_000;
@@ -48,6 +49,8 @@ pub enum GatewayError {
     Keys(#[from] crate::security::crypto::CryptoError),
     #[error("gateway.admin_tokens: entry {0} has a malformed sha256")]
     AdminToken(String),
+    #[error("gateway.webhooks: {0}")]
+    Webhook(String),
     #[error("gateway.listen {addr}: {source}")]
     Bind {
         addr: String,
@@ -70,6 +73,8 @@ pub struct GatewaySettings {
     pub shutdown_timeout: Duration,
     /// Test-only faults; honoured only in builds with the `fault-injection` feature.
     pub faults: GatewayFaults,
+    /// Endpoints of the main Web API that receive every durable clinic event.
+    pub webhooks: Vec<webhooks::WebhookSettings>,
 }
 
 /// Deliberate misbehaviour for the fault tests (ignored without `fault-injection`).
@@ -116,8 +121,53 @@ impl GatewaySettings {
             workers: 2,
             shutdown_timeout: Duration::from_secs(5),
             faults: GatewayFaults::from_env(),
+            webhooks: Vec::new(),
         }
     }
+}
+
+/// `gateway.webhooks`, secrets read from their environment variable or file.
+pub fn webhooks_from_config(
+    c: &GatewayConfig,
+) -> Result<Vec<webhooks::WebhookSettings>, GatewayError> {
+    let mut out = Vec::new();
+    for w in &c.webhooks {
+        let secret = match (&w.secret_env, &w.secret_file) {
+            (Some(var), _) => std::env::var(var)
+                .map_err(|_| {
+                    GatewayError::Webhook(format!("{}: secret_env {var} is not set", w.name))
+                })?
+                .into_bytes(),
+            (None, Some(file)) => std::fs::read_to_string(file)
+                .map_err(|e| {
+                    GatewayError::Webhook(format!(
+                        "{}: secret_file {}: {e}",
+                        w.name,
+                        file.display()
+                    ))
+                })?
+                .trim()
+                .as_bytes()
+                .to_vec(),
+            (None, None) => {
+                return Err(GatewayError::Webhook(format!(
+                    "{}: needs secret_env or secret_file",
+                    w.name
+                )))
+            }
+        };
+        out.push(webhooks::WebhookSettings {
+            name: w.name.clone(),
+            url: w.url.clone(),
+            secret,
+            entities: w.entities.clone(),
+            max_attempts: w.max_attempts.clamp(1, 1000) as u32,
+            timeout: w.timeout.get(),
+            backoff_initial: w.backoff_initial.get(),
+            backoff_max: w.backoff_max.get(),
+        });
+    }
+    Ok(out)
 }
 
 /// Who may connect and what they may do.
@@ -216,6 +266,7 @@ pub struct GatewayState {
     pub metrics: metrics::GatewayMetrics,
     /// Callers of `POST /v1/clinics/{id}/rpc` waiting for the clinic's answer.
     pub rpc: session::RpcWaiters,
+    pub webhooks: Arc<webhooks::Webhooks>,
 }
 
 pub struct GatewayHandle {
@@ -282,6 +333,11 @@ pub fn start(
     // with more than LAG_EVENTS read and not stored, or whose newest event took longer than
     // LAG_MS from commit to durable, is `lagging`.
     let registry = Registry::new(settings.heartbeat_interval * 3, LAG_EVENTS, LAG_MS).start();
+    let webhooks = Arc::new(webhooks::Webhooks::new(
+        store.clone(),
+        settings.webhooks.clone(),
+    )?);
+    webhooks.start();
     let state = web::Data::new(GatewayState {
         settings: settings.clone(),
         store: store.clone(),
@@ -291,6 +347,7 @@ pub fn start(
         http_channels: Default::default(),
         metrics: Default::default(),
         rpc: Default::default(),
+        webhooks,
     });
     let listen = settings.listen.clone();
     let server = HttpServer::new(move || {

@@ -43,15 +43,58 @@ async fn live_and_records(
 
 pub(super) async fn metrics(state: web::Data<GatewayState>) -> HttpResponse {
     match live_and_records(&state).await {
-        Ok((live, records)) => HttpResponse::Ok()
-            .content_type("text/plain; version=0.0.4; charset=utf-8")
-            .body(
-                state
-                    .metrics
-                    .render(&live, &records, crate::security::unix_now_ms()),
-            ),
+        Ok((live, records)) => {
+            let mut text = state
+                .metrics
+                .render(&live, &records, crate::security::unix_now_ms());
+            text.push_str(&webhook_metrics(&state));
+            HttpResponse::Ok()
+                .content_type("text/plain; version=0.0.4; charset=utf-8")
+                .body(text)
+        }
         Err(resp) => resp,
     }
+}
+
+fn webhook_metrics(state: &GatewayState) -> String {
+    use std::fmt::Write as _;
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = String::new();
+    let families: [(&str, &str, &str); 4] = [
+        (
+            "tether_gateway_webhook_deliveries_total",
+            "counter",
+            "Events delivered (2xx) per webhook.",
+        ),
+        (
+            "tether_gateway_webhook_failures_total",
+            "counter",
+            "Failed delivery attempts per webhook.",
+        ),
+        (
+            "tether_gateway_webhook_dead_lettered_total",
+            "counter",
+            "Events moved to the dead-letter list after max_attempts.",
+        ),
+        (
+            "tether_gateway_webhook_last_event_id",
+            "gauge",
+            "The last event id the webhook's dispatcher has passed.",
+        ),
+    ];
+    for (i, (name, kind, help)) in families.iter().enumerate() {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (s, st) in &state.webhooks.endpoints {
+            let v = match i {
+                0 => st.delivered.load(Relaxed),
+                1 => st.failures.load(Relaxed),
+                2 => st.dead_lettered.load(Relaxed),
+                _ => st.last_event_id.load(Relaxed),
+            };
+            let _ = writeln!(out, "{name}{{webhook=\"{}\"}} {v}", s.name);
+        }
+    }
+    out
 }
 
 fn sse(event: &str, id: Option<u64>, data: &impl Serialize) -> Bytes {

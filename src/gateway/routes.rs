@@ -46,6 +46,22 @@ fn table() -> Table {
     t.add(post.clone(), "/v1/clinics/{id}/rpc", api::post_rpc);
     t.add(get.clone(), "/v1/events", api::list_events);
     t.add(get.clone(), "/v1/updates/{id}", api::get_update);
+    t.add(get.clone(), "/v1/webhooks", api::list_webhooks);
+    t.add(
+        post.clone(),
+        "/v1/webhooks/{name}/replay",
+        api::replay_webhook,
+    );
+    t.add(
+        get.clone(),
+        "/v1/webhooks/{name}/dead-letters",
+        api::list_dead_letters,
+    );
+    t.add(
+        post.clone(),
+        "/v1/webhooks/{name}/dead-letters/{id}/replay",
+        api::replay_dead_letter,
+    );
     t.add(get.clone(), "/v1/stream/lifecycle", monitor::lifecycle);
     t.add(get, "/v1/stream/fleet", monitor::fleet);
     t

@@ -498,6 +498,9 @@ impl Session {
                 act.state
                     .metrics
                     .stored(*inserted as u64, started.elapsed());
+                if *inserted > 0 {
+                    act.state.webhooks.notify();
+                }
             }
             let lag_ms = newest_commit.map(|t| crate::security::unix_now_ms().saturating_sub(t));
             act.stored(
