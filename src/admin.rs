@@ -1,8 +1,9 @@
 //! The agent's local admin endpoint (`agent.admin.listen`, loopback only): `/healthz` (the
-//! event loop answers), `/readyz` (connected and caught up), `/metrics` (Prometheus) and
-//! `/status` (JSON, read by `tether agent status`). A deliberately small HTTP/1.1 server: GET
-//! only, one request per connection, no dependencies beyond tokio — it also runs in the
-//! agent-only build, which has no web framework.
+//! event loop answers), `/readyz` (connected and caught up), `/metrics` (Prometheus), `/status`
+//! (JSON, read by `tether agent status`) and `POST /call/{endpoint}` (clinic software calling a
+//! configured endpoint of the main Web API through the gateway, over the agent's own link). A
+//! deliberately small HTTP/1.1 server: one request per connection, no dependencies beyond tokio
+//! — it also runs in the agent-only build, which has no web framework.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -27,7 +28,12 @@ pub struct AdminState {
     pub source: Arc<dyn ChangeSource>,
     pub checkpoint: Arc<dyn Checkpoint>,
     pub started: Instant,
+    /// The running agent's actors (set once it has started).
+    pub slots: Option<tether_actors::agent::Slots>,
 }
+
+/// Largest request body `POST /call/…` accepts.
+const MAX_BODY: usize = 1 << 20;
 
 /// `GET /status`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -267,51 +273,53 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AdminState>) {
 
 async fn answer(mut conn: tokio::net::TcpStream, st: Arc<AdminState>) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
         let n = conn.read(&mut chunk).await?;
-        if n == 0 || buf.len() > 8192 {
+        if n == 0 || buf.len() > 16 * 1024 {
             return Ok(());
         }
         buf.extend_from_slice(&chunk[..n]);
-    }
-    let head = String::from_utf8_lossy(&buf);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
     let mut parts = head.lines().next().unwrap_or("").split(' ');
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let (code, ctype, body) = if method != "GET" {
-        (405, "text/plain", "GET only\n".to_string())
+    let path = path.split('?').next().unwrap_or("").to_string();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let (code, ctype, body) = if length > MAX_BODY {
+        (413, "text/plain", format!("body over {MAX_BODY} bytes\n"))
     } else {
-        match path {
-            "/healthz" => (200, "text/plain", "ok\n".to_string()),
-            "/readyz" => {
-                let s = st.status().await;
-                match &s.not_ready {
-                    None => (200, "text/plain", "ready\n".to_string()),
-                    Some(why) => (503, "text/plain", format!("not ready: {why}\n")),
-                }
+        let mut body = buf[head_end..].to_vec();
+        while body.len() < length {
+            let n = conn.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
             }
-            "/metrics" => {
-                let s = st.status().await;
-                (200, "text/plain; version=0.0.4", metrics_text(&s))
-            }
-            "/status" => {
-                let s = st.status().await;
-                let json = serde_json::to_string_pretty(&s).unwrap_or_else(|_| "{}".into());
-                (200, "application/json", json)
-            }
-            _ => (
-                404,
-                "text/plain",
-                "try /healthz /readyz /metrics /status\n".into(),
-            ),
+            body.extend_from_slice(&chunk[..n]);
         }
+        body.truncate(length);
+        route(&st, method, &path, &body).await
     };
     let reason = match code {
         200 => "OK",
+        400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
-        _ => "Service Unavailable",
+        413 => "Payload Too Large",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        _ => "Status",
     };
     let resp = format!(
         "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
@@ -319,6 +327,96 @@ async fn answer(mut conn: tokio::net::TcpStream, st: Arc<AdminState>) -> std::io
     );
     conn.write_all(resp.as_bytes()).await?;
     conn.shutdown().await
+}
+
+async fn route(
+    st: &Arc<AdminState>,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> (u16, &'static str, String) {
+    if let Some(endpoint) = path.strip_prefix("/call/") {
+        if method != "POST" {
+            return (405, "text/plain", "POST only\n".into());
+        }
+        return call(st, endpoint, body).await;
+    }
+    if method != "GET" {
+        return (405, "text/plain", "GET only\n".into());
+    }
+    match path {
+        "/healthz" => (200, "text/plain", "ok\n".to_string()),
+        "/readyz" => {
+            let s = st.status().await;
+            match &s.not_ready {
+                None => (200, "text/plain", "ready\n".to_string()),
+                Some(why) => (503, "text/plain", format!("not ready: {why}\n")),
+            }
+        }
+        "/metrics" => {
+            let s = st.status().await;
+            (200, "text/plain; version=0.0.4", metrics_text(&s))
+        }
+        "/status" => {
+            let s = st.status().await;
+            let json = serde_json::to_string_pretty(&s).unwrap_or_else(|_| "{}".into());
+            (200, "application/json", json)
+        }
+        _ => (
+            404,
+            "text/plain",
+            "try /healthz /readyz /metrics /status, or POST /call/{endpoint}\n".into(),
+        ),
+    }
+}
+
+/// `POST /call/{endpoint}`: relays the JSON body to the gateway's configured endpoint and
+/// answers with the main Web API's status and body (502 when it was not reached, 503 when the
+/// agent has no link).
+async fn call(st: &Arc<AdminState>, endpoint: &str, body: &[u8]) -> (u16, &'static str, String) {
+    let json_err = |code: u16, msg: String| {
+        (
+            code,
+            "application/json",
+            serde_json::json!({ "error": msg }).to_string(),
+        )
+    };
+    if endpoint.is_empty()
+        || !endpoint
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return json_err(400, "the endpoint name is letters, digits, - _ .".into());
+    }
+    let body = if body.is_empty() {
+        None
+    } else {
+        match serde_json::from_slice(body) {
+            Ok(v) => Some(v),
+            Err(e) => return json_err(400, format!("the body is not JSON: {e}")),
+        }
+    };
+    let Some(conn) = st.slots.as_ref().and_then(|s| s.connection.get()) else {
+        return json_err(503, "the agent is starting".into());
+    };
+    let msg = tether_actors::connection::Call {
+        endpoint: endpoint.to_string(),
+        body,
+        timeout: Duration::from_secs(30),
+    };
+    match conn.send(msg).await {
+        Ok(Ok(r)) if r.status == 0 => json_err(502, r.error.unwrap_or_default()),
+        Ok(Ok(r)) => {
+            let body = match (r.body, r.error) {
+                (Some(b), _) => b.to_string(),
+                (None, Some(e)) => serde_json::json!({ "error": e }).to_string(),
+                (None, None) => String::new(),
+            };
+            (r.status, "application/json", body)
+        }
+        Ok(Err(why)) => json_err(503, why),
+        Err(_) => json_err(503, "the agent's connection actor is restarting".into()),
+    }
 }
 
 /// Why `tether agent status` got no status.

@@ -93,6 +93,7 @@ fn settings(dir: &Path, listen: &str) -> GatewaySettings {
         shutdown_timeout: Duration::from_secs(1),
         faults: Default::default(),
         webhooks: Vec::new(),
+        bridge: Default::default(),
     }
 }
 

@@ -482,8 +482,44 @@ pub struct GatewayConfig {
     pub limits: LimitsConfig,
     /// Endpoints of the main Web API that receive every durable clinic event, signed.
     pub webhooks: Vec<WebhookConfig>,
+    /// Endpoints of the main Web API that agents may call through the gateway.
+    pub api_bridge: ApiBridgeConfig,
     #[serde(flatten)]
     extra: Extra,
+}
+
+/// `gateway.api_bridge`: named endpoints of the main Web API that agents may call over their
+/// socket (`call_request`), for clinics whose firewall only lets the agent's link out.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+pub struct ApiBridgeConfig {
+    pub endpoints: std::collections::BTreeMap<String, BridgeEndpointConfig>,
+    /// Environment variable with the bearer token the gateway presents upstream.
+    pub authorization_env: Option<String>,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct BridgeEndpointConfig {
+    pub url: String,
+    /// `GET` or `POST`.
+    pub method: String,
+    pub timeout: Dur,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+impl Default for BridgeEndpointConfig {
+    fn default() -> Self {
+        BridgeEndpointConfig {
+            url: String::new(),
+            method: "POST".into(),
+            timeout: Dur::secs(10),
+            extra: Extra::new(),
+        }
+    }
 }
 
 /// One `gateway.webhooks` entry.
@@ -603,6 +639,7 @@ impl Default for GatewayConfig {
             decryption_keys: Vec::new(),
             limits: LimitsConfig::default(),
             webhooks: Vec::new(),
+            api_bridge: ApiBridgeConfig::default(),
             extra: Extra::new(),
         }
     }
@@ -1197,6 +1234,34 @@ impl Validator<'_> {
         self.unknown("gateway", &g.extra);
         self.unknown("gateway.store", &g.store.extra);
         self.unknown("gateway.limits", &g.limits.extra);
+        self.unknown("gateway.api_bridge", &g.api_bridge.extra);
+        for (name, e) in &g.api_bridge.endpoints {
+            let key = format!("gateway.api_bridge.endpoints.{name}");
+            self.unknown(&key, &e.extra);
+            if !valid_id(name) {
+                self.bad(
+                    &key,
+                    "endpoint names are 1-64 letters, digits, -, _ or .".into(),
+                );
+            }
+            if !(e.url.starts_with("https://") || e.url.starts_with("http://")) {
+                self.bad(
+                    &format!("{key}.url"),
+                    format!("`{}` is not an http(s) URL", e.url),
+                );
+            }
+            if !["GET", "POST"].contains(&e.method.as_str()) {
+                self.bad(
+                    &format!("{key}.method"),
+                    format!("`{}` is not GET or POST", e.method),
+                );
+            }
+            self.duration(
+                &format!("{key}.timeout"),
+                &e.timeout,
+                Duration::from_millis(10),
+            );
+        }
         for (i, w) in g.webhooks.iter().enumerate() {
             let key = format!("gateway.webhooks[{i}]");
             self.unknown(&key, &w.extra);

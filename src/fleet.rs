@@ -344,6 +344,7 @@ impl Fleet {
             shutdown_timeout: Duration::from_secs(1),
             faults: Default::default(),
             webhooks: Vec::new(),
+            bridge: Default::default(),
         };
         let (security, certs, admin_token) = match key_bits {
             None => (GatewaySecurity::insecure(), None, None),

@@ -736,6 +736,7 @@ fn run_gateway(cfg: &Config, g: tether::config::GatewayConfig) -> Result<ExitCod
     logging::install_panic_logger(true);
     let mut settings = gateway::GatewaySettings::from_config(&g);
     settings.webhooks = gateway::webhooks_from_config(&g)?;
+    settings.bridge = gateway::bridge_from_config(&g)?;
     let system = actix::System::new();
     system.block_on(async move {
         let security = gateway::GatewaySecurity::from_config(&g)?;

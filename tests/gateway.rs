@@ -31,6 +31,7 @@ fn start(dir: &Path, heartbeat: Duration) -> GatewayHandle {
             shutdown_timeout: Duration::from_millis(200),
             faults: Default::default(),
             webhooks: Vec::new(),
+            bridge: Default::default(),
         },
         GatewaySecurity::insecure(),
     )

@@ -601,6 +601,7 @@ async fn e2e(url: String) {
             shutdown_timeout: Duration::from_millis(200),
             faults: Default::default(),
             webhooks: Vec::new(),
+            bridge: Default::default(),
         },
         tether::gateway::GatewaySecurity::insecure(),
     )

@@ -537,3 +537,137 @@ fn the_admin_endpoint_and_agent_status_tell_health_readiness_and_backlog() {
     assert!(text.contains("no agent answers"), "{text}");
     assert!(text.contains("changes not yet acknowledged"), "{text}");
 }
+
+/// A one-request-per-connection HTTP server standing in for the main Web API: answers every
+/// request with what it saw (method, path, the clinic and authorization headers, the body).
+fn fake_web_api() -> (String, std::thread::JoinHandle<()>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let h = std::thread::spawn(move || {
+        for mut c in listener.incoming().flatten() {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let head_end = loop {
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                match c.read(&mut chunk) {
+                    Ok(0) | Err(_) => break 0,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            if head_end == 0 {
+                continue;
+            }
+            let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+            let header = |name: &str| {
+                head.lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.trim()
+                            .eq_ignore_ascii_case(name)
+                            .then(|| v.trim().to_string())
+                    })
+                    .unwrap_or_default()
+            };
+            let len: usize = header("content-length").parse().unwrap_or(0);
+            while buf.len() < head_end + len {
+                match c.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let body: serde_json::Value =
+                serde_json::from_slice(&buf[head_end..]).unwrap_or(serde_json::Value::Null);
+            let first = head.lines().next().unwrap_or("").to_string();
+            let answer = serde_json::json!({
+                "request": first,
+                "clinic": header("tether-clinic"),
+                "authorization": header("authorization"),
+                "got": body,
+            })
+            .to_string();
+            let _ = write!(
+                c,
+                "HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                answer.len()
+            );
+        }
+    });
+    (format!("http://{addr}"), h)
+}
+
+fn admin_post(port: u16, path: &str, body: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(
+        c,
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut text = String::new();
+    c.read_to_string(&mut text).ok()?;
+    let code = text.get(9..12)?.parse().ok()?;
+    Some((code, text.split_once("\r\n\r\n")?.1.to_string()))
+}
+
+#[test]
+fn clinic_software_calls_the_main_web_api_through_the_agents_link() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("clinic.db");
+    create_sample_clinic(&db).expect("clinic");
+    let (api, _api) = fake_web_api();
+    let bridge = format!(
+        "  api_bridge:\n    authorization_env: TEST_WEBAPI_TOKEN\n    endpoints:\n      eligibility:\n        url: {api}/v1/eligibility\n        method: POST\n        timeout: 5s\n"
+    );
+    let (mut gw, addr) = start_gateway_with(
+        dir.path(),
+        "127.0.0.1:0",
+        &bridge,
+        &[("TEST_WEBAPI_TOKEN", "generated-for-this-test")],
+    );
+    let port = free_port();
+    let cfg = agent_config_admin(
+        dir.path(),
+        &format!("ws://{addr}/v1/ws"),
+        "",
+        &format!("127.0.0.1:{port}"),
+    );
+    let mut agent = Proc(
+        Command::new(BIN)
+            .args(["agent", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("agent"),
+    );
+    wait_for("the agent to connect", Duration::from_secs(20), || {
+        admin_get(port, "/readyz").is_some_and(|(c, _)| c == 200)
+    });
+    // The call goes agent → gateway → main Web API, which sees who is calling.
+    let (code, body) =
+        admin_post(port, "/call/eligibility", r#"{"patient_ref": "p-7"}"#).expect("call");
+    assert_eq!(code, 201, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["request"], "POST /v1/eligibility HTTP/1.1", "{v}");
+    assert_eq!(v["clinic"], "clinic-k", "{v}");
+    assert_eq!(v["authorization"], "Bearer generated-for-this-test", "{v}");
+    assert_eq!(v["got"], serde_json::json!({"patient_ref": "p-7"}));
+    // Only configured endpoints; bad input named; no link, no call.
+    let (code, body) = admin_post(port, "/call/delete_everything", "{}").expect("call");
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("delete_everything"), "{body}");
+    let (code, body) = admin_post(port, "/call/eligibility", "not json").expect("call");
+    assert_eq!(code, 400, "{body}");
+    gw.kill();
+    wait_for("the link to drop", Duration::from_secs(20), || {
+        admin_get(port, "/readyz").is_some_and(|(c, _)| c == 503)
+    });
+    let (code, body) = admin_post(port, "/call/eligibility", "{}").expect("call");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("not connected"), "{body}");
+    agent.kill();
+}

@@ -168,6 +168,7 @@ fn settings(dir: &Path) -> GatewaySettings {
         shutdown_timeout: Duration::from_millis(200),
         faults: Default::default(),
         webhooks: Vec::new(),
+        bridge: Default::default(),
     }
 }
 

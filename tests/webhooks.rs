@@ -123,6 +123,7 @@ async fn every_event_is_delivered_signed_in_order_with_retries_dead_letters_and_
                 webhook("main-api", &url, &[]),
                 webhook("payments-only", &url, &["payment"]),
             ],
+            bridge: Default::default(),
         },
         GatewaySecurity::insecure(),
     )

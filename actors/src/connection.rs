@@ -96,7 +96,11 @@ pub struct Connection {
     http_failures: u32,
     /// `rpc_request`s being run.
     rpc_running: usize,
+    /// `call_request`s sent and not answered, by request id.
+    calls: std::collections::HashMap<String, CallWaiter>,
 }
+
+type CallWaiter = tokio::sync::oneshot::Sender<Result<tether_schemas::CallResponse, String>>;
 
 /// At most this many `rpc_request`s run at once; more are answered "busy".
 const MAX_RPC_RUNNING: usize = 4;
@@ -159,6 +163,7 @@ impl Connection {
             blocked: 0,
             http_failures: 0,
             rpc_running: 0,
+            calls: std::collections::HashMap::new(),
         }
     }
 
@@ -428,6 +433,11 @@ impl Connection {
         }
         self.updates.clear();
         self.applying = false;
+        for (_, w) in self.calls.drain() {
+            let _ = w.send(Err(
+                "the link to the gateway was lost before the answer".into()
+            ));
+        }
         self.stats.connected.store(false, Ordering::Relaxed);
         if was_up {
             let up_ms = self
@@ -566,6 +576,14 @@ impl Connection {
                 self.apply_next(ctx);
             }
             (State::Up, Wire::RpcRequest(r)) => self.run_query(r, ctx),
+            (_, Wire::CallResponse(r)) => match self.calls.remove(&r.request_id) {
+                Some(w) => {
+                    let _ = w.send(Ok(r));
+                }
+                None => {
+                    log::warn!(target: ERROR, "clinic={} event=call_answer_unexpected request_id={}", self.clinic(), r.request_id)
+                }
+            },
             (_, Wire::Error(e)) => {
                 log::error!(target: ERROR, "clinic={} event=gateway_error code={:?} field={} message={:?}", self.clinic(), e.code, e.field.as_deref().unwrap_or("-"), e.message);
             }
@@ -871,6 +889,43 @@ impl Handler<SendFrame> for Connection {
         if msg.epoch == self.epoch && self.state == State::Up {
             self.write_text(msg.text);
         }
+    }
+}
+
+/// From the admin endpoint: call a configured endpoint of the main Web API through the
+/// gateway (`call_request`); answers when the gateway does, or with why not.
+#[derive(Message)]
+#[rtype(result = "Result<tether_schemas::CallResponse, String>")]
+pub struct Call {
+    pub endpoint: String,
+    pub body: Option<serde_json::Value>,
+    pub timeout: Duration,
+}
+
+impl Handler<Call> for Connection {
+    type Result = ResponseFuture<Result<tether_schemas::CallResponse, String>>;
+    fn handle(&mut self, msg: Call, _: &mut Self::Context) -> Self::Result {
+        if self.state != State::Up {
+            return Box::pin(async { Err("not connected to the gateway".to_string()) });
+        }
+        let id = format!("call_{:016x}", rand::random::<u64>());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.calls.insert(id.clone(), tx);
+        log::info!(target: crate::log_target::MESSAGE, "clinic={} event=call_sent request_id={id} endpoint={}", self.clinic(), msg.endpoint);
+        let frame = Wire::CallRequest(tether_schemas::CallRequest {
+            request_id: id,
+            endpoint: msg.endpoint,
+            body: msg.body,
+        });
+        self.write_text(frame.encode());
+        let timeout = msg.timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(_)) => Err("the agent's link restarted before the answer".into()),
+                Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+            }
+        })
     }
 }
 

@@ -194,6 +194,29 @@ pub struct RpcResponse {
     pub field: Option<String>,
 }
 
+/// Agent → gateway: call one of the gateway's configured endpoints of the main Web API
+/// (`gateway.api_bridge.endpoints`) for this clinic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallRequest {
+    pub request_id: String,
+    pub endpoint: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<Value>,
+}
+
+/// Gateway → agent: the main Web API's answer (`status` 0: it was not reached; see `error`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallResponse {
+    pub request_id: String,
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// Machine-readable error codes carried by `error` frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -234,10 +257,12 @@ pub enum Message {
     Error(ErrorFrame),
     RpcRequest(RpcRequest),
     RpcResponse(RpcResponse),
+    CallRequest(CallRequest),
+    CallResponse(CallResponse),
 }
 
 /// The `type` values, in the order of [`Message`].
-pub const MESSAGE_TYPES: [&str; 9] = [
+pub const MESSAGE_TYPES: [&str; 11] = [
     "hello",
     "welcome",
     "events",
@@ -247,6 +272,8 @@ pub const MESSAGE_TYPES: [&str; 9] = [
     "error",
     "rpc_request",
     "rpc_response",
+    "call_request",
+    "call_response",
 ];
 
 impl Message {
@@ -261,6 +288,8 @@ impl Message {
             Message::Error(_) => "error",
             Message::RpcRequest(_) => "rpc_request",
             Message::RpcResponse(_) => "rpc_response",
+            Message::CallRequest(_) => "call_request",
+            Message::CallResponse(_) => "call_response",
         }
     }
 
@@ -276,6 +305,8 @@ impl Message {
             Message::Error(m) => envelope("error", m),
             Message::RpcRequest(m) => envelope("rpc_request", m),
             Message::RpcResponse(m) => envelope("rpc_response", m),
+            Message::CallRequest(m) => envelope("call_request", m),
+            Message::CallResponse(m) => envelope("call_response", m),
         }
     }
 
@@ -319,6 +350,8 @@ impl Message {
             "error" => Message::Error(body_as(&kind, body)?),
             "rpc_request" => Message::RpcRequest(body_as(&kind, body)?),
             "rpc_response" => Message::RpcResponse(body_as(&kind, body)?),
+            "call_request" => Message::CallRequest(body_as(&kind, body)?),
+            "call_response" => Message::CallResponse(body_as(&kind, body)?),
             _ => return Err(DecodeError::UnknownType(kind)),
         })
     }

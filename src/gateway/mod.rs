@@ -51,6 +51,8 @@ pub enum GatewayError {
     AdminToken(String),
     #[error("gateway.webhooks: {0}")]
     Webhook(String),
+    #[error("gateway.api_bridge: {0}")]
+    Bridge(String),
     #[error("gateway.listen {addr}: {source}")]
     Bind {
         addr: String,
@@ -75,6 +77,66 @@ pub struct GatewaySettings {
     pub faults: GatewayFaults,
     /// Endpoints of the main Web API that receive every durable clinic event.
     pub webhooks: Vec<webhooks::WebhookSettings>,
+    /// Endpoints of the main Web API that agents may call (`call_request`).
+    pub bridge: BridgeSettings,
+}
+
+/// `gateway.api_bridge`, resolved.
+#[derive(Clone, Default)]
+pub struct BridgeSettings {
+    pub endpoints: std::collections::HashMap<String, BridgeEndpoint>,
+    /// `Authorization` value presented upstream (from `authorization_env`).
+    pub authorization: Option<String>,
+}
+
+impl std::fmt::Debug for BridgeSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BridgeSettings")
+            .field("endpoints", &self.endpoints)
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "<hidden>"),
+            )
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BridgeEndpoint {
+    pub url: String,
+    pub post: bool,
+    pub timeout: Duration,
+}
+
+/// `gateway.api_bridge`, its token read from the environment.
+pub fn bridge_from_config(c: &GatewayConfig) -> Result<BridgeSettings, GatewayError> {
+    let authorization = match &c.api_bridge.authorization_env {
+        None => None,
+        Some(var) => Some(format!(
+            "Bearer {}",
+            std::env::var(var).map_err(|_| GatewayError::Bridge(format!(
+                "authorization_env: {var} is not set"
+            )))?
+        )),
+    };
+    Ok(BridgeSettings {
+        endpoints: c
+            .api_bridge
+            .endpoints
+            .iter()
+            .map(|(name, e)| {
+                (
+                    name.clone(),
+                    BridgeEndpoint {
+                        url: e.url.clone(),
+                        post: e.method == "POST",
+                        timeout: e.timeout.get(),
+                    },
+                )
+            })
+            .collect(),
+        authorization,
+    })
 }
 
 /// Deliberate misbehaviour for the fault tests (ignored without `fault-injection`).
@@ -122,6 +184,7 @@ impl GatewaySettings {
             shutdown_timeout: Duration::from_secs(5),
             faults: GatewayFaults::from_env(),
             webhooks: Vec::new(),
+            bridge: BridgeSettings::default(),
         }
     }
 }

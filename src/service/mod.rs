@@ -74,6 +74,7 @@ where
                     source: p.source,
                     checkpoint: p.checkpoint,
                     started: std::time::Instant::now(),
+                    slots: None,
                 },
             ))
         }
@@ -124,6 +125,7 @@ where
     let handle = tether_actors::start_agent(settings, ports);
     if let Some((addr, mut state)) = admin {
         state.stats = handle.stats.clone();
+        state.slots = Some(handle.slots.clone());
         match crate::admin::bind(addr).await {
             Ok(listener) => {
                 log::info!(target: "supervisor", "event=admin_listening addr={addr} endpoints=\"/healthz /readyz /metrics /status\"");

@@ -37,10 +37,15 @@ pub fn write_config(dir: &Path, name: &str, body: &str) -> PathBuf {
 }
 
 pub fn gateway_config(dir: &Path, listen: &str) -> PathBuf {
+    gateway_config_with(dir, listen, "")
+}
+
+/// `extra`: YAML lines added under `gateway:` (2-space indent).
+pub fn gateway_config_with(dir: &Path, listen: &str, extra: &str) -> PathBuf {
     write_config(
         dir,
         "gateway",
-        &format!("gateway:\n  listen: {listen}\n  insecure_plaintext: true\n  store:\n    path: gateway.db\n  heartbeat_interval: 500ms\n"),
+        &format!("gateway:\n  listen: {listen}\n  insecure_plaintext: true\n  store:\n    path: gateway.db\n  heartbeat_interval: 500ms\n{extra}"),
     )
 }
 
@@ -67,14 +72,26 @@ pub fn agent_config_admin(dir: &Path, url: &str, gateway_extra: &str, admin: &st
 
 /// Starts a gateway and returns it with the address it printed.
 pub fn start_gateway(dir: &Path, listen: &str) -> (Proc, String) {
-    let cfg = gateway_config(dir, listen);
-    let mut child = Command::new(BIN)
-        .args(["gateway", "--config"])
+    start_gateway_with(dir, listen, "", &[])
+}
+
+/// The same with extra `gateway:` YAML and environment variables.
+pub fn start_gateway_with(
+    dir: &Path,
+    listen: &str,
+    extra: &str,
+    env: &[(&str, &str)],
+) -> (Proc, String) {
+    let cfg = gateway_config_with(dir, listen, extra);
+    let mut cmd = Command::new(BIN);
+    cmd.args(["gateway", "--config"])
         .arg(&cfg)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn gateway");
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn gateway");
     let stdout = child.stdout.take().expect("stdout");
     let mut line = String::new();
     BufReader::new(stdout)

@@ -317,6 +317,7 @@ impl Session {
             }
             (Some(_), Wire::Events(ev)) => self.on_events(ev, ctx),
             (Some(_), Wire::UpdateResult(r)) => self.on_update_result(r, ctx),
+            (Some(_), Wire::CallRequest(c)) => self.on_call(c, ctx),
             (Some(_), Wire::RpcResponse(r)) => {
                 if self.rpc_outstanding.remove(&r.request_id) {
                     log::info!(target: MESSAGE, "session={} clinic={} event=rpc_answered request_id={} status={:?} rows={}", self.id, self.clinic_label(), r.request_id, r.status, r.rows.as_ref().map(Vec::len).unwrap_or(0));
@@ -558,6 +559,85 @@ impl Session {
                 act.close(ctx, ws::CloseCode::Error, "store write failed");
             }
         }
+    }
+
+    /// `call_request`: the clinic calls a configured endpoint of the main Web API. The gateway
+    /// adds who is calling (`Tether-Clinic`, the authenticated clinic) and its own credentials;
+    /// bodies are never logged.
+    fn on_call(&mut self, c: tether_schemas::CallRequest, ctx: &mut ws::WebsocketContext<Self>) {
+        use tether_schemas::CallResponse;
+        let clinic = self.clinic.clone().unwrap_or_default();
+        let Some(ep) = self
+            .state
+            .settings
+            .bridge
+            .endpoints
+            .get(&c.endpoint)
+            .cloned()
+        else {
+            log::warn!(target: MESSAGE, "session={} clinic={clinic} event=call_refused request_id={} endpoint={:?} reason=unknown_endpoint", self.id, c.request_id, c.endpoint);
+            return self.send(
+                ctx,
+                Wire::CallResponse(CallResponse {
+                    request_id: c.request_id,
+                    status: 404,
+                    body: None,
+                    error: Some(format!(
+                        "no endpoint `{}` in gateway.api_bridge.endpoints",
+                        c.endpoint
+                    )),
+                }),
+            );
+        };
+        let auth = self.state.settings.bridge.authorization.clone();
+        let limit = self.state.settings.max_frame_bytes.saturating_sub(1024);
+        let started = Instant::now();
+        let (id, endpoint) = (c.request_id.clone(), c.endpoint.clone());
+        let fut = async move {
+            let client = awc::Client::builder().timeout(ep.timeout).finish();
+            let mut req = if ep.post {
+                client.post(&ep.url)
+            } else {
+                client.get(&ep.url)
+            };
+            req = req.insert_header(("tether-clinic", clinic.clone()));
+            if let Some(a) = auth {
+                req = req.insert_header(("authorization", a));
+            }
+            let sent = match (ep.post, c.body) {
+                (true, Some(b)) => req.send_json(&b).await,
+                _ => req.send().await,
+            };
+            let mut resp = match sent {
+                Ok(r) => r,
+                Err(e) => return (0, None, Some(format!("main Web API not reached: {e}"))),
+            };
+            let status = resp.status().as_u16();
+            match resp.body().limit(limit).await {
+                Ok(bytes) if bytes.is_empty() => (status, None, None),
+                Ok(bytes) => {
+                    let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                        serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
+                    });
+                    (status, Some(body), None)
+                }
+                Err(e) => (status, None, Some(format!("reading the answer: {e}"))),
+            }
+        };
+        ctx.spawn(fut.into_actor(self).map(move |(status, body, error), act, ctx| {
+            log::info!(target: MESSAGE, "session={} clinic={} event=call_answered request_id={id} endpoint={endpoint} status={status} ms={}", act.id, act.clinic_label(), started.elapsed().as_millis());
+            if !act.closing {
+                act.send(
+                    ctx,
+                    Wire::CallResponse(CallResponse {
+                        request_id: id,
+                        status,
+                        body,
+                        error,
+                    }),
+                );
+            }
+        }));
     }
 
     fn on_update_result(&mut self, r: UpdateResult, ctx: &mut ws::WebsocketContext<Self>) {
