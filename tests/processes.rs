@@ -449,6 +449,27 @@ fn admin_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
+/// An agent process with its admin endpoint on a free port: (port, its config, the process).
+fn agent_with_admin(dir: &std::path::Path, addr: &str) -> (u16, std::path::PathBuf, Proc) {
+    let port = free_port();
+    let cfg = agent_config_admin(
+        dir,
+        &format!("ws://{addr}/v1/ws"),
+        "",
+        &format!("127.0.0.1:{port}"),
+    );
+    let agent = Proc(
+        Command::new(BIN)
+            .args(["agent", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("agent"),
+    );
+    (port, cfg, agent)
+}
+
 fn status_cmd(cfg: &std::path::Path) -> (i32, String) {
     let out = Command::new(BIN)
         .args(["agent", "--config"])
@@ -470,22 +491,7 @@ fn the_admin_endpoint_and_agent_status_tell_health_readiness_and_backlog() {
         mut gw,
         addr,
     } = site();
-    let port = free_port();
-    let cfg = agent_config_admin(
-        dir.path(),
-        &format!("ws://{addr}/v1/ws"),
-        "",
-        &format!("127.0.0.1:{port}"),
-    );
-    let mut agent = Proc(
-        Command::new(BIN)
-            .args(["agent", "--config"])
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("agent"),
-    );
+    let (port, cfg, mut agent) = agent_with_admin(dir.path(), &addr);
     wait_for("/healthz", Duration::from_secs(20), || {
         admin_get(port, "/healthz").is_some_and(|(c, _)| c == 200)
     });
@@ -628,22 +634,7 @@ fn clinic_software_calls_the_main_web_api_through_the_agents_link() {
         &bridge,
         &[("TEST_WEBAPI_TOKEN", "generated-for-this-test")],
     );
-    let port = free_port();
-    let cfg = agent_config_admin(
-        dir.path(),
-        &format!("ws://{addr}/v1/ws"),
-        "",
-        &format!("127.0.0.1:{port}"),
-    );
-    let mut agent = Proc(
-        Command::new(BIN)
-            .args(["agent", "--config"])
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("agent"),
-    );
+    let (port, _cfg, mut agent) = agent_with_admin(dir.path(), &addr);
     wait_for("the agent to connect", Duration::from_secs(20), || {
         admin_get(port, "/readyz").is_some_and(|(c, _)| c == 200)
     });
