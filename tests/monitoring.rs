@@ -255,7 +255,7 @@ async fn lifecycle_stream_reports_connects_disconnects_offline_evictions_and_lag
     // A client far behind its outbox is lagging; one that goes silent is evicted.
     let url = fleet.gateway.as_ref().expect("gateway").ws_url();
     let (_, mut ws) = client().ws(url).connect().await.expect("ws");
-    let hello = json!({"v": 1, "type": "hello", "clinic_id": "clinic-raw", "agent_version": "t", "last_acked_seq": 0, "source_id": 1});
+    let hello = json!({"v": 1, "type": "hello", "clinic_id": "clinic-raw", "agent_version": "t", "last_acked_seq": 0, "source_id": 1, "restarts": 3});
     ws.send(ws::Message::Text(hello.to_string().into()))
         .await
         .expect("hello");
@@ -266,6 +266,9 @@ async fn lifecycle_stream_reports_connects_disconnects_offline_evictions_and_lag
         .await
         .expect("events");
     let lag = sse.expect("lagging", "clinic-raw", limit).await;
+    let (_, view) = get_json(&format!("{}/v1/clinics/clinic-raw", fleet.http_url())).await;
+    assert_eq!(view["agent_restarts"], 3, "{view}");
+    assert_eq!(view["lag_events"], 49_999, "{view}");
     assert!(
         lag["detail"]
             .as_str()

@@ -993,6 +993,7 @@ async fn undecryptable_fields_are_parked_as_ciphertext_never_dropped_or_stored_i
         prev_seq: 0,
         events: vec![good, moved, unknown],
         head_seq: None,
+        restarts: None,
     })
     .encode();
     ws.send(ws::Message::Text(frame.into()))

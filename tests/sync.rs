@@ -240,6 +240,18 @@ async fn panic_in_each_actor_is_logged_restarted_and_loses_nothing() {
             "{log}"
         );
     }
+    // The gateway (and its dashboard) learn the count from the agent's next batch.
+    write_activity(&fleet.clinics[0].db, 5);
+    let url = format!("{}/v1/clinics/{}", fleet.http_url(), fleet.clinics[0].id);
+    wait_until(
+        "the gateway to see 4 restarts",
+        Duration::from_secs(20),
+        || {
+            let (f, u) = (&fleet, url.clone());
+            async move { get_as(Some(f), &u).await.1["agent_restarts"] == 4 }
+        },
+    )
+    .await;
     fleet.stop().await;
 }
 

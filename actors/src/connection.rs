@@ -357,6 +357,7 @@ impl Connection {
             agent_version: self.settings.agent_version.clone(),
             last_acked_seq: self.stats.acked_seq.load(Ordering::Relaxed),
             source_id: self.source_id,
+            restarts: Some(self.stats.total_restarts()),
         });
         self.write_text(hello.encode());
         // The whole handshake (upgrade + welcome) must finish within connect_timeout.

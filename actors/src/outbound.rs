@@ -156,8 +156,13 @@ impl Outbound {
             let first_seq = items.first().map(|p| p.event.seq).unwrap_or(0);
             let last_seq = items.last().map(|p| p.event.seq).unwrap_or(0);
             let head = Some(self.last_enqueued.max(last_seq));
-            let frame =
-                tether_schemas::encode_events(prev_seq, head, items.iter().map(|p| &p.event));
+            let restarts = Some(self.stats.total_restarts());
+            let frame = tether_schemas::encode_events(
+                prev_seq,
+                head,
+                restarts,
+                items.iter().map(|p| &p.event),
+            );
             log::info!(target: MESSAGE, "clinic={} event=batch_sent first_seq={first_seq} last_seq={last_seq} count={} bytes={}", s.clinic_id, items.len(), frame.len());
             AgentStats::add(&self.stats.events_sent, items.len() as u64);
             conn.do_send(SendFrame { epoch, text: frame });

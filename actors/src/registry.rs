@@ -61,6 +61,8 @@ pub struct ClinicLive {
     pub lagging: bool,
     /// Sessions ended by the gateway for silence.
     pub evictions: u64,
+    /// Actor restarts the agent reported (since its process started).
+    pub agent_restarts: u64,
 }
 
 /// One clinic lifecycle event, for the SSE stream and the dashboard.
@@ -205,6 +207,7 @@ impl Registry {
                     lag_ms: None,
                     lagging: false,
                     evictions: 0,
+                    agent_restarts: 0,
                 },
                 session: None,
             })
@@ -221,6 +224,8 @@ pub struct Register {
     pub session: Recipient<SessionCommand>,
     /// `websocket` or `http`.
     pub transport: &'static str,
+    /// From `hello.restarts`.
+    pub restarts: Option<u64>,
 }
 
 impl Handler<Register> for Registry {
@@ -245,6 +250,9 @@ impl Handler<Register> for Registry {
         e.live.head_seq = msg.acked_seq;
         e.live.lag_events = 0;
         e.live.sessions_total += 1;
+        if let Some(r) = msg.restarts {
+            e.live.agent_restarts = r;
+        }
         e.live.state = "connected";
         e.live.disconnected_at_ms = None;
         let detail = format!("transport={}", msg.transport);
@@ -378,6 +386,8 @@ pub struct Acked {
     pub head_seq: Option<u64>,
     /// Commit-to-durable delay of the batch's newest event (ms), when known.
     pub lag_ms: Option<u64>,
+    /// The agent's `restarts` from the batch, when it sent one.
+    pub restarts: Option<u64>,
 }
 
 impl Handler<Acked> for Registry {
@@ -390,6 +400,9 @@ impl Handler<Acked> for Registry {
         l.lag_events = l.head_seq - l.acked_seq;
         if msg.lag_ms.is_some() {
             l.lag_ms = msg.lag_ms;
+        }
+        if let Some(r) = msg.restarts {
+            l.agent_restarts = r;
         }
         self.check_lag(&msg.clinic_id);
     }

@@ -22,6 +22,9 @@ pub struct Hello {
     /// value means the outbox was re-created and its sequences start again; 0 = unknown.
     #[serde(default)]
     pub source_id: u64,
+    /// Actor restarts since the agent process started (for the fleet dashboard). Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarts: Option<u64>,
 }
 
 /// Gateway → agent, answer to `hello`.
@@ -91,6 +94,9 @@ pub struct Events {
     /// lets the gateway report how far behind a clinic is. Optional.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_seq: Option<u64>,
+    /// Actor restarts since the agent process started. Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarts: Option<u64>,
 }
 
 /// Gateway → agent: every event up to `seq` is durable (cumulative).
@@ -361,6 +367,7 @@ impl Message {
 pub fn encode_events<'a>(
     prev_seq: u64,
     head_seq: Option<u64>,
+    restarts: Option<u64>,
     events: impl Iterator<Item = &'a Event>,
 ) -> String {
     #[derive(Serialize)]
@@ -369,6 +376,8 @@ pub fn encode_events<'a>(
         events: Vec<&'a Event>,
         #[serde(skip_serializing_if = "Option::is_none")]
         head_seq: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        restarts: Option<u64>,
     }
     envelope(
         "events",
@@ -376,6 +385,7 @@ pub fn encode_events<'a>(
             prev_seq,
             events: events.collect(),
             head_seq,
+            restarts,
         },
     )
 }
@@ -501,6 +511,7 @@ mod tests {
                 agent_version: "0.1.0".into(),
                 last_acked_seq: 7,
                 source_id: 42,
+                restarts: Some(1),
             }),
             Message::Welcome(Welcome {
                 session_id: "s1".into(),
@@ -519,6 +530,7 @@ mod tests {
                     committed_at: "2026-01-01T00:00:00.000Z".into(),
                 }],
                 head_seq: Some(9),
+                restarts: Some(2),
             }),
             Message::Ack(Ack { seq: 8 }),
             Message::Update(Update {
@@ -560,7 +572,7 @@ mod tests {
         };
         let owned = Message::Events(ev.clone()).encode();
         assert_eq!(
-            encode_events(ev.prev_seq, ev.head_seq, ev.events.iter()),
+            encode_events(ev.prev_seq, ev.head_seq, ev.restarts, ev.events.iter()),
             owned
         );
         let one = serde_json::to_string(&ev.events[0]).expect("json");

@@ -130,6 +130,7 @@ async fn clinic_views(state: &GatewayState) -> Result<Vec<Value>, HttpResponse> 
             "state": l.as_ref().map(|l| l.state).unwrap_or("offline"),
             "lag_events": l.as_ref().map(|l| l.lag_events).unwrap_or(0),
             "lag_ms": l.as_ref().and_then(|l| l.lag_ms),
+            "agent_restarts": l.as_ref().map(|l| l.agent_restarts).unwrap_or(0),
             "acked_seq": r.acked_seq,
             "events": r.events,
             "pending_updates": r.pending_updates,
@@ -144,6 +145,7 @@ async fn clinic_views(state: &GatewayState) -> Result<Vec<Value>, HttpResponse> 
             "remote_addr": l.remote_addr, "last_heartbeat_ms": l.last_heartbeat_ms,
             "sessions_total": l.sessions_total, "transport": l.transport,
             "state": l.state, "lag_events": l.lag_events, "lag_ms": l.lag_ms,
+            "agent_restarts": l.agent_restarts,
             "acked_seq": l.acked_seq, "events": 0,
             "pending_updates": 0, "first_seen": null, "last_event_at": null,
         }));

@@ -124,7 +124,7 @@ impl GatewayMetrics {
                 by_transport(t)
             );
         }
-        let gauges: [(&str, &str); 8] = [
+        let gauges: [(&str, &str); 9] = [
             (
                 "tether_clinic_connected",
                 "1 while the clinic has a session.",
@@ -157,6 +157,10 @@ impl GatewayMetrics {
                 "tether_clinic_evictions_total",
                 "Sessions evicted for silence.",
             ),
+            (
+                "tether_clinic_agent_restarts_total",
+                "Actor restarts the clinic's agent reported since its process started.",
+            ),
         ];
         let pending = |id: &str| {
             records
@@ -184,7 +188,8 @@ impl GatewayMetrics {
                         .map(|t| now_ms.saturating_sub(t) as f64 / 1000.0)
                         .unwrap_or(f64::NAN),
                     6 => l.sessions_total as f64,
-                    _ => l.evictions as f64,
+                    7 => l.evictions as f64,
+                    _ => l.agent_restarts as f64,
                 };
                 if v.is_nan() {
                     continue;

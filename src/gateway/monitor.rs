@@ -148,6 +148,7 @@ pub struct Tile {
     pub last_heartbeat_ms: Option<u64>,
     pub sessions_total: u64,
     pub evictions: u64,
+    pub agent_restarts: u64,
     pub last_close: Option<String>,
 }
 
@@ -170,6 +171,7 @@ fn tiles(live: Vec<ClinicLive>, records: &[ClinicRecord]) -> Vec<Tile> {
             last_heartbeat_ms: l.last_heartbeat_ms,
             sessions_total: l.sessions_total,
             evictions: l.evictions,
+            agent_restarts: l.agent_restarts,
             last_close: l.last_close,
         })
         .collect();
@@ -188,6 +190,7 @@ fn tiles(live: Vec<ClinicLive>, records: &[ClinicRecord]) -> Vec<Tile> {
                 last_heartbeat_ms: None,
                 sessions_total: 0,
                 evictions: 0,
+                agent_restarts: 0,
                 last_close: None,
             });
         }

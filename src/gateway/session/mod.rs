@@ -391,6 +391,7 @@ impl Session {
                 acked_seq: acked,
                 session: ctx.address().recipient(),
                 transport: act.transport,
+                restarts: h.restarts,
             });
             log::info!(target: CONNECTION, "session={} clinic={clinic} event=session_open transport={} remote={} agent_version={:?} agent_acked_seq={} gateway_acked_seq={acked}", act.id, act.transport, act.remote.as_deref().unwrap_or("-"), h.agent_version, h.last_acked_seq);
             log::info!(target: AUDIT, "event=session_open session={} clinic={clinic} authenticated={}", act.id, act.auth.is_some());
@@ -449,6 +450,7 @@ impl Session {
         let count = batch.events.len();
         let prev_seq = batch.prev_seq;
         let head_seq = batch.head_seq;
+        let restarts = batch.restarts;
         let newest_commit = batch
             .events
             .last()
@@ -508,7 +510,7 @@ impl Session {
                 res,
                 &clinic,
                 (first, last, count, flagged, prev_seq),
-                (head_seq, lag_ms),
+                (head_seq, lag_ms, restarts),
                 ctx,
             );
             if act.shutting_down && act.writes_inflight == 0 {
@@ -522,7 +524,7 @@ impl Session {
         res: Result<AppendOutcome, crate::gateway::store::StoreError>,
         clinic: &str,
         (first, last, count, flagged, prev_seq): (u64, u64, usize, usize, u64),
-        (head_seq, lag_ms): (Option<u64>, Option<u64>),
+        (head_seq, lag_ms, restarts): (Option<u64>, Option<u64>, Option<u64>),
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
         let act = self;
@@ -537,6 +539,7 @@ impl Session {
                     seq: acked,
                     head_seq,
                     lag_ms,
+                    restarts,
                 });
             }
             Ok(AppendOutcome::Gap { acked }) => {
