@@ -1,5 +1,5 @@
 //! `tether bench <scenario>`: measured figures, one JSON line per scenario with the machine.
-//! Scenarios: ingest, latency, connections, footprint, drain, storm, all. See
+//! Scenarios: ingest, latency, connections, footprint, drain, fallback, storm, all. See
 //! docs/BENCHMARKS.md for what each measures and what limits it.
 
 use std::path::Path;
@@ -14,12 +14,13 @@ use crate::gateway::{self, GatewayHandle, GatewaySecurity, GatewaySettings};
 use crate::loadgen::{rss_kb, rss_kb_of, run_client, ClientSpec, Swarm};
 use crate::security::limits::SharedBucket;
 
-pub const SCENARIOS: [&str; 6] = [
+pub const SCENARIOS: [&str; 7] = [
     "ingest",
     "latency",
     "connections",
     "footprint",
     "drain",
+    "fallback",
     "storm",
 ];
 
@@ -168,24 +169,46 @@ pub async fn ingest(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
     )
 }
 
-/// One clinic drains a queued backlog after an outage: events/s.
-pub async fn drain(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
+/// One clinic over `transport` drains a backlog of `events`: seconds.
+async fn drain_over(dir: &Path, events: u64, transport: &str) -> anyhow::Result<f64> {
     let mut fleet = Fleet::insecure(dir, 1, Duration::from_secs(10))?;
     let c = &mut fleet.clinics[0];
     c.config.outbox.batch_max_events = 2_000;
     c.config.outbox.batch_max_bytes = 900 * 1024;
     c.config.outbox.max_inflight_batches = 8;
     c.config.outbox.max_buffered_events = 40_000;
-    backlog(&c.db, o.drain_events)?;
+    c.config.gateway.transport = transport.into();
+    backlog(&c.db, events)?;
     let t0 = Instant::now();
     fleet.start_agents().await?;
     drain_fleet(&fleet, Duration::from_secs(600)).await?;
     let secs = t0.elapsed().as_secs_f64();
     fleet.stop().await;
+    Ok(secs)
+}
+
+/// One clinic drains a queued backlog after an outage: events/s.
+pub async fn drain(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
+    let secs = drain_over(dir, o.drain_events, "websocket").await?;
     Ok(
         json!({"scenario": "drain", "events": o.drain_events, "seconds": (secs * 100.0).round() / 100.0,
         "events_per_s": (o.drain_events as f64 / secs).round(), "machine": machine()}),
     )
+}
+
+/// The same drain over the HTTP fallback (long-poll + POST) next to the WebSocket.
+pub async fn fallback(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
+    let mut rates = Vec::new();
+    for transport in ["websocket", "http"] {
+        let sub = dir.join(transport);
+        std::fs::create_dir_all(&sub)?;
+        let secs = drain_over(&sub, o.drain_events, transport).await?;
+        rates.push((o.drain_events as f64 / secs).round());
+    }
+    Ok(json!({"scenario": "fallback", "events": o.drain_events,
+        "websocket_events_per_s": rates[0], "http_events_per_s": rates[1],
+        "http_vs_websocket": ((rates[1] / rates[0].max(1.0)) * 100.0).round() / 100.0,
+        "machine": machine()}))
 }
 
 fn spawn_swarm(
@@ -462,6 +485,7 @@ pub fn run(scenario: &str, json_out: bool, o: BenchOptions) -> anyhow::Result<Ve
                 "connections" => connections(&path, &opts).await,
                 "footprint" => footprint(&path, &opts).await,
                 "drain" => drain(&path, &opts).await,
+                "fallback" => fallback(&path, &opts).await,
                 _ => storm(&path, &opts).await,
             }
         })?;

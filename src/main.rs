@@ -56,7 +56,7 @@ enum Command {
     /// Measure throughput, latency, memory and reconnect storms (one JSON line per scenario).
     #[cfg(feature = "gateway")]
     Bench {
-        /// ingest | latency | connections | footprint | drain | storm | all
+        /// ingest | latency | connections | footprint | drain | fallback | storm | all
         scenario: String,
         #[arg(long)]
         json: bool,
