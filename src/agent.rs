@@ -245,6 +245,14 @@ pub fn settings(a: &AgentConfig) -> AgentSettings {
 
 /// The dialer from `agent.gateway.tls` and `agent.gateway.auth`.
 pub fn dialer(a: &AgentConfig) -> Result<SecureDialer, AgentSetupError> {
+    dialer_with(a, proxy(a)?)
+}
+
+/// The dialer, with the proxy already resolved (its credentials are read once).
+fn dialer_with(
+    a: &AgentConfig,
+    proxy: Option<crate::proxy::Proxy>,
+) -> Result<SecureDialer, AgentSetupError> {
     let g = &a.gateway;
     let connector = if g.url.starts_with("wss://") {
         let t = g.tls.clone().unwrap_or_default();
@@ -280,7 +288,7 @@ pub fn dialer(a: &AgentConfig) -> Result<SecureDialer, AgentSetupError> {
         }
         None => None,
     };
-    Ok(SecureDialer::new(connector, signer, g.connect_timeout.get()).with_proxy(proxy(a)?))
+    Ok(SecureDialer::new(connector, signer, g.connect_timeout.get()).with_proxy(proxy))
 }
 
 /// The proxy the agent tunnels through: `agent.gateway.proxy`, else the environment
@@ -317,13 +325,44 @@ pub fn proxy(a: &AgentConfig) -> Result<Option<crate::proxy::Proxy>, AgentSetupE
 /// The database adapters for the agent's ports (each with its own connection), plus the dialer
 /// and field encryption from config.
 pub fn ports(a: &AgentConfig) -> Result<AgentPorts, AgentSetupError> {
-    use tether_actors::ports::{ChangeSink, Checkpoint};
+    ports_with_proxy(a, proxy(a)?)
+}
+
+/// [`ports`] with the proxy already resolved.
+pub fn ports_with_proxy(
+    a: &AgentConfig,
+    proxy: Option<crate::proxy::Proxy>,
+) -> Result<AgentPorts, AgentSetupError> {
+    let (mut source, checkpoint, sink) = db_ports(a)?;
+    if let Some(e) = &a.encryption {
+        let keys = crate::security::crypto::data_keys(&e.keys, Some(&e.active))?;
+        let fields: HashMap<String, Vec<String>> = e.fields.clone().into_iter().collect();
+        source = Arc::new(EncryptingSource::new(
+            source,
+            FieldCipher::new(keys, fields),
+            &a.clinic_id,
+        ));
+    }
+    Ok(AgentPorts {
+        source,
+        checkpoint,
+        sink,
+        dialer: Arc::new(dialer_with(a, proxy)?),
+        clock: Arc::new(SystemClock),
+        queries: queries(a)?,
+    })
+}
+
+type DbPorts = (
+    Arc<dyn ChangeSource>,
+    Arc<dyn tether_actors::ports::Checkpoint>,
+    Arc<dyn tether_actors::ports::ChangeSink>,
+);
+
+/// The clinic database's ports alone (outbox, checkpoint, sink), on connections of their own.
+pub fn db_ports(a: &AgentConfig) -> Result<DbPorts, AgentSetupError> {
     let path = &a.database.path;
-    let (mut source, checkpoint, sink): (
-        Arc<dyn ChangeSource>,
-        Arc<dyn Checkpoint>,
-        Arc<dyn ChangeSink>,
-    ) = match a.database.kind.as_str() {
+    let ports: DbPorts = match a.database.kind.as_str() {
         #[cfg(feature = "postgres")]
         "postgres" => {
             let c = connection_string(a)?;
@@ -370,23 +409,7 @@ pub fn ports(a: &AgentConfig) -> Result<AgentPorts, AgentSetupError> {
             Arc::new(SqliteSink::open(path, &a.tables)?),
         ),
     };
-    if let Some(e) = &a.encryption {
-        let keys = crate::security::crypto::data_keys(&e.keys, Some(&e.active))?;
-        let fields: HashMap<String, Vec<String>> = e.fields.clone().into_iter().collect();
-        source = Arc::new(EncryptingSource::new(
-            source,
-            FieldCipher::new(keys, fields),
-            &a.clinic_id,
-        ));
-    }
-    Ok(AgentPorts {
-        source,
-        checkpoint,
-        sink,
-        dialer: Arc::new(dialer(a)?),
-        clock: Arc::new(SystemClock),
-        queries: queries(a)?,
-    })
+    Ok(ports)
 }
 
 /// The allow-listed queries of `agent.rpc` (SQLite; other engines answer that they have none).

@@ -59,7 +59,9 @@ async fn a_stopped_clinic_turns_offline_on_the_dashboard_within_the_heartbeat_wi
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("node");
+        .unwrap_or_else(|e| {
+            panic!("node (Node.js) drives Chromium here: {e}; `apt-get install nodejs npm` (.ci/run checks)")
+        });
     let mut stdin = node.stdin.take().expect("stdin");
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let out = node.stdout.take().expect("stdout");

@@ -909,6 +909,8 @@ impl Handler<Call> for Connection {
         if self.state != State::Up {
             return Box::pin(async { Err("not connected to the gateway".to_string()) });
         }
+        // Callers that gave up (timed out) no longer wait: forget them.
+        self.calls.retain(|_, w| !w.is_closed());
         let id = format!("call_{:016x}", rand::random::<u64>());
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.calls.insert(id.clone(), tx);

@@ -48,13 +48,15 @@ pub fn run_agent<S>(a: &AgentConfig, stop: S, notifier: Arc<dyn Notifier>) -> Re
 where
     S: Future<Output = &'static str> + Send + 'static,
 {
-    let ports = crate::agent::ports(a)?;
-    let settings = crate::agent::settings(a);
-    let drain_timeout = a.shutdown.drain_timeout.get();
-    let proxy = match crate::agent::proxy(a)? {
+    // The proxy is resolved once (its password file or variable read once) and shown.
+    let resolved = crate::agent::proxy(a)?;
+    let proxy = match &resolved {
         Some(p) => p.to_string(),
         None => "none".to_string(),
     };
+    let ports = crate::agent::ports_with_proxy(a, resolved)?;
+    let settings = crate::agent::settings(a);
+    let drain_timeout = a.shutdown.drain_timeout.get();
     log::info!(target: "supervisor", "event=agent_starting clinic={} gateway={} proxy={proxy} database={} version={}", a.clinic_id, a.gateway.url, a.database.path.display(), env!("CARGO_PKG_VERSION"));
     // The actors run on their own thread so that the exit is bounded: dropping a runtime waits
     // for every blocking call still running (a database call stuck on a lock), and a service
@@ -63,7 +65,7 @@ where
         None => None,
         Some(addr) => {
             // Its own database handles: status reads never queue behind the watcher's.
-            let p = crate::agent::ports(a)?;
+            let (source, checkpoint, _) = crate::agent::db_ports(a)?;
             Some((
                 addr,
                 crate::admin::AdminState {
@@ -71,8 +73,8 @@ where
                     gateway_url: a.gateway.url.clone(),
                     proxy: proxy.clone(),
                     stats: Arc::new(Default::default()),
-                    source: p.source,
-                    checkpoint: p.checkpoint,
+                    source,
+                    checkpoint,
                     started: std::time::Instant::now(),
                     slots: None,
                 },
