@@ -247,22 +247,24 @@ async fn http_transport_syncs_both_ways_through_link_drops_under_mutual_tls() {
         }
     });
     let sent = post_updates(&fleet, 0, 10).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !writer.is_finished() || (0..2).any(|i| AgentStats::get(&stats(&fleet, i).links_up) < 3) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "links did not come back"
-        );
+    // Drop both links, wait until both are back over HTTP, again, while batches are in flight.
+    let links = |i: usize| AgentStats::get(&stats(&fleet, i).links_up);
+    while !writer.is_finished() || (0..2).any(|i| links(i) < 3) {
+        let before: Vec<u64> = (0..2).map(links).collect();
         for c in &fleet.clinics {
-            let Some(a) = c.agent.as_ref() else { continue };
-            if a.handle.stats.connected.load(Ordering::Relaxed) {
-                if let Some(conn) = a.handle.slots.connection.get() {
-                    conn.do_send(tether_actors::connection::DropLink);
-                }
+            if let Some(conn) = c
+                .agent
+                .as_ref()
+                .and_then(|a| a.handle.slots.connection.get())
+            {
+                conn.do_send(tether_actors::connection::DropLink);
             }
         }
-        // Pacing the drops, not synchronisation.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        wait_until("both links back", Duration::from_secs(20), || {
+            let back = (0..2).all(|i| links(i) > before[i]);
+            async move { back }
+        })
+        .await;
     }
     writer.join().expect("writer");
     wait_applied(&fleet, &sent).await;

@@ -13,26 +13,13 @@ use awc::BoxedSocket;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tether::gateway::{self, GatewayHandle, GatewaySecurity, GatewaySettings};
+use tether::gateway::{self, GatewayHandle, GatewaySecurity};
 
 type Ws = Framed<BoxedSocket, ws::Codec>;
 
 fn start(dir: &Path, heartbeat: Duration) -> GatewayHandle {
     gateway::start(
-        GatewaySettings {
-            listen: "127.0.0.1:0".into(),
-            store_path: dir.join("gateway.db"),
-            heartbeat_interval: heartbeat,
-            max_frame_bytes: 64 * 1024,
-            entity_schemas: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/entities")),
-            update_window: 8,
-            group_commit_max_events: 1000,
-            workers: 1,
-            shutdown_timeout: Duration::from_millis(200),
-            faults: Default::default(),
-            webhooks: Vec::new(),
-            bridge: Default::default(),
-        },
+        gateway_settings(dir, heartbeat),
         GatewaySecurity::insecure(),
     )
     .expect("gateway")

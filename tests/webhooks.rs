@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -109,21 +108,11 @@ async fn every_event_is_delivered_signed_in_order_with_retries_dead_letters_and_
     let dir = tempfile::tempdir().expect("tempdir");
     let gw = gateway::start(
         GatewaySettings {
-            listen: "127.0.0.1:0".into(),
-            store_path: dir.path().join("gateway.db"),
-            heartbeat_interval: Duration::from_secs(5),
-            max_frame_bytes: 1 << 20,
-            entity_schemas: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/entities")),
-            update_window: 8,
-            group_commit_max_events: 1000,
-            workers: 1,
-            shutdown_timeout: Duration::from_millis(200),
-            faults: Default::default(),
             webhooks: vec![
                 webhook("main-api", &url, &[]),
                 webhook("payments-only", &url, &["payment"]),
             ],
-            bridge: Default::default(),
+            ..gateway_settings(dir.path(), Duration::from_secs(5))
         },
         GatewaySecurity::insecure(),
     )

@@ -544,7 +544,7 @@ pub(super) async fn list_webhooks(state: web::Data<GatewayState>) -> HttpRespons
         let w = state.webhooks.clone();
         let name = s.name.clone();
         let (cursor, dead) = match web::block(move || {
-            Ok::<_, StoreError>((w.cursor(&name)?, w.dead_letters(&name, 0, 1000)?.len()))
+            Ok::<_, StoreError>((w.cursor(&name)?, w.dead_letter_count(&name)?))
         })
         .await
         {

@@ -162,13 +162,11 @@ impl GatewayMetrics {
                 "Actor restarts the clinic's agent reported since its process started.",
             ),
         ];
-        let pending = |id: &str| {
-            records
-                .iter()
-                .find(|r| r.clinic_id == id)
-                .map(|r| r.pending_updates)
-                .unwrap_or(0)
-        };
+        let pending: std::collections::HashMap<&str, u64> = records
+            .iter()
+            .map(|r| (r.clinic_id.as_str(), r.pending_updates))
+            .collect();
+        let pending = |id: &str| pending.get(id).copied().unwrap_or(0);
         for (i, (name, help)) in gauges.iter().enumerate() {
             let kind = if name.ends_with("_total") {
                 "counter"

@@ -167,6 +167,18 @@ impl Webhooks {
         })
     }
 
+    pub fn dead_letter_count(&self, name: &str) -> Result<u64, StoreError> {
+        let name = name.to_string();
+        self.store.read(move |c| {
+            c.query_row(
+                "SELECT count(*) FROM webhook_dead_letters WHERE name = ?1",
+                params![name],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+        })
+    }
+
     /// Delivers one dead letter again now; on success it leaves the list.
     pub async fn replay_dead_letter(&self, name: &str, id: u64) -> Result<bool, ReplayError> {
         let (settings, stats) = self.find(name).ok_or(ReplayError::NoWebhook)?.clone();

@@ -4,6 +4,25 @@
 
 pub mod procs;
 
+/// A plaintext gateway's settings on 127.0.0.1:0 with its store in `dir` (small limits, quick
+/// shutdown) for tests that start a gateway by hand.
+pub fn gateway_settings(dir: &Path, heartbeat: Duration) -> tether::gateway::GatewaySettings {
+    tether::gateway::GatewaySettings {
+        listen: "127.0.0.1:0".into(),
+        store_path: dir.join("gateway.db"),
+        heartbeat_interval: heartbeat,
+        max_frame_bytes: 64 * 1024,
+        entity_schemas: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/entities")),
+        update_window: 8,
+        group_commit_max_events: 1000,
+        workers: 1,
+        shutdown_timeout: Duration::from_millis(200),
+        faults: Default::default(),
+        webhooks: Vec::new(),
+        bridge: Default::default(),
+    }
+}
+
 use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
