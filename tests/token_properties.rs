@@ -85,3 +85,51 @@ fn altered_tokens_never_verify() {
         )
         .expect("property holds");
 }
+
+/// A token signed with the clinic's real key but with claims chosen by the test.
+fn forged(s: &Setup, iat: u64, exp: u64) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let pem = std::fs::read(s._dir.path().join("clinic-p.key")).expect("key");
+    let key = EncodingKey::from_rsa_pem(&pem).expect("pem");
+    let mut h = Header::new(Algorithm::RS256);
+    h.kid = Some("clinic-p-1".into());
+    let claims = serde_json::json!({"iss": "clinic-p", "sub": "clinic-p", "aud": "gw-local",
+        "iat": iat, "nbf": iat.min(tether::security::unix_now()), "exp": exp,
+        "jti": format!("{:x}", rand::random::<u64>())});
+    jsonwebtoken::encode(&h, &claims, &key).expect("sign")
+}
+
+#[test]
+fn the_lifetime_cap_holds_against_the_gateways_clock_not_the_tokens_iat() {
+    use tether::security::jwt::AuthError;
+    let s = setup();
+    let now = tether::security::unix_now();
+    let ten_years = now + 10 * 365 * 86_400;
+    // `iat` a minute before a far `exp`: exp - iat looks short, exp - now is ten years.
+    let e = s
+        .verifier
+        .verify(&forged(&s, ten_years - 60, ten_years))
+        .expect_err("iat in the future must not stretch the lifetime");
+    assert!(matches!(e, AuthError::IssuedInFuture(_)), "{e:?}");
+    // An honest iat with an exp beyond the cap.
+    let e = s
+        .verifier
+        .verify(&forged(&s, now, now + 3_600))
+        .expect_err("an hour-long token");
+    assert!(matches!(e, AuthError::TooLong(_)), "{e:?}");
+    // iat slightly ahead (a clinic clock within the leeway) is fine, and so is the maximum.
+    let v = s
+        .verifier
+        .verify(&forged(&s, now + 10, now + 300))
+        .expect("within the leeway");
+    assert!(v.close_at <= now + 300 + 2, "{v:?}");
+    // The session ends at the earlier of expiry and the cap counted on this clock.
+    let v = s
+        .verifier
+        .verify(&forged(&s, now, now + 320))
+        .expect("within cap + leeway");
+    assert!(
+        v.close_at <= tether::security::unix_now() + 300,
+        "session must close at the cap: {v:?}"
+    );
+}

@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{safe_id, unix_now};
 
-/// Longest token lifetime the gateway accepts (`exp - iat`).
+/// Longest token lifetime the gateway accepts, measured on the gateway's own clock
+/// (`exp - now`), never on the token's word (`iat`).
 pub const MAX_LIFETIME: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -65,6 +66,8 @@ pub enum AuthError {
     Invalid(String),
     #[error("token lifetime {0} s exceeds the maximum")]
     TooLong(u64),
+    #[error("token issued {0} s in the future")]
+    IssuedInFuture(u64),
     #[error("empty jti")]
     NoJti,
     #[error("replayed jti")]
@@ -281,6 +284,9 @@ pub struct Verified {
     pub kid: String,
     pub jti: String,
     pub exp: u64,
+    /// When a session opened with this token ends (unix seconds): the earlier of the token's
+    /// expiry and the lifetime cap counted from the verification.
+    pub close_at: u64,
 }
 
 /// Verifies connection tokens at the gateway.
@@ -328,14 +334,21 @@ impl TokenVerifier {
         let data = jsonwebtoken::decode::<Claims>(token, &entry.key, &v)
             .map_err(|e| AuthError::Invalid(format!("{:?}", e.kind())))?;
         let c = data.claims;
-        let lifetime = c.exp.saturating_sub(c.iat);
-        if lifetime > MAX_LIFETIME.as_secs() + self.leeway {
-            return Err(AuthError::TooLong(lifetime));
+        let now = unix_now();
+        // The cap holds against this clock: a token claiming to be issued later (`iat` in the
+        // future) must not stretch its own lifetime.
+        if c.iat > now + self.leeway {
+            return Err(AuthError::IssuedInFuture(c.iat - now));
+        }
+        let cap = MAX_LIFETIME.as_secs() + self.leeway;
+        let left = c.exp.saturating_sub(now);
+        let claimed = c.exp.saturating_sub(c.iat);
+        if left > cap || claimed > cap {
+            return Err(AuthError::TooLong(left.max(claimed)));
         }
         if c.jti.is_empty() {
             return Err(AuthError::NoJti);
         }
-        let now = unix_now();
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let horizon = self.leeway;
         seen.retain(|_, exp| *exp + horizon >= now);
@@ -348,6 +361,7 @@ impl TokenVerifier {
             kid,
             jti: c.jti,
             exp: c.exp,
+            close_at: c.exp.min(now + MAX_LIFETIME.as_secs()),
         })
     }
 }
