@@ -65,7 +65,7 @@ pub async fn admin_auth(
     };
     match who {
         Err(e) => {
-            log::warn!(target: AUDIT, "actor=- peer={peer} action=\"{method} {path}\" result=denied reason={:?}", e.to_string());
+            log::warn!(target: AUDIT, "actor=- peer={peer} action={} result=denied reason={:?}", crate::security::log_value(&format!("{method} {path}"), 160), e.to_string());
             let status = match e {
                 crate::security::admin::AdminAuthError::Scope(..) => StatusCode::FORBIDDEN,
                 _ => StatusCode::UNAUTHORIZED,
@@ -75,7 +75,7 @@ pub async fn admin_auth(
         }
         Ok(name) => {
             let res = next.call(req).await?;
-            log::info!(target: AUDIT, "actor={name} peer={peer} action=\"{method} {path}\" result={}", res.status().as_u16());
+            log::info!(target: AUDIT, "actor={name} peer={peer} action={} result={}", crate::security::log_value(&format!("{method} {path}"), 160), res.status().as_u16());
             Ok(res.map_into_left_body())
         }
     }

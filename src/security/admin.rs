@@ -83,9 +83,7 @@ impl AdminTokens {
     /// Checks an `Authorization` header value; returns the token's name.
     pub fn check(&self, header: Option<&str>, need: Scope) -> Result<String, AdminAuthError> {
         let token = header
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
+            .and_then(super::bearer_token)
             .ok_or(AdminAuthError::Missing)?;
         let hash = openssl::sha::sha256(token.as_bytes());
         for (name, h, scopes) in &self.entries {
@@ -133,6 +131,11 @@ mod tests {
         assert_eq!(
             tokens.check(Some(&t), Scope::Read),
             Err(AdminAuthError::Missing)
+        );
+        assert_eq!(
+            tokens.check(Some(&format!("Bearer  {t}")), Scope::Read),
+            Err(AdminAuthError::Missing),
+            "two spaces"
         );
     }
 }
