@@ -7,6 +7,7 @@ pub mod agent;
 pub mod applier;
 pub mod backoff;
 pub mod connection;
+pub mod frames;
 pub mod http_link;
 pub mod outbound;
 pub mod ports;

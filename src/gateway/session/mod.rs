@@ -29,9 +29,13 @@ use super::{GatewayState, PeerIdentity};
 use crate::config::valid_id;
 use crate::security::jwt::{AuthError, Verified};
 use crate::security::limits::TokenBucket;
+use crate::security::log_value;
 use tether_actors::log_target::AUDIT;
 
+pub mod guard;
 pub mod http;
+
+use guard::{FrameGuard, GuardState};
 
 pub struct Session {
     id: String,
@@ -60,6 +64,11 @@ pub struct Session {
     end: Option<End>,
     /// `rpc_request`s relayed to the agent and not answered yet.
     rpc_outstanding: HashSet<String>,
+    /// The frame guard of a WebSocket session (`None` on the HTTP fallback, whose request
+    /// bodies are limited by the HTTP layer).
+    guard: Option<std::rc::Rc<GuardState>>,
+    /// A fragmented message being reassembled: its bytes so far, and whether it is text.
+    fragments: Option<(bytes::BytesMut, bool)>,
 }
 
 /// Callers of `POST /v1/clinics/{id}/rpc` waiting for their answer, by request id.
@@ -135,9 +144,9 @@ fn authenticate(req: &HttpRequest, state: &GatewayState) -> Result<Option<Verifi
         .headers()
         .get(actix_web::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(crate::security::bearer_token)
         .ok_or(AuthError::Missing)?;
-    let v = verifier.verify(token.trim())?;
+    let v = verifier.verify(token)?;
     if mutual_tls(state) {
         let ids = req
             .conn_data::<PeerIdentity>()
@@ -174,7 +183,7 @@ fn admit(req: &HttpRequest, state: &GatewayState) -> Result<Option<Verified>, Bo
         let origin = origin.to_str().unwrap_or("");
         if !state.security.allowed_origins.iter().any(|o| o == origin) {
             state.metrics.add(&state.metrics.handshakes_refused, 1);
-            log::warn!(target: AUDIT, "event=handshake_refused peer={peer} reason=origin_not_allowed origin={origin:?}");
+            log::warn!(target: AUDIT, "event=handshake_refused peer={peer} reason=origin_not_allowed origin={}", log_value(origin, 96));
             return Err(Box::new(deny(StatusCode::FORBIDDEN)));
         }
     }
@@ -182,7 +191,7 @@ fn admit(req: &HttpRequest, state: &GatewayState) -> Result<Option<Verified>, Bo
         Ok(a) => a,
         Err(e) => {
             state.metrics.add(&state.metrics.auth_failures, 1);
-            log::warn!(target: AUDIT, "event=auth_failed peer={peer} reason={:?}", e.to_string());
+            log::warn!(target: AUDIT, "event=auth_failed peer={peer} reason={}", log_value(&e.to_string(), 160));
             return Err(Box::new(deny(StatusCode::UNAUTHORIZED)));
         }
     };
@@ -220,6 +229,8 @@ impl Session {
             transport,
             end: None,
             rpc_outstanding: HashSet::new(),
+            guard: None,
+            fragments: None,
         }
     }
 }
@@ -235,8 +246,10 @@ pub async fn upgrade(
         Err(refused) => return Ok(*refused),
     };
     let max = state.settings.max_frame_bytes;
-    let session = Session::new(state, &req, auth, "websocket");
-    ws::WsResponseBuilder::new(session, &req, stream)
+    let mut session = Session::new(state, &req, auth, "websocket");
+    let guard = GuardState::new();
+    session.guard = Some(guard.clone());
+    ws::WsResponseBuilder::new(session, &req, FrameGuard::new(stream, max, guard))
         .frame_size(max)
         .start()
 }
@@ -257,7 +270,8 @@ impl Session {
         message: String,
         field: Option<String>,
     ) {
-        log::warn!(target: ERROR, "session={} clinic={} event=rejected_frame code={code:?} field={} message={message:?}", self.id, self.clinic_label(), field.as_deref().unwrap_or("-"));
+        // Parser messages quote the input: cut and escaped, never the frame itself.
+        log::warn!(target: ERROR, "session={} clinic={} event=rejected_frame code={code:?} field={} message={}", self.id, self.clinic_label(), log_value(field.as_deref().unwrap_or("-"), 64), log_value(&message, 96));
         self.send(
             ctx,
             Wire::Error(ErrorFrame {
@@ -334,7 +348,8 @@ impl Session {
                 }
             }
             (Some(_), Wire::Error(e)) => {
-                log::warn!(target: ERROR, "session={} clinic={} event=agent_error code={:?} message={:?}", self.id, self.clinic_label(), e.code, e.message);
+                // The agent's free text is its own: a prefix and the length, never all of it.
+                log::warn!(target: ERROR, "session={} clinic={} event=agent_error code={:?} message={} message_len={}", self.id, self.clinic_label(), e.code, log_value(&e.message, 48), e.message.len());
             }
             (Some(_), other) => self.send_error(
                 ctx,
@@ -348,7 +363,7 @@ impl Session {
     fn on_hello(&mut self, h: tether_schemas::Hello, ctx: &mut ws::WebsocketContext<Self>) {
         if let Some(a) = &self.auth {
             if a.clinic != h.clinic_id {
-                log::warn!(target: AUDIT, "event=clinic_mismatch session={} token_clinic={} hello_clinic={:?} result=closed", self.id, a.clinic, h.clinic_id);
+                log::warn!(target: AUDIT, "event=clinic_mismatch session={} token_clinic={} hello_clinic={} result=closed", self.id, a.clinic, log_value(&h.clinic_id, 64));
                 self.send_error(
                     ctx,
                     ErrorCode::ClinicMismatch,
@@ -393,7 +408,7 @@ impl Session {
                 transport: act.transport,
                 restarts: h.restarts,
             });
-            log::info!(target: CONNECTION, "session={} clinic={clinic} event=session_open transport={} remote={} agent_version={:?} agent_acked_seq={} gateway_acked_seq={acked}", act.id, act.transport, act.remote.as_deref().unwrap_or("-"), h.agent_version, h.last_acked_seq);
+            log::info!(target: CONNECTION, "session={} clinic={clinic} event=session_open transport={} remote={} agent_version={} agent_acked_seq={} gateway_acked_seq={acked}", act.id, act.transport, act.remote.as_deref().unwrap_or("-"), log_value(&h.agent_version, 32), h.last_acked_seq);
             log::info!(target: AUDIT, "event=session_open session={} clinic={clinic} authenticated={}", act.id, act.auth.is_some());
             let welcome = Wire::Welcome(Welcome {
                 session_id: act.id.clone(),
@@ -578,7 +593,7 @@ impl Session {
             .get(&c.endpoint)
             .cloned()
         else {
-            log::warn!(target: MESSAGE, "session={} clinic={clinic} event=call_refused request_id={} endpoint={:?} reason=unknown_endpoint", self.id, c.request_id, c.endpoint);
+            log::warn!(target: MESSAGE, "session={} clinic={clinic} event=call_refused request_id={} endpoint={} reason=unknown_endpoint", self.id, log_value(&c.request_id, 64), log_value(&c.endpoint, 64));
             return self.send(
                 ctx,
                 Wire::CallResponse(CallResponse {
@@ -628,7 +643,7 @@ impl Session {
             }
         };
         ctx.spawn(fut.into_actor(self).map(move |(status, body, error), act, ctx| {
-            log::info!(target: MESSAGE, "session={} clinic={} event=call_answered request_id={id} endpoint={endpoint} status={status} ms={}", act.id, act.clinic_label(), started.elapsed().as_millis());
+            log::info!(target: MESSAGE, "session={} clinic={} event=call_answered request_id={} endpoint={endpoint} status={status} ms={}", act.id, act.clinic_label(), log_value(&id, 64), started.elapsed().as_millis());
             if !act.closing {
                 act.send(
                     ctx,
@@ -730,7 +745,7 @@ impl Actor for Session {
         let hb = self.state.settings.heartbeat_interval;
         if let Some(a) = &self.auth {
             // The session lives no longer than its token.
-            let left = a.exp.saturating_sub(crate::security::unix_now());
+            let left = a.close_at.saturating_sub(crate::security::unix_now());
             ctx.run_later(std::time::Duration::from_secs(left), |act, ctx| {
                 log::info!(target: AUDIT, "event=token_expired session={} clinic={} result=closed", act.id, act.clinic_label());
                 act.send_error(ctx, ErrorCode::Unauthorized, "token expired; reconnect with a fresh one".into(), None);
@@ -739,7 +754,19 @@ impl Actor for Session {
         }
         log::debug!(target: CONNECTION, "session={} event=upgraded remote={}", self.id, self.remote.as_deref().unwrap_or("-"));
         ctx.run_interval(hb, move |act, ctx| {
-            let silent = act.last_seen.elapsed();
+            // Bytes still arriving (a large frame on a slow link) count as life; a message
+            // that takes longer than six heartbeats to arrive does not.
+            let mut silent = act.last_seen.elapsed();
+            if let Some(g) = &act.guard {
+                silent = silent.min(g.last_bytes().elapsed());
+                if let Some(since) = g.message_since() {
+                    if since.elapsed() > hb * MESSAGE_DEADLINE_HEARTBEATS {
+                        log::warn!(target: CONNECTION, "session={} clinic={} event=message_too_slow waited_ms={}", act.id, act.clinic_label(), since.elapsed().as_millis());
+                        act.close(ctx, ws::CloseCode::Policy, "message not completed in time");
+                        return;
+                    }
+                }
+            }
             if silent > hb * 3 {
                 log::warn!(target: CONNECTION, "session={} clinic={} event=evicted reason=heartbeat_timeout silent_ms={}", act.id, act.clinic_label(), silent.as_millis());
                 act.close(ctx, ws::CloseCode::Away, "heartbeat timeout");
@@ -802,6 +829,16 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
             );
             return self.close(ctx, ws::CloseCode::Again, "rate limited");
         }
+        if self.fragments.is_some()
+            && matches!(item, Ok(ws::Message::Text(_)) | Ok(ws::Message::Binary(_)))
+        {
+            log::warn!(target: CONNECTION, "session={} clinic={} event=protocol_error error=\"new message inside a fragmented one\"", self.id, self.clinic_label());
+            return self.close(
+                ctx,
+                ws::CloseCode::Protocol,
+                "new message inside a fragmented one",
+            );
+        }
         match item {
             Ok(ws::Message::Text(text)) => self.on_text(&text, ctx),
             Ok(ws::Message::Ping(b)) => {
@@ -839,7 +876,22 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
                 ctx.close(None);
                 ctx.stop();
             }
-            Ok(ws::Message::Continuation(_)) | Ok(ws::Message::Nop) => {}
+            Ok(ws::Message::Continuation(item)) => self.on_fragment(item, ctx),
+            Ok(ws::Message::Nop) => {}
+            Err(_) if self.guard.as_ref().and_then(|g| g.violation()).is_some() => {
+                let why = self
+                    .guard
+                    .as_ref()
+                    .and_then(|g| g.violation())
+                    .map(|v| v.describe(self.state.settings.max_frame_bytes))
+                    .unwrap_or_default();
+                log::warn!(target: CONNECTION, "session={} clinic={} event=frame_too_large detail={why:?}", self.id, self.clinic_label());
+                self.send_error(ctx, ErrorCode::FrameTooLarge, why, None);
+                self.close(ctx, ws::CloseCode::Size, "frame too large");
+            }
+            Err(ws::ProtocolError::Io(e)) if e.to_string().contains("utf-8") => {
+                self.bad_utf8(ctx);
+            }
             Err(ws::ProtocolError::Overflow) => {
                 self.send_error(
                     ctx,
@@ -853,7 +905,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
                 self.close(ctx, ws::CloseCode::Size, "frame too large");
             }
             Err(e) => {
-                log::warn!(target: CONNECTION, "session={} clinic={} event=protocol_error error={:?}", self.id, self.clinic_label(), e.to_string());
+                log::warn!(target: CONNECTION, "session={} clinic={} event=protocol_error error={}", self.id, self.clinic_label(), log_value(&e.to_string(), 96));
                 self.close(ctx, ws::CloseCode::Protocol, "protocol error");
             }
         }
@@ -864,6 +916,79 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
             log::warn!(target: CONNECTION, "session={} clinic={} event=unexpected_close", self.id, self.clinic_label());
         }
         ctx.stop();
+    }
+}
+
+/// A data message still arriving after this many heartbeat intervals closes the session.
+const MESSAGE_DEADLINE_HEARTBEATS: u32 = 6;
+
+impl Session {
+    /// A text frame (or a reassembled text message) that is not UTF-8: 1007 (RFC 6455 §8.1).
+    fn bad_utf8(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        log::warn!(target: CONNECTION, "session={} clinic={} event=invalid_utf8", self.id, self.clinic_label());
+        self.send_error(
+            ctx,
+            ErrorCode::BadFrame,
+            "text message is not valid UTF-8".into(),
+            None,
+        );
+        self.close(ctx, ws::CloseCode::Invalid, "invalid UTF-8");
+    }
+
+    /// RFC 6455 fragmentation: the message is reassembled (the frame guard has already
+    /// limited its total size) and handled as if it had come in one frame.
+    fn on_fragment(&mut self, item: actix_http::ws::Item, ctx: &mut ws::WebsocketContext<Self>) {
+        let max = self.state.settings.max_frame_bytes;
+        let (part, first, last) = match item {
+            actix_http::ws::Item::FirstText(b) => (b, Some(true), false),
+            actix_http::ws::Item::FirstBinary(b) => (b, Some(false), false),
+            actix_http::ws::Item::Continue(b) => (b, None, false),
+            actix_http::ws::Item::Last(b) => (b, None, true),
+        };
+        match (first, self.fragments.as_mut()) {
+            (Some(text), None) => {
+                if !self.rate.take() {
+                    self.state.metrics.add(&self.state.metrics.rate_limited, 1);
+                    log::warn!(target: AUDIT, "event=rate_limited session={} clinic={} result=closed", self.id, self.clinic_label());
+                    return self.close(ctx, ws::CloseCode::Again, "rate limited");
+                }
+                self.fragments = Some((bytes::BytesMut::from(&part[..]), text));
+            }
+            (None, Some((buf, _))) if buf.len() + part.len() <= max => {
+                buf.extend_from_slice(&part);
+            }
+            (None, Some(_)) => {
+                self.send_error(
+                    ctx,
+                    ErrorCode::FrameTooLarge,
+                    format!("fragmented message exceeds {max} bytes"),
+                    None,
+                );
+                return self.close(ctx, ws::CloseCode::Size, "frame too large");
+            }
+            (Some(_), Some(_)) | (None, None) => {
+                log::warn!(target: CONNECTION, "session={} clinic={} event=protocol_error error=\"continuation frame out of sequence\"", self.id, self.clinic_label());
+                return self.close(ctx, ws::CloseCode::Protocol, "continuation out of sequence");
+            }
+        }
+        if !last {
+            return;
+        }
+        let Some((buf, text)) = self.fragments.take() else {
+            return;
+        };
+        if !text {
+            return self.send_error(
+                ctx,
+                ErrorCode::BadFrame,
+                "binary frames are not part of the protocol; send JSON text".into(),
+                None,
+            );
+        }
+        match std::str::from_utf8(&buf) {
+            Ok(t) => self.on_text(t, ctx),
+            Err(_) => self.bad_utf8(ctx),
+        }
     }
 }
 
