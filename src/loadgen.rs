@@ -93,6 +93,7 @@ pub async fn run_client(spec: ClientSpec, http: awc::Client, swarm: Arc<Swarm>) 
             continue;
         }
         let mut up = false;
+        let mut going_away = false;
         let mut sent_at: std::collections::VecDeque<(u64, Instant)> = Default::default();
         let period =
             (spec.events_per_s > 0.0).then(|| Duration::from_secs_f64(1.0 / spec.events_per_s));
@@ -108,7 +109,8 @@ pub async fn run_client(spec: ClientSpec, http: awc::Client, swarm: Arc<Swarm>) 
                     let Some(Ok(frame)) = item else { break };
                     match frame {
                         Frame::Ping(b) if ws.send(ws::Message::Pong(b.clone())).await.is_err() => break,
-                        Frame::Ping(_) => {}
+                        // Traffic answered on a welcomed link: the agent's policy resets the backoff.
+                        Frame::Ping(_) if up => backoff.reset(),
                         Frame::Text(t) => {
                             let Ok(v) = serde_json::from_slice::<serde_json::Value>(&t) else { continue };
                             match v["type"].as_str() {
@@ -120,6 +122,7 @@ pub async fn run_client(spec: ClientSpec, http: awc::Client, swarm: Arc<Swarm>) 
                                     backoff.connected(Instant::now());
                                 }
                                 Some("ack") => {
+                                    backoff.reset();
                                     let acked = v["seq"].as_u64().unwrap_or(0);
                                     let now = Instant::now();
                                     let mut lat = Vec::new();
@@ -136,7 +139,10 @@ pub async fn run_client(spec: ClientSpec, http: awc::Client, swarm: Arc<Swarm>) 
                                 _ => {}
                             }
                         }
-                        Frame::Close(_) => break,
+                        Frame::Close(reason) => {
+                            going_away = reason.is_some_and(|r| u16::from(r.code) == 1001);
+                            break;
+                        }
                         _ => {}
                     }
                 }
@@ -157,7 +163,12 @@ pub async fn run_client(spec: ClientSpec, http: awc::Client, swarm: Arc<Swarm>) 
             backoff.disconnected(Instant::now());
         }
         if !swarm.stop.load(Ordering::Relaxed) {
-            tokio::time::sleep(backoff.next_delay(&mut rand::rng())).await;
+            let delay = if going_away {
+                backoff.after_going_away(&mut rand::rng())
+            } else {
+                backoff.next_delay(&mut rand::rng())
+            };
+            tokio::time::sleep(delay).await;
         }
     }
 }

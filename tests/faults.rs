@@ -147,6 +147,92 @@ async fn partitions_short_long_and_longer_than_the_token_lifetime_lose_nothing()
     fleet.stop().await;
 }
 
+/// Sockets open in this process (gateway, proxy and agent alike).
+fn open_sockets() -> usize {
+    fd_targets()
+        .iter()
+        .filter(|t| t.starts_with("socket:"))
+        .count()
+}
+
+/// What each open descriptor is, for the failure message.
+fn fd_targets() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .map(|p| p.display().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[actix_rt::test]
+async fn every_link_the_agent_loses_closes_its_socket_and_logs_no_flood() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    init_logs(dir.path());
+    let (mut fleet, proxies) = fleet_with_proxies(dir.path(), 1);
+    fleet.start_agents().await.expect("agents");
+    let db = fleet.clinics[0].db.clone();
+    wait_until("the first link", Duration::from_secs(20), || {
+        let n = links(&fleet, 0);
+        async move { n >= 1 }
+    })
+    .await;
+    write_activity(&db, 20);
+    wait_drained(&fleet, Duration::from_secs(20)).await;
+    let baseline = fd_targets();
+    let sockets = open_sockets();
+    for round in 1..=5u64 {
+        // A reset under traffic (TLS: the dead socket's close fails to write), then a healthy
+        // link again.
+        proxies[0].reset_all();
+        wait_until(
+            &format!("link {} after reset {round}", round + 1),
+            Duration::from_secs(20),
+            || {
+                write_activity(&db, 2);
+                let n = links(&fleet, 0);
+                async move { n > round }
+            },
+        )
+        .await;
+        wait_drained(&fleet, Duration::from_secs(20)).await;
+    }
+    // Each lost link's socket goes (a writer gets two seconds to close it cleanly).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Five leaked links would be five more; allow two for sockets opened meanwhile.
+    while open_sockets() > sockets + 2 {
+        write_activity(&db, 1);
+        assert!(
+            Instant::now() < deadline,
+            "open files before the resets: {baseline:?}\nnow: {:?}",
+            fd_targets()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Traffic on a healthy link writes no errors about the old ones.
+    let errors_before = read_log(dir.path(), "connection")
+        .matches("event=write_error")
+        .count();
+    for _ in 0..20 {
+        write_activity(&db, 5);
+        wait_drained(&fleet, Duration::from_secs(20)).await;
+    }
+    let log = read_log(dir.path(), "connection");
+    assert_eq!(
+        log.matches("event=write_error").count(),
+        errors_before,
+        "write errors on a healthy link"
+    );
+    assert!(!log.contains("event=repeated"), "a repeated warning: {log}");
+    wait_drained(&fleet, Duration::from_secs(20)).await;
+    assert_history_clean(&fleet, &[]);
+    fleet.stop().await;
+}
+
 #[actix_rt::test]
 async fn resets_mid_frame_and_sliced_slow_streams_lose_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");

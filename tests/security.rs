@@ -848,6 +848,12 @@ async fn agent_reauthenticates_before_its_token_expires_and_loses_nothing() {
     assert_history_clean(&fleet, &[]);
     let log = read_log(dir.path(), "connection");
     assert!(log.contains("event=reauthenticating"), "{log}");
+    // A clean close handshake: the agent's 1000 reaches the gateway, whose answer ends the old
+    // link; no socket is dropped under a live session (the gateway would log a 1002).
+    assert!(log.contains("event=closed_by_agent code=1000"), "{log}");
+    assert!(log.contains("event=link_retired"), "{log}");
+    assert!(!log.contains("event=protocol_error"), "{log}");
+    assert!(!log.contains("event=unexpected_close"), "{log}");
     assert!(
         !read_log(dir.path(), "audit").contains("event=token_expired"),
         "the agent never let a token run out"

@@ -1,10 +1,19 @@
 //! Exponential backoff with full jitter (AWS architecture blog, "Exponential Backoff And Jitter"):
-//! the n-th retry waits a uniformly random time in `[0, min(cap, base * 2^n)]`; the attempt
-//! counter resets once a connection has stayed up for `stable_after`.
+//! the n-th retry waits a uniformly random time in `[0, min(cap, base * 2^n)]`. The attempt
+//! counter resets once a link has proved itself (welcomed, and traffic answered: [`reset`]), or
+//! has stayed up for `stable_after`. A server that says it is going away (close 1001: a restart
+//! or a drain) is expected back at once: [`after_going_away`] waits a short jitter instead of the
+//! grown backoff, and counts afresh from there.
+//!
+//! [`reset`]: Backoff::reset
+//! [`after_going_away`]: Backoff::after_going_away
 
 use std::time::{Duration, Instant};
 
 use rand::Rng;
+
+/// After a 1001 the next attempt waits a uniformly random time up to this.
+pub const GOING_AWAY_JITTER: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct Backoff {
@@ -42,6 +51,19 @@ impl Backoff {
 
     pub fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    /// The link proved itself (see the connection actor): the next failure starts from `base`.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// The delay after the server's "going away" (1001): a short jitter, and the counter
+    /// starts again from `base` should the server not be back yet.
+    pub fn after_going_away<R: Rng + ?Sized>(&mut self, rng: &mut R) -> Duration {
+        self.attempt = 0;
+        let ms = GOING_AWAY_JITTER.as_millis() as u64;
+        Duration::from_millis(rng.random_range(0..=ms))
     }
 
     /// The link came up at `now`.
@@ -115,6 +137,25 @@ mod tests {
             bo.next_delay(&mut rng);
         }
         assert_eq!(bo.ceiling(), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_proven_link_or_a_going_away_starts_the_count_again() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let mut bo = b();
+        for _ in 0..7 {
+            bo.next_delay(&mut rng);
+        }
+        assert_eq!(bo.ceiling(), Duration::from_secs(60));
+        bo.reset();
+        assert_eq!(bo.ceiling(), Duration::from_millis(500));
+        for _ in 0..7 {
+            bo.next_delay(&mut rng);
+        }
+        for _ in 0..100 {
+            assert!(bo.after_going_away(&mut rng) <= GOING_AWAY_JITTER);
+        }
+        assert_eq!(bo.ceiling(), Duration::from_millis(500));
     }
 
     #[test]

@@ -31,13 +31,14 @@ use tether_schemas::{Hello, Message as Wire, Update, UpdateResult};
 
 use crate::agent::{AgentPorts, AgentSettings, Slots, Transport};
 use crate::applier::Apply;
+use crate::frames::{GuardedCodec, Item};
 use crate::http_link::{self, HttpLinkError, PollItem};
 use crate::log_target::{CONNECTION, ERROR};
 use crate::outbound::{Acked, LinkDown, LinkUp};
 use crate::stats::AgentStats;
 use crate::supervisor::ExitGuard;
 
-type WsSink = SplitSink<Framed<BoxedSocket, ws::Codec>, ws::Message>;
+type WsSink = SplitSink<Framed<BoxedSocket, GuardedCodec>, ws::Message>;
 
 /// The writing half of the current link.
 enum LinkOut {
@@ -56,9 +57,15 @@ enum State {
     /// Socket open, `hello` sent, `welcome` not yet received.
     Handshaking,
     Up,
+    /// Leaving this link for a new one (re-authentication, back to WebSocket): our close was
+    /// sent and the outbound queue told; waiting briefly for the gateway's close.
+    Retiring,
     /// Shutting down: a close frame was sent; no reconnect.
     Closing,
 }
+
+/// How long a retiring link waits for the gateway to answer its close.
+const RETIRE_WAIT: Duration = Duration::from_secs(2);
 
 /// What the link currently is, for an outbound queue that restarted.
 #[derive(Debug, Clone, Copy)]
@@ -98,6 +105,12 @@ pub struct Connection {
     rpc_running: usize,
     /// `call_request`s sent and not answered, by request id.
     calls: std::collections::HashMap<String, CallWaiter>,
+    /// The gateway said it is going away (1001): come back after a short jitter.
+    going_away: bool,
+    /// The backoff was reset for the current link (it carried traffic both ways).
+    proven: bool,
+    /// A fragmented text message from the gateway being reassembled.
+    fragments: Option<Vec<u8>>,
 }
 
 type CallWaiter = tokio::sync::oneshot::Sender<Result<tether_schemas::CallResponse, String>>;
@@ -164,6 +177,9 @@ impl Connection {
             http_failures: 0,
             rpc_running: 0,
             calls: std::collections::HashMap::new(),
+            going_away: false,
+            proven: false,
+            fragments: None,
         }
     }
 
@@ -334,7 +350,12 @@ impl Connection {
     }
 
     fn opened(&mut self, framed: Framed<BoxedSocket, ws::Codec>, ctx: &mut Context<Self>) {
-        let (sink, stream) = framed.split();
+        // Same socket and buffers, with the frame limit checked at each header.
+        let parts = framed.into_parts();
+        let codec = GuardedCodec::new(parts.codec, self.settings.max_frame_bytes);
+        let mut guarded = actix_codec::FramedParts::with_read_buf(parts.io, codec, parts.read_buf);
+        guarded.write_buf = parts.write_buf;
+        let (sink, stream) = Framed::from_parts(guarded).split();
         let epoch = self.epoch;
         let stream =
             stream
@@ -370,8 +391,12 @@ impl Connection {
         });
     }
 
-    /// A WebSocket control frame (ping, pong); the HTTP fallback has none.
+    /// A WebSocket control frame (ping, pong); the HTTP fallback has none. Nothing follows our
+    /// close frame.
     fn write(&mut self, msg: ws::Message) {
+        if matches!(self.state, State::Retiring | State::Closing) {
+            return;
+        }
         if let Some(LinkOut::Ws(sink)) = self.link.as_mut() {
             if sink.write(msg).is_err() {
                 log::warn!(target: CONNECTION, "clinic={} event=write_failed", self.settings.clinic_id);
@@ -413,6 +438,40 @@ impl Connection {
         }
     }
 
+    /// Leave a working link on purpose (a fresh token, or back to the WebSocket): our close
+    /// (1000) first, the outbound queue stops sending on it, then the gateway's close (or
+    /// `RETIRE_WAIT`) ends it and the next link is opened at once.
+    fn retire(&mut self, ctx: &mut Context<Self>, why: &'static str) {
+        let epoch = self.epoch;
+        self.send_close(ctx, ws::CloseCode::Normal, why);
+        self.reauth = true;
+        if self.state == State::Up {
+            if let Some(o) = self.slots.outbound.get() {
+                o.do_send(LinkDown { epoch });
+            }
+        }
+        self.state = State::Retiring;
+        ctx.run_later(RETIRE_WAIT, move |act, ctx| {
+            if act.epoch == epoch && act.state == State::Retiring {
+                log::info!(target: CONNECTION, "clinic={} event=close_not_answered waited_ms={}", act.clinic(), RETIRE_WAIT.as_millis());
+                act.link_lost(ctx, why);
+            }
+        });
+    }
+
+    /// Ends the writer of the current link: a WebSocket's close frame and shutdown are given
+    /// `RETIRE_WAIT` to finish, then its task is cancelled whatever state the socket is in, so
+    /// no dead socket (or its errors) outlives its link.
+    fn drop_writer(&mut self, ctx: &mut Context<Self>) {
+        if let Some(LinkOut::Ws(mut sink)) = self.link.take() {
+            sink.close();
+            let handle = sink.handle();
+            ctx.run_later(RETIRE_WAIT, move |_, ctx| {
+                ctx.cancel_future(handle);
+            });
+        }
+    }
+
     /// Tear the current socket down and schedule the next attempt.
     fn link_lost(&mut self, ctx: &mut Context<Self>, why: &str) {
         if self.state == State::Closing {
@@ -423,15 +482,16 @@ impl Connection {
             return;
         }
         let was_up = self.state == State::Up;
+        let retired = self.state == State::Retiring;
         if self.state == State::Handshaking && !self.on_http() {
             self.note_blocked(&format!("the socket failed before welcome: {why}"));
         }
-        if let Some(LinkOut::Ws(mut sink)) = self.link.take() {
-            sink.close();
-        }
+        self.drop_writer(ctx);
+        self.link = None;
         if let Some(h) = self.stream.take() {
             ctx.cancel_future(h);
         }
+        self.fragments = None;
         self.updates.clear();
         self.applying = false;
         for (_, w) in self.calls.drain() {
@@ -455,6 +515,8 @@ impl Connection {
             if let Some(o) = self.slots.outbound.get() {
                 o.do_send(LinkDown { epoch: self.epoch });
             }
+        } else if retired {
+            log::info!(target: CONNECTION, "clinic={} event=link_retired reason={why:?}", self.clinic());
         } else {
             log::warn!(target: CONNECTION, "clinic={} event=connect_failed reason={why:?}", self.clinic());
         }
@@ -463,9 +525,8 @@ impl Connection {
 
     /// The close handshake finished (or the socket ended) during shutdown.
     fn closed(&mut self, ctx: &mut Context<Self>) {
-        if let Some(LinkOut::Ws(mut sink)) = self.link.take() {
-            sink.close();
-        }
+        self.drop_writer(ctx);
+        self.link = None;
         if let Some(h) = self.stream.take() {
             ctx.cancel_future(h);
         }
@@ -479,8 +540,12 @@ impl Connection {
         self.state = State::Idle;
         self.backoff.disconnected(self.ports.clock.now());
         self.up_since = None;
+        self.proven = false;
         let delay = if std::mem::take(&mut self.reauth) {
             Duration::ZERO
+        } else if std::mem::take(&mut self.going_away) {
+            // A restart or a drain: expected back at once (see `backoff`).
+            self.backoff.after_going_away(&mut rand::rng())
         } else {
             self.backoff.next_delay(&mut rand::rng())
         };
@@ -520,6 +585,11 @@ impl Connection {
                 return;
             }
         };
+        if self.state == State::Retiring {
+            // After our close: acks, updates and requests of this link are redone on the next.
+            log::debug!(target: CONNECTION, "clinic={} event=ignored_after_close type={}", self.clinic(), msg.kind());
+            return;
+        }
         match (self.state, msg) {
             (State::Handshaking, Wire::Welcome(w)) => {
                 let now = self.ports.clock.now();
@@ -550,9 +620,7 @@ impl Connection {
                     ctx.run_later(at, move |act, ctx| {
                         if act.epoch == epoch && act.state == State::Up {
                             log::info!(target: CONNECTION, "clinic={} event=reauthenticating reason=\"token expires soon\"", act.clinic());
-                            act.send_close(ctx, ws::CloseCode::Normal, "re-authenticating");
-                            act.reauth = true;
-                            act.link_lost(ctx, "re-authenticating");
+                            act.retire(ctx, "re-authenticating");
                         }
                     });
                 }
@@ -564,6 +632,7 @@ impl Connection {
                 }
             }
             (State::Up, Wire::Ack(a)) => {
+                self.link_proven();
                 self.acked_seq = self.acked_seq.max(a.seq);
                 if let Some(o) = self.slots.outbound.get() {
                     o.do_send(Acked {
@@ -642,9 +711,7 @@ impl Connection {
                     Ok(()) => {
                         log::info!(target: CONNECTION, "clinic={} event=transport_changed transport=websocket reason=\"a websocket upgrade passed again\"", act.clinic());
                         act.stats.on_http.store(false, Ordering::Relaxed);
-                        act.send_close(ctx, ws::CloseCode::Normal, "moving to websocket");
-                        act.reauth = true;
-                        act.link_lost(ctx, "moving to websocket");
+                        act.retire(ctx, "moving to websocket");
                     }
                     Err(e) => {
                         log::info!(target: CONNECTION, "clinic={} event=upgrade_still_blocked error={e:?}", act.clinic());
@@ -815,12 +882,18 @@ impl StreamHandler<Incoming> for Connection {
                 }
             }
             Incoming::Http(_, PollItem::Closed(c)) => {
+                self.going_away = c.code == 1001;
                 self.gateway_closed(c.code, c.reason);
                 self.link_lost(ctx, "closed by gateway");
             }
             Incoming::Http(_, PollItem::Failed(e)) => {
                 log::warn!(target: CONNECTION, "clinic={} event=poll_failed transport=http error={:?}", self.clinic(), e.to_string());
                 self.link_lost(ctx, "poll failed");
+            }
+            Incoming::Frame(_, Err(crate::frames::ProtocolError::Overflow)) => {
+                log::warn!(target: CONNECTION, "clinic={} event=frame_too_large limit={}", self.clinic(), self.settings.max_frame_bytes);
+                self.send_close(ctx, ws::CloseCode::Size, "frame too large");
+                self.link_lost(ctx, "frame too large");
             }
             Incoming::Frame(_, Err(e)) => {
                 log::warn!(target: CONNECTION, "clinic={} event=protocol_error error={:?}", self.clinic(), e.to_string());
@@ -835,16 +908,21 @@ impl StreamHandler<Incoming> for Connection {
                             log::error!(target: ERROR, "clinic={} event=bad_frame_from_gateway error=\"text frame is not UTF-8\"", self.clinic())
                         }
                     },
-                    ws::Frame::Ping(b) => self.write(ws::Message::Pong(b)),
-                    ws::Frame::Pong(_) => {}
+                    ws::Frame::Ping(b) => {
+                        self.link_proven();
+                        self.write(ws::Message::Pong(b))
+                    }
+                    ws::Frame::Pong(_) => self.link_proven(),
                     ws::Frame::Close(reason) => {
                         let (code, desc) = reason
                             .map(|r| (u16::from(r.code), r.description.unwrap_or_default()))
                             .unwrap_or((1005, String::new()));
+                        self.going_away = code == 1001;
                         self.gateway_closed(code, desc);
                         self.link_lost(ctx, "closed by gateway");
                     }
-                    ws::Frame::Binary(_) | ws::Frame::Continuation(_) => {
+                    ws::Frame::Continuation(item) => self.on_fragment(item, ctx),
+                    ws::Frame::Binary(_) => {
                         log::error!(target: ERROR, "clinic={} event=unexpected_frame kind=binary", self.clinic());
                     }
                 }
@@ -858,8 +936,43 @@ impl StreamHandler<Incoming> for Connection {
 }
 
 impl Connection {
+    /// The link has carried traffic both ways since `welcome` (an ack, or a ping or pong):
+    /// the reconnect backoff starts from the beginning again.
+    fn link_proven(&mut self) {
+        if self.state == State::Up && !self.proven {
+            self.proven = true;
+            self.backoff.reset();
+        }
+    }
+
+    /// A fragmented text message from the gateway (the codec has limited its total size).
+    fn on_fragment(&mut self, item: Item, ctx: &mut Context<Self>) {
+        match item {
+            Item::FirstText(b) => self.fragments = Some(b.to_vec()),
+            Item::FirstBinary(_) => {
+                log::error!(target: ERROR, "clinic={} event=unexpected_frame kind=binary", self.clinic());
+            }
+            Item::Continue(b) => {
+                if let Some(f) = self.fragments.as_mut() {
+                    f.extend_from_slice(&b);
+                }
+            }
+            Item::Last(b) => {
+                if let Some(mut f) = self.fragments.take() {
+                    f.extend_from_slice(&b);
+                    match String::from_utf8(f) {
+                        Ok(text) => self.on_text(&text, ctx),
+                        Err(_) => {
+                            log::error!(target: ERROR, "clinic={} event=bad_frame_from_gateway error=\"text message is not UTF-8\"", self.clinic())
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     fn gateway_closed(&self, code: u16, desc: String) {
-        if self.state == State::Closing {
+        if matches!(self.state, State::Closing | State::Retiring) {
             log::info!(target: CONNECTION, "clinic={} event=closed code={code} reason={desc:?}", self.clinic());
         } else {
             log::warn!(target: CONNECTION, "clinic={} event=closed_by_gateway code={code} reason={desc:?}", self.clinic());
@@ -868,9 +981,11 @@ impl Connection {
 }
 
 impl WriteHandler<WsProtocolError> for Connection {
+    /// A socket that failed to write is finished: its writer stops here (it would otherwise
+    /// fail again at every later wake-up), and the reader's end or the heartbeat ends the link.
     fn error(&mut self, err: WsProtocolError, _: &mut Self::Context) -> Running {
         log::warn!(target: CONNECTION, "clinic={} event=write_error error={:?}", self.clinic(), err.to_string());
-        Running::Continue
+        Running::Stop
     }
 
     fn finished(&mut self, _: &mut Self::Context) {}
@@ -959,6 +1074,8 @@ impl Handler<Close> for Connection {
         self.close_waiters.push(tx);
         match self.state {
             State::Closing => {}
+            // Our close is already on its way: wait for the gateway's like any shutdown.
+            State::Retiring => self.state = State::Closing,
             State::Up | State::Handshaking => {
                 if self.state == State::Up {
                     log::info!(target: CONNECTION, "clinic={} event=closing reason=\"agent shutting down\"", self.clinic());
