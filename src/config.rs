@@ -604,6 +604,13 @@ pub struct LimitsConfig {
     pub handshake_burst: u64,
     /// Browser upgrades (with an Origin header) are refused unless the origin is listed.
     pub allowed_origins: Vec<String>,
+    /// `POST /v1/clinics/{id}/rpc` per clinic: calls per second (sustained; the burst is twice
+    /// that) and calls running at once. Past either: 429 with Retry-After, before the clinic.
+    pub rpc_per_second: u64,
+    pub rpc_concurrent: u64,
+    /// `call_request`s per second one clinic may send through the API bridge (the burst is
+    /// twice that); past it the call is answered 429, the link stays up.
+    pub calls_per_second: u64,
     #[serde(flatten)]
     extra: Extra,
 }
@@ -616,6 +623,9 @@ impl Default for LimitsConfig {
             handshakes_per_second: 200,
             handshake_burst: 500,
             allowed_origins: Vec::new(),
+            rpc_per_second: 50,
+            rpc_concurrent: 4,
+            calls_per_second: 100,
             extra: Extra::new(),
         }
     }
@@ -951,6 +961,11 @@ impl Validator<'_> {
             }
             if q.sql.trim().is_empty() {
                 self.bad(&format!("{key}.sql"), "missing".into());
+            } else if let Some(why) = read_only_sql_problem(&q.sql) {
+                self.bad(
+                    &format!("{key}.sql"),
+                    format!("query `{name}` is not read-only: {why}"),
+                );
             }
             for p in &q.params {
                 if !valid_id(p) || !q.sql.contains(&format!(":{p}")) {
@@ -1359,6 +1374,9 @@ impl Validator<'_> {
             g.limits.handshakes_per_second,
         );
         self.positive("gateway.limits.handshake_burst", g.limits.handshake_burst);
+        self.positive("gateway.limits.rpc_per_second", g.limits.rpc_per_second);
+        self.positive("gateway.limits.rpc_concurrent", g.limits.rpc_concurrent);
+        self.positive("gateway.limits.calls_per_second", g.limits.calls_per_second);
         if g.listen.parse::<std::net::SocketAddr>().is_err() {
             self.bad(
                 "gateway.listen",
@@ -1664,5 +1682,148 @@ gateway:
         assert_eq!(parse_duration("10"), None);
         assert_eq!(parse_duration("s"), None);
         assert_eq!(parse_duration("3 weeks"), None);
+    }
+}
+
+/// Words that have no place in a read-only query (outside strings and quoted names).
+const WRITING_WORDS: [&str; 17] = [
+    "INSERT",
+    "UPDATE",
+    "DELETE",
+    "REPLACE",
+    "UPSERT",
+    "PRAGMA",
+    "ATTACH",
+    "DETACH",
+    "CREATE",
+    "DROP",
+    "ALTER",
+    "VACUUM",
+    "REINDEX",
+    "BEGIN",
+    "COMMIT",
+    "ROLLBACK",
+    "SAVEPOINT",
+];
+
+/// Why the text of an `agent.rpc` query is not one read-only statement (`None`: it may be).
+/// A check on the text alone, for `check-config`; the agent also asks the engine when it starts
+/// and before every run.
+pub fn read_only_sql_problem(sql: &str) -> Option<String> {
+    // The words outside comments, string literals and quoted identifiers, and whether a `;`
+    // is followed by anything.
+    let mut words: Vec<String> = Vec::new();
+    let mut word = String::new();
+    let mut chars = sql.chars().peekable();
+    let mut after_semicolon = false;
+    let flush = |word: &mut String, words: &mut Vec<String>| {
+        if !word.is_empty() {
+            words.push(std::mem::take(word).to_ascii_uppercase());
+        }
+    };
+    while let Some(c) = chars.next() {
+        match c {
+            '-' if chars.peek() == Some(&'-') => {
+                flush(&mut word, &mut words);
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        break;
+                    }
+                }
+            }
+            '/' if chars.peek() == Some(&'*') => {
+                flush(&mut word, &mut words);
+                chars.next();
+                let mut prev = ' ';
+                for c in chars.by_ref() {
+                    if prev == '*' && c == '/' {
+                        break;
+                    }
+                    prev = c;
+                }
+            }
+            '\'' | '"' | '`' | '[' => {
+                flush(&mut word, &mut words);
+                let end = if c == '[' { ']' } else { c };
+                for c in chars.by_ref() {
+                    if c == end {
+                        break;
+                    }
+                }
+                if after_semicolon {
+                    return Some("more than one statement".into());
+                }
+                words.push("?".into());
+            }
+            ';' => {
+                flush(&mut word, &mut words);
+                after_semicolon = true;
+            }
+            c if c.is_alphanumeric() || c == '_' => {
+                if after_semicolon {
+                    return Some("more than one statement".into());
+                }
+                word.push(c);
+            }
+            c if c.is_whitespace() => flush(&mut word, &mut words),
+            _ => {
+                flush(&mut word, &mut words);
+                if after_semicolon {
+                    return Some("more than one statement".into());
+                }
+            }
+        }
+    }
+    flush(&mut word, &mut words);
+    match words.first().map(String::as_str) {
+        Some("SELECT" | "WITH" | "VALUES") => {}
+        Some(first) => {
+            return Some(format!(
+                "it starts with {first}, not SELECT, WITH or VALUES"
+            ))
+        }
+        None => return Some("no statement".into()),
+    }
+    words
+        .iter()
+        .find(|w| WRITING_WORDS.contains(&w.as_str()))
+        .map(|w| format!("it contains {w}"))
+}
+
+#[cfg(test)]
+mod read_only_tests {
+    use super::read_only_sql_problem as problem;
+
+    #[test]
+    fn write_capable_texts_are_refused_by_name() {
+        for sql in [
+            "PRAGMA query_only = 0",
+            "DELETE FROM patients",
+            "ATTACH DATABASE '/tmp/x.db' AS x",
+            "SELECT 1; DELETE FROM patients",
+            "select 1;delete from patients",
+            "WITH d AS (SELECT 1) DELETE FROM patients",
+            "WITH d AS (SELECT 1) INSERT INTO patients SELECT * FROM d",
+            "UPDATE patients SET name = 'x'",
+            "BEGIN; SELECT 1",
+            "VACUUM INTO '/tmp/copy.db'",
+            "  /* c */ REPLACE INTO patients VALUES (1)",
+            "",
+        ] {
+            assert!(problem(sql).is_some(), "{sql:?} passed");
+        }
+    }
+
+    #[test]
+    fn reads_pass_with_comments_strings_and_quoted_names() {
+        for sql in [
+            "SELECT id, name FROM patients WHERE id = :id",
+            "  -- the day's list\nSELECT * FROM appointments WHERE note != 'DELETE me; now'",
+            "WITH t AS (SELECT 1 AS n) SELECT n FROM t;",
+            "SELECT \"update\" FROM [delete]",
+            "VALUES (1), (2)",
+        ] {
+            assert_eq!(problem(sql), None, "{sql:?}");
+        }
     }
 }

@@ -45,6 +45,8 @@ pub enum SqliteError {
         context: String,
         source: rusqlite::Error,
     },
+    #[error("agent.rpc.queries.{query}: not a read-only query ({why}); only one SELECT (or WITH … SELECT, VALUES) is allowed")]
+    NotReadOnly { query: String, why: String },
 }
 
 fn sql(context: &str) -> impl FnOnce(rusqlite::Error) -> SqliteError + '_ {
@@ -1457,13 +1459,44 @@ mod concurrency_tests {
     }
 }
 
-/// The allow-listed queries of `agent.rpc` on a connection of their own that cannot write
-/// (`PRAGMA query_only`): a query that tries to is refused by SQLite itself. Each run is
-/// interrupted once it passes `agent.rpc.timeout`.
+/// The allow-listed queries of `agent.rpc`, read-only three times over: each must be one
+/// statement that SQLite itself reports as read-only (`sqlite3_stmt_readonly`) and that is not a
+/// PRAGMA, ATTACH/DETACH or transaction statement — checked for every query when the agent
+/// starts (it refuses to start, naming the query) and again before every run — on connections
+/// of their own with `PRAGMA query_only`. Up to [`QUERY_CONNECTIONS`] run at once, each on its
+/// own connection, interrupted once it passes `agent.rpc.timeout`.
 pub struct SqliteQueries {
-    conn: Mutex<Connection>,
+    path: std::path::PathBuf,
+    /// Idle connections; more are opened (up to `QUERY_CONNECTIONS`) when all are busy.
+    idle: Mutex<Vec<Connection>>,
     queries: HashMap<String, crate::config::RpcQueryConfig>,
     timeout: Duration,
+}
+
+/// Queries that may run at once (the agent's connection actor runs at most this many).
+pub const QUERY_CONNECTIONS: usize = tether_actors::connection::MAX_RPC_RUNNING;
+
+/// Why a query text is not a read-only query, or `None` if the engine confirms it is.
+pub fn not_read_only(conn: &Connection, sql: &str) -> Option<String> {
+    if let Some(why) = crate::config::read_only_sql_problem(sql) {
+        return Some(why);
+    }
+    match conn.prepare_cached(sql) {
+        Ok(stmt) if stmt.readonly() => None,
+        Ok(_) => Some("SQLite reports that this statement can write".into()),
+        Err(rusqlite::Error::MultipleStatement) => Some("more than one statement".into()),
+        Err(e) => Some(format!("does not prepare: {e}")),
+    }
+}
+
+fn query_connection(path: &Path) -> Result<Connection, SqliteError> {
+    let conn = open(path)?;
+    conn.execute_batch("PRAGMA query_only = ON;")
+        .map_err(|source| SqliteError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+    Ok(conn)
 }
 
 /// Rows returned when a query sets no `max_rows`.
@@ -1471,17 +1504,37 @@ const DEFAULT_MAX_ROWS: usize = 1000;
 
 impl SqliteQueries {
     pub fn open(path: &Path, rpc: &crate::config::RpcConfig) -> Result<Self, SqliteError> {
-        let conn = open(path)?;
-        conn.execute_batch("PRAGMA query_only = ON;")
-            .map_err(|source| SqliteError::Open {
-                path: path.display().to_string(),
-                source,
-            })?;
+        let conn = query_connection(path)?;
+        for (name, q) in &rpc.queries {
+            if let Some(why) = not_read_only(&conn, &q.sql) {
+                return Err(SqliteError::NotReadOnly {
+                    query: name.clone(),
+                    why,
+                });
+            }
+        }
         Ok(SqliteQueries {
-            conn: Mutex::new(conn),
+            path: path.to_path_buf(),
+            idle: Mutex::new(vec![conn]),
             queries: rpc.queries.clone().into_iter().collect(),
             timeout: rpc.timeout.get(),
         })
+    }
+
+    /// An idle connection, or a new one.
+    fn take(&self) -> Result<Connection, SqliteError> {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match idle {
+            Some(c) => Ok(c),
+            None => query_connection(&self.path),
+        }
+    }
+
+    fn give_back(&self, conn: Connection) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < QUERY_CONNECTIONS {
+            idle.push(conn);
+        }
     }
 }
 
@@ -1555,7 +1608,18 @@ impl tether_actors::ports::QueryRunner for SqliteQueries {
             field: None,
             message: format!("query `{name}` failed: {e}"),
         };
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let conn = self.take().map_err(|e| QueryError {
+            field: None,
+            message: format!("query `{name}`: {e}"),
+        })?;
+        // Checked again at every run: nothing that can write reaches `query`.
+        if let Some(why) = not_read_only(&conn, &q.sql) {
+            self.give_back(conn);
+            return Err(QueryError {
+                field: None,
+                message: format!("query `{name}` is not read-only ({why}); it is not run"),
+            });
+        }
         let deadline = std::time::Instant::now() + self.timeout;
         conn.progress_handler(10_000, Some(move || std::time::Instant::now() > deadline));
         let result = (|| {
@@ -1581,6 +1645,7 @@ impl tether_actors::ports::QueryRunner for SqliteQueries {
             Ok(out)
         })();
         conn.progress_handler(0, None::<fn() -> bool>);
+        self.give_back(conn);
         result.map_err(|e: QueryError| {
             if std::time::Instant::now() > deadline {
                 QueryError {
