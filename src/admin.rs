@@ -266,12 +266,39 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AdminState>) {
         }
         let st = state.clone();
         actix::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), answer(conn, st)).await;
+            let _ = answer(conn, st).await;
         });
     }
 }
 
-async fn answer(mut conn: tokio::net::TcpStream, st: Arc<AdminState>) -> std::io::Result<()> {
+/// How long a client may take to send its request (a call's own deadline runs after that).
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest deadline a call may ask for (`Tether-Timeout-Ms`), and the default.
+const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One request as read from the socket.
+struct Request {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads one request; `Err` is the answer to give instead (413), `Ok(None)` a client that left.
+async fn read_request(
+    conn: &mut tokio::net::TcpStream,
+) -> std::io::Result<Result<Option<Request>, Answer>> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     let head_end = loop {
@@ -280,36 +307,61 @@ async fn answer(mut conn: tokio::net::TcpStream, st: Arc<AdminState>) -> std::io
         }
         let n = conn.read(&mut chunk).await?;
         if n == 0 || buf.len() > 16 * 1024 {
-            return Ok(());
+            return Ok(Ok(None));
         }
         buf.extend_from_slice(&chunk[..n]);
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let mut parts = head.lines().next().unwrap_or("").split(' ');
+    let mut lines = head.lines();
+    let mut parts = lines.next().unwrap_or("").split(' ');
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = path.split('?').next().unwrap_or("").to_string();
-    let length: usize = head
-        .lines()
-        .find_map(|l| {
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
+            Some((k.trim().to_string(), v.trim().to_string()))
         })
+        .collect();
+    let length: usize = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0);
-    let (code, ctype, body) = if length > MAX_BODY {
-        (413, "text/plain", format!("body over {MAX_BODY} bytes\n"))
-    } else {
-        let mut body = buf[head_end..].to_vec();
-        while body.len() < length {
-            let n = conn.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            body.extend_from_slice(&chunk[..n]);
+    if length > MAX_BODY {
+        return Ok(Err(problem(
+            413,
+            format!("the body is {length} bytes; at most {MAX_BODY} are accepted"),
+        )));
+    }
+    let mut body = buf[head_end..].to_vec();
+    while body.len() < length {
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(Ok(None));
         }
-        body.truncate(length);
-        route(&st, method, &path, &body).await
+        body.extend_from_slice(&chunk[..n]);
+    }
+    body.truncate(length);
+    Ok(Ok(Some(Request {
+        method: method.to_string(),
+        path,
+        headers,
+        body,
+    })))
+}
+
+/// Status, content type, body.
+type Answer = (u16, String, String);
+
+async fn answer(mut conn: tokio::net::TcpStream, st: Arc<AdminState>) -> std::io::Result<()> {
+    let read = match tokio::time::timeout(READ_TIMEOUT, read_request(&mut conn)).await {
+        Ok(r) => r?,
+        Err(_) => return Ok(()),
+    };
+    let (code, ctype, body) = match read {
+        Ok(Some(req)) => route(&st, &req).await,
+        Ok(None) => return Ok(()),
+        Err(refused) => refused,
     };
     let reason = match code {
         200 => "OK",
@@ -317,34 +369,60 @@ async fn answer(mut conn: tokio::net::TcpStream, st: Arc<AdminState>) -> std::io
         404 => "Not Found",
         405 => "Method Not Allowed",
         413 => "Payload Too Large",
+        429 => "Too Many Requests",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
+        504 => "Gateway Timeout",
         _ => "Status",
     };
+    let retry = if code == 429 {
+        "Retry-After: 1\r\n"
+    } else {
+        ""
+    };
     let resp = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{retry}Cache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     conn.write_all(resp.as_bytes()).await?;
     conn.shutdown().await
 }
 
-async fn route(
-    st: &Arc<AdminState>,
-    method: &str,
-    path: &str,
-    body: &[u8],
-) -> (u16, &'static str, String) {
+fn text(code: u16, body: impl Into<String>) -> Answer {
+    (code, "text/plain".into(), body.into())
+}
+
+/// An error of the agent's own, as `application/problem+json` (RFC 9457).
+fn problem(code: u16, detail: String) -> Answer {
+    let title = match code {
+        400 => "Bad Request",
+        413 => "Payload Too Large",
+        429 => "Too Many Requests",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    };
+    (
+        code,
+        "application/problem+json".into(),
+        serde_json::json!({"type": "about:blank", "title": title, "status": code, "detail": detail})
+            .to_string(),
+    )
+}
+
+async fn route(st: &Arc<AdminState>, req: &Request) -> Answer {
+    let (method, path) = (req.method.as_str(), req.path.as_str());
     if let Some(endpoint) = path.strip_prefix("/call/") {
         if method != "POST" {
-            return (405, "text/plain", "POST only\n".into());
+            return text(405, "POST only\n");
         }
-        return call(st, endpoint, body).await;
+        return call(st, endpoint, req).await;
     }
     if method != "GET" {
-        return (405, "text/plain", "GET only\n".into());
+        return text(405, "GET only\n");
     }
-    match path {
+    let (code, ctype, body) = match path {
         "/healthz" => (200, "text/plain", "ok\n".to_string()),
         "/readyz" => {
             let s = st.status().await;
@@ -367,55 +445,89 @@ async fn route(
             "text/plain",
             "try /healthz /readyz /metrics /status, or POST /call/{endpoint}\n".into(),
         ),
-    }
+    };
+    (code, ctype.to_string(), body)
 }
 
-/// `POST /call/{endpoint}`: relays the JSON body to the gateway's configured endpoint and
-/// answers with the main Web API's status and body (502 when it was not reached, 503 when the
-/// agent has no link).
-async fn call(st: &Arc<AdminState>, endpoint: &str, body: &[u8]) -> (u16, &'static str, String) {
-    let json_err = |code: u16, msg: String| {
-        (
-            code,
-            "application/json",
-            serde_json::json!({ "error": msg }).to_string(),
-        )
-    };
+/// `POST /call/{endpoint}`: relays the JSON body, byte for byte, to the gateway's configured
+/// endpoint and answers with the main Web API's status and body as received. The agent's own
+/// refusals are problem+json: 400 (no body, not JSON, a bad header), 413 (more than the link
+/// carries), 503 (no link), 502 (the main Web API not reached or its answer unusable), 504 (no
+/// answer by the call's deadline: `Tether-Timeout-Ms`, 30 s by default, at most 60 s).
+/// `Idempotency-Key` is passed on to the main Web API.
+async fn call(st: &Arc<AdminState>, endpoint: &str, req: &Request) -> Answer {
     if endpoint.is_empty()
         || !endpoint
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
     {
-        return json_err(400, "the endpoint name is letters, digits, - _ .".into());
+        return problem(400, "the endpoint name is letters, digits, - _ .".into());
     }
-    let body = if body.is_empty() {
-        None
-    } else {
-        match serde_json::from_slice(body) {
-            Ok(v) => Some(v),
-            Err(e) => return json_err(400, format!("the body is not JSON: {e}")),
+    if req.body.iter().all(u8::is_ascii_whitespace) {
+        return problem(
+            400,
+            "the body is empty; send a JSON body ({} for none)".into(),
+        );
+    }
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&req.body) {
+        return problem(400, format!("the body is not JSON: {e}"));
+    }
+    let Ok(body_text) = String::from_utf8(req.body.clone()) else {
+        return problem(400, "the body is not UTF-8".into());
+    };
+    let timeout = match req.header("tether-timeout-ms").map(str::parse::<u64>) {
+        None => DEFAULT_CALL_TIMEOUT,
+        Some(Ok(ms)) if (1..=MAX_CALL_TIMEOUT.as_millis() as u64).contains(&ms) => {
+            Duration::from_millis(ms)
+        }
+        Some(_) => {
+            return problem(
+                400,
+                format!(
+                    "Tether-Timeout-Ms must be 1 to {}",
+                    MAX_CALL_TIMEOUT.as_millis()
+                ),
+            )
         }
     };
+    let idempotency_key = match req.header("idempotency-key") {
+        Some(k) if k.is_empty() || k.len() > 255 || k.chars().any(char::is_control) => {
+            return problem(
+                400,
+                "Idempotency-Key must be 1 to 255 visible characters".into(),
+            )
+        }
+        k => k.map(str::to_string),
+    };
     let Some(conn) = st.slots.as_ref().and_then(|s| s.connection.get()) else {
-        return json_err(503, "the agent is starting".into());
+        return problem(503, "the agent is starting".into());
     };
     let msg = tether_actors::connection::Call {
         endpoint: endpoint.to_string(),
-        body,
-        timeout: Duration::from_secs(30),
+        body_text,
+        timeout,
+        idempotency_key,
     };
+    use tether_actors::connection::CallError;
     match conn.send(msg).await {
-        Ok(Ok(r)) if r.status == 0 => json_err(502, r.error.unwrap_or_default()),
-        Ok(Ok(r)) => {
-            let body = match (r.body, r.error) {
-                (Some(b), _) => b.to_string(),
-                (None, Some(e)) => serde_json::json!({ "error": e }).to_string(),
-                (None, None) => String::new(),
-            };
-            (r.status, "application/json", body)
+        Ok(Ok(r)) if r.status == 0 || r.error.is_some() && r.body_text.is_none() => {
+            let code = if r.status == 0 { 502 } else { r.status };
+            problem(code, r.error.unwrap_or_default())
         }
-        Ok(Err(why)) => json_err(503, why),
-        Err(_) => json_err(503, "the agent's connection actor is restarting".into()),
+        Ok(Ok(r)) => {
+            let ctype = r
+                .content_type
+                .unwrap_or_else(|| "application/json".to_string());
+            let body = r
+                .body_text
+                .or_else(|| r.body.map(|b| b.to_string()))
+                .unwrap_or_default();
+            (r.status, ctype, body)
+        }
+        Ok(Err(e @ CallError::TooLarge { .. })) => problem(413, e.to_string()),
+        Ok(Err(e @ CallError::Timeout(_))) => problem(504, e.to_string()),
+        Ok(Err(e)) => problem(503, e.to_string()),
+        Err(_) => problem(503, "the agent's connection actor is restarting".into()),
     }
 }
 

@@ -1,5 +1,5 @@
 //! `tether bench <scenario>`: measured figures, one JSON line per scenario with the machine.
-//! Scenarios: ingest, latency, connections, footprint, drain, fallback, storm, all. See
+//! Scenarios: ingest, latency, connections, footprint, drain, fallback, storm, bridge, all. See
 //! docs/BENCHMARKS.md for what each measures and what limits it.
 
 use std::path::Path;
@@ -14,7 +14,7 @@ use crate::gateway::{self, GatewayHandle, GatewaySecurity, GatewaySettings};
 use crate::loadgen::{rss_kb, rss_kb_of, run_client, ClientSpec, Swarm};
 use crate::security::limits::SharedBucket;
 
-pub const SCENARIOS: [&str; 7] = [
+pub const SCENARIOS: [&str; 8] = [
     "ingest",
     "latency",
     "connections",
@@ -22,6 +22,7 @@ pub const SCENARIOS: [&str; 7] = [
     "drain",
     "fallback",
     "storm",
+    "bridge",
 ];
 
 /// Sizes; the defaults are the issue's, smaller ones keep CI quick.
@@ -36,6 +37,9 @@ pub struct BenchOptions {
     pub plaintext: bool,
     pub drain_events: u64,
     pub storm_clients: usize,
+    /// Calls per round and callers at once for `bridge`.
+    pub bridge_calls: usize,
+    pub bridge_callers: usize,
 }
 
 impl Default for BenchOptions {
@@ -49,6 +53,8 @@ impl Default for BenchOptions {
             plaintext: false,
             drain_events: 100_000,
             storm_clients: 1_000,
+            bridge_calls: 5_000,
+            bridge_callers: 20,
         }
     }
 }
@@ -455,6 +461,187 @@ pub async fn footprint(dir: &Path, _o: &BenchOptions) -> anyhow::Result<Value> {
     )
 }
 
+/// CPU seconds (user + system) a process has used, from `/proc/<pid>/stat` (0 elsewhere).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the state.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// `calls` POSTs of `body` to `url` from `callers` concurrent callers: (calls/s, latencies in
+/// µs, non-2xx answers).
+async fn call_load(url: &str, body: &str, calls: usize, callers: usize) -> (f64, Vec<u64>, usize) {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let tasks = (0..callers.max(1)).map(|_| {
+        let (next, url, body) = (next.clone(), url.to_string(), body.to_string());
+        async move {
+            let client = awc::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .finish();
+            let (mut lat, mut bad) = (Vec::new(), 0usize);
+            while next.fetch_add(1, Ordering::Relaxed) < calls {
+                let t = Instant::now();
+                let ok = match client
+                    .post(&url)
+                    .insert_header(("content-type", "application/json"))
+                    .send_body(body.clone())
+                    .await
+                {
+                    Ok(mut r) => {
+                        let b = r.body().await;
+                        if std::env::var_os("TETHER_BENCH_DEBUG").is_some()
+                            && !r.status().is_success()
+                        {
+                            eprintln!("{} {:?}", r.status(), b);
+                        }
+                        b.is_ok() && r.status().is_success()
+                    }
+                    Err(e) => {
+                        if std::env::var_os("TETHER_BENCH_DEBUG").is_some() {
+                            eprintln!("error {e}");
+                        }
+                        false
+                    }
+                };
+                lat.push(t.elapsed().as_micros() as u64);
+                if !ok {
+                    bad += 1;
+                }
+            }
+            (lat, bad)
+        }
+    });
+    let mut lat = Vec::with_capacity(calls);
+    let mut bad = 0;
+    for (l, b) in futures_util::future::join_all(tasks).await {
+        lat.extend(l);
+        bad += b;
+    }
+    let rate = calls as f64 / t0.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    (rate, lat, bad)
+}
+
+fn pct_ms(sorted_us: &[u64], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted_us.len() as f64 * p).ceil() as usize).clamp(1, sorted_us.len()) - 1;
+    (sorted_us[i] as f64 / 10.0).round() / 100.0
+}
+
+/// Clinic software calling the main Web API through its agent (`POST /call/{endpoint}` →
+/// agent → gateway → a stand-in API in this process) against calling the stand-in directly,
+/// interleaved over three rounds. The gateway and the agent run as their own processes; their
+/// CPU per 1,000 bridged calls comes from `/proc`.
+pub async fn bridge(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
+    use actix_web::{web, App, HttpResponse, HttpServer};
+    let api = HttpServer::new(|| {
+        App::new().route(
+            "/echo",
+            web::post().to(|body: web::Bytes| async move {
+                HttpResponse::Ok()
+                    .content_type("application/json")
+                    .body(body)
+            }),
+        )
+    })
+    .workers(1)
+    .disable_signals()
+    .bind("127.0.0.1:0")?;
+    let api_addr = api.addrs()[0];
+    let api = api.run();
+    let api_handle = api.handle();
+    actix::spawn(api);
+    let exe = std::env::current_exe()?;
+    let gw_port = crate::loadgen::free_port()?;
+    let admin_port = crate::loadgen::free_port()?;
+    let gw_cfg = dir.join("gateway.yaml");
+    std::fs::write(
+        &gw_cfg,
+        format!(
+            "logging:\n  dir: logs-gateway\n  console: false\n  level: warn\ngateway:\n  listen: 127.0.0.1:{gw_port}\n  insecure_plaintext: true\n  store:\n    path: gateway.db\n  api_bridge:\n    endpoints:\n      echo: {{url: http://{api_addr}/echo, method: POST, timeout: 10s}}\n  limits:\n    calls_per_second: 100000\n"
+        ),
+    )?;
+    let mut gw = std::process::Command::new(&exe)
+        .args(["gateway", "--config"])
+        .arg(&gw_cfg)
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let db = dir.join("clinic.db");
+    fleet::create_sample_clinic(&db)?;
+    let agent_cfg = dir.join("agent.yaml");
+    std::fs::write(
+        &agent_cfg,
+        format!(
+            "logging:\n  dir: logs-agent\n  console: false\n  level: warn\nagent:\n  clinic_id: bridge\n  database:\n    path: {}\n  gateway:\n    url: ws://127.0.0.1:{gw_port}/v1/ws\n    insecure_plaintext: true\n  tables:\n    - {{table: patients, entity: patient, key: [id]}}\n  admin:\n    listen: 127.0.0.1:{admin_port}\n",
+            db.display()
+        ),
+    )?;
+    let mut agent = std::process::Command::new(&exe)
+        .args(["agent", "--config"])
+        .arg(&agent_cfg)
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let via = format!("http://127.0.0.1:{admin_port}/call/echo");
+    let direct = format!("http://{api_addr}/echo");
+    let body = r#"{"patient_ref":"p-7","plan":"basic","amount":1e5}"#;
+    // Ready once a call goes through.
+    let t0 = Instant::now();
+    loop {
+        let (_, _, bad) = call_load(&via, body, 1, 1).await;
+        if bad == 0 {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            let _ = (gw.kill(), agent.kill());
+            anyhow::bail!("the agent never got a call through");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (mut via_rate, mut direct_rate) = (Vec::new(), Vec::new());
+    let (mut via_lat, mut direct_lat) = (Vec::new(), Vec::new());
+    let (mut failed, mut gw_cpu, mut agent_cpu) = (0usize, 0.0, 0.0);
+    for _ in 0..3 {
+        let (r, l, b) = call_load(&direct, body, o.bridge_calls, o.bridge_callers).await;
+        direct_rate.push(r);
+        direct_lat.extend(l);
+        failed += b;
+        let (g0, a0) = (cpu_seconds(gw.id()), cpu_seconds(agent.id()));
+        let (r, l, b) = call_load(&via, body, o.bridge_calls, o.bridge_callers).await;
+        gw_cpu += cpu_seconds(gw.id()) - g0;
+        agent_cpu += cpu_seconds(agent.id()) - a0;
+        via_rate.push(r);
+        via_lat.extend(l);
+        failed += b;
+    }
+    let _ = (gw.kill(), agent.kill());
+    let _ = (gw.wait(), agent.wait());
+    api_handle.stop(true).await;
+    via_lat.sort_unstable();
+    direct_lat.sort_unstable();
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        (v[v.len() / 2]).round()
+    };
+    let per_1000 =
+        |cpu: f64| (cpu / (3.0 * o.bridge_calls as f64) * 1000.0 * 1000.0).round() / 1000.0;
+    Ok(
+        json!({"scenario": "bridge", "calls_per_round": o.bridge_calls, "callers": o.bridge_callers, "rounds": 3,
+        "bridged_calls_per_s": median(&mut via_rate), "direct_calls_per_s": median(&mut direct_rate),
+        "bridged_p50_ms": pct_ms(&via_lat, 0.5), "bridged_p99_ms": pct_ms(&via_lat, 0.99),
+        "direct_p50_ms": pct_ms(&direct_lat, 0.5), "direct_p99_ms": pct_ms(&direct_lat, 0.99),
+        "added_p99_ms": ((pct_ms(&via_lat, 0.99) - pct_ms(&direct_lat, 0.99)) * 100.0).round() / 100.0,
+        "gateway_cpu_s_per_1000_calls": per_1000(gw_cpu), "agent_cpu_s_per_1000_calls": per_1000(agent_cpu),
+        "failed": failed, "machine": machine()}),
+    )
+}
+
 /// Runs one scenario (or all) and prints one JSON line each (or a readable summary).
 pub fn run(scenario: &str, json_out: bool, o: BenchOptions) -> anyhow::Result<Vec<Value>> {
     let names: Vec<&str> = if scenario == "all" {
@@ -486,6 +673,7 @@ pub fn run(scenario: &str, json_out: bool, o: BenchOptions) -> anyhow::Result<Ve
                 "footprint" => footprint(&path, &opts).await,
                 "drain" => drain(&path, &opts).await,
                 "fallback" => fallback(&path, &opts).await,
+                "bridge" => bridge(&path, &opts).await,
                 _ => storm(&path, &opts).await,
             }
         })?;

@@ -189,3 +189,10 @@ pub fn rss_kb_of(pid: &str) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// A TCP port nothing listens on right now on 127.0.0.1.
+pub fn free_port() -> std::io::Result<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()
+        .map(|a| a.port())
+}

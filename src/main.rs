@@ -56,7 +56,7 @@ enum Command {
     /// Measure throughput, latency, memory and reconnect storms (one JSON line per scenario).
     #[cfg(feature = "gateway")]
     Bench {
-        /// ingest | latency | connections | footprint | drain | fallback | storm | all
+        /// ingest | latency | connections | footprint | drain | fallback | storm | bridge | all
         scenario: String,
         #[arg(long)]
         json: bool,
@@ -340,6 +340,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     plaintext: false,
                     drain_events: 10_000,
                     storm_clients: 200,
+                    bridge_calls: 500,
+                    bridge_callers: 10,
                 };
             }
             if let Some(n) = connections {

@@ -544,48 +544,59 @@ fn the_admin_endpoint_and_agent_status_tell_health_readiness_and_backlog() {
     assert!(text.contains("changes not yet acknowledged"), "{text}");
 }
 
+/// One HTTP/1.1 request from `c` (what is already in `buf` first; what follows the request
+/// stays there): its head and its body, or `None` once the client has gone.
+fn read_http_request(c: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> Option<(String, Vec<u8>)> {
+    use std::io::Read;
+    let mut chunk = [0u8; 65536];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match c.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let len: usize = header_of(&head, "content-length").parse().unwrap_or(0);
+    while buf.len() < head_end + len {
+        match c.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let body = buf[head_end..head_end + len].to_vec();
+    buf.drain(..head_end + len);
+    Some((head, body))
+}
+
+fn header_of(head: &str, name: &str) -> String {
+    head.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
 /// A one-request-per-connection HTTP server standing in for the main Web API: answers every
 /// request with what it saw (method, path, the clinic and authorization headers, the body).
 fn fake_web_api() -> (String, std::thread::JoinHandle<()>) {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     let h = std::thread::spawn(move || {
         for mut c in listener.incoming().flatten() {
             let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            let head_end = loop {
-                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break i + 4;
-                }
-                match c.read(&mut chunk) {
-                    Ok(0) | Err(_) => break 0,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            };
-            if head_end == 0 {
+            let Some((head, raw)) = read_http_request(&mut c, &mut buf) else {
                 continue;
-            }
-            let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-            let header = |name: &str| {
-                head.lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.trim()
-                            .eq_ignore_ascii_case(name)
-                            .then(|| v.trim().to_string())
-                    })
-                    .unwrap_or_default()
             };
-            let len: usize = header("content-length").parse().unwrap_or(0);
-            while buf.len() < head_end + len {
-                match c.read(&mut chunk) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
+            let header = |name: &str| header_of(&head, name);
             let body: serde_json::Value =
-                serde_json::from_slice(&buf[head_end..]).unwrap_or(serde_json::Value::Null);
+                serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
             let first = head.lines().next().unwrap_or("").to_string();
             let answer = serde_json::json!({
                 "request": first,
@@ -661,4 +672,241 @@ fn clinic_software_calls_the_main_web_api_through_the_agents_link() {
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("not connected"), "{body}");
     agent.kill();
+}
+
+/// What the keep-alive stand-in for the main Web API saw.
+#[derive(Default)]
+struct ApiSeen {
+    connections: std::sync::atomic::AtomicU64,
+    requests: std::sync::atomic::AtomicU64,
+}
+
+/// A keep-alive HTTP/1.1 stand-in for the main Web API. `/echo` answers 201 with the raw body it
+/// received, its `Idempotency-Key` and `Tether-Clinic`; `/big` answers 200 with 1.2 MB of JSON.
+fn keepalive_web_api() -> (String, std::sync::Arc<ApiSeen>) {
+    use std::io::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = std::sync::Arc::new(ApiSeen::default());
+    let s = seen.clone();
+    std::thread::spawn(move || {
+        for c in listener.incoming().flatten() {
+            s.connections.fetch_add(1, Relaxed);
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let mut c = c;
+                let mut buf: Vec<u8> = Vec::new();
+                while let Some((head, raw)) = read_http_request(&mut c, &mut buf) {
+                    let header = |name: &str| header_of(&head, name);
+                    let body = String::from_utf8_lossy(&raw).to_string();
+                    s.requests.fetch_add(1, Relaxed);
+                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    let (status, answer) = if path == "/big" {
+                        (200, format!("{{\"pad\":\"{}\"}}", "x".repeat(1_200_000)))
+                    } else {
+                        (
+                            201,
+                            serde_json::json!({
+                                "raw": body,
+                                "idempotency_key": header("idempotency-key"),
+                                "clinic": header("tether-clinic"),
+                            })
+                            .to_string(),
+                        )
+                    };
+                    let _ = write!(
+                        c,
+                        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), seen)
+}
+
+/// `POST path` with extra headers on the agent's admin endpoint: (status, content type, body).
+fn admin_call(port: u16, path: &str, body: &str, headers: &str) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("admin port");
+    write!(
+        c,
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut text = String::new();
+    c.read_to_string(&mut text).expect("read");
+    let code = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let ctype = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Type: "))
+        .unwrap_or("")
+        .to_string();
+    (code, ctype, body.to_string())
+}
+
+fn signal(p: &Proc, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &p.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+}
+
+#[test]
+fn bridged_calls_travel_as_sent_reuse_connections_have_deadlines_and_honest_limits() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("clinic.db");
+    create_sample_clinic(&db).expect("clinic");
+    let (api, seen) = keepalive_web_api();
+    let bridge = format!(
+        "  api_bridge:\n    endpoints:\n      echo:\n        url: {api}/echo\n        method: POST\n        timeout: 5s\n      big:\n        url: {api}/big\n        method: POST\n        timeout: 5s\n"
+    );
+    let (gw, addr) = start_gateway_with(dir.path(), "127.0.0.1:0", &bridge, &[]);
+    let (port, _cfg, mut agent) = agent_with_admin(dir.path(), &addr);
+    wait_for("the agent to connect", Duration::from_secs(20), || {
+        admin_get(port, "/readyz").is_some_and(|(c, _)| c == 200)
+    });
+    // The body arrives byte for byte (numbers are not re-encoded), with the Idempotency-Key.
+    let sent = r#"{"n": 1e5, "x": [1.50, 2], "s": "\u00e9"}"#;
+    let (code, ctype, body) = admin_call(port, "/call/echo", sent, "Idempotency-Key: k-1\r\n");
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(ctype, "application/json");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["raw"], sent, "{v}");
+    assert_eq!(v["idempotency_key"], "k-1", "{v}");
+    assert_eq!(v["clinic"], "clinic-k", "{v}");
+    // Calls reuse the gateway's kept-alive connections.
+    for i in 0..50 {
+        let (code, _, body) = admin_call(port, "/call/echo", &format!("{{\"i\":{i}}}"), "");
+        assert_eq!(code, 201, "{body}");
+    }
+    let (conns, reqs) = (seen.connections.load(Relaxed), seen.requests.load(Relaxed));
+    assert_eq!(reqs, 51);
+    assert!(conns <= 4, "{conns} upstream connections for {reqs} calls");
+    // A burst past the clinic's call rate (100/s, burst 200) gets 429s with Retry-After;
+    // the link is never closed for it.
+    let before = seen.requests.load(Relaxed);
+    let callers: Vec<_> = (0..20)
+        .map(|_| {
+            std::thread::spawn(move || {
+                (0..20)
+                    .map(|_| admin_call(port, "/call/echo", "{}", "").0)
+                    .collect::<Vec<u16>>()
+            })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::new();
+    for c in callers {
+        for s in c.join().expect("caller") {
+            *statuses.entry(s).or_insert(0u32) += 1;
+        }
+    }
+    assert!(statuses.contains_key(&429), "{statuses:?}");
+    assert!(
+        statuses.keys().all(|s| *s == 201 || *s == 429),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        seen.requests.load(Relaxed) - before,
+        u64::from(statuses.get(&201).copied().unwrap_or(0)),
+        "only the accepted calls reached the main Web API"
+    );
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("admin");
+    {
+        use std::io::{Read, Write};
+        write!(
+            c,
+            "POST /call/echo HTTP/1.1\r\nContent-Length: 2\r\n\r\n{{}}"
+        )
+        .expect("write");
+        let mut text = String::new();
+        c.read_to_string(&mut text).expect("read");
+        assert!(
+            text.starts_with("HTTP/1.1 201") || text.contains("Retry-After: 1"),
+            "{text}"
+        );
+    }
+    let accepted = seen.requests.load(Relaxed);
+    // An empty body is refused at the agent (problem+json), never forwarded.
+    let (code, ctype, body) = admin_call(port, "/call/echo", "", "");
+    assert_eq!(
+        (code, ctype.as_str()),
+        (400, "application/problem+json"),
+        "{body}"
+    );
+    // A body the link cannot carry is refused by the agent with 413; the link stays up.
+    let huge = format!("\"{}\"", "y".repeat(1_048_500 - 2));
+    let (code, _, body) = admin_call(port, "/call/echo", &huge, "");
+    assert_eq!(code, 413, "{body}");
+    assert!(body.contains("link carries"), "{body}");
+    // An answer over the link's limit: 502 saying so, never a 200.
+    let (code, ctype, body) = admin_call(port, "/call/big", "{}", "");
+    assert_eq!(
+        (code, ctype.as_str()),
+        (502, "application/problem+json"),
+        "{body}"
+    );
+    assert!(body.contains("bytes"), "{body}");
+    let mut code = 0;
+    for _ in 0..50 {
+        code = admin_call(port, "/call/echo", "{}", "").0;
+        if code != 429 {
+            break;
+        }
+        // The call rate refills within a second (pacing the retry, as Retry-After says).
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(code, 201, "the link survived all of it");
+    let accepted = seen.requests.load(Relaxed) - accepted;
+    // `/big` and the last echo went upstream; the empty and the oversized body did not.
+    assert_eq!(accepted, 2, "the refused calls never left");
+    let settled = seen.requests.load(Relaxed);
+    // With the gateway frozen (shorter than its heartbeat eviction), the caller gets 504 at its
+    // deadline; once the gateway resumes and reads the call, it does not perform it.
+    signal(&gw, "-STOP");
+    let t = std::time::Instant::now();
+    let (code, _, body) = admin_call(port, "/call/echo", "{}", "Tether-Timeout-Ms: 300\r\n");
+    assert_eq!(code, 504, "{body}");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    // Pacing the fault (the gateway stays frozen 0.9 s in all), not waiting for a result.
+    std::thread::sleep(Duration::from_millis(900).saturating_sub(t.elapsed()));
+    assert!(admin_get(port, "/readyz").is_some(), "the agent answers");
+    signal(&gw, "-CONT");
+    let log = dir.path().join("logs-gateway/message.log");
+    wait_for(
+        "the gateway to refuse the stale call",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(&log).is_ok_and(|l| {
+                l.lines()
+                    .any(|l| l.contains("event=call_refused") && l.contains("status=504"))
+            })
+        },
+    );
+    assert_eq!(
+        seen.requests.load(Relaxed),
+        settled,
+        "a stale call reached the main Web API"
+    );
+    // Nothing of the bodies in any log.
+    for f in ["logs-gateway", "logs-agent"] {
+        for e in std::fs::read_dir(dir.path().join(f))
+            .expect("logs")
+            .flatten()
+        {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            let leak = text
+                .lines()
+                .find(|l| l.contains("[1.50, 2]") || l.contains("yyyyyyyy"));
+            assert!(leak.is_none(), "{}: {leak:?}", e.path().display());
+        }
+    }
+    agent.kill();
+    drop(gw);
 }

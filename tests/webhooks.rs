@@ -248,6 +248,42 @@ async fn every_event_is_delivered_signed_in_order_with_retries_dead_letters_and_
     got.dedup();
     assert_eq!(got, payments);
 
+    // A replay past the newest event is refused (it would skip what is stored next), and the
+    // next events are all delivered.
+    let head = *event_ids.last().expect("events");
+    let (status, v) = post_json(
+        &format!("{base}/v1/webhooks/main-api/replay"),
+        &json!({"from_event_id": head + 5}),
+    )
+    .await;
+    assert_eq!(status, 422, "{v}");
+    assert_eq!(v["field"], "from_event_id", "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&head.to_string()),
+        "{v}"
+    );
+    let evs: Vec<Value> = (31..=35).map(event).collect();
+    let batch = json!({"v": 1, "type": "events", "prev_seq": 30, "events": evs});
+    sock.send(ws::Message::Text(batch.to_string().into()))
+        .await
+        .expect("events");
+    let r = receiver.clone();
+    wait_until("the five new events", Duration::from_secs(10), || {
+        let got = ids(&r, "main-api");
+        async move { (head + 1..=head + 5).all(|i| got.contains(&i)) }
+    })
+    .await;
+    let (_, hooks) = get_json(&format!("{base}/v1/webhooks")).await;
+    let h = &hooks["webhooks"][0];
+    assert!(
+        h["delivered_since_start"].as_u64().unwrap_or(0) >= 35,
+        "{h}"
+    );
+    assert!(h["since"].as_str().is_some_and(|s| s.ends_with('Z')), "{h}");
+
     // Bad requests name what is wrong; metrics count the failures.
     let (status, v) = post_json(
         &format!("{base}/v1/webhooks/nope/replay"),

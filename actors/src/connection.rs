@@ -111,12 +111,14 @@ pub struct Connection {
     proven: bool,
     /// A fragmented text message from the gateway being reassembled.
     fragments: Option<Vec<u8>>,
+    /// The largest frame the current link carries both ways (ours and the gateway's limit).
+    link_max_frame: usize,
 }
 
 type CallWaiter = tokio::sync::oneshot::Sender<Result<tether_schemas::CallResponse, String>>;
 
 /// At most this many `rpc_request`s run at once; more are answered "busy".
-const MAX_RPC_RUNNING: usize = 4;
+pub const MAX_RPC_RUNNING: usize = 4;
 
 enum Incoming {
     Frame(u64, Result<ws::Frame, WsProtocolError>),
@@ -152,6 +154,7 @@ impl Connection {
         slots: Slots,
     ) -> Self {
         let backoff = settings.backoff();
+        let link_max_frame = settings.max_frame_bytes;
         let now = ports.clock.now();
         Connection {
             guard,
@@ -180,6 +183,7 @@ impl Connection {
             going_away: false,
             proven: false,
             fragments: None,
+            link_max_frame,
         }
     }
 
@@ -379,6 +383,7 @@ impl Connection {
             last_acked_seq: self.stats.acked_seq.load(Ordering::Relaxed),
             source_id: self.source_id,
             restarts: Some(self.stats.total_restarts()),
+            clock_ms: Some(unix_ms()),
         });
         self.write_text(hello.encode());
         // The whole handshake (upgrade + welcome) must finish within connect_timeout.
@@ -597,6 +602,10 @@ impl Connection {
                 self.up_since = Some(now);
                 self.backoff.connected(now);
                 self.acked_seq = w.acked_seq;
+                self.link_max_frame = self
+                    .settings
+                    .max_frame_bytes
+                    .min(usize::try_from(w.max_frame_bytes).unwrap_or(usize::MAX));
                 self.stats.connected.store(true, Ordering::Relaxed);
                 AgentStats::add(&self.stats.links_up, 1);
                 log::info!(target: CONNECTION, "clinic={} event=connected transport={} session={} gateway_acked_seq={} handshake_ms={}", self.clinic(), self.transport_name(), w.session_id, w.acked_seq, now.saturating_duration_since(self.attempt_started).as_millis());
@@ -729,7 +738,7 @@ impl Connection {
         if self.rpc_running >= MAX_RPC_RUNNING {
             let busy = Wire::RpcResponse(RpcResponse {
                 request_id: r.request_id,
-                status: RpcStatus::Error,
+                status: RpcStatus::Busy,
                 rows: None,
                 truncated: None,
                 error: Some(format!("busy: {MAX_RPC_RUNNING} queries already running")),
@@ -1010,38 +1019,75 @@ impl Handler<SendFrame> for Connection {
 
 /// From the admin endpoint: call a configured endpoint of the main Web API through the
 /// gateway (`call_request`); answers when the gateway does, or with why not.
+/// Clinic software calls the main Web API through the link (`POST /call/{endpoint}` on the
+/// admin endpoint): one `call_request`, answered by the gateway's `call_response`.
 #[derive(Message)]
-#[rtype(result = "Result<tether_schemas::CallResponse, String>")]
+#[rtype(result = "Result<tether_schemas::CallResponse, CallError>")]
 pub struct Call {
     pub endpoint: String,
-    pub body: Option<serde_json::Value>,
+    /// The JSON body exactly as received (validated as JSON by the caller).
+    pub body_text: String,
+    /// The caller gets an answer by then, whatever happens on the way.
     pub timeout: Duration,
+    pub idempotency_key: Option<String>,
+}
+
+/// Why a call got no answer from the main Web API.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    #[error("not connected to the gateway")]
+    NotConnected,
+    #[error(
+        "the body and its envelope take {size} bytes; the link carries at most {limit} per message"
+    )]
+    TooLarge { size: usize, limit: usize },
+    #[error("the link to the gateway was lost before the answer")]
+    LinkLost,
+    #[error("no answer within {0} ms")]
+    Timeout(u128),
+}
+
+/// The wall clock in Unix milliseconds (deadlines travel on it; see `hello.clock_ms`).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl Handler<Call> for Connection {
-    type Result = ResponseFuture<Result<tether_schemas::CallResponse, String>>;
+    type Result = ResponseFuture<Result<tether_schemas::CallResponse, CallError>>;
     fn handle(&mut self, msg: Call, _: &mut Self::Context) -> Self::Result {
         if self.state != State::Up {
-            return Box::pin(async { Err("not connected to the gateway".to_string()) });
+            return Box::pin(async { Err(CallError::NotConnected) });
         }
         // Callers that gave up (timed out) no longer wait: forget them.
         self.calls.retain(|_, w| !w.is_closed());
         let id = format!("call_{:016x}", rand::random::<u64>());
+        let frame = Wire::CallRequest(tether_schemas::CallRequest {
+            request_id: id.clone(),
+            endpoint: msg.endpoint.clone(),
+            body: None,
+            body_text: Some(msg.body_text),
+            deadline: Some(unix_ms() + msg.timeout.as_millis() as u64),
+            idempotency_key: msg.idempotency_key,
+        })
+        .encode();
+        // What the frame cannot carry is refused here, not by the gateway closing the link.
+        if frame.len() > self.link_max_frame {
+            let (size, limit) = (frame.len(), self.link_max_frame);
+            return Box::pin(async move { Err(CallError::TooLarge { size, limit }) });
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.calls.insert(id.clone(), tx);
         log::info!(target: crate::log_target::MESSAGE, "clinic={} event=call_sent request_id={id} endpoint={}", self.clinic(), msg.endpoint);
-        let frame = Wire::CallRequest(tether_schemas::CallRequest {
-            request_id: id,
-            endpoint: msg.endpoint,
-            body: msg.body,
-        });
-        self.write_text(frame.encode());
+        self.write_text(frame);
         let timeout = msg.timeout;
         Box::pin(async move {
             match tokio::time::timeout(timeout, rx).await {
-                Ok(Ok(answer)) => answer,
-                Ok(Err(_)) => Err("the agent's link restarted before the answer".into()),
-                Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+                Ok(Ok(answer)) => answer.map_err(|_| CallError::LinkLost),
+                Ok(Err(_)) => Err(CallError::LinkLost),
+                Err(_) => Err(CallError::Timeout(timeout.as_millis())),
             }
         })
     }

@@ -25,6 +25,10 @@ pub struct Hello {
     /// Actor restarts since the agent process started (for the fleet dashboard). Optional.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restarts: Option<u64>,
+    /// The agent's clock (Unix ms) when it sent `hello`: the gateway measures the clinic's
+    /// clock offset from it, to read `call_request.deadline`. Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_ms: Option<u64>,
 }
 
 /// Gateway → agent, answer to `hello`.
@@ -180,6 +184,8 @@ pub enum RpcStatus {
     Ok,
     /// Not run or failed: `error` says why (unknown name, bad parameter, database error).
     Error,
+    /// Not run: the agent already runs as many queries as it allows at once; try again.
+    Busy,
 }
 
 /// Agent → gateway: the answer to an `rpc_request`.
@@ -207,8 +213,20 @@ pub struct RpcResponse {
 pub struct CallRequest {
     pub request_id: String,
     pub endpoint: String,
+    /// A JSON body as a value (agents before `body_text`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<Value>,
+    /// The JSON body exactly as the clinic software sent it, forwarded byte for byte.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_text: Option<String>,
+    /// The call's deadline on the agent's clock (Unix ms; see `hello.clock_ms`): the gateway
+    /// does not forward a call whose deadline has passed, and gives the main Web API only what
+    /// is left of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<u64>,
+    /// The clinic software's `Idempotency-Key`, passed to the main Web API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// Gateway → agent: the main Web API's answer (`status` 0: it was not reached; see `error`).
@@ -217,8 +235,15 @@ pub struct CallRequest {
 pub struct CallResponse {
     pub request_id: String,
     pub status: u16,
+    /// The answer as a JSON value (to a request that sent `body`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<Value>,
+    /// The answer's body exactly as the main Web API sent it (to a request with `body_text`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_text: Option<String>,
+    /// The answer's `Content-Type`, with `body_text`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -512,6 +537,7 @@ mod tests {
                 last_acked_seq: 7,
                 source_id: 42,
                 restarts: Some(1),
+                clock_ms: Some(1_764_580_502_114),
             }),
             Message::Welcome(Welcome {
                 session_id: "s1".into(),

@@ -81,6 +81,16 @@ pub async fn admin_auth(
     }
 }
 
+/// A refusal the caller should retry after a second (`Retry-After: 1`).
+fn retry_later(status: StatusCode, detail: String) -> HttpResponse {
+    let mut resp = error(status, None, detail);
+    resp.headers_mut().insert(
+        actix_web::http::header::RETRY_AFTER,
+        actix_web::http::header::HeaderValue::from_static("1"),
+    );
+    resp
+}
+
 fn error(status: StatusCode, field: Option<&str>, message: impl Into<String>) -> HttpResponse {
     super::problem::problem(status, field, message)
 }
@@ -452,6 +462,23 @@ pub(super) async fn post_rpc(
             )
         }
     };
+    // The cloud side is limited here, per clinic, before anything reaches the clinic: a burst
+    // of calls gets 429s, never the clinic's link closed.
+    let _slot = match state.rpc_limits.admit(&clinic, state.security.rpc_rate) {
+        Ok(slot) => slot,
+        Err(why) => {
+            let (per_second, concurrent) = state.security.rpc_rate;
+            let detail = match why {
+                crate::gateway::session::RpcLimited::Rate => format!(
+                    "more than {per_second} calls per second for clinic `{clinic}` (gateway.limits.rpc_per_second)"
+                ),
+                crate::gateway::session::RpcLimited::Concurrency => format!(
+                    "{concurrent} calls for clinic `{clinic}` are already running (gateway.limits.rpc_concurrent)"
+                ),
+            };
+            return retry_later(StatusCode::TOO_MANY_REQUESTS, detail);
+        }
+    };
     let request_id = format!("rpc_{:016x}", rand::random::<u64>());
     let answer = state.rpc.register(&request_id);
     let cmd = tether_actors::registry::SessionCommand::Rpc {
@@ -497,6 +524,11 @@ pub(super) async fn post_rpc(
             "rows": r.rows.unwrap_or_default(),
             "truncated": r.truncated.unwrap_or(false),
         })),
+        Ok(Ok(r)) if r.status == tether_schemas::RpcStatus::Busy => retry_later(
+            StatusCode::SERVICE_UNAVAILABLE,
+            r.error
+                .unwrap_or_else(|| "the clinic runs as many queries as it allows".into()),
+        ),
         Ok(Ok(r)) => {
             let detail = r.error.unwrap_or_else(|| "refused by the clinic".into());
             // Refused before running (unknown name, bad parameter) vs failed while running.
@@ -557,8 +589,9 @@ pub(super) async fn list_webhooks(state: web::Data<GatewayState>) -> HttpRespons
             "url": s.url,
             "entities": s.entities,
             "cursor": cursor,
-            "delivered": stats.delivered.load(Relaxed),
-            "failures": stats.failures.load(Relaxed),
+            "delivered_since_start": stats.delivered.load(Relaxed),
+            "failures_since_start": stats.failures.load(Relaxed),
+            "since": state.webhooks.since,
             "dead_letters": dead,
         }));
     }
@@ -626,6 +659,7 @@ pub(super) async fn replay_dead_letter(
             format!("no dead letter {id} for webhook `{name}`"),
         ),
         Err(ReplayError::Store(e)) => store_error(e),
+        Err(e @ ReplayError::PastHead { .. }) => error(StatusCode::NOT_FOUND, None, e.to_string()),
     }
 }
 
@@ -657,7 +691,16 @@ pub(super) async fn replay_webhook(
             HttpResponse::Accepted()
                 .json(json!({ "webhook": name, "from_event_id": parsed.from_event_id }))
         }
-        Ok(Err(e)) => store_error(e),
+        Ok(Err(super::webhooks::ReplayError::PastHead { head })) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("from_event_id"),
+            format!(
+                "from_event_id {} is past the newest event ({head}); replaying from there would skip the events stored next",
+                parsed.from_event_id
+            ),
+        ),
+        Ok(Err(super::webhooks::ReplayError::Store(e))) => store_error(e),
+        Ok(Err(e)) => error(StatusCode::NOT_FOUND, None, e.to_string()),
         Err(e) => store_error(e),
     }
 }

@@ -4,6 +4,7 @@
 //! and runs the HTTP server; the returned handle gives the bound address and a graceful stop.
 
 pub mod api;
+pub mod bridge;
 pub mod metrics;
 pub mod monitor;
 pub mod problem;
@@ -246,6 +247,10 @@ pub struct GatewaySecurity {
     /// Per-session frames per second and burst.
     pub message_rate: (f64, f64),
     pub allowed_origins: Vec<String>,
+    /// Per-clinic RPC calls per second, and calls running at once.
+    pub rpc_rate: (f64, usize),
+    /// Per-session `call_request`s per second (the burst is twice that).
+    pub call_rate: f64,
 }
 
 impl GatewaySecurity {
@@ -259,6 +264,8 @@ impl GatewaySecurity {
             admission: SharedBucket::new(1000.0, 2000.0),
             message_rate: (10_000.0, 20_000.0),
             allowed_origins: Vec::new(),
+            rpc_rate: (50.0, tether_actors::connection::MAX_RPC_RUNNING),
+            call_rate: 10_000.0,
         }
     }
 
@@ -298,6 +305,8 @@ impl GatewaySecurity {
             admission: SharedBucket::new(l.handshakes_per_second as f64, l.handshake_burst as f64),
             message_rate: (l.messages_per_second as f64, l.message_burst as f64),
             allowed_origins: l.allowed_origins.clone(),
+            rpc_rate: (l.rpc_per_second as f64, l.rpc_concurrent as usize),
+            call_rate: l.calls_per_second as f64,
         })
     }
 }
@@ -329,6 +338,8 @@ pub struct GatewayState {
     pub metrics: metrics::GatewayMetrics,
     /// Callers of `POST /v1/clinics/{id}/rpc` waiting for the clinic's answer.
     pub rpc: session::RpcWaiters,
+    /// Per-clinic RPC limits (`gateway.limits.rpc_*`).
+    pub rpc_limits: session::RpcLimits,
     pub webhooks: Arc<webhooks::Webhooks>,
 }
 
@@ -410,12 +421,17 @@ pub fn start(
         http_channels: Default::default(),
         metrics: Default::default(),
         rpc: Default::default(),
+        rpc_limits: Default::default(),
         webhooks,
     });
     let listen = settings.listen.clone();
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
+            // Per worker: awc clients are not `Send`.
+            .app_data(web::Data::new(bridge::BridgeClients::new(
+                &state.settings.bridge,
+            )))
             .app_data(web::PayloadConfig::new(settings.max_frame_bytes + 1024))
             .wrap(actix_web::middleware::from_fn(api::admin_auth))
             .wrap(actix_web::middleware::ErrorHandlers::new().default_handler(problem::rewrite))

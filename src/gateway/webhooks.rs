@@ -103,6 +103,8 @@ pub struct WebhookStats {
 /// The dispatchers and their bookkeeping.
 pub struct Webhooks {
     store: Arc<Store>,
+    /// When this process started: the live counters count from then.
+    pub since: String,
     pub endpoints: Vec<(WebhookSettings, Arc<WebhookStats>)>,
     /// Wakes the dispatchers when events were stored (they also poll every second).
     wake: Arc<tokio::sync::Notify>,
@@ -117,6 +119,7 @@ impl Webhooks {
             .collect();
         Ok(Webhooks {
             store,
+            since: super::store::iso_from_millis(crate::security::unix_now_ms() as i64),
             endpoints,
             wake: Arc::new(tokio::sync::Notify::new()),
         })
@@ -135,9 +138,22 @@ impl Webhooks {
         cursor(&self.store, name)
     }
 
-    /// Re-deliver everything from `event_id` on (the cursor moves back; at least once).
-    pub fn replay_from(&self, name: &str, event_id: u64) -> Result<(), StoreError> {
-        set_cursor(&self.store, name, event_id.saturating_sub(1))?;
+    /// Re-deliver everything from `event_id` on (the cursor moves back; at least once). An id
+    /// past the newest stored event is refused: moving the cursor there would skip every event
+    /// stored before the id is reached.
+    pub fn replay_from(&self, name: &str, event_id: u64) -> Result<(), ReplayError> {
+        let head: u64 = self
+            .store
+            .read(|c| {
+                c.query_row("SELECT coalesce(max(id), 0) FROM events", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+            })
+            .map_err(ReplayError::Store)? as u64;
+        if event_id > head.max(1) {
+            return Err(ReplayError::PastHead { head });
+        }
+        set_cursor(&self.store, name, event_id.saturating_sub(1)).map_err(ReplayError::Store)?;
         self.notify();
         Ok(())
     }
@@ -265,12 +281,24 @@ impl Webhooks {
                 let _ = tokio::time::timeout(Duration::from_secs(1), wake).await;
                 continue;
             }
+            // The cursor moves only from the value this loop read: a replay that moved it
+            // meanwhile wins, and the loop starts again from there.
+            let mut at = after;
             for event in batch {
                 if s.entities.is_empty() || s.entities.contains(&event.entity) {
                     self.deliver_with_retries(&client, &s, &stats, &event).await;
                 }
-                if let Err(e) = set_cursor(&self.store, &s.name, event.id) {
-                    log::error!(target: "error", "webhook={} event=cursor_not_saved event_id={} error={e}", s.name, event.id);
+                match advance_cursor(&self.store, &s.name, at, event.id) {
+                    Ok(true) => at = event.id,
+                    Ok(false) => {
+                        log::info!(target: "message", "webhook={} event=cursor_moved_by_replay", s.name);
+                        break;
+                    }
+                    Err(e) => {
+                        log::error!(target: "error", "webhook={} event=cursor_not_saved event_id={} error={e}", s.name, event.id);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        break;
+                    }
                 }
                 stats.last_event_id.store(event.id, Ordering::Relaxed);
             }
@@ -329,6 +357,8 @@ pub enum ReplayError {
     NoWebhook,
     #[error("no such dead letter")]
     NoDeadLetter,
+    #[error("past the newest event ({head})")]
+    PastHead { head: u64 },
     #[error(transparent)]
     Store(StoreError),
 }
@@ -350,6 +380,27 @@ fn cursor(store: &Store, name: &str) -> Result<u64, StoreError> {
             rusqlite::Error::QueryReturnedNoRows => Ok(0),
             e => Err(e),
         })
+    })
+}
+
+/// Moves the cursor from `from` to `to`; `false` if it no longer is at `from` (a replay).
+fn advance_cursor(store: &Store, name: &str, from: u64, to: u64) -> Result<bool, StoreError> {
+    let name = name.to_string();
+    store.read(move |c| {
+        let n = if from == 0 {
+            c.execute(
+                "INSERT INTO webhook_cursors (name, last_event_id) VALUES (?1, ?2) \
+                 ON CONFLICT (name) DO UPDATE SET last_event_id = excluded.last_event_id \
+                 WHERE webhook_cursors.last_event_id = 0",
+                params![name, to as i64],
+            )?
+        } else {
+            c.execute(
+                "UPDATE webhook_cursors SET last_event_id = ?3 WHERE name = ?1 AND last_event_id = ?2",
+                params![name, from as i64, to as i64],
+            )?
+        };
+        Ok(n == 1)
     })
 }
 

@@ -69,6 +69,12 @@ pub struct Session {
     guard: Option<std::rc::Rc<GuardState>>,
     /// A fragmented message being reassembled: its bytes so far, and whether it is text.
     fragments: Option<(bytes::BytesMut, bool)>,
+    /// This worker's pooled clients for the main Web API.
+    bridge: Option<web::Data<crate::gateway::bridge::BridgeClients>>,
+    /// Gateway clock minus the agent's (ms), measured at `hello` (`hello.clock_ms`).
+    clock_offset_ms: Option<i64>,
+    /// `call_request`s per second (`gateway.limits.calls_per_second`); past it, 429 answers.
+    call_rate: TokenBucket,
 }
 
 /// Callers of `POST /v1/clinics/{id}/rpc` waiting for their answer, by request id.
@@ -112,6 +118,62 @@ impl RpcWaiters {
             error: Some(why.to_string()),
             field: None,
         });
+    }
+}
+
+/// Per-clinic limits on the cloud's RPC calls, applied before anything reaches the clinic.
+#[derive(Default)]
+pub struct RpcLimits(std::sync::Mutex<std::collections::HashMap<String, ClinicRpc>>);
+
+struct ClinicRpc {
+    bucket: TokenBucket,
+    running: usize,
+}
+
+/// Why a call was not let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RpcLimited {
+    Rate,
+    Concurrency,
+}
+
+/// A call let through; dropping it frees its place.
+pub struct RpcSlot<'a> {
+    limits: &'a RpcLimits,
+    clinic: String,
+}
+
+impl Drop for RpcSlot<'_> {
+    fn drop(&mut self) {
+        let mut m = self.limits.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = m.get_mut(&self.clinic) {
+            c.running = c.running.saturating_sub(1);
+        }
+    }
+}
+
+impl RpcLimits {
+    pub fn admit(
+        &self,
+        clinic: &str,
+        (per_second, concurrent): (f64, usize),
+    ) -> Result<RpcSlot<'_>, RpcLimited> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let c = m.entry(clinic.to_string()).or_insert_with(|| ClinicRpc {
+            bucket: TokenBucket::new(per_second, per_second * 2.0),
+            running: 0,
+        });
+        if c.running >= concurrent {
+            return Err(RpcLimited::Concurrency);
+        }
+        if !c.bucket.take() {
+            return Err(RpcLimited::Rate);
+        }
+        c.running += 1;
+        Ok(RpcSlot {
+            limits: self,
+            clinic: clinic.to_string(),
+        })
     }
 }
 
@@ -209,6 +271,7 @@ impl Session {
         transport: &'static str,
     ) -> Self {
         let (rate, burst) = state.security.message_rate;
+        let call_rate = state.security.call_rate;
         Session {
             id: format!("s{:016x}", rand::random::<u64>()),
             clinic: None,
@@ -231,6 +294,11 @@ impl Session {
             rpc_outstanding: HashSet::new(),
             guard: None,
             fragments: None,
+            bridge: req
+                .app_data::<web::Data<crate::gateway::bridge::BridgeClients>>()
+                .cloned(),
+            clock_offset_ms: None,
+            call_rate: TokenBucket::new(call_rate, call_rate * 2.0),
         }
     }
 }
@@ -301,7 +369,19 @@ impl Session {
     }
 
     fn on_text(&mut self, text: &str, ctx: &mut ws::WebsocketContext<Self>) {
-        let msg = match Wire::decode(text, self.state.settings.max_frame_bytes) {
+        let decoded = Wire::decode(text, self.state.settings.max_frame_bytes);
+        // What the clinic sends of its own accord is charged to its frame rate; answers to the
+        // cloud's own requests are paced by the gateway's RPC limits, and calls by the call
+        // rate (`on_call`), so neither can get the clinic's link closed.
+        let free = match &decoded {
+            Ok(Wire::RpcResponse(r)) => self.rpc_outstanding.contains(&r.request_id),
+            Ok(Wire::CallRequest(_)) => self.clinic.is_some(),
+            _ => false,
+        };
+        if !free && !self.charge(ctx) {
+            return;
+        }
+        let msg = match decoded {
             Ok(m) => m,
             Err(e @ DecodeError::TooLarge { .. }) => {
                 self.send_error(ctx, e.code(), e.to_string(), None);
@@ -385,6 +465,9 @@ impl Session {
         let clinic = h.clinic_id.clone();
         self.clinic = Some(clinic.clone());
         self.source = h.source_id;
+        self.clock_offset_ms = h
+            .clock_ms
+            .map(|agent| crate::security::unix_now_ms() as i64 - agent as i64);
         let store = self.state.store.clone();
         let c = clinic.clone();
         let source = h.source_id;
@@ -581,79 +664,62 @@ impl Session {
 
     /// `call_request`: the clinic calls a configured endpoint of the main Web API. The gateway
     /// adds who is calling (`Tether-Clinic`, the authenticated clinic) and its own credentials;
-    /// bodies are never logged.
+    /// bodies are never logged. See [`crate::gateway::bridge`].
     fn on_call(&mut self, c: tether_schemas::CallRequest, ctx: &mut ws::WebsocketContext<Self>) {
-        use tether_schemas::CallResponse;
+        use crate::gateway::bridge;
         let clinic = self.clinic.clone().unwrap_or_default();
-        let Some(ep) = self
+        let ep = self
             .state
             .settings
             .bridge
             .endpoints
             .get(&c.endpoint)
-            .cloned()
-        else {
-            log::warn!(target: MESSAGE, "session={} clinic={clinic} event=call_refused request_id={} endpoint={} reason=unknown_endpoint", self.id, log_value(&c.request_id, 64), log_value(&c.endpoint, 64));
-            return self.send(
-                ctx,
-                Wire::CallResponse(CallResponse {
-                    request_id: c.request_id,
-                    status: 404,
-                    body: None,
-                    error: Some(format!(
-                        "no endpoint `{}` in gateway.api_bridge.endpoints",
-                        c.endpoint
-                    )),
-                }),
-            );
+            .cloned();
+        // What is left of the call's deadline, on this clock.
+        let left = match (c.deadline, self.clock_offset_ms) {
+            (Some(d), Some(off)) => Some(d as i64 + off - crate::security::unix_now_ms() as i64),
+            _ => None,
+        };
+        let (id, endpoint) = (log_value(&c.request_id, 64), log_value(&c.endpoint, 64));
+        let client = self.bridge.as_ref().and_then(|b| b.get(&c.endpoint));
+        let refused = bridge::refuse(&c, ep.as_ref(), left).or_else(|| {
+            (!self.call_rate.take()).then(|| tether_schemas::CallResponse {
+                request_id: c.request_id.clone(),
+                status: 429,
+                body: None,
+                body_text: None,
+                content_type: None,
+                error: Some(format!(
+                    "more than {} calls per second from this clinic (gateway.limits.calls_per_second); retry in a second",
+                    self.state.security.call_rate
+                )),
+            })
+        });
+        let (ep, client) = match (refused, ep, client) {
+            (Some(answer), _, _) => {
+                log::warn!(target: MESSAGE, "session={} clinic={clinic} event=call_refused request_id={id} endpoint={endpoint} status={} deadline_left_ms={}", self.id, answer.status, left.map(|l| l.to_string()).unwrap_or_else(|| "-".into()));
+                return self.send(ctx, Wire::CallResponse(answer));
+            }
+            (None, Some(ep), Some(client)) => (ep, client),
+            (None, Some(ep), None) => (
+                ep.clone(),
+                awc::Client::builder().timeout(ep.timeout).finish(),
+            ),
+            (None, None, _) => return,
+        };
+        let timeout = match left {
+            Some(ms) => ep.timeout.min(std::time::Duration::from_millis(ms as u64)),
+            None => ep.timeout,
         };
         let auth = self.state.settings.bridge.authorization.clone();
-        let limit = self.state.settings.max_frame_bytes.saturating_sub(1024);
+        let max = self.state.settings.max_frame_bytes;
         let started = Instant::now();
-        let (id, endpoint) = (c.request_id.clone(), c.endpoint.clone());
-        let fut = async move {
-            let client = awc::Client::builder().timeout(ep.timeout).finish();
-            let mut req = if ep.post {
-                client.post(&ep.url)
-            } else {
-                client.get(&ep.url)
-            };
-            req = req.insert_header(("tether-clinic", clinic.clone()));
-            if let Some(a) = auth {
-                req = req.insert_header(("authorization", a));
-            }
-            let sent = match (ep.post, c.body) {
-                (true, Some(b)) => req.send_json(&b).await,
-                _ => req.send().await,
-            };
-            let mut resp = match sent {
-                Ok(r) => r,
-                Err(e) => return (0, None, Some(format!("main Web API not reached: {e}"))),
-            };
-            let status = resp.status().as_u16();
-            match resp.body().limit(limit).await {
-                Ok(bytes) if bytes.is_empty() => (status, None, None),
-                Ok(bytes) => {
-                    let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-                        serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
-                    });
-                    (status, Some(body), None)
-                }
-                Err(e) => (status, None, Some(format!("reading the answer: {e}"))),
-            }
-        };
-        ctx.spawn(fut.into_actor(self).map(move |(status, body, error), act, ctx| {
-            log::info!(target: MESSAGE, "session={} clinic={} event=call_answered request_id={} endpoint={endpoint} status={status} ms={}", act.id, act.clinic_label(), log_value(&id, 64), started.elapsed().as_millis());
+        let fut = bridge::forward(client, ep, auth, clinic, c, timeout, max);
+        ctx.spawn(fut.into_actor(self).map(move |answer, act, ctx| {
+            let answer = bridge::fit(answer, max);
+            log::info!(target: MESSAGE, "session={} clinic={} event=call_answered request_id={id} endpoint={endpoint} status={} ms={}", act.id, act.clinic_label(), answer.status, started.elapsed().as_millis());
             if !act.closing {
-                act.send(
-                    ctx,
-                    Wire::CallResponse(CallResponse {
-                        request_id: id,
-                        status,
-                        body,
-                        error,
-                    }),
-                );
+                act.send(ctx, Wire::CallResponse(answer));
             }
         }));
     }
@@ -816,18 +882,9 @@ impl Actor for Session {
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
     fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
         self.last_seen = Instant::now();
-        if matches!(item, Ok(ws::Message::Text(_)) | Ok(ws::Message::Binary(_)))
-            && !self.rate.take()
-        {
-            self.state.metrics.add(&self.state.metrics.rate_limited, 1);
-            log::warn!(target: AUDIT, "event=rate_limited session={} clinic={} result=closed", self.id, self.clinic_label());
-            self.send_error(
-                ctx,
-                ErrorCode::RateLimited,
-                "message rate limit exceeded; reconnect later".into(),
-                None,
-            );
-            return self.close(ctx, ws::CloseCode::Again, "rate limited");
+        // Text is charged to the session's frame rate once decoded (see `on_text`).
+        if matches!(item, Ok(ws::Message::Binary(_))) && !self.charge(ctx) {
+            return;
         }
         if self.fragments.is_some()
             && matches!(item, Ok(ws::Message::Text(_)) | Ok(ws::Message::Binary(_)))
@@ -919,6 +976,26 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
     }
 }
 
+impl Session {
+    /// Takes one frame from the session's rate; past it the session is closed (1013) and
+    /// `false` returned.
+    fn charge(&mut self, ctx: &mut ws::WebsocketContext<Self>) -> bool {
+        if self.rate.take() {
+            return true;
+        }
+        self.state.metrics.add(&self.state.metrics.rate_limited, 1);
+        log::warn!(target: AUDIT, "event=rate_limited session={} clinic={} result=closed", self.id, self.clinic_label());
+        self.send_error(
+            ctx,
+            ErrorCode::RateLimited,
+            "message rate limit exceeded; reconnect later".into(),
+            None,
+        );
+        self.close(ctx, ws::CloseCode::Again, "rate limited");
+        false
+    }
+}
+
 /// A data message still arriving after this many heartbeat intervals closes the session.
 const MESSAGE_DEADLINE_HEARTBEATS: u32 = 6;
 
@@ -947,11 +1024,6 @@ impl Session {
         };
         match (first, self.fragments.as_mut()) {
             (Some(text), None) => {
-                if !self.rate.take() {
-                    self.state.metrics.add(&self.state.metrics.rate_limited, 1);
-                    log::warn!(target: AUDIT, "event=rate_limited session={} clinic={} result=closed", self.id, self.clinic_label());
-                    return self.close(ctx, ws::CloseCode::Again, "rate limited");
-                }
                 self.fragments = Some((bytes::BytesMut::from(&part[..]), text));
             }
             (None, Some((buf, _))) if buf.len() + part.len() <= max => {
