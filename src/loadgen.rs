@@ -44,6 +44,9 @@ pub struct ClientSpec {
     pub backoff_cap: Duration,
     /// Events per second to send once connected (0: idle).
     pub events_per_s: f64,
+    /// The reconnect policy before December 2026, for comparison in `bench storm`: the backoff
+    /// reset only after `stable_after` of link, a 1001 treated like any loss.
+    pub legacy_backoff: bool,
 }
 
 /// One HTTP client for a whole swarm on this thread (awc clients are cheap to clone and
@@ -110,7 +113,7 @@ pub async fn run_client(spec: ClientSpec, http: awc::Client, swarm: Arc<Swarm>) 
                     match frame {
                         Frame::Ping(b) if ws.send(ws::Message::Pong(b.clone())).await.is_err() => break,
                         // Traffic answered on a welcomed link: the agent's policy resets the backoff.
-                        Frame::Ping(_) if up => backoff.reset(),
+                        Frame::Ping(_) if up && !spec.legacy_backoff => backoff.reset(),
                         Frame::Text(t) => {
                             let Ok(v) = serde_json::from_slice::<serde_json::Value>(&t) else { continue };
                             match v["type"].as_str() {
@@ -122,7 +125,9 @@ pub async fn run_client(spec: ClientSpec, http: awc::Client, swarm: Arc<Swarm>) 
                                     backoff.connected(Instant::now());
                                 }
                                 Some("ack") => {
-                                    backoff.reset();
+                                    if !spec.legacy_backoff {
+                                        backoff.reset();
+                                    }
                                     let acked = v["seq"].as_u64().unwrap_or(0);
                                     let now = Instant::now();
                                     let mut lat = Vec::new();
@@ -163,7 +168,7 @@ pub async fn run_client(spec: ClientSpec, http: awc::Client, swarm: Arc<Swarm>) 
             backoff.disconnected(Instant::now());
         }
         if !swarm.stop.load(Ordering::Relaxed) {
-            let delay = if going_away {
+            let delay = if going_away && !spec.legacy_backoff {
                 backoff.after_going_away(&mut rand::rng())
             } else {
                 backoff.next_delay(&mut rand::rng())

@@ -820,6 +820,10 @@ impl Actor for Session {
         }
         log::debug!(target: CONNECTION, "session={} event=upgraded remote={}", self.id, self.remote.as_deref().unwrap_or("-"));
         ctx.run_interval(hb, move |act, ctx| {
+            // Ticks missed while the process was paused fire together: one close is enough.
+            if act.closing {
+                return;
+            }
             // Bytes still arriving (a large frame on a slow link) count as life; a message
             // that takes longer than six heartbeats to arrive does not.
             let mut silent = act.last_seen.elapsed();
