@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::fleet::{self, Fleet};
-use crate::gateway::{self, GatewayHandle, GatewaySecurity, GatewaySettings};
+use crate::gateway::{self, GatewaySecurity, GatewaySettings};
 use crate::loadgen::{rss_kb, rss_kb_of, run_client, ClientSpec, Swarm};
 use crate::security::limits::SharedBucket;
 
