@@ -705,3 +705,167 @@ async fn e2e(url: String) {
     agent.stop();
     gw.stop().await;
 }
+
+/// Reads continuously (as the watcher does) until `done`, recording when each seq arrived.
+fn read_with_arrivals(src: &PgSource, done: &dyn Fn() -> bool) -> HashMap<u64, std::time::Instant> {
+    let mut arrived = HashMap::new();
+    let mut after = 0;
+    loop {
+        let finished = done();
+        let batch = src.read_after(after, 500).expect("read");
+        let now = std::time::Instant::now();
+        for e in &batch {
+            arrived.insert(e.seq, now);
+        }
+        if let Some(l) = batch.last() {
+            after = l.seq;
+        }
+        if finished && batch.is_empty() {
+            return arrived;
+        }
+        // The watcher's poll interval.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn overlapping_long_transactions_hold_a_change_back_only_while_they_are_open() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let db = TestDb::new();
+    pg::install(&db.url, &tables(ConflictPolicy::CloudWins)).expect("install");
+    let src = PgSource::open(&db.url).expect("source");
+    let stop = Arc::new(AtomicBool::new(false));
+    // A long transaction (1.2 s) begins every 300 ms, so one is always open; some roll back.
+    let long_writer = {
+        let (url, stop) = (db.url.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut open = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let url = url.clone();
+                open.push(std::thread::spawn(move || {
+                    let mut c = Client::connect(&url, NoTls).expect("connect");
+                    let mut t = c.transaction().expect("begin");
+                    t.execute(
+                        "INSERT INTO payments (patient_id, amount_cents) VALUES (1, 1)",
+                        &[],
+                    )
+                    .expect("long insert");
+                    // Pacing the writer: the transaction stays open 1.2 s.
+                    std::thread::sleep(Duration::from_millis(1200));
+                    if i % 4 == 3 {
+                        t.rollback().expect("rollback");
+                    } else {
+                        t.commit().expect("commit");
+                    }
+                }));
+                i += 1;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            for h in open {
+                h.join().expect("long txn");
+            }
+        })
+    };
+    // Short transactions every 20 ms, each noting when it committed.
+    let short_writer = {
+        let (url, stop) = (db.url.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut c = Client::connect(&url, NoTls).expect("connect");
+            let mut committed = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let mut t = c.transaction().expect("begin");
+                t.execute(
+                    "INSERT INTO payments (patient_id, amount_cents) VALUES (0, 1)",
+                    &[],
+                )
+                .expect("short insert");
+                let seq: i64 = t
+                    .query_one("SELECT currval('tether.outbox_seq_seq')", &[])
+                    .expect("seq")
+                    .get(0);
+                t.commit().expect("commit");
+                committed.push((seq as u64, std::time::Instant::now()));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            committed
+        })
+    };
+    let started = std::time::Instant::now();
+    let stopper = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            // Eight seconds of load.
+            std::thread::sleep(Duration::from_secs(8));
+            stop.store(true, Ordering::Relaxed);
+        })
+    };
+    let arrived = read_with_arrivals(&src, &|| {
+        stop.load(Ordering::Relaxed) && long_writer.is_finished() && short_writer.is_finished()
+    });
+    stopper.join().expect("stopper");
+    long_writer.join().expect("long writer");
+    let committed = short_writer.join().expect("short writer");
+    assert!(committed.len() > 100, "{} short commits", committed.len());
+    let mut worst = Duration::ZERO;
+    for (seq, at) in &committed {
+        let got = arrived
+            .get(seq)
+            .unwrap_or_else(|| panic!("short commit {seq} never read"));
+        worst = worst.max(got.saturating_duration_since(*at));
+    }
+    // The longest transaction is open 1.2 s; a change may wait for the ones open when it
+    // committed, plus a read or two, never for the load to stop.
+    assert!(
+        worst < Duration::from_millis(2_500),
+        "a change waited {worst:?} (load ran {:?})",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn an_open_transaction_in_another_database_does_not_hold_a_clinic_back() {
+    let db = TestDb::new();
+    let other = TestDb::new();
+    pg::install(&db.url, &tables(ConflictPolicy::CloudWins)).expect("install");
+    let src = PgSource::open(&db.url).expect("source");
+    // Another database on the same server: a transaction with an id, held open.
+    let mut oc = other.client();
+    let mut ot = oc.transaction().expect("begin");
+    ot.execute("INSERT INTO scratch VALUES (1)", &[])
+        .expect("takes a txid");
+    // A hole in the clinic's outbox (a rolled-back transaction), then committed rows.
+    let mut c = db.client();
+    let mut t = c.transaction().expect("begin");
+    t.execute("INSERT INTO patients (id, name) VALUES (1, 'gone')", &[])
+        .expect("seq 1");
+    t.rollback().expect("rollback");
+    for id in 2..=4 {
+        c.execute(
+            "INSERT INTO patients (id, name) VALUES ($1, 'kept')",
+            &[&(id as i64)],
+        )
+        .expect("insert");
+    }
+    // What is committed and not acknowledged is the backlog, whether or not it can be read
+    // yet (the status must not say 0 while changes wait behind a hole).
+    let b = src.backlog(0).expect("backlog");
+    assert_eq!(b.events, 3, "{b:?}");
+    assert!(
+        b.oldest_committed_at
+            .as_deref()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{b:?}"
+    );
+    let mut got = Vec::new();
+    common::poll_blocking(
+        "the clinic's rows while another database's transaction stays open",
+        Duration::from_secs(10),
+        || {
+            got = src.read_after(0, 100).expect("read");
+            !got.is_empty()
+        },
+    );
+    assert_eq!(got.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 3, 4]);
+    ot.commit().expect("commit other");
+}

@@ -13,9 +13,12 @@
 //! took its txid after the last completion is invisible to both. So the reader takes rows in
 //! seq order and stops at the first hole. When it first sees a hole it draws a fresh txid `N`
 //! (`pg_current_xact_id()` in its own tiny transaction): the hole's owner took its txid before
-//! the hole's seq, hence before `N`. The hole is passed over only once a snapshot's `xmin` is at
-//! least `N`, i.e. no transaction older than `N` is still running. Holes left by rolled-back
+//! the hole's seq, hence before `N`. The hole is passed over only once no transaction older
+//! than `N` that may belong to this database is still running ([`OUR_XMIN`]: transactions of
+//! other databases on the same server do not hold a clinic back). Holes left by rolled-back
 //! transactions are thus skipped after a short delay, and no committed row is ever skipped.
+//! Every hole in a read gets its `N` when it is first seen, so a change waits at most as long
+//! as the transactions that were open when it committed, however many holes come before it.
 
 use std::collections::HashMap;
 use std::sync::{mpsc, Arc, Mutex};
@@ -269,6 +272,22 @@ const READ: &str = "SELECT seq, entity, op, key_json, row_json, \
     to_char(committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') \
     FROM tether.outbox WHERE seq > $1 ORDER BY seq LIMIT $2";
 
+/// The oldest transaction still running in this snapshot that may belong to this database:
+/// the snapshot's in-progress transactions, less those positively seen in another database
+/// (a backend of another database, or a transaction prepared there), or the snapshot's `xmax`
+/// when none is left. A transaction whose database cannot be seen (statistics not visible to
+/// this role, or the transaction ended meanwhile) counts as ours: the rule can only wait
+/// longer, never skip a row.
+const OUR_XMIN: &str = "SELECT coalesce(
+    (SELECT min(x::text::bigint) FROM pg_snapshot_xip(pg_current_snapshot()) AS x
+      WHERE (x::text::bigint % 4294967296) NOT IN (
+        SELECT backend_xid::text::bigint FROM pg_stat_activity
+         WHERE backend_xid IS NOT NULL AND datname IS DISTINCT FROM current_database()
+        UNION ALL
+        SELECT transaction::text::bigint FROM pg_prepared_xacts
+         WHERE database <> current_database())),
+    pg_snapshot_xmax(pg_current_snapshot())::text::bigint)";
+
 /// Reads the outbox ([`ChangeSource`]) in commit-safe order (see the module doc).
 pub struct PgSource {
     client: PgConn,
@@ -296,15 +315,36 @@ fn obj(v: Value, what: &str, seq: i64) -> Result<Map<String, Value>, PortError> 
 
 impl ChangeSource for PgSource {
     fn change_token(&self) -> Result<u64, PortError> {
-        // New seqs, or a finished transaction (xmin moves): either can make rows readable.
-        let row = self.client.with(|c| c
-            .query_one(
-                "SELECT (SELECT last_value FROM tether.outbox_seq_seq), pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
+        // New seqs, or a finished transaction of this database ([`OUR_XMIN`] moves): either
+        // can make rows readable.
+        let row = self.client.with(|c| {
+            c.query_one(
+                &format!("SELECT (SELECT last_value FROM tether.outbox_seq_seq), ({OUR_XMIN})"),
                 &[],
             )
-            .map_err(port("reading change token")))?;
+            .map_err(port("reading change token"))
+        })?;
         let (a, b): (i64, i64) = (row.get(0), row.get(1));
         Ok((a as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b as u64)
+    }
+
+    /// Everything committed after `after`, counted in the table — not what the reader may pass
+    /// yet: a change held back behind a hole is still waiting, and `status` must say so.
+    fn backlog(&self, after: u64) -> Result<tether_actors::ports::Backlog, PortError> {
+        let row = self.client.with(move |c| {
+            c.query_one(
+                "SELECT count(*), to_char(min(committed_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') \
+                 FROM tether.outbox WHERE seq > $1",
+                &[&(after as i64)],
+            )
+            .map_err(port("counting the outbox"))
+        })?;
+        let (events, oldest): (i64, Option<String>) = (row.get(0), row.get(1));
+        Ok(tether_actors::ports::Backlog {
+            events: events.max(0) as u64,
+            at_least: false,
+            oldest_committed_at: oldest,
+        })
     }
 
     fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, PortError> {
@@ -327,10 +367,7 @@ impl PgSource {
             .start()
             .map_err(port("begin"))?;
         let xmin: i64 = tx
-            .query_one(
-                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
-                &[],
-            )
+            .query_one(OUR_XMIN, &[])
             .map_err(port("reading snapshot"))?
             .get(0);
         let rows = tx
@@ -350,6 +387,27 @@ impl PgSource {
     ) -> Result<Vec<Event>, PortError> {
         let mut holes = holes.lock().unwrap_or_else(|p| p.into_inner());
         holes.retain(|start, _| *start > after as i64);
+        // Every hole in this window gets its txid now, when it is first seen — not when the
+        // reader reaches it: a hole waits only for the transactions that were running when it
+        // appeared, so overlapping long transactions do not add up one hole after another.
+        let mut expected = after as i64 + 1;
+        let mut fresh = Vec::new();
+        for r in &rows {
+            let seq: i64 = r.get(0);
+            if seq != expected && !holes.contains_key(&expected) {
+                fresh.push(expected);
+            }
+            expected = seq + 1;
+        }
+        if !fresh.is_empty() {
+            let n: i64 = c
+                .query_one("SELECT pg_current_xact_id()::text::bigint", &[])
+                .map_err(port("drawing a txid"))?
+                .get(0);
+            for start in fresh {
+                holes.insert(start, n);
+            }
+        }
         let mut expected = after as i64 + 1;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
@@ -366,8 +424,9 @@ impl PgSource {
                         n
                     }
                 };
+                // A transaction of this database older than the hole may still fill it.
                 if xmin < watermark {
-                    break; // a transaction that may own the hole may still be running
+                    break;
                 }
             }
             let op: String = r.get(2);
