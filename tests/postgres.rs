@@ -582,11 +582,21 @@ fn pg_blocking<T: Send + 'static>(
 fn agent_on_postgres_syncs_through_the_gateway() {
     let db = TestDb::new();
     let url = db.url.clone();
-    actix::System::new().block_on(e2e(url));
+    actix::System::new().block_on(e2e(url, false));
     drop(db);
 }
 
-async fn e2e(url: String) {
+/// The same while every connection the agent holds is killed (`pg_terminate_backend`) three
+/// times mid-stream: its ports reconnect and nothing is lost or applied twice.
+#[test]
+fn agent_on_postgres_heals_when_its_connections_are_killed_mid_stream() {
+    let db = TestDb::new();
+    let url = db.url.clone();
+    actix::System::new().block_on(e2e(url, true));
+    drop(db);
+}
+
+async fn e2e(url: String, kill_connections: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let gw = tether::gateway::start(
         tether::gateway::GatewaySettings {
@@ -626,6 +636,17 @@ async fn e2e(url: String) {
     let writer = std::thread::spawn(move || {
         let mut c = Client::connect(&writer_url, NoTls).expect("connect");
         for i in 0..200i64 {
+            if kill_connections && i % 60 == 30 {
+                let killed: i64 = c
+                    .query_one(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                        &[],
+                    )
+                    .expect("terminate")
+                    .get(0);
+                assert!(killed >= 1, "the agent holds connections: {killed}");
+            }
             let mut t = c.transaction().expect("begin");
             t.execute("INSERT INTO patients (id, name) VALUES ($1, 'p') ON CONFLICT (id) DO UPDATE SET name = 'again'", &[&(i % 120)]).expect("w");
             t.execute(

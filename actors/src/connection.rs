@@ -113,6 +113,8 @@ pub struct Connection {
     fragments: Option<Vec<u8>>,
     /// The largest frame the current link carries both ways (ours and the gateway's limit).
     link_max_frame: usize,
+    /// Applies of the current update that failed in a row (the database is unavailable).
+    apply_failures: u32,
 }
 
 type CallWaiter = tokio::sync::oneshot::Sender<Result<tether_schemas::CallResponse, String>>;
@@ -184,6 +186,7 @@ impl Connection {
             proven: false,
             fragments: None,
             link_max_frame,
+            apply_failures: 0,
         }
     }
 
@@ -824,6 +827,7 @@ impl Connection {
                             // the inbox recognises the update as applied.
                         }
                         Ok(Ok(outcome)) => {
+                            act.apply_failures = 0;
                             if let Some(u) = act.updates.pop_front() {
                                 let result = Wire::UpdateResult(UpdateResult {
                                     update_id: u.update_id,
@@ -834,11 +838,14 @@ impl Connection {
                             }
                             act.apply_next(ctx);
                         }
-                        // The database or the applier is unavailable: retry the same update.
+                        // The database or the applier is unavailable: retry the same update,
+                        // 250 ms doubling to 10 s (the database port reconnects meanwhile).
                         Ok(Err(_)) | Err(_) => {
-                            ctx.run_later(Duration::from_millis(250), |act, ctx| {
-                                act.apply_next(ctx)
-                            });
+                            let n = act.apply_failures.min(6);
+                            act.apply_failures = act.apply_failures.saturating_add(1);
+                            let delay = (Duration::from_millis(250) * 2u32.pow(n))
+                                .min(Duration::from_secs(10));
+                            ctx.run_later(delay, |act, ctx| act.apply_next(ctx));
                         }
                     }
                 }),

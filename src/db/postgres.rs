@@ -59,14 +59,74 @@ pub fn connect(conn: &str) -> Result<Client, PgError> {
     Client::connect(conn, NoTls).map_err(|e| PgError::Connect(e.to_string()))
 }
 
-type Job = Box<dyn FnOnce(&mut Client) + Send>;
+type Job = Box<dyn FnOnce(Result<&mut Client, PortError>) + Send>;
+
+/// Reconnect delays after a lost connection: from this…
+const RECONNECT_INITIAL: Duration = Duration::from_millis(100);
+/// …doubling up to this.
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
 /// A connection owned by its own thread. `postgres::Client` drives a private runtime and
 /// blocks inside it, which tokio forbids on any runtime thread (spawn_blocking included); so
 /// each port's client lives on a plain thread and calls are shipped to it. Dropping the
 /// handle ends the thread, which closes the connection.
+///
+/// A lost connection (server restart, `pg_terminate_backend`, network) heals: the call that
+/// met the loss fails, and the next call reconnects — at most once per backoff delay (0.1 s
+/// doubling to 5 s), failing fast in between — so callers keep their own retry pace. The outage
+/// is logged once when it starts and once when it ends.
 pub struct PgConn {
     tx: Mutex<mpsc::Sender<Job>>,
+}
+
+/// The connection thread's state.
+struct Link {
+    conn: String,
+    client: Option<Client>,
+    /// When the connection was found lost (for the log line at its end).
+    down_since: Option<std::time::Instant>,
+    next_try: std::time::Instant,
+    delay: Duration,
+}
+
+impl Link {
+    /// The live client, reconnecting first if the last one was lost and a try is due.
+    fn client(&mut self) -> Result<&mut Client, PortError> {
+        let now = std::time::Instant::now();
+        if self.client.as_ref().is_some_and(|c| c.is_closed()) {
+            self.client = None;
+            self.down_since = Some(now);
+            self.next_try = now;
+            self.delay = RECONNECT_INITIAL;
+            log::warn!(target: "error", "event=database_connection_lost engine=postgres action=reconnecting");
+        }
+        if self.client.is_none() {
+            if now < self.next_try {
+                return Err(PortError::new(format!(
+                    "PostgreSQL connection lost; reconnecting (next try in {} ms)",
+                    self.next_try.saturating_duration_since(now).as_millis()
+                )));
+            }
+            match connect(&self.conn) {
+                Ok(c) => {
+                    let outage = self.down_since.take().map(|t| t.elapsed().as_millis());
+                    log::warn!(target: "error", "event=database_reconnected engine=postgres outage_ms={}", outage.unwrap_or(0));
+                    self.delay = RECONNECT_INITIAL;
+                    self.client = Some(c);
+                }
+                Err(e) => {
+                    self.next_try = now + self.delay;
+                    self.delay = (self.delay * 2).min(RECONNECT_MAX);
+                    return Err(PortError::new(format!(
+                        "PostgreSQL unreachable (reconnecting): {e}"
+                    )));
+                }
+            }
+        }
+        self.client
+            .as_mut()
+            .ok_or_else(|| PortError::new("PostgreSQL connection lost"))
+    }
 }
 
 impl PgConn {
@@ -77,10 +137,17 @@ impl PgConn {
         std::thread::Builder::new()
             .name("pg-conn".into())
             .spawn(move || match connect(&conn) {
-                Ok(mut client) => {
+                Ok(client) => {
                     let _ = ready_tx.send(Ok(()));
+                    let mut link = Link {
+                        conn,
+                        client: Some(client),
+                        down_since: None,
+                        next_try: std::time::Instant::now(),
+                        delay: RECONNECT_INITIAL,
+                    };
                     while let Ok(job) = rx.recv() {
-                        job(&mut client);
+                        job(link.client());
                     }
                 }
                 Err(e) => {
@@ -104,8 +171,8 @@ impl PgConn {
         self.tx
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .send(Box::new(move |c| {
-                let _ = rtx.send(f(c));
+            .send(Box::new(move |c: Result<&mut Client, PortError>| {
+                let _ = rtx.send(c.and_then(f));
             }))
             .map_err(|_| PortError::new("PostgreSQL connection thread stopped"))?;
         rrx.recv()
