@@ -298,8 +298,9 @@ pub async fn latency(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
 /// (back within a second after a 1001; the backoff reset once a link carried traffic); then the
 /// same with the policy before it (reset only after 60 s of link) for comparison.
 pub async fn storm(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
-    let current = storm_rounds(dir, o, false).await?;
-    let legacy = storm_rounds(&dir.join("legacy"), o, true).await?;
+    let agent_backoff = (Duration::from_millis(500), Duration::from_secs(60));
+    let current = storm_rounds(dir, o, agent_backoff, false).await?;
+    let legacy = storm_rounds(&dir.join("legacy"), o, agent_backoff, true).await?;
     let worst = |v: &Value| {
         v["each_restart_s"]
             .as_array()
@@ -313,7 +314,13 @@ pub async fn storm(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
     )
 }
 
-pub async fn storm_rounds(dir: &Path, o: &BenchOptions, legacy: bool) -> anyhow::Result<Value> {
+/// Three restarts with clients whose backoff runs from `backoff.0` doubling to `backoff.1`.
+pub async fn storm_rounds(
+    dir: &Path,
+    o: &BenchOptions,
+    backoff: (Duration, Duration),
+    legacy: bool,
+) -> anyhow::Result<Value> {
     std::fs::create_dir_all(dir)?;
     let admission = || {
         let mut sec = GatewaySecurity::insecure();
@@ -323,8 +330,7 @@ pub async fn storm_rounds(dir: &Path, o: &BenchOptions, legacy: bool) -> anyhow:
     let mut gw = gateway::start(settings(dir, "127.0.0.1:0"), admission())?;
     let addr = gw.addr.to_string();
     let swarm = spawn_swarm_with(o.storm_clients, &gw.ws_url(), None, 0.0, "storm-", |s| {
-        s.backoff_base = Duration::from_millis(500);
-        s.backoff_cap = Duration::from_secs(60);
+        (s.backoff_base, s.backoff_cap) = backoff;
         s.legacy_backoff = legacy;
     });
     wait_up(&swarm, o.storm_clients, Duration::from_secs(300)).await?;
