@@ -305,13 +305,16 @@ fn run_snapshot(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Writes what the logs still hold (the counts of repeated warnings, see `logging`).
+    log::logger().flush();
+    code
 }
 
 fn load(path: &Path) -> Result<Config> {
