@@ -912,3 +912,255 @@ fn an_open_transaction_in_another_database_does_not_hold_a_clinic_back() {
     assert_eq!(got.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 3, 4]);
     ot.commit().expect("commit other");
 }
+
+/// A PostgreSQL server of this test's own (`initdb` + `pg_ctl` in a temporary directory, on a
+/// free port, run as the `postgres` system user), so the test can restart it.
+struct PrivatePg {
+    dir: tempfile::TempDir,
+    port: u16,
+    bin: std::path::PathBuf,
+}
+
+impl PrivatePg {
+    fn start() -> PrivatePg {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server binaries under /usr/lib/postgresql (Debian's postgresql)")
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .find(|p| p.join("initdb").exists())
+            .expect("initdb");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = common::procs::free_port();
+        let pg = PrivatePg { dir, port, bin };
+        // initdb refuses to run as root: the server runs as the `postgres` system user then.
+        if running_as_root() {
+            pg.run_as_postgres(&["chown", "-R", "postgres", &pg.path("")], true);
+        }
+        pg.run_as_postgres(
+            &[
+                &pg.tool("initdb"),
+                "-D",
+                &pg.path("data"),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+            ],
+            false,
+        );
+        pg.ctl("start");
+        pg
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    fn tool(&self, name: &str) -> String {
+        self.bin.join(name).display().to_string()
+    }
+
+    fn run_as_postgres(&self, args: &[&str], as_root: bool) {
+        let mut cmd = if as_root || !running_as_root() {
+            let mut c = std::process::Command::new(args[0]);
+            c.args(&args[1..]);
+            c
+        } else {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).args(args);
+            c
+        };
+        let out = cmd
+            .stdout(std::process::Stdio::null())
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `pg_ctl start|stop|restart`, waiting until it is done.
+    fn ctl(&self, action: &str) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            self.port,
+            self.path("")
+        );
+        self.run_as_postgres(
+            &[
+                &self.tool("pg_ctl"),
+                "-D",
+                &self.path("data"),
+                "-o",
+                &opts,
+                "-l",
+                &self.path("server.log"),
+                "-m",
+                "fast",
+                "-w",
+                action,
+            ],
+            false,
+        );
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        let data = self.path("data");
+        let stop = [
+            self.tool("pg_ctl"),
+            "-D".into(),
+            data,
+            "-m".into(),
+            "immediate".into(),
+            "stop".into(),
+        ];
+        let mut cmd = if running_as_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).args(&stop);
+            c
+        } else {
+            let mut c = std::process::Command::new(&stop[0]);
+            c.args(&stop[1..]);
+            c
+        };
+        let _ = cmd.output();
+    }
+}
+
+fn running_as_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// The server itself restarts mid-stream (twice): the agent's ports reconnect on their own,
+/// and the gateway ends up with exactly the clinic's outbox.
+#[test]
+fn agent_on_postgres_comes_back_after_the_server_restarts_mid_stream() {
+    let pg = PrivatePg::start();
+    let url = pg.url();
+    {
+        let mut c = Client::connect(&url, NoTls).expect("private server");
+        c.batch_execute(
+            "CREATE TABLE patients (id bigint PRIMARY KEY, name text NOT NULL);
+             CREATE TABLE payments (id bigserial PRIMARY KEY, patient_id bigint NOT NULL, amount_cents int NOT NULL);",
+        )
+        .expect("schema");
+    }
+    actix::System::new().block_on(async move {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gw = tether::gateway::start(
+            common::gateway_settings(dir.path(), Duration::from_millis(500)),
+            tether::gateway::GatewaySecurity::insecure(),
+        )
+        .expect("gateway");
+        let yaml = format!(
+            "agent:\n  clinic_id: clinic-pr\n  database:\n    kind: postgres\n    connection: \"{url}\"\n  gateway:\n    url: {}\n    insecure_plaintext: true\n    heartbeat_interval: 500ms\n    backoff: {{initial: 50ms, max: 500ms}}\n  outbox:\n    poll_interval: 20ms\n  tables:\n    - {{table: patients, entity: patient, key: [id]}}\n    - {{table: payments, entity: payment, key: [id], direction: up}}\n",
+            gw.ws_url()
+        );
+        let cfg = tether::config::Config::parse(&yaml, "test")
+            .expect("config")
+            .agent
+            .expect("agent");
+        let c = cfg.clone();
+        std::thread::spawn(move || tether::agent::install(&c).map_err(|e| e.to_string()))
+            .join()
+            .expect("join")
+            .expect("install");
+        let agent = tether::fleet::start_agent(&cfg).await.expect("agent");
+        // The writer commits 300 transactions, reconnecting whenever the server is away.
+        let writer_url = url.clone();
+        let writer = std::thread::spawn(move || {
+            let mut done = 0i64;
+            let mut client: Option<Client> = None;
+            while done < 300 {
+                let c = match client.as_mut() {
+                    Some(c) if !c.is_closed() => c,
+                    _ => {
+                        client = Client::connect(&writer_url, NoTls).ok();
+                        if client.is_none() {
+                            // Pacing the retries while the server restarts.
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        continue;
+                    }
+                };
+                if c
+                    .execute(
+                        "INSERT INTO payments (patient_id, amount_cents) VALUES ($1, 100)",
+                        &[&done],
+                    )
+                    .is_ok()
+                {
+                    done += 1;
+                }
+                // About 100 commits per second.
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        let store = gw.store.clone();
+        for _ in 0..2 {
+            let before = store.acked_seq("clinic-pr").unwrap_or(0);
+            common::wait_until("progress before the restart", Duration::from_secs(20), || {
+                let a = store.acked_seq("clinic-pr").unwrap_or(0);
+                async move { a > before + 20 }
+            })
+            .await;
+            pg.ctl("restart");
+        }
+        writer.join().expect("writer");
+        common::wait_until(
+            "everything acknowledged after the restarts",
+            Duration::from_secs(30),
+            || {
+                let head: i64 = pg_blocking(&url, |c| {
+                    c.query_one("SELECT coalesce(max(seq), 0) FROM tether.outbox", &[])
+                        .map(|r| r.get(0))
+                        .unwrap_or(i64::MAX)
+                });
+                let acked = store.acked_seq("clinic-pr").unwrap_or(0) as i64;
+                async move { head >= 300 && acked >= head }
+            },
+        )
+        .await;
+        let clinic: Vec<(i64, Value)> = pg_blocking(&url, |c| {
+            c.query("SELECT seq, key_json FROM tether.outbox ORDER BY seq", &[])
+                .expect("outbox")
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect()
+        });
+        let at_gateway: Vec<(i64, Value)> = gw
+            .store
+            .events_page(Some("clinic-pr"), 0, 10_000)
+            .expect("events")
+            .into_iter()
+            .map(|e| (e.seq as i64, e.key))
+            .collect();
+        // A commit whose answer was lost in a restart is retried by the writer, so count what
+        // the table holds rather than what the writer attempted.
+        let committed: i64 = pg_blocking(&url, |c| {
+            c.query_one("SELECT count(*) FROM payments", &[])
+                .expect("count")
+                .get(0)
+        });
+        assert!(committed >= 300, "{committed}");
+        assert_eq!(clinic.len() as i64, committed, "every commit captured once");
+        assert_eq!(at_gateway, clinic, "lost, duplicated or reordered events");
+        agent.stop();
+        gw.stop().await;
+    });
+}
