@@ -85,7 +85,8 @@ pub fn refuse(
             ));
         }
     }
-    if c.body.is_none() && c.body_text.as_deref().is_none_or(|b| b.trim().is_empty()) {
+    let post = ep.is_some_and(|e| e.post);
+    if post && c.body.is_none() && c.body_text.as_deref().is_none_or(|b| b.trim().is_empty()) {
         return Some(answer(400, "the call has no JSON body".into()));
     }
     None
@@ -250,6 +251,9 @@ mod tests {
             refuse(&call(None), Some(&ep), None).map(|r| r.status),
             Some(400)
         );
+        // A GET endpoint takes no body (older agents send none).
+        let get = BridgeEndpoint { post: false, ..ep };
+        assert!(refuse(&call(None), Some(&get), None).is_none());
     }
 
     #[test]
