@@ -575,6 +575,44 @@ fn pg_blocking<T: Send + 'static>(
     .expect("pg thread")
 }
 
+/// The highest outbox seq (`i64::MAX` while the database cannot be read).
+fn outbox_head(url: &str) -> i64 {
+    pg_blocking(url, |c| {
+        c.query_one("SELECT coalesce(max(seq), 0) FROM tether.outbox", &[])
+            .map(|r| r.get(0))
+            .unwrap_or(i64::MAX)
+    })
+}
+
+/// One event as (seq, op, key, row).
+type Ev = (i64, String, Value, Option<Value>);
+
+/// The history check's two sides: the clinic's outbox and what the gateway holds for the clinic,
+/// both in seq order.
+fn outbox_and_gateway(
+    url: &str,
+    store: &tether::gateway::store::Store,
+    clinic: &str,
+) -> (Vec<Ev>, Vec<Ev>) {
+    let outbox: Vec<Ev> = pg_blocking(url, |c| {
+        c.query(
+            "SELECT seq, op, key_json, row_json FROM tether.outbox ORDER BY seq",
+            &[],
+        )
+        .expect("outbox")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+    });
+    let at_gateway: Vec<Ev> = store
+        .events_page(Some(clinic), 0, 10_000)
+        .expect("events")
+        .into_iter()
+        .map(|e| (e.seq as i64, e.op, e.key, e.row))
+        .collect();
+    (outbox, at_gateway)
+}
+
 /// End to end: an agent on PostgreSQL syncing through a gateway, ending with the history check
 /// (the gateway holds exactly the clinic's outbox, in order) and a cloud update applied once
 /// and not echoed.
@@ -692,11 +730,7 @@ async fn e2e(url: String, kill_connections: bool) {
         "the PostgreSQL outbox to be acknowledged",
         Duration::from_secs(30),
         || {
-            let head: i64 = pg_blocking(&url, |c| {
-                c.query_one("SELECT coalesce(max(seq), 0) FROM tether.outbox", &[])
-                    .map(|r| r.get(0))
-                    .unwrap_or(i64::MAX)
-            });
+            let head = outbox_head(&url);
             let acked = store.acked_seq("clinic-pg").unwrap_or(0) as i64;
             let applied = store
                 .read(|c| {
@@ -712,24 +746,7 @@ async fn e2e(url: String, kill_connections: bool) {
     )
     .await;
     // History check: the gateway holds exactly the clinic's outbox, same order, same content.
-    type Ev = (i64, String, Value, Option<Value>);
-    let clinic: Vec<Ev> = pg_blocking(&url, |c| {
-        c.query(
-            "SELECT seq, op, key_json, row_json FROM tether.outbox ORDER BY seq",
-            &[],
-        )
-        .expect("outbox")
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-        .collect()
-    });
-    let at_gateway: Vec<Ev> = gw
-        .store
-        .events_page(Some("clinic-pg"), 0, 10_000)
-        .expect("events")
-        .into_iter()
-        .map(|e| (e.seq as i64, e.op, e.key, e.row))
-        .collect();
+    let (clinic, at_gateway) = outbox_and_gateway(&url, &gw.store, "clinic-pg");
     assert_eq!(clinic.len(), 400, "every clinic commit captured once");
     assert_eq!(
         at_gateway, clinic,
@@ -773,18 +790,18 @@ fn read_with_arrivals(src: &PgSource, done: &dyn Fn() -> bool) -> HashMap<u64, s
 
 #[test]
 fn overlapping_long_transactions_hold_a_change_back_only_while_they_are_open() {
-    use std::sync::atomic::{AtomicBool, Ordering};
     let db = TestDb::new();
     pg::install(&db.url, &tables(ConflictPolicy::CloudWins)).expect("install");
     let src = PgSource::open(&db.url).expect("source");
-    let stop = Arc::new(AtomicBool::new(false));
+    // Eight seconds of load: the writers stop at this deadline.
+    let until = std::time::Instant::now() + Duration::from_secs(8);
     // A long transaction (1.2 s) begins every 300 ms, so one is always open; some roll back.
     let long_writer = {
-        let (url, stop) = (db.url.clone(), stop.clone());
+        let url = db.url.clone();
         std::thread::spawn(move || {
             let mut open = Vec::new();
             let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
+            while std::time::Instant::now() < until {
                 let url = url.clone();
                 open.push(std::thread::spawn(move || {
                     let mut c = Client::connect(&url, NoTls).expect("connect");
@@ -812,11 +829,11 @@ fn overlapping_long_transactions_hold_a_change_back_only_while_they_are_open() {
     };
     // Short transactions every 20 ms, each noting when it committed.
     let short_writer = {
-        let (url, stop) = (db.url.clone(), stop.clone());
+        let url = db.url.clone();
         std::thread::spawn(move || {
             let mut c = Client::connect(&url, NoTls).expect("connect");
             let mut committed = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
+            while std::time::Instant::now() < until {
                 let mut t = c.transaction().expect("begin");
                 t.execute(
                     "INSERT INTO payments (patient_id, amount_cents) VALUES (0, 1)",
@@ -835,18 +852,9 @@ fn overlapping_long_transactions_hold_a_change_back_only_while_they_are_open() {
         })
     };
     let started = std::time::Instant::now();
-    let stopper = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            // Eight seconds of load.
-            std::thread::sleep(Duration::from_secs(8));
-            stop.store(true, Ordering::Relaxed);
-        })
-    };
     let arrived = read_with_arrivals(&src, &|| {
-        stop.load(Ordering::Relaxed) && long_writer.is_finished() && short_writer.is_finished()
+        long_writer.is_finished() && short_writer.is_finished()
     });
-    stopper.join().expect("stopper");
     long_writer.join().expect("long writer");
     let committed = short_writer.join().expect("short writer");
     assert!(committed.len() > 100, "{} short commits", committed.len());
@@ -1126,30 +1134,13 @@ fn agent_on_postgres_comes_back_after_the_server_restarts_mid_stream() {
             "everything acknowledged after the restarts",
             Duration::from_secs(30),
             || {
-                let head: i64 = pg_blocking(&url, |c| {
-                    c.query_one("SELECT coalesce(max(seq), 0) FROM tether.outbox", &[])
-                        .map(|r| r.get(0))
-                        .unwrap_or(i64::MAX)
-                });
+                let head = outbox_head(&url);
                 let acked = store.acked_seq("clinic-pr").unwrap_or(0) as i64;
                 async move { head >= 300 && acked >= head }
             },
         )
         .await;
-        let clinic: Vec<(i64, Value)> = pg_blocking(&url, |c| {
-            c.query("SELECT seq, key_json FROM tether.outbox ORDER BY seq", &[])
-                .expect("outbox")
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect()
-        });
-        let at_gateway: Vec<(i64, Value)> = gw
-            .store
-            .events_page(Some("clinic-pr"), 0, 10_000)
-            .expect("events")
-            .into_iter()
-            .map(|e| (e.seq as i64, e.key))
-            .collect();
+        let (clinic, at_gateway) = outbox_and_gateway(&url, &gw.store, "clinic-pr");
         // A commit whose answer was lost in a restart is retried by the writer, so count what
         // the table holds rather than what the writer attempted.
         let committed: i64 = pg_blocking(&url, |c| {
