@@ -969,15 +969,7 @@ impl PrivatePg {
     }
 
     fn run_as_postgres(&self, args: &[&str], as_root: bool) {
-        let mut cmd = if as_root || !running_as_root() {
-            let mut c = std::process::Command::new(args[0]);
-            c.args(&args[1..]);
-            c
-        } else {
-            let mut c = std::process::Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).args(args);
-            c
-        };
+        let mut cmd = postgres_command(args, as_root);
         let out = cmd
             .stdout(std::process::Stdio::null())
             .output()
@@ -1024,25 +1016,23 @@ impl PrivatePg {
 
 impl Drop for PrivatePg {
     fn drop(&mut self) {
-        let data = self.path("data");
-        let stop = [
-            self.tool("pg_ctl"),
-            "-D".into(),
-            data,
-            "-m".into(),
-            "immediate".into(),
-            "stop".into(),
-        ];
-        let mut cmd = if running_as_root() {
-            let mut c = std::process::Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).args(&stop);
-            c
-        } else {
-            let mut c = std::process::Command::new(&stop[0]);
-            c.args(&stop[1..]);
-            c
-        };
-        let _ = cmd.output();
+        let (ctl, data) = (self.tool("pg_ctl"), self.path("data"));
+        let stop = [ctl.as_str(), "-D", &data, "-m", "immediate", "stop"];
+        let _ = postgres_command(&stop, false).output();
+    }
+}
+
+/// `args` as a command, run as the `postgres` system user when this test runs as root (unless
+/// `as_root`).
+fn postgres_command(args: &[&str], as_root: bool) -> std::process::Command {
+    if as_root || !running_as_root() {
+        let mut c = std::process::Command::new(args[0]);
+        c.args(&args[1..]);
+        c
+    } else {
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).args(args);
+        c
     }
 }
 
