@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::fleet::{self, Fleet};
+use crate::gateway::store::{self, IncomingEvent, StoreLocation};
 use crate::gateway::{self, GatewaySecurity, GatewaySettings};
 use crate::loadgen::{rss_kb, rss_kb_of, run_client, ClientSpec, Swarm};
 use crate::security::limits::SharedBucket;
 
-pub const SCENARIOS: [&str; 8] = [
+pub const SCENARIOS: [&str; 9] = [
+    "history",
     "ingest",
     "latency",
     "connections",
@@ -40,6 +42,10 @@ pub struct BenchOptions {
     /// Calls per round and callers at once for `bridge`.
     pub bridge_calls: usize,
     pub bridge_callers: usize,
+    /// Events in the store for `history`.
+    pub history_events: u64,
+    /// The gateway store for `ingest` and `history` (`None`: SQLite in the run's directory).
+    pub store: Option<StoreLocation>,
 }
 
 impl Default for BenchOptions {
@@ -55,6 +61,8 @@ impl Default for BenchOptions {
             storm_clients: 1_000,
             bridge_calls: 5_000,
             bridge_callers: 20,
+            history_events: 3_000_000,
+            store: None,
         }
     }
 }
@@ -90,7 +98,8 @@ pub fn machine() -> Value {
 fn settings(dir: &Path, listen: &str) -> GatewaySettings {
     GatewaySettings {
         listen: listen.into(),
-        store_path: dir.join("gateway.db"),
+        store: crate::gateway::store::StoreLocation::Sqlite(dir.join("gateway.db")),
+        retention: None,
         heartbeat_interval: Duration::from_secs(10),
         max_frame_bytes: tether_schemas::DEFAULT_MAX_FRAME_BYTES,
         entity_schemas: None,
@@ -138,9 +147,13 @@ async fn drain_fleet(fleet: &Fleet, deadline: Duration) -> anyhow::Result<Durati
         .collect::<anyhow::Result<_>>()?;
     let t0 = Instant::now();
     loop {
-        let done = heads
-            .iter()
-            .all(|(id, head)| store.acked_seq(id).map(|a| a >= *head).unwrap_or(false));
+        let mut done = true;
+        for (id, head) in &heads {
+            if !store.acked_seq(id).await.is_ok_and(|a| a >= *head) {
+                done = false;
+                break;
+            }
+        }
         if done {
             return Ok(t0.elapsed());
         }
@@ -153,7 +166,13 @@ async fn drain_fleet(fleet: &Fleet, deadline: Duration) -> anyhow::Result<Durati
 
 /// K clinics push a backlog as fast as acknowledgements allow: durable events/s at the gateway.
 pub async fn ingest(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
-    let mut fleet = Fleet::insecure(dir, o.clinics, Duration::from_secs(10))?;
+    let mut fleet = Fleet::build_on(
+        dir,
+        o.clinics,
+        Duration::from_secs(10),
+        None,
+        o.store.clone(),
+    )?;
     for c in &mut fleet.clinics {
         c.config.outbox.batch_max_events = 2_000;
         c.config.outbox.batch_max_bytes = 900 * 1024;
@@ -169,7 +188,7 @@ pub async fn ingest(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
     let rss = rss_kb() / 1024;
     fleet.stop().await;
     Ok(
-        json!({"scenario": "ingest", "clinics": o.clinics, "events": total,
+        json!({"scenario": "ingest", "store": store_kind(&o.store), "clinics": o.clinics, "events": total,
         "seconds": (secs * 100.0).round() / 100.0, "events_per_s": (total as f64 / secs).round(),
         "rss_mb": rss, "machine": machine()}),
     )
@@ -710,7 +729,16 @@ pub fn run(scenario: &str, json_out: bool, o: BenchOptions) -> anyhow::Result<Ve
         let _ = crate::logging::init(&logging, "");
         let system = actix::System::new();
         let path = dir.path().to_path_buf();
-        let opts = o.clone();
+        let mut opts = o.clone();
+        // A fresh PostgreSQL schema per scenario, dropped after it.
+        let pg_schema = match &mut opts.store {
+            Some(StoreLocation::Postgres { schema, .. }) => {
+                *schema = format!("{schema}_{name}");
+                Some(schema.clone())
+            }
+            _ => None,
+        };
+        let store_opt = opts.store.clone();
         let v = system.block_on(async move {
             match name {
                 "ingest" => ingest(&path, &opts).await,
@@ -720,9 +748,19 @@ pub fn run(scenario: &str, json_out: bool, o: BenchOptions) -> anyhow::Result<Ve
                 "drain" => drain(&path, &opts).await,
                 "fallback" => fallback(&path, &opts).await,
                 "bridge" => bridge(&path, &opts).await,
+                "history" => history(&path, &opts).await,
                 _ => storm(&path, &opts).await,
             }
-        })?;
+        });
+        #[cfg(feature = "postgres")]
+        if let (Some(schema), Some(StoreLocation::Postgres { url, .. })) = (&pg_schema, &store_opt)
+        {
+            if let Ok(mut c) = ::postgres::Client::connect(url, ::postgres::NoTls) {
+                let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+            }
+        }
+        let _ = &pg_schema;
+        let v = v?;
         if json_out {
             println!("{v}");
         } else {
@@ -734,4 +772,166 @@ pub fn run(scenario: &str, json_out: bool, o: BenchOptions) -> anyhow::Result<Ve
         out.push(v);
     }
     Ok(out)
+}
+
+fn store_kind(s: &Option<StoreLocation>) -> &'static str {
+    match s {
+        Some(StoreLocation::Postgres { .. }) => "postgres",
+        _ => "sqlite",
+    }
+}
+
+/// Fills the store with `events` events from 500 clinics through the port (group-committed).
+async fn fill(s: &Arc<store::Store>, clinics: usize, events: u64) -> anyhow::Result<f64> {
+    let per = events / clinics as u64;
+    let t0 = Instant::now();
+    let mut at = 0u64;
+    while at < per {
+        let n = (per - at).min(1_000);
+        let mut waits = Vec::with_capacity(clinics);
+        for k in 0..clinics {
+            let batch: Vec<IncomingEvent> = (at + 1..=at + n)
+                .map(|seq| IncomingEvent {
+                    event: tether_schemas::Event {
+                        seq,
+                        entity: "appointment".into(),
+                        op: tether_schemas::Op::Insert,
+                        key: json!({"id": seq}).as_object().cloned().unwrap_or_default(),
+                        row: json!({"id": seq, "patient_id": k, "status": "booked", "starts_at": "2026-12-01T09:00:00Z"})
+                            .as_object()
+                            .cloned(),
+                        committed_at: "2026-12-01T09:00:00.000Z".into(),
+                    },
+                    problem: None,
+                })
+                .collect();
+            waits.push(s.append(&format!("clinic-{k:03}"), 0, at, batch));
+        }
+        for w in waits {
+            w.await?;
+        }
+        at += n;
+    }
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Median milliseconds of `n` GETs of `path`.
+async fn median_get(base: &str, path: &str, n: usize) -> anyhow::Result<f64> {
+    let client = awc::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .finish();
+    let mut ms = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let mut resp = client
+            .get(format!("{base}{path}"))
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("GET {path}: {e}"))?;
+        let body = resp.body().limit(64 << 20).await?;
+        if !resp.status().is_success() {
+            anyhow::bail!(
+                "GET {path}: {} {}",
+                resp.status(),
+                String::from_utf8_lossy(&body)
+            );
+        }
+        ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    ms.sort_by(|a, b| a.total_cmp(b));
+    Ok((ms[ms.len() / 2] * 100.0).round() / 100.0)
+}
+
+/// CPU seconds this process spends over `secs` (with or without a fleet stream open).
+async fn cpu_over(base: &str, stream: bool, secs: u64) -> anyhow::Result<f64> {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = if stream {
+        let client = awc::Client::builder().disable_timeout().finish();
+        let mut resp = client
+            .get(format!("{base}/v1/stream/fleet?interval_ms=1000"))
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("stream: {e}"))?;
+        let stop = stop.clone();
+        Some(actix::spawn(async move {
+            use futures_util::StreamExt;
+            while !stop.load(Ordering::Relaxed) {
+                if resp.next().await.is_none() {
+                    break;
+                }
+            }
+        }))
+    } else {
+        None
+    };
+    let before = cpu_seconds(std::process::id());
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let used = cpu_seconds(std::process::id()) - before;
+    stop.store(true, Ordering::Relaxed);
+    if let Some(r) = reader {
+        r.abort();
+    }
+    Ok(used)
+}
+
+async fn history_round(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
+    let mut s = settings(dir, "127.0.0.1:0");
+    if let Some(loc) = &o.store {
+        s.store = loc.clone();
+    }
+    let gw = gateway::start(s, GatewaySecurity::insecure())?;
+    let base = gw.http_url();
+    // Warm-up (caches, connections).
+    median_get(&base, "/v1/clinics", 3).await?;
+    let clinics_ms = median_get(&base, "/v1/clinics", 21).await?;
+    let one_ms = median_get(&base, "/v1/clinics/clinic-250", 21).await?;
+    let metrics_ms = median_get(&base, "/metrics", 21).await?;
+    let idle = cpu_over(&base, false, 10).await?;
+    let streaming = cpu_over(&base, true, 10).await?;
+    gw.stop().await;
+    Ok(json!({
+        "clinics_ms": clinics_ms, "clinic_ms": one_ms, "metrics_ms": metrics_ms,
+        "fleet_stream_core_pct": (((streaming - idle).max(0.0) / 10.0) * 1000.0).round() / 10.0,
+    }))
+}
+
+/// The fleet views against an empty store and against one holding `history_events` events of
+/// 500 clinics: they must not grow with history.
+pub async fn history(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
+    let clinics = 500;
+    let location = o
+        .store
+        .clone()
+        .unwrap_or_else(|| StoreLocation::Sqlite(dir.join("gateway.db")));
+    let mut opts = o.clone();
+    opts.store = Some(location.clone());
+    // 500 clinics known, no events: the baseline.
+    let mut ss = store::StoreSettings::sqlite(dir.join("unused"));
+    ss.location = location.clone();
+    let s = store::open(&ss)?;
+    for k in 0..clinics {
+        s.hello(&format!("clinic-{k:03}"), 0).await?;
+    }
+    let empty = history_round(dir, &opts).await?;
+    let fill_s = fill(&s, clinics, o.history_events).await?;
+    s.close();
+    drop(s);
+    let full = history_round(dir, &opts).await?;
+    let ratio = |k: &str| {
+        let a = empty[k].as_f64().unwrap_or(0.0);
+        let b = full[k].as_f64().unwrap_or(0.0);
+        if a > 0.0 {
+            ((b / a) * 100.0).round() / 100.0
+        } else {
+            0.0
+        }
+    };
+    Ok(json!({
+        "scenario": "history", "store": store_kind(&o.store), "clinics": clinics,
+        "events": o.history_events, "fill_seconds": (fill_s * 10.0).round() / 10.0,
+        "fill_events_per_s": (o.history_events as f64 / fill_s).round(),
+        "empty": empty, "full": full,
+        "ratio": {"clinics": ratio("clinics_ms"), "clinic": ratio("clinic_ms"), "metrics": ratio("metrics_ms")},
+        "machine": machine(),
+    }))
 }

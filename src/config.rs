@@ -658,9 +658,20 @@ impl Default for GatewayConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct StoreConfig {
-    /// Only `sqlite` in this build.
+    /// `sqlite` (embedded, one node) or `postgres` (production, several nodes).
     pub kind: String,
+    /// The SQLite file (`kind: sqlite`).
     pub path: PathBuf,
+    /// The PostgreSQL connection string (`kind: postgres`), e.g.
+    /// `host=db user=tether dbname=tether`; a password belongs in `url_env`, not the file.
+    pub url: Option<String>,
+    /// An environment variable holding the connection string (instead of `url`).
+    pub url_env: Option<String>,
+    /// The PostgreSQL schema the tables live in (created if missing).
+    pub schema: String,
+    /// `off` (keep every event) or an age such as `90d`: older events are removed in the
+    /// background, never before every webhook endpoint has delivered them.
+    pub retention: Dur,
     #[serde(flatten)]
     extra: Extra,
 }
@@ -670,9 +681,51 @@ impl Default for StoreConfig {
         StoreConfig {
             kind: "sqlite".into(),
             path: PathBuf::from("gateway.db"),
+            url: None,
+            url_env: None,
+            schema: "tether".into(),
+            retention: Dur {
+                text: "off".into(),
+                value: None,
+            },
             extra: Extra::new(),
         }
     }
+}
+
+impl StoreConfig {
+    /// Where the store is (the PostgreSQL URL read from `url_env` when set).
+    #[cfg(feature = "gateway")]
+    pub fn location(&self) -> crate::gateway::store::StoreLocation {
+        use crate::gateway::store::StoreLocation;
+        match self.kind.as_str() {
+            "postgres" => StoreLocation::Postgres {
+                url: self
+                    .url_env
+                    .as_ref()
+                    .and_then(|v| std::env::var(v).ok())
+                    .or_else(|| self.url.clone())
+                    .unwrap_or_default(),
+                schema: self.schema.clone(),
+            },
+            _ => StoreLocation::Sqlite(self.path.clone()),
+        }
+    }
+
+    /// `None` for `off`.
+    pub fn retention(&self) -> Option<Duration> {
+        (self.retention.text.trim() != "off")
+            .then_some(self.retention.value)
+            .flatten()
+    }
+}
+
+/// A PostgreSQL schema name safe to put in SQL unquoted: `[a-z_][a-z0-9_]{0,62}`.
+pub fn valid_schema(s: &str) -> bool {
+    let mut b = s.bytes();
+    matches!(b.next(), Some(c) if c.is_ascii_lowercase() || c == b'_')
+        && b.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
+        && s.len() <= 63
 }
 
 /// A duration written as `250ms`, `10s`, `5m`, `24h` or `7d`.
@@ -1383,10 +1436,48 @@ impl Validator<'_> {
                 format!("`{}` is not host:port (e.g. 0.0.0.0:8080)", g.listen),
             );
         }
-        if g.store.kind != "sqlite" {
-            self.bad(
+        match g.store.kind.as_str() {
+            "sqlite" => {}
+            "postgres" if cfg!(feature = "postgres") => {
+                match (&g.store.url, &g.store.url_env) {
+                    (None, None) => self.bad(
+                        "gateway.store.url",
+                        "kind: postgres needs `url` (or `url_env`, the variable holding it)".into(),
+                    ),
+                    (Some(_), Some(_)) => self.bad(
+                        "gateway.store.url_env",
+                        "give `url` or `url_env`, not both".into(),
+                    ),
+                    (None, Some(var)) if std::env::var(var).is_err() => self.bad(
+                        "gateway.store.url_env",
+                        format!("environment variable {var} is not set"),
+                    ),
+                    _ => {}
+                }
+                if !valid_schema(&g.store.schema) {
+                    self.bad(
+                        "gateway.store.schema",
+                        format!(
+                            "`{}` is not a plain schema name ([a-z_][a-z0-9_]*)",
+                            g.store.schema
+                        ),
+                    );
+                }
+            }
+            "postgres" => self.bad(
                 "gateway.store.kind",
-                format!("`{}` is not supported by this build (sqlite)", g.store.kind),
+                "`postgres` is not in this build (built without the `postgres` feature)".into(),
+            ),
+            other => self.bad(
+                "gateway.store.kind",
+                format!("`{other}` is not a store kind (sqlite or postgres)"),
+            ),
+        }
+        if g.store.retention.text.trim() != "off" {
+            self.duration(
+                "gateway.store.retention",
+                &g.store.retention,
+                Duration::from_secs(3600),
             );
         }
         self.duration(
@@ -1825,5 +1916,42 @@ mod read_only_tests {
         ] {
             assert_eq!(problem(sql), None, "{sql:?}");
         }
+    }
+
+    #[test]
+    fn the_gateway_store_keys_are_checked_by_name() {
+        let base = "gateway:\n  listen: 127.0.0.1:0\n  insecure_plaintext: true\n  store:\n";
+        let ok =
+            format!("{base}    kind: postgres\n    url: host=db dbname=t\n    retention: 90d\n");
+        let cfg = crate::config::Config::parse(&ok, "t").expect("valid");
+        let g = cfg.gateway.expect("gateway");
+        assert_eq!(
+            g.store.retention(),
+            Some(std::time::Duration::from_secs(90 * 86400))
+        );
+        let off = format!("{base}    kind: sqlite\n    retention: \"off\"\n");
+        let g = crate::config::Config::parse(&off, "t")
+            .expect("valid")
+            .gateway
+            .expect("gw");
+        assert_eq!(g.store.retention(), None);
+        let bad =
+            format!("{base}    kind: postgres\n    schema: Bad-Name\n    retention: 3 weeks\n");
+        let err = crate::config::Config::parse(&bad, "t").unwrap_err();
+        let p = err.problems();
+        let paths: Vec<&str> = p.iter().map(|x| x.path.as_str()).collect();
+        for want in [
+            "gateway.store.url",
+            "gateway.store.schema",
+            "gateway.store.retention",
+        ] {
+            assert!(paths.contains(&want), "{want} not reported: {paths:?}");
+        }
+        let kind = format!("{base}    kind: mongodb\n");
+        let err = crate::config::Config::parse(&kind, "t").unwrap_err();
+        assert!(err
+            .problems()
+            .iter()
+            .any(|x| x.path == "gateway.store.kind" && x.message.contains("mongodb")));
     }
 }

@@ -22,6 +22,8 @@ pub struct DemoOptions {
     pub json: bool,
     pub chaos: bool,
     pub keep: bool,
+    /// The gateway's store: `None` is embedded SQLite in the run's directory.
+    pub store: Option<crate::gateway::store::StoreLocation>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -129,7 +131,7 @@ async fn post_update(
 async fn drive(opts: &DemoOptions, dir: &std::path::Path) -> anyhow::Result<Summary> {
     let heartbeat = Duration::from_millis(500);
     // Mutual TLS, clinic-signed tokens, admin tokens and field encryption, like production.
-    let mut fleet = Fleet::build(dir, opts.clinics, heartbeat, Some(3072))?;
+    let mut fleet = Fleet::build_on(dir, opts.clinics, heartbeat, Some(3072), opts.store.clone())?;
     fleet.start_agents().await?;
     let store = fleet.store().context("gateway store")?;
     let client = fleet.rest_client()?;
@@ -222,13 +224,13 @@ async fn drive(opts: &DemoOptions, dir: &std::path::Path) -> anyhow::Result<Summ
         let mut all = true;
         for c in &fleet.clinics {
             let head = Fleet::outbox_head(&c.db)?;
-            let acked = store.acked_seq(&c.id)?;
+            let acked = store.acked_seq(&c.id).await?;
             if acked < head {
                 all = false;
             }
         }
         for u in &updates {
-            let st = store.update(&u.update_id)?.map(|r| r.status);
+            let st = store.update(&u.update_id).await?.map(|r| r.status);
             if !matches!(st.as_deref(), Some("applied" | "failed" | "conflict")) {
                 all = false;
             }
@@ -254,7 +256,7 @@ async fn drive(opts: &DemoOptions, dir: &std::path::Path) -> anyhow::Result<Summ
             .filter(|u| u.clinic == i && u.expect_applied)
             .map(|u| (u.entity.clone(), u.key.clone()))
             .collect();
-        let r = history::check_clinic(&c.db, &c.id, &store, &echo_keys)?;
+        let r = history::check_clinic(&c.db, &c.id, store.as_ref(), &echo_keys)?;
         s.events_written += r.written;
         s.events_at_gateway += r.at_gateway;
         s.missing += r.missing;
@@ -271,7 +273,7 @@ async fn drive(opts: &DemoOptions, dir: &std::path::Path) -> anyhow::Result<Summ
     }
     s.updates_sent = updates.len() as u64;
     for u in &updates {
-        let status = store.update(&u.update_id)?.map(|r| r.status);
+        let status = store.update(&u.update_id).await?.map(|r| r.status);
         if status.as_deref()
             == Some(if u.expect_applied {
                 "failed"
@@ -322,13 +324,21 @@ fn row_present(db: &std::path::Path, u: &CloudUpdate) -> anyhow::Result<bool> {
 }
 
 fn latency_percentiles(store: &Arc<crate::gateway::store::Store>) -> anyhow::Result<(f64, f64)> {
-    let mut v: Vec<f64> = store.read(|c| {
-        let mut stmt = c.prepare(
-            "SELECT (julianday(received_at) - julianday(committed_at)) * 86400000.0 FROM events",
-        )?;
-        let rows = stmt.query_map([], |r| r.get::<_, f64>(0))?;
-        rows.collect()
-    })?;
+    // Commit (clinic clock) to durable (gateway clock), over every stored event.
+    let mut v: Vec<f64> = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = crate::gateway::store::wait(store.events_page(None, after, 5_000))?;
+        let Some(last) = page.last().map(|e| e.id) else {
+            break;
+        };
+        after = last;
+        v.extend(page.iter().filter_map(|e| {
+            let stored = tether_schemas::rfc3339_ms(&e.received_at)?;
+            let committed = tether_schemas::rfc3339_ms(&e.committed_at)?;
+            Some(stored as f64 - committed as f64)
+        }));
+    }
     if v.is_empty() {
         return Ok((0.0, 0.0));
     }

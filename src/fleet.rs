@@ -331,10 +331,24 @@ impl Fleet {
         heartbeat: Duration,
         key_bits: Option<u32>,
     ) -> anyhow::Result<Fleet> {
+        Fleet::build_on(dir, n, heartbeat, key_bits, None)
+    }
+
+    /// `store: None` keeps the gateway's store in `dir/gateway.db` (SQLite).
+    pub fn build_on(
+        dir: &Path,
+        n: usize,
+        heartbeat: Duration,
+        key_bits: Option<u32>,
+        store: Option<crate::gateway::store::StoreLocation>,
+    ) -> anyhow::Result<Fleet> {
         let ids: Vec<String> = (1..=n).map(|i| format!("clinic-{i:03}")).collect();
         let settings = GatewaySettings {
             listen: "127.0.0.1:0".into(),
-            store_path: dir.join("gateway.db"),
+            store: store.unwrap_or_else(|| {
+                crate::gateway::store::StoreLocation::Sqlite(dir.join("gateway.db"))
+            }),
+            retention: None,
             heartbeat_interval: heartbeat,
             max_frame_bytes: tether_schemas::DEFAULT_MAX_FRAME_BYTES,
             entity_schemas: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/entities")),

@@ -11,12 +11,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use rusqlite::params;
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::db::sqlite;
-use crate::gateway::store::{Store, StoreError};
+use crate::gateway::store::{wait, Store, StoreError, StoredEvent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
@@ -84,6 +83,20 @@ fn json(text: Option<String>) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// Every event the gateway holds for the clinic's current outbox, in storage order.
+fn gateway_events(store: &Store, clinic: &str) -> Result<Vec<StoredEvent>, StoreError> {
+    let mut out: Vec<StoredEvent> = Vec::new();
+    loop {
+        let after = out.last().map(|e| e.id).unwrap_or(0);
+        let page = wait(store.clinic_events(clinic, after, 5_000))?;
+        let done = page.len() < 5_000;
+        out.extend(page);
+        if done {
+            return Ok(out);
+        }
+    }
+}
+
 /// Checks one clinic. `echo_keys` are (entity, key) pairs written only by cloud updates: any
 /// clinic change captured for them is an echo.
 pub fn check_clinic(
@@ -108,26 +121,22 @@ pub fn check_clinic(
             })
         })?
         .collect::<Result<_, _>>()?;
-    let gateway: Vec<(u64, Change)> = store.read(|c| {
-        let mut stmt = c.prepare(
-            "SELECT id, seq, entity, op, key_json, row_json, committed_at FROM events WHERE clinic_id = ?1 \
-             AND source_id = coalesce((SELECT source_id FROM clinics WHERE clinic_id = ?1), 0) ORDER BY id",
-        )?;
-        let rows = stmt.query_map(params![clinic_id], |r| {
-            Ok((
-                r.get::<_, i64>(0)? as u64,
+    let gateway: Vec<(u64, Change)> = gateway_events(store, clinic_id)?
+        .into_iter()
+        .map(|e| {
+            (
+                e.id,
                 Change {
-                    seq: r.get::<_, i64>(1)? as u64,
-                    entity: r.get(2)?,
-                    op: r.get(3)?,
-                    key: json(r.get(4)?),
-                    row: json(r.get(5)?),
-                    committed_at: r.get(6)?,
+                    seq: e.seq,
+                    entity: e.entity,
+                    op: e.op,
+                    key: e.key,
+                    row: e.row.unwrap_or(Value::Null),
+                    committed_at: e.committed_at,
                 },
-            ))
-        })?;
-        rows.collect()
-    })?;
+            )
+        })
+        .collect();
 
     let mut report = HistoryReport {
         clinic_id: clinic_id.to_string(),
@@ -228,21 +237,17 @@ pub fn check_journal(
             ))
         })?
         .collect::<Result<_, _>>()?;
-    let stored: Vec<(String, Change)> = store.read(|c| {
-        let mut s = c.prepare(
-            "SELECT entity, op, key_json, row_json FROM events WHERE clinic_id = ?1 \
-             AND source_id = coalesce((SELECT source_id FROM clinics WHERE clinic_id = ?1), 0) ORDER BY seq",
-        )?;
-        let rows = s.query_map(params![clinic_id], |r| {
-            let entity: String = r.get(0)?;
-            let key = json(r.get(2)?);
-            Ok((
-                format!("{entity}|{key}"),
-                (r.get::<_, String>(1)?, json(r.get(3)?)),
-            ))
-        })?;
-        rows.collect()
-    })?;
+    let mut events = gateway_events(store, clinic_id)?;
+    events.sort_by_key(|e| e.seq);
+    let stored: Vec<(String, Change)> = events
+        .into_iter()
+        .map(|e| {
+            (
+                format!("{}|{}", e.entity, e.key),
+                (e.op, e.row.unwrap_or(Value::Null)),
+            )
+        })
+        .collect();
     let mut report = HistoryReport {
         clinic_id: clinic_id.to_string(),
         written: journal.len() as u64,
@@ -290,6 +295,7 @@ mod tests {
     use super::*;
     use crate::config::{Direction, TableConfig};
     use crate::gateway::store::IncomingEvent;
+    use rusqlite::params;
     use tether_actors::ports::ChangeSource;
 
     fn block<F: std::future::Future>(f: F) -> F::Output {
@@ -316,7 +322,7 @@ mod tests {
             conn.execute("INSERT INTO t (id, v) VALUES (?1, 'x')", params![i])
                 .expect("insert");
         }
-        let store = Store::open(&dir.path().join("g.db"), 100).expect("store");
+        let store = crate::gateway::store::open_sqlite(&dir.path().join("g.db")).expect("store");
         let source = sqlite::SqliteSource::open(&db).expect("source");
         let events = source.read_after(0, 100).expect("read");
         assert_eq!(events.len(), 5);
@@ -331,23 +337,23 @@ mod tests {
         // Store all but seq 3: a loss.
         let mut partial = events.clone();
         partial.remove(2);
-        block(store.append("c", 0, incoming(partial))).expect("append");
-        let r = check_clinic(&db, "c", &store, &[]).expect("check");
+        block(store.append("c", 0, 0, incoming(partial))).expect("append");
+        let r = check_clinic(&db, "c", store.as_ref(), &[]).expect("check");
         assert_eq!((r.written, r.at_gateway, r.missing), (5, 4, 1));
         assert!(!r.clean());
 
         // The same change stored again under a new position: a duplicate.
         let mut dup = events[0].clone();
         dup.seq = 6;
-        block(store.append("c", 5, incoming(vec![dup]))).expect("append");
-        let r = check_clinic(&db, "c", &store, &[]).expect("check");
+        block(store.append("c", 0, 5, incoming(vec![dup]))).expect("append");
+        let r = check_clinic(&db, "c", store.as_ref(), &[]).expect("check");
         assert_eq!(r.duplicates, 1, "{r:?}");
 
         // A row that only the cloud writes appears in the outbox: an echo.
         let r = check_clinic(
             &db,
             "c",
-            &store,
+            store.as_ref(),
             &[("thing".into(), serde_json::json!({"id": 2}))],
         )
         .expect("check");

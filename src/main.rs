@@ -69,6 +69,15 @@ enum Command {
         /// `connections` over plain ws:// (measures the HTTP stack without OpenSSL).
         #[arg(long)]
         plaintext: bool,
+        /// The gateway store for `ingest` and `history`: `sqlite` (default) or `postgres`.
+        #[arg(long, default_value = "sqlite")]
+        store: String,
+        /// PostgreSQL connection string for `--store postgres`.
+        #[arg(long, default_value = "host=127.0.0.1 user=postgres dbname=test")]
+        store_url: String,
+        /// Events in the store for `history` (e.g. 3000000; 30000000 takes a while).
+        #[arg(long)]
+        events: Option<u64>,
     },
     /// Start a gateway and N clinic agents on temporary SQLite databases and show them syncing.
     #[cfg(feature = "gateway")]
@@ -90,6 +99,10 @@ enum Command {
         /// Keep the temporary directory (databases and logs) for inspection.
         #[arg(long)]
         keep: bool,
+        /// Run the gateway on PostgreSQL instead of embedded SQLite: a connection string
+        /// (`postgres://…` or `host=… dbname=…`); the tables go in a fresh schema.
+        #[arg(long)]
+        store: Option<String>,
     },
 }
 
@@ -331,6 +344,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             quick,
             connections,
             plaintext,
+            store,
+            store_url,
+            events,
         } => {
             let mut o = tether::bench::BenchOptions::default();
             if quick {
@@ -345,12 +361,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     storm_clients: 200,
                     bridge_calls: 500,
                     bridge_callers: 10,
+                    history_events: 100_000,
+                    store: None,
                 };
             }
             if let Some(n) = connections {
                 o.connections = n;
             }
             o.plaintext = plaintext;
+            o.store = match store.as_str() {
+                "sqlite" => None,
+                "postgres" => Some(tether::gateway::store::StoreLocation::Postgres {
+                    url: store_url,
+                    schema: format!("bench_{}", std::process::id()),
+                }),
+                other => bail!("--store `{other}`: sqlite or postgres"),
+            };
+            if let Some(n) = events {
+                o.history_events = n;
+            }
             tether::bench::run(&scenario, json, o)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -450,6 +479,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
             chaos,
             keep,
+            store,
         } => {
             let Some(duration) = tether::config::parse_duration(&duration) else {
                 bail!("--duration `{duration}` is not a duration (e.g. 20s, 2m)");
@@ -467,6 +497,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 json,
                 chaos,
                 keep,
+                store: store.map(|url| tether::gateway::store::StoreLocation::Postgres {
+                    url,
+                    schema: format!("demo_{}", std::process::id()),
+                }),
             };
             let summary = demo::run(opts)?;
             Ok(if summary.ok() {

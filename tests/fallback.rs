@@ -193,7 +193,12 @@ async fn wait_applied(fleet: &Fleet, sent: &[(usize, u64, String)]) {
         Duration::from_secs(30),
         || {
             let done = sent.iter().all(|(_, _, id)| {
-                store.update(id).ok().flatten().map(|u| u.status).as_deref() == Some("applied")
+                tether::gateway::store::wait(store.update(id))
+                    .ok()
+                    .flatten()
+                    .map(|u| u.status)
+                    .as_deref()
+                    == Some("applied")
             });
             async move { done }
         },
@@ -387,7 +392,10 @@ async fn http_endpoints_speak_the_protocol_and_refuse_what_is_wrong() {
     let (status, _) = send(3, ev(3, 2).to_string()).await;
     assert_eq!(status, 410, "sends after the close are refused");
     let store = fleet.store().expect("store");
-    assert_eq!(store.clinics().expect("clinics")[0].acked_seq, 2);
+    assert_eq!(
+        tether::gateway::store::wait(store.clinics()).expect("clinics")[0].acked_seq,
+        2
+    );
     fleet.stop().await;
 }
 

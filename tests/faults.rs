@@ -32,7 +32,7 @@ fn fleet_with_proxies(dir: &std::path::Path, n: usize) -> (Fleet, Vec<FaultProxy
 fn assert_journal_clean(fleet: &Fleet) {
     let store = fleet.store().expect("store");
     for c in &fleet.clinics {
-        let r = check_journal(&c.db, &c.id, &store).expect("journal check");
+        let r = check_journal(&c.db, &c.id, store.as_ref()).expect("journal check");
         assert!(r.clean(), "journal check for {}: {r:?}", c.id);
         assert_eq!(r.written, r.at_gateway, "{r:?}");
     }
@@ -326,9 +326,20 @@ async fn disk_full_at_the_gateway_acknowledges_nothing_and_recovers_when_space_r
     write_activity(&db, 30);
     wait_drained(&fleet, Duration::from_secs(20)).await;
     let store = fleet.store().expect("store");
-    let pages = store.page_count().expect("pages");
-    store.set_page_limit(Some(pages));
-    let acked_before = store.acked_seq(&fleet.clinics[0].id).expect("acked");
+    let pages = tether::gateway::store::wait(
+        tether::gateway::store::as_sqlite(&store)
+            .expect("sqlite")
+            .page_count(),
+    )
+    .expect("pages");
+    tether::gateway::store::wait(
+        tether::gateway::store::as_sqlite(&store)
+            .expect("sqlite")
+            .set_page_limit(Some(pages)),
+    )
+    .expect("limit");
+    let acked_before =
+        tether::gateway::store::wait(store.acked_seq(&fleet.clinics[0].id)).expect("acked");
     // Big rows: they cannot fit in the pages left.
     let conn = tether::db::sqlite::open(&db).expect("open");
     for i in 0..200 {
@@ -345,11 +356,16 @@ async fn disk_full_at_the_gateway_acknowledges_nothing_and_recovers_when_space_r
     )
     .await;
     assert_eq!(
-        store.acked_seq(&fleet.clinics[0].id).expect("acked"),
+        tether::gateway::store::wait(store.acked_seq(&fleet.clinics[0].id)).expect("acked"),
         acked_before,
         "nothing acknowledged while the disk is full"
     );
-    store.set_page_limit(None);
+    tether::gateway::store::wait(
+        tether::gateway::store::as_sqlite(&store)
+            .expect("sqlite")
+            .set_page_limit(None),
+    )
+    .expect("lift");
     wait_drained(&fleet, Duration::from_secs(60)).await;
     assert_history_clean(&fleet, &[]);
     assert_journal_clean(&fleet);
@@ -414,37 +430,34 @@ async fn duplicated_and_reordered_batches_are_stored_once() {
     ws2.send(awc::ws::Message::Text(batch(15, 16, 20).into()))
         .await
         .expect("send");
-    let seqs: Vec<u64> = gw
-        .store
-        .events_page(Some("clinic-dup"), 0, 100)
-        .expect("page")
-        .iter()
-        .map(|e| e.seq)
-        .collect();
+    let seqs: Vec<u64> =
+        tether::gateway::store::wait(gw.store.events_page(Some("clinic-dup"), 0, 100))
+            .expect("page")
+            .iter()
+            .map(|e| e.seq)
+            .collect();
     let mut deadline_seqs = seqs.clone();
     wait_until(
         "the in-order batch to be stored",
         Duration::from_secs(5),
         || {
-            deadline_seqs = gw
-                .store
-                .events_page(Some("clinic-dup"), 0, 100)
-                .expect("page")
-                .iter()
-                .map(|e| e.seq)
-                .collect();
+            deadline_seqs =
+                tether::gateway::store::wait(gw.store.events_page(Some("clinic-dup"), 0, 100))
+                    .expect("page")
+                    .iter()
+                    .map(|e| e.seq)
+                    .collect();
             let n = deadline_seqs.len();
             async move { n >= 15 }
         },
     )
     .await;
-    let stored: Vec<u64> = gw
-        .store
-        .events_page(Some("clinic-dup"), 0, 100)
-        .expect("page")
-        .iter()
-        .map(|e| e.seq)
-        .collect();
+    let stored: Vec<u64> =
+        tether::gateway::store::wait(gw.store.events_page(Some("clinic-dup"), 0, 100))
+            .expect("page")
+            .iter()
+            .map(|e| e.seq)
+            .collect();
     assert_eq!(
         &stored[..15],
         &(1..=15).collect::<Vec<_>>()[..],
@@ -467,7 +480,7 @@ async fn the_journal_checker_catches_a_build_that_acks_before_commit() {
         if let Some(g) = fleet.gateway.take() {
             g.stop().await;
         }
-        settings.store_path = dir.path().join("g2.db");
+        settings.store = tether::gateway::store::StoreLocation::Sqlite(dir.path().join("g2.db"));
         settings.faults.ack_before_commit = broken;
         let gw = tether::gateway::start(settings, tether::gateway::GatewaySecurity::insecure())
             .expect("gateway");
@@ -505,7 +518,7 @@ async fn the_journal_checker_catches_a_build_that_acks_before_commit() {
             async move { left == 0 }
         })
         .await;
-        let report = check_journal(&db, "clinic-b", &gw.store).expect("check");
+        let report = check_journal(&db, "clinic-b", gw.store.as_ref()).expect("check");
         if broken {
             assert!(
                 report.missing > 0,

@@ -150,8 +150,7 @@ async fn bad_frames_are_answered_with_errors_naming_the_field_and_the_session_su
     .await;
     assert_eq!(next_json(&mut ws).await.expect("ack")["seq"], 2);
     assert_eq!(
-        gw.store
-            .events_page(Some("clinic-a"), 0, 100)
+        tether::gateway::store::wait(gw.store.events_page(Some("clinic-a"), 0, 100))
             .expect("page")
             .len(),
         2
@@ -174,7 +173,8 @@ async fn a_row_violating_its_entity_schema_is_stored_flagged_not_dropped() {
     )
     .await;
     assert_eq!(next_json(&mut ws).await.expect("ack")["seq"], 2);
-    let page = gw.store.events_page(Some("clinic-s"), 0, 10).expect("page");
+    let page =
+        tether::gateway::store::wait(gw.store.events_page(Some("clinic-s"), 0, 10)).expect("page");
     assert_eq!(page.len(), 2);
     let problem = page[0].problem.as_deref().expect("flagged");
     assert!(problem.contains("/name"), "{problem}");
@@ -206,7 +206,11 @@ async fn oversized_frame_closes_with_1009_and_events_before_hello_are_refused() 
     let e = next_json(&mut ws).await.expect("error");
     assert_eq!(e["code"], "unexpected_message");
     assert_eq!(close_code(&mut ws).await, Some(1008));
-    assert!(gw.store.events_page(None, 0, 10).expect("page").is_empty());
+    assert!(
+        tether::gateway::store::wait(gw.store.events_page(None, 0, 10))
+            .expect("page")
+            .is_empty()
+    );
     gw.stop().await;
 }
 
@@ -225,7 +229,11 @@ async fn a_batch_after_a_gap_is_refused_and_nothing_is_stored() {
     let e = next_json(&mut ws).await.expect("error");
     assert_eq!(e["code"], "gap");
     assert_eq!(e["field"], "prev_seq");
-    assert!(gw.store.events_page(None, 0, 10).expect("page").is_empty());
+    assert!(
+        tether::gateway::store::wait(gw.store.events_page(None, 0, 10))
+            .expect("page")
+            .is_empty()
+    );
     gw.stop().await;
 }
 
@@ -359,7 +367,53 @@ async fn rest_errors_name_the_field_and_events_paginate_by_cursor() {
         }
     }
     assert_eq!(seqs, (1..=25).collect::<Vec<u64>>());
+    // Retention removed the 10 oldest: a cursor before them is told so, with the oldest kept;
+    // a reader without a cursor starts at the oldest kept.
+    let pruned = gw
+        .store
+        .prune("2999-01-01T00:00:00.000Z", u64::MAX / 2, 10)
+        .await
+        .expect("prune");
+    assert_eq!(pruned.events, 10);
+    let resp = client()
+        .get(format!("{base}/v1/events?after=3"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(resp.status().as_u16(), 410);
+    let oldest = resp
+        .headers()
+        .get("tether-oldest-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("oldest id header");
+    assert_eq!(oldest, pruned.pruned_through + 1);
+    let (status, page) = get_json(&format!("{base}/v1/events?limit=100")).await;
+    assert_eq!(status, 200);
+    let first = &page["events"][0];
+    assert_eq!(
+        (first["id"].as_u64(), first["seq"].as_u64()),
+        (Some(oldest), Some(11))
+    );
     let (status, h) = get_json(&format!("{base}/healthz")).await;
     assert_eq!((status, h["status"].as_str()), (200, Some("ok")));
+    let (status, r) = get_json(&format!("{base}/readyz")).await;
+    assert_eq!((status, r["state"].as_str()), (200, Some("ready")), "{r}");
+    assert_eq!(r["writer"]["ok"], true);
+    // A writer that no longer commits makes the node not ready (and still alive).
+    gw.store.close();
+    let (status, r) = get_json(&format!("{base}/readyz")).await;
+    assert_eq!(
+        (status, r["state"].as_str()),
+        (503, Some("not_ready")),
+        "{r}"
+    );
+    assert!(
+        r["detail"].as_str().is_some_and(|d| d.contains("writer")),
+        "{r}"
+    );
+    assert_eq!(r["writer"]["ok"], false);
+    let (status, _) = get_json(&format!("{base}/healthz")).await;
+    assert_eq!(status, 200);
     gw.stop().await;
 }

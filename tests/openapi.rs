@@ -161,6 +161,8 @@ async fn live_answers_match_the_spec_and_no_described_route_is_missing() {
     let update_id = accepted["update_id"].as_str().expect("id").to_string();
     for (path, url, code) in [
         ("/healthz", "/healthz".to_string(), "200"),
+        ("/readyz", "/readyz".to_string(), "200"),
+        ("/v1/events", "/v1/events?after=0".to_string(), "200"),
         ("/v1/clinics", "/v1/clinics".to_string(), "200"),
         (
             "/v1/clinics",

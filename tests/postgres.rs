@@ -604,12 +604,12 @@ fn outbox_and_gateway(
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
         .collect()
     });
-    let at_gateway: Vec<Ev> = store
-        .events_page(Some(clinic), 0, 10_000)
-        .expect("events")
-        .into_iter()
-        .map(|e| (e.seq as i64, e.op, e.key, e.row))
-        .collect();
+    let at_gateway: Vec<Ev> =
+        tether::gateway::store::wait(store.events_page(Some(clinic), 0, 10_000))
+            .expect("events")
+            .into_iter()
+            .map(|e| (e.seq as i64, e.op, e.key, e.row))
+            .collect();
     (outbox, at_gateway)
 }
 
@@ -639,7 +639,8 @@ async fn e2e(url: String, kill_connections: bool) {
     let gw = tether::gateway::start(
         tether::gateway::GatewaySettings {
             listen: "127.0.0.1:0".into(),
-            store_path: dir.path().join("gateway.db"),
+            store: tether::gateway::store::StoreLocation::Sqlite(dir.path().join("gateway.db")),
+            retention: None,
             heartbeat_interval: Duration::from_millis(500),
             max_frame_bytes: 1 << 20,
             entity_schemas: None,
@@ -731,22 +732,18 @@ async fn e2e(url: String, kill_connections: bool) {
         Duration::from_secs(30),
         || {
             let head = outbox_head(&url);
-            let acked = store.acked_seq("clinic-pg").unwrap_or(0) as i64;
-            let applied = store
-                .read(|c| {
-                    c.query_row(
-                        "SELECT count(*) FROM updates WHERE status = 'applied'",
-                        [],
-                        |r| r.get::<_, i64>(0),
-                    )
-                })
-                .unwrap_or(0);
+            let acked =
+                tether::gateway::store::wait(store.acked_seq("clinic-pg")).unwrap_or(0) as i64;
+            let applied = common::gateway_db_count(
+                &dir.path().join("gateway.db"),
+                "SELECT count(*) FROM updates WHERE status = 'applied'",
+            );
             async move { head > 0 && acked >= head && applied == 1 }
         },
     )
     .await;
     // History check: the gateway holds exactly the clinic's outbox, same order, same content.
-    let (clinic, at_gateway) = outbox_and_gateway(&url, &gw.store, "clinic-pg");
+    let (clinic, at_gateway) = outbox_and_gateway(&url, gw.store.as_ref(), "clinic-pg");
     assert_eq!(clinic.len(), 400, "every clinic commit captured once");
     assert_eq!(
         at_gateway, clinic,
@@ -1111,9 +1108,9 @@ fn agent_on_postgres_comes_back_after_the_server_restarts_mid_stream() {
         });
         let store = gw.store.clone();
         for _ in 0..2 {
-            let before = store.acked_seq("clinic-pr").unwrap_or(0);
+            let before = tether::gateway::store::wait(store.acked_seq("clinic-pr")).unwrap_or(0);
             common::wait_until("progress before the restart", Duration::from_secs(20), || {
-                let a = store.acked_seq("clinic-pr").unwrap_or(0);
+                let a = tether::gateway::store::wait(store.acked_seq("clinic-pr")).unwrap_or(0);
                 async move { a > before + 20 }
             })
             .await;
@@ -1125,12 +1122,12 @@ fn agent_on_postgres_comes_back_after_the_server_restarts_mid_stream() {
             Duration::from_secs(30),
             || {
                 let head = outbox_head(&url);
-                let acked = store.acked_seq("clinic-pr").unwrap_or(0) as i64;
+                let acked = tether::gateway::store::wait(store.acked_seq("clinic-pr")).unwrap_or(0) as i64;
                 async move { head >= 300 && acked >= head }
             },
         )
         .await;
-        let (clinic, at_gateway) = outbox_and_gateway(&url, &gw.store, "clinic-pr");
+        let (clinic, at_gateway) = outbox_and_gateway(&url, gw.store.as_ref(), "clinic-pr");
         // A commit whose answer was lost in a restart is retried by the writer, so count what
         // the table holds rather than what the writer attempted.
         let committed: i64 = pg_blocking(&url, |c| {

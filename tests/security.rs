@@ -158,7 +158,8 @@ fn issue_with_key(
 fn settings(dir: &Path) -> GatewaySettings {
     GatewaySettings {
         listen: "127.0.0.1:0".into(),
-        store_path: dir.join("gateway.db"),
+        store: tether::gateway::store::StoreLocation::Sqlite(dir.join("gateway.db")),
+        retention: None,
         heartbeat_interval: Duration::from_secs(5),
         max_frame_bytes: 64 * 1024,
         entity_schemas: None,
@@ -528,7 +529,8 @@ async fn mutual_tls_refuses_missing_foreign_expired_mismatched_old_and_plaintext
     });
     let other = gateway::start(
         GatewaySettings {
-            store_path: wrong_dir.join("g.db"),
+            store: tether::gateway::store::StoreLocation::Sqlite(wrong_dir.join("g.db")),
+            retention: None,
             ..settings(dir.path())
         },
         sec,
@@ -613,14 +615,13 @@ async fn a_clinic_can_neither_write_nor_read_another_clinics_data() {
     send(&mut ws, json!({"v": 1, "type": "events", "prev_seq": 0, "events": [
         {"seq": 1, "entity": "patient", "op": "insert", "key": {"id": 9}, "row": {"id": 9}, "committed_at": "t"}]})).await;
     assert_eq!(next_json(&mut ws).await.expect("ack")["type"], "ack");
-    assert!(gw
-        .store
-        .events_page(Some("clinic-a"), 0, 10)
-        .expect("page")
-        .is_empty());
+    assert!(
+        tether::gateway::store::wait(gw.store.events_page(Some("clinic-a"), 0, 10))
+            .expect("page")
+            .is_empty()
+    );
     assert_eq!(
-        gw.store
-            .events_page(Some("clinic-b"), 0, 10)
+        tether::gateway::store::wait(gw.store.events_page(Some("clinic-b"), 0, 10))
             .expect("page")
             .len(),
         1
@@ -911,15 +912,11 @@ async fn marker_planted_in_every_payload_field_never_reaches_a_log() {
     let store = fleet.store().expect("store");
     wait_drained(&fleet, Duration::from_secs(30)).await;
     wait_until("updates answered", Duration::from_secs(20), || {
-        let n = store
-            .read(|c| {
-                c.query_row(
-                    "SELECT count(*) FROM updates WHERE status IN ('applied','failed')",
-                    [],
-                    |r| r.get::<_, i64>(0),
-                )
-            })
-            .unwrap_or(0);
+        let _ = &store;
+        let n = common::gateway_db_count(
+            &dir.path().join("gateway.db"),
+            "SELECT count(*) FROM updates WHERE status IN ('applied','failed')",
+        );
         async move { n == 4 }
     })
     .await;
@@ -1010,7 +1007,8 @@ async fn undecryptable_fields_are_parked_as_ciphertext_never_dropped_or_stored_i
         3,
         "all three acknowledged"
     );
-    let page = gw.store.events_page(Some("clinic-a"), 0, 10).expect("page");
+    let page =
+        tether::gateway::store::wait(gw.store.events_page(Some("clinic-a"), 0, 10)).expect("page");
     assert_eq!(page.len(), 3);
     assert_eq!(page[0].row.as_ref().expect("row")["name"], "Ana Silva");
     assert!(page[0].problem.is_none());

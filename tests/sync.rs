@@ -39,13 +39,12 @@ async fn inserts_updates_deletes_and_multi_row_statements_arrive_once_in_order()
     }
     // Each op kind really went through.
     let store = fleet.store().expect("store");
-    let ops: Vec<String> = store
-        .read(|c| {
-            let mut s = c.prepare("SELECT DISTINCT op FROM events ORDER BY op")?;
-            let rows = s.query_map([], |r| r.get(0))?;
-            rows.collect()
-        })
-        .expect("ops");
+    let mut ops: Vec<String> = common::all_events(store.as_ref())
+        .into_iter()
+        .map(|e| e.op)
+        .collect();
+    ops.sort();
+    ops.dedup();
     assert_eq!(ops, vec!["delete", "insert", "update"]);
     fleet.stop().await;
 }
@@ -87,7 +86,11 @@ async fn cloud_updates_land_exactly_once_are_not_echoed_and_a_poison_update_bloc
         || {
             let done = sent.iter().all(|(_, _, id)| {
                 matches!(
-                    store.update(id).ok().flatten().map(|u| u.status).as_deref(),
+                    tether::gateway::store::wait(store.update(id))
+                        .ok()
+                        .flatten()
+                        .map(|u| u.status)
+                        .as_deref(),
                     Some("applied" | "failed")
                 )
             });
@@ -201,20 +204,14 @@ async fn panic_in_each_actor_is_logged_restarted_and_loses_nothing() {
         write_activity(&clinic.db, 40);
     }
     wait_drained(&fleet, Duration::from_secs(30)).await;
-    let store = fleet.store().expect("store");
     wait_until(
         "updates applied after the crashes",
         Duration::from_secs(20),
         || {
-            let n = store
-                .read(|c| {
-                    c.query_row(
-                        "SELECT count(*) FROM updates WHERE status = 'applied'",
-                        [],
-                        |r| r.get::<_, i64>(0),
-                    )
-                })
-                .unwrap_or(0);
+            let n = common::gateway_db_count(
+                &dir.path().join("gateway.db"),
+                "SELECT count(*) FROM updates WHERE status = 'applied'",
+            );
             async move { n == 4 }
         },
     )
@@ -284,17 +281,15 @@ async fn a_recreated_clinic_database_is_not_mistaken_for_duplicates() {
         .expect("source id");
     fleet.start_agents().await.expect("agent again");
     let store = fleet.store().expect("store");
+    let _ = &store;
+    let gdb = dir.path().join("gateway.db");
     let read = || {
-        store
-            .read(|c| {
-                c.query_row(
-                    "SELECT k.source_id, k.acked_seq, (SELECT count(*) FROM events e WHERE e.clinic_id = k.clinic_id AND e.source_id = k.source_id) \
-                     FROM clinics k WHERE k.clinic_id = 'clinic-001'",
-                    [],
-                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)),
-                )
-            })
-            .expect("clinic")
+        let q = |sql: &str| common::gateway_db_count(&gdb, sql);
+        (
+            q("SELECT source_id FROM clinics WHERE clinic_id = 'clinic-001'"),
+            q("SELECT acked_seq FROM clinics WHERE clinic_id = 'clinic-001'"),
+            q("SELECT count(*) FROM events e JOIN clinics k ON k.clinic_id = e.clinic_id AND k.source_id = e.source_id WHERE k.clinic_id = 'clinic-001'"),
+        )
     };
     wait_until(
         "the new database's changes to be acknowledged",

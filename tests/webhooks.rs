@@ -156,12 +156,12 @@ async fn every_event_is_delivered_signed_in_order_with_retries_dead_letters_and_
         }
     }
     let store = gw.store.clone();
-    let event_ids: Vec<u64> = store
-        .events_page(Some("clinic-w"), 0, 100)
-        .expect("events")
-        .iter()
-        .map(|e| e.id)
-        .collect();
+    let event_ids: Vec<u64> =
+        tether::gateway::store::wait(store.events_page(Some("clinic-w"), 0, 100))
+            .expect("events")
+            .iter()
+            .map(|e| e.id)
+            .collect();
     assert_eq!(event_ids.len(), 30);
     let poison = event_ids[16];
     receiver.poison.store(poison, Ordering::SeqCst);

@@ -8,6 +8,7 @@ pub mod applier;
 pub mod backoff;
 pub mod connection;
 pub mod frames;
+pub mod gateway_store;
 pub mod http_link;
 pub mod outbound;
 pub mod ports;

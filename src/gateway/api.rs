@@ -1,6 +1,6 @@
 //! REST API (JSON) for the main Web API and operators.
 //!
-//! - `GET /healthz`
+//! - `GET /healthz` (liveness), `GET /readyz` (the store's writer commits, background tasks run)
 //! - `GET /v1/clinics?state=&transport=&after=&limit=` (cursor on the clinic id), `GET /v1/clinics/{id}`
 //! - `GET /v1/events?clinic_id=&after=&limit=` (cursor pagination on the event id)
 //! - `POST /v1/clinics/{id}/updates` → 202 `{"update_id": …}`
@@ -24,7 +24,7 @@ use tether_actors::log_target::AUDIT;
 use tether_actors::registry::{ClinicLive, Snapshot, UpdatesPending};
 use tether_schemas::UpdateOp;
 
-use super::store::{NewUpdate, StoreError};
+use super::store::{ClinicRecord, NewUpdate, StoreError};
 use super::GatewayState;
 use crate::config::valid_id;
 
@@ -100,65 +100,104 @@ fn store_error(e: impl std::fmt::Display) -> HttpResponse {
     error(StatusCode::SERVICE_UNAVAILABLE, None, "store unavailable")
 }
 
-pub(super) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, HttpResponse> {
-    match web::block(f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(store_error(e)),
-        Err(e) => Err(store_error(e)),
-    }
+/// Awaits a store call; a store that cannot answer is a 503 (logged, never the details).
+pub(super) async fn call<T>(f: super::store::StoreFuture<T>) -> Result<T, HttpResponse> {
+    f.await.map_err(store_error)
 }
 
-pub(super) async fn healthz(state: web::Data<GatewayState>) -> HttpResponse {
-    let store = state.store.clone();
-    match blocking(move || store.read(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))))
-        .await
-    {
-        Ok(_) => HttpResponse::Ok().json(json!({"status": "ok", "store": "ok"})),
-        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, None, "store unavailable"),
+/// Liveness: the process answers (a load balancer restarts it when this fails).
+pub(super) async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// Readiness: the store's writer commits (a round trip through it) and every background task
+/// (webhook dispatchers, retention) has reported within its limit. A load balancer sends no
+/// clinics to a node that is not ready.
+pub(super) async fn readyz(state: web::Data<GatewayState>) -> HttpResponse {
+    let started = std::time::Instant::now();
+    let writer = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        state.store.check_writer(),
+    )
+    .await;
+    let writer = match writer {
+        Ok(Ok(())) => json!({"ok": true, "ms": started.elapsed().as_millis() as u64}),
+        Ok(Err(e)) => {
+            log::warn!(target: "error", "event=not_ready reason=store_writer error={e}");
+            json!({"ok": false, "error": e.to_string()})
+        }
+        Err(_) => {
+            log::warn!(target: "error", "event=not_ready reason=store_writer error=timeout");
+            json!({"ok": false, "error": "no commit within 5 s"})
+        }
+    };
+    let stale: Vec<Value> = state
+        .tasks
+        .stale()
+        .into_iter()
+        .map(|(task, ms)| json!({"task": task, "silent_ms": ms}))
+        .collect();
+    let ready = writer["ok"] == json!(true) && stale.is_empty();
+    let mut body = json!({
+        "state": if ready { "ready" } else { "not_ready" },
+        "store": state.store.kind(),
+        "writer": writer,
+        "stalled_tasks": stale,
+    });
+    if ready {
+        return HttpResponse::Ok().json(body);
     }
+    // A problem (RFC 9457) whose extension members say which part failed.
+    let detail = if body["writer"]["ok"] != json!(true) {
+        "not ready: the store's writer does not commit"
+    } else {
+        "not ready: a background task has stalled"
+    };
+    let status = StatusCode::SERVICE_UNAVAILABLE;
+    body["type"] = json!("https://tether.example/problems/service-unavailable");
+    body["title"] = json!("Service Unavailable");
+    body["status"] = json!(status.as_u16());
+    body["detail"] = json!(detail);
+    HttpResponse::build(status)
+        .content_type(super::problem::CONTENT_TYPE)
+        .body(body.to_string())
+}
+
+/// One clinic as the REST API shows it: its stored counters and its live state.
+fn clinic_view(r: Option<&ClinicRecord>, l: Option<&ClinicLive>) -> Value {
+    json!({
+        "clinic_id": r.map(|r| r.clinic_id.as_str()).or(l.map(|l| l.clinic_id.as_str())),
+        "connected": l.is_some_and(|l| l.connected),
+        "session_id": l.and_then(|l| l.session_id.clone()),
+        "remote_addr": l.and_then(|l| l.remote_addr.clone()),
+        "last_heartbeat_ms": l.and_then(|l| l.last_heartbeat_ms),
+        "sessions_total": l.map(|l| l.sessions_total).unwrap_or(0),
+        "transport": l.and_then(|l| l.transport.clone()),
+        "state": l.map(|l| l.state).unwrap_or("offline"),
+        "lag_events": l.map(|l| l.lag_events).unwrap_or(0),
+        "lag_ms": l.and_then(|l| l.lag_ms),
+        "agent_restarts": l.map(|l| l.agent_restarts).unwrap_or(0),
+        "acked_seq": r.map(|r| r.acked_seq).or(l.map(|l| l.acked_seq)).unwrap_or(0),
+        "events": r.map(|r| r.events).unwrap_or(0),
+        "pending_updates": r.map(|r| r.pending_updates).unwrap_or(0),
+        "first_seen": r.map(|r| r.first_seen.clone()),
+        "last_event_at": r.and_then(|r| r.last_event_at.clone()),
+    })
 }
 
 async fn clinic_views(state: &GatewayState) -> Result<Vec<Value>, HttpResponse> {
-    let store = state.store.clone();
-    let records = blocking(move || store.clinics()).await?;
+    let records = call(state.store.clinics()).await?;
     let live: Vec<ClinicLive> = state.registry.send(Snapshot).await.unwrap_or_default();
     let mut live: BTreeMap<String, ClinicLive> =
         live.into_iter().map(|l| (l.clinic_id.clone(), l)).collect();
-    let mut out = Vec::new();
-    for r in records {
+    let mut out = Vec::with_capacity(records.len() + live.len());
+    for r in &records {
         let l = live.remove(&r.clinic_id);
-        out.push(json!({
-            "clinic_id": r.clinic_id,
-            "connected": l.as_ref().is_some_and(|l| l.connected),
-            "session_id": l.as_ref().and_then(|l| l.session_id.clone()),
-            "remote_addr": l.as_ref().and_then(|l| l.remote_addr.clone()),
-            "last_heartbeat_ms": l.as_ref().and_then(|l| l.last_heartbeat_ms),
-            "sessions_total": l.as_ref().map(|l| l.sessions_total).unwrap_or(0),
-            "transport": l.as_ref().and_then(|l| l.transport.clone()),
-            "state": l.as_ref().map(|l| l.state).unwrap_or("offline"),
-            "lag_events": l.as_ref().map(|l| l.lag_events).unwrap_or(0),
-            "lag_ms": l.as_ref().and_then(|l| l.lag_ms),
-            "agent_restarts": l.as_ref().map(|l| l.agent_restarts).unwrap_or(0),
-            "acked_seq": r.acked_seq,
-            "events": r.events,
-            "pending_updates": r.pending_updates,
-            "first_seen": r.first_seen,
-            "last_event_at": r.last_event_at,
-        }));
+        out.push(clinic_view(Some(r), l.as_ref()));
     }
     // Connected clinics that have not stored anything yet.
     for (_, l) in live {
-        out.push(json!({
-            "clinic_id": l.clinic_id, "connected": l.connected, "session_id": l.session_id,
-            "remote_addr": l.remote_addr, "last_heartbeat_ms": l.last_heartbeat_ms,
-            "sessions_total": l.sessions_total, "transport": l.transport,
-            "state": l.state, "lag_events": l.lag_events, "lag_ms": l.lag_ms,
-            "agent_restarts": l.agent_restarts,
-            "acked_seq": l.acked_seq, "events": 0,
-            "pending_updates": 0, "first_seen": null, "last_event_at": null,
-        }));
+        out.push(clinic_view(None, Some(&l)));
     }
     Ok(out)
 }
@@ -246,17 +285,21 @@ pub(super) async fn get_clinic(
     state: web::Data<GatewayState>,
     id: web::Path<String>,
 ) -> HttpResponse {
-    match clinic_views(&state).await {
-        Ok(v) => match v.into_iter().find(|c| c["clinic_id"] == id.as_str()) {
-            Some(c) => HttpResponse::Ok().json(c),
-            None => error(
-                StatusCode::NOT_FOUND,
-                Some("id"),
-                format!("no clinic `{id}`"),
-            ),
-        },
-        Err(resp) => resp,
+    let id = id.into_inner();
+    let record = match call(state.store.clinic(&id)).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let live: Vec<ClinicLive> = state.registry.send(Snapshot).await.unwrap_or_default();
+    let live = live.into_iter().find(|l| l.clinic_id == id);
+    if record.is_none() && live.is_none() {
+        return error(
+            StatusCode::NOT_FOUND,
+            Some("id"),
+            format!("no clinic `{id}`"),
+        );
     }
+    HttpResponse::Ok().json(clinic_view(record.as_ref(), live.as_ref()))
 }
 
 #[derive(Deserialize)]
@@ -303,16 +346,41 @@ pub(super) async fn list_events(
             );
         }
     }
-    let store = state.store.clone();
-    let clinic = q.clinic_id.clone();
-    match blocking(move || store.events_page(clinic.as_deref(), after, limit)).await {
+    let clinic = q.clinic_id.as_deref();
+    // Without `after`, the page starts at the oldest event retention kept; an explicit `after`
+    // before it is a 410 naming the oldest id (the caller has missed events).
+    let mut res = state.store.events_page(clinic, after, limit).await;
+    if let (None, Err(StoreError::Gone { pruned_through, .. })) = (&q.after, &res) {
+        res = state
+            .store
+            .events_page(clinic, *pruned_through, limit)
+            .await;
+    }
+    match res {
         Ok(events) => {
             let next = (events.len() == limit)
                 .then(|| events.last().map(|e| e.id))
                 .flatten();
             HttpResponse::Ok().json(json!({ "events": events, "next_after": next }))
         }
-        Err(resp) => resp,
+        Err(StoreError::Gone {
+            pruned_through,
+            oldest,
+        }) => {
+            let mut resp = error(
+                StatusCode::GONE,
+                Some("after"),
+                format!("events up to id {pruned_through} were removed by retention (gateway.store.retention); the oldest kept is {oldest}: continue with after={}", oldest - 1),
+            );
+            if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&oldest.to_string()) {
+                resp.headers_mut().insert(
+                    actix_web::http::header::HeaderName::from_static("tether-oldest-event-id"),
+                    v,
+                );
+            }
+            resp
+        }
+        Err(e) => store_error(e),
     }
 }
 
@@ -547,9 +615,7 @@ pub(super) async fn get_update(
     id: web::Path<String>,
 ) -> HttpResponse {
     let id = id.into_inner();
-    let store = state.store.clone();
-    let lookup = id.clone();
-    match blocking(move || store.update(&lookup)).await {
+    match call(state.store.update(&id)).await {
         Ok(Some(u)) => HttpResponse::Ok().json(u),
         Ok(None) => error(
             StatusCode::NOT_FOUND,
@@ -573,16 +639,13 @@ pub(super) async fn list_webhooks(state: web::Data<GatewayState>) -> HttpRespons
     use std::sync::atomic::Ordering::Relaxed;
     let mut out = Vec::new();
     for (s, stats) in &state.webhooks.endpoints {
-        let w = state.webhooks.clone();
-        let name = s.name.clone();
-        let (cursor, dead) = match web::block(move || {
-            Ok::<_, StoreError>((w.cursor(&name)?, w.dead_letter_count(&name)?))
-        })
-        .await
-        {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => return store_error(e),
-            Err(e) => return store_error(e),
+        let cursor = match call(state.store.webhook_cursor(&s.name)).await {
+            Ok(v) => v,
+            Err(resp) => return resp,
+        };
+        let dead = match call(state.store.dead_letter_count(&s.name)).await {
+            Ok(v) => v,
+            Err(resp) => return resp,
         };
         out.push(json!({
             "name": s.name,
@@ -623,15 +686,13 @@ pub(super) async fn list_dead_letters(
         Ok(l) => l,
         Err(resp) => return *resp,
     };
-    let w = state.webhooks.clone();
-    match web::block(move || w.dead_letters(&name, after, limit)).await {
-        Ok(Ok(list)) => {
+    match state.store.dead_letters(&name, after, limit).await {
+        Ok(list) => {
             let next = (list.len() == limit)
                 .then(|| list.last().map(|d| d.id))
                 .flatten();
             HttpResponse::Ok().json(json!({ "dead_letters": list, "next_after": next }))
         }
-        Ok(Err(e)) => store_error(e),
         Err(e) => store_error(e),
     }
 }
@@ -683,15 +744,13 @@ pub(super) async fn replay_webhook(
         Ok(b) => b,
         Err(resp) => return *resp,
     };
-    let w = state.webhooks.clone();
-    let n = name.clone();
-    match web::block(move || w.replay_from(&n, parsed.from_event_id)).await {
-        Ok(Ok(())) => {
+    match state.webhooks.replay_from(&name, parsed.from_event_id).await {
+        Ok(()) => {
             log::info!(target: AUDIT, "action=webhook_replay webhook={name} from_event_id={}", parsed.from_event_id);
             HttpResponse::Accepted()
                 .json(json!({ "webhook": name, "from_event_id": parsed.from_event_id }))
         }
-        Ok(Err(super::webhooks::ReplayError::PastHead { head })) => error(
+        Err(super::webhooks::ReplayError::PastHead { head }) => error(
             StatusCode::UNPROCESSABLE_ENTITY,
             Some("from_event_id"),
             format!(
@@ -699,8 +758,7 @@ pub(super) async fn replay_webhook(
                 parsed.from_event_id
             ),
         ),
-        Ok(Err(super::webhooks::ReplayError::Store(e))) => store_error(e),
-        Ok(Err(e)) => error(StatusCode::NOT_FOUND, None, e.to_string()),
-        Err(e) => store_error(e),
+        Err(super::webhooks::ReplayError::Store(e)) => store_error(e),
+        Err(e) => error(StatusCode::NOT_FOUND, None, e.to_string()),
     }
 }

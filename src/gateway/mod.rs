@@ -8,6 +8,7 @@ pub mod bridge;
 pub mod metrics;
 pub mod monitor;
 pub mod problem;
+pub mod retention;
 pub mod routes;
 pub mod session;
 pub mod webhooks;
@@ -65,7 +66,11 @@ pub enum GatewayError {
 #[derive(Debug, Clone)]
 pub struct GatewaySettings {
     pub listen: String,
-    pub store_path: PathBuf,
+    /// Which store, and where (`gateway.store`).
+    pub store: store::StoreLocation,
+    /// Events older than this are removed in the background (`gateway.store.retention`);
+    /// `None` keeps everything.
+    pub retention: Option<Duration>,
     pub heartbeat_interval: Duration,
     pub max_frame_bytes: usize,
     pub entity_schemas: Option<PathBuf>,
@@ -175,7 +180,8 @@ impl GatewaySettings {
     pub fn from_config(c: &GatewayConfig) -> Self {
         GatewaySettings {
             listen: c.listen.clone(),
-            store_path: c.store.path.clone(),
+            store: c.store.location(),
+            retention: c.store.retention(),
             heartbeat_interval: c.heartbeat_interval.get(),
             max_frame_bytes: c.max_frame_bytes as usize,
             entity_schemas: c.entity_schemas.clone(),
@@ -332,6 +338,8 @@ pub struct GatewayState {
     pub store: Arc<Store>,
     pub registry: Addr<Registry>,
     pub schemas: EntitySchemas,
+    /// Background tasks `/readyz` checks (webhook dispatchers, retention).
+    pub tasks: monitor::Liveness,
     pub security: GatewaySecurity,
     /// Open channels of the HTTP fallback transport.
     pub http_channels: session::http::Channels,
@@ -394,11 +402,13 @@ pub fn start(
         log::warn!(target: "audit", "event=rest_open message=\"REST API without admin tokens: local development only\"");
     }
     let faults = settings.faults.active();
-    let store = Store::open_with(
-        &settings.store_path,
-        settings.group_commit_max_events,
-        faults.abort_after_commits,
-    )?;
+    let store = store::open(&store::StoreSettings {
+        location: settings.store.clone(),
+        group_commit_max_events: settings.group_commit_max_events,
+        queue: store::DEFAULT_QUEUE,
+        abort_after_commits: faults.abort_after_commits,
+    })?;
+    log::info!(target: "connection", "event=store_open store={}", settings.store);
     let schemas = match &settings.entity_schemas {
         Some(dir) => EntitySchemas::load_dir(dir)?,
         None => EntitySchemas::default(),
@@ -407,16 +417,21 @@ pub fn start(
     // with more than LAG_EVENTS read and not stored, or whose newest event took longer than
     // LAG_MS from commit to durable, is `lagging`.
     let registry = Registry::new(settings.heartbeat_interval * 3, LAG_EVENTS, LAG_MS).start();
+    let tasks = monitor::Liveness::default();
     let webhooks = Arc::new(webhooks::Webhooks::new(
         store.clone(),
         settings.webhooks.clone(),
-    )?);
-    webhooks.start();
+    ));
+    webhooks.start(&tasks);
+    if let Some(keep) = settings.retention {
+        retention::start(store.clone(), webhooks.clone(), keep, &tasks);
+    }
     let state = web::Data::new(GatewayState {
         settings: settings.clone(),
         store: store.clone(),
         registry: registry.clone(),
         schemas,
+        tasks,
         security,
         http_channels: Default::default(),
         metrics: Default::default(),

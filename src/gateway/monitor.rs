@@ -3,7 +3,9 @@
 //! dashboard) and the dashboard page itself at `/`. The streams and metrics sit behind the
 //! admin `read` token like the rest of the REST API; the page carries no data of its own.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix_web::{web, HttpResponse};
@@ -11,12 +13,58 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tether_actors::registry::{ClinicLive, Snapshot, Subscribe};
 
-use super::api::blocking;
+use super::api::call;
 use super::store::ClinicRecord;
 use super::GatewayState;
 
 /// The dashboard: one static page, no build step, no external assets.
 const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// Background tasks that say they are alive: `/readyz` fails while one has been silent for
+/// longer than it said it may be.
+#[derive(Clone, Default)]
+pub struct Liveness(Arc<Mutex<BTreeMap<String, TaskClock>>>);
+
+/// When a task last beat (ms since the epoch), and how long it may stay silent.
+type TaskClock = (Arc<AtomicU64>, Duration);
+
+/// A task's side of [`Liveness`]: call `beat` at least every `stale_after`.
+#[derive(Clone)]
+pub struct Beat(Arc<AtomicU64>);
+
+impl Beat {
+    pub fn beat(&self) {
+        self.0.store(
+            crate::security::unix_now_ms(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+}
+
+impl Liveness {
+    pub fn register(&self, name: &str, stale_after: Duration) -> Beat {
+        let at = Arc::new(AtomicU64::new(crate::security::unix_now_ms()));
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), (at.clone(), stale_after));
+        Beat(at)
+    }
+
+    /// The tasks silent for too long, with how long (ms).
+    pub fn stale(&self) -> Vec<(String, u64)> {
+        let now = crate::security::unix_now_ms();
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(|(name, (at, limit))| {
+                let silent = now.saturating_sub(at.load(std::sync::atomic::Ordering::Relaxed));
+                (silent > limit.as_millis() as u64).then(|| (name.clone(), silent))
+            })
+            .collect()
+    }
+}
 
 /// A comment line every so often keeps proxies from closing an idle stream.
 const KEEPALIVE: Duration = Duration::from_secs(15);
@@ -35,8 +83,7 @@ pub(super) async fn dashboard() -> HttpResponse {
 async fn live_and_records(
     state: &GatewayState,
 ) -> Result<(Vec<ClinicLive>, Vec<ClinicRecord>), HttpResponse> {
-    let store = state.store.clone();
-    let records = blocking(move || store.clinics()).await?;
+    let records = call(state.store.clinics()).await?;
     let live = state.registry.send(Snapshot).await.unwrap_or_default();
     Ok((live, records))
 }

@@ -29,6 +29,7 @@ fn table() -> Table {
     let (get, post) = (Method::GET, Method::POST);
     t.add(get.clone(), "/", monitor::dashboard);
     t.add(get.clone(), "/healthz", api::healthz);
+    t.add(get.clone(), "/readyz", api::readyz);
     t.add(get.clone(), "/metrics", monitor::metrics);
     t.add(get.clone(), "/v1/openapi.json", openapi);
     t.add(get.clone(), "/v1/ws", session::upgrade);

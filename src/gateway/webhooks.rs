@@ -12,9 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rusqlite::params;
-use serde::Serialize;
-
+use super::monitor::{Beat, Liveness};
+pub use super::store::DeadLetter;
 use super::store::{Store, StoreError, StoredEvent};
 
 /// Request headers of every delivery.
@@ -65,32 +64,6 @@ pub fn sign(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS webhook_cursors (
-    name TEXT PRIMARY KEY,
-    last_event_id INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS webhook_dead_letters (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL,
-    event_id INTEGER NOT NULL,
-    attempts INTEGER NOT NULL,
-    last_error TEXT NOT NULL,
-    failed_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
-    UNIQUE (name, event_id)
-);
-";
-
-/// A delivery that gave up, waiting for a replay.
-#[derive(Debug, Clone, Serialize)]
-pub struct DeadLetter {
-    pub id: u64,
-    pub event_id: u64,
-    pub attempts: u32,
-    pub last_error: String,
-    pub failed_at: String,
-}
-
 /// Live counters of one endpoint.
 #[derive(Debug, Default)]
 pub struct WebhookStats {
@@ -111,18 +84,17 @@ pub struct Webhooks {
 }
 
 impl Webhooks {
-    pub fn new(store: Arc<Store>, settings: Vec<WebhookSettings>) -> Result<Self, StoreError> {
-        store.read(|c| c.execute_batch(SCHEMA))?;
+    pub fn new(store: Arc<Store>, settings: Vec<WebhookSettings>) -> Self {
         let endpoints = settings
             .into_iter()
             .map(|s| (s, Arc::new(WebhookStats::default())))
             .collect();
-        Ok(Webhooks {
+        Webhooks {
             store,
             since: super::store::iso_from_millis(crate::security::unix_now_ms() as i64),
             endpoints,
             wake: Arc::new(tokio::sync::Notify::new()),
-        })
+        }
     }
 
     /// New events are durable: dispatchers look now rather than at their next poll.
@@ -134,90 +106,33 @@ impl Webhooks {
         self.endpoints.iter().find(|(s, _)| s.name == name)
     }
 
-    pub fn cursor(&self, name: &str) -> Result<u64, StoreError> {
-        cursor(&self.store, name)
-    }
-
     /// Re-deliver everything from `event_id` on (the cursor moves back; at least once). An id
     /// past the newest stored event is refused: moving the cursor there would skip every event
-    /// stored before the id is reached.
-    pub fn replay_from(&self, name: &str, event_id: u64) -> Result<(), ReplayError> {
-        let head: u64 = self
-            .store
-            .read(|c| {
-                c.query_row("SELECT coalesce(max(id), 0) FROM events", [], |r| {
-                    r.get::<_, i64>(0)
-                })
-            })
-            .map_err(ReplayError::Store)? as u64;
-        if event_id > head.max(1) {
-            return Err(ReplayError::PastHead { head });
+    /// stored before the id is reached. Checked and moved in one write.
+    pub async fn replay_from(&self, name: &str, event_id: u64) -> Result<(), ReplayError> {
+        match self.store.replay_webhook(name, event_id).await {
+            Ok(Ok(())) => {
+                self.notify();
+                Ok(())
+            }
+            Ok(Err(head)) => Err(ReplayError::PastHead { head }),
+            Err(e) => Err(ReplayError::Store(e)),
         }
-        set_cursor(&self.store, name, event_id.saturating_sub(1)).map_err(ReplayError::Store)?;
-        self.notify();
-        Ok(())
-    }
-
-    pub fn dead_letters(
-        &self,
-        name: &str,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<DeadLetter>, StoreError> {
-        let name = name.to_string();
-        self.store.read(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT id, event_id, attempts, last_error, failed_at FROM webhook_dead_letters \
-                 WHERE name = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
-            )?;
-            let rows = stmt.query_map(params![name, after as i64, limit as i64], |r| {
-                Ok(DeadLetter {
-                    id: r.get::<_, i64>(0)? as u64,
-                    event_id: r.get::<_, i64>(1)? as u64,
-                    attempts: r.get::<_, i64>(2)? as u32,
-                    last_error: r.get(3)?,
-                    failed_at: r.get(4)?,
-                })
-            })?;
-            rows.collect()
-        })
-    }
-
-    pub fn dead_letter_count(&self, name: &str) -> Result<u64, StoreError> {
-        let name = name.to_string();
-        self.store.read(move |c| {
-            c.query_row(
-                "SELECT count(*) FROM webhook_dead_letters WHERE name = ?1",
-                params![name],
-                |r| r.get::<_, i64>(0),
-            )
-            .map(|n| n as u64)
-        })
     }
 
     /// Delivers one dead letter again now; on success it leaves the list.
     pub async fn replay_dead_letter(&self, name: &str, id: u64) -> Result<bool, ReplayError> {
         let (settings, stats) = self.find(name).ok_or(ReplayError::NoWebhook)?.clone();
-        let n = name.to_string();
-        let event_id: Option<i64> = self
+        let event_id = self
             .store
-            .read(move |c| {
-                c.query_row(
-                    "SELECT event_id FROM webhook_dead_letters WHERE name = ?1 AND id = ?2",
-                    params![n, id as i64],
-                    |r| r.get(0),
-                )
-                .map(Some)
-                .or_else(|e| match e {
-                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                    e => Err(e),
-                })
-            })
-            .map_err(ReplayError::Store)?;
-        let event_id = event_id.ok_or(ReplayError::NoDeadLetter)? as u64;
+            .dead_letter_event(name, id)
+            .await
+            .map_err(ReplayError::Store)?
+            .ok_or(ReplayError::NoDeadLetter)?;
         let event = self
             .store
             .events_page(None, event_id.saturating_sub(1), 1)
+            .await
             .map_err(ReplayError::Store)?
             .into_iter()
             .find(|e| e.id == event_id)
@@ -226,14 +141,9 @@ impl Webhooks {
         match deliver(&client, &settings, &event).await {
             Ok(()) => {
                 stats.delivered.fetch_add(1, Ordering::Relaxed);
-                let n = name.to_string();
                 self.store
-                    .read(move |c| {
-                        c.execute(
-                            "DELETE FROM webhook_dead_letters WHERE name = ?1 AND id = ?2",
-                            params![n, id as i64],
-                        )
-                    })
+                    .remove_dead_letter(name, id)
+                    .await
                     .map_err(ReplayError::Store)?;
                 log::info!(target: "message", "webhook={name} event=dead_letter_replayed event_id={event_id}");
                 Ok(true)
@@ -246,21 +156,39 @@ impl Webhooks {
         }
     }
 
-    /// Starts one dispatcher per endpoint (on the current actix system).
-    pub fn start(self: &Arc<Self>) {
+    /// Starts one dispatcher per endpoint (on the current actix system), each reporting to
+    /// `tasks` (readiness).
+    pub fn start(self: &Arc<Self>, tasks: &Liveness) {
         for (settings, stats) in &self.endpoints {
             let me = self.clone();
+            // A dispatcher beats at every loop and every attempt; it may be silent for one
+            // delivery's timeout plus one backoff, plus the idle poll.
+            let beat = tasks.register(
+                &format!("webhook:{}", settings.name),
+                settings.timeout + settings.backoff_max + Duration::from_secs(10),
+            );
             let (settings, stats) = (settings.clone(), stats.clone());
-            actix::spawn(async move { me.dispatch(settings, stats).await });
+            actix::spawn(async move { me.dispatch(settings, stats, beat).await });
         }
     }
 
-    async fn dispatch(self: Arc<Self>, s: WebhookSettings, stats: Arc<WebhookStats>) {
+    /// The lowest cursor of all endpoints: retention keeps every event above it.
+    pub async fn low_water(&self) -> Result<Option<u64>, StoreError> {
+        let mut low: Option<u64> = None;
+        for (s, _) in &self.endpoints {
+            let c = self.store.webhook_cursor(&s.name).await?;
+            low = Some(low.map_or(c, |l| l.min(c)));
+        }
+        Ok(low)
+    }
+
+    async fn dispatch(self: Arc<Self>, s: WebhookSettings, stats: Arc<WebhookStats>, beat: Beat) {
         let client = client(&s);
         log::info!(target: "connection", "webhook={} event=dispatcher_started url={}", s.name, s.url);
         loop {
+            beat.beat();
             let wake = self.wake.notified();
-            let after = match cursor(&self.store, &s.name) {
+            let after = match self.store.webhook_cursor(&s.name).await {
                 Ok(c) => c,
                 Err(e) => {
                     log::error!(target: "error", "webhook={} event=cursor_unreadable error={e}", s.name);
@@ -268,8 +196,22 @@ impl Webhooks {
                     continue;
                 }
             };
-            let batch = match self.store.events_page(None, after, 200) {
+            let batch = match self.store.events_page(None, after, 200).await {
                 Ok(b) => b,
+                Err(StoreError::Gone { pruned_through, .. }) => {
+                    // Only an endpoint added after retention removed events gets here (the
+                    // others hold retention back): it starts at the oldest event kept.
+                    log::warn!(target: "error", "webhook={} event=cursor_before_retention cursor={after} resumes_after={pruned_through}", s.name);
+                    if let Err(e) = self
+                        .store
+                        .advance_webhook_cursor(&s.name, after, pruned_through)
+                        .await
+                    {
+                        log::error!(target: "error", "webhook={} event=cursor_not_saved error={e}", s.name);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    continue;
+                }
                 Err(e) => {
                     log::error!(target: "error", "webhook={} event=store_unreadable error={e}", s.name);
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -286,9 +228,14 @@ impl Webhooks {
             let mut at = after;
             for event in batch {
                 if s.entities.is_empty() || s.entities.contains(&event.entity) {
-                    self.deliver_with_retries(&client, &s, &stats, &event).await;
+                    self.deliver_with_retries(&client, &s, &stats, &event, &beat)
+                        .await;
                 }
-                match advance_cursor(&self.store, &s.name, at, event.id) {
+                match self
+                    .store
+                    .advance_webhook_cursor(&s.name, at, event.id)
+                    .await
+                {
                     Ok(true) => at = event.id,
                     Ok(false) => {
                         log::info!(target: "message", "webhook={} event=cursor_moved_by_replay", s.name);
@@ -311,9 +258,11 @@ impl Webhooks {
         s: &WebhookSettings,
         stats: &WebhookStats,
         event: &StoredEvent,
+        beat: &Beat,
     ) {
         let mut delay = s.backoff_initial;
         for attempt in 1..=s.max_attempts.max(1) {
+            beat.beat();
             match deliver(client, s, event).await {
                 Ok(()) => {
                     stats.delivered.fetch_add(1, Ordering::Relaxed);
@@ -324,14 +273,10 @@ impl Webhooks {
                     log::warn!(target: "error", "webhook={} event=delivery_failed event_id={} attempt={attempt} of={} error={e:?}", s.name, event.id, s.max_attempts);
                     if attempt == s.max_attempts.max(1) {
                         stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                        let (name, id, tries) = (s.name.clone(), event.id, attempt);
-                        let saved = self.store.read(move |c| {
-                            c.execute(
-                                "INSERT INTO webhook_dead_letters (name, event_id, attempts, last_error) VALUES (?1, ?2, ?3, ?4) \
-                                 ON CONFLICT (name, event_id) DO UPDATE SET attempts = attempts + excluded.attempts, last_error = excluded.last_error",
-                                params![name, id as i64, tries as i64, e],
-                            )
-                        });
+                        let saved = self
+                            .store
+                            .add_dead_letter(&s.name, event.id, attempt, &e)
+                            .await;
                         match saved {
                             Ok(_) => {
                                 log::error!(target: "error", "webhook={} event=dead_lettered event_id={} attempts={attempt}", s.name, event.id)
@@ -365,56 +310,6 @@ pub enum ReplayError {
 
 fn client(s: &WebhookSettings) -> awc::Client {
     awc::Client::builder().timeout(s.timeout).finish()
-}
-
-fn cursor(store: &Store, name: &str) -> Result<u64, StoreError> {
-    let name = name.to_string();
-    store.read(move |c| {
-        c.query_row(
-            "SELECT last_event_id FROM webhook_cursors WHERE name = ?1",
-            params![name],
-            |r| r.get::<_, i64>(0),
-        )
-        .map(|v| v as u64)
-        .or_else(|e| match e {
-            rusqlite::Error::QueryReturnedNoRows => Ok(0),
-            e => Err(e),
-        })
-    })
-}
-
-/// Moves the cursor from `from` to `to`; `false` if it no longer is at `from` (a replay).
-fn advance_cursor(store: &Store, name: &str, from: u64, to: u64) -> Result<bool, StoreError> {
-    let name = name.to_string();
-    store.read(move |c| {
-        let n = if from == 0 {
-            c.execute(
-                "INSERT INTO webhook_cursors (name, last_event_id) VALUES (?1, ?2) \
-                 ON CONFLICT (name) DO UPDATE SET last_event_id = excluded.last_event_id \
-                 WHERE webhook_cursors.last_event_id = 0",
-                params![name, to as i64],
-            )?
-        } else {
-            c.execute(
-                "UPDATE webhook_cursors SET last_event_id = ?3 WHERE name = ?1 AND last_event_id = ?2",
-                params![name, from as i64, to as i64],
-            )?
-        };
-        Ok(n == 1)
-    })
-}
-
-fn set_cursor(store: &Store, name: &str, id: u64) -> Result<(), StoreError> {
-    let name = name.to_string();
-    store
-        .read(move |c| {
-            c.execute(
-                "INSERT INTO webhook_cursors (name, last_event_id) VALUES (?1, ?2) \
-                 ON CONFLICT (name) DO UPDATE SET last_event_id = excluded.last_event_id",
-                params![name, id as i64],
-            )
-        })
-        .map(|_| ())
 }
 
 /// One signed POST; `Err` says why it did not count as delivered.

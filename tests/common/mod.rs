@@ -9,7 +9,8 @@ pub mod procs;
 pub fn gateway_settings(dir: &Path, heartbeat: Duration) -> tether::gateway::GatewaySettings {
     tether::gateway::GatewaySettings {
         listen: "127.0.0.1:0".into(),
-        store_path: dir.join("gateway.db"),
+        store: tether::gateway::store::StoreLocation::Sqlite(dir.join("gateway.db")),
+        retention: None,
         heartbeat_interval: heartbeat,
         max_frame_bytes: 64 * 1024,
         entity_schemas: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/entities")),
@@ -58,7 +59,9 @@ pub fn drained(fleet: &Fleet) -> bool {
     };
     fleet.clinics.iter().all(|c| {
         let head = Fleet::outbox_head(&c.db).unwrap_or(u64::MAX);
-        store.acked_seq(&c.id).map(|a| a >= head).unwrap_or(false)
+        tether::gateway::store::wait(store.acked_seq(&c.id))
+            .map(|a| a >= head)
+            .unwrap_or(false)
     })
 }
 
@@ -84,12 +87,34 @@ pub fn assert_history_clean(
             .filter(|(ci, _, _)| *ci == i)
             .map(|(_, e, k)| (e.clone(), k.clone()))
             .collect();
-        let r = check_clinic(&c.db, &c.id, &store, &keys).expect("history check");
+        let r = check_clinic(&c.db, &c.id, store.as_ref(), &keys).expect("history check");
         assert!(r.clean(), "history of {} is not clean: {r:?}", c.id);
         assert_eq!(r.written, r.at_gateway, "{r:?}");
         out.push(r);
     }
     out
+}
+
+/// One number from the gateway's SQLite file, read directly (a test's view of the store's
+/// tables; the gateway itself goes through the storage port). 0 when the read fails.
+pub fn gateway_db_count(db: &Path, sql: &str) -> i64 {
+    rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .and_then(|c| c.query_row(sql, [], |r| r.get::<_, i64>(0)))
+        .unwrap_or(0)
+}
+
+/// Every event the store holds, in id order (through the port).
+pub fn all_events(store: &Store) -> Vec<tether::gateway::store::StoredEvent> {
+    let mut out: Vec<tether::gateway::store::StoredEvent> = Vec::new();
+    loop {
+        let after = out.last().map(|e| e.id).unwrap_or(0);
+        let page =
+            tether::gateway::store::wait(store.events_page(None, after, 1000)).expect("events");
+        if page.is_empty() {
+            return out;
+        }
+        out.extend(page);
+    }
 }
 
 pub fn history_of(db: &Path, clinic: &str, store: &Store) -> HistoryReport {

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tether::fleet::{clinic_step, Fleet};
-use tether::gateway::store::Store;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tether");
 
@@ -215,8 +214,8 @@ pub fn stop_and_drain(dir: &Path, db: &Path, stop: &AtomicBool, w: std::thread::
 }
 
 pub fn final_check(dir: &Path) {
-    let store = Store::open(&dir.join("gateway.db"), 100).expect("store");
-    let r = super::history_of(&dir.join("clinic.db"), "clinic-k", &store);
+    let store = tether::gateway::store::open_sqlite(&dir.join("gateway.db")).expect("store");
+    let r = super::history_of(&dir.join("clinic.db"), "clinic-k", store.as_ref());
     assert!(r.clean(), "{r:?}");
     assert!(r.written > 200, "{r:?}");
     assert_eq!(r.written, r.at_gateway, "{r:?}");

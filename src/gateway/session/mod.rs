@@ -584,13 +584,13 @@ impl Session {
                 return;
             }
             // The write is queued when `append` is called; its outcome is ignored on purpose.
-            drop(self.state.store.append(&clinic, 0, incoming));
+            drop(self.state.store.append(&clinic, 0, 0, incoming));
             return;
         }
         let fut = self
             .state
             .store
-            .append_from(&clinic, self.source, prev_seq, incoming);
+            .append(&clinic, self.source, prev_seq, incoming);
         self.writes_inflight += 1;
         let started = Instant::now();
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
@@ -771,15 +771,11 @@ impl Session {
         self.more_updates = false;
         let store = self.state.store.clone();
         let after = self.last_update_row;
-        let fut = async move { web::block(move || store.open_updates(&clinic, after, room)).await };
+        let fut = async move { store.open_updates(&clinic, after, room).await };
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
             act.fetching = false;
             let rows = match res {
-                Ok(Ok(rows)) => rows,
-                Ok(Err(e)) => {
-                    log::error!(target: ERROR, "session={} clinic={} event=store_read_failed error={e}", act.id, act.clinic_label());
-                    return;
-                }
+                Ok(rows) => rows,
                 Err(e) => {
                     log::error!(target: ERROR, "session={} clinic={} event=store_read_failed error={e}", act.id, act.clinic_label());
                     return;
@@ -795,7 +791,15 @@ impl Session {
                 act.send(ctx, Wire::Update(update));
             }
             if !ids.is_empty() {
-                act.state.store.mark_delivered(ids);
+                let (n, marked) = (ids.len(), act.state.store.mark_delivered(ids));
+                let (sid, clinic) = (act.id.clone(), act.clinic_label().to_string());
+                actix::spawn(async move {
+                    // The updates were sent either way; a lost mark only means a later session
+                    // sends them again (the agent applies each update id once).
+                    if let Err(e) = marked.await {
+                        log::error!(target: ERROR, "session={sid} clinic={clinic} event=mark_delivered_failed updates={n} error={e}");
+                    }
+                });
             }
             if full || act.more_updates {
                 act.deliver_updates(ctx);

@@ -1,0 +1,240 @@
+//! The gateway's storage port: what the sessions, the REST API and the webhook dispatchers need
+//! from a durable store, with typed outcomes and errors. Adapters (SQLite, PostgreSQL) live in
+//! `src/gateway/store/`; every adapter passes the same contract suite (`tests/store_contract.rs`).
+//!
+//! Rules every adapter keeps:
+//! - `append` resolves only after the batch is committed (acknowledge only what is durable).
+//! - Per clinic, `acked_seq` is the highest sequence up to which every event is stored; a batch
+//!   whose `prev_seq` is above it is a [`AppendOutcome::Gap`]; events are unique on
+//!   `(clinic, source, seq)`, so a resent event is acknowledged again without a second row.
+//! - Event ids are visible in id order: a reader paging with `after = last id seen` never skips
+//!   an event that commits later with a smaller id.
+//! - Per-clinic counters (`events`, `pending_updates`, `last_event_at`) are kept in the same
+//!   transaction as the write that changes them: fleet views cost O(clinics), not O(events).
+//! - Writes queue in a bounded queue; when it is full, the call fails at once with
+//!   [`StoreError::Unavailable`] `{ retryable: true }` (the session withholds its ack).
+
+use std::future::Future;
+use std::pin::Pin;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use tether_schemas::{Event, Update, UpdateOp, UpdateStatus};
+
+/// What a store call resolves to.
+pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The store could not be opened or migrated (names the store and the reason).
+    #[error("store {store}: {message}")]
+    Open { store: String, message: String },
+    /// The store's schema is newer than this binary knows.
+    #[error("store {store}: schema version {found} is newer than this binary's {supported}; upgrade tether (or point it at another store)")]
+    TooNew {
+        store: String,
+        found: i64,
+        supported: i64,
+    },
+    /// The store cannot take the call now (writer queue full, connection lost, disk full).
+    /// `retryable`: the same call may succeed later without anyone's help.
+    #[error("store unavailable ({}): {message}", if *retryable { "retryable" } else { "needs attention" })]
+    Unavailable { retryable: bool, message: String },
+    /// `GET /v1/events?after=` points before the retained history.
+    #[error(
+        "events up to {pruned_through} were removed by retention; the oldest kept is {oldest}"
+    )]
+    Gone { pruned_through: u64, oldest: u64 },
+    /// The writer has stopped (the gateway is shutting down).
+    #[error("store writer has stopped")]
+    Stopped,
+}
+
+impl StoreError {
+    pub fn busy(what: &str) -> StoreError {
+        StoreError::Unavailable {
+            retryable: true,
+            message: format!("{what}: writer queue full"),
+        }
+    }
+}
+
+/// One event with the problem found in it, if any (stored flagged, never dropped).
+#[derive(Debug, Clone)]
+pub struct IncomingEvent {
+    pub event: Event,
+    pub problem: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// Stored (or already held); everything up to `acked` is durable.
+    Stored { acked: u64, inserted: usize },
+    /// `prev_seq` is above what the store holds, or the batch comes from an outbox that is no
+    /// longer the clinic's current one: nothing stored.
+    Gap { acked: u64 },
+}
+
+/// A cloud → clinic update as posted to the REST API.
+#[derive(Debug, Clone)]
+pub struct NewUpdate {
+    pub clinic_id: String,
+    pub entity: String,
+    pub op: UpdateOp,
+    pub key: Map<String, Value>,
+    pub row: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClinicRecord {
+    pub clinic_id: String,
+    pub acked_seq: u64,
+    pub first_seen: String,
+    pub last_event_at: Option<String>,
+    /// Events held in the store now (retention removes old ones).
+    pub events: u64,
+    /// Updates pending or delivered, not yet answered.
+    pub pending_updates: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StoredEvent {
+    pub id: u64,
+    pub clinic_id: String,
+    pub seq: u64,
+    pub entity: String,
+    pub op: String,
+    pub key: Value,
+    pub row: Option<Value>,
+    pub committed_at: String,
+    pub received_at: String,
+    pub problem: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UpdateRecord {
+    pub update_id: String,
+    pub clinic_id: String,
+    pub entity: String,
+    pub op: String,
+    pub status: String,
+    pub reason: Option<String>,
+    pub deliveries: u64,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// A webhook delivery that gave up, waiting for a replay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeadLetter {
+    pub id: u64,
+    pub event_id: u64,
+    pub attempts: u32,
+    pub last_error: String,
+    pub failed_at: String,
+}
+
+/// What one retention pass removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub events: u64,
+    /// The highest event id removed so far (0: none ever).
+    pub pruned_through: u64,
+}
+
+/// The gateway's storage port. Every method is cheap to call from an actix thread: reads run
+/// on the adapter's blocking pool, writes on its group-committing writer.
+pub trait GatewayStore: std::any::Any + Send + Sync + 'static {
+    /// `sqlite` or `postgres` (for logs and metrics).
+    fn kind(&self) -> &'static str;
+
+    /// Registers a session's outbox and returns the position to resume from. A different,
+    /// non-zero `source` than the one on record means the clinic's outbox was re-created: the
+    /// position restarts at 0 for it (its old events stay).
+    fn hello(&self, clinic: &str, source: u64) -> StoreFuture<u64>;
+
+    /// Queues a batch for the next group commit; resolves once it is durable (or refused).
+    /// Batches are committed in the order this is called.
+    fn append(
+        &self,
+        clinic: &str,
+        source: u64,
+        prev_seq: u64,
+        events: Vec<IncomingEvent>,
+    ) -> StoreFuture<AppendOutcome>;
+
+    fn acked_seq(&self, clinic: &str) -> StoreFuture<u64>;
+
+    /// Every clinic, ordered by id, from the counters (O(clinics)).
+    fn clinics(&self) -> StoreFuture<Vec<ClinicRecord>>;
+    fn clinic(&self, clinic: &str) -> StoreFuture<Option<ClinicRecord>>;
+
+    /// Events after id `after` in id order (of one clinic, or all). `Gone` when `after` lies
+    /// before what retention kept.
+    fn events_page(
+        &self,
+        clinic: Option<&str>,
+        after: u64,
+        limit: usize,
+    ) -> StoreFuture<Vec<StoredEvent>>;
+
+    /// The clinic's events from its current outbox (`source`), in storage (id) order, after id
+    /// `after_id` (the history checker compares them with what the clinic committed).
+    fn clinic_events(
+        &self,
+        clinic: &str,
+        after_id: u64,
+        limit: usize,
+    ) -> StoreFuture<Vec<StoredEvent>>;
+
+    /// The newest event id (0 when empty).
+    fn head(&self) -> StoreFuture<u64>;
+
+    fn enqueue_update(&self, update: NewUpdate) -> StoreFuture<String>;
+    /// Open updates (pending or delivered) of a clinic after row `after_row`, oldest first.
+    fn open_updates(
+        &self,
+        clinic: &str,
+        after_row: i64,
+        limit: usize,
+    ) -> StoreFuture<Vec<(i64, Update)>>;
+    fn mark_delivered(&self, ids: Vec<String>) -> StoreFuture<()>;
+    /// Records an agent's answer; false if the update is not this clinic's or not open.
+    fn update_result(
+        &self,
+        clinic: &str,
+        update_id: &str,
+        status: UpdateStatus,
+        reason: Option<String>,
+    ) -> StoreFuture<bool>;
+    fn update(&self, update_id: &str) -> StoreFuture<Option<UpdateRecord>>;
+
+    fn webhook_cursor(&self, name: &str) -> StoreFuture<u64>;
+    /// Moves the cursor from `from` to `to`; `false` if it is no longer at `from` (a replay).
+    fn advance_webhook_cursor(&self, name: &str, from: u64, to: u64) -> StoreFuture<bool>;
+    /// Re-delivery from `event_id` on; refused (`Ok(false)`) past the newest event, in the same
+    /// write that moves the cursor (no race with events stored meanwhile).
+    fn replay_webhook(&self, name: &str, event_id: u64) -> StoreFuture<Result<(), u64>>;
+    fn add_dead_letter(
+        &self,
+        name: &str,
+        event_id: u64,
+        attempts: u32,
+        error: &str,
+    ) -> StoreFuture<()>;
+    fn dead_letters(&self, name: &str, after: u64, limit: usize) -> StoreFuture<Vec<DeadLetter>>;
+    fn dead_letter_count(&self, name: &str) -> StoreFuture<u64>;
+    /// The event id of dead letter `id`, if it exists.
+    fn dead_letter_event(&self, name: &str, id: u64) -> StoreFuture<Option<u64>>;
+    fn remove_dead_letter(&self, name: &str, id: u64) -> StoreFuture<bool>;
+
+    /// Removes up to `batch` of the oldest events received before `cutoff` (RFC 3339) and with
+    /// an id below `below_id` (events every webhook has delivered), counters included.
+    fn prune(&self, cutoff: &str, below_id: u64, batch: usize) -> StoreFuture<Pruned>;
+
+    /// One round trip through the writer: resolves once a (trivial) write has committed.
+    fn check_writer(&self) -> StoreFuture<()>;
+
+    /// Stops the writer after what is queued (idempotent).
+    fn close(&self);
+}

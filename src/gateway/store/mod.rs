@@ -1,0 +1,597 @@
+//! The gateway's store adapters behind the storage port (`tether_actors::gateway_store`):
+//! SQLite (embedded default, `sqlite.rs`) and PostgreSQL (production, `postgres.rs`).
+//!
+//! Both share the machinery here: a group-committing writer on its own thread, fed by a
+//! bounded queue (a full queue answers `Unavailable { retryable: true }` at once instead of
+//! growing), and a pool of read connections used from tokio's blocking threads, so no database
+//! call runs on an actix arbiter thread.
+
+#[cfg(feature = "postgres")]
+pub mod postgres;
+pub mod sqlite;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot};
+
+pub use tether_actors::gateway_store::{
+    AppendOutcome, ClinicRecord, DeadLetter, GatewayStore, IncomingEvent, NewUpdate, Pruned,
+    StoreError, StoreFuture, StoredEvent, UpdateRecord,
+};
+pub use tether_schemas::iso_from_millis;
+
+/// The store as the rest of the gateway holds it.
+pub type Store = dyn GatewayStore;
+
+/// Writes waiting for the writer, at most (each an append batch or one small write).
+pub const DEFAULT_QUEUE: usize = 4096;
+
+/// Which adapter, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    Sqlite(PathBuf),
+    /// A PostgreSQL connection string and the schema the tables live in.
+    Postgres {
+        url: String,
+        schema: String,
+    },
+}
+
+impl std::fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Sqlite(p) => write!(f, "sqlite:{}", p.display()),
+            StoreLocation::Postgres { url, schema } => {
+                write!(f, "postgres:{} schema={schema}", redact_url(url))
+            }
+        }
+    }
+}
+
+/// A connection string without its password (for logs and errors).
+pub fn redact_url(url: &str) -> String {
+    let mut out = Vec::new();
+    for part in url.split(' ') {
+        if part.starts_with("password=") {
+            out.push("password=***".to_string());
+        } else {
+            out.push(part.to_string());
+        }
+    }
+    let s = out.join(" ");
+    // postgres://user:secret@host/db
+    if let Some(scheme_end) = s.find("://") {
+        if let Some(at) = s[scheme_end + 3..].find('@') {
+            let creds = &s[scheme_end + 3..scheme_end + 3 + at];
+            if let Some(colon) = creds.find(':') {
+                return format!(
+                    "{}{}:***{}",
+                    &s[..scheme_end + 3],
+                    &creds[..colon],
+                    &s[scheme_end + 3 + at..]
+                );
+            }
+        }
+    }
+    s
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    pub location: StoreLocation,
+    pub group_commit_max_events: usize,
+    pub queue: usize,
+    /// Test-only crash point: abort right after this many group commits, before replying.
+    pub abort_after_commits: Option<u64>,
+}
+
+impl StoreSettings {
+    pub fn sqlite(path: impl Into<PathBuf>) -> StoreSettings {
+        StoreSettings {
+            location: StoreLocation::Sqlite(path.into()),
+            group_commit_max_events: 2000,
+            queue: DEFAULT_QUEUE,
+            abort_after_commits: None,
+        }
+    }
+}
+
+pub use crate::config::valid_schema;
+
+/// The SQLite adapter behind `store`, if it is one (its page limit is a test and quota hook).
+pub fn as_sqlite(store: &Arc<Store>) -> Option<&sqlite::SqliteStore> {
+    let any: &dyn std::any::Any = store.as_ref();
+    any.downcast_ref::<sqlite::SqliteStore>()
+}
+
+/// Opens (and migrates) a SQLite store with default settings (tools and tests).
+pub fn open_sqlite(path: &std::path::Path) -> Result<Arc<Store>, StoreError> {
+    open(&StoreSettings::sqlite(path))
+}
+
+/// Opens (and migrates) the store the settings name.
+pub fn open(settings: &StoreSettings) -> Result<Arc<Store>, StoreError> {
+    match &settings.location {
+        StoreLocation::Sqlite(path) => {
+            let s: Arc<Store> = sqlite::SqliteStore::open_with(path, settings)?;
+            Ok(s)
+        }
+        #[cfg(feature = "postgres")]
+        StoreLocation::Postgres { url, schema } => {
+            let s: Arc<Store> = postgres::PgStore::open(url, schema, settings)?;
+            Ok(s)
+        }
+        #[cfg(not(feature = "postgres"))]
+        StoreLocation::Postgres { .. } => Err(StoreError::Open {
+            store: settings.location.to_string(),
+            message: "this build has no PostgreSQL support (feature `postgres`)".into(),
+        }),
+    }
+}
+
+/// Waits for a store call on the calling thread (tools, checkers and tests that are not async).
+/// Blocks that thread: never call it from a gateway handler.
+pub fn wait<T>(f: StoreFuture<T>) -> Result<T, StoreError> {
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut f = f;
+    loop {
+        match f.as_mut().poll(&mut cx) {
+            Poll::Ready(v) => return v,
+            Poll::Pending => std::thread::park(),
+        }
+    }
+}
+
+pub(crate) fn now_iso() -> String {
+    iso_from_millis(crate::security::unix_now_ms() as i64)
+}
+
+pub(crate) fn new_update_id() -> String {
+    let a: u64 = rand::random();
+    let b: u64 = rand::random();
+    format!("upd_{a:016x}{b:016x}")
+}
+
+/// A write, as the writer thread runs it.
+#[derive(Debug)]
+pub(crate) enum Op {
+    Hello {
+        clinic: String,
+        source: u64,
+    },
+    Append {
+        clinic: String,
+        source: u64,
+        prev_seq: u64,
+        events: Vec<IncomingEvent>,
+    },
+    EnqueueUpdate(NewUpdate),
+    MarkDelivered(Vec<String>),
+    UpdateResult {
+        clinic: String,
+        update_id: String,
+        status: tether_schemas::UpdateStatus,
+        reason: Option<String>,
+    },
+    AdvanceCursor {
+        name: String,
+        from: u64,
+        to: u64,
+    },
+    Replay {
+        name: String,
+        event_id: u64,
+    },
+    AddDeadLetter {
+        name: String,
+        event_id: u64,
+        attempts: u32,
+        error: String,
+    },
+    RemoveDeadLetter {
+        name: String,
+        id: u64,
+    },
+    Prune {
+        cutoff: String,
+        below_id: u64,
+        batch: usize,
+    },
+    Ping,
+    /// SQLite only: `PRAGMA max_page_count` (run alone, outside a transaction).
+    PageLimit(Option<u64>),
+}
+
+impl Op {
+    fn weight(&self) -> usize {
+        match self {
+            Op::Append { events, .. } => events.len().max(1),
+            _ => 1,
+        }
+    }
+}
+
+/// What a write resolved to.
+#[derive(Debug)]
+pub(crate) enum Done {
+    Pos(u64),
+    Append(AppendOutcome),
+    Id(String),
+    Bool(bool),
+    Unit,
+    Replay(Result<(), u64>),
+    Pruned(Pruned),
+}
+
+pub(crate) struct Cmd {
+    op: Op,
+    reply: oneshot::Sender<Result<Done, StoreError>>,
+}
+
+/// An adapter's write side: runs a group of writes in one transaction.
+pub(crate) trait Backend: Send + 'static {
+    /// One result per op, in order, all of them durable when this returns `Ok`; `Err` when the
+    /// group as a whole failed (nothing of it committed).
+    fn run_group(&mut self, ops: &[Op]) -> Result<Vec<Result<Done, StoreError>>, StoreError>;
+    /// An op that must run alone, outside a transaction (SQLite's page limit).
+    fn run_alone(&mut self, _op: &Op) {}
+}
+
+/// The sending side of the writer thread.
+pub(crate) struct Writer {
+    tx: Mutex<Option<mpsc::Sender<Cmd>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Writer {
+    pub(crate) fn spawn<B: Backend>(
+        name: &str,
+        backend: B,
+        settings: &StoreSettings,
+    ) -> Result<Writer, StoreError> {
+        let (tx, rx) = mpsc::channel(settings.queue.max(1));
+        let max = settings.group_commit_max_events.max(1);
+        let abort = settings.abort_after_commits;
+        let thread = std::thread::Builder::new()
+            .name(format!("store-writer-{name}"))
+            .spawn(move || writer_loop(backend, rx, max, abort))
+            .map_err(|e| StoreError::Open {
+                store: name.to_string(),
+                message: e.to_string(),
+            })?;
+        Ok(Writer {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Queues `op`; a full queue fails at once (retryable), never blocks the caller.
+    pub(crate) fn submit(
+        &self,
+        op: Op,
+    ) -> impl std::future::Future<Output = Result<Done, StoreError>> + Send + 'static {
+        let (reply, rx) = oneshot::channel();
+        let sent = {
+            let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+            match guard.as_ref() {
+                None => Err(StoreError::Stopped),
+                Some(tx) => tx.try_send(Cmd { op, reply }).map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => StoreError::busy("store"),
+                    mpsc::error::TrySendError::Closed(_) => StoreError::Stopped,
+                }),
+            }
+        };
+        async move {
+            sent?;
+            rx.await.map_err(|_| StoreError::Stopped)?
+        }
+    }
+
+    pub(crate) fn close(&self) {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+fn writer_loop<B: Backend>(
+    mut backend: B,
+    mut rx: mpsc::Receiver<Cmd>,
+    max_events: usize,
+    abort_after_commits: Option<u64>,
+) {
+    let mut commits = 0u64;
+    let mut held: Option<Cmd> = None;
+    loop {
+        let first = match held.take() {
+            Some(c) => c,
+            None => match rx.blocking_recv() {
+                Some(c) => c,
+                None => return,
+            },
+        };
+        if matches!(first.op, Op::PageLimit(_)) {
+            backend.run_alone(&first.op);
+            let _ = first.reply.send(Ok(Done::Unit));
+            continue;
+        }
+        let mut weight = first.op.weight();
+        let mut group = vec![first];
+        while weight < max_events {
+            match rx.try_recv() {
+                Ok(cmd) if matches!(cmd.op, Op::PageLimit(_)) => {
+                    held = Some(cmd);
+                    break;
+                }
+                Ok(cmd) => {
+                    weight += cmd.op.weight();
+                    group.push(cmd);
+                }
+                Err(_) => break,
+            }
+        }
+        let (ops, replies): (Vec<Op>, Vec<_>) = group.into_iter().map(|c| (c.op, c.reply)).unzip();
+        let outcome = backend.run_group(&ops);
+        commits += 1;
+        if outcome.is_ok() && abort_after_commits == Some(commits) {
+            // Test-only crash point: durable, not yet acknowledged.
+            log::error!(target: "error", "event=fault_abort_after_commit commits={commits}");
+            std::process::abort();
+        }
+        match outcome {
+            Ok(results) => {
+                for (reply, res) in replies.into_iter().zip(results) {
+                    let _ = reply.send(res);
+                }
+            }
+            Err(e) => {
+                log::error!(target: "error", "event=store_group_failed ops={} error={e}", ops.len());
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Read connections, used one at a time from tokio's blocking pool.
+pub(crate) struct ReadPool<C> {
+    idle: Mutex<Vec<C>>,
+    max_idle: usize,
+}
+
+impl<C: Send + 'static> ReadPool<C> {
+    pub(crate) fn new(max_idle: usize) -> ReadPool<C> {
+        ReadPool {
+            idle: Mutex::new(Vec::new()),
+            max_idle,
+        }
+    }
+
+    /// Every idle connection (to close them somewhere safe).
+    pub(crate) fn drain(&self) -> Vec<C> {
+        std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn take(&self) -> Option<C> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    /// Returns a connection that is still good.
+    fn give_back(&self, c: C) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < self.max_idle {
+            idle.push(c);
+        }
+    }
+
+    /// Runs `f` on a connection (from `open` when none is idle) on a blocking thread. A
+    /// connection whose call failed is dropped, not returned (it may be broken).
+    pub(crate) fn run<T: Send + 'static>(
+        self: &Arc<Self>,
+        open: impl FnOnce() -> Result<C, StoreError> + Send + 'static,
+        f: impl FnOnce(&mut C) -> Result<T, StoreError> + Send + 'static,
+    ) -> StoreFuture<T> {
+        let pool = self.clone();
+        let job = move || {
+            let mut conn = match pool.take() {
+                Some(c) => c,
+                None => open()?,
+            };
+            let out = f(&mut conn);
+            if out.is_ok() {
+                pool.give_back(conn);
+            }
+            out
+        };
+        Box::pin(async move {
+            if tokio::runtime::Handle::try_current().is_err() {
+                // Outside any runtime (tools, a test's plain thread): the caller blocks anyway.
+                return job();
+            }
+            tokio::task::spawn_blocking(job)
+                .await
+                .map_err(|e| StoreError::Unavailable {
+                    retryable: true,
+                    message: format!("read task: {e}"),
+                })?
+        })
+    }
+}
+
+/// Maps a write's `Done` to the type its method returns.
+pub(crate) fn expect<T>(
+    fut: impl std::future::Future<Output = Result<Done, StoreError>> + Send + 'static,
+    pick: fn(Done) -> Option<T>,
+) -> StoreFuture<T>
+where
+    T: Send + 'static,
+{
+    Box::pin(async move {
+        let done = fut.await?;
+        pick(done).ok_or_else(|| StoreError::Unavailable {
+            retryable: false,
+            message: "writer answered a different kind of result".into(),
+        })
+    })
+}
+
+/// The typed write methods every adapter shares (it only says how to submit).
+pub(crate) trait WriteFront {
+    fn writer(&self) -> &Writer;
+
+    fn w_hello(&self, clinic: &str, source: u64) -> StoreFuture<u64> {
+        let f = self.writer().submit(Op::Hello {
+            clinic: clinic.into(),
+            source,
+        });
+        expect(f, |d| match d {
+            Done::Pos(p) => Some(p),
+            _ => None,
+        })
+    }
+
+    fn w_append(
+        &self,
+        clinic: &str,
+        source: u64,
+        prev_seq: u64,
+        events: Vec<IncomingEvent>,
+    ) -> StoreFuture<AppendOutcome> {
+        let f = self.writer().submit(Op::Append {
+            clinic: clinic.into(),
+            source,
+            prev_seq,
+            events,
+        });
+        expect(f, |d| match d {
+            Done::Append(a) => Some(a),
+            _ => None,
+        })
+    }
+
+    fn w_enqueue(&self, u: NewUpdate) -> StoreFuture<String> {
+        expect(self.writer().submit(Op::EnqueueUpdate(u)), |d| match d {
+            Done::Id(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn w_unit(&self, op: Op) -> StoreFuture<()> {
+        expect(self.writer().submit(op), |d| match d {
+            Done::Unit => Some(()),
+            _ => None,
+        })
+    }
+
+    fn w_bool(&self, op: Op) -> StoreFuture<bool> {
+        expect(self.writer().submit(op), |d| match d {
+            Done::Bool(b) => Some(b),
+            _ => None,
+        })
+    }
+
+    fn w_replay(&self, name: &str, event_id: u64) -> StoreFuture<Result<(), u64>> {
+        let f = self.writer().submit(Op::Replay {
+            name: name.into(),
+            event_id,
+        });
+        expect(f, |d| match d {
+            Done::Replay(r) => Some(r),
+            _ => None,
+        })
+    }
+
+    fn w_prune(&self, cutoff: &str, below_id: u64, batch: usize) -> StoreFuture<Pruned> {
+        let f = self.writer().submit(Op::Prune {
+            cutoff: cutoff.into(),
+            below_id,
+            batch,
+        });
+        expect(f, |d| match d {
+            Done::Pruned(p) => Some(p),
+            _ => None,
+        })
+    }
+}
+
+/// Versioned migrations: `versions[i]` brings the schema from version `i` to `i + 1`.
+pub(crate) fn check_version(store: &str, found: i64, supported: usize) -> Result<(), StoreError> {
+    if found > supported as i64 {
+        return Err(StoreError::TooNew {
+            store: store.to_string(),
+            found,
+            supported: supported as i64,
+        });
+    }
+    Ok(())
+}
+
+/// The JSON text of an event's key and row.
+pub(crate) fn event_json(
+    ev: &tether_schemas::Event,
+) -> Result<(String, Option<String>), StoreError> {
+    let bad = |e: serde_json::Error| StoreError::Unavailable {
+        retryable: false,
+        message: format!("event seq {}: {e}", ev.seq),
+    };
+    let key = serde_json::to_string(&ev.key).map_err(bad)?;
+    let row = ev
+        .row
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(bad)?;
+    Ok((key, row))
+}
+
+pub(crate) fn update_json(u: &NewUpdate) -> Result<(String, Option<String>), StoreError> {
+    let bad = |e: serde_json::Error| StoreError::Unavailable {
+        retryable: false,
+        message: format!("update: {e}"),
+    };
+    let key = serde_json::to_string(&u.key).map_err(bad)?;
+    let row = u
+        .row
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(bad)?;
+    Ok((key, row))
+}
+
+pub(crate) fn log_outbox_recreated(clinic: &str, old: u64, new: u64, acked: u64) {
+    log::error!(target: "error", "clinic={clinic} event=outbox_recreated old_source={old} new_source={new} old_acked_seq={acked} action=position_restarts_at_0");
+    log::warn!(target: "audit", "event=outbox_recreated clinic={clinic} old_source={old} new_source={new}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_never_reach_a_log_line() {
+        assert_eq!(
+            redact_url("postgres://tether:s3cret@db:5432/t"),
+            "postgres://tether:***@db:5432/t"
+        );
+        assert_eq!(
+            redact_url("host=db user=t password=s3cret dbname=x"),
+            "host=db user=t password=*** dbname=x"
+        );
+        assert_eq!(redact_url("postgres://db/t"), "postgres://db/t");
+    }
+}

@@ -1,0 +1,964 @@
+//! The PostgreSQL adapter (production): `gateway.store.kind: postgres`, `url:`, `schema:`.
+//!
+//! Writes run on the shared group-committing writer thread: one transaction per group, each
+//! batch inserted with one multi-row `INSERT … SELECT FROM unnest(…) ON CONFLICT DO NOTHING`,
+//! the gap check in the same transaction, and callers answered only after `COMMIT` returned
+//! (`synchronous_commit` is left as the server has it: on).
+//!
+//! Event ids in id order: an identity column hands out ids when rows are inserted, not when
+//! they commit, so two writers (two gateway nodes on one database) could commit id 11 before
+//! id 10, and a reader paging by `after=` would skip 10. Every transaction that inserts events
+//! therefore takes one transaction-scoped advisory lock first (`EVENTS_LOCK`): ids are handed
+//! out and committed by one transaction at a time, so a reader never sees a later id before an
+//! earlier one. On one node this costs nothing (its writer is serial anyway); across nodes it
+//! serialises the commits of event groups — the price of gap-free cursors, measured in
+//! docs/BENCHMARKS.md.
+//!
+//! A lost connection fails the group in flight with `Unavailable { retryable: true }` (nothing
+//! acknowledged; agents resend) and the next group reconnects.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use postgres::{Client, NoTls, Statement, Transaction};
+use serde_json::Value;
+use tether_schemas::{UpdateOp, UpdateStatus};
+
+use super::{
+    check_version, new_update_id, now_iso, redact_url, AppendOutcome, Backend, ClinicRecord,
+    DeadLetter, Done, GatewayStore, IncomingEvent, NewUpdate, Op, Pruned, ReadPool, StoreError,
+    StoreFuture, StoreSettings, StoredEvent, UpdateRecord, WriteFront, Writer,
+};
+
+/// The advisory lock every event-inserting transaction holds (see the module docs).
+pub const EVENTS_LOCK: i64 = 0x7465_7468_6576_0001;
+/// Held (session-scoped) while migrations run, so two nodes starting together migrate once.
+const MIGRATION_LOCK: i64 = 0x7465_7468_6d69_0001;
+
+/// `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &["
+CREATE TABLE clinics (
+    clinic_id TEXT PRIMARY KEY,
+    acked_seq BIGINT NOT NULL DEFAULT 0,
+    source_id BIGINT NOT NULL DEFAULT 0,
+    first_seen TEXT NOT NULL,
+    last_event_at TEXT,
+    events_stored BIGINT NOT NULL DEFAULT 0,
+    pending_updates BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE events (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    clinic_id TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    entity TEXT NOT NULL,
+    op TEXT NOT NULL,
+    key_json TEXT NOT NULL,
+    row_json TEXT,
+    committed_at TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    problem TEXT,
+    source_id BIGINT NOT NULL DEFAULT 0,
+    UNIQUE (clinic_id, source_id, seq)
+);
+CREATE INDEX events_clinic_id ON events (clinic_id, id);
+CREATE TABLE updates (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    update_id TEXT NOT NULL UNIQUE,
+    clinic_id TEXT NOT NULL,
+    entity TEXT NOT NULL,
+    op TEXT NOT NULL,
+    key_json TEXT NOT NULL,
+    row_json TEXT,
+    status TEXT NOT NULL,
+    reason TEXT,
+    deliveries BIGINT NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX updates_open ON updates (clinic_id, status, id);
+CREATE TABLE webhook_cursors (
+    name TEXT PRIMARY KEY,
+    last_event_id BIGINT NOT NULL
+);
+CREATE TABLE webhook_dead_letters (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name TEXT NOT NULL,
+    event_id BIGINT NOT NULL,
+    attempts BIGINT NOT NULL,
+    last_error TEXT NOT NULL,
+    failed_at TEXT NOT NULL,
+    UNIQUE (name, event_id)
+);
+CREATE TABLE store_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
+INSERT INTO store_meta (key, value) VALUES ('pruned_through', 0);
+"];
+
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
+use super::valid_schema;
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable {
+        retryable: true,
+        message: format!("{what}: {e}"),
+    }
+}
+
+fn connect(url: &str, schema: &str) -> Result<Client, StoreError> {
+    if !valid_schema(schema) {
+        return Err(StoreError::Open {
+            store: format!("postgres:{}", redact_url(url)),
+            message: format!("schema `{schema}` is not [a-z_][a-z0-9_]*"),
+        });
+    }
+    let mut c = Client::connect(url, NoTls).map_err(|e| unavailable("connect", e))?;
+    c.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}"
+    ))
+    .map_err(|e| unavailable("connect", e))?;
+    Ok(c)
+}
+
+fn migrate(c: &mut Client, store: &str) -> Result<(), StoreError> {
+    let err = |e: postgres::Error| StoreError::Open {
+        store: store.to_string(),
+        message: format!("migration: {e}"),
+    };
+    c.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .map_err(err)?;
+    let res = (|| {
+        c.batch_execute(
+            "CREATE TABLE IF NOT EXISTS tether_schema_migrations (version INT PRIMARY KEY, applied_at TEXT NOT NULL)",
+        )
+        .map_err(err)?;
+        let found: i32 = c
+            .query_one(
+                "SELECT coalesce(max(version), 0) FROM tether_schema_migrations",
+                &[],
+            )
+            .map_err(err)?
+            .get(0);
+        check_version(store, found as i64, SCHEMA_VERSION)?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+            let mut tx = c.transaction().map_err(err)?;
+            tx.batch_execute(sql).map_err(err)?;
+            let v = (i + 1) as i32;
+            tx.execute(
+                "INSERT INTO tether_schema_migrations (version, applied_at) VALUES ($1, $2)",
+                &[&v, &now_iso()],
+            )
+            .map_err(err)?;
+            tx.commit().map_err(err)?;
+            log::info!(target: "connection", "event=store_migrated store=postgres version={v}");
+        }
+        Ok(())
+    })();
+    let _ = c.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]);
+    res
+}
+
+pub struct PgStore {
+    url: String,
+    schema: String,
+    writer: Writer,
+    readers: Arc<ReadPool<Client>>,
+}
+
+impl PgStore {
+    pub fn open(url: &str, schema: &str, s: &StoreSettings) -> Result<Arc<PgStore>, StoreError> {
+        let name = format!("postgres:{} schema={schema}", redact_url(url));
+        // The driver runs its own runtime: connect and migrate on a plain thread, never on the
+        // caller's (the gateway starts inside actix's runtime).
+        let client = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let mut client = connect(url, schema).map_err(|e| match e {
+                        StoreError::Unavailable { message, .. } => StoreError::Open {
+                            store: name.clone(),
+                            message,
+                        },
+                        e => e,
+                    })?;
+                    migrate(&mut client, &name)?;
+                    Ok::<_, StoreError>(client)
+                })
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Open {
+                        store: name.clone(),
+                        message: "store open thread panicked".into(),
+                    })
+                })
+        })?;
+        let backend = PgBackend {
+            url: url.to_string(),
+            schema: schema.to_string(),
+            client: Some(client),
+            stmts: HashMap::new(),
+            lost_logged: false,
+        };
+        let writer = Writer::spawn("postgres", backend, s)?;
+        Ok(Arc::new(PgStore {
+            url: url.to_string(),
+            schema: schema.to_string(),
+            writer,
+            readers: Arc::new(ReadPool::new(8)),
+        }))
+    }
+
+    fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<T, postgres::Error> + Send + 'static,
+    ) -> StoreFuture<T> {
+        let (url, schema) = (self.url.clone(), self.schema.clone());
+        self.readers.run(
+            move || connect(&url, &schema),
+            move |c| f(c).map_err(|e| unavailable("read", e)),
+        )
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.writer.close();
+        // The driver closes a connection by blocking on its own runtime, which must not happen
+        // on a runtime thread (where the last holder of the store may well be).
+        let idle = self.readers.drain();
+        if !idle.is_empty() {
+            let _ = std::thread::spawn(move || drop(idle)).join();
+        }
+    }
+}
+
+impl WriteFront for PgStore {
+    fn writer(&self) -> &Writer {
+        &self.writer
+    }
+}
+
+const EVENT_COLUMNS: &str =
+    "id, clinic_id, seq, entity, op, key_json, row_json, committed_at, received_at, problem";
+const CLINIC_COLUMNS: &str =
+    "clinic_id, acked_seq, first_seen, last_event_at, events_stored, pending_updates";
+
+fn event_from_row(r: &postgres::Row) -> StoredEvent {
+    let key: String = r.get(5);
+    let row: Option<String> = r.get(6);
+    StoredEvent {
+        id: r.get::<_, i64>(0) as u64,
+        clinic_id: r.get(1),
+        seq: r.get::<_, i64>(2) as u64,
+        entity: r.get(3),
+        op: r.get(4),
+        key: serde_json::from_str(&key).unwrap_or(Value::Null),
+        row: row.and_then(|s| serde_json::from_str(&s).ok()),
+        committed_at: r.get(7),
+        received_at: r.get(8),
+        problem: r.get(9),
+    }
+}
+
+fn clinic_from_row(r: &postgres::Row) -> ClinicRecord {
+    ClinicRecord {
+        clinic_id: r.get(0),
+        acked_seq: r.get::<_, i64>(1) as u64,
+        first_seen: r.get(2),
+        last_event_at: r.get(3),
+        events: r.get::<_, i64>(4).max(0) as u64,
+        pending_updates: r.get::<_, i64>(5).max(0) as u64,
+    }
+}
+
+impl GatewayStore for PgStore {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn hello(&self, clinic: &str, source: u64) -> StoreFuture<u64> {
+        self.w_hello(clinic, source)
+    }
+
+    fn append(
+        &self,
+        clinic: &str,
+        source: u64,
+        prev_seq: u64,
+        events: Vec<IncomingEvent>,
+    ) -> StoreFuture<AppendOutcome> {
+        self.w_append(clinic, source, prev_seq, events)
+    }
+
+    fn acked_seq(&self, clinic: &str) -> StoreFuture<u64> {
+        let clinic = clinic.to_string();
+        self.read(move |c| {
+            Ok(c.query_opt(
+                "SELECT acked_seq FROM clinics WHERE clinic_id = $1",
+                &[&clinic],
+            )?
+            .map(|r| r.get::<_, i64>(0) as u64)
+            .unwrap_or(0))
+        })
+    }
+
+    fn clinics(&self) -> StoreFuture<Vec<ClinicRecord>> {
+        self.read(|c| {
+            Ok(c.query(
+                &format!("SELECT {CLINIC_COLUMNS} FROM clinics ORDER BY clinic_id"),
+                &[],
+            )?
+            .iter()
+            .map(clinic_from_row)
+            .collect())
+        })
+    }
+
+    fn clinic(&self, clinic: &str) -> StoreFuture<Option<ClinicRecord>> {
+        let clinic = clinic.to_string();
+        self.read(move |c| {
+            Ok(c.query_opt(
+                &format!("SELECT {CLINIC_COLUMNS} FROM clinics WHERE clinic_id = $1"),
+                &[&clinic],
+            )?
+            .as_ref()
+            .map(clinic_from_row))
+        })
+    }
+
+    fn events_page(
+        &self,
+        clinic: Option<&str>,
+        after: u64,
+        limit: usize,
+    ) -> StoreFuture<Vec<StoredEvent>> {
+        let clinic = clinic.map(str::to_string);
+        let (url, schema) = (self.url.clone(), self.schema.clone());
+        self.readers.run(
+            move || connect(&url, &schema),
+            move |c| {
+                let e = |e| unavailable("read", e);
+                let pruned: i64 = c
+                    .query_one(
+                        "SELECT value FROM store_meta WHERE key = 'pruned_through'",
+                        &[],
+                    )
+                    .map_err(e)?
+                    .get(0);
+                let pruned = pruned.max(0) as u64;
+                if after < pruned {
+                    let oldest: i64 = c
+                        .query_one("SELECT coalesce(min(id), 0) FROM events", &[])
+                        .map_err(e)?
+                        .get(0);
+                    return Err(StoreError::Gone {
+                        pruned_through: pruned,
+                        oldest: (oldest as u64).max(pruned + 1),
+                    });
+                }
+                let (after, limit) = (after as i64, limit as i64);
+                let rows = match &clinic {
+                    Some(k) => c.query(
+                        &format!("SELECT {EVENT_COLUMNS} FROM events WHERE clinic_id = $1 AND id > $2 ORDER BY id LIMIT $3"),
+                        &[k, &after, &limit],
+                    ),
+                    None => c.query(
+                        &format!("SELECT {EVENT_COLUMNS} FROM events WHERE id > $1 ORDER BY id LIMIT $2"),
+                        &[&after, &limit],
+                    ),
+                }
+                .map_err(e)?;
+                Ok(rows.iter().map(event_from_row).collect())
+            },
+        )
+    }
+
+    fn clinic_events(
+        &self,
+        clinic: &str,
+        after_id: u64,
+        limit: usize,
+    ) -> StoreFuture<Vec<StoredEvent>> {
+        let clinic = clinic.to_string();
+        self.read(move |c| {
+            Ok(c.query(
+                &format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE clinic_id = $1 \
+                     AND source_id = coalesce((SELECT source_id FROM clinics WHERE clinic_id = $1), 0) \
+                     AND id > $2 ORDER BY id LIMIT $3"
+                ),
+                &[&clinic, &(after_id as i64), &(limit as i64)],
+            )?
+            .iter()
+            .map(event_from_row)
+            .collect())
+        })
+    }
+
+    fn head(&self) -> StoreFuture<u64> {
+        self.read(|c| {
+            Ok(c.query_one("SELECT coalesce(max(id), 0) FROM events", &[])?
+                .get::<_, i64>(0) as u64)
+        })
+    }
+
+    fn enqueue_update(&self, update: NewUpdate) -> StoreFuture<String> {
+        self.w_enqueue(update)
+    }
+
+    fn open_updates(
+        &self,
+        clinic: &str,
+        after_row: i64,
+        limit: usize,
+    ) -> StoreFuture<Vec<(i64, tether_schemas::Update)>> {
+        let clinic = clinic.to_string();
+        self.read(move |c| {
+            Ok(c.query(
+                "SELECT id, update_id, entity, op, key_json, row_json FROM updates \
+                 WHERE clinic_id = $1 AND status IN ('pending', 'delivered') AND id > $2 ORDER BY id LIMIT $3",
+                &[&clinic, &after_row, &(limit as i64)],
+            )?
+            .iter()
+            .map(|r| {
+                let op: String = r.get(3);
+                let key: String = r.get(4);
+                let row: Option<String> = r.get(5);
+                (
+                    r.get::<_, i64>(0),
+                    tether_schemas::Update {
+                        update_id: r.get(1),
+                        entity: r.get(2),
+                        op: if op == "delete" {
+                            UpdateOp::Delete
+                        } else {
+                            UpdateOp::Upsert
+                        },
+                        key: serde_json::from_str(&key).unwrap_or_default(),
+                        row: row.and_then(|s| serde_json::from_str(&s).ok()),
+                    },
+                )
+            })
+            .collect())
+        })
+    }
+
+    fn mark_delivered(&self, ids: Vec<String>) -> StoreFuture<()> {
+        self.w_unit(Op::MarkDelivered(ids))
+    }
+
+    fn update_result(
+        &self,
+        clinic: &str,
+        update_id: &str,
+        status: UpdateStatus,
+        reason: Option<String>,
+    ) -> StoreFuture<bool> {
+        self.w_bool(Op::UpdateResult {
+            clinic: clinic.into(),
+            update_id: update_id.into(),
+            status,
+            reason,
+        })
+    }
+
+    fn update(&self, update_id: &str) -> StoreFuture<Option<UpdateRecord>> {
+        let id = update_id.to_string();
+        self.read(move |c| {
+            Ok(c.query_opt(
+                "SELECT update_id, clinic_id, entity, op, status, reason, deliveries, created_at, updated_at \
+                 FROM updates WHERE update_id = $1",
+                &[&id],
+            )?
+            .map(|r| UpdateRecord {
+                update_id: r.get(0),
+                clinic_id: r.get(1),
+                entity: r.get(2),
+                op: r.get(3),
+                status: r.get(4),
+                reason: r.get(5),
+                deliveries: r.get::<_, i64>(6) as u64,
+                created_at: r.get(7),
+                updated_at: r.get(8),
+            }))
+        })
+    }
+
+    fn webhook_cursor(&self, name: &str) -> StoreFuture<u64> {
+        let name = name.to_string();
+        self.read(move |c| {
+            Ok(c.query_opt(
+                "SELECT last_event_id FROM webhook_cursors WHERE name = $1",
+                &[&name],
+            )?
+            .map(|r| r.get::<_, i64>(0).max(0) as u64)
+            .unwrap_or(0))
+        })
+    }
+
+    fn advance_webhook_cursor(&self, name: &str, from: u64, to: u64) -> StoreFuture<bool> {
+        self.w_bool(Op::AdvanceCursor {
+            name: name.into(),
+            from,
+            to,
+        })
+    }
+
+    fn replay_webhook(&self, name: &str, event_id: u64) -> StoreFuture<Result<(), u64>> {
+        self.w_replay(name, event_id)
+    }
+
+    fn add_dead_letter(
+        &self,
+        name: &str,
+        event_id: u64,
+        attempts: u32,
+        error: &str,
+    ) -> StoreFuture<()> {
+        self.w_unit(Op::AddDeadLetter {
+            name: name.into(),
+            event_id,
+            attempts,
+            error: error.into(),
+        })
+    }
+
+    fn dead_letters(&self, name: &str, after: u64, limit: usize) -> StoreFuture<Vec<DeadLetter>> {
+        let name = name.to_string();
+        self.read(move |c| {
+            Ok(c.query(
+                "SELECT id, event_id, attempts, last_error, failed_at FROM webhook_dead_letters \
+                 WHERE name = $1 AND id > $2 ORDER BY id LIMIT $3",
+                &[&name, &(after as i64), &(limit as i64)],
+            )?
+            .iter()
+            .map(|r| DeadLetter {
+                id: r.get::<_, i64>(0) as u64,
+                event_id: r.get::<_, i64>(1) as u64,
+                attempts: r.get::<_, i64>(2) as u32,
+                last_error: r.get(3),
+                failed_at: r.get(4),
+            })
+            .collect())
+        })
+    }
+
+    fn dead_letter_count(&self, name: &str) -> StoreFuture<u64> {
+        let name = name.to_string();
+        self.read(move |c| {
+            Ok(c.query_one(
+                "SELECT count(*) FROM webhook_dead_letters WHERE name = $1",
+                &[&name],
+            )?
+            .get::<_, i64>(0) as u64)
+        })
+    }
+
+    fn dead_letter_event(&self, name: &str, id: u64) -> StoreFuture<Option<u64>> {
+        let name = name.to_string();
+        self.read(move |c| {
+            Ok(c.query_opt(
+                "SELECT event_id FROM webhook_dead_letters WHERE name = $1 AND id = $2",
+                &[&name, &(id as i64)],
+            )?
+            .map(|r| r.get::<_, i64>(0) as u64))
+        })
+    }
+
+    fn remove_dead_letter(&self, name: &str, id: u64) -> StoreFuture<bool> {
+        self.w_bool(Op::RemoveDeadLetter {
+            name: name.into(),
+            id,
+        })
+    }
+
+    fn prune(&self, cutoff: &str, below_id: u64, batch: usize) -> StoreFuture<Pruned> {
+        self.w_prune(cutoff, below_id, batch)
+    }
+
+    fn check_writer(&self) -> StoreFuture<()> {
+        self.w_unit(Op::Ping)
+    }
+
+    fn close(&self) {
+        self.writer.close();
+    }
+}
+
+struct PgBackend {
+    url: String,
+    schema: String,
+    client: Option<Client>,
+    stmts: HashMap<&'static str, Statement>,
+    lost_logged: bool,
+}
+
+impl PgBackend {
+    fn ensure_client(&mut self) -> Result<(), StoreError> {
+        if self.client.as_ref().is_some_and(|c| !c.is_closed()) {
+            return Ok(());
+        }
+        self.stmts.clear();
+        match connect(&self.url, &self.schema) {
+            Ok(c) => {
+                if self.lost_logged {
+                    log::warn!(target: "connection", "event=store_reconnected store=postgres");
+                }
+                self.lost_logged = false;
+                self.client = Some(c);
+                Ok(())
+            }
+            Err(e) => {
+                if !self.lost_logged {
+                    log::error!(target: "error", "event=store_connection_lost store=postgres error={e}");
+                    self.lost_logged = true;
+                }
+                self.client = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// All ops in one transaction; `Err` rolls everything back.
+    fn try_group(&mut self, ops: &[Op]) -> Result<Vec<Result<Done, StoreError>>, postgres::Error> {
+        let now = now_iso();
+        let Some(client) = self.client.as_mut() else {
+            return Ok(ops
+                .iter()
+                .map(|_| Err(unavailable("write", "no connection")))
+                .collect());
+        };
+        let mut tx = client.transaction()?;
+        if ops.iter().any(|o| matches!(o, Op::Append { .. })) {
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENTS_LOCK])?;
+        }
+        let mut out = Vec::with_capacity(ops.len());
+        for op in ops {
+            out.push(run_op(&mut tx, &mut self.stmts, op, &now)?);
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+}
+
+impl Backend for PgBackend {
+    fn run_group(&mut self, ops: &[Op]) -> Result<Vec<Result<Done, StoreError>>, StoreError> {
+        self.ensure_client()?;
+        match self.try_group(ops) {
+            Ok(out) => Ok(out),
+            Err(e) if self.client.as_ref().is_none_or(|c| c.is_closed()) => {
+                log::error!(target: "error", "event=store_connection_lost store=postgres error={e}");
+                self.lost_logged = true;
+                self.client = None;
+                Err(unavailable("write", e))
+            }
+            // One op is bad (the group rolled back): run each alone, so only that one fails.
+            Err(e) if ops.len() > 1 => {
+                log::warn!(target: "error", "event=store_group_retried_one_by_one ops={} error={e}", ops.len());
+                Ok(ops
+                    .iter()
+                    .map(|op| match self.try_group(std::slice::from_ref(op)) {
+                        Ok(mut v) => v
+                            .pop()
+                            .unwrap_or_else(|| Err(unavailable("write", "no result"))),
+                        Err(e) => Err(StoreError::Unavailable {
+                            retryable: false,
+                            message: format!("write: {e}"),
+                        }),
+                    })
+                    .collect())
+            }
+            Err(e) => Ok(vec![Err(StoreError::Unavailable {
+                retryable: false,
+                message: format!("write: {e}"),
+            })]),
+        }
+    }
+}
+
+/// A statement prepared once per connection.
+fn stmt(
+    tx: &mut Transaction<'_>,
+    cache: &mut HashMap<&'static str, Statement>,
+    sql: &'static str,
+) -> Result<Statement, postgres::Error> {
+    if let Some(s) = cache.get(sql) {
+        return Ok(s.clone());
+    }
+    let s = tx.prepare(sql)?;
+    cache.insert(sql, s.clone());
+    Ok(s)
+}
+
+const INSERT_EVENTS: &str = "INSERT INTO events (clinic_id, seq, entity, op, key_json, row_json, committed_at, received_at, problem, source_id) \
+     SELECT $1, t.seq, t.entity, t.op, t.k, t.r, t.c, $2, t.p, $3 \
+     FROM unnest($4::int8[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[]) \
+     WITH ORDINALITY AS t(seq, entity, op, k, r, c, p, n) ORDER BY t.n \
+     ON CONFLICT (clinic_id, source_id, seq) DO NOTHING";
+
+fn run_op(
+    tx: &mut Transaction<'_>,
+    cache: &mut HashMap<&'static str, Statement>,
+    op: &Op,
+    now: &String,
+) -> Result<Result<Done, StoreError>, postgres::Error> {
+    Ok(Ok(match op {
+        Op::Hello { clinic, source } => {
+            let source = *source as i64;
+            let s = stmt(
+                tx,
+                cache,
+                "SELECT acked_seq, source_id FROM clinics WHERE clinic_id = $1 FOR UPDATE",
+            )?;
+            let row = tx.query_opt(&s, &[clinic])?;
+            match row.map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1))) {
+                None => {
+                    tx.execute(
+                        "INSERT INTO clinics (clinic_id, acked_seq, source_id, first_seen) VALUES ($1, 0, $2, $3) \
+                         ON CONFLICT (clinic_id) DO NOTHING",
+                        &[clinic, &source, now],
+                    )?;
+                    Done::Pos(0)
+                }
+                Some((acked, known)) if known == source || source == 0 => Done::Pos(acked as u64),
+                Some((acked, 0)) => {
+                    tx.execute(
+                        "UPDATE clinics SET source_id = $2 WHERE clinic_id = $1",
+                        &[clinic, &source],
+                    )?;
+                    Done::Pos(acked as u64)
+                }
+                Some((acked, known)) => {
+                    super::log_outbox_recreated(clinic, known as u64, source as u64, acked as u64);
+                    tx.execute(
+                        "UPDATE clinics SET source_id = $2, acked_seq = 0 WHERE clinic_id = $1",
+                        &[clinic, &source],
+                    )?;
+                    Done::Pos(0)
+                }
+            }
+        }
+        Op::Append {
+            clinic,
+            source,
+            prev_seq,
+            events,
+        } => {
+            let s = stmt(
+                tx,
+                cache,
+                "SELECT acked_seq, source_id FROM clinics WHERE clinic_id = $1 FOR UPDATE",
+            )?;
+            let (acked, known) = tx
+                .query_opt(&s, &[clinic])?
+                .map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64))
+                .unwrap_or((0, 0));
+            if *prev_seq > acked || (*source != 0 && known != 0 && *source != known) {
+                return Ok(Ok(Done::Append(AppendOutcome::Gap { acked })));
+            }
+            let source = if *source == 0 { known } else { *source } as i64;
+            let n = events.len();
+            let (mut seqs, mut ents, mut ops, mut keys, mut rows, mut commits, mut problems) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            let mut last = acked;
+            for ie in events {
+                let ev = &ie.event;
+                let (key, row) = match super::event_json(ev) {
+                    Ok(j) => j,
+                    Err(e) => return Ok(Err(e)),
+                };
+                seqs.push(ev.seq as i64);
+                ents.push(ev.entity.as_str());
+                ops.push(ev.op.as_str());
+                keys.push(key);
+                rows.push(row);
+                commits.push(ev.committed_at.as_str());
+                problems.push(ie.problem.as_deref());
+                last = last.max(ev.seq);
+            }
+            let s = stmt(tx, cache, INSERT_EVENTS)?;
+            let inserted = tx.execute(
+                &s,
+                &[
+                    clinic, now, &source, &seqs, &ents, &ops, &keys, &rows, &commits, &problems,
+                ],
+            )? as usize;
+            let s = stmt(
+                tx,
+                cache,
+                "INSERT INTO clinics (clinic_id, acked_seq, first_seen, last_event_at, events_stored) VALUES ($1, $2, $3, $3, $4) \
+                 ON CONFLICT (clinic_id) DO UPDATE SET acked_seq = greatest(clinics.acked_seq, excluded.acked_seq), \
+                 last_event_at = excluded.last_event_at, events_stored = clinics.events_stored + excluded.events_stored",
+            )?;
+            tx.execute(&s, &[clinic, &(last as i64), now, &(inserted as i64)])?;
+            Done::Append(AppendOutcome::Stored {
+                acked: last,
+                inserted,
+            })
+        }
+        Op::EnqueueUpdate(u) => {
+            let id = new_update_id();
+            let (key, row) = match super::update_json(u) {
+                Ok(j) => j,
+                Err(e) => return Ok(Err(e)),
+            };
+            tx.execute(
+                "INSERT INTO updates (update_id, clinic_id, entity, op, key_json, row_json, status, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7)",
+                &[&id, &u.clinic_id, &u.entity, &u.op.as_str(), &key, &row, now],
+            )?;
+            tx.execute(
+                "INSERT INTO clinics (clinic_id, acked_seq, first_seen, pending_updates) VALUES ($1, 0, $2, 1) \
+                 ON CONFLICT (clinic_id) DO UPDATE SET pending_updates = clinics.pending_updates + 1",
+                &[&u.clinic_id, now],
+            )?;
+            Done::Id(id)
+        }
+        Op::MarkDelivered(ids) => {
+            tx.execute(
+                "UPDATE updates SET status = CASE status WHEN 'pending' THEN 'delivered' ELSE status END, \
+                 deliveries = deliveries + 1, updated_at = $2 WHERE update_id = ANY($1)",
+                &[ids, now],
+            )?;
+            Done::Unit
+        }
+        Op::UpdateResult {
+            clinic,
+            update_id,
+            status,
+            reason,
+        } => {
+            let n = tx.execute(
+                "UPDATE updates SET status = $3, reason = $4, updated_at = $5 \
+                 WHERE update_id = $1 AND clinic_id = $2 AND status IN ('pending', 'delivered')",
+                &[update_id, clinic, &status.as_str(), reason, now],
+            )?;
+            if n > 0 {
+                tx.execute(
+                    "UPDATE clinics SET pending_updates = pending_updates - 1 WHERE clinic_id = $1",
+                    &[clinic],
+                )?;
+            }
+            Done::Bool(n > 0)
+        }
+        Op::AdvanceCursor { name, from, to } => {
+            let n = if *from == 0 {
+                tx.execute(
+                    "INSERT INTO webhook_cursors (name, last_event_id) VALUES ($1, $2) \
+                     ON CONFLICT (name) DO UPDATE SET last_event_id = excluded.last_event_id \
+                     WHERE webhook_cursors.last_event_id = 0",
+                    &[name, &(*to as i64)],
+                )?
+            } else {
+                tx.execute(
+                    "UPDATE webhook_cursors SET last_event_id = $3 WHERE name = $1 AND last_event_id = $2",
+                    &[name, &(*from as i64), &(*to as i64)],
+                )?
+            };
+            Done::Bool(n == 1)
+        }
+        Op::Replay { name, event_id } => {
+            let head = tx
+                .query_one("SELECT coalesce(max(id), 0) FROM events", &[])?
+                .get::<_, i64>(0) as u64;
+            if *event_id > head.max(1) {
+                return Ok(Ok(Done::Replay(Err(head))));
+            }
+            tx.execute(
+                "INSERT INTO webhook_cursors (name, last_event_id) VALUES ($1, $2) \
+                 ON CONFLICT (name) DO UPDATE SET last_event_id = excluded.last_event_id",
+                &[name, &(event_id.saturating_sub(1) as i64)],
+            )?;
+            Done::Replay(Ok(()))
+        }
+        Op::AddDeadLetter {
+            name,
+            event_id,
+            attempts,
+            error,
+        } => {
+            tx.execute(
+                "INSERT INTO webhook_dead_letters (name, event_id, attempts, last_error, failed_at) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (name, event_id) DO UPDATE SET attempts = webhook_dead_letters.attempts + excluded.attempts, \
+                 last_error = excluded.last_error, failed_at = excluded.failed_at",
+                &[name, &(*event_id as i64), &(*attempts as i64), error, now],
+            )?;
+            Done::Unit
+        }
+        Op::RemoveDeadLetter { name, id } => {
+            let n = tx.execute(
+                "DELETE FROM webhook_dead_letters WHERE name = $1 AND id = $2",
+                &[name, &(*id as i64)],
+            )?;
+            Done::Bool(n > 0)
+        }
+        Op::Prune {
+            cutoff,
+            below_id,
+            batch,
+        } => Done::Pruned(prune(tx, cutoff, *below_id, *batch)?),
+        Op::Ping => {
+            tx.execute("SELECT 1", &[])?;
+            Done::Unit
+        }
+        Op::PageLimit(_) => Done::Unit,
+    }))
+}
+
+fn prune(
+    tx: &mut Transaction<'_>,
+    cutoff: &str,
+    below_id: u64,
+    batch: usize,
+) -> Result<Pruned, postgres::Error> {
+    let through = tx
+        .query_one(
+            "SELECT value FROM store_meta WHERE key = 'pruned_through' FOR UPDATE",
+            &[],
+        )?
+        .get::<_, i64>(0);
+    let rows = tx.query(
+        "SELECT id, received_at < $3 FROM events WHERE id > $1 AND id < $2 ORDER BY id LIMIT $4",
+        &[&through, &(below_id as i64), &cutoff, &(batch as i64)],
+    )?;
+    let last = rows
+        .iter()
+        .map(|r| (r.get::<_, i64>(0), r.get::<_, bool>(1)))
+        .take_while(|(_, old)| *old)
+        .last()
+        .map(|(id, _)| id);
+    let Some(last) = last else {
+        return Ok(Pruned {
+            events: 0,
+            pruned_through: through.max(0) as u64,
+        });
+    };
+    let per_clinic = tx.query(
+        "SELECT clinic_id, count(*) FROM events WHERE id > $1 AND id <= $2 GROUP BY clinic_id",
+        &[&through, &last],
+    )?;
+    let n = tx.execute(
+        "DELETE FROM events WHERE id > $1 AND id <= $2",
+        &[&through, &last],
+    )?;
+    for r in per_clinic {
+        let (clinic, k): (String, i64) = (r.get(0), r.get(1));
+        tx.execute(
+            "UPDATE clinics SET events_stored = greatest(events_stored - $2, 0) WHERE clinic_id = $1",
+            &[&clinic, &k],
+        )?;
+    }
+    tx.execute(
+        "UPDATE store_meta SET value = $1 WHERE key = 'pruned_through'",
+        &[&last],
+    )?;
+    Ok(Pruned {
+        events: n,
+        pruned_through: last as u64,
+    })
+}

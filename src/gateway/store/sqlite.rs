@@ -1,0 +1,1017 @@
+//! The SQLite adapter (embedded default): WAL, `synchronous=FULL`.
+//!
+//! All writes go through the shared writer thread (`super::Writer`), which *group-commits*:
+//! every write waiting in its queue (up to `group_commit_max_events` events) runs in one
+//! transaction, each in its own savepoint so one bad write cannot fail the others; one fsync
+//! for the group, and only then is each caller answered.
+//!
+//! Event ids are SQLite's rowids under one writer, so they are visible in id order.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde_json::Value;
+use tether_schemas::{UpdateOp, UpdateStatus};
+
+use super::{
+    check_version, new_update_id, now_iso, AppendOutcome, Backend, ClinicRecord, DeadLetter, Done,
+    GatewayStore, IncomingEvent, NewUpdate, Op, Pruned, ReadPool, StoreError, StoreFuture,
+    StoreSettings, StoredEvent, UpdateRecord, WriteFront, Writer,
+};
+
+/// `MIGRATIONS[i]` takes the schema from `PRAGMA user_version = i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: the schema of the first releases (kept as it was: stores made by them pass through).
+    "
+CREATE TABLE IF NOT EXISTS clinics (
+    clinic_id TEXT PRIMARY KEY,
+    acked_seq INTEGER NOT NULL DEFAULT 0,
+    source_id INTEGER NOT NULL DEFAULT 0,
+    first_seen TEXT NOT NULL,
+    last_event_at TEXT
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    clinic_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    entity TEXT NOT NULL,
+    op TEXT NOT NULL,
+    key_json TEXT NOT NULL,
+    row_json TEXT,
+    committed_at TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    problem TEXT,
+    source_id INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (clinic_id, source_id, seq)
+);
+CREATE TABLE IF NOT EXISTS updates (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    update_id TEXT NOT NULL UNIQUE,
+    clinic_id TEXT NOT NULL,
+    entity TEXT NOT NULL,
+    op TEXT NOT NULL,
+    key_json TEXT NOT NULL,
+    row_json TEXT,
+    status TEXT NOT NULL,
+    reason TEXT,
+    deliveries INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS updates_open ON updates (clinic_id, status, id);
+CREATE TABLE IF NOT EXISTS webhook_cursors (
+    name TEXT PRIMARY KEY,
+    last_event_id INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS webhook_dead_letters (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    event_id INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    last_error TEXT NOT NULL,
+    failed_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    UNIQUE (name, event_id)
+);
+",
+    // 2: per-clinic counters kept with each write (fleet views stop counting events), an index
+    // for one clinic's events, and the retention watermark.
+    "
+ALTER TABLE clinics ADD COLUMN events_stored INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE clinics ADD COLUMN pending_updates INTEGER NOT NULL DEFAULT 0;
+UPDATE clinics SET
+    events_stored = (SELECT count(*) FROM events e WHERE e.clinic_id = clinics.clinic_id),
+    pending_updates = (SELECT count(*) FROM updates u WHERE u.clinic_id = clinics.clinic_id
+                       AND u.status IN ('pending', 'delivered'));
+CREATE INDEX IF NOT EXISTS events_clinic ON events (clinic_id, source_id, seq);
+CREATE INDEX IF NOT EXISTS events_clinic_id ON events (clinic_id, id);
+CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO store_meta (key, value) VALUES ('pruned_through', 0);
+",
+];
+
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
+fn open_conn(path: &Path) -> Result<Connection, StoreError> {
+    let err = |e: rusqlite::Error| StoreError::Open {
+        store: path.display().to_string(),
+        message: e.to_string(),
+    };
+    let conn = Connection::open(path).map_err(err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(err)?;
+    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
+        .map_err(err)?;
+    Ok(conn)
+}
+
+/// Applies the migrations this store lacks, each in its own transaction.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let err = |e: rusqlite::Error| StoreError::Open {
+        store: path.display().to_string(),
+        message: format!("migration: {e}"),
+    };
+    let found: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(err)?;
+    check_version(&path.display().to_string(), found, SCHEMA_VERSION)?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
+        tx.execute_batch(sql).map_err(err)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+        log::info!(target: "connection", "event=store_migrated store=sqlite version={}", i + 1);
+    }
+    Ok(())
+}
+
+fn read_err(e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable {
+        retryable: true,
+        message: format!("read: {e}"),
+    }
+}
+
+/// SQLite errors that leave the group unusable (full disk, I/O) are "needs attention" until
+/// the condition clears; both retry on their own once it does.
+fn write_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable {
+        retryable: true,
+        message: format!("write: {e}"),
+    }
+}
+
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: Writer,
+    readers: Arc<ReadPool<Connection>>,
+}
+
+impl SqliteStore {
+    /// Opens with defaults (tests and tools).
+    pub fn open(path: &Path) -> Result<Arc<SqliteStore>, StoreError> {
+        SqliteStore::open_with(path, &StoreSettings::sqlite(path))
+    }
+
+    pub fn open_with(path: &Path, s: &StoreSettings) -> Result<Arc<SqliteStore>, StoreError> {
+        let mut conn = open_conn(path)?;
+        migrate(&mut conn, path)?;
+        let writer = Writer::spawn("sqlite", SqliteBackend { conn }, s)?;
+        Ok(Arc::new(SqliteStore {
+            path: path.to_path_buf(),
+            writer,
+            readers: Arc::new(ReadPool::new(8)),
+        }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+    ) -> StoreFuture<T> {
+        let path = self.path.clone();
+        self.readers
+            .run(move || open_conn(&path), move |c| f(c).map_err(read_err))
+    }
+
+    /// Caps the store file at `pages` pages (SQLite answers writes past it with "database or
+    /// disk is full", exactly as on a full disk); `None` lifts the cap. The fault tests use it
+    /// to fill the disk.
+    pub fn set_page_limit(&self, pages: Option<u64>) -> StoreFuture<()> {
+        self.w_unit(Op::PageLimit(pages))
+    }
+
+    /// Pages the store file uses now.
+    pub fn page_count(&self) -> StoreFuture<u64> {
+        self.read(|c| {
+            c.query_row("PRAGMA page_count", [], |r| r.get::<_, i64>(0))
+                .map(|n| n as u64)
+        })
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.writer.close();
+    }
+}
+
+impl WriteFront for SqliteStore {
+    fn writer(&self) -> &Writer {
+        &self.writer
+    }
+}
+
+pub(crate) fn event_from_row(r: &rusqlite::Row<'_>) -> Result<StoredEvent, rusqlite::Error> {
+    let key: String = r.get(5)?;
+    let row: Option<String> = r.get(6)?;
+    Ok(StoredEvent {
+        id: r.get::<_, i64>(0)? as u64,
+        clinic_id: r.get(1)?,
+        seq: r.get::<_, i64>(2)? as u64,
+        entity: r.get(3)?,
+        op: r.get(4)?,
+        key: serde_json::from_str(&key).unwrap_or(Value::Null),
+        row: row.and_then(|s| serde_json::from_str(&s).ok()),
+        committed_at: r.get(7)?,
+        received_at: r.get(8)?,
+        problem: r.get(9)?,
+    })
+}
+
+const EVENT_COLUMNS: &str =
+    "id, clinic_id, seq, entity, op, key_json, row_json, committed_at, received_at, problem";
+
+fn clinic_from_row(r: &rusqlite::Row<'_>) -> Result<ClinicRecord, rusqlite::Error> {
+    Ok(ClinicRecord {
+        clinic_id: r.get(0)?,
+        acked_seq: r.get::<_, i64>(1)? as u64,
+        first_seen: r.get(2)?,
+        last_event_at: r.get(3)?,
+        events: r.get::<_, i64>(4)?.max(0) as u64,
+        pending_updates: r.get::<_, i64>(5)?.max(0) as u64,
+    })
+}
+
+const CLINIC_COLUMNS: &str =
+    "clinic_id, acked_seq, first_seen, last_event_at, events_stored, pending_updates";
+
+fn meta(c: &Connection, key: &str) -> Result<u64, rusqlite::Error> {
+    c.query_row(
+        "SELECT value FROM store_meta WHERE key = ?1",
+        params![key],
+        |r| r.get::<_, i64>(0),
+    )
+    .optional()
+    .map(|v| v.unwrap_or(0).max(0) as u64)
+}
+
+fn op_from(s: &str) -> UpdateOp {
+    if s == "delete" {
+        UpdateOp::Delete
+    } else {
+        UpdateOp::Upsert
+    }
+}
+
+impl GatewayStore for SqliteStore {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn hello(&self, clinic: &str, source: u64) -> StoreFuture<u64> {
+        self.w_hello(clinic, source)
+    }
+
+    fn append(
+        &self,
+        clinic: &str,
+        source: u64,
+        prev_seq: u64,
+        events: Vec<IncomingEvent>,
+    ) -> StoreFuture<AppendOutcome> {
+        self.w_append(clinic, source, prev_seq, events)
+    }
+
+    fn acked_seq(&self, clinic: &str) -> StoreFuture<u64> {
+        let clinic = clinic.to_string();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT acked_seq FROM clinics WHERE clinic_id = ?1",
+                params![clinic],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|v| v.unwrap_or(0) as u64)
+        })
+    }
+
+    fn clinics(&self) -> StoreFuture<Vec<ClinicRecord>> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {CLINIC_COLUMNS} FROM clinics ORDER BY clinic_id"
+            ))?;
+            let rows = stmt.query_map([], clinic_from_row)?;
+            rows.collect()
+        })
+    }
+
+    fn clinic(&self, clinic: &str) -> StoreFuture<Option<ClinicRecord>> {
+        let clinic = clinic.to_string();
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {CLINIC_COLUMNS} FROM clinics WHERE clinic_id = ?1"
+            ))?
+            .query_row(params![clinic], clinic_from_row)
+            .optional()
+        })
+    }
+
+    fn events_page(
+        &self,
+        clinic: Option<&str>,
+        after: u64,
+        limit: usize,
+    ) -> StoreFuture<Vec<StoredEvent>> {
+        let clinic = clinic.map(str::to_string);
+        let path = self.path.clone();
+        self.readers.run(
+            move || open_conn(&path),
+            move |c| {
+                let pruned = meta(c, "pruned_through").map_err(read_err)?;
+                if after < pruned {
+                    let oldest: i64 = c
+                        .query_row("SELECT coalesce(min(id), 0) FROM events", [], |r| r.get(0))
+                        .map_err(read_err)?;
+                    return Err(StoreError::Gone {
+                        pruned_through: pruned,
+                        oldest: (oldest as u64).max(pruned + 1),
+                    });
+                }
+                let sql = match clinic {
+                    Some(_) => format!(
+                        "SELECT {EVENT_COLUMNS} FROM events WHERE clinic_id = ?2 AND id > ?1 ORDER BY id LIMIT ?3"
+                    ),
+                    None => format!(
+                        "SELECT {EVENT_COLUMNS} FROM events WHERE id > ?1 AND ?2 IS NULL ORDER BY id LIMIT ?3"
+                    ),
+                };
+                let mut stmt = c.prepare_cached(&sql).map_err(read_err)?;
+                let rows = stmt
+                    .query_map(params![after as i64, clinic, limit as i64], event_from_row)
+                    .map_err(read_err)?;
+                rows.collect::<Result<_, _>>().map_err(read_err)
+            },
+        )
+    }
+
+    fn clinic_events(
+        &self,
+        clinic: &str,
+        after_id: u64,
+        limit: usize,
+    ) -> StoreFuture<Vec<StoredEvent>> {
+        let clinic = clinic.to_string();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {EVENT_COLUMNS} FROM events WHERE clinic_id = ?1 \
+                 AND source_id = coalesce((SELECT source_id FROM clinics WHERE clinic_id = ?1), 0) \
+                 AND id > ?2 ORDER BY id LIMIT ?3"
+            ))?;
+            let rows = stmt.query_map(
+                params![clinic, after_id as i64, limit as i64],
+                event_from_row,
+            )?;
+            rows.collect()
+        })
+    }
+
+    fn head(&self) -> StoreFuture<u64> {
+        self.read(|c| {
+            c.query_row("SELECT coalesce(max(id), 0) FROM events", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n as u64)
+        })
+    }
+
+    fn enqueue_update(&self, update: NewUpdate) -> StoreFuture<String> {
+        self.w_enqueue(update)
+    }
+
+    fn open_updates(
+        &self,
+        clinic: &str,
+        after_row: i64,
+        limit: usize,
+    ) -> StoreFuture<Vec<(i64, tether_schemas::Update)>> {
+        let clinic = clinic.to_string();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, update_id, entity, op, key_json, row_json FROM updates \
+                 WHERE clinic_id = ?1 AND status IN ('pending', 'delivered') AND id > ?2 ORDER BY id LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(params![clinic, after_row, limit as i64], |r| {
+                let op: String = r.get(3)?;
+                let key: String = r.get(4)?;
+                let row: Option<String> = r.get(5)?;
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    tether_schemas::Update {
+                        update_id: r.get(1)?,
+                        entity: r.get(2)?,
+                        op: op_from(&op),
+                        key: serde_json::from_str(&key).unwrap_or_default(),
+                        row: row.and_then(|s| serde_json::from_str(&s).ok()),
+                    },
+                ))
+            })?;
+            rows.collect()
+        })
+    }
+
+    fn mark_delivered(&self, ids: Vec<String>) -> StoreFuture<()> {
+        self.w_unit(Op::MarkDelivered(ids))
+    }
+
+    fn update_result(
+        &self,
+        clinic: &str,
+        update_id: &str,
+        status: UpdateStatus,
+        reason: Option<String>,
+    ) -> StoreFuture<bool> {
+        self.w_bool(Op::UpdateResult {
+            clinic: clinic.into(),
+            update_id: update_id.into(),
+            status,
+            reason,
+        })
+    }
+
+    fn update(&self, update_id: &str) -> StoreFuture<Option<UpdateRecord>> {
+        let id = update_id.to_string();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT update_id, clinic_id, entity, op, status, reason, deliveries, created_at, updated_at \
+                 FROM updates WHERE update_id = ?1",
+                params![id],
+                |r| {
+                    Ok(UpdateRecord {
+                        update_id: r.get(0)?,
+                        clinic_id: r.get(1)?,
+                        entity: r.get(2)?,
+                        op: r.get(3)?,
+                        status: r.get(4)?,
+                        reason: r.get(5)?,
+                        deliveries: r.get::<_, i64>(6)? as u64,
+                        created_at: r.get(7)?,
+                        updated_at: r.get(8)?,
+                    })
+                },
+            )
+            .optional()
+        })
+    }
+
+    fn webhook_cursor(&self, name: &str) -> StoreFuture<u64> {
+        let name = name.to_string();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT last_event_id FROM webhook_cursors WHERE name = ?1",
+                params![name],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|v| v.unwrap_or(0).max(0) as u64)
+        })
+    }
+
+    fn advance_webhook_cursor(&self, name: &str, from: u64, to: u64) -> StoreFuture<bool> {
+        self.w_bool(Op::AdvanceCursor {
+            name: name.into(),
+            from,
+            to,
+        })
+    }
+
+    fn replay_webhook(&self, name: &str, event_id: u64) -> StoreFuture<Result<(), u64>> {
+        self.w_replay(name, event_id)
+    }
+
+    fn add_dead_letter(
+        &self,
+        name: &str,
+        event_id: u64,
+        attempts: u32,
+        error: &str,
+    ) -> StoreFuture<()> {
+        self.w_unit(Op::AddDeadLetter {
+            name: name.into(),
+            event_id,
+            attempts,
+            error: error.into(),
+        })
+    }
+
+    fn dead_letters(&self, name: &str, after: u64, limit: usize) -> StoreFuture<Vec<DeadLetter>> {
+        let name = name.to_string();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, event_id, attempts, last_error, failed_at FROM webhook_dead_letters \
+                 WHERE name = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(params![name, after as i64, limit as i64], |r| {
+                Ok(DeadLetter {
+                    id: r.get::<_, i64>(0)? as u64,
+                    event_id: r.get::<_, i64>(1)? as u64,
+                    attempts: r.get::<_, i64>(2)? as u32,
+                    last_error: r.get(3)?,
+                    failed_at: r.get(4)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    fn dead_letter_count(&self, name: &str) -> StoreFuture<u64> {
+        let name = name.to_string();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT count(*) FROM webhook_dead_letters WHERE name = ?1",
+                params![name],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+        })
+    }
+
+    fn dead_letter_event(&self, name: &str, id: u64) -> StoreFuture<Option<u64>> {
+        let name = name.to_string();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT event_id FROM webhook_dead_letters WHERE name = ?1 AND id = ?2",
+                params![name, id as i64],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|v| v.map(|n| n as u64))
+        })
+    }
+
+    fn remove_dead_letter(&self, name: &str, id: u64) -> StoreFuture<bool> {
+        self.w_bool(Op::RemoveDeadLetter {
+            name: name.into(),
+            id,
+        })
+    }
+
+    fn prune(&self, cutoff: &str, below_id: u64, batch: usize) -> StoreFuture<Pruned> {
+        self.w_prune(cutoff, below_id, batch)
+    }
+
+    fn check_writer(&self) -> StoreFuture<()> {
+        self.w_unit(Op::Ping)
+    }
+
+    fn close(&self) {
+        self.writer.close();
+    }
+}
+
+struct SqliteBackend {
+    conn: Connection,
+}
+
+impl Backend for SqliteBackend {
+    fn run_alone(&mut self, op: &Op) {
+        if let Op::PageLimit(pages) = op {
+            let n = pages.unwrap_or(4_294_967_294) as i64;
+            if let Err(e) = self
+                .conn
+                .query_row(&format!("PRAGMA max_page_count = {n}"), [], |r| {
+                    r.get::<_, i64>(0)
+                })
+            {
+                log::error!(target: "error", "event=store_page_limit_failed error={e}");
+            }
+        }
+    }
+
+    fn run_group(&mut self, ops: &[Op]) -> Result<Vec<Result<Done, StoreError>>, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(write_err)?;
+        let now = now_iso();
+        let mut out = Vec::with_capacity(ops.len());
+        for op in ops {
+            tx.execute_batch("SAVEPOINT op").map_err(write_err)?;
+            let res = run_op(&tx, op, &now);
+            // Some errors (a full disk, I/O) make SQLite roll the whole transaction back:
+            // then the group failed as a whole, for that reason.
+            if let (Err(e), true) = (&res, tx.is_autocommit()) {
+                return Err(e.clone());
+            }
+            let end = if res.is_err() {
+                "ROLLBACK TO op; RELEASE op"
+            } else {
+                "RELEASE op"
+            };
+            tx.execute_batch(end).map_err(|e| match &res {
+                Err(first) => first.clone(),
+                Ok(_) => write_err(e),
+            })?;
+            out.push(res);
+        }
+        tx.commit().map_err(write_err)?;
+        Ok(out)
+    }
+}
+
+fn run_op(tx: &rusqlite::Transaction<'_>, op: &Op, now: &str) -> Result<Done, StoreError> {
+    match op {
+        Op::Hello { clinic, source } => hello(tx, clinic, *source, now).map(Done::Pos),
+        Op::Append {
+            clinic,
+            source,
+            prev_seq,
+            events,
+        } => append(tx, clinic, *source, *prev_seq, events, now).map(Done::Append),
+        Op::EnqueueUpdate(u) => enqueue_update(tx, u, now).map(Done::Id),
+        Op::MarkDelivered(ids) => {
+            let mut stmt = tx
+                .prepare_cached(
+                    "UPDATE updates SET status = CASE status WHEN 'pending' THEN 'delivered' ELSE status END, \
+                     deliveries = deliveries + 1, updated_at = ?2 WHERE update_id = ?1",
+                )
+                .map_err(write_err)?;
+            for id in ids {
+                stmt.execute(params![id, now]).map_err(write_err)?;
+            }
+            Ok(Done::Unit)
+        }
+        Op::UpdateResult {
+            clinic,
+            update_id,
+            status,
+            reason,
+        } => {
+            let n = tx
+                .execute(
+                    "UPDATE updates SET status = ?3, reason = ?4, updated_at = ?5 \
+                     WHERE update_id = ?1 AND clinic_id = ?2 AND status IN ('pending', 'delivered')",
+                    params![update_id, clinic, status.as_str(), reason, now],
+                )
+                .map_err(write_err)?;
+            if n > 0 {
+                tx.execute(
+                    "UPDATE clinics SET pending_updates = pending_updates - 1 WHERE clinic_id = ?1",
+                    params![clinic],
+                )
+                .map_err(write_err)?;
+            }
+            Ok(Done::Bool(n > 0))
+        }
+        Op::AdvanceCursor { name, from, to } => {
+            let n = if *from == 0 {
+                tx.execute(
+                    "INSERT INTO webhook_cursors (name, last_event_id) VALUES (?1, ?2) \
+                     ON CONFLICT (name) DO UPDATE SET last_event_id = excluded.last_event_id \
+                     WHERE webhook_cursors.last_event_id = 0",
+                    params![name, *to as i64],
+                )
+            } else {
+                tx.execute(
+                    "UPDATE webhook_cursors SET last_event_id = ?3 WHERE name = ?1 AND last_event_id = ?2",
+                    params![name, *from as i64, *to as i64],
+                )
+            }
+            .map_err(write_err)?;
+            Ok(Done::Bool(n == 1))
+        }
+        Op::Replay { name, event_id } => {
+            let head: i64 = tx
+                .query_row("SELECT coalesce(max(id), 0) FROM events", [], |r| r.get(0))
+                .map_err(write_err)?;
+            let head = head as u64;
+            if *event_id > head.max(1) {
+                return Ok(Done::Replay(Err(head)));
+            }
+            tx.execute(
+                "INSERT INTO webhook_cursors (name, last_event_id) VALUES (?1, ?2) \
+                 ON CONFLICT (name) DO UPDATE SET last_event_id = excluded.last_event_id",
+                params![name, event_id.saturating_sub(1) as i64],
+            )
+            .map_err(write_err)?;
+            Ok(Done::Replay(Ok(())))
+        }
+        Op::AddDeadLetter {
+            name,
+            event_id,
+            attempts,
+            error,
+        } => {
+            tx.execute(
+                "INSERT INTO webhook_dead_letters (name, event_id, attempts, last_error, failed_at) VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (name, event_id) DO UPDATE SET attempts = attempts + excluded.attempts, \
+                 last_error = excluded.last_error, failed_at = excluded.failed_at",
+                params![name, *event_id as i64, *attempts as i64, error, now],
+            )
+            .map_err(write_err)?;
+            Ok(Done::Unit)
+        }
+        Op::RemoveDeadLetter { name, id } => {
+            let n = tx
+                .execute(
+                    "DELETE FROM webhook_dead_letters WHERE name = ?1 AND id = ?2",
+                    params![name, *id as i64],
+                )
+                .map_err(write_err)?;
+            Ok(Done::Bool(n > 0))
+        }
+        Op::Prune {
+            cutoff,
+            below_id,
+            batch,
+        } => prune(tx, cutoff, *below_id, *batch).map(Done::Pruned),
+        Op::Ping => Ok(Done::Unit),
+        Op::PageLimit(_) => Ok(Done::Unit),
+    }
+}
+
+fn prune(
+    tx: &rusqlite::Transaction<'_>,
+    cutoff: &str,
+    below_id: u64,
+    batch: usize,
+) -> Result<Pruned, StoreError> {
+    let through = meta(tx, "pruned_through").map_err(write_err)?;
+    // The oldest events, in id order, while they are old enough: a contiguous range, so
+    // "everything up to `pruned_through` is gone" stays exact.
+    let mut stmt = tx
+        .prepare_cached(
+            "SELECT id, received_at < ?3 FROM events WHERE id > ?1 AND id < ?2 ORDER BY id LIMIT ?4",
+        )
+        .map_err(write_err)?;
+    let rows: Vec<(i64, bool)> = stmt
+        .query_map(
+            params![through as i64, below_id as i64, cutoff, batch as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(write_err)?
+        .collect::<Result<_, _>>()
+        .map_err(write_err)?;
+    let last = rows
+        .iter()
+        .take_while(|(_, old)| *old)
+        .last()
+        .map(|(id, _)| *id);
+    let Some(last) = last else {
+        return Ok(Pruned {
+            events: 0,
+            pruned_through: through,
+        });
+    };
+    let per_clinic: Vec<(String, i64)> = tx
+        .prepare_cached(
+            "SELECT clinic_id, count(*) FROM events WHERE id > ?1 AND id <= ?2 GROUP BY clinic_id",
+        )
+        .map_err(write_err)?
+        .query_map(params![through as i64, last], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .map_err(write_err)?
+        .collect::<Result<_, _>>()
+        .map_err(write_err)?;
+    let n = tx
+        .execute(
+            "DELETE FROM events WHERE id > ?1 AND id <= ?2",
+            params![through as i64, last],
+        )
+        .map_err(write_err)?;
+    for (clinic, k) in per_clinic {
+        tx.execute(
+            "UPDATE clinics SET events_stored = max(events_stored - ?2, 0) WHERE clinic_id = ?1",
+            params![clinic, k],
+        )
+        .map_err(write_err)?;
+    }
+    tx.execute(
+        "UPDATE store_meta SET value = ?1 WHERE key = 'pruned_through'",
+        params![last],
+    )
+    .map_err(write_err)?;
+    Ok(Pruned {
+        events: n as u64,
+        pruned_through: last as u64,
+    })
+}
+
+fn hello(
+    tx: &rusqlite::Transaction<'_>,
+    clinic: &str,
+    source: u64,
+    now: &str,
+) -> Result<u64, StoreError> {
+    let row: Option<(i64, i64)> = tx
+        .query_row(
+            "SELECT acked_seq, source_id FROM clinics WHERE clinic_id = ?1",
+            params![clinic],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(write_err)?;
+    match row {
+        None => {
+            tx.execute(
+                "INSERT INTO clinics (clinic_id, acked_seq, source_id, first_seen) VALUES (?1, 0, ?2, ?3)",
+                params![clinic, source as i64, now],
+            )
+            .map_err(write_err)?;
+            Ok(0)
+        }
+        Some((acked, known)) if known as u64 == source || source == 0 => Ok(acked as u64),
+        Some((acked, 0)) => {
+            tx.execute(
+                "UPDATE clinics SET source_id = ?2 WHERE clinic_id = ?1",
+                params![clinic, source as i64],
+            )
+            .map_err(write_err)?;
+            Ok(acked as u64)
+        }
+        Some((acked, known)) => {
+            super::log_outbox_recreated(clinic, known as u64, source, acked as u64);
+            tx.execute(
+                "UPDATE clinics SET source_id = ?2, acked_seq = 0 WHERE clinic_id = ?1",
+                params![clinic, source as i64],
+            )
+            .map_err(write_err)?;
+            Ok(0)
+        }
+    }
+}
+
+fn append(
+    tx: &rusqlite::Transaction<'_>,
+    clinic: &str,
+    source: u64,
+    prev_seq: u64,
+    events: &[IncomingEvent],
+    now: &str,
+) -> Result<AppendOutcome, StoreError> {
+    let (acked, known): (u64, u64) = tx
+        .query_row(
+            "SELECT acked_seq, source_id FROM clinics WHERE clinic_id = ?1",
+            params![clinic],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )
+        .optional()
+        .map_err(write_err)?
+        .unwrap_or((0, 0));
+    if prev_seq > acked || (source != 0 && known != 0 && source != known) {
+        return Ok(AppendOutcome::Gap { acked });
+    }
+    let source = if source == 0 { known } else { source };
+    let mut stmt = tx
+        .prepare_cached(
+            "INSERT OR IGNORE INTO events (clinic_id, seq, entity, op, key_json, row_json, committed_at, received_at, problem, source_id) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )
+        .map_err(write_err)?;
+    let mut inserted = 0;
+    let mut last = acked;
+    for ie in events {
+        let ev = &ie.event;
+        let (key, row) = super::event_json(ev)?;
+        inserted += stmt
+            .execute(params![
+                clinic,
+                ev.seq as i64,
+                ev.entity,
+                ev.op.as_str(),
+                key,
+                row,
+                ev.committed_at,
+                now,
+                ie.problem,
+                source as i64
+            ])
+            .map_err(write_err)?;
+        last = last.max(ev.seq);
+    }
+    tx.execute(
+        "INSERT INTO clinics (clinic_id, acked_seq, first_seen, last_event_at, events_stored) VALUES (?1, ?2, ?3, ?3, ?4) \
+         ON CONFLICT (clinic_id) DO UPDATE SET acked_seq = max(acked_seq, excluded.acked_seq), \
+         last_event_at = excluded.last_event_at, events_stored = events_stored + excluded.events_stored",
+        params![clinic, last as i64, now, inserted as i64],
+    )
+    .map_err(write_err)?;
+    Ok(AppendOutcome::Stored {
+        acked: last,
+        inserted,
+    })
+}
+
+fn enqueue_update(
+    tx: &rusqlite::Transaction<'_>,
+    u: &NewUpdate,
+    now: &str,
+) -> Result<String, StoreError> {
+    let id = new_update_id();
+    let (key, row) = super::update_json(u)?;
+    tx.execute(
+        "INSERT INTO updates (update_id, clinic_id, entity, op, key_json, row_json, status, created_at, updated_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7)",
+        params![id, u.clinic_id, u.entity, u.op.as_str(), key, row, now],
+    )
+    .map_err(write_err)?;
+    tx.execute(
+        "INSERT INTO clinics (clinic_id, acked_seq, first_seen, pending_updates) VALUES (?1, 0, ?2, 1) \
+         ON CONFLICT (clinic_id) DO UPDATE SET pending_updates = pending_updates + 1",
+        params![u.clinic_id, now],
+    )
+    .map_err(write_err)?;
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Map;
+    use tether_schemas::{Event, Op as EventOp};
+
+    #[test]
+    fn a_full_disk_fails_the_commit_and_lifting_the_limit_recovers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("g.db")).expect("store");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt");
+        let big = |seq: u64| IncomingEvent {
+            event: Event {
+                seq,
+                entity: "e".into(),
+                op: EventOp::Insert,
+                key: Map::new(),
+                row: serde_json::json!({"pad": "x".repeat(20_000)})
+                    .as_object()
+                    .cloned(),
+                committed_at: "t".into(),
+            },
+            problem: None,
+        };
+        rt.block_on(store.append("c", 0, 0, vec![big(1)]))
+            .expect("first");
+        let pages = rt.block_on(store.page_count()).expect("pages");
+        rt.block_on(store.set_page_limit(Some(pages)))
+            .expect("limit");
+        let err = rt.block_on(store.append("c", 0, 1, vec![big(2), big(3)]));
+        assert!(
+            matches!(&err, Err(StoreError::Unavailable { message, .. }) if message.contains("full")),
+            "{err:?}"
+        );
+        assert_eq!(
+            rt.block_on(store.acked_seq("c")).expect("acked"),
+            1,
+            "nothing of the failed group is acknowledged"
+        );
+        rt.block_on(store.set_page_limit(None)).expect("lift");
+        let ok = rt
+            .block_on(store.append("c", 0, 1, vec![big(2), big(3)]))
+            .expect("after");
+        assert_eq!(
+            ok,
+            AppendOutcome::Stored {
+                acked: 3,
+                inserted: 2
+            }
+        );
+    }
+
+    #[test]
+    fn a_store_made_by_an_older_release_is_migrated_and_its_counters_filled() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("old.db");
+        {
+            // The first release's schema, with data, and no user_version.
+            let c = Connection::open(&path).expect("open");
+            c.execute_batch(MIGRATIONS[0]).expect("v1");
+            c.execute_batch(
+                "INSERT INTO clinics (clinic_id, acked_seq, first_seen) VALUES ('a', 2, 't');
+                 INSERT INTO events (clinic_id, seq, entity, op, key_json, committed_at, received_at)
+                 VALUES ('a', 1, 'e', 'insert', '{}', 't', 't'), ('a', 2, 'e', 'insert', '{}', 't', 't');
+                 INSERT INTO updates (update_id, clinic_id, entity, op, key_json, status, created_at, updated_at)
+                 VALUES ('u1', 'a', 'e', 'upsert', '{}', 'pending', 't', 't');",
+            )
+            .expect("data");
+        }
+        let store = SqliteStore::open(&path).expect("migrated");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt");
+        let a = rt
+            .block_on(store.clinic("a"))
+            .expect("read")
+            .expect("clinic a");
+        assert_eq!((a.events, a.pending_updates, a.acked_seq), (2, 1, 2));
+        drop(store);
+        // A newer binary's store is refused, by name.
+        let c = Connection::open(&path).expect("open");
+        c.execute_batch("PRAGMA user_version = 99").expect("bump");
+        drop(c);
+        match SqliteStore::open(&path) {
+            Err(StoreError::TooNew {
+                found, supported, ..
+            }) => assert_eq!((found, supported), (99, SCHEMA_VERSION as i64)),
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a newer store was opened"),
+        }
+    }
+}

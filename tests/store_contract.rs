@@ -1,0 +1,636 @@
+//! The gateway store's contract: the same cases against every adapter — SQLite (a file per
+//! test) and PostgreSQL (the server on 127.0.0.1:5432, or TETHER_TEST_PG; a schema per test,
+//! dropped after). PostgreSQL missing is a failure, never a skip.
+
+use std::sync::Arc;
+
+use serde_json::json;
+use tether::gateway::store::{
+    self, AppendOutcome, IncomingEvent, NewUpdate, Store, StoreError, StoreLocation, StoreSettings,
+};
+use tether_schemas::{Event, Op, UpdateOp, UpdateStatus};
+
+fn ev(seq: u64) -> IncomingEvent {
+    IncomingEvent {
+        event: Event {
+            seq,
+            entity: "patient".into(),
+            op: Op::Insert,
+            key: json!({"id": seq}).as_object().cloned().unwrap_or_default(),
+            row: json!({"id": seq, "name": "n"}).as_object().cloned(),
+            committed_at: "2026-01-01T00:00:00.000Z".into(),
+        },
+        problem: None,
+    }
+}
+
+fn evs(range: std::ops::RangeInclusive<u64>) -> Vec<IncomingEvent> {
+    range.map(ev).collect()
+}
+
+fn block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
+
+/// A store for one test, and whatever must be cleaned up after it.
+struct Fixture {
+    store: Arc<Store>,
+    location: StoreLocation,
+    _dir: Option<tempfile::TempDir>,
+    pg_schema: Option<String>,
+}
+
+fn pg_url() -> String {
+    std::env::var("TETHER_TEST_PG")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".into())
+}
+
+impl Fixture {
+    fn sqlite() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let location = StoreLocation::Sqlite(dir.path().join("g.db"));
+        Fixture {
+            store: open(&location),
+            location,
+            _dir: Some(dir),
+            pg_schema: None,
+        }
+    }
+
+    fn postgres() -> Fixture {
+        let schema = format!(
+            "contract_{}_{:x}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let location = StoreLocation::Postgres {
+            url: pg_url(),
+            schema: schema.clone(),
+        };
+        Fixture {
+            store: open(&location),
+            location,
+            _dir: None,
+            pg_schema: Some(schema),
+        }
+    }
+
+    /// A second store on the same data (a restart, or a second gateway node).
+    fn reopen(&self) -> Arc<Store> {
+        open(&self.location)
+    }
+}
+
+fn open(location: &StoreLocation) -> Arc<Store> {
+    let mut s = StoreSettings::sqlite("unused");
+    s.location = location.clone();
+    store::open(&s).unwrap_or_else(|e| panic!("open {location}: {e} (is PostgreSQL running?)"))
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.store.close();
+        if let Some(schema) = &self.pg_schema {
+            if let Ok(mut c) = ::postgres::Client::connect(&pg_url(), ::postgres::NoTls) {
+                let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+            }
+        }
+    }
+}
+
+fn update(clinic: &str) -> NewUpdate {
+    NewUpdate {
+        clinic_id: clinic.into(),
+        entity: "patient".into(),
+        op: UpdateOp::Upsert,
+        key: json!({"id": 1}).as_object().cloned().unwrap_or_default(),
+        row: json!({"id": 1, "name": "cloud"}).as_object().cloned(),
+    }
+}
+
+fn append_duplicates_and_gaps(f: &Fixture) {
+    let s = &f.store;
+    block(async {
+        assert_eq!(s.hello("c1", 0).await.expect("hello"), 0);
+        let out = s.append("c1", 0, 0, evs(1..=3)).await.expect("append");
+        assert_eq!(
+            out,
+            AppendOutcome::Stored {
+                acked: 3,
+                inserted: 3
+            }
+        );
+        // A resend overlapping what is stored: acknowledged, one new row.
+        let out = s.append("c1", 0, 1, evs(2..=4)).await.expect("append");
+        assert_eq!(
+            out,
+            AppendOutcome::Stored {
+                acked: 4,
+                inserted: 1
+            }
+        );
+        // A gap: nothing stored.
+        let out = s.append("c1", 0, 10, evs(11..=11)).await.expect("append");
+        assert_eq!(out, AppendOutcome::Gap { acked: 4 });
+        let page = s.events_page(Some("c1"), 0, 100).await.expect("page");
+        assert_eq!(
+            page.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
+        assert_eq!(page[0].key, json!({"id": 1}));
+        assert_eq!(page[0].row, Some(json!({"id": 1, "name": "n"})));
+        assert_eq!(s.acked_seq("c1").await.expect("acked"), 4);
+        assert_eq!(s.acked_seq("nobody").await.expect("acked"), 0);
+        // Another clinic's events are its own.
+        s.append("c2", 0, 0, evs(1..=2)).await.expect("c2");
+        assert_eq!(s.events_page(Some("c1"), 0, 100).await.expect("p").len(), 4);
+        assert_eq!(s.events_page(None, 0, 100).await.expect("p").len(), 6);
+        assert_eq!(
+            s.head().await.expect("head"),
+            page[3]
+                .id
+                .max(s.events_page(None, 0, 100).await.expect("p")[5].id)
+        );
+    });
+}
+
+fn flagged_events_are_stored_with_their_problem(f: &Fixture) {
+    let s = &f.store;
+    block(async {
+        let mut bad = ev(1);
+        bad.problem = Some("row.name: not a string".into());
+        s.append("c", 0, 0, vec![bad]).await.expect("append");
+        let page = s.events_page(Some("c"), 0, 10).await.expect("page");
+        assert_eq!(page[0].problem.as_deref(), Some("row.name: not a string"));
+    });
+}
+
+fn a_recreated_outbox_starts_a_new_position(f: &Fixture) {
+    let s = &f.store;
+    block(async {
+        assert_eq!(s.hello("c", 111).await.expect("hello"), 0);
+        s.append("c", 111, 0, evs(1..=3)).await.expect("a");
+        assert_eq!(s.hello("c", 111).await.expect("same outbox"), 3);
+        // The clinic's database was re-created: sequences start again at 1.
+        assert_eq!(s.hello("c", 222).await.expect("new outbox"), 0);
+        let out = s.append("c", 222, 0, evs(1..=2)).await.expect("b");
+        assert_eq!(
+            out,
+            AppendOutcome::Stored {
+                acked: 2,
+                inserted: 2
+            },
+            "stored, not ignored"
+        );
+        // A late batch from the old outbox is refused.
+        let stale = s.append("c", 111, 3, evs(4..=4)).await.expect("stale");
+        assert_eq!(stale, AppendOutcome::Gap { acked: 2 });
+        assert_eq!(
+            s.events_page(Some("c"), 0, 100).await.expect("page").len(),
+            5
+        );
+        // The history view holds the current outbox only, in storage order.
+        let current = s.clinic_events("c", 0, 100).await.expect("current");
+        assert_eq!(
+            current.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+    });
+}
+
+fn acknowledged_means_durable_across_a_restart(f: &Fixture) {
+    block(async {
+        f.store
+            .append("c", 0, 0, evs(1..=50))
+            .await
+            .expect("append");
+    });
+    // Nothing flushed by hand: the writer answered after COMMIT, so a new process sees it.
+    f.store.close();
+    let again = f.reopen();
+    block(async {
+        assert_eq!(again.acked_seq("c").await.expect("acked"), 50);
+        assert_eq!(
+            again
+                .events_page(Some("c"), 0, 100)
+                .await
+                .expect("page")
+                .len(),
+            50
+        );
+        assert_eq!(again.hello("c", 0).await.expect("hello"), 50);
+    });
+    again.close();
+}
+
+fn counters_follow_every_write(f: &Fixture) {
+    let s = &f.store;
+    block(async {
+        s.append("a", 0, 0, evs(1..=5)).await.expect("a");
+        s.append("a", 0, 3, evs(4..=7)).await.expect("a again");
+        s.append("b", 0, 0, evs(1..=2)).await.expect("b");
+        let u1 = s.enqueue_update(update("a")).await.expect("u1");
+        let _u2 = s.enqueue_update(update("a")).await.expect("u2");
+        s.enqueue_update(update("fresh")).await.expect("u3");
+        let all = s.clinics().await.expect("clinics");
+        let ids: Vec<&str> = all.iter().map(|c| c.clinic_id.as_str()).collect();
+        assert_eq!(ids, vec!["a", "b", "fresh"], "ordered by id");
+        let a = s.clinic("a").await.expect("a").expect("known");
+        assert_eq!((a.events, a.pending_updates, a.acked_seq), (7, 2, 7));
+        assert!(a.last_event_at.is_some());
+        // Delivered is still open; an answer closes it.
+        s.mark_delivered(vec![u1.clone()]).await.expect("mark");
+        assert_eq!(
+            s.clinic("a").await.expect("a").expect("a").pending_updates,
+            2
+        );
+        assert!(s
+            .update_result("a", &u1, UpdateStatus::Applied, None)
+            .await
+            .expect("result"));
+        assert_eq!(
+            s.clinic("a").await.expect("a").expect("a").pending_updates,
+            1
+        );
+        // A second answer, or another clinic's, changes nothing.
+        assert!(!s
+            .update_result("a", &u1, UpdateStatus::Failed, None)
+            .await
+            .expect("again"));
+        let fresh = s.clinic("fresh").await.expect("f").expect("f");
+        assert_eq!((fresh.events, fresh.pending_updates), (0, 1));
+        assert!(s.clinic("nobody").await.expect("read").is_none());
+    });
+}
+
+fn updates_lifecycle(f: &Fixture) {
+    let s = &f.store;
+    block(async {
+        let id = s.enqueue_update(update("c")).await.expect("enqueue");
+        let id2 = s.enqueue_update(update("c")).await.expect("enqueue");
+        let open = s.open_updates("c", 0, 10).await.expect("open");
+        assert_eq!(
+            open.iter()
+                .map(|(_, u)| u.update_id.clone())
+                .collect::<Vec<_>>(),
+            vec![id.clone(), id2.clone()]
+        );
+        assert_eq!(
+            open[0].1.row,
+            Some(
+                json!({"id": 1, "name": "cloud"})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default()
+            )
+        );
+        // Paging by row.
+        let rest = s.open_updates("c", open[0].0, 10).await.expect("rest");
+        assert_eq!(rest.len(), 1);
+        assert!(s
+            .open_updates("other", 0, 10)
+            .await
+            .expect("other")
+            .is_empty());
+        s.mark_delivered(vec![id.clone()]).await.expect("mark");
+        let r = s.update(&id).await.expect("read").expect("exists");
+        assert_eq!((r.status.as_str(), r.deliveries), ("delivered", 1));
+        // Not this clinic's: refused.
+        assert!(!s
+            .update_result("other", &id, UpdateStatus::Applied, None)
+            .await
+            .expect("x"));
+        assert!(s
+            .update_result("c", &id, UpdateStatus::Conflict, Some("row changed".into()))
+            .await
+            .expect("answer"));
+        let r = s.update(&id).await.expect("read").expect("exists");
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_deref()),
+            ("conflict", Some("row changed"))
+        );
+        assert_eq!(s.open_updates("c", 0, 10).await.expect("open").len(), 1);
+        assert!(s.update("upd_none").await.expect("read").is_none());
+    });
+}
+
+fn webhook_cursor_and_dead_letters(f: &Fixture) {
+    let s = &f.store;
+    block(async {
+        s.append("c", 0, 0, evs(1..=5)).await.expect("append");
+        let ids: Vec<u64> = s
+            .events_page(None, 0, 10)
+            .await
+            .expect("p")
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(s.webhook_cursor("w").await.expect("cursor"), 0);
+        assert!(s
+            .advance_webhook_cursor("w", 0, ids[0])
+            .await
+            .expect("first"));
+        assert!(s
+            .advance_webhook_cursor("w", ids[0], ids[1])
+            .await
+            .expect("second"));
+        // A stale move (the cursor is no longer where the mover read it) loses.
+        assert!(!s
+            .advance_webhook_cursor("w", ids[0], ids[2])
+            .await
+            .expect("stale"));
+        assert_eq!(s.webhook_cursor("w").await.expect("cursor"), ids[1]);
+        // Replay moves it back; past the head is refused, naming the head.
+        s.replay_webhook("w", ids[0])
+            .await
+            .expect("replay")
+            .expect("accepted");
+        assert_eq!(s.webhook_cursor("w").await.expect("cursor"), ids[0] - 1);
+        assert_eq!(
+            s.replay_webhook("w", ids[4] + 10).await.expect("replay"),
+            Err(ids[4])
+        );
+        // Dead letters: added (attempts add up), listed, counted, removed.
+        s.add_dead_letter("w", ids[2], 3, "endpoint answered 500")
+            .await
+            .expect("dl");
+        s.add_dead_letter("w", ids[2], 2, "endpoint answered 502")
+            .await
+            .expect("dl again");
+        s.add_dead_letter("w", ids[3], 1, "timeout")
+            .await
+            .expect("dl 2");
+        let list = s.dead_letters("w", 0, 10).await.expect("list");
+        assert_eq!(list.len(), 2);
+        assert_eq!(
+            (
+                list[0].event_id,
+                list[0].attempts,
+                list[0].last_error.as_str()
+            ),
+            (ids[2], 5, "endpoint answered 502")
+        );
+        assert_eq!(s.dead_letter_count("w").await.expect("count"), 2);
+        assert_eq!(s.dead_letter_count("other").await.expect("count"), 0);
+        assert_eq!(
+            s.dead_letter_event("w", list[0].id).await.expect("ev"),
+            Some(ids[2])
+        );
+        assert!(s.remove_dead_letter("w", list[0].id).await.expect("rm"));
+        assert!(!s
+            .remove_dead_letter("w", list[0].id)
+            .await
+            .expect("rm again"));
+        assert_eq!(
+            s.dead_letter_event("w", list[0].id).await.expect("ev"),
+            None
+        );
+    });
+}
+
+fn retention_prunes_old_delivered_events_and_says_gone(f: &Fixture) {
+    let s = &f.store;
+    block(async {
+        s.append("a", 0, 0, evs(1..=6)).await.expect("a");
+        s.append("b", 0, 0, evs(1..=4)).await.expect("b");
+        let ids: Vec<u64> = s
+            .events_page(None, 0, 100)
+            .await
+            .expect("p")
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(ids.len(), 10);
+        // Nothing is older than a cutoff in the past.
+        let none = s
+            .prune("2000-01-01T00:00:00.000Z", u64::MAX / 2, 100)
+            .await
+            .expect("prune");
+        assert_eq!(none.events, 0);
+        // Everything is older than a cutoff in the future, but a webhook holds back ids[3]..:
+        // batches of 2, oldest first.
+        let future = "2999-01-01T00:00:00.000Z";
+        let p = s.prune(future, ids[3], 2).await.expect("prune");
+        assert_eq!((p.events, p.pruned_through), (2, ids[1]));
+        let p = s.prune(future, ids[3], 2).await.expect("prune");
+        assert_eq!((p.events, p.pruned_through), (1, ids[2]));
+        let p = s.prune(future, ids[3], 2).await.expect("prune");
+        assert_eq!(p.events, 0, "never past an undelivered event");
+        // Counters follow; a cursor before the kept history is Gone with the oldest id.
+        assert_eq!(s.clinic("a").await.expect("a").expect("a").events, 3);
+        match s.events_page(None, 0, 10).await {
+            Err(StoreError::Gone {
+                pruned_through,
+                oldest,
+            }) => {
+                assert_eq!((pruned_through, oldest), (ids[2], ids[3]))
+            }
+            other => panic!("expected Gone, got {other:?}"),
+        }
+        let kept = s
+            .events_page(None, ids[2], 100)
+            .await
+            .expect("from the oldest");
+        assert_eq!(kept.len(), 7);
+        assert_eq!(
+            s.acked_seq("a").await.expect("acked"),
+            6,
+            "positions are not retention's"
+        );
+    });
+}
+
+fn the_writer_answers_a_readiness_round_trip(f: &Fixture) {
+    block(async {
+        f.store.check_writer().await.expect("writer commits");
+    });
+    f.store.close();
+    let after = block(f.store.check_writer());
+    assert_eq!(after, Err(StoreError::Stopped));
+}
+
+fn concurrent_writers_never_let_a_reader_skip_an_event(f: &Fixture) {
+    // Two stores on the same data (two gateway nodes) append concurrently while a reader pages
+    // with `after = last id seen`, as a webhook dispatcher and `GET /v1/events` do. Every
+    // event must be seen exactly once: an id committed after a larger one would be skipped.
+    let second = f.reopen();
+    let writers: Vec<(Arc<Store>, &str)> = vec![(f.store.clone(), "n1"), (second.clone(), "n2")];
+    let per_clinic = 400u64;
+    let clinics_per_node = 4;
+    let reader_store = f.store.clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_r = stop.clone();
+    let reader = std::thread::spawn(move || {
+        let mut seen: Vec<(String, u64)> = Vec::new();
+        let mut after = 0;
+        loop {
+            let done = stop_r.load(std::sync::atomic::Ordering::SeqCst);
+            let page = store::wait(reader_store.events_page(None, after, 97)).expect("page");
+            if let Some(last) = page.last() {
+                after = last.id;
+            }
+            let empty = page.is_empty();
+            seen.extend(page.into_iter().map(|e| (e.clinic_id, e.seq)));
+            if done && empty {
+                return seen;
+            }
+        }
+    });
+    let mut threads = Vec::new();
+    for (s, node) in writers {
+        for k in 0..clinics_per_node {
+            let s = s.clone();
+            let clinic = format!("{node}-c{k}");
+            threads.push(std::thread::spawn(move || {
+                let mut prev = 0;
+                while prev < per_clinic {
+                    let n = 1 + rand::random::<u64>() % 7;
+                    let batch = evs(prev + 1..=(prev + n).min(per_clinic));
+                    let out = store::wait(s.append(&clinic, 0, prev, batch)).expect("append");
+                    match out {
+                        AppendOutcome::Stored { acked, .. } => prev = acked,
+                        AppendOutcome::Gap { .. } => panic!("unexpected gap"),
+                    }
+                }
+            }));
+        }
+    }
+    for t in threads {
+        t.join().expect("writer");
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = reader.join().expect("reader");
+    let total = per_clinic as usize * clinics_per_node * 2;
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), seen.len(), "an event was read twice");
+    assert_eq!(
+        seen.len(),
+        total,
+        "the reader skipped events that committed late"
+    );
+    second.close();
+}
+
+fn a_newer_schema_is_refused_by_name(f: &Fixture) {
+    f.store.close();
+    match &f.location {
+        StoreLocation::Sqlite(path) => {
+            let c = rusqlite::Connection::open(path).expect("open");
+            c.execute_batch("PRAGMA user_version = 99").expect("bump");
+        }
+        StoreLocation::Postgres { schema, .. } => {
+            let mut c = ::postgres::Client::connect(&pg_url(), ::postgres::NoTls).expect("connect");
+            c.batch_execute(&format!(
+                "INSERT INTO {schema}.tether_schema_migrations (version, applied_at) VALUES (99, 'future')"
+            ))
+            .expect("bump");
+        }
+    }
+    let mut s = StoreSettings::sqlite("unused");
+    s.location = f.location.clone();
+    match store::open(&s) {
+        Err(e @ StoreError::TooNew { found: 99, .. }) => {
+            assert!(e.to_string().contains("newer than this binary"), "{e}")
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a store newer than the binary was opened"),
+    }
+}
+
+fn a_full_writer_queue_refuses_at_once(f: &Fixture) {
+    let mut s = StoreSettings::sqlite("unused");
+    s.location = f.location.clone();
+    s.queue = 1;
+    s.group_commit_max_events = 1;
+    let small = store::open(&s).expect("open");
+    // Queue far more than fits without waiting: some are refused, retryable, nothing blocks.
+    let futs: Vec<_> = (0..200u64)
+        .map(|i| small.append(&format!("q{i}"), 0, 0, evs(1..=1)))
+        .collect();
+    let results: Vec<_> = futs.into_iter().map(store::wait).collect();
+    let busy = results
+        .iter()
+        .filter(|r| {
+            matches!(
+                r,
+                Err(StoreError::Unavailable {
+                    retryable: true,
+                    ..
+                })
+            )
+        })
+        .count();
+    let stored = results.iter().filter(|r| r.is_ok()).count();
+    assert!(busy > 0, "a bounded queue must refuse when full");
+    assert_eq!(busy + stored, 200, "{results:?}");
+    // What was accepted is stored; what was refused is not.
+    let held = store::wait(small.clinics()).expect("clinics").len();
+    assert_eq!(held, stored);
+    small.close();
+}
+
+macro_rules! contract {
+    ($adapter:ident) => {
+        mod $adapter {
+            use super::*;
+            #[test]
+            fn append_duplicates_and_gaps() {
+                super::append_duplicates_and_gaps(&Fixture::$adapter());
+            }
+            #[test]
+            fn flagged_events_are_stored_with_their_problem() {
+                super::flagged_events_are_stored_with_their_problem(&Fixture::$adapter());
+            }
+            #[test]
+            fn a_recreated_outbox_starts_a_new_position() {
+                super::a_recreated_outbox_starts_a_new_position(&Fixture::$adapter());
+            }
+            #[test]
+            fn acknowledged_means_durable_across_a_restart() {
+                super::acknowledged_means_durable_across_a_restart(&Fixture::$adapter());
+            }
+            #[test]
+            fn counters_follow_every_write() {
+                super::counters_follow_every_write(&Fixture::$adapter());
+            }
+            #[test]
+            fn updates_lifecycle() {
+                super::updates_lifecycle(&Fixture::$adapter());
+            }
+            #[test]
+            fn webhook_cursor_and_dead_letters() {
+                super::webhook_cursor_and_dead_letters(&Fixture::$adapter());
+            }
+            #[test]
+            fn retention_prunes_old_delivered_events_and_says_gone() {
+                super::retention_prunes_old_delivered_events_and_says_gone(&Fixture::$adapter());
+            }
+            #[test]
+            fn the_writer_answers_a_readiness_round_trip() {
+                super::the_writer_answers_a_readiness_round_trip(&Fixture::$adapter());
+            }
+            #[test]
+            fn concurrent_writers_never_let_a_reader_skip_an_event() {
+                super::concurrent_writers_never_let_a_reader_skip_an_event(&Fixture::$adapter());
+            }
+            #[test]
+            fn a_newer_schema_is_refused_by_name() {
+                super::a_newer_schema_is_refused_by_name(&Fixture::$adapter());
+            }
+            #[test]
+            fn a_full_writer_queue_refuses_at_once() {
+                super::a_full_writer_queue_refuses_at_once(&Fixture::$adapter());
+            }
+        }
+    };
+}
+
+contract!(sqlite);
+#[cfg(feature = "postgres")]
+contract!(postgres);
