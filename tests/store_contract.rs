@@ -1,6 +1,9 @@
 //! The gateway store's contract: the same cases against every adapter — SQLite (a file per
 //! test) and PostgreSQL (the server on 127.0.0.1:5432, or TETHER_TEST_PG; a schema per test,
-//! dropped after). PostgreSQL missing is a failure, never a skip.
+//! dropped after). PostgreSQL missing is a failure, never a skip. The last test runs a whole
+//! fleet (gateway + agents) on the PostgreSQL store.
+
+mod common;
 
 use std::sync::Arc;
 
@@ -634,3 +637,98 @@ macro_rules! contract {
 contract!(sqlite);
 #[cfg(feature = "postgres")]
 contract!(postgres);
+
+/// The whole stack on the PostgreSQL store: agents sync through a gateway whose store is
+/// PostgreSQL (started inside actix's runtime, as in production), every committed change arrives
+/// once and in order, a cloud update is applied once, and the node reports ready.
+#[cfg(feature = "postgres")]
+#[actix_rt::test]
+async fn a_fleet_syncs_through_a_gateway_on_the_postgresql_store() {
+    use common::*;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let schema = format!("fleet_{}_{:x}", std::process::id(), rand::random::<u32>());
+    let _drop = DropSchema(schema.clone());
+    let location = StoreLocation::Postgres {
+        url: pg_url(),
+        schema,
+    };
+    let mut fleet = tether::fleet::Fleet::build_on(
+        dir.path(),
+        2,
+        Duration::from_millis(500),
+        None,
+        Some(location),
+    )
+    .expect("fleet on postgres");
+    for c in &fleet.clinics {
+        write_activity(&c.db, 40);
+    }
+    fleet.start_agents().await.expect("agents");
+    for c in &fleet.clinics {
+        write_activity(&c.db, 120);
+    }
+    let base = fleet.http_url();
+    let clinic = fleet.clinics[0].id.clone();
+    let id = tether::fleet::cloud_id(1);
+    let (status, v) = post_json(
+        &format!("{base}/v1/clinics/{clinic}/updates"),
+        &json!({"entity": "patient", "op": "upsert", "key": {"id": id}, "row": {"id": id, "name": "Cloud"}}),
+    )
+    .await;
+    assert_eq!(status, 202, "{v}");
+    let update_id = v["update_id"].as_str().expect("update_id").to_string();
+    wait_drained(&fleet, Duration::from_secs(30)).await;
+    let gw_store = fleet.store().expect("store");
+    wait_until(
+        "the cloud update to be applied",
+        Duration::from_secs(20),
+        || {
+            let status = store::wait(gw_store.update(&update_id))
+                .ok()
+                .flatten()
+                .map(|u| u.status);
+            async move { status.as_deref() == Some("applied") }
+        },
+    )
+    .await;
+    let reports = assert_history_clean(&fleet, &[(0, "patient".to_string(), json!({"id": id}))]);
+    assert!(reports.iter().all(|r| r.written >= 160), "{reports:?}");
+    let (status, clinics) = get_json(&format!("{base}/v1/clinics")).await;
+    assert_eq!(status, 200);
+    let events: u64 = clinics["clinics"]
+        .as_array()
+        .expect("clinics")
+        .iter()
+        .map(|c| c["events"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        events,
+        reports.iter().map(|r| r.at_gateway).sum::<u64>(),
+        "counters match the rows"
+    );
+    let (status, ready) = get_json(&format!("{base}/readyz")).await;
+    assert_eq!(
+        (status, ready["store"].as_str()),
+        (200, Some("postgres")),
+        "{ready}"
+    );
+    fleet.stop().await;
+}
+
+#[cfg(feature = "postgres")]
+struct DropSchema(String);
+
+#[cfg(feature = "postgres")]
+impl Drop for DropSchema {
+    fn drop(&mut self) {
+        let schema = self.0.clone();
+        // The driver must not run on a runtime thread.
+        let _ = std::thread::spawn(move || {
+            if let Ok(mut c) = ::postgres::Client::connect(&pg_url(), ::postgres::NoTls) {
+                let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+            }
+        })
+        .join();
+    }
+}

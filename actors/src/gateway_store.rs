@@ -12,7 +12,8 @@
 //! - Per-clinic counters (`events`, `pending_updates`, `last_event_at`) are kept in the same
 //!   transaction as the write that changes them: fleet views cost O(clinics), not O(events).
 //! - Writes queue in a bounded queue; when it is full, the call fails at once with
-//!   [`StoreError::Unavailable`] `{ retryable: true }` (the session withholds its ack).
+//!   [`StoreError::Unavailable`] `{ retryable: true }` (the session acks nothing of the batch and
+//!   closes 1013, Try Again Later).
 
 use std::future::Future;
 use std::pin::Pin;

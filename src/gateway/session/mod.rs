@@ -657,7 +657,15 @@ impl Session {
                     "store write failed; nothing from this batch was acknowledged".into(),
                     None,
                 );
-                act.close(ctx, ws::CloseCode::Error, "store write failed");
+                // A full writer queue or a lost database connection: the agent backs off and
+                // resends (1013 Try Again Later); anything else is a server error (1011).
+                let code = match e {
+                    crate::gateway::store::StoreError::Unavailable {
+                        retryable: true, ..
+                    } => ws::CloseCode::Again,
+                    _ => ws::CloseCode::Error,
+                };
+                act.close(ctx, code, "store write failed");
             }
         }
     }

@@ -528,7 +528,7 @@ pub(crate) trait WriteFront {
     }
 }
 
-/// Versioned migrations: `versions[i]` brings the schema from version `i` to `i + 1`.
+/// Refuses a store whose schema version (`found`) is newer than the migrations this binary has.
 pub(crate) fn check_version(store: &str, found: i64, supported: usize) -> Result<(), StoreError> {
     if found > supported as i64 {
         return Err(StoreError::TooNew {
@@ -540,37 +540,32 @@ pub(crate) fn check_version(store: &str, found: i64, supported: usize) -> Result
     Ok(())
 }
 
-/// The JSON text of an event's key and row.
+/// The JSON text of a key and a row (`what` names the event or update in the error).
+fn key_row_json(
+    key: &serde_json::Map<String, serde_json::Value>,
+    row: Option<&serde_json::Map<String, serde_json::Value>>,
+    what: impl FnOnce() -> String,
+) -> Result<(String, Option<String>), StoreError> {
+    let text = (|| {
+        Ok((
+            serde_json::to_string(key)?,
+            row.map(serde_json::to_string).transpose()?,
+        ))
+    })();
+    text.map_err(|e: serde_json::Error| StoreError::Unavailable {
+        retryable: false,
+        message: format!("{}: {e}", what()),
+    })
+}
+
 pub(crate) fn event_json(
     ev: &tether_schemas::Event,
 ) -> Result<(String, Option<String>), StoreError> {
-    let bad = |e: serde_json::Error| StoreError::Unavailable {
-        retryable: false,
-        message: format!("event seq {}: {e}", ev.seq),
-    };
-    let key = serde_json::to_string(&ev.key).map_err(bad)?;
-    let row = ev
-        .row
-        .as_ref()
-        .map(serde_json::to_string)
-        .transpose()
-        .map_err(bad)?;
-    Ok((key, row))
+    key_row_json(&ev.key, ev.row.as_ref(), || format!("event seq {}", ev.seq))
 }
 
 pub(crate) fn update_json(u: &NewUpdate) -> Result<(String, Option<String>), StoreError> {
-    let bad = |e: serde_json::Error| StoreError::Unavailable {
-        retryable: false,
-        message: format!("update: {e}"),
-    };
-    let key = serde_json::to_string(&u.key).map_err(bad)?;
-    let row = u
-        .row
-        .as_ref()
-        .map(serde_json::to_string)
-        .transpose()
-        .map_err(bad)?;
-    Ok((key, row))
+    key_row_json(&u.key, u.row.as_ref(), || "update".into())
 }
 
 pub(crate) fn log_outbox_recreated(clinic: &str, old: u64, new: u64, acked: u64) {
