@@ -429,6 +429,25 @@ async fn forged_and_invalid_tokens_are_refused_before_the_upgrade() {
     let t = good_token(&pki, "clinic-a");
     assert_eq!(status_of(&gw, &a, Some(&t)).await, 101);
     assert_eq!(status_of(&gw, &a, Some(&t)).await, 401, "replayed jti");
+    // ... and at a second node sharing the store (its own memory has never seen the token),
+    // or at this node after a restart: the store's replay guard refuses it.
+    let t2 = good_token(&pki, "clinic-a");
+    assert_eq!(status_of(&gw, &a, Some(&t2)).await, 101);
+    let other = gateway::start(
+        settings(dir.path()),
+        security(&pki, Duration::from_secs(30)),
+    )
+    .expect("second node on the same store");
+    assert_eq!(
+        status_of(&other, &a, Some(&t2)).await,
+        401,
+        "a token used at one node is refused at another"
+    );
+    assert_eq!(
+        status_of(&other, &a, Some(&good_token(&pki, "clinic-a"))).await,
+        101
+    );
+    other.stop().await;
 
     // Reasons are in the audit log, not in the response.
     let audit = read_log(dir.path(), "audit");
@@ -439,6 +458,7 @@ async fn forged_and_invalid_tokens_are_refused_before_the_upgrade() {
         "InvalidSignature",
         "kid is not a safe identifier",
         "replayed jti",
+        "replayed jti (seen by the store)",
         "InvalidAudience",
         "ExpiredSignature",
         "ImmatureSignature",

@@ -447,6 +447,40 @@ fn retention_prunes_old_delivered_events_and_says_gone(f: &Fixture) {
     });
 }
 
+fn the_replay_guard_remembers_token_ids_until_they_expire(f: &Fixture) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let s = &f.store;
+    block(async {
+        assert!(s.remember_token("jti-1", now + 300).await.expect("first"));
+        assert!(!s.remember_token("jti-1", now + 300).await.expect("replay"));
+        // A second node on the same data sees the same ids.
+        let other = f.reopen();
+        assert!(!other
+            .remember_token("jti-1", now + 300)
+            .await
+            .expect("at node 2"));
+        assert!(other
+            .remember_token("jti-2", now + 300)
+            .await
+            .expect("new at node 2"));
+        other.close();
+        // Long expired ids are purged (a later call clears them), so the table stays small.
+        assert!(s.remember_token("old", now - 7_200).await.expect("old"));
+        assert!(s.remember_token("jti-3", now + 300).await.expect("purges"));
+        assert!(s
+            .remember_token("old", now - 7_200)
+            .await
+            .expect("purged, so new again"));
+        assert!(!s
+            .remember_token("jti-1", now + 300)
+            .await
+            .expect("live ids stay"));
+    });
+}
+
 fn the_writer_answers_a_readiness_round_trip(f: &Fixture) {
     block(async {
         f.store.check_writer().await.expect("writer commits");
@@ -613,6 +647,10 @@ macro_rules! contract {
             #[test]
             fn retention_prunes_old_delivered_events_and_says_gone() {
                 super::retention_prunes_old_delivered_events_and_says_gone(&Fixture::$adapter());
+            }
+            #[test]
+            fn the_replay_guard_remembers_token_ids_until_they_expire() {
+                super::the_replay_guard_remembers_token_ids_until_they_expire(&Fixture::$adapter());
             }
             #[test]
             fn the_writer_answers_a_readiness_round_trip() {

@@ -233,6 +233,11 @@ pub trait GatewayStore: std::any::Any + Send + Sync + 'static {
     /// an id below `below_id` (events every webhook has delivered), counters included.
     fn prune(&self, cutoff: &str, below_id: u64, batch: usize) -> StoreFuture<Pruned>;
 
+    /// The replay guard for connection-token ids, shared by every gateway node on the store:
+    /// `true` the first time `jti` is seen (kept until `expires_at`, unix seconds, has passed),
+    /// `false` on a replay. Expired ids are purged as it goes.
+    fn remember_token(&self, jti: &str, expires_at: u64) -> StoreFuture<bool>;
+
     /// One round trip through the writer: resolves once a (trivial) write has committed.
     fn check_writer(&self) -> StoreFuture<()>;
 

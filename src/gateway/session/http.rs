@@ -109,7 +109,7 @@ fn problem(status: actix_web::http::StatusCode, message: &str) -> HttpResponse {
 
 /// `POST /v1/http/open`.
 pub async fn open(req: HttpRequest, state: web::Data<GatewayState>) -> HttpResponse {
-    let auth = match admit(&req, &state) {
+    let auth = match admit(&req, &state).await {
         Ok(a) => a,
         Err(refused) => return *refused,
     };

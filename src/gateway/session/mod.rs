@@ -225,7 +225,10 @@ fn authenticate(req: &HttpRequest, state: &GatewayState) -> Result<Option<Verifi
 
 /// Admission, origin and identity checks shared by both transports: the verified clinic (or
 /// `None` without tokens configured), or the refusal to send.
-fn admit(req: &HttpRequest, state: &GatewayState) -> Result<Option<Verified>, Box<HttpResponse>> {
+async fn admit(
+    req: &HttpRequest,
+    state: &GatewayState,
+) -> Result<Option<Verified>, Box<HttpResponse>> {
     use actix_web::http::StatusCode;
     let peer = req
         .peer_addr()
@@ -258,6 +261,25 @@ fn admit(req: &HttpRequest, state: &GatewayState) -> Result<Option<Verified>, Bo
         }
     };
     if let Some(a) = &auth {
+        // The node's own check above catches a replay here; the store's catches one at any
+        // node sharing it, and across restarts. Without the store's answer, fail closed.
+        match state.store.remember_token(&a.jti, a.exp).await {
+            Ok(true) => {}
+            Ok(false) => {
+                state.metrics.add(&state.metrics.auth_failures, 1);
+                log::warn!(target: AUDIT, "event=auth_failed peer={peer} clinic={} reason=\"replayed jti (seen by the store)\"", a.clinic);
+                return Err(Box::new(deny(StatusCode::UNAUTHORIZED)));
+            }
+            Err(e) => {
+                log::error!(target: ERROR, "event=handshake_refused peer={peer} reason=store_unavailable error={e}");
+                let mut resp = deny(StatusCode::SERVICE_UNAVAILABLE);
+                resp.headers_mut().insert(
+                    actix_web::http::header::RETRY_AFTER,
+                    actix_web::http::header::HeaderValue::from_static("1"),
+                );
+                return Err(Box::new(resp));
+            }
+        }
         log::info!(target: AUDIT, "event=auth_ok clinic={} kid={} peer={peer} token_exp={}", a.clinic, a.kid, a.exp);
     }
     Ok(auth)
@@ -309,7 +331,7 @@ pub async fn upgrade(
     stream: web::Payload,
     state: web::Data<GatewayState>,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let auth = match admit(&req, &state) {
+    let auth = match admit(&req, &state).await {
         Ok(a) => a,
         Err(refused) => return Ok(*refused),
     };

@@ -206,6 +206,10 @@ pub(crate) enum Op {
         below_id: u64,
         batch: usize,
     },
+    RememberToken {
+        jti: String,
+        expires_at: u64,
+    },
     Ping,
     /// SQLite only: `PRAGMA max_page_count` (run alone, outside a transaction).
     PageLimit(Option<u64>),
@@ -515,6 +519,13 @@ pub(crate) trait WriteFront {
         })
     }
 
+    fn w_remember(&self, jti: &str, expires_at: u64) -> StoreFuture<bool> {
+        self.w_bool(Op::RememberToken {
+            jti: jti.into(),
+            expires_at,
+        })
+    }
+
     fn w_prune(&self, cutoff: &str, below_id: u64, batch: usize) -> StoreFuture<Pruned> {
         let f = self.writer().submit(Op::Prune {
             cutoff: cutoff.into(),
@@ -567,6 +578,9 @@ pub(crate) fn event_json(
 pub(crate) fn update_json(u: &NewUpdate) -> Result<(String, Option<String>), StoreError> {
     key_row_json(&u.key, u.row.as_ref(), || "update".into())
 }
+
+/// Token ids are kept this long past their expiry (well beyond any verification leeway).
+pub(crate) const TOKEN_ID_MARGIN_S: u64 = 600;
 
 pub(crate) fn log_outbox_recreated(clinic: &str, old: u64, new: u64, acked: u64) {
     log::error!(target: "error", "clinic={clinic} event=outbox_recreated old_source={old} new_source={new} old_acked_seq={acked} action=position_restarts_at_0");

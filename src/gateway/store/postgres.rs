@@ -36,7 +36,8 @@ pub const EVENTS_LOCK: i64 = 0x7465_7468_6576_0001;
 const MIGRATION_LOCK: i64 = 0x7465_7468_6d69_0001;
 
 /// `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE clinics (
     clinic_id TEXT PRIMARY KEY,
     acked_seq BIGINT NOT NULL DEFAULT 0,
@@ -91,7 +92,12 @@ CREATE TABLE webhook_dead_letters (
 );
 CREATE TABLE store_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
 INSERT INTO store_meta (key, value) VALUES ('pruned_through', 0);
-"];
+",
+    "
+CREATE TABLE token_ids (jti TEXT PRIMARY KEY, expires_at BIGINT NOT NULL);
+CREATE INDEX token_ids_expiry ON token_ids (expires_at);
+",
+];
 
 pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
 
@@ -574,6 +580,10 @@ impl GatewayStore for PgStore {
         self.w_prune(cutoff, below_id, batch)
     }
 
+    fn remember_token(&self, jti: &str, expires_at: u64) -> StoreFuture<bool> {
+        self.w_remember(jti, expires_at)
+    }
+
     fn check_writer(&self) -> StoreFuture<()> {
         self.w_unit(Op::Ping)
     }
@@ -902,6 +912,19 @@ fn run_op(
             below_id,
             batch,
         } => Done::Pruned(prune(tx, cutoff, *below_id, *batch)?),
+        Op::RememberToken { jti, expires_at } => {
+            let now = crate::security::unix_now().saturating_sub(super::TOKEN_ID_MARGIN_S);
+            tx.execute(
+                "DELETE FROM token_ids WHERE jti IN \
+                 (SELECT jti FROM token_ids WHERE expires_at < $1 LIMIT 100)",
+                &[&(now as i64)],
+            )?;
+            let n = tx.execute(
+                "INSERT INTO token_ids (jti, expires_at) VALUES ($1, $2) ON CONFLICT (jti) DO NOTHING",
+                &[jti, &(*expires_at as i64)],
+            )?;
+            Done::Bool(n == 1)
+        }
         Op::Ping => {
             tx.execute("SELECT 1", &[])?;
             Done::Unit

@@ -75,7 +75,8 @@ CREATE TABLE IF NOT EXISTS webhook_dead_letters (
 );
 ",
     // 2: per-clinic counters kept with each write (fleet views stop counting events), an index
-    // for one clinic's events, and the retention watermark.
+    // for one clinic's events in id order (the UNIQUE one is in seq order), and the retention
+    // watermark.
     "
 ALTER TABLE clinics ADD COLUMN events_stored INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE clinics ADD COLUMN pending_updates INTEGER NOT NULL DEFAULT 0;
@@ -83,10 +84,14 @@ UPDATE clinics SET
     events_stored = (SELECT count(*) FROM events e WHERE e.clinic_id = clinics.clinic_id),
     pending_updates = (SELECT count(*) FROM updates u WHERE u.clinic_id = clinics.clinic_id
                        AND u.status IN ('pending', 'delivered'));
-CREATE INDEX IF NOT EXISTS events_clinic ON events (clinic_id, source_id, seq);
 CREATE INDEX IF NOT EXISTS events_clinic_id ON events (clinic_id, id);
 CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO store_meta (key, value) VALUES ('pruned_through', 0);
+",
+    // 3: connection-token ids seen (the replay guard every node shares).
+    "
+CREATE TABLE IF NOT EXISTS token_ids (jti TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS token_ids_expiry ON token_ids (expires_at);
 ",
 ];
 
@@ -556,6 +561,10 @@ impl GatewayStore for SqliteStore {
         self.w_prune(cutoff, below_id, batch)
     }
 
+    fn remember_token(&self, jti: &str, expires_at: u64) -> StoreFuture<bool> {
+        self.w_remember(jti, expires_at)
+    }
+
     fn check_writer(&self) -> StoreFuture<()> {
         self.w_unit(Op::Ping)
     }
@@ -721,6 +730,22 @@ fn run_op(tx: &rusqlite::Transaction<'_>, op: &Op, now: &str) -> Result<Done, St
             below_id,
             batch,
         } => prune(tx, cutoff, *below_id, *batch).map(Done::Pruned),
+        Op::RememberToken { jti, expires_at } => {
+            let now = crate::security::unix_now();
+            tx.execute(
+                "DELETE FROM token_ids WHERE jti IN \
+                 (SELECT jti FROM token_ids WHERE expires_at < ?1 LIMIT 100)",
+                params![now.saturating_sub(super::TOKEN_ID_MARGIN_S) as i64],
+            )
+            .map_err(write_err)?;
+            let n = tx
+                .execute(
+                    "INSERT OR IGNORE INTO token_ids (jti, expires_at) VALUES (?1, ?2)",
+                    params![jti, *expires_at as i64],
+                )
+                .map_err(write_err)?;
+            Ok(Done::Bool(n == 1))
+        }
         Op::Ping => Ok(Done::Unit),
         Op::PageLimit(_) => Ok(Done::Unit),
     }
