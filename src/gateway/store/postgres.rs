@@ -61,7 +61,6 @@ CREATE TABLE events (
     source_id BIGINT NOT NULL DEFAULT 0,
     UNIQUE (clinic_id, source_id, seq)
 );
-CREATE INDEX events_clinic_id ON events (clinic_id, id);
 CREATE TABLE updates (
     id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     update_id TEXT NOT NULL UNIQUE,

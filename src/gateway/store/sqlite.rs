@@ -74,9 +74,9 @@ CREATE TABLE IF NOT EXISTS webhook_dead_letters (
     UNIQUE (name, event_id)
 );
 ",
-    // 2: per-clinic counters kept with each write (fleet views stop counting events), an index
-    // for one clinic's events in id order (the UNIQUE one is in seq order), and the retention
-    // watermark.
+    // 2: per-clinic counters kept with each write (fleet views stop counting events) and the
+    // retention watermark. (No index for one clinic's events by id: it cost ~8 % of ingest in
+    // an interleaved run; per-clinic pages read through the UNIQUE (clinic, source, seq) one.)
     "
 ALTER TABLE clinics ADD COLUMN events_stored INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE clinics ADD COLUMN pending_updates INTEGER NOT NULL DEFAULT 0;
@@ -84,7 +84,6 @@ UPDATE clinics SET
     events_stored = (SELECT count(*) FROM events e WHERE e.clinic_id = clinics.clinic_id),
     pending_updates = (SELECT count(*) FROM updates u WHERE u.clinic_id = clinics.clinic_id
                        AND u.status IN ('pending', 'delivered'));
-CREATE INDEX IF NOT EXISTS events_clinic_id ON events (clinic_id, id);
 CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO store_meta (key, value) VALUES ('pruned_through', 0);
 ",
