@@ -205,6 +205,42 @@ fn a_recreated_outbox_starts_a_new_position(f: &Fixture) {
     });
 }
 
+fn an_outbox_that_comes_back_resends_without_duplicates_or_holes(f: &Fixture) {
+    // Outbox A (1..=6, with 4 never stored), then B, then A again (a database restored from a
+    // backup): A's position restarts at 0, its resent events are held once and the hole is filled.
+    let s = &f.store;
+    block(async {
+        s.hello("c", 111).await.expect("a");
+        s.append("c", 111, 0, evs(1..=3)).await.expect("1-3");
+        s.append("c", 111, 3, vec![ev(5), ev(6)])
+            .await
+            .expect("5-6 (4 missing)");
+        s.hello("c", 222).await.expect("b");
+        s.append("c", 222, 0, evs(1..=2)).await.expect("b 1-2");
+        assert_eq!(s.hello("c", 111).await.expect("a again"), 0);
+        let out = s.append("c", 111, 0, evs(1..=8)).await.expect("resend");
+        assert_eq!(
+            out,
+            AppendOutcome::Stored {
+                acked: 8,
+                inserted: 3
+            },
+            "4, 7 and 8 are new"
+        );
+        let a: Vec<u64> = s
+            .clinic_events("c", 0, 100)
+            .await
+            .expect("a")
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (1..=8).collect::<Vec<_>>(), "each once: {a:?}");
+        assert_eq!(s.clinic("c").await.expect("c").expect("c").events, 10);
+    });
+}
+
 fn acknowledged_means_durable_across_a_restart(f: &Fixture) {
     block(async {
         f.store
@@ -627,6 +663,12 @@ macro_rules! contract {
             #[test]
             fn a_recreated_outbox_starts_a_new_position() {
                 super::a_recreated_outbox_starts_a_new_position(&Fixture::$adapter());
+            }
+            #[test]
+            fn an_outbox_that_comes_back_resends_without_duplicates_or_holes() {
+                super::an_outbox_that_comes_back_resends_without_duplicates_or_holes(
+                    &Fixture::$adapter(),
+                );
             }
             #[test]
             fn acknowledged_means_durable_across_a_restart() {
