@@ -328,3 +328,111 @@ async fn loop_until_dead_letter(base: &str, hook: &str) -> Value {
     .await;
     get_json(&url).await.1["dead_letters"][0].clone()
 }
+
+/// A receiver on 127.0.0.1:0: its URL and its server's handle.
+fn serve(r: web::Data<Receiver>) -> (String, actix_web::dev::ServerHandle) {
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(r.clone())
+            .route("/hook", web::post().to(receive))
+    })
+    .workers(1)
+    .bind("127.0.0.1:0")
+    .expect("bind receiver");
+    let url = format!("http://{}/hook", server.addrs()[0]);
+    let server = server.run();
+    let handle = server.handle();
+    actix_rt::spawn(server);
+    (url, handle)
+}
+
+/// Retention removes old events in the background, but never one that a webhook endpoint has
+/// not delivered: an endpoint stuck on event 11 holds back everything from 11 on, while the
+/// events every endpoint has delivered go, and a cursor before them is answered 410.
+#[actix_rt::test]
+async fn retention_never_removes_what_a_webhook_has_not_delivered() {
+    let good = web::Data::new(Receiver::default());
+    let stuck = web::Data::new(Receiver::default());
+    stuck.poison.store(11, Ordering::SeqCst);
+    let (good_url, good_server) = serve(good.clone());
+    let (stuck_url, stuck_server) = serve(stuck.clone());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut holding = webhook("stuck", &stuck_url, &[]);
+    holding.max_attempts = 100_000;
+    let gw = gateway::start(
+        GatewaySettings {
+            webhooks: vec![webhook("main-api", &good_url, &[]), holding],
+            // Keep nothing: every event is old enough at once.
+            retention: Some(Duration::ZERO),
+            ..gateway_settings(dir.path(), Duration::from_secs(5))
+        },
+        GatewaySecurity::insecure(),
+    )
+    .expect("gateway");
+    let (_, mut sock) = client().ws(gw.ws_url()).connect().await.expect("ws");
+    let hello = json!({"v": 1, "type": "hello", "clinic_id": "clinic-r", "agent_version": "t", "last_acked_seq": 0, "source_id": 1});
+    sock.send(ws::Message::Text(hello.to_string().into()))
+        .await
+        .expect("hello");
+    let evs: Vec<Value> = (1..=30u64)
+        .map(|seq| {
+            json!({"seq": seq, "entity": "patient", "op": "insert", "key": {"id": seq},
+                   "row": {"id": seq, "name": "N"}, "committed_at": "2026-11-28T00:00:00.000Z"})
+        })
+        .collect();
+    let batch = json!({"v": 1, "type": "events", "prev_seq": 0, "events": evs});
+    sock.send(ws::Message::Text(batch.to_string().into()))
+        .await
+        .expect("events");
+    let base = gw.http_url();
+    let g = good.clone();
+    wait_until("main-api to have all 30", Duration::from_secs(20), || {
+        let n = ids(&g, "main-api").len();
+        async move { n >= 30 }
+    })
+    .await;
+    // Retention catches up with the stuck endpoint's cursor (10) and stops there.
+    wait_until("events 1-10 removed", Duration::from_secs(20), || {
+        let base = base.clone();
+        async move {
+            let resp = client()
+                .get(format!("{base}/v1/events?after=0"))
+                .send()
+                .await;
+            resp.is_ok_and(|r| r.status().as_u16() == 410)
+        }
+    })
+    .await;
+    let (status, page) = get_json(&format!("{base}/v1/events?limit=100")).await;
+    assert_eq!(status, 200, "{page}");
+    let kept: Vec<u64> = page["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["seq"].as_u64())
+        .collect();
+    assert_eq!(
+        kept,
+        (11..=30).collect::<Vec<u64>>(),
+        "nothing past the stuck cursor goes"
+    );
+    let (_, clinic) = get_json(&format!("{base}/v1/clinics/clinic-r")).await;
+    assert_eq!(
+        (clinic["events"].as_u64(), clinic["acked_seq"].as_u64()),
+        (Some(20), Some(30))
+    );
+    // Once the endpoint recovers, its cursor moves on and retention follows it.
+    stuck.poison.store(0, Ordering::SeqCst);
+    wait_until("the rest removed", Duration::from_secs(30), || {
+        let base = base.clone();
+        async move {
+            let (_, page) = get_json(&format!("{base}/v1/events?limit=100")).await;
+            page["events"].as_array().is_some_and(|e| e.is_empty())
+        }
+    })
+    .await;
+    assert_eq!(stuck.bad_signatures.load(Ordering::SeqCst), 0);
+    gw.stop().await;
+    good_server.stop(true).await;
+    stuck_server.stop(true).await;
+}

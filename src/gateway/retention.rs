@@ -12,26 +12,30 @@ use super::webhooks::Webhooks;
 
 /// Events removed per write.
 pub const BATCH: usize = 2_000;
-/// Pause between passes once nothing old is left.
-pub const IDLE: Duration = Duration::from_secs(60);
+/// Pause between passes once nothing old is left: a tenth of the retention, at most a minute
+/// (configs keep at least an hour, so a minute; tests that keep nothing poll quickly).
+pub fn idle(keep: Duration) -> Duration {
+    (keep / 10).clamp(Duration::from_millis(100), Duration::from_secs(60))
+}
 
 pub fn start(store: Arc<Store>, webhooks: Arc<Webhooks>, keep: Duration, tasks: &Liveness) {
-    let beat = tasks.register("retention", IDLE * 3);
+    let beat = tasks.register("retention", idle(keep) * 3 + Duration::from_secs(30));
     log::info!(target: "connection", "event=retention_started keep_s={}", keep.as_secs());
     actix::spawn(async move { run(store, webhooks, keep, beat).await });
 }
 
 async fn run(store: Arc<Store>, webhooks: Arc<Webhooks>, keep: Duration, beat: Beat) {
+    let pause = idle(keep);
     loop {
         beat.beat();
         let removed = pass(&store, &webhooks, keep).await;
         match removed {
             // A full batch: more may be waiting; yield to other work, then go on.
             Ok(n) if n as usize >= BATCH => tokio::task::yield_now().await,
-            Ok(_) => tokio::time::sleep(IDLE).await,
+            Ok(_) => tokio::time::sleep(pause).await,
             Err(e) => {
                 log::error!(target: "error", "event=retention_failed error={e}");
-                tokio::time::sleep(IDLE).await;
+                tokio::time::sleep(pause).await;
             }
         }
     }
