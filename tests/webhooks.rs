@@ -91,19 +91,7 @@ async fn every_event_is_delivered_signed_in_order_with_retries_dead_letters_and_
     let receiver = web::Data::new(Receiver::default());
     receiver.fail_first.store(4, Ordering::SeqCst);
     receiver.poison.store(17, Ordering::SeqCst);
-    let r2 = receiver.clone();
-    let server = HttpServer::new(move || {
-        App::new()
-            .app_data(r2.clone())
-            .route("/hook", web::post().to(receive))
-    })
-    .workers(1)
-    .bind("127.0.0.1:0")
-    .expect("bind receiver");
-    let url = format!("http://{}/hook", server.addrs()[0]);
-    let server = server.run();
-    let server_handle = server.handle();
-    actix_rt::spawn(server);
+    let (url, server_handle) = serve(receiver.clone());
 
     let dir = tempfile::tempdir().expect("tempdir");
     let gw = gateway::start(

@@ -225,6 +225,16 @@ fn authenticate(req: &HttpRequest, state: &GatewayState) -> Result<Option<Verifi
 
 /// Admission, origin and identity checks shared by both transports: the verified clinic (or
 /// `None` without tokens configured), or the refusal to send.
+/// 503 with `Retry-After: 1`: come back in a second.
+fn busy() -> HttpResponse {
+    let mut resp = deny(actix_web::http::StatusCode::SERVICE_UNAVAILABLE);
+    resp.headers_mut().insert(
+        actix_web::http::header::RETRY_AFTER,
+        actix_web::http::header::HeaderValue::from_static("1"),
+    );
+    resp
+}
+
 async fn admit(
     req: &HttpRequest,
     state: &GatewayState,
@@ -237,12 +247,7 @@ async fn admit(
     if !state.security.admission.take() {
         state.metrics.add(&state.metrics.handshakes_refused, 1);
         log::warn!(target: AUDIT, "event=handshake_refused peer={peer} reason=admission_limit");
-        let mut resp = deny(StatusCode::SERVICE_UNAVAILABLE);
-        resp.headers_mut().insert(
-            actix_web::http::header::RETRY_AFTER,
-            actix_web::http::header::HeaderValue::from_static("1"),
-        );
-        return Err(Box::new(resp));
+        return Err(Box::new(busy()));
     }
     if let Some(origin) = req.headers().get(actix_web::http::header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("");
@@ -272,12 +277,7 @@ async fn admit(
             }
             Err(e) => {
                 log::error!(target: ERROR, "event=handshake_refused peer={peer} reason=store_unavailable error={e}");
-                let mut resp = deny(StatusCode::SERVICE_UNAVAILABLE);
-                resp.headers_mut().insert(
-                    actix_web::http::header::RETRY_AFTER,
-                    actix_web::http::header::HeaderValue::from_static("1"),
-                );
-                return Err(Box::new(resp));
+                return Err(Box::new(busy()));
             }
         }
         log::info!(target: AUDIT, "event=auth_ok clinic={} kid={} peer={peer} token_exp={}", a.clinic, a.kid, a.exp);

@@ -300,6 +300,22 @@ impl Writer {
         }
     }
 
+    /// A write that answers nothing but its success.
+    pub(crate) fn unit(&self, op: Op) -> StoreFuture<()> {
+        expect(self.submit(op), |d| match d {
+            Done::Unit => Some(()),
+            _ => None,
+        })
+    }
+
+    /// A write that answers yes or no.
+    pub(crate) fn boolean(&self, op: Op) -> StoreFuture<bool> {
+        expect(self.submit(op), |d| match d {
+            Done::Bool(b) => Some(b),
+            _ => None,
+        })
+    }
+
     pub(crate) fn close(&self) {
         self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -453,91 +469,136 @@ where
     })
 }
 
-/// The typed write methods every adapter shares (it only says how to submit).
-pub(crate) trait WriteFront {
-    fn writer(&self) -> &Writer;
+/// The port's write methods, the same for every adapter: each queues an [`Op`] on the adapter's
+/// `writer` field and maps the [`Done`] it resolves to. Expands inside `impl GatewayStore`.
+macro_rules! write_methods {
+    () => {
+        fn hello(&self, clinic: &str, source: u64) -> StoreFuture<u64> {
+            let op = Op::Hello {
+                clinic: clinic.into(),
+                source,
+            };
+            super::expect(self.writer.submit(op), |d| match d {
+                Done::Pos(p) => Some(p),
+                _ => None,
+            })
+        }
 
-    fn w_hello(&self, clinic: &str, source: u64) -> StoreFuture<u64> {
-        let f = self.writer().submit(Op::Hello {
-            clinic: clinic.into(),
-            source,
-        });
-        expect(f, |d| match d {
-            Done::Pos(p) => Some(p),
-            _ => None,
-        })
-    }
+        fn append(
+            &self,
+            clinic: &str,
+            source: u64,
+            prev_seq: u64,
+            events: Vec<IncomingEvent>,
+        ) -> StoreFuture<AppendOutcome> {
+            let op = Op::Append {
+                clinic: clinic.into(),
+                source,
+                prev_seq,
+                events,
+            };
+            super::expect(self.writer.submit(op), |d| match d {
+                Done::Append(a) => Some(a),
+                _ => None,
+            })
+        }
 
-    fn w_append(
-        &self,
-        clinic: &str,
-        source: u64,
-        prev_seq: u64,
-        events: Vec<IncomingEvent>,
-    ) -> StoreFuture<AppendOutcome> {
-        let f = self.writer().submit(Op::Append {
-            clinic: clinic.into(),
-            source,
-            prev_seq,
-            events,
-        });
-        expect(f, |d| match d {
-            Done::Append(a) => Some(a),
-            _ => None,
-        })
-    }
+        fn enqueue_update(&self, update: NewUpdate) -> StoreFuture<String> {
+            super::expect(self.writer.submit(Op::EnqueueUpdate(update)), |d| match d {
+                Done::Id(s) => Some(s),
+                _ => None,
+            })
+        }
 
-    fn w_enqueue(&self, u: NewUpdate) -> StoreFuture<String> {
-        expect(self.writer().submit(Op::EnqueueUpdate(u)), |d| match d {
-            Done::Id(s) => Some(s),
-            _ => None,
-        })
-    }
+        fn mark_delivered(&self, ids: Vec<String>) -> StoreFuture<()> {
+            self.writer.unit(Op::MarkDelivered(ids))
+        }
 
-    fn w_unit(&self, op: Op) -> StoreFuture<()> {
-        expect(self.writer().submit(op), |d| match d {
-            Done::Unit => Some(()),
-            _ => None,
-        })
-    }
+        fn update_result(
+            &self,
+            clinic: &str,
+            update_id: &str,
+            status: tether_schemas::UpdateStatus,
+            reason: Option<String>,
+        ) -> StoreFuture<bool> {
+            self.writer.boolean(Op::UpdateResult {
+                clinic: clinic.into(),
+                update_id: update_id.into(),
+                status,
+                reason,
+            })
+        }
 
-    fn w_bool(&self, op: Op) -> StoreFuture<bool> {
-        expect(self.writer().submit(op), |d| match d {
-            Done::Bool(b) => Some(b),
-            _ => None,
-        })
-    }
+        fn advance_webhook_cursor(&self, name: &str, from: u64, to: u64) -> StoreFuture<bool> {
+            self.writer.boolean(Op::AdvanceCursor {
+                name: name.into(),
+                from,
+                to,
+            })
+        }
 
-    fn w_replay(&self, name: &str, event_id: u64) -> StoreFuture<Result<(), u64>> {
-        let f = self.writer().submit(Op::Replay {
-            name: name.into(),
-            event_id,
-        });
-        expect(f, |d| match d {
-            Done::Replay(r) => Some(r),
-            _ => None,
-        })
-    }
+        fn replay_webhook(&self, name: &str, event_id: u64) -> StoreFuture<Result<(), u64>> {
+            let op = Op::Replay {
+                name: name.into(),
+                event_id,
+            };
+            super::expect(self.writer.submit(op), |d| match d {
+                Done::Replay(r) => Some(r),
+                _ => None,
+            })
+        }
 
-    fn w_remember(&self, jti: &str, expires_at: u64) -> StoreFuture<bool> {
-        self.w_bool(Op::RememberToken {
-            jti: jti.into(),
-            expires_at,
-        })
-    }
+        fn add_dead_letter(
+            &self,
+            name: &str,
+            event_id: u64,
+            attempts: u32,
+            error: &str,
+        ) -> StoreFuture<()> {
+            self.writer.unit(Op::AddDeadLetter {
+                name: name.into(),
+                event_id,
+                attempts,
+                error: error.into(),
+            })
+        }
 
-    fn w_prune(&self, cutoff: &str, below_id: u64, batch: usize) -> StoreFuture<Pruned> {
-        let f = self.writer().submit(Op::Prune {
-            cutoff: cutoff.into(),
-            below_id,
-            batch,
-        });
-        expect(f, |d| match d {
-            Done::Pruned(p) => Some(p),
-            _ => None,
-        })
-    }
+        fn remove_dead_letter(&self, name: &str, id: u64) -> StoreFuture<bool> {
+            self.writer.boolean(Op::RemoveDeadLetter {
+                name: name.into(),
+                id,
+            })
+        }
+
+        fn prune(&self, cutoff: &str, below_id: u64, batch: usize) -> StoreFuture<Pruned> {
+            let op = Op::Prune {
+                cutoff: cutoff.into(),
+                below_id,
+                batch,
+            };
+            super::expect(self.writer.submit(op), |d| match d {
+                Done::Pruned(p) => Some(p),
+                _ => None,
+            })
+        }
+
+        fn remember_token(&self, jti: &str, expires_at: u64) -> StoreFuture<bool> {
+            self.writer.boolean(Op::RememberToken {
+                jti: jti.into(),
+                expires_at,
+            })
+        }
+
+        fn check_writer(&self) -> StoreFuture<()> {
+            self.writer.unit(Op::Ping)
+        }
+
+        fn close(&self) {
+            self.writer.close();
+        }
+    };
 }
+pub(crate) use write_methods;
 
 /// Refuses a store whose schema version (`found`) is newer than the migrations this binary has.
 pub(crate) fn check_version(store: &str, found: i64, supported: usize) -> Result<(), StoreError> {

@@ -22,12 +22,12 @@ use std::sync::Arc;
 
 use postgres::{Client, NoTls, Statement, Transaction};
 use serde_json::Value;
-use tether_schemas::{UpdateOp, UpdateStatus};
+use tether_schemas::UpdateOp;
 
 use super::{
     check_version, new_update_id, now_iso, redact_url, AppendOutcome, Backend, ClinicRecord,
     DeadLetter, Done, GatewayStore, IncomingEvent, NewUpdate, Op, Pruned, ReadPool, StoreError,
-    StoreFuture, StoreSettings, StoredEvent, UpdateRecord, WriteFront, Writer,
+    StoreFuture, StoreSettings, StoredEvent, UpdateRecord, Writer,
 };
 
 /// The advisory lock every event-inserting transaction holds (see the module docs).
@@ -235,12 +235,6 @@ impl Drop for PgStore {
     }
 }
 
-impl WriteFront for PgStore {
-    fn writer(&self) -> &Writer {
-        &self.writer
-    }
-}
-
 const EVENT_COLUMNS: &str =
     "id, clinic_id, seq, entity, op, key_json, row_json, committed_at, received_at, problem";
 const CLINIC_COLUMNS: &str =
@@ -275,22 +269,10 @@ fn clinic_from_row(r: &postgres::Row) -> ClinicRecord {
 }
 
 impl GatewayStore for PgStore {
+    super::write_methods!();
+
     fn kind(&self) -> &'static str {
         "postgres"
-    }
-
-    fn hello(&self, clinic: &str, source: u64) -> StoreFuture<u64> {
-        self.w_hello(clinic, source)
-    }
-
-    fn append(
-        &self,
-        clinic: &str,
-        source: u64,
-        prev_seq: u64,
-        events: Vec<IncomingEvent>,
-    ) -> StoreFuture<AppendOutcome> {
-        self.w_append(clinic, source, prev_seq, events)
     }
 
     fn acked_seq(&self, clinic: &str) -> StoreFuture<u64> {
@@ -405,10 +387,6 @@ impl GatewayStore for PgStore {
         })
     }
 
-    fn enqueue_update(&self, update: NewUpdate) -> StoreFuture<String> {
-        self.w_enqueue(update)
-    }
-
     fn open_updates(
         &self,
         clinic: &str,
@@ -446,25 +424,6 @@ impl GatewayStore for PgStore {
         })
     }
 
-    fn mark_delivered(&self, ids: Vec<String>) -> StoreFuture<()> {
-        self.w_unit(Op::MarkDelivered(ids))
-    }
-
-    fn update_result(
-        &self,
-        clinic: &str,
-        update_id: &str,
-        status: UpdateStatus,
-        reason: Option<String>,
-    ) -> StoreFuture<bool> {
-        self.w_bool(Op::UpdateResult {
-            clinic: clinic.into(),
-            update_id: update_id.into(),
-            status,
-            reason,
-        })
-    }
-
     fn update(&self, update_id: &str) -> StoreFuture<Option<UpdateRecord>> {
         let id = update_id.to_string();
         self.read(move |c| {
@@ -496,33 +455,6 @@ impl GatewayStore for PgStore {
             )?
             .map(|r| r.get::<_, i64>(0).max(0) as u64)
             .unwrap_or(0))
-        })
-    }
-
-    fn advance_webhook_cursor(&self, name: &str, from: u64, to: u64) -> StoreFuture<bool> {
-        self.w_bool(Op::AdvanceCursor {
-            name: name.into(),
-            from,
-            to,
-        })
-    }
-
-    fn replay_webhook(&self, name: &str, event_id: u64) -> StoreFuture<Result<(), u64>> {
-        self.w_replay(name, event_id)
-    }
-
-    fn add_dead_letter(
-        &self,
-        name: &str,
-        event_id: u64,
-        attempts: u32,
-        error: &str,
-    ) -> StoreFuture<()> {
-        self.w_unit(Op::AddDeadLetter {
-            name: name.into(),
-            event_id,
-            attempts,
-            error: error.into(),
         })
     }
 
@@ -566,29 +498,6 @@ impl GatewayStore for PgStore {
             )?
             .map(|r| r.get::<_, i64>(0) as u64))
         })
-    }
-
-    fn remove_dead_letter(&self, name: &str, id: u64) -> StoreFuture<bool> {
-        self.w_bool(Op::RemoveDeadLetter {
-            name: name.into(),
-            id,
-        })
-    }
-
-    fn prune(&self, cutoff: &str, below_id: u64, batch: usize) -> StoreFuture<Pruned> {
-        self.w_prune(cutoff, below_id, batch)
-    }
-
-    fn remember_token(&self, jti: &str, expires_at: u64) -> StoreFuture<bool> {
-        self.w_remember(jti, expires_at)
-    }
-
-    fn check_writer(&self) -> StoreFuture<()> {
-        self.w_unit(Op::Ping)
-    }
-
-    fn close(&self) {
-        self.writer.close();
     }
 }
 

@@ -12,12 +12,12 @@ use std::sync::Arc;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde_json::Value;
-use tether_schemas::{UpdateOp, UpdateStatus};
+use tether_schemas::UpdateOp;
 
 use super::{
     check_version, new_update_id, now_iso, AppendOutcome, Backend, ClinicRecord, DeadLetter, Done,
     GatewayStore, IncomingEvent, NewUpdate, Op, Pruned, ReadPool, StoreError, StoreFuture,
-    StoreSettings, StoredEvent, UpdateRecord, WriteFront, Writer,
+    StoreSettings, StoredEvent, UpdateRecord, Writer,
 };
 
 /// `MIGRATIONS[i]` takes the schema from `PRAGMA user_version = i` to `i + 1`.
@@ -188,7 +188,7 @@ impl SqliteStore {
     /// disk is full", exactly as on a full disk); `None` lifts the cap. The fault tests use it
     /// to fill the disk.
     pub fn set_page_limit(&self, pages: Option<u64>) -> StoreFuture<()> {
-        self.w_unit(Op::PageLimit(pages))
+        self.writer.unit(Op::PageLimit(pages))
     }
 
     /// Pages the store file uses now.
@@ -203,12 +203,6 @@ impl SqliteStore {
 impl Drop for SqliteStore {
     fn drop(&mut self) {
         self.writer.close();
-    }
-}
-
-impl WriteFront for SqliteStore {
-    fn writer(&self) -> &Writer {
-        &self.writer
     }
 }
 
@@ -265,22 +259,10 @@ fn op_from(s: &str) -> UpdateOp {
 }
 
 impl GatewayStore for SqliteStore {
+    super::write_methods!();
+
     fn kind(&self) -> &'static str {
         "sqlite"
-    }
-
-    fn hello(&self, clinic: &str, source: u64) -> StoreFuture<u64> {
-        self.w_hello(clinic, source)
-    }
-
-    fn append(
-        &self,
-        clinic: &str,
-        source: u64,
-        prev_seq: u64,
-        events: Vec<IncomingEvent>,
-    ) -> StoreFuture<AppendOutcome> {
-        self.w_append(clinic, source, prev_seq, events)
     }
 
     fn acked_seq(&self, clinic: &str) -> StoreFuture<u64> {
@@ -385,10 +367,6 @@ impl GatewayStore for SqliteStore {
         })
     }
 
-    fn enqueue_update(&self, update: NewUpdate) -> StoreFuture<String> {
-        self.w_enqueue(update)
-    }
-
     fn open_updates(
         &self,
         clinic: &str,
@@ -417,25 +395,6 @@ impl GatewayStore for SqliteStore {
                 ))
             })?;
             rows.collect()
-        })
-    }
-
-    fn mark_delivered(&self, ids: Vec<String>) -> StoreFuture<()> {
-        self.w_unit(Op::MarkDelivered(ids))
-    }
-
-    fn update_result(
-        &self,
-        clinic: &str,
-        update_id: &str,
-        status: UpdateStatus,
-        reason: Option<String>,
-    ) -> StoreFuture<bool> {
-        self.w_bool(Op::UpdateResult {
-            clinic: clinic.into(),
-            update_id: update_id.into(),
-            status,
-            reason,
         })
     }
 
@@ -474,33 +433,6 @@ impl GatewayStore for SqliteStore {
             )
             .optional()
             .map(|v| v.unwrap_or(0).max(0) as u64)
-        })
-    }
-
-    fn advance_webhook_cursor(&self, name: &str, from: u64, to: u64) -> StoreFuture<bool> {
-        self.w_bool(Op::AdvanceCursor {
-            name: name.into(),
-            from,
-            to,
-        })
-    }
-
-    fn replay_webhook(&self, name: &str, event_id: u64) -> StoreFuture<Result<(), u64>> {
-        self.w_replay(name, event_id)
-    }
-
-    fn add_dead_letter(
-        &self,
-        name: &str,
-        event_id: u64,
-        attempts: u32,
-        error: &str,
-    ) -> StoreFuture<()> {
-        self.w_unit(Op::AddDeadLetter {
-            name: name.into(),
-            event_id,
-            attempts,
-            error: error.into(),
         })
     }
 
@@ -547,29 +479,6 @@ impl GatewayStore for SqliteStore {
             .optional()
             .map(|v| v.map(|n| n as u64))
         })
-    }
-
-    fn remove_dead_letter(&self, name: &str, id: u64) -> StoreFuture<bool> {
-        self.w_bool(Op::RemoveDeadLetter {
-            name: name.into(),
-            id,
-        })
-    }
-
-    fn prune(&self, cutoff: &str, below_id: u64, batch: usize) -> StoreFuture<Pruned> {
-        self.w_prune(cutoff, below_id, batch)
-    }
-
-    fn remember_token(&self, jti: &str, expires_at: u64) -> StoreFuture<bool> {
-        self.w_remember(jti, expires_at)
-    }
-
-    fn check_writer(&self) -> StoreFuture<()> {
-        self.w_unit(Op::Ping)
-    }
-
-    fn close(&self) {
-        self.writer.close();
     }
 }
 
