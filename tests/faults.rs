@@ -340,10 +340,11 @@ async fn disk_full_at_the_gateway_acknowledges_nothing_and_recovers_when_space_r
     .expect("limit");
     let acked_before =
         tether::gateway::store::wait(store.acked_seq(&fleet.clinics[0].id)).expect("acked");
-    // Big rows: they cannot fit in the pages left.
+    // Rows larger than a page: each needs overflow pages the capped file cannot add (a row
+    // smaller than a page could still fit in a leaf's free space and be stored).
     let conn = tether::db::sqlite::open(&db).expect("open");
     for i in 0..200 {
-        conn.execute("INSERT INTO appointments (patient_id, starts_at, status, notes) VALUES (1, 't', 'booked', ?1)", [format!("{i}-{}", "x".repeat(2000))])
+        conn.execute("INSERT INTO appointments (patient_id, starts_at, status, notes) VALUES (1, 't', 'booked', ?1)", [format!("{i}-{}", "x".repeat(20_000))])
             .expect("insert");
     }
     wait_until(
