@@ -791,8 +791,8 @@ async fn fill(s: &Arc<store::Store>, clinics: usize, events: u64) -> anyhow::Res
         let mut waits = Vec::with_capacity(clinics);
         for k in 0..clinics {
             let batch: Vec<IncomingEvent> = (at + 1..=at + n)
-                .map(|seq| IncomingEvent {
-                    event: tether_schemas::Event {
+                .map(|seq| {
+                    let event = tether_schemas::Event {
                         seq,
                         entity: "appointment".into(),
                         op: tether_schemas::Op::Insert,
@@ -801,8 +801,8 @@ async fn fill(s: &Arc<store::Store>, clinics: usize, events: u64) -> anyhow::Res
                             .as_object()
                             .cloned(),
                         committed_at: "2026-12-01T09:00:00.000Z".into(),
-                    },
-                    problem: None,
+                    };
+                    IncomingEvent::from_event(&event, None)
                 })
                 .collect();
             waits.push(s.append(&format!("clinic-{k:03}"), 0, at, batch));

@@ -328,10 +328,7 @@ mod tests {
         assert_eq!(events.len(), 5);
         let incoming = |evs: Vec<tether_schemas::Event>| {
             evs.into_iter()
-                .map(|event| IncomingEvent {
-                    event,
-                    problem: None,
-                })
+                .map(|event| IncomingEvent::from_event(&event, None))
                 .collect::<Vec<_>>()
         };
         // Store all but seq 3: a loss.

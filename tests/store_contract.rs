@@ -14,8 +14,8 @@ use tether::gateway::store::{
 use tether_schemas::{Event, Op, UpdateOp, UpdateStatus};
 
 fn ev(seq: u64) -> IncomingEvent {
-    IncomingEvent {
-        event: Event {
+    IncomingEvent::from_event(
+        &Event {
             seq,
             entity: "patient".into(),
             op: Op::Insert,
@@ -23,8 +23,8 @@ fn ev(seq: u64) -> IncomingEvent {
             row: json!({"id": seq, "name": "n"}).as_object().cloned(),
             committed_at: "2026-01-01T00:00:00.000Z".into(),
         },
-        problem: None,
-    }
+        None,
+    )
 }
 
 fn evs(range: std::ops::RangeInclusive<u64>) -> Vec<IncomingEvent> {

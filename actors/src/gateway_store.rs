@@ -20,7 +20,7 @@ use std::pin::Pin;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
-use tether_schemas::{Event, Update, UpdateOp, UpdateStatus};
+use tether_schemas::{Event, RawEvent, Update, UpdateOp, UpdateStatus};
 
 /// What a store call resolves to.
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
@@ -60,11 +60,22 @@ impl StoreError {
     }
 }
 
-/// One event with the problem found in it, if any (stored flagged, never dropped).
+/// One event with the problem found in it, if any (stored flagged, never dropped). The key and
+/// the row are the JSON text received from the agent: adapters bind them as they are.
 #[derive(Debug, Clone)]
 pub struct IncomingEvent {
-    pub event: Event,
+    pub event: RawEvent,
     pub problem: Option<String>,
+}
+
+impl IncomingEvent {
+    /// An event built in code (tools, tests), encoded once.
+    pub fn from_event(event: &Event, problem: Option<String>) -> IncomingEvent {
+        IncomingEvent {
+            event: RawEvent::from_event(event),
+            problem,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

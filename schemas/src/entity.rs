@@ -84,6 +84,25 @@ impl EntitySchemas {
         self.validators.is_empty()
     }
 
+    /// Whether `entity` has a schema (rows of other entities are not checked).
+    pub fn covers(&self, entity: &str) -> bool {
+        self.validators.contains_key(entity)
+    }
+
+    /// Checks a row given as JSON text against its entity's schema (parsed only when the
+    /// entity has one).
+    pub fn validate_text(&self, entity: &str, row: &str) -> Result<(), EntitySchemaError> {
+        if !self.covers(entity) {
+            return Ok(());
+        }
+        let row: Value = serde_json::from_str(row).map_err(|e| EntitySchemaError::Invalid {
+            entity: entity.to_string(),
+            field: String::new(),
+            message: format!("not JSON at line {} column {}", e.line(), e.column()),
+        })?;
+        self.validate(entity, &row)
+    }
+
     /// Checks a row against its entity's schema; entities without a schema pass.
     pub fn validate(&self, entity: &str, row: &Value) -> Result<(), EntitySchemaError> {
         let Some(v) = self.validators.get(entity) else {

@@ -1,5 +1,6 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// The protocol version this build speaks (`v` in every envelope).
@@ -388,6 +389,125 @@ impl Message {
     }
 }
 
+/// One event as the gateway receives it: the key and the row stay the JSON text that arrived
+/// (checked to be objects, never rebuilt into maps), so storing it costs no re-encoding.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEvent {
+    pub seq: u64,
+    pub entity: String,
+    pub op: Op,
+    pub key: Box<RawValue>,
+    #[serde(default)]
+    pub row: Option<Box<RawValue>>,
+    pub committed_at: String,
+}
+
+impl RawEvent {
+    /// The same event with its key and row encoded (for tools and tests that build [`Event`]s).
+    pub fn from_event(e: &Event) -> RawEvent {
+        // A map of JSON values always encodes; `null` (the default) is never reached.
+        let raw = |m: &Row| serde_json::value::to_raw_value(m).unwrap_or_default();
+        RawEvent {
+            seq: e.seq,
+            entity: e.entity.clone(),
+            op: e.op,
+            key: raw(&e.key),
+            row: e.row.as_ref().map(raw),
+            committed_at: e.committed_at.clone(),
+        }
+    }
+}
+
+/// Agent → gateway `events`, as the gateway decodes it (see [`RawEvent`]).
+#[derive(Debug, Clone)]
+pub struct RawEvents {
+    pub prev_seq: u64,
+    pub events: Vec<RawEvent>,
+    pub head_seq: Option<u64>,
+    pub restarts: Option<u64>,
+}
+
+/// A frame as the gateway reads it: `events` on the fast path, everything else as [`Message`].
+#[derive(Debug)]
+pub enum Inbound {
+    Events(RawEvents),
+    Other(Message),
+}
+
+impl Inbound {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Inbound::Events(_) => "events",
+            Inbound::Other(m) => m.kind(),
+        }
+    }
+}
+
+/// Decodes one frame the way [`Message::decode`] does, but reads an `events` frame in one pass
+/// straight into [`RawEvents`]: no intermediate `Value` tree, rows kept as the text received.
+/// A frame that does not pass the fast path is decoded again by [`Message::decode`], so every
+/// error names its field exactly as before (the detail is computed only when a frame fails).
+pub fn decode_inbound(text: &str, max_frame_bytes: usize) -> Result<Inbound, DecodeError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct EventsFrame<'a> {
+        v: u64,
+        #[serde(rename = "type", borrow)]
+        kind: std::borrow::Cow<'a, str>,
+        prev_seq: u64,
+        events: Vec<RawEvent>,
+        #[serde(default)]
+        head_seq: Option<u64>,
+        #[serde(default)]
+        restarts: Option<u64>,
+    }
+    if text.len() <= max_frame_bytes {
+        if let Ok(f) = serde_json::from_str::<EventsFrame<'_>>(text) {
+            if f.v == PROTOCOL_VERSION && f.kind == "events" {
+                for (i, e) in f.events.iter().enumerate() {
+                    let field = if !is_object(&e.key) {
+                        Some("key")
+                    } else if e.row.as_deref().is_some_and(|r| !is_object(r)) {
+                        Some("row")
+                    } else {
+                        None
+                    };
+                    if let Some(field) = field {
+                        return Err(DecodeError::Field {
+                            kind: "events".into(),
+                            field: format!("events[{i}].{field}"),
+                            message: "invalid type: expected a JSON object".into(),
+                        });
+                    }
+                }
+                return Ok(Inbound::Events(RawEvents {
+                    prev_seq: f.prev_seq,
+                    events: f.events,
+                    head_seq: f.head_seq,
+                    restarts: f.restarts,
+                }));
+            }
+        }
+    }
+    Message::decode(text, max_frame_bytes).map(|m| match m {
+        // Reached only by an events frame the fast path did not read (it would not parse the
+        // same way twice); kept for completeness.
+        Message::Events(e) => Inbound::Events(RawEvents {
+            prev_seq: e.prev_seq,
+            events: e.events.iter().map(RawEvent::from_event).collect(),
+            head_seq: e.head_seq,
+            restarts: e.restarts,
+        }),
+        other => Inbound::Other(other),
+    })
+}
+
+/// A raw value holds valid JSON with no leading whitespace: an object starts with `{`.
+fn is_object(v: &RawValue) -> bool {
+    v.get().starts_with('{')
+}
+
 /// Encodes an `events` frame from borrowed events (no copy of the rows).
 pub fn encode_events<'a>(
     prev_seq: u64,
@@ -455,11 +575,21 @@ fn envelope<T: Serialize>(kind: &str, body: &T) -> String {
 
 fn body_as<T: DeserializeOwned>(kind: &str, body: Value) -> Result<T, DecodeError> {
     serde_path_to_error::deserialize(body).map_err(|e| {
-        let field = e.path().to_string();
+        let path = e.path().to_string();
+        let message = e.into_inner().to_string();
+        // A missing field's path is its parent: name the field itself.
+        let missing = message
+            .strip_prefix("missing field `")
+            .and_then(|m| m.strip_suffix('`'));
+        let field = match missing {
+            Some(name) if path == "." => name.to_string(),
+            Some(name) => format!("{path}.{name}"),
+            None => path,
+        };
         DecodeError::Field {
             kind: kind.to_string(),
             field,
-            message: e.into_inner().to_string(),
+            message,
         }
     })
 }
@@ -650,6 +780,99 @@ mod tests {
         assert!(err.to_string().contains("extra"), "{err}");
         let err = Message::decode(r#"{"v":1,"type":"ack"}"#, 1000).unwrap_err();
         assert!(err.to_string().contains("seq"), "{err}");
+    }
+
+    #[test]
+    fn the_events_fast_path_keeps_rows_as_received_and_agrees_with_the_full_decoder() {
+        let Message::Events(ev) = samples().remove(2) else {
+            panic!("sample 2 is events")
+        };
+        let text = Message::Events(ev.clone()).encode();
+        let Ok(Inbound::Events(raw)) = decode_inbound(&text, DEFAULT_MAX_FRAME_BYTES) else {
+            panic!("events frame on the fast path")
+        };
+        assert_eq!(raw.prev_seq, ev.prev_seq);
+        assert_eq!((raw.head_seq, raw.restarts), (ev.head_seq, ev.restarts));
+        assert_eq!(raw.events.len(), ev.events.len());
+        for (r, e) in raw.events.iter().zip(&ev.events) {
+            assert_eq!(
+                (r.seq, r.entity.as_str(), r.op),
+                (e.seq, e.entity.as_str(), e.op)
+            );
+            let key: Row = serde_json::from_str(r.key.get()).expect("key json");
+            assert_eq!(key, e.key);
+            let row: Option<Row> = r
+                .row
+                .as_deref()
+                .map(|x| serde_json::from_str(x.get()).expect("row json"));
+            assert_eq!(row, e.row);
+        }
+        // The text of a row is kept byte for byte (spacing, order, number spelling).
+        let text = r#"{"v":1,"type":"events","prev_seq":0,"events":[
+            {"seq":1,"entity":"a","op":"insert","key": {"id":1},"row": {"z":1.50, "a":"x"},"committed_at":"t"},
+            {"seq":2,"entity":"a","op":"delete","key":{"id":2},"row":null,"committed_at":"t"}]}"#;
+        let Ok(Inbound::Events(raw)) = decode_inbound(text, 10_000) else {
+            panic!("fast path")
+        };
+        assert_eq!(raw.events[0].key.get(), r#"{"id":1}"#);
+        assert_eq!(
+            raw.events[0].row.as_deref().map(RawValue::get),
+            Some(r#"{"z":1.50, "a":"x"}"#)
+        );
+        assert!(raw.events[1].row.is_none(), "null row is no row");
+        // Other frames come through as messages.
+        let ack = Message::Ack(Ack { seq: 3 }).encode();
+        assert!(matches!(
+            decode_inbound(&ack, 1000),
+            Ok(Inbound::Other(Message::Ack(Ack { seq: 3 })))
+        ));
+    }
+
+    #[test]
+    fn a_bad_events_frame_gets_the_same_named_error_from_the_fast_path() {
+        let bad = [
+            // (frame, field the error names)
+            (
+                r#"{"v":1,"type":"events","prev_seq":0,"events":[{"seq":"two","entity":"a","op":"insert","key":{},"committed_at":"t"}]}"#,
+                Some("events[0].seq"),
+            ),
+            (
+                r#"{"v":1,"type":"events","prev_seq":0,"events":[{"seq":1,"entity":"a","op":"upsert","key":{},"committed_at":"t"}]}"#,
+                Some("events[0].op"),
+            ),
+            (
+                r#"{"v":1,"type":"events","prev_seq":0,"events":[{"seq":1,"entity":"a","op":"insert","key":{},"committed_at":"t","x":1}]}"#,
+                Some("events[0].x"),
+            ),
+            (r#"{"v":1,"type":"events","events":[]}"#, Some("prev_seq")),
+            (
+                r#"{"v":2,"type":"events","prev_seq":0,"events":[]}"#,
+                Some("v"),
+            ),
+            (
+                r#"{"v":1,"type":"events","prev_seq":0,"events":[{"seq":1,"entity":"a","op":"insert","key":[1],"committed_at":"t"}]}"#,
+                Some("events[0].key"),
+            ),
+            (
+                r#"{"v":1,"type":"events","prev_seq":0,"events":[{"seq":1,"entity":"a","op":"insert","key":{},"row":"r","committed_at":"t"}]}"#,
+                Some("events[0].row"),
+            ),
+        ];
+        for (text, field) in bad {
+            let fast = decode_inbound(text, 10_000).expect_err(text);
+            assert_eq!(fast.field().as_deref(), field, "{text}: {fast}");
+            // The full decoder refuses the same frames for the same field.
+            let full = Message::decode(text, 10_000).expect_err(text);
+            assert_eq!(full.field(), fast.field(), "{text}");
+        }
+        let big = format!(
+            r#"{{"v":1,"type":"events","prev_seq":0,"events":[],"head_seq":{}}}"#,
+            "1".repeat(5)
+        );
+        assert_eq!(
+            decode_inbound(&big, 20).expect_err("too large").code(),
+            ErrorCode::FrameTooLarge
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use openssl::symm::{decrypt_aead, encrypt_aead, Cipher};
 use serde_json::{Map, Value};
 use tether_actors::ports::{ChangeSource, PortError};
-use tether_schemas::Event;
+use tether_schemas::{Event, RawEvent};
 
 use super::safe_id;
 
@@ -197,6 +197,41 @@ impl FieldCipher {
             for (k, v) in out {
                 row.insert(k, v);
             }
+        }
+        Ok(n)
+    }
+
+    /// [`Self::decrypt_event`] for an event as the gateway receives it (key and row as JSON
+    /// text). A row that holds no encrypted value is left as it is without being parsed; one
+    /// that does is parsed, decrypted and encoded again.
+    pub fn decrypt_raw(&self, clinic: &str, ev: &mut RawEvent) -> Result<usize, CryptoError> {
+        let Some(raw) = ev.row.as_deref() else {
+            return Ok(0);
+        };
+        // `\u` escapes could spell the prefix: such a row takes the parsing path.
+        if !raw.get().contains(PREFIX) && !raw.get().contains("\\u") {
+            return Ok(0);
+        }
+        let key: Map<String, Value> =
+            serde_json::from_str(ev.key.get()).map_err(|_| CryptoError::Malformed("key".into()))?;
+        let row: Map<String, Value> =
+            serde_json::from_str(raw.get()).map_err(|_| CryptoError::Malformed("row".into()))?;
+        let mut event = Event {
+            seq: ev.seq,
+            entity: ev.entity.clone(),
+            op: ev.op,
+            key,
+            row: Some(row),
+            committed_at: String::new(),
+        };
+        let n = self.decrypt_event(clinic, &mut event)?;
+        if n > 0 {
+            ev.row = event
+                .row
+                .as_ref()
+                .map(serde_json::value::to_raw_value)
+                .transpose()
+                .map_err(|_| CryptoError::Malformed("row".into()))?;
         }
         Ok(n)
     }

@@ -21,7 +21,8 @@ use actix_web_actors::ws;
 use tether_actors::log_target::{CONNECTION, ERROR, MESSAGE};
 use tether_actors::registry::{self, SessionCommand};
 use tether_schemas::{
-    Ack, DecodeError, ErrorCode, ErrorFrame, Events, Message as Wire, UpdateResult, Welcome,
+    Ack, DecodeError, ErrorCode, ErrorFrame, Inbound, Message as Wire, RawEvents, UpdateResult,
+    Welcome,
 };
 
 use super::store::{AppendOutcome, IncomingEvent};
@@ -390,21 +391,35 @@ impl Session {
         ctx.stop();
     }
 
+    fn before_hello(&mut self, kind: &str, ctx: &mut ws::WebsocketContext<Self>) {
+        self.send_error(
+            ctx,
+            ErrorCode::UnexpectedMessage,
+            format!("`{kind}` before `hello`"),
+            Some("type".into()),
+        );
+        self.close(ctx, ws::CloseCode::Policy, "hello expected");
+    }
+
     fn on_text(&mut self, text: &str, ctx: &mut ws::WebsocketContext<Self>) {
-        let decoded = Wire::decode(text, self.state.settings.max_frame_bytes);
+        let decoded = tether_schemas::decode_inbound(text, self.state.settings.max_frame_bytes);
         // What the clinic sends of its own accord is charged to its frame rate; answers to the
         // cloud's own requests are paced by the gateway's RPC limits, and calls by the call
         // rate (`on_call`), so neither can get the clinic's link closed.
         let free = match &decoded {
-            Ok(Wire::RpcResponse(r)) => self.rpc_outstanding.contains(&r.request_id),
-            Ok(Wire::CallRequest(_)) => self.clinic.is_some(),
+            Ok(Inbound::Other(Wire::RpcResponse(r))) => {
+                self.rpc_outstanding.contains(&r.request_id)
+            }
+            Ok(Inbound::Other(Wire::CallRequest(_))) => self.clinic.is_some(),
             _ => false,
         };
         if !free && !self.charge(ctx) {
             return;
         }
         let msg = match decoded {
-            Ok(m) => m,
+            Ok(Inbound::Events(ev)) if self.clinic.is_some() => return self.on_events(ev, ctx),
+            Ok(Inbound::Events(_)) => return self.before_hello("events", ctx),
+            Ok(Inbound::Other(m)) => m,
             Err(e @ DecodeError::TooLarge { .. }) => {
                 self.send_error(ctx, e.code(), e.to_string(), None);
                 return self.close(ctx, ws::CloseCode::Size, "frame too large");
@@ -422,16 +437,7 @@ impl Session {
                 "hello was already received on this session".into(),
                 Some("type".into()),
             ),
-            (None, other) => {
-                self.send_error(
-                    ctx,
-                    ErrorCode::UnexpectedMessage,
-                    format!("`{}` before `hello`", other.kind()),
-                    Some("type".into()),
-                );
-                self.close(ctx, ws::CloseCode::Policy, "hello expected");
-            }
-            (Some(_), Wire::Events(ev)) => self.on_events(ev, ctx),
+            (None, other) => self.before_hello(other.kind(), ctx),
             (Some(_), Wire::UpdateResult(r)) => self.on_update_result(r, ctx),
             (Some(_), Wire::CallRequest(c)) => self.on_call(c, ctx),
             (Some(_), Wire::RpcResponse(r)) => {
@@ -526,7 +532,7 @@ impl Session {
         }));
     }
 
-    fn on_events(&mut self, batch: Events, ctx: &mut ws::WebsocketContext<Self>) {
+    fn on_events(&mut self, batch: RawEvents, ctx: &mut ws::WebsocketContext<Self>) {
         if self.shutting_down {
             // Not stored, not acknowledged: the agent resends it to the next gateway.
             return;
@@ -534,11 +540,11 @@ impl Session {
         let clinic = self.clinic.clone().unwrap_or_default();
         let mut batch = batch;
         // With the data keys, a value that fails to decrypt is parked with the reason
-        // (ciphertext kept, never plaintext, never dropped); decrypt_event leaves it untouched.
+        // (ciphertext kept, never plaintext, never dropped); decrypt_raw leaves it untouched.
         let mut problems: Vec<Option<String>> = vec![None; batch.events.len()];
         if let Some(cipher) = &self.state.security.decrypt {
             for (e, p) in batch.events.iter_mut().zip(problems.iter_mut()) {
-                if let Err(err) = cipher.decrypt_event(&clinic, e) {
+                if let Err(err) = cipher.decrypt_raw(&clinic, e) {
                     *p = Some(format!("decryption failed: {err}"));
                 }
             }
@@ -580,18 +586,14 @@ impl Session {
             .events
             .into_iter()
             .zip(problems)
-            .map(|(mut event, problem)| {
+            .map(|(event, problem)| {
+                // Rows are parsed for the check only when their entity has a schema.
                 let problem = problem.or_else(|| {
-                    // Validate in place: the row is moved into a Value and back, not copied.
-                    let row = serde_json::Value::Object(event.row.take()?);
-                    let verdict = schemas
-                        .validate(&event.entity, &row)
+                    let row = event.row.as_deref()?;
+                    schemas
+                        .validate_text(&event.entity, row.get())
                         .err()
-                        .map(|e| e.to_string());
-                    if let serde_json::Value::Object(m) = row {
-                        event.row = Some(m);
-                    }
-                    verdict
+                        .map(|e| e.to_string())
                 });
                 IncomingEvent { event, problem }
             })

@@ -630,12 +630,6 @@ fn key_row_json(
     })
 }
 
-pub(crate) fn event_json(
-    ev: &tether_schemas::Event,
-) -> Result<(String, Option<String>), StoreError> {
-    key_row_json(&ev.key, ev.row.as_ref(), || format!("event seq {}", ev.seq))
-}
-
 pub(crate) fn update_json(u: &NewUpdate) -> Result<(String, Option<String>), StoreError> {
     key_row_json(&u.key, u.row.as_ref(), || "update".into())
 }

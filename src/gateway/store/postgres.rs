@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use postgres::{Client, NoTls, Statement, Transaction};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use tether_schemas::UpdateOp;
 
@@ -627,8 +628,8 @@ struct Columns<'a> {
     seqs: Vec<i64>,
     ents: Vec<&'a str>,
     ops: Vec<&'static str>,
-    keys: Vec<String>,
-    rows: Vec<Option<String>>,
+    keys: Vec<&'a str>,
+    rows: Vec<Option<&'a str>>,
     commits: Vec<&'a str>,
     problems: Vec<Option<&'a str>>,
 }
@@ -636,7 +637,7 @@ struct Columns<'a> {
 impl<'a> Columns<'a> {
     fn push(&mut self, ie: &'a IncomingEvent) -> Result<(), StoreError> {
         let ev = &ie.event;
-        let (key, row) = super::event_json(ev)?;
+        let (key, row) = (ev.key.get(), ev.row.as_deref().map(RawValue::get));
         self.seqs.push(ev.seq as i64);
         self.ents.push(ev.entity.as_str());
         self.ops.push(ev.op.as_str());

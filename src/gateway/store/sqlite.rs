@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use tether_schemas::UpdateOp;
 
@@ -802,7 +803,7 @@ fn append(
     let mut last = acked;
     for ie in events {
         let ev = &ie.event;
-        let (key, row) = super::event_json(ev)?;
+        let (key, row) = (ev.key.get(), ev.row.as_deref().map(RawValue::get));
         inserted += stmt
             .execute(params![
                 clinic,
@@ -867,18 +868,20 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("rt");
-        let big = |seq: u64| IncomingEvent {
-            event: Event {
-                seq,
-                entity: "e".into(),
-                op: EventOp::Insert,
-                key: Map::new(),
-                row: serde_json::json!({"pad": "x".repeat(20_000)})
-                    .as_object()
-                    .cloned(),
-                committed_at: "t".into(),
-            },
-            problem: None,
+        let big = |seq: u64| {
+            IncomingEvent::from_event(
+                &Event {
+                    seq,
+                    entity: "e".into(),
+                    op: EventOp::Insert,
+                    key: Map::new(),
+                    row: serde_json::json!({"pad": "x".repeat(20_000)})
+                        .as_object()
+                        .cloned(),
+                    committed_at: "t".into(),
+                },
+                None,
+            )
         };
         rt.block_on(store.append("c", 0, 0, vec![big(1)]))
             .expect("first");
