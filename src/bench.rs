@@ -95,7 +95,7 @@ pub fn machine() -> Value {
     })
 }
 
-fn settings(dir: &Path, listen: &str) -> GatewaySettings {
+pub(crate) fn settings(dir: &Path, listen: &str) -> GatewaySettings {
     GatewaySettings {
         listen: listen.into(),
         store: crate::gateway::store::StoreLocation::Sqlite(dir.join("gateway.db")),
@@ -527,7 +527,7 @@ pub async fn footprint(dir: &Path, _o: &BenchOptions) -> anyhow::Result<Value> {
 }
 
 /// CPU seconds (user + system) a process has used, from `/proc/<pid>/stat` (0 elsewhere).
-fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces) start at ") ".
     let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");

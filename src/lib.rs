@@ -6,6 +6,8 @@ pub mod admin;
 pub mod agent;
 #[cfg(feature = "gateway")]
 pub mod bench;
+#[cfg(feature = "gateway")]
+pub mod bench_remote;
 pub mod config;
 pub mod db;
 #[cfg(feature = "gateway")]

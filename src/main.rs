@@ -78,6 +78,8 @@ enum Command {
         /// Events in the store for `history` (e.g. 3000000; 30000000 takes a while).
         #[arg(long)]
         events: Option<u64>,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Start a gateway and N clinic agents on temporary SQLite databases and show them syncing.
     #[cfg(feature = "gateway")]
@@ -104,6 +106,36 @@ enum Command {
         #[arg(long)]
         store: Option<String>,
     },
+}
+
+/// `tether bench ingest --gateway …`: the load client alone, against a gateway process.
+#[cfg(feature = "gateway")]
+#[derive(clap::Args)]
+struct RemoteArgs {
+    /// Push the ingest load to this gateway (`ws://` or `wss://…/v1/ws`) from this process.
+    #[arg(long)]
+    gateway: Option<String>,
+    /// A `tether keys dev-setup` directory: ca.pem and the clinics' keys (tokens).
+    #[arg(long)]
+    certs: Option<PathBuf>,
+    /// The gateway's id (the tokens' audience).
+    #[arg(long, default_value = "gw-bench")]
+    gateway_id: String,
+    /// Clinic ids are PREFIX000, PREFIX001, …
+    #[arg(long, default_value = "clinic-")]
+    prefix: String,
+    #[arg(long, default_value_t = 50)]
+    clinics: usize,
+    #[arg(long, default_value_t = 10_000)]
+    events_per_clinic: u64,
+    /// Events per batch and batches unacknowledged at once (the agent's defaults).
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    #[arg(long, default_value_t = 4)]
+    inflight: usize,
+    /// The gateway's process id: its CPU-seconds per 100,000 events and RSS are reported.
+    #[arg(long)]
+    server_pid: Option<u32>,
 }
 
 #[derive(Subcommand)]
@@ -347,7 +379,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
             store,
             store_url,
             events,
+            remote,
         } => {
+            if let Some(url) = remote.gateway {
+                if scenario != "ingest" {
+                    bail!("--gateway: only the `ingest` scenario runs against another process");
+                }
+                let r = tether::bench_remote::RemoteIngest {
+                    url,
+                    certs: remote.certs,
+                    audience: remote.gateway_id,
+                    prefix: remote.prefix,
+                    clinics: remote.clinics,
+                    events_per_clinic: remote.events_per_clinic,
+                    batch: remote.batch,
+                    inflight: remote.inflight,
+                    server_pid: remote.server_pid,
+                };
+                let v = actix::System::new().block_on(tether::bench_remote::ingest(r))?;
+                println!("{v}");
+                return Ok(ExitCode::SUCCESS);
+            }
             let mut o = tether::bench::BenchOptions::default();
             if quick {
                 o = tether::bench::BenchOptions {

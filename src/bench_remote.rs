@@ -1,0 +1,280 @@
+//! `tether bench ingest --gateway wss://…`: the ingest load client on its own, in this process,
+//! against a gateway running as another process (Tether, or any peer speaking the protocol, such
+//! as the Node.js baseline under `bench/peers/`). The numbers are then the gateway's alone: the
+//! client shares no runtime with it, and the gateway's CPU is read from `/proc/<pid>/stat`.
+//!
+//! Each clinic connects (TLS and an RS256 token signed with its key from `--certs`, as an agent
+//! does), sends `hello`, and pushes its events in batches of `--batch` with at most `--inflight`
+//! batches unacknowledged (the agent's defaults: 500 and 4). Events are ~305 bytes, like the
+//! issue's load. The run ends when every event is acknowledged; only acknowledged events count.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use awc::ws::{self, Frame};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+
+use crate::security::jwt::TokenSigner;
+use crate::security::tls::{self, ClientTls};
+
+/// What the remote ingest run needs.
+#[derive(Debug, Clone)]
+pub struct RemoteIngest {
+    /// `ws://` or `wss://…/v1/ws`.
+    pub url: String,
+    /// A `tether keys dev-setup` directory: `ca.pem` and one `<clinic>.key` per clinic (token
+    /// signing key, kid `<clinic>-1`). Without it: no TLS trust anchor and no token.
+    pub certs: Option<PathBuf>,
+    /// The gateway's id (the tokens' audience).
+    pub audience: String,
+    /// Clinic ids are `<prefix>NNN`, as `dev-setup --clinics` made them.
+    pub prefix: String,
+    pub clinics: usize,
+    pub events_per_clinic: u64,
+    pub batch: usize,
+    pub inflight: usize,
+    /// The gateway's process id: its CPU-seconds and RSS are reported when given.
+    pub server_pid: Option<u32>,
+}
+
+/// The same ~305-byte appointment event for every sequence (the key and the ids vary).
+fn push_event(out: &mut String, seq: u64, clinic_no: usize) {
+    let _ = write!(
+        out,
+        r#"{{"seq":{seq},"entity":"appointment","op":"insert","key":{{"id":{seq}}},"row":{{"id":{seq},"patient_id":{pid},"practitioner_id":{prac},"status":"booked","starts_at":"2026-12-01T09:30:00Z","ends_at":"2026-12-01T10:00:00Z","room":"R-{room:02}","notes":"follow-up, bring results"}},"committed_at":"2026-12-01T09:00:00.000Z"}}"#,
+        pid = 100_000 + (seq * 7 + clinic_no as u64) % 90_000,
+        prac = 1 + seq % 40,
+        room = seq % 12,
+    );
+}
+
+fn batch_frame(prev: u64, n: u64, clinic_no: usize, head: u64) -> String {
+    let mut s = String::with_capacity(64 + n as usize * 320);
+    let _ = write!(s, r#"{{"v":1,"type":"events","prev_seq":{prev},"events":["#);
+    for seq in prev + 1..=prev + n {
+        if seq > prev + 1 {
+            s.push(',');
+        }
+        push_event(&mut s, seq, clinic_no);
+    }
+    let _ = write!(s, r#"],"head_seq":{head}}}"#);
+    s
+}
+
+/// Bytes of one event on the wire (for the report).
+pub fn event_bytes() -> usize {
+    let mut s = String::new();
+    push_event(&mut s, 123_456, 7);
+    s.len()
+}
+
+async fn one_clinic(
+    r: Arc<RemoteIngest>,
+    http: awc::Client,
+    clinic_no: usize,
+    token: Option<String>,
+    acked_total: Arc<AtomicU64>,
+) -> anyhow::Result<()> {
+    let clinic = format!("{}{clinic_no:03}", r.prefix);
+    let mut req = http.ws(r.url.as_str()).max_frame_size(4 << 20);
+    if let Some(t) = &token {
+        req = req.header("Authorization", format!("Bearer {t}"));
+    }
+    let (_, mut link) = req
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("{clinic}: connect {}: {e}", r.url))?;
+    let hello = json!({"v": 1, "type": "hello", "clinic_id": clinic, "agent_version": "bench",
+        "last_acked_seq": 0, "source_id": 1 + clinic_no as u64});
+    link.send(ws::Message::Text(hello.to_string().into()))
+        .await
+        .context("send hello")?;
+    let total = r.events_per_clinic;
+    let batch = r.batch as u64;
+    let mut sent = None::<u64>;
+    let mut acked = 0u64;
+    loop {
+        // Keep `inflight` batches unacknowledged once welcomed.
+        if let Some(s) = sent.as_mut() {
+            while *s < total && *s - acked < batch * r.inflight as u64 {
+                let n = batch.min(total - *s);
+                let frame = batch_frame(*s, n, clinic_no, total);
+                link.send(ws::Message::Text(frame.into()))
+                    .await
+                    .with_context(|| format!("{clinic}: send events"))?;
+                *s += n;
+            }
+        }
+        if acked >= total {
+            let _ = link.close().await;
+            return Ok(());
+        }
+        let item = link
+            .next()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("{clinic}: the gateway closed the link"))?;
+        match item.with_context(|| format!("{clinic}: read"))? {
+            Frame::Text(t) => {
+                let v: Value = serde_json::from_slice(&t)
+                    .with_context(|| format!("{clinic}: a frame that is not JSON"))?;
+                match v["type"].as_str() {
+                    Some("welcome") => {
+                        acked = v["acked_seq"].as_u64().unwrap_or(0);
+                        sent = Some(acked);
+                    }
+                    Some("ack") => {
+                        let a = v["seq"].as_u64().unwrap_or(0);
+                        if a > acked {
+                            acked_total.fetch_add(a - acked, Ordering::Relaxed);
+                            acked = a;
+                        }
+                    }
+                    Some("error") => anyhow::bail!("{clinic}: the gateway answered {v}"),
+                    _ => {}
+                }
+            }
+            Frame::Ping(b) => {
+                let _ = link.send(ws::Message::Pong(b)).await;
+            }
+            Frame::Close(c) => anyhow::bail!("{clinic}: closed by the gateway: {c:?}"),
+            _ => {}
+        }
+    }
+}
+
+fn proc_cpu_s(pid: Option<u32>) -> f64 {
+    pid.map(super::bench::cpu_seconds).unwrap_or(0.0)
+}
+
+/// Runs the load and reports acknowledged events/s, the client's and (with `server_pid`) the
+/// gateway's CPU-seconds per 100,000 events.
+pub async fn ingest(r: RemoteIngest) -> anyhow::Result<Value> {
+    let connector = match &r.certs {
+        Some(dir) if r.url.starts_with("wss://") => Some(tls::connector(&ClientTls {
+            ca: Some(dir.join("ca.pem")),
+            ..ClientTls::default()
+        })?),
+        _ => None,
+    };
+    let http = crate::loadgen::http_client(connector.as_ref());
+    let mut tokens = Vec::with_capacity(r.clinics);
+    for i in 0..r.clinics {
+        let clinic = format!("{}{i:03}", r.prefix);
+        tokens.push(match &r.certs {
+            Some(dir) => Some(
+                TokenSigner::from_pem_file(
+                    &dir.join(format!("{clinic}.key")),
+                    &clinic,
+                    &r.audience,
+                    &format!("{clinic}-1"),
+                    Duration::from_secs(300),
+                )?
+                .sign()?,
+            ),
+            None => None,
+        });
+    }
+    let acked = Arc::new(AtomicU64::new(0));
+    let r = Arc::new(r);
+    let me = std::process::id();
+    let (cpu0, srv0) = (super::bench::cpu_seconds(me), proc_cpu_s(r.server_pid));
+    let t0 = Instant::now();
+    let tasks: Vec<_> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| actix::spawn(one_clinic(r.clone(), http.clone(), i, t, acked.clone())))
+        .collect();
+    let mut server_rss_kb = 0;
+    let mut failed = Vec::new();
+    for t in tasks {
+        if let Some(pid) = r.server_pid {
+            server_rss_kb = server_rss_kb.max(crate::loadgen::rss_kb_of(&pid.to_string()));
+        }
+        match t.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failed.push(e.to_string()),
+            Err(e) => failed.push(e.to_string()),
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    if let Some(first) = failed.first() {
+        anyhow::bail!(
+            "{} of {} clinics failed; first: {first}",
+            failed.len(),
+            r.clinics
+        );
+    }
+    let events = acked.load(Ordering::Relaxed);
+    let per100k = |cpu: f64| (cpu * 100_000.0 / events.max(1) as f64 * 1000.0).round() / 1000.0;
+    let server_cpu = proc_cpu_s(r.server_pid) - srv0;
+    Ok(
+        json!({"scenario": "ingest", "gateway": r.url, "clinics": r.clinics, "events": events,
+        "event_bytes": event_bytes(), "batch": r.batch, "inflight": r.inflight,
+        "seconds": (secs * 100.0).round() / 100.0, "events_per_s": (events as f64 / secs).round(),
+        "server_cpu_s_per_100k": r.server_pid.map(|_| per100k(server_cpu)),
+        "server_rss_mb": r.server_pid.map(|_| server_rss_kb / 1024),
+        "client_cpu_s_per_100k": per100k(super::bench::cpu_seconds(me) - cpu0),
+        "machine": super::bench::machine()}),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_load_is_a_valid_events_frame_of_305_byte_events() {
+        let f = batch_frame(1000, 3, 4, 5000);
+        let Ok(tether_schemas::Inbound::Events(ev)) = tether_schemas::decode_inbound(&f, 1 << 20)
+        else {
+            panic!("not an events frame: {f}")
+        };
+        assert_eq!(ev.prev_seq, 1000);
+        let seqs: Vec<u64> = ev.events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![1001, 1002, 1003]);
+        assert!((290..=320).contains(&event_bytes()), "{}", event_bytes());
+    }
+
+    /// Against a real gateway (in this process, for the test): every event is acknowledged and
+    /// stored, and the client counts only what was acknowledged.
+    #[test]
+    fn the_client_pushes_everything_and_counts_only_acknowledged_events() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let system = actix::System::new();
+        let (report, stored) = system.block_on(async {
+            let gw = crate::gateway::start(
+                crate::bench::settings(dir.path(), "127.0.0.1:0"),
+                crate::gateway::GatewaySecurity::insecure(),
+            )
+            .expect("gateway");
+            let report = ingest(RemoteIngest {
+                url: gw.ws_url(),
+                certs: None,
+                audience: "gw-bench".into(),
+                prefix: "c-".into(),
+                clinics: 3,
+                events_per_clinic: 1_234,
+                batch: 100,
+                inflight: 4,
+                server_pid: Some(std::process::id()),
+            })
+            .await
+            .expect("ingest");
+            let mut stored = Vec::new();
+            for c in ["c-000", "c-001", "c-002"] {
+                let rec = gw.store.clinic(c).await.expect("read").expect("clinic");
+                stored.push((rec.acked_seq, rec.events));
+            }
+            gw.stop().await;
+            (report, stored)
+        });
+        assert_eq!(report["events"], 3 * 1_234, "{report}");
+        assert_eq!(stored, vec![(1_234, 1_234); 3]);
+        assert!(report["server_cpu_s_per_100k"].as_f64().is_some(), "{report}");
+    }
+}
