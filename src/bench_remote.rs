@@ -275,6 +275,9 @@ mod tests {
         });
         assert_eq!(report["events"], 3 * 1_234, "{report}");
         assert_eq!(stored, vec![(1_234, 1_234); 3]);
-        assert!(report["server_cpu_s_per_100k"].as_f64().is_some(), "{report}");
+        assert!(
+            report["server_cpu_s_per_100k"].as_f64().is_some(),
+            "{report}"
+        );
     }
 }

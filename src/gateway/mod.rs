@@ -406,6 +406,7 @@ pub fn start(
         location: settings.store.clone(),
         group_commit_max_events: settings.group_commit_max_events,
         queue: store::DEFAULT_QUEUE,
+        queue_bytes: store::DEFAULT_QUEUE_BYTES,
         abort_after_commits: faults.abort_after_commits,
     })?;
     log::info!(target: "connection", "event=store_open store={}", settings.store);

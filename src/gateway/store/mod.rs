@@ -11,6 +11,7 @@ pub mod postgres;
 pub mod sqlite;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
@@ -26,6 +27,11 @@ pub type Store = dyn GatewayStore;
 
 /// Writes waiting for the writer, at most (each an append batch or one small write).
 pub const DEFAULT_QUEUE: usize = 4096;
+/// Bytes of events waiting for their commit, across every session, at most: past it an append
+/// is refused at once as retryable (the session acknowledges nothing of it and closes 1013; the
+/// agent resends after its backoff). Each waiting event costs about its wire size (key and row
+/// are kept as the JSON text received) plus ~100 bytes.
+pub const DEFAULT_QUEUE_BYTES: usize = 64 << 20;
 
 /// Which adapter, and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +88,8 @@ pub struct StoreSettings {
     pub location: StoreLocation,
     pub group_commit_max_events: usize,
     pub queue: usize,
+    /// See [`DEFAULT_QUEUE_BYTES`].
+    pub queue_bytes: usize,
     /// Test-only crash point: abort right after this many group commits, before replying.
     pub abort_after_commits: Option<u64>,
 }
@@ -92,6 +100,7 @@ impl StoreSettings {
             location: StoreLocation::Sqlite(path.into()),
             group_commit_max_events: 2000,
             queue: DEFAULT_QUEUE,
+            queue_bytes: DEFAULT_QUEUE_BYTES,
             abort_after_commits: None,
         }
     }
@@ -222,7 +231,29 @@ impl Op {
             _ => 1,
         }
     }
+
+    /// Memory the op holds while it waits (events only; other writes are small).
+    fn bytes(&self) -> usize {
+        match self {
+            Op::Append { events, .. } => events
+                .iter()
+                .map(|ie| {
+                    let e = &ie.event;
+                    EVENT_OVERHEAD
+                        + e.key.get().len()
+                        + e.row.as_deref().map_or(0, |r| r.get().len())
+                        + e.entity.len()
+                        + e.committed_at.len()
+                        + ie.problem.as_deref().map_or(0, str::len)
+                })
+                .sum(),
+            _ => 0,
+        }
+    }
 }
+
+/// An incoming event's own size beyond its text: the struct and four allocations.
+const EVENT_OVERHEAD: usize = std::mem::size_of::<IncomingEvent>() + 4 * 16;
 
 /// What a write resolved to.
 #[derive(Debug)]
@@ -238,6 +269,8 @@ pub(crate) enum Done {
 
 pub(crate) struct Cmd {
     op: Op,
+    /// What `op` counts against the writer's byte budget.
+    bytes: usize,
     reply: oneshot::Sender<Result<Done, StoreError>>,
 }
 
@@ -254,6 +287,9 @@ pub(crate) trait Backend: Send + 'static {
 pub(crate) struct Writer {
     tx: Mutex<Option<mpsc::Sender<Cmd>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Bytes of the ops queued or being written, and the most allowed.
+    pending: Arc<AtomicUsize>,
+    max_bytes: usize,
 }
 
 impl Writer {
@@ -265,9 +301,11 @@ impl Writer {
         let (tx, rx) = mpsc::channel(settings.queue.max(1));
         let max = settings.group_commit_max_events.max(1);
         let abort = settings.abort_after_commits;
+        let pending = Arc::new(AtomicUsize::new(0));
+        let held = pending.clone();
         let thread = std::thread::Builder::new()
             .name(format!("store-writer-{name}"))
-            .spawn(move || writer_loop(backend, rx, max, abort))
+            .spawn(move || writer_loop(backend, rx, max, abort, &held))
             .map_err(|e| StoreError::Open {
                 store: name.to_string(),
                 message: e.to_string(),
@@ -275,25 +313,41 @@ impl Writer {
         Ok(Writer {
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
+            pending,
+            max_bytes: settings.queue_bytes.max(1),
         })
     }
 
-    /// Queues `op`; a full queue fails at once (retryable), never blocks the caller.
+    /// Queues `op`; a full queue, or events past the byte budget, fail at once (retryable),
+    /// never block the caller. One op alone always fits (a frame is bounded by its own limit).
     pub(crate) fn submit(
         &self,
         op: Op,
     ) -> impl std::future::Future<Output = Result<Done, StoreError>> + Send + 'static {
         let (reply, rx) = oneshot::channel();
-        let sent = {
+        let bytes = op.bytes();
+        let before = self.pending.fetch_add(bytes, Ordering::AcqRel);
+        let sent = if bytes > 0 && before > 0 && before + bytes > self.max_bytes {
+            Err(StoreError::Unavailable {
+                retryable: true,
+                message: format!(
+                    "store: {before} bytes of events already wait for their commit (limit {})",
+                    self.max_bytes
+                ),
+            })
+        } else {
             let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
             match guard.as_ref() {
                 None => Err(StoreError::Stopped),
-                Some(tx) => tx.try_send(Cmd { op, reply }).map_err(|e| match e {
+                Some(tx) => tx.try_send(Cmd { op, bytes, reply }).map_err(|e| match e {
                     mpsc::error::TrySendError::Full(_) => StoreError::busy("store"),
                     mpsc::error::TrySendError::Closed(_) => StoreError::Stopped,
                 }),
             }
         };
+        if sent.is_err() {
+            self.pending.fetch_sub(bytes, Ordering::AcqRel);
+        }
         async move {
             sent?;
             rx.await.map_err(|_| StoreError::Stopped)?
@@ -332,6 +386,7 @@ fn writer_loop<B: Backend>(
     mut rx: mpsc::Receiver<Cmd>,
     max_events: usize,
     abort_after_commits: Option<u64>,
+    pending: &AtomicUsize,
 ) {
     let mut commits = 0u64;
     let mut held: Option<Cmd> = None;
@@ -346,6 +401,7 @@ fn writer_loop<B: Backend>(
         if matches!(first.op, Op::PageLimit(_)) {
             backend.run_alone(&first.op);
             let _ = first.reply.send(Ok(Done::Unit));
+            pending.fetch_sub(first.bytes, Ordering::AcqRel);
             continue;
         }
         let mut weight = first.op.weight();
@@ -363,8 +419,11 @@ fn writer_loop<B: Backend>(
                 Err(_) => break,
             }
         }
+        let bytes: usize = group.iter().map(|c| c.bytes).sum();
         let (ops, replies): (Vec<Op>, Vec<_>) = group.into_iter().map(|c| (c.op, c.reply)).unzip();
         let outcome = backend.run_group(&ops);
+        drop(ops);
+        pending.fetch_sub(bytes, Ordering::AcqRel);
         commits += 1;
         if outcome.is_ok() && abort_after_commits == Some(commits) {
             // Test-only crash point: durable, not yet acknowledged.
@@ -378,7 +437,7 @@ fn writer_loop<B: Backend>(
                 }
             }
             Err(e) => {
-                log::error!(target: "error", "event=store_group_failed ops={} error={e}", ops.len());
+                log::error!(target: "error", "event=store_group_failed ops={} error={e}", replies.len());
                 for reply in replies {
                     let _ = reply.send(Err(e.clone()));
                 }
@@ -644,7 +703,82 @@ pub(crate) fn log_outbox_recreated(clinic: &str, old: u64, new: u64, acked: u64)
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::*;
+
+    /// A backend that holds each group until the test lets it go.
+    struct Gated(std::sync::mpsc::Receiver<()>);
+
+    impl Backend for Gated {
+        fn run_group(&mut self, ops: &[Op]) -> Result<Vec<Result<Done, StoreError>>, StoreError> {
+            let _ = self.0.recv();
+            Ok(ops
+                .iter()
+                .map(|_| {
+                    Ok(Done::Append(AppendOutcome::Stored {
+                        acked: 1,
+                        inserted: 1,
+                    }))
+                })
+                .collect())
+        }
+    }
+
+    fn append_of(bytes: usize) -> Op {
+        let event = tether_schemas::Event {
+            seq: 1,
+            entity: "e".into(),
+            op: tether_schemas::Op::Insert,
+            key: serde_json::Map::new(),
+            row: serde_json::json!({"pad": "x".repeat(bytes)})
+                .as_object()
+                .cloned(),
+            committed_at: "t".into(),
+        };
+        Op::Append {
+            clinic: "c".into(),
+            source: 0,
+            prev_seq: 0,
+            events: vec![IncomingEvent::from_event(&event, None)],
+        }
+    }
+
+    /// Events waiting for their commit are bounded in bytes: past the budget an append is
+    /// refused at once (retryable), and accepted again once the writer has caught up.
+    #[test]
+    fn events_waiting_for_commit_are_bounded_in_bytes() {
+        let (gate, held) = std::sync::mpsc::channel();
+        let mut settings = StoreSettings::sqlite("unused");
+        settings.queue_bytes = 30_000;
+        let w = Writer::spawn("gated", Gated(held), &settings).expect("writer");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt");
+        let first = w.submit(append_of(20_000));
+        let refused = rt.block_on(w.submit(append_of(20_000)));
+        assert!(
+            matches!(&refused, Err(StoreError::Unavailable { retryable: true, message }) if message.contains("wait for their commit")),
+            "{refused:?}"
+        );
+        // Small writes are not events: they still pass.
+        let small = w.submit(Op::Ping);
+        gate.send(()).expect("release");
+        assert!(rt.block_on(first).is_ok());
+        gate.send(()).expect("release");
+        assert!(rt.block_on(small).is_ok());
+        assert_eq!(w.pending.load(Ordering::Acquire), 0);
+        let again = w.submit(append_of(20_000));
+        gate.send(()).expect("release");
+        assert!(
+            rt.block_on(again).is_ok(),
+            "accepted once the writer caught up"
+        );
+        // One append larger than the whole budget still goes through when nothing waits.
+        let big = w.submit(append_of(50_000));
+        gate.send(()).expect("release");
+        assert!(rt.block_on(big).is_ok());
+        drop(gate);
+        w.close();
+    }
 
     #[test]
     fn passwords_never_reach_a_log_line() {
