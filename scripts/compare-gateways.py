@@ -14,7 +14,8 @@ usage:
   tether:BIN            a Tether gateway binary (SQLite store, WAL synchronous=FULL)
   tether:BIN:postgres   the same on PostgreSQL (127.0.0.1, db test, a fresh schema per run)
   tether:BIN:schemas    with the entity schemas of schemas/entities checked on every row
-  tether:BIN:crypto     with a decryption key configured (rows carry no encrypted field)
+  tether:BIN:crypto     the client encrypts each row's `notes` (AES-256-GCM, dk1) and the
+                        gateway holds the key: every event is decrypted before it is stored
   node                  bench/peers/node-gateway/server.js (npm install there first)
 """
 import hashlib, json, os, signal, socket, statistics, subprocess, sys, tempfile, time
@@ -112,11 +113,15 @@ def main():
             try:
                 wait_port(port, server)
                 m0 = machine_cpu()
-                out = subprocess.run(
+                encrypt = ["--encrypt"] if spec.endswith(":crypto") else []
+                done = subprocess.run(
                     [client, "bench", "ingest", "--gateway", f"wss://127.0.0.1:{port}/v1/ws",
                      "--certs", f"{d}/certs", "--server-pid", str(server.pid),
-                     "--events-per-clinic", str(per_clinic)],
-                    check=True, capture_output=True, text=True).stdout
+                     "--events-per-clinic", str(per_clinic)] + encrypt,
+                    capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise SystemExit(f"{label}: the load client failed: {done.stderr.strip()}")
+                out = done.stdout
                 machine = machine_cpu() - m0
             finally:
                 server.send_signal(signal.SIGTERM)
@@ -130,7 +135,7 @@ def main():
                 "server_cpu_s_per_100k": v["server_cpu_s_per_100k"],
                 "client_cpu_s_per_100k": v["client_cpu_s_per_100k"],
                 "machine_cpu_s_per_100k": round(machine * 100_000 / v["events"], 3),
-                "server_rss_mb": v["server_rss_mb"],
+                "server_peak_rss_mb": v["server_peak_rss_mb"],
                 "events": v["events"],
             }
             results[label].append(res)

@@ -19,6 +19,7 @@ use awc::ws::{self, Frame};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 
+use crate::security::crypto::{DataKeys, FieldCipher};
 use crate::security::jwt::TokenSigner;
 use crate::security::tls::{self, ClientTls};
 
@@ -40,6 +41,24 @@ pub struct RemoteIngest {
     pub inflight: usize,
     /// The gateway's process id: its CPU-seconds and RSS are reported when given.
     pub server_pid: Option<u32>,
+    /// Encrypt each row's `notes` with `<certs>/dk1.key` (kid `dk1`), as an agent with field
+    /// encryption does, so that a gateway holding the key decrypts every event.
+    pub encrypt: bool,
+}
+
+/// Encrypts the `notes` of appointment rows for one clinic.
+struct Sealer {
+    cipher: FieldCipher,
+    clinic: String,
+}
+
+impl Sealer {
+    fn seal(&self, text: &str, out: &mut String) -> anyhow::Result<()> {
+        let mut e: tether_schemas::Event = serde_json::from_str(text)?;
+        self.cipher.encrypt_event(&self.clinic, &mut e)?;
+        out.push_str(&serde_json::to_string(&e)?);
+        Ok(())
+    }
 }
 
 /// The same ~305-byte appointment event for every sequence (the key and the ids vary).
@@ -53,17 +72,31 @@ fn push_event(out: &mut String, seq: u64, clinic_no: usize) {
     );
 }
 
-fn batch_frame(prev: u64, n: u64, clinic_no: usize, head: u64) -> String {
-    let mut s = String::with_capacity(64 + n as usize * 320);
+fn batch_frame(
+    prev: u64,
+    n: u64,
+    clinic_no: usize,
+    head: u64,
+    sealer: Option<&Sealer>,
+) -> anyhow::Result<String> {
+    let mut s = String::with_capacity(64 + n as usize * 400);
     let _ = write!(s, r#"{{"v":1,"type":"events","prev_seq":{prev},"events":["#);
+    let mut one = String::new();
     for seq in prev + 1..=prev + n {
         if seq > prev + 1 {
             s.push(',');
         }
-        push_event(&mut s, seq, clinic_no);
+        match sealer {
+            None => push_event(&mut s, seq, clinic_no),
+            Some(sealer) => {
+                one.clear();
+                push_event(&mut one, seq, clinic_no);
+                sealer.seal(&one, &mut s)?;
+            }
+        }
     }
     let _ = write!(s, r#"],"head_seq":{head}}}"#);
-    s
+    Ok(s)
 }
 
 /// Bytes of one event on the wire (for the report).
@@ -73,12 +106,22 @@ pub fn event_bytes() -> usize {
     s.len()
 }
 
+/// When the load started (every clinic welcomed): the clock and the CPU counters.
+#[derive(Clone, Copy)]
+struct Start {
+    at: Instant,
+    client_cpu: f64,
+    server_cpu: f64,
+}
+
+type Ready = Arc<(tokio::sync::Barrier, std::sync::OnceLock<Start>)>;
+
 async fn one_clinic(
     r: Arc<RemoteIngest>,
     http: awc::Client,
-    clinic_no: usize,
-    token: Option<String>,
+    (clinic_no, token): (usize, Option<String>),
     acked_total: Arc<AtomicU64>,
+    ready: Ready,
 ) -> anyhow::Result<()> {
     let clinic = format!("{}{clinic_no:03}", r.prefix);
     let mut req = http.ws(r.url.as_str()).max_frame_size(4 << 20);
@@ -94,16 +137,42 @@ async fn one_clinic(
     link.send(ws::Message::Text(hello.to_string().into()))
         .await
         .context("send hello")?;
+    let sealer = match (&r.certs, r.encrypt) {
+        (Some(dir), true) => {
+            let mut keys = DataKeys::default();
+            keys.add_file("dk1", &dir.join("dk1.key"))?;
+            keys.set_active("dk1")?;
+            let fields = [("appointment".to_string(), vec!["notes".to_string()])];
+            Some(Sealer {
+                cipher: FieldCipher::new(keys, fields.into_iter().collect()),
+                clinic: clinic.clone(),
+            })
+        }
+        (None, true) => anyhow::bail!("--encrypt needs --certs (dk1.key)"),
+        _ => None,
+    };
     let total = r.events_per_clinic;
     let batch = r.batch as u64;
     let mut sent = None::<u64>;
     let mut acked = 0u64;
+    // Every clinic connects and is welcomed first; then all push at once (the measured part).
+    let mut welcomed = false;
     loop {
+        if sent.is_some() && !welcomed {
+            welcomed = true;
+            if ready.0.wait().await.is_leader() {
+                let _ = ready.1.set(Start {
+                    at: Instant::now(),
+                    client_cpu: super::bench::cpu_seconds(std::process::id()),
+                    server_cpu: proc_cpu_s(r.server_pid),
+                });
+            }
+        }
         // Keep `inflight` batches unacknowledged once welcomed.
         if let Some(s) = sent.as_mut() {
             while *s < total && *s - acked < batch * r.inflight as u64 {
                 let n = batch.min(total - *s);
-                let frame = batch_frame(*s, n, clinic_no, total);
+                let frame = batch_frame(*s, n, clinic_no, total, sealer.as_ref())?;
                 link.send(ws::Message::Text(frame.into()))
                     .await
                     .with_context(|| format!("{clinic}: send events"))?;
@@ -182,43 +251,56 @@ pub async fn ingest(r: RemoteIngest) -> anyhow::Result<Value> {
     let acked = Arc::new(AtomicU64::new(0));
     let r = Arc::new(r);
     let me = std::process::id();
-    let (cpu0, srv0) = (super::bench::cpu_seconds(me), proc_cpu_s(r.server_pid));
-    let t0 = Instant::now();
-    let tasks: Vec<_> = tokens
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| actix::spawn(one_clinic(r.clone(), http.clone(), i, t, acked.clone())))
-        .collect();
-    let mut server_rss_kb = 0;
-    let mut failed = Vec::new();
-    for t in tasks {
-        if let Some(pid) = r.server_pid {
-            server_rss_kb = server_rss_kb.max(crate::loadgen::rss_kb_of(&pid.to_string()));
-        }
-        match t.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => failed.push(e.to_string()),
-            Err(e) => failed.push(e.to_string()),
-        }
+    let ready: Ready = Arc::new((
+        tokio::sync::Barrier::new(r.clinics),
+        std::sync::OnceLock::new(),
+    ));
+    // The gateway's peak RSS, sampled while the load runs.
+    let peak_kb = Arc::new(AtomicU64::new(0));
+    let sampler = r.server_pid.map(|pid| {
+        let peak = peak_kb.clone();
+        actix::spawn(async move {
+            loop {
+                peak.fetch_max(
+                    crate::loadgen::rss_kb_of(&pid.to_string()),
+                    Ordering::Relaxed,
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    });
+    let tasks = tokens.into_iter().enumerate().map(|it| {
+        let task = actix::spawn(one_clinic(
+            r.clone(),
+            http.clone(),
+            it,
+            acked.clone(),
+            ready.clone(),
+        ));
+        async move { task.await.map_err(anyhow::Error::from).and_then(|r| r) }
+    });
+    // The first failure ends the run (the others would wait for it at the start line).
+    let done = futures_util::future::try_join_all(tasks).await;
+    if let Some(s) = sampler {
+        s.abort();
     }
-    let secs = t0.elapsed().as_secs_f64();
-    if let Some(first) = failed.first() {
-        anyhow::bail!(
-            "{} of {} clinics failed; first: {first}",
-            failed.len(),
-            r.clinics
-        );
-    }
+    done.with_context(|| format!("one of {} clinics failed", r.clinics))?;
+    let start = ready
+        .1
+        .get()
+        .copied()
+        .ok_or_else(|| anyhow::anyhow!("the clinics never all got a welcome"))?;
+    let secs = start.at.elapsed().as_secs_f64();
     let events = acked.load(Ordering::Relaxed);
     let per100k = |cpu: f64| (cpu * 100_000.0 / events.max(1) as f64 * 1000.0).round() / 1000.0;
-    let server_cpu = proc_cpu_s(r.server_pid) - srv0;
+    let server_cpu = proc_cpu_s(r.server_pid) - start.server_cpu;
     Ok(
         json!({"scenario": "ingest", "gateway": r.url, "clinics": r.clinics, "events": events,
         "event_bytes": event_bytes(), "batch": r.batch, "inflight": r.inflight,
         "seconds": (secs * 100.0).round() / 100.0, "events_per_s": (events as f64 / secs).round(),
         "server_cpu_s_per_100k": r.server_pid.map(|_| per100k(server_cpu)),
-        "server_rss_mb": r.server_pid.map(|_| server_rss_kb / 1024),
-        "client_cpu_s_per_100k": per100k(super::bench::cpu_seconds(me) - cpu0),
+        "server_peak_rss_mb": r.server_pid.map(|_| peak_kb.load(Ordering::Relaxed) / 1024),
+        "client_cpu_s_per_100k": per100k(super::bench::cpu_seconds(me) - start.client_cpu),
         "machine": super::bench::machine()}),
     )
 }
@@ -229,7 +311,7 @@ mod tests {
 
     #[test]
     fn the_load_is_a_valid_events_frame_of_305_byte_events() {
-        let f = batch_frame(1000, 3, 4, 5000);
+        let f = batch_frame(1000, 3, 4, 5000, None).expect("frame");
         let Ok(tether_schemas::Inbound::Events(ev)) = tether_schemas::decode_inbound(&f, 1 << 20)
         else {
             panic!("not an events frame: {f}")
@@ -262,6 +344,7 @@ mod tests {
                 batch: 100,
                 inflight: 4,
                 server_pid: Some(std::process::id()),
+                encrypt: false,
             })
             .await
             .expect("ingest");
@@ -278,6 +361,44 @@ mod tests {
         assert!(
             report["server_cpu_s_per_100k"].as_f64().is_some(),
             "{report}"
+        );
+    }
+
+    #[test]
+    fn encrypted_load_carries_ciphertext_the_gateway_key_opens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::security::keys::write_data_key(&dir.path().join("dk1.key")).expect("key");
+        let mut keys = DataKeys::default();
+        keys.add_file("dk1", &dir.path().join("dk1.key"))
+            .expect("add");
+        keys.set_active("dk1").expect("active");
+        let fields = [("appointment".to_string(), vec!["notes".to_string()])];
+        let cipher = FieldCipher::new(keys, fields.into_iter().collect());
+        let sealer = Sealer {
+            cipher: cipher.clone(),
+            clinic: "c-001".into(),
+        };
+        let f = batch_frame(0, 2, 1, 2, Some(&sealer)).expect("frame");
+        assert!(
+            !f.contains("bring results") && f.contains("enc:v1:dk1:"),
+            "{f}"
+        );
+        let Ok(tether_schemas::Inbound::Events(mut ev)) =
+            tether_schemas::decode_inbound(&f, 1 << 20)
+        else {
+            panic!("events")
+        };
+        assert_eq!(
+            cipher
+                .decrypt_raw("c-001", &mut ev.events[0])
+                .expect("opens"),
+            1
+        );
+        let row = ev.events[0].row.as_deref().map(|r| r.get()).unwrap_or("");
+        assert!(row.contains("follow-up, bring results"), "{row}");
+        assert!(
+            cipher.decrypt_raw("c-002", &mut ev.events[1]).is_err(),
+            "bound to its clinic"
         );
     }
 }

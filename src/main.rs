@@ -136,6 +136,10 @@ struct RemoteArgs {
     /// The gateway's process id: its CPU-seconds per 100,000 events and RSS are reported.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Encrypt each row's `notes` with the data key `<certs>/dk1.key` (kid dk1), as an agent
+    /// with field encryption would.
+    #[arg(long)]
+    encrypt: bool,
 }
 
 #[derive(Subcommand)]
@@ -395,6 +399,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     batch: remote.batch,
                     inflight: remote.inflight,
                     server_pid: remote.server_pid,
+                    encrypt: remote.encrypt,
                 };
                 let v = actix::System::new().block_on(tether::bench_remote::ingest(r))?;
                 println!("{v}");
