@@ -161,6 +161,50 @@ fn append_duplicates_and_gaps(f: &Fixture) {
     });
 }
 
+/// Batches of every size (adapters insert in chunks) store each event once, in order, with its
+/// own key, row and problem, and a resend overlapping a chunk boundary adds only what is new.
+fn large_batches_store_every_event_once_in_order(f: &Fixture) {
+    let s = &f.store;
+    block(async {
+        s.hello("big", 0).await.expect("hello");
+        let mut batch = evs(1..=150);
+        batch[70].problem = Some("flagged".into());
+        let out = s.append("big", 0, 0, batch).await.expect("append");
+        assert_eq!(
+            out,
+            AppendOutcome::Stored {
+                acked: 150,
+                inserted: 150
+            }
+        );
+        let out = s
+            .append("big", 0, 100, evs(101..=237))
+            .await
+            .expect("resend");
+        assert_eq!(
+            out,
+            AppendOutcome::Stored {
+                acked: 237,
+                inserted: 87
+            }
+        );
+        let mut seen = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = s.events_page(Some("big"), after, 100).await.expect("page");
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            for e in &page {
+                assert_eq!(e.key, json!({"id": e.seq}), "seq {}", e.seq);
+                assert_eq!(e.row, Some(json!({"id": e.seq, "name": "n"})));
+                assert_eq!(e.problem.is_some(), e.seq == 71, "seq {}", e.seq);
+            }
+            seen.extend(page.iter().map(|e| e.seq));
+        }
+        assert_eq!(seen, (1..=237).collect::<Vec<_>>());
+    });
+}
+
 fn flagged_events_are_stored_with_their_problem(f: &Fixture) {
     let s = &f.store;
     block(async {
@@ -655,6 +699,10 @@ macro_rules! contract {
             #[test]
             fn append_duplicates_and_gaps() {
                 super::append_duplicates_and_gaps(&Fixture::$adapter());
+            }
+            #[test]
+            fn large_batches_store_every_event_once_in_order() {
+                super::large_batches_store_every_event_once_in_order(&Fixture::$adapter());
             }
             #[test]
             fn flagged_events_are_stored_with_their_problem() {

@@ -772,6 +772,23 @@ fn hello(
     }
 }
 
+/// Rows per multi-row INSERT (10 parameters each, far below SQLite's 32,766).
+const ROWS_PER_INSERT: usize = 64;
+
+/// `INSERT OR IGNORE INTO events … VALUES (…), (…)` for `rows` rows.
+fn insert_sql(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT OR IGNORE INTO events (clinic_id, seq, entity, op, key_json, row_json, committed_at, received_at, problem, source_id) VALUES ",
+    );
+    for r in 0..rows {
+        if r > 0 {
+            sql.push(',');
+        }
+        sql.push_str("(?,?,?,?,?,?,?,?,?,?)");
+    }
+    sql
+}
+
 fn append(
     tx: &rusqlite::Transaction<'_>,
     clinic: &str,
@@ -793,32 +810,43 @@ fn append(
         return Ok(AppendOutcome::Gap { acked });
     }
     let source = if source == 0 { known } else { source };
-    let mut stmt = tx
-        .prepare_cached(
-            "INSERT OR IGNORE INTO events (clinic_id, seq, entity, op, key_json, row_json, committed_at, received_at, problem, source_id) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-        )
-        .map_err(write_err)?;
+    // Rows go in by INSERT statements of up to ROWS_PER_INSERT rows each: one statement
+    // execution (and one pass over the unique index's root) per chunk instead of per row.
     let mut inserted = 0;
     let mut last = acked;
-    for ie in events {
-        let ev = &ie.event;
-        let (key, row) = (ev.key.get(), ev.row.as_deref().map(RawValue::get));
-        inserted += stmt
-            .execute(params![
-                clinic,
-                ev.seq as i64,
-                ev.entity,
-                ev.op.as_str(),
-                key,
-                row,
-                ev.committed_at,
-                now,
-                ie.problem,
-                source as i64
-            ])
+    let source = source as i64;
+    let mut rest = events;
+    while !rest.is_empty() {
+        // 64, 16, 4 or 1 rows: four cached statements cover any batch size.
+        let n = [ROWS_PER_INSERT, 16, 4, 1]
+            .into_iter()
+            .find(|&n| n <= rest.len())
+            .unwrap_or(1);
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        let mut stmt = tx
+            .prepare_cached(&insert_sql(chunk.len()))
             .map_err(write_err)?;
-        last = last.max(ev.seq);
+        let mut i = 0;
+        let mut bind = |v: &dyn rusqlite::ToSql| -> Result<(), StoreError> {
+            i += 1;
+            stmt.raw_bind_parameter(i, v).map_err(write_err)
+        };
+        for ie in chunk {
+            let ev = &ie.event;
+            bind(&clinic)?;
+            bind(&(ev.seq as i64))?;
+            bind(&ev.entity)?;
+            bind(&ev.op.as_str())?;
+            bind(&ev.key.get())?;
+            bind(&ev.row.as_deref().map(RawValue::get))?;
+            bind(&ev.committed_at)?;
+            bind(&now)?;
+            bind(&ie.problem)?;
+            bind(&source)?;
+            last = last.max(ev.seq);
+        }
+        inserted += stmt.raw_execute().map_err(write_err)?;
     }
     tx.execute(
         "INSERT INTO clinics (clinic_id, acked_seq, first_seen, last_event_at, events_stored) VALUES (?1, ?2, ?3, ?3, ?4) \
