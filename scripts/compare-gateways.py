@@ -129,6 +129,10 @@ def main():
                     server.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     server.kill()
+            if spec.endswith(":postgres"):
+                subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-qc",
+                                f"DROP SCHEMA IF EXISTS cmp_{os.getpid()}_{run} CASCADE"],
+                               check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             v = json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
             res = {
                 "events_per_s": v["events_per_s"],

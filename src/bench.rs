@@ -15,8 +15,9 @@ use crate::gateway::{self, GatewaySecurity, GatewaySettings};
 use crate::loadgen::{rss_kb, rss_kb_of, run_client, ClientSpec, Swarm};
 use crate::security::limits::SharedBucket;
 
-pub const SCENARIOS: [&str; 9] = [
+pub const SCENARIOS: [&str; 10] = [
     "history",
+    "sqlite-ceiling",
     "ingest",
     "latency",
     "connections",
@@ -162,6 +163,24 @@ async fn drain_fleet(fleet: &Fleet, deadline: Duration) -> anyhow::Result<Durati
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// SQLite's own insert rate on this disk (the ingest ceiling): 500,000 events, 5,000 per commit
+/// (about the writer's group size under load), best of three.
+fn sqlite_ceiling(dir: &Path) -> anyhow::Result<Value> {
+    let mut best = (0.0f64, f64::MAX);
+    for i in 0..3 {
+        let (rate, cpu) =
+            store::sqlite::insert_ceiling(&dir.join(format!("ceiling-{i}.db")), 500_000, 5_000)?;
+        if rate > best.0 {
+            best = (rate, cpu);
+        }
+    }
+    Ok(
+        json!({"scenario": "sqlite-ceiling", "rows": 500_000, "rows_per_commit": 5_000,
+        "rows_per_s": best.0.round(), "cpu_s_per_100k": (best.1 * 1000.0).round() / 1000.0,
+        "machine": machine()}),
+    )
 }
 
 /// K clinics push a backlog as fast as acknowledgements allow: durable events/s at the gateway.
@@ -749,6 +768,7 @@ pub fn run(scenario: &str, json_out: bool, o: BenchOptions) -> anyhow::Result<Ve
                 "fallback" => fallback(&path, &opts).await,
                 "bridge" => bridge(&path, &opts).await,
                 "history" => history(&path, &opts).await,
+                "sqlite-ceiling" => sqlite_ceiling(&path),
                 _ => storm(&path, &opts).await,
             }
         });

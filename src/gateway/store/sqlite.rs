@@ -772,6 +772,86 @@ fn hello(
     }
 }
 
+/// SQLite's own insert rate on this disk, the ceiling for the gateway's ingest (`tether bench
+/// sqlite-ceiling`): `rows` pre-encoded events of 50 clinics into a fresh store at `path` (the
+/// same schema, multi-row statements, WAL and `synchronous=FULL`), `per_commit` rows per
+/// transaction, on this thread. Answers (rows/s, CPU-seconds of this thread per 100,000 rows).
+pub fn insert_ceiling(path: &Path, rows: u64, per_commit: u64) -> Result<(f64, f64), StoreError> {
+    let mut conn = open_conn(path)?;
+    migrate(&mut conn, path)?;
+    let row = |seq: u64| {
+        format!(
+            r#"{{"id":{seq},"patient_id":{},"practitioner_id":7,"status":"booked","starts_at":"2026-12-01T09:30:00Z","ends_at":"2026-12-01T10:00:00Z","room":"R-03","notes":"follow-up, bring results"}}"#,
+            100_000 + seq % 90_000
+        )
+    };
+    let events: Vec<(String, i64, String, String, i64)> = (0..rows)
+        .map(|i| {
+            let (clinic, seq) = (i % 50, i / 50 + 1);
+            (
+                format!("clinic-{clinic:03}"),
+                seq as i64,
+                format!(r#"{{"id":{seq}}}"#),
+                row(seq),
+                clinic as i64 + 1,
+            )
+        })
+        .collect();
+    let cpu = || {
+        std::fs::read_to_string("/proc/thread-self/stat")
+            .ok()
+            .and_then(|s| {
+                let rest = s.rsplit_once(") ")?.1.to_string();
+                let f: Vec<f64> = rest
+                    .split_whitespace()
+                    .map(|x| x.parse().unwrap_or(0.0))
+                    .collect();
+                Some((f.get(11)? + f.get(12)?) / 100.0)
+            })
+            .unwrap_or(0.0)
+    };
+    let (t0, c0) = (std::time::Instant::now(), cpu());
+    for group in events.chunks(per_commit.max(1) as usize) {
+        let tx = conn.transaction().map_err(write_err)?;
+        let mut rest = group;
+        while !rest.is_empty() {
+            let n = [ROWS_PER_INSERT, 16, 4, 1]
+                .into_iter()
+                .find(|&n| n <= rest.len())
+                .unwrap_or(1);
+            let (chunk, tail) = rest.split_at(n);
+            rest = tail;
+            let mut stmt = tx.prepare_cached(&insert_sql(n)).map_err(write_err)?;
+            let mut i = 0;
+            for (clinic, seq, key, row, source) in chunk {
+                let values: [&dyn rusqlite::ToSql; 10] = [
+                    clinic,
+                    seq,
+                    &"appointment",
+                    &"insert",
+                    key,
+                    row,
+                    &"2026-12-01T09:00:00.000Z",
+                    &"2026-12-01T09:00:01.000Z",
+                    &None::<String>,
+                    source,
+                ];
+                for v in values {
+                    i += 1;
+                    stmt.raw_bind_parameter(i, v).map_err(write_err)?;
+                }
+            }
+            stmt.raw_execute().map_err(write_err)?;
+        }
+        tx.commit().map_err(write_err)?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    Ok((
+        rows as f64 / secs,
+        (cpu() - c0) * 100_000.0 / rows.max(1) as f64,
+    ))
+}
+
 /// Rows per multi-row INSERT (10 parameters each, far below SQLite's 32,766).
 const ROWS_PER_INSERT: usize = 64;
 
@@ -888,6 +968,23 @@ mod tests {
     use super::*;
     use serde_json::Map;
     use tether_schemas::{Event, Op as EventOp};
+
+    #[test]
+    fn the_insert_ceiling_really_inserts_every_row() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ceiling.db");
+        let (rate, _) = insert_ceiling(&path, 1_003, 300).expect("ceiling");
+        assert!(rate > 0.0);
+        let c = Connection::open(&path).expect("open");
+        let (n, clinics): (i64, i64) = c
+            .query_row(
+                "SELECT count(*), count(DISTINCT clinic_id) FROM events",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("count");
+        assert_eq!((n, clinics), (1_003, 50));
+    }
 
     #[test]
     fn a_full_disk_fails_the_commit_and_lifting_the_limit_recovers() {
