@@ -7,8 +7,11 @@ of 500 events of ~305 bytes, 4 batches in flight, TLS, RS256 tokens), stop the g
 JSON line per run and the medians per contender: acknowledged events/s, the gateway's
 CPU-seconds per 100,000 events (from /proc/PID/stat), the client's, and the whole machine's.
 
+With `--scenario latency`: 500 clinics × 2 events/s (one event per frame) for 20 s, each send
+timed to its ack; p50/p99/p99.9 and the gateway's share of a core.
+
 usage:
-  scripts/compare-gateways.py ROUNDS [--events-per-clinic N] [--client BIN]
+  scripts/compare-gateways.py ROUNDS [--scenario ingest|latency] [--events-per-clinic N] [--client BIN]
       label=tether:BIN[:OPTIONS]  label=node  [label=tether:BIN:postgres] ...
 
   tether:BIN            a Tether gateway binary (SQLite store, WAL synchronous=FULL)
@@ -82,18 +85,22 @@ def main():
     argv = sys.argv[1:]
     rounds = int(argv.pop(0))
     per_clinic = 10_000
+    scenario = "ingest"
     client = os.path.join(ROOT, "target/release/tether")
     contenders = []
     while argv:
         a = argv.pop(0)
         if a == "--events-per-clinic":
             per_clinic = int(argv.pop(0))
+        elif a == "--scenario":
+            scenario = argv.pop(0)
         elif a == "--client":
             client = argv.pop(0)
         else:
             contenders.append(a.split("=", 1))
     d = tempfile.mkdtemp(prefix="tether-cmp-")
-    clinics = ",".join(f"clinic-{i:03}" for i in range(50))
+    n_clinics = 500 if scenario == "latency" else 50
+    clinics = ",".join(f"clinic-{i:03}" for i in range(n_clinics))
     subprocess.run([client, "keys", "dev-setup", "--out", f"{d}/certs", "--clinics", clinics,
                     "--bits", "2048"], check=True, stdout=subprocess.DEVNULL)
     results = {label: [] for label, _ in contenders}
@@ -114,10 +121,11 @@ def main():
                 wait_port(port, server)
                 m0 = machine_cpu()
                 encrypt = ["--encrypt"] if spec.endswith(":crypto") else []
+                load = ["--events-per-clinic", str(per_clinic)] if scenario == "ingest" else \
+                    ["--clinics", str(n_clinics), "--secs", "20"]
                 done = subprocess.run(
-                    [client, "bench", "ingest", "--gateway", f"wss://127.0.0.1:{port}/v1/ws",
-                     "--certs", f"{d}/certs", "--server-pid", str(server.pid),
-                     "--events-per-clinic", str(per_clinic)] + encrypt,
+                    [client, "bench", scenario, "--gateway", f"wss://127.0.0.1:{port}/v1/ws",
+                     "--certs", f"{d}/certs", "--server-pid", str(server.pid)] + load + encrypt,
                     capture_output=True, text=True)
                 if done.returncode != 0:
                     raise SystemExit(f"{label}: the load client failed: {done.stderr.strip()}")
@@ -134,6 +142,11 @@ def main():
                                 f"DROP SCHEMA IF EXISTS cmp_{os.getpid()}_{run} CASCADE"],
                                check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             v = json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
+            if scenario == "latency":
+                res = {k: v[k] for k in ("acked", "p50_ms", "p99_ms", "p999_ms", "server_cpu_share", "failures")}
+                results[label].append(res)
+                print(json.dumps({"round": r + 1, "label": label, **res}), flush=True)
+                continue
             res = {
                 "events_per_s": v["events_per_s"],
                 "server_cpu_s_per_100k": v["server_cpu_s_per_100k"],

@@ -114,7 +114,7 @@ pub(crate) fn settings(dir: &Path, listen: &str) -> GatewaySettings {
     }
 }
 
-fn percentile(sorted: &[u64], q: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[u64], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -292,7 +292,7 @@ fn spawn_swarm_with(
     swarm
 }
 
-async fn wait_up(swarm: &Swarm, n: usize, limit: Duration) -> anyhow::Result<Duration> {
+pub(crate) async fn wait_up(swarm: &Swarm, n: usize, limit: Duration) -> anyhow::Result<Duration> {
     let t0 = Instant::now();
     while (Swarm::get(&swarm.up) as usize) < n {
         if t0.elapsed() > limit {

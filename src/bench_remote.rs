@@ -305,6 +305,71 @@ pub async fn ingest(r: RemoteIngest) -> anyhow::Result<Value> {
     )
 }
 
+/// `tether bench latency --gateway …`: `clinics` protocol clients × 2 events/s (one event per
+/// frame), each send timed to its durable ack, for `secs` once every client is up. The gateway
+/// is another process; its CPU over the window is reported with `server_pid`.
+pub async fn latency(r: RemoteIngest, secs: u64) -> anyhow::Result<Value> {
+    use crate::loadgen::{run_client, ClientSpec, Swarm};
+    let connector = match &r.certs {
+        Some(dir) if r.url.starts_with("wss://") => Some(tls::connector(&ClientTls {
+            ca: Some(dir.join("ca.pem")),
+            ..ClientTls::default()
+        })?),
+        _ => None,
+    };
+    let http = crate::loadgen::http_client(connector.as_ref());
+    let swarm = Arc::new(Swarm::default());
+    for i in 0..r.clinics {
+        let clinic = format!("{}{i:03}", r.prefix);
+        let mut headers = Vec::new();
+        if let Some(dir) = &r.certs {
+            let token = TokenSigner::from_pem_file(
+                &dir.join(format!("{clinic}.key")),
+                &clinic,
+                &r.audience,
+                &format!("{clinic}-1"),
+                Duration::from_secs(300),
+            )?
+            .sign()?;
+            headers.push(("Authorization".to_string(), format!("Bearer {token}")));
+        }
+        let spec = ClientSpec {
+            url: r.url.clone(),
+            clinic_id: clinic,
+            tls: connector.clone(),
+            headers,
+            backoff_base: Duration::from_millis(200),
+            backoff_cap: Duration::from_secs(10),
+            events_per_s: 2.0,
+            legacy_backoff: false,
+        };
+        actix::spawn(run_client(spec, http.clone(), swarm.clone()));
+    }
+    super::bench::wait_up(&swarm, r.clinics, Duration::from_secs(120)).await?;
+    if let Ok(mut l) = swarm.latencies_us.lock() {
+        l.clear();
+    }
+    let srv0 = proc_cpu_s(r.server_pid);
+    // The measurement window itself: the clients run on their own meanwhile.
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let server_cpu = proc_cpu_s(r.server_pid) - srv0;
+    swarm.stop.store(true, Ordering::Relaxed);
+    let mut l = swarm
+        .latencies_us
+        .lock()
+        .map(|l| l.clone())
+        .unwrap_or_default();
+    l.sort_unstable();
+    let pct = |q| super::bench::percentile(&l, q);
+    Ok(
+        json!({"scenario": "latency", "gateway": r.url, "clinics": r.clinics,
+        "events_per_clinic_per_s": 2, "seconds": secs, "acked": l.len(),
+        "p50_ms": pct(0.5), "p99_ms": pct(0.99), "p999_ms": pct(0.999),
+        "server_cpu_share": r.server_pid.map(|_| (server_cpu / secs.max(1) as f64 * 1000.0).round() / 1000.0),
+        "failures": Swarm::get(&swarm.failures), "machine": super::bench::machine()}),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -140,6 +140,9 @@ struct RemoteArgs {
     /// with field encryption would.
     #[arg(long)]
     encrypt: bool,
+    /// The measurement window of `latency --gateway`, in seconds.
+    #[arg(long, default_value_t = 20)]
+    secs: u64,
 }
 
 #[derive(Subcommand)]
@@ -386,8 +389,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             remote,
         } => {
             if let Some(url) = remote.gateway {
-                if scenario != "ingest" {
-                    bail!("--gateway: only the `ingest` scenario runs against another process");
+                if scenario != "ingest" && scenario != "latency" {
+                    bail!("--gateway: only `ingest` and `latency` run against another process");
                 }
                 let r = tether::bench_remote::RemoteIngest {
                     url,
@@ -401,7 +404,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     server_pid: remote.server_pid,
                     encrypt: remote.encrypt,
                 };
-                let v = actix::System::new().block_on(tether::bench_remote::ingest(r))?;
+                let v = actix::System::new().block_on(async move {
+                    if scenario == "latency" {
+                        tether::bench_remote::latency(r, remote.secs).await
+                    } else {
+                        tether::bench_remote::ingest(r).await
+                    }
+                })?;
                 println!("{v}");
                 return Ok(ExitCode::SUCCESS);
             }
