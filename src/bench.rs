@@ -15,8 +15,9 @@ use crate::gateway::{self, GatewaySecurity, GatewaySettings};
 use crate::loadgen::{rss_kb, rss_kb_of, run_client, ClientSpec, Swarm};
 use crate::security::limits::SharedBucket;
 
-pub const SCENARIOS: [&str; 10] = [
+pub const SCENARIOS: [&str; 11] = [
     "history",
+    "agent-send",
     "sqlite-ceiling",
     "ingest",
     "latency",
@@ -163,6 +164,59 @@ async fn drain_fleet(fleet: &Fleet, deadline: Duration) -> anyhow::Result<Durati
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// The agent's send path alone: a real agent process drains a backlog of `drain_events` queued
+/// changes (SQLite outbox) to a gateway in this process; the agent's CPU-seconds (from
+/// `/proc/PID/stat`, start-up included) per 100,000 events sent and acknowledged.
+pub async fn agent_send(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
+    let gw = gateway::start(settings(dir, "127.0.0.1:0"), GatewaySecurity::insecure())?;
+    let db = dir.join("clinic.db");
+    fleet::create_sample_clinic(&db)?;
+    backlog(&db, o.drain_events)?;
+    let agent_cfg = dir.join("agent.yaml");
+    std::fs::write(
+        &agent_cfg,
+        format!(
+            "logging:\n  dir: logs-agent\n  console: false\n  level: warn\nagent:\n  clinic_id: sender\n  database:\n    path: {}\n  gateway:\n    url: {}\n    insecure_plaintext: true\n  tables:\n    - {{table: payments, entity: payment, key: [id], direction: up}}\n  admin:\n    listen: \"off\"\n",
+            db.display(),
+            gw.ws_url()
+        ),
+    )?;
+    let t0 = Instant::now();
+    let mut agent = std::process::Command::new(std::env::current_exe()?)
+        .args(["agent", "--config"])
+        .arg(&agent_cfg)
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let pid = agent.id();
+    let mut cpu = 0.0;
+    let done = loop {
+        // Read before the ack check: the CPU counted covers at least everything acknowledged.
+        cpu = cpu_seconds(pid).max(cpu);
+        if gw.store.acked_seq("sender").await? >= o.drain_events {
+            break Ok(t0.elapsed());
+        }
+        if let Ok(Some(status)) = agent.try_wait() {
+            break Err(anyhow::anyhow!("the agent exited early: {status}"));
+        }
+        if t0.elapsed() > Duration::from_secs(600) {
+            break Err(anyhow::anyhow!("not drained within 600 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    cpu = cpu_seconds(pid).max(cpu);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    gw.stop().await;
+    let secs = done?.as_secs_f64();
+    let n = o.drain_events;
+    Ok(
+        json!({"scenario": "agent-send", "events": n, "seconds": (secs * 100.0).round() / 100.0,
+        "events_per_s": (n as f64 / secs).round(),
+        "agent_cpu_s_per_100k": (cpu * 100_000.0 / n.max(1) as f64 * 1000.0).round() / 1000.0,
+        "machine": machine()}),
+    )
 }
 
 /// SQLite's own insert rate on this disk (the ingest ceiling): 500,000 events, 5,000 per commit
@@ -769,6 +823,7 @@ pub fn run(scenario: &str, json_out: bool, o: BenchOptions) -> anyhow::Result<Ve
                 "bridge" => bridge(&path, &opts).await,
                 "history" => history(&path, &opts).await,
                 "sqlite-ceiling" => sqlite_ceiling(&path),
+                "agent-send" => agent_send(&path, &opts).await,
                 _ => storm(&path, &opts).await,
             }
         });
