@@ -46,6 +46,34 @@ pub struct RemoteIngest {
     pub encrypt: bool,
 }
 
+impl RemoteIngest {
+    /// TLS trusting `<certs>/ca.pem` for a `wss://` gateway.
+    fn connector(&self) -> anyhow::Result<Option<openssl::ssl::SslConnector>> {
+        Ok(match &self.certs {
+            Some(dir) if self.url.starts_with("wss://") => Some(tls::connector(&ClientTls {
+                ca: Some(dir.join("ca.pem")),
+                ..ClientTls::default()
+            })?),
+            _ => None,
+        })
+    }
+
+    /// A connection token for `clinic`, signed with `<certs>/<clinic>.key` (kid `<clinic>-1`).
+    fn token(&self, clinic: &str) -> anyhow::Result<Option<String>> {
+        let Some(dir) = &self.certs else {
+            return Ok(None);
+        };
+        let signer = TokenSigner::from_pem_file(
+            &dir.join(format!("{clinic}.key")),
+            clinic,
+            &self.audience,
+            &format!("{clinic}-1"),
+            Duration::from_secs(300),
+        )?;
+        Ok(Some(signer.sign()?))
+    }
+}
+
 /// Encrypts the `notes` of appointment rows for one clinic.
 struct Sealer {
     cipher: FieldCipher,
@@ -223,31 +251,11 @@ fn proc_cpu_s(pid: Option<u32>) -> f64 {
 /// Runs the load and reports acknowledged events/s, the client's and (with `server_pid`) the
 /// gateway's CPU-seconds per 100,000 events.
 pub async fn ingest(r: RemoteIngest) -> anyhow::Result<Value> {
-    let connector = match &r.certs {
-        Some(dir) if r.url.starts_with("wss://") => Some(tls::connector(&ClientTls {
-            ca: Some(dir.join("ca.pem")),
-            ..ClientTls::default()
-        })?),
-        _ => None,
-    };
+    let connector = r.connector()?;
     let http = crate::loadgen::http_client(connector.as_ref());
-    let mut tokens = Vec::with_capacity(r.clinics);
-    for i in 0..r.clinics {
-        let clinic = format!("{}{i:03}", r.prefix);
-        tokens.push(match &r.certs {
-            Some(dir) => Some(
-                TokenSigner::from_pem_file(
-                    &dir.join(format!("{clinic}.key")),
-                    &clinic,
-                    &r.audience,
-                    &format!("{clinic}-1"),
-                    Duration::from_secs(300),
-                )?
-                .sign()?,
-            ),
-            None => None,
-        });
-    }
+    let tokens = (0..r.clinics)
+        .map(|i| r.token(&format!("{}{i:03}", r.prefix)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let acked = Arc::new(AtomicU64::new(0));
     let r = Arc::new(r);
     let me = std::process::id();
@@ -310,29 +318,15 @@ pub async fn ingest(r: RemoteIngest) -> anyhow::Result<Value> {
 /// is another process; its CPU over the window is reported with `server_pid`.
 pub async fn latency(r: RemoteIngest, secs: u64) -> anyhow::Result<Value> {
     use crate::loadgen::{run_client, ClientSpec, Swarm};
-    let connector = match &r.certs {
-        Some(dir) if r.url.starts_with("wss://") => Some(tls::connector(&ClientTls {
-            ca: Some(dir.join("ca.pem")),
-            ..ClientTls::default()
-        })?),
-        _ => None,
-    };
+    let connector = r.connector()?;
     let http = crate::loadgen::http_client(connector.as_ref());
     let swarm = Arc::new(Swarm::default());
     for i in 0..r.clinics {
         let clinic = format!("{}{i:03}", r.prefix);
-        let mut headers = Vec::new();
-        if let Some(dir) = &r.certs {
-            let token = TokenSigner::from_pem_file(
-                &dir.join(format!("{clinic}.key")),
-                &clinic,
-                &r.audience,
-                &format!("{clinic}-1"),
-                Duration::from_secs(300),
-            )?
-            .sign()?;
-            headers.push(("Authorization".to_string(), format!("Bearer {token}")));
-        }
+        let headers = r
+            .token(&clinic)?
+            .map(|t| vec![("Authorization".to_string(), format!("Bearer {t}"))])
+            .unwrap_or_default();
         let spec = ClientSpec {
             url: r.url.clone(),
             clinic_id: clinic,

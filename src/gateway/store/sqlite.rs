@@ -815,13 +815,11 @@ pub fn insert_ceiling(path: &Path, rows: u64, per_commit: u64) -> Result<(f64, f
         let tx = conn.transaction().map_err(write_err)?;
         let mut rest = group;
         while !rest.is_empty() {
-            let n = [ROWS_PER_INSERT, 16, 4, 1]
-                .into_iter()
-                .find(|&n| n <= rest.len())
-                .unwrap_or(1);
-            let (chunk, tail) = rest.split_at(n);
+            let (chunk, tail) = rest.split_at(chunk_len(rest.len()));
             rest = tail;
-            let mut stmt = tx.prepare_cached(&insert_sql(n)).map_err(write_err)?;
+            let mut stmt = tx
+                .prepare_cached(&insert_sql(chunk.len()))
+                .map_err(write_err)?;
             let mut i = 0;
             for (clinic, seq, key, row, source) in chunk {
                 let values: [&dyn rusqlite::ToSql; 10] = [
@@ -854,6 +852,14 @@ pub fn insert_ceiling(path: &Path, rows: u64, per_commit: u64) -> Result<(f64, f
 
 /// Rows per multi-row INSERT (10 parameters each, far below SQLite's 32,766).
 const ROWS_PER_INSERT: usize = 64;
+
+/// The next chunk of `left` rows: 64, 16, 4 or 1, so four cached statements cover any batch.
+fn chunk_len(left: usize) -> usize {
+    [ROWS_PER_INSERT, 16, 4, 1]
+        .into_iter()
+        .find(|&n| n <= left)
+        .unwrap_or(1)
+}
 
 /// `INSERT OR IGNORE INTO events … VALUES (…), (…)` for `rows` rows.
 fn insert_sql(rows: usize) -> String {
@@ -897,12 +903,7 @@ fn append(
     let source = source as i64;
     let mut rest = events;
     while !rest.is_empty() {
-        // 64, 16, 4 or 1 rows: four cached statements cover any batch size.
-        let n = [ROWS_PER_INSERT, 16, 4, 1]
-            .into_iter()
-            .find(|&n| n <= rest.len())
-            .unwrap_or(1);
-        let (chunk, tail) = rest.split_at(n);
+        let (chunk, tail) = rest.split_at(chunk_len(rest.len()));
         rest = tail;
         let mut stmt = tx
             .prepare_cached(&insert_sql(chunk.len()))
