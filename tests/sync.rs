@@ -308,3 +308,29 @@ async fn a_recreated_clinic_database_is_not_mistaken_for_duplicates() {
     );
     fleet.stop().await;
 }
+
+/// A queued backlog drains as fast as the link acknowledges it, not one read chunk per poll
+/// interval: with a 2 s poll interval and 100-event chunks, 3,000 queued changes would need 60 s
+/// read one chunk per poll; they must all arrive within a few poll intervals.
+#[actix_rt::test]
+async fn a_queued_backlog_is_read_on_without_waiting_a_poll_interval_per_chunk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut fleet = Fleet::insecure(dir.path(), 1, HB).expect("fleet");
+    let c = &mut fleet.clinics[0];
+    c.config.outbox.poll_interval = tether::config::Dur::millis(2_000);
+    c.config.outbox.batch_max_events = 100;
+    let conn = tether::db::sqlite::open(&c.db).expect("open");
+    conn.execute(
+        "INSERT INTO payments (patient_id, amount_cents, method) \
+         WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 3000) \
+         SELECT i, i * 7, 'card' FROM s",
+        [],
+    )
+    .expect("backlog");
+    drop(conn);
+    fleet.start_agents().await.expect("agents");
+    // 12 s: a few poll intervals, far below the 60 s of one chunk per interval.
+    wait_drained(&fleet, Duration::from_secs(12)).await;
+    assert_history_clean(&fleet, &[]);
+    fleet.stop().await;
+}

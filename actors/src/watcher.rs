@@ -102,8 +102,9 @@ impl Watcher {
                 reply: Some(reply),
             }))
         };
-        ctx.spawn(fut.into_actor(self).map(move |res, act, _| {
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
             act.busy = false;
+            let mut again = false;
             match res {
                 Ok(None) => act.cursor = None,
                 Ok(Some(step)) => {
@@ -121,6 +122,10 @@ impl Watcher {
                                 || reply.room == 0
                                 || reply.last_enqueued < step.cursor
                                 || (step.read > 0 && reply.last_enqueued == step.cursor);
+                            // A full chunk with room left: a backlog is waiting, read on now
+                            // rather than one chunk per poll interval (which capped a drain
+                            // at read_chunk / poll_interval, 10,000 events/s by default).
+                            again = step.read >= limit && reply.room > 0;
                         }
                     }
                 }
@@ -132,6 +137,9 @@ impl Watcher {
                     }
                     act.failing = true;
                 }
+            }
+            if again {
+                act.tick(ctx);
             }
         }));
     }
