@@ -365,17 +365,9 @@ pub async fn latency(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
     let gw = gateway::start(settings(dir, "127.0.0.1:0"), GatewaySecurity::insecure())?;
     let swarm = spawn_swarm(o.latency_clinics, &gw.ws_url(), None, 2.0, "lat-");
     wait_up(&swarm, o.latency_clinics, Duration::from_secs(60)).await?;
-    if let Ok(mut l) = swarm.latencies_us.lock() {
-        l.clear();
-    }
+    swarm.clear_latencies();
     tokio::time::sleep(Duration::from_secs(o.latency_secs)).await;
-    swarm.stop.store(true, Ordering::Relaxed);
-    let mut l = swarm
-        .latencies_us
-        .lock()
-        .map(|l| l.clone())
-        .unwrap_or_default();
-    l.sort_unstable();
+    let l = swarm.stop_with_latencies();
     gw.stop().await;
     Ok(
         json!({"scenario": "latency", "clinics": o.latency_clinics, "events_per_clinic_per_s": 2,

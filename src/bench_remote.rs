@@ -340,20 +340,12 @@ pub async fn latency(r: RemoteIngest, secs: u64) -> anyhow::Result<Value> {
         actix::spawn(run_client(spec, http.clone(), swarm.clone()));
     }
     super::bench::wait_up(&swarm, r.clinics, Duration::from_secs(120)).await?;
-    if let Ok(mut l) = swarm.latencies_us.lock() {
-        l.clear();
-    }
+    swarm.clear_latencies();
     let srv0 = proc_cpu_s(r.server_pid);
     // The measurement window itself: the clients run on their own meanwhile.
     tokio::time::sleep(Duration::from_secs(secs)).await;
     let server_cpu = proc_cpu_s(r.server_pid) - srv0;
-    swarm.stop.store(true, Ordering::Relaxed);
-    let mut l = swarm
-        .latencies_us
-        .lock()
-        .map(|l| l.clone())
-        .unwrap_or_default();
-    l.sort_unstable();
+    let l = swarm.stop_with_latencies();
     let pct = |q| super::bench::percentile(&l, q);
     Ok(
         json!({"scenario": "latency", "gateway": r.url, "clinics": r.clinics,

@@ -31,6 +31,25 @@ impl Swarm {
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
     }
+
+    /// Forgets the latencies so far (a measurement window starts).
+    pub fn clear_latencies(&self) {
+        if let Ok(mut l) = self.latencies_us.lock() {
+            l.clear();
+        }
+    }
+
+    /// Stops every client and answers the latencies of the window, sorted.
+    pub fn stop_with_latencies(&self) -> Vec<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut l = self
+            .latencies_us
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default();
+        l.sort_unstable();
+        l
+    }
 }
 
 #[derive(Clone)]

@@ -773,9 +773,9 @@ fn hello(
 }
 
 /// SQLite's own insert rate on this disk, the ceiling for the gateway's ingest (`tether bench
-/// sqlite-ceiling`): `rows` pre-encoded events of 50 clinics into a fresh store at `path` (the
-/// same schema, multi-row statements, WAL and `synchronous=FULL`), `per_commit` rows per
-/// transaction, on this thread. Answers (rows/s, CPU-seconds of this thread per 100,000 rows).
+/// sqlite-ceiling`): `rows` pre-encoded events of 50 clinics into a fresh store at `path` through
+/// the writer's own insert ([`insert_events`]; WAL, `synchronous=FULL`), `per_commit` rows per
+/// transaction, on this thread, without the sessions, the checks and the counters. Answers (rows/s, CPU-seconds of this thread per 100,000 rows).
 pub fn insert_ceiling(path: &Path, rows: u64, per_commit: u64) -> Result<(f64, f64), StoreError> {
     let mut conn = open_conn(path)?;
     migrate(&mut conn, path)?;
@@ -785,18 +785,29 @@ pub fn insert_ceiling(path: &Path, rows: u64, per_commit: u64) -> Result<(f64, f
             100_000 + seq % 90_000
         )
     };
-    let events: Vec<(String, i64, String, String, i64)> = (0..rows)
-        .map(|i| {
-            let (clinic, seq) = (i % 50, i / 50 + 1);
-            (
-                format!("clinic-{clinic:03}"),
-                seq as i64,
-                format!(r#"{{"id":{seq}}}"#),
-                row(seq),
-                clinic as i64 + 1,
-            )
-        })
-        .collect();
+    // Per clinic, its events pre-encoded as a session hands them to the writer.
+    let raw = |text: String| RawValue::from_string(text).map_err(write_err);
+    let per_clinic = rows.div_ceil(50);
+    let mut clinics = Vec::with_capacity(50);
+    for clinic in 0..50u64 {
+        // `rows` in all: the first `rows % 50` clinics take one more.
+        let n = rows / 50 + u64::from(clinic < rows % 50);
+        let mut evs = Vec::with_capacity(n as usize);
+        for seq in 1..=n {
+            evs.push(IncomingEvent {
+                event: tether_schemas::RawEvent {
+                    seq,
+                    entity: "appointment".into(),
+                    op: tether_schemas::Op::Insert,
+                    key: raw(format!(r#"{{"id":{seq}}}"#))?,
+                    row: Some(raw(row(seq))?),
+                    committed_at: "2026-12-01T09:00:00.000Z".into(),
+                },
+                problem: None,
+            });
+        }
+        clinics.push((format!("clinic-{clinic:03}"), clinic as i64 + 1, evs));
+    }
     let cpu = || {
         std::fs::read_to_string("/proc/thread-self/stat")
             .ok()
@@ -811,35 +822,13 @@ pub fn insert_ceiling(path: &Path, rows: u64, per_commit: u64) -> Result<(f64, f
             .unwrap_or(0.0)
     };
     let (t0, c0) = (std::time::Instant::now(), cpu());
-    for group in events.chunks(per_commit.max(1) as usize) {
+    // Each commit takes the next per_commit / 50 events of every clinic.
+    let step = (per_commit / 50).max(1) as usize;
+    for at in (0..per_clinic as usize).step_by(step) {
         let tx = conn.transaction().map_err(write_err)?;
-        let mut rest = group;
-        while !rest.is_empty() {
-            let (chunk, tail) = rest.split_at(chunk_len(rest.len()));
-            rest = tail;
-            let mut stmt = tx
-                .prepare_cached(&insert_sql(chunk.len()))
-                .map_err(write_err)?;
-            let mut i = 0;
-            for (clinic, seq, key, row, source) in chunk {
-                let values: [&dyn rusqlite::ToSql; 10] = [
-                    clinic,
-                    seq,
-                    &"appointment",
-                    &"insert",
-                    key,
-                    row,
-                    &"2026-12-01T09:00:00.000Z",
-                    &"2026-12-01T09:00:01.000Z",
-                    &None::<String>,
-                    source,
-                ];
-                for v in values {
-                    i += 1;
-                    stmt.raw_bind_parameter(i, v).map_err(write_err)?;
-                }
-            }
-            stmt.raw_execute().map_err(write_err)?;
+        for (clinic, source, evs) in &clinics {
+            let part = evs.get(at..(at + step).min(evs.len())).unwrap_or_default();
+            insert_events(&tx, clinic, *source, "2026-12-01T09:00:01.000Z", part)?;
         }
         tx.commit().map_err(write_err)?;
     }
@@ -875,32 +864,17 @@ fn insert_sql(rows: usize) -> String {
     sql
 }
 
-fn append(
+/// Inserts a clinic's events by INSERT statements of up to ROWS_PER_INSERT rows each (one
+/// statement execution per chunk instead of per row), each key and row bound as the text
+/// received; a row already held is ignored. Answers how many rows were new.
+fn insert_events(
     tx: &rusqlite::Transaction<'_>,
     clinic: &str,
-    source: u64,
-    prev_seq: u64,
-    events: &[IncomingEvent],
+    source: i64,
     now: &str,
-) -> Result<AppendOutcome, StoreError> {
-    let (acked, known): (u64, u64) = tx
-        .query_row(
-            "SELECT acked_seq, source_id FROM clinics WHERE clinic_id = ?1",
-            params![clinic],
-            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
-        )
-        .optional()
-        .map_err(write_err)?
-        .unwrap_or((0, 0));
-    if prev_seq > acked || (source != 0 && known != 0 && source != known) {
-        return Ok(AppendOutcome::Gap { acked });
-    }
-    let source = if source == 0 { known } else { source };
-    // Rows go in by INSERT statements of up to ROWS_PER_INSERT rows each: one statement
-    // execution (and one pass over the unique index's root) per chunk instead of per row.
+    events: &[IncomingEvent],
+) -> Result<usize, StoreError> {
     let mut inserted = 0;
-    let mut last = acked;
-    let source = source as i64;
     let mut rest = events;
     while !rest.is_empty() {
         let (chunk, tail) = rest.split_at(chunk_len(rest.len()));
@@ -925,10 +899,35 @@ fn append(
             bind(&now)?;
             bind(&ie.problem)?;
             bind(&source)?;
-            last = last.max(ev.seq);
         }
         inserted += stmt.raw_execute().map_err(write_err)?;
     }
+    Ok(inserted)
+}
+
+fn append(
+    tx: &rusqlite::Transaction<'_>,
+    clinic: &str,
+    source: u64,
+    prev_seq: u64,
+    events: &[IncomingEvent],
+    now: &str,
+) -> Result<AppendOutcome, StoreError> {
+    let (acked, known): (u64, u64) = tx
+        .query_row(
+            "SELECT acked_seq, source_id FROM clinics WHERE clinic_id = ?1",
+            params![clinic],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )
+        .optional()
+        .map_err(write_err)?
+        .unwrap_or((0, 0));
+    if prev_seq > acked || (source != 0 && known != 0 && source != known) {
+        return Ok(AppendOutcome::Gap { acked });
+    }
+    let source = if source == 0 { known } else { source };
+    let inserted = insert_events(tx, clinic, source as i64, now, events)?;
+    let last = events.iter().map(|ie| ie.event.seq).fold(acked, u64::max);
     tx.execute(
         "INSERT INTO clinics (clinic_id, acked_seq, first_seen, last_event_at, events_stored) VALUES (?1, ?2, ?3, ?3, ?4) \
          ON CONFLICT (clinic_id) DO UPDATE SET acked_seq = max(acked_seq, excluded.acked_seq), \
