@@ -16,9 +16,6 @@ use tether_actors::ports::{Backlog, Checkpoint};
 use tether_actors::{AgentStats, ChangeSource};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A clinic is "caught up" when nothing has waited in its outbox longer than this.
-pub const CAUGHT_UP_WITHIN: Duration = Duration::from_secs(10);
-
 /// What the endpoint reads: the running agent's counters and its own database handles.
 pub struct AdminState {
     pub clinic_id: String,
@@ -28,6 +25,9 @@ pub struct AdminState {
     pub source: Arc<dyn ChangeSource>,
     pub checkpoint: Arc<dyn Checkpoint>,
     pub started: Instant,
+    /// Not ready once the oldest unacknowledged change is older than this
+    /// (`agent.admin.ready_lag`, 10 s by default).
+    pub ready_lag: Duration,
     /// The running agent's actors (set once it has started).
     pub slots: Option<tether_actors::agent::Slots>,
 }
@@ -63,10 +63,13 @@ pub struct Status {
     pub restarts: std::collections::BTreeMap<String, u64>,
     /// The outbox could not be read (the database is unavailable).
     pub database_error: Option<String>,
+    /// PostgreSQL logical capture: the WAL the server keeps for Tether's slot.
+    #[serde(default)]
+    pub capture_slot_retained_bytes: Option<u64>,
 }
 
 impl AdminState {
-    async fn status(self: &Arc<Self>) -> Status {
+    pub async fn status(self: &Arc<Self>) -> Status {
         let s = &self.stats;
         let me = self.clone();
         let backlog = tokio::task::spawn_blocking(move || -> Result<Backlog, String> {
@@ -90,7 +93,7 @@ impl AdminState {
             Some("not connected to the gateway".to_string())
         } else if let Some(e) = &database_error {
             Some(format!("outbox unreadable: {e}"))
-        } else if oldest_pending_s.is_some_and(|a| a > CAUGHT_UP_WITHIN.as_secs_f64()) {
+        } else if oldest_pending_s.is_some_and(|a| a > self.ready_lag.as_secs_f64()) {
             Some(format!(
                 "behind: {} events waiting, the oldest for {:.0} s",
                 backlog.events,
@@ -126,6 +129,7 @@ impl AdminState {
             updates_failed: AgentStats::get(&s.updates_failed),
             restarts: s.restarts(),
             database_error,
+            capture_slot_retained_bytes: backlog.capture_retained_bytes,
         }
     }
 }
@@ -171,6 +175,14 @@ pub fn metrics_text(st: &Status) -> String {
         "Age of the oldest unacknowledged event (0 when none).",
         st.oldest_pending_s.unwrap_or(0.0),
     );
+    if let Some(b) = st.capture_slot_retained_bytes {
+        one(
+            "tether_agent_capture_slot_retained_bytes",
+            "gauge",
+            "PostgreSQL logical capture: WAL bytes the server keeps for Tether's replication slot.",
+            b as f64,
+        );
+    }
     one(
         "tether_agent_acked_seq",
         "gauge",
@@ -599,6 +611,13 @@ pub fn describe(s: &Status) -> String {
         "  outbox:   {}{more} events waiting ({oldest}); acknowledged up to seq {}",
         s.backlog_events, s.acked_seq
     );
+    if let Some(b) = s.capture_slot_retained_bytes {
+        let _ = writeln!(
+            o,
+            "  capture:  logical; the server keeps {:.1} MB of WAL for the slot",
+            b as f64 / 1_048_576.0
+        );
+    }
     let _ = writeln!(
         o,
         "  cloud:    {} updates applied, {} refused",

@@ -87,6 +87,14 @@ pub fn install(a: &AgentConfig) -> Result<String, AgentSetupError> {
     let d = &a.database;
     match d.kind.as_str() {
         #[cfg(feature = "postgres")]
+        "postgres" if d.capture == "logical" => {
+            let n = crate::db::postgres::logical::install(&connection_string(a)?, &a.tables)?;
+            Ok(format!(
+                "installed schema tether, publication {} and a logical replication slot for {n} tables (REPLICA IDENTITY FULL; no triggers)",
+                crate::db::postgres::logical::PUBLICATION
+            ))
+        }
+        #[cfg(feature = "postgres")]
         "postgres" => {
             let n = crate::db::postgres::install(&connection_string(a)?, &a.tables)?;
             Ok(format!("installed schema tether and {n} capture triggers"))
@@ -365,11 +373,18 @@ pub fn db_ports(a: &AgentConfig) -> Result<DbPorts, AgentSetupError> {
     let ports: DbPorts = match a.database.kind.as_str() {
         #[cfg(feature = "postgres")]
         "postgres" => {
+            use crate::db::postgres as pg;
             let c = connection_string(a)?;
+            let logical = a.database.capture == "logical";
+            let source = if logical {
+                pg::PgSource::open_logical(&c, &a.tables, a.database.slot_warn_mb << 20)?
+            } else {
+                pg::PgSource::open(&c)?
+            };
             (
-                Arc::new(crate::db::postgres::PgSource::open(&c)?),
-                Arc::new(crate::db::postgres::PgCheckpoint::open(&c)?),
-                Arc::new(crate::db::postgres::PgSink::open(&c, &a.tables)?),
+                Arc::new(source),
+                Arc::new(pg::PgCheckpoint::open(&c)?),
+                Arc::new(pg::PgSink::open_with(&c, &a.tables, logical)?),
             )
         }
         #[cfg(feature = "sqlserver")]

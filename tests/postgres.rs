@@ -584,6 +584,15 @@ fn outbox_head(url: &str) -> i64 {
     })
 }
 
+/// The number of rows in the outbox (`0` while the database cannot be read).
+fn outbox_count(url: &str) -> i64 {
+    pg_blocking(url, |c| {
+        c.query_one("SELECT count(*) FROM tether.outbox", &[])
+            .map(|r| r.get(0))
+            .unwrap_or(0)
+    })
+}
+
 /// One event as (seq, op, key, row).
 type Ev = (i64, String, Value, Option<Value>);
 
@@ -620,7 +629,7 @@ fn outbox_and_gateway(
 fn agent_on_postgres_syncs_through_the_gateway() {
     let db = TestDb::new();
     let url = db.url.clone();
-    actix::System::new().block_on(e2e(url, false));
+    actix::System::new().block_on(e2e(url, false, "triggers"));
     drop(db);
 }
 
@@ -630,14 +639,16 @@ fn agent_on_postgres_syncs_through_the_gateway() {
 fn agent_on_postgres_heals_when_its_connections_are_killed_mid_stream() {
     let db = TestDb::new();
     let url = db.url.clone();
-    actix::System::new().block_on(e2e(url, true));
+    actix::System::new().block_on(e2e(url, true, "triggers"));
     drop(db);
 }
 
-async fn e2e(url: String, kill_connections: bool) {
+async fn e2e(url: String, kill_connections: bool, capture: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let gw = tether::gateway::start(
         tether::gateway::GatewaySettings {
+            node_id: None,
+            advertise: None,
             listen: "127.0.0.1:0".into(),
             store: tether::gateway::store::StoreLocation::Sqlite(dir.path().join("gateway.db")),
             retention: None,
@@ -656,7 +667,7 @@ async fn e2e(url: String, kill_connections: bool) {
     )
     .expect("gateway");
     let yaml = format!(
-        "agent:\n  clinic_id: clinic-pg\n  database:\n    kind: postgres\n    connection: \"{}\"\n  gateway:\n    url: {}\n    insecure_plaintext: true\n    heartbeat_interval: 500ms\n    backoff: {{initial: 50ms, max: 500ms}}\n  outbox:\n    poll_interval: 20ms\n  tables:\n    - {{table: patients, entity: patient, key: [id]}}\n    - {{table: payments, entity: payment, key: [id], direction: up}}\n",
+        "agent:\n  clinic_id: clinic-pg\n  database:\n    kind: postgres\n    capture: {capture}\n    connection: \"{}\"\n  gateway:\n    url: {}\n    insecure_plaintext: true\n    heartbeat_interval: 500ms\n    backoff: {{initial: 50ms, max: 500ms}}\n  outbox:\n    poll_interval: 20ms\n  tables:\n    - {{table: patients, entity: patient, key: [id]}}\n    - {{table: payments, entity: payment, key: [id], direction: up}}\n",
         url,
         gw.ws_url()
     );
@@ -731,6 +742,8 @@ async fn e2e(url: String, kill_connections: bool) {
         "the PostgreSQL outbox to be acknowledged",
         Duration::from_secs(30),
         || {
+            // With logical capture the outbox fills after the commit: wait for all of it.
+            let captured = outbox_count(&url) >= 400;
             let head = outbox_head(&url);
             let acked =
                 tether::gateway::store::wait(store.acked_seq("clinic-pg")).unwrap_or(0) as i64;
@@ -738,7 +751,7 @@ async fn e2e(url: String, kill_connections: bool) {
                 &dir.path().join("gateway.db"),
                 "SELECT count(*) FROM updates WHERE status = 'applied'",
             );
-            async move { head > 0 && acked >= head && applied == 1 }
+            async move { captured && head > 0 && acked >= head && applied == 1 }
         },
     )
     .await;
@@ -871,6 +884,100 @@ fn overlapping_long_transactions_hold_a_change_back_only_while_they_are_open() {
     );
 }
 
+/// A gap of two missing seqs: a long transaction's and a rolled-back one's. When the long one
+/// commits, the rolled-back seq must not count as a new hole (it would then wait for a long
+/// transaction that began after the change behind it had committed).
+#[test]
+fn a_hole_left_behind_a_committed_long_transaction_keeps_its_age() {
+    let db = TestDb::new();
+    pg::install(&db.url, &tables(ConflictPolicy::CloudWins)).expect("install");
+    let src = PgSource::open(&db.url).expect("source");
+    let insert = "INSERT INTO payments (patient_id, amount_cents) VALUES ($1, 1)";
+    let mut c1 = db.client();
+    let mut long1 = c1.transaction().expect("begin");
+    long1.execute(insert, &[&1i64]).expect("seq 1, held");
+    let mut c2 = db.client();
+    let mut r = c2.transaction().expect("begin");
+    r.execute(insert, &[&2i64]).expect("seq 2");
+    r.rollback().expect("rolled back: seq 2 never comes");
+    let mut c = db.client();
+    c.execute(insert, &[&3i64]).expect("seq 3, committed");
+    assert!(
+        src.read_after(0, 100).expect("read").is_empty(),
+        "seq 1 may still come"
+    );
+    // A long transaction that begins after seq 3 committed.
+    let mut c4 = db.client();
+    let mut long2 = c4.transaction().expect("begin");
+    long2.execute(insert, &[&4i64]).expect("seq 4, held");
+    long1.commit().expect("commit seq 1");
+    let mut got = Vec::new();
+    common::poll_blocking(
+        "seq 3 while a transaction younger than it stays open",
+        Duration::from_secs(5),
+        || {
+            got = src.read_after(0, 100).expect("read");
+            got.len() >= 2
+        },
+    );
+    assert_eq!(got.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 3]);
+    long2.commit().expect("commit");
+}
+
+/// While a change waits behind a hole (a long transaction), the agent's status counts it and
+/// stops saying ready once it is older than `ready_lag`, though the link is up.
+#[test]
+fn status_says_behind_while_a_committed_change_waits_behind_a_long_transaction() {
+    let db = TestDb::new();
+    pg::install(&db.url, &tables(ConflictPolicy::CloudWins)).expect("install");
+    let mut c1 = db.client();
+    let mut long = c1.transaction().expect("begin");
+    long.execute(
+        "INSERT INTO payments (patient_id, amount_cents) VALUES (1, 1)",
+        &[],
+    )
+    .expect("seq 1, held");
+    db.client()
+        .execute(
+            "INSERT INTO payments (patient_id, amount_cents) VALUES (2, 1)",
+            &[],
+        )
+        .expect("seq 2, committed");
+    let stats = Arc::new(tether_actors::stats::AgentStats::default());
+    stats
+        .connected
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let state = Arc::new(tether::admin::AdminState {
+        clinic_id: "clinic-st".into(),
+        gateway_url: "ws://127.0.0.1:9/v1/ws".into(),
+        proxy: "none".into(),
+        stats,
+        source: Arc::new(PgSource::open(&db.url).expect("source")),
+        checkpoint: Arc::new(PgCheckpoint::open(&db.url).expect("checkpoint")),
+        started: std::time::Instant::now(),
+        ready_lag: Duration::from_secs(1),
+        slots: None,
+    });
+    actix::System::new().block_on(async move {
+        let first = state.status().await;
+        assert_eq!(first.backlog_events, 1, "{first:?}");
+        assert!(first.connected);
+        common::wait_until("status to say behind", Duration::from_secs(10), || {
+            let s = state.clone();
+            async move {
+                let st = s.status().await;
+                !st.ready
+                    && st
+                        .not_ready
+                        .as_deref()
+                        .is_some_and(|r| r.starts_with("behind"))
+            }
+        })
+        .await;
+    });
+    long.commit().expect("commit");
+}
+
 #[test]
 fn an_open_transaction_in_another_database_does_not_hold_a_clinic_back() {
     let db = TestDb::new();
@@ -924,10 +1031,21 @@ struct PrivatePg {
     dir: tempfile::TempDir,
     port: u16,
     bin: std::path::PathBuf,
+    /// Extra server settings (`-c name=value …`).
+    settings: String,
 }
 
 impl PrivatePg {
     fn start() -> PrivatePg {
+        Self::start_with("")
+    }
+
+    /// A server with `wal_level = logical` (for `capture: logical`).
+    fn start_logical() -> PrivatePg {
+        Self::start_with("-c wal_level=logical")
+    }
+
+    fn start_with(settings: &str) -> PrivatePg {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .expect("PostgreSQL server binaries under /usr/lib/postgresql (Debian's postgresql)")
             .flatten()
@@ -936,7 +1054,12 @@ impl PrivatePg {
             .expect("initdb");
         let dir = tempfile::tempdir().expect("tempdir");
         let port = common::procs::free_port();
-        let pg = PrivatePg { dir, port, bin };
+        let pg = PrivatePg {
+            dir,
+            port,
+            bin,
+            settings: settings.to_string(),
+        };
         // initdb refuses to run as root: the server runs as the `postgres` system user then.
         if running_as_root() {
             pg.run_as_postgres(&["chown", "-R", "postgres", &pg.path("")], true);
@@ -950,6 +1073,7 @@ impl PrivatePg {
                 "trust",
                 "-U",
                 "postgres",
+                "--no-sync",
             ],
             false,
         );
@@ -981,9 +1105,10 @@ impl PrivatePg {
     /// `pg_ctl start|stop|restart`, waiting until it is done.
     fn ctl(&self, action: &str) {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 {}",
             self.port,
-            self.path("")
+            self.path(""),
+            self.settings
         );
         self.run_as_postgres(
             &[
@@ -1141,4 +1266,425 @@ fn agent_on_postgres_comes_back_after_the_server_restarts_mid_stream() {
         agent.stop();
         gw.stop().await;
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logical capture (`capture: logical`): a private server with `wal_level = logical`.
+
+const CLINIC_SCHEMA: &str =
+    "CREATE TABLE patients (id bigint PRIMARY KEY, name text NOT NULL, dob date, balance numeric(10,2), \
+       photo bytea, external uuid, seen_at timestamptz, active boolean, version int NOT NULL DEFAULT 1);
+     CREATE TABLE payments (id bigserial PRIMARY KEY, patient_id bigint NOT NULL, amount_cents int NOT NULL);
+     CREATE TABLE notes (id int PRIMARY KEY, body text, meta jsonb, tags int[]);
+     CREATE TABLE scratch (id int);";
+
+/// A database with the clinic schema on a private server; its connection string.
+fn private_db(pg: &PrivatePg, name: &str) -> String {
+    let mut admin = Client::connect(&pg.url(), NoTls).expect("private server");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .expect("create database");
+    let url = pg
+        .url()
+        .replace("dbname=postgres", &format!("dbname={name}"));
+    Client::connect(&url, NoTls)
+        .expect("connect")
+        .batch_execute(CLINIC_SCHEMA)
+        .expect("schema");
+    url
+}
+
+fn logical_tables() -> Vec<TableConfig> {
+    let mut t = tables(ConflictPolicy::CloudWins);
+    t.push(TableConfig::new("notes", "note", &["id"], Direction::Up));
+    t
+}
+
+/// (entity, op, key, row): what an event means, without its position and time.
+fn meaning(events: &[tether_schemas::Event]) -> Vec<(String, Op, Value, Option<Value>)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                e.entity.clone(),
+                e.op,
+                Value::Object(e.key.clone()),
+                e.row.clone().map(Value::Object),
+            )
+        })
+        .collect()
+}
+
+/// Every kind of change a clinic makes: types, multi-row statements, rollbacks, savepoints, a
+/// key change, an unchanged large (TOASTed) value, deletes.
+fn clinic_script(c: &mut Client) {
+    // One simple query per transaction: in a multi-statement query, a ROLLBACK would undo the
+    // statements before its BEGIN too.
+    for batch in [
+        "INSERT INTO patients VALUES (1, 'Ann', '1980-02-03', 12.50, '\\x0102', \
+           'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '2026-12-01 10:00:00+00', true, 1)",
+        "INSERT INTO payments (patient_id, amount_cents) SELECT g, g * 10 FROM generate_series(1, 5) g",
+        "BEGIN; INSERT INTO patients (id, name) VALUES (2, 'rolled back'); ROLLBACK",
+        "BEGIN; INSERT INTO patients (id, name) VALUES (3, 'Bo'); SAVEPOINT s; \
+           UPDATE patients SET name = 'undone' WHERE id = 3; ROLLBACK TO s; \
+           UPDATE patients SET active = false WHERE id = 3; COMMIT",
+        "UPDATE patients SET id = 10 WHERE id = 1",
+        "INSERT INTO notes VALUES (1, (SELECT string_agg(md5(g::text), '') FROM generate_series(1, 400) g), \
+           '{\"a\": [1, 2]}', '{1,2,3}')",
+        "UPDATE notes SET meta = '{\"b\": true}' WHERE id = 1",
+        "DELETE FROM notes WHERE id = 1",
+        "DELETE FROM payments WHERE patient_id <= 2",
+        "UPDATE patients SET balance = NULL, photo = NULL WHERE id = 10",
+    ] {
+        c.batch_execute(batch).expect("clinic script");
+    }
+}
+
+#[test]
+fn logical_capture_means_the_same_as_triggers_without_a_trigger() {
+    let pg = PrivatePg::start_logical();
+    let by_slot = private_db(&pg, "by_slot");
+    let by_trigger = private_db(&pg, "by_trigger");
+    let t = logical_tables();
+    assert_eq!(
+        pg::logical::install(&by_slot, &t).expect("install logical"),
+        3
+    );
+    pg::install(&by_trigger, &t).expect("install triggers");
+    let triggers: i64 = Client::connect(&by_slot, NoTls)
+        .expect("connect")
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgname = 'tether_capture'",
+            &[],
+        )
+        .expect("triggers")
+        .get(0);
+    assert_eq!(triggers, 0, "logical capture installs no trigger");
+    clinic_script(&mut Client::connect(&by_slot, NoTls).expect("connect"));
+    clinic_script(&mut Client::connect(&by_trigger, NoTls).expect("connect"));
+    let logical = read_all(&PgSource::open_logical(&by_slot, &t, 1 << 30).expect("source"));
+    // The trigger mode passes a rolled-back hole on a later read: read until all are in.
+    let trigger_src = PgSource::open(&by_trigger).expect("source");
+    let mut triggered = Vec::new();
+    common::poll_blocking("the trigger mode's events", Duration::from_secs(10), || {
+        let after = triggered
+            .last()
+            .map_or(0, |e: &tether_schemas::Event| e.seq);
+        triggered.extend(trigger_src.read_after(after, 100).expect("read"));
+        triggered.len() >= 16
+    });
+    assert_eq!(triggered.len(), 16, "{:#?}", meaning(&triggered));
+    assert_eq!(meaning(&logical), meaning(&triggered));
+    // In commit order, without holes: one writer fills the outbox.
+    let seqs: Vec<u64> = logical.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=16).collect::<Vec<u64>>());
+    // The large value left unchanged by the update is whole, not missing.
+    let note_update = logical
+        .iter()
+        .find(|e| e.entity == "note" && e.op == Op::Update)
+        .expect("note update");
+    let body = note_update.row.as_ref().and_then(|r| r.get("body"));
+    assert_eq!(body.and_then(Value::as_str).map(str::len), Some(12_800));
+    assert!(logical.iter().all(|e| e.committed_at.ends_with('Z')));
+}
+
+#[test]
+fn logical_capture_is_not_held_back_by_a_long_transaction() {
+    let pg = PrivatePg::start_logical();
+    let url = private_db(&pg, "clinic");
+    let t = logical_tables();
+    pg::logical::install(&url, &t).expect("install");
+    let src = PgSource::open_logical(&url, &t, 1 << 30).expect("source");
+    let mut long_c = Client::connect(&url, NoTls).expect("connect");
+    let mut long = long_c.transaction().expect("begin");
+    long.execute(
+        "INSERT INTO payments (patient_id, amount_cents) VALUES (-1, 1)",
+        &[],
+    )
+    .expect("long insert");
+    let mut c = Client::connect(&url, NoTls).expect("connect");
+    for i in 0..20i64 {
+        c.execute(
+            "INSERT INTO payments (patient_id, amount_cents) VALUES ($1, 1)",
+            &[&i],
+        )
+        .expect("short insert");
+    }
+    let mut got = Vec::new();
+    common::poll_blocking(
+        "the short commits while the long transaction is still open",
+        Duration::from_secs(5),
+        || {
+            got.extend(src.read_after(got.len() as u64, 100).expect("read"));
+            got.len() >= 20
+        },
+    );
+    assert_eq!(got.len(), 20);
+    long.commit().expect("commit long");
+    common::poll_blocking(
+        "the long transaction's change",
+        Duration::from_secs(5),
+        || {
+            got.extend(src.read_after(got.len() as u64, 100).expect("read"));
+            got.len() >= 21
+        },
+    );
+    let last = got
+        .last()
+        .and_then(|e| e.row.as_ref())
+        .and_then(|r| r.get("patient_id"));
+    assert_eq!(last, Some(&json!(-1)), "taken in commit order");
+    // The backlog counts it; the slot's retained WAL is measured.
+    let b = src.backlog(0).expect("backlog");
+    assert_eq!(b.events, 21);
+    assert!(b.capture_retained_bytes.is_some(), "{b:?}");
+}
+
+/// A crash after the outbox commit but before the slot moved: the slot gives the same
+/// transactions again, and they are not stored twice.
+#[test]
+fn logical_capture_replayed_by_the_slot_is_not_stored_twice() {
+    let pg = PrivatePg::start_logical();
+    let url = private_db(&pg, "clinic");
+    let t = logical_tables();
+    pg::logical::install(&url, &t).expect("install");
+    let mut c = Client::connect(&url, NoTls).expect("connect");
+    let slot: String = c
+        .query_one(
+            "SELECT text_value FROM tether.state WHERE name = 'logical_slot'",
+            &[],
+        )
+        .expect("slot")
+        .get(0);
+    for i in 0..5i64 {
+        c.execute(
+            "INSERT INTO payments (patient_id, amount_cents) VALUES ($1, 1)",
+            &[&i],
+        )
+        .expect("insert");
+    }
+    // A copy of the slot still at the old position: what the slot is after such a crash.
+    c.execute(
+        "SELECT pg_copy_logical_replication_slot($1, 'tether_replay')",
+        &[&slot],
+    )
+    .expect("copy slot");
+    let src = PgSource::open_logical(&url, &t, 1 << 30).expect("source");
+    assert_eq!(read_all(&src).len(), 5);
+    c.execute(
+        "INSERT INTO payments (patient_id, amount_cents) VALUES (99, 1)",
+        &[],
+    )
+    .expect("insert");
+    let mut replay = pg::logical::Pump::new("tether_replay".into(), &t, 1 << 30);
+    let p = replay
+        .pump(&mut c, None)
+        .expect("pump from the old position");
+    assert_eq!(p.transactions, 1, "only the new transaction is new: {p:?}");
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM tether.outbox", &[])
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 6, "the five replayed changes are not stored again");
+    c.execute("SELECT pg_drop_replication_slot('tether_replay')", &[])
+        .expect("drop copy");
+}
+
+#[test]
+fn logical_capture_does_not_echo_applied_updates() {
+    let pg = PrivatePg::start_logical();
+    let url = private_db(&pg, "clinic");
+    let t = logical_tables();
+    pg::logical::install(&url, &t).expect("install");
+    let src = PgSource::open_logical(&url, &t, 1 << 30).expect("source");
+    let sink = PgSink::open_with(&url, &t, true).expect("sink");
+    let out = sink
+        .apply(&update(
+            "u-1",
+            UpdateOp::Upsert,
+            5,
+            Some(json!({"id": 5, "name": "from the cloud"})),
+        ))
+        .expect("apply");
+    assert_eq!(out.status, UpdateStatus::Applied);
+    Client::connect(&url, NoTls)
+        .expect("connect")
+        .execute("UPDATE patients SET name = 'at the desk' WHERE id = 5", &[])
+        .expect("local update");
+    let events = read_all(&src);
+    assert_eq!(events.len(), 1, "{:#?}", meaning(&events));
+    assert_eq!(events[0].op, Op::Update);
+    // Without the marker, the same apply would have been captured.
+    let unmarked = PgSink::open_with(&url, &t, false).expect("sink");
+    unmarked
+        .apply(&update(
+            "u-2",
+            UpdateOp::Upsert,
+            6,
+            Some(json!({"id": 6, "name": "x"})),
+        ))
+        .expect("apply");
+    let more = src.read_after(events[0].seq, 10).expect("read");
+    assert_eq!(more.len(), 1, "the marker is what keeps applies out");
+}
+
+#[test]
+fn logical_install_says_what_the_server_lacks() {
+    // The shared server runs with wal_level = replica.
+    let db = TestDb::new();
+    let wal_level: String = db
+        .client()
+        .query_one("SHOW wal_level", &[])
+        .expect("wal_level")
+        .get(0);
+    if wal_level != "logical" {
+        let e = pg::logical::install(&db.url, &logical_tables_without_notes())
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains("wal_level = logical"), "{e}");
+        assert!(e.contains("ALTER SYSTEM SET wal_level = logical"), "{e}");
+    }
+    // A role without REPLICATION.
+    let pg = PrivatePg::start_logical();
+    let url = private_db(&pg, "clinic");
+    Client::connect(&url, NoTls)
+        .expect("connect")
+        .batch_execute(
+            "CREATE ROLE clinic_app LOGIN; GRANT ALL ON ALL TABLES IN SCHEMA public TO clinic_app; \
+             GRANT CREATE ON DATABASE clinic TO clinic_app; ALTER TABLE patients OWNER TO clinic_app; \
+             ALTER TABLE payments OWNER TO clinic_app; ALTER TABLE notes OWNER TO clinic_app;",
+        )
+        .expect("role");
+    let e = pg::logical::install(
+        &url.replace("user=postgres", "user=clinic_app"),
+        &logical_tables(),
+    )
+    .expect_err("refused")
+    .to_string();
+    assert!(e.contains("ALTER ROLE \"clinic_app\" REPLICATION"), "{e}");
+    // A reader whose slot was dropped says so.
+    let t = logical_tables();
+    pg::logical::install(&url, &t).expect("install");
+    let src = PgSource::open_logical(&url, &t, 1 << 30).expect("source");
+    Client::connect(&url, NoTls)
+        .expect("connect")
+        .batch_execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'tether\\_%'",
+        )
+        .expect("drop slot");
+    let e = src.read_after(0, 10).expect_err("slot gone").to_string();
+    assert!(e.contains("is gone"), "{e}");
+}
+
+fn logical_tables_without_notes() -> Vec<TableConfig> {
+    tables(ConflictPolicy::CloudWins)
+}
+
+/// Triggers → logical → triggers while a writer commits all along: every commit is captured
+/// exactly once across both switches.
+#[test]
+fn switching_capture_modes_under_load_loses_and_doubles_nothing() {
+    let pg = PrivatePg::start_logical();
+    let url = private_db(&pg, "clinic");
+    let t = logical_tables();
+    pg::install(&url, &t).expect("install triggers");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (url, stop) = (url.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut c = Client::connect(&url, NoTls).expect("connect");
+            let mut n = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || n < 300 {
+                c.execute(
+                    "INSERT INTO payments (patient_id, amount_cents) VALUES ($1, 1)",
+                    &[&n],
+                )
+                .expect("insert");
+                n += 1;
+            }
+            n
+        })
+    };
+    let count = |url: &str| -> i64 {
+        Client::connect(url, NoTls)
+            .expect("connect")
+            .query_one("SELECT count(*) FROM payments", &[])
+            .expect("count")
+            .get(0)
+    };
+    let wait_rows = |url: &str, n: i64| {
+        common::poll_blocking("the writer's progress", Duration::from_secs(20), || {
+            count(url) >= n
+        })
+    };
+    wait_rows(&url, 50);
+    pg::logical::install(&url, &t).expect("to logical");
+    let src = PgSource::open_logical(&url, &t, 1 << 30).expect("source");
+    wait_rows(&url, count(&url) + 50);
+    // Read (and so pump) while the writer goes on.
+    let moved = src.read_after(0, 100_000).expect("read");
+    assert!(!moved.is_empty());
+    wait_rows(&url, count(&url) + 50);
+    pg::install(&url, &t).expect("back to triggers");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.join().expect("writer");
+    // Read by the trigger mode's reader, which passes holes on a later read: until every
+    // payment row's event is in.
+    let reader = PgSource::open(&url).expect("source");
+    let mut events: Vec<tether_schemas::Event> = Vec::new();
+    common::poll_blocking("every commit's event", Duration::from_secs(10), || {
+        let after = events.last().map_or(0, |e| e.seq);
+        events.extend(reader.read_after(after, 1000).expect("read"));
+        events.iter().filter(|e| e.entity == "payment").count() as i64 >= written
+    });
+    let mut seen: HashMap<i64, usize> = HashMap::new();
+    for e in events.iter().filter(|e| e.entity == "payment") {
+        let p = e
+            .row
+            .as_ref()
+            .and_then(|r| r.get("patient_id"))
+            .and_then(Value::as_i64)
+            .expect("patient_id");
+        *seen.entry(p).or_default() += 1;
+    }
+    let lost: Vec<i64> = (0..written).filter(|p| !seen.contains_key(p)).collect();
+    let doubled: Vec<i64> = seen
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(p, _)| *p)
+        .collect();
+    assert!(lost.is_empty(), "lost: {lost:?}");
+    assert!(doubled.is_empty(), "captured twice: {doubled:?}");
+    assert_eq!(seen.len() as i64, written);
+    let slots: i64 = Client::connect(&url, NoTls)
+        .expect("connect")
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .expect("slots")
+        .get(0);
+    assert_eq!(slots, 0, "the slot is gone with logical capture");
+}
+
+/// End to end with `capture: logical`, the agent's connections killed three times mid-stream.
+#[test]
+fn agent_on_postgres_logical_capture_syncs_and_heals() {
+    let pg = PrivatePg::start_logical();
+    let url = private_db(&pg, "clinic");
+    actix::System::new().block_on(e2e(url, true, "logical"));
+}
+
+/// A port's connection thread that died (a panic in a call) is replaced on the next call.
+#[test]
+fn a_postgres_port_whose_thread_died_is_restarted() {
+    let db = TestDb::new();
+    let conn = pg::PgConn::open(&db.url).expect("open");
+    let r: Result<(), _> = conn.with(|_| panic!("a bug in a call"));
+    assert!(r.is_err(), "the call that met the dead thread fails");
+    let one: i32 = conn
+        .with(|c| {
+            c.query_one("SELECT 1", &[])
+                .map(|r| r.get(0))
+                .map_err(|e| tether_actors::ports::PortError::new(e.to_string()))
+        })
+        .expect("the port works again");
+    assert_eq!(one, 1);
 }

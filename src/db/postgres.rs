@@ -32,6 +32,9 @@ use tether_schemas::{Event, Op, Update, UpdateOp, UpdateStatus};
 use super::{compare_versions, quote_ident as qi, quote_literal as ql, quote_qualified as qq};
 use crate::config::{ConflictPolicy, TableConfig};
 
+pub mod logical;
+pub mod pgoutput;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
     #[error("connecting to PostgreSQL: {0}")]
@@ -42,17 +45,35 @@ pub enum PgError {
     NoColumn { table: String, column: String },
     #[error("{context}: {message}")]
     Sql { context: String, message: String },
+    /// The server is not set up for what the configuration asks (with what to do).
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// A driver error in words: the server's SQLSTATE, message and hint (the driver's own text is
+/// "db error"); DETAIL is left out, as it can quote row values.
+pub fn pg_error_text(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => {
+            let mut s = format!("{} (SQLSTATE {})", d.message(), d.code().code());
+            if let Some(h) = d.hint() {
+                s.push_str(&format!("; hint: {h}"));
+            }
+            s
+        }
+        None => e.to_string(),
+    }
 }
 
 fn sql(context: &str) -> impl FnOnce(postgres::Error) -> PgError + '_ {
     move |e| PgError::Sql {
         context: context.to_string(),
-        message: e.to_string(),
+        message: pg_error_text(&e),
     }
 }
 
 fn port(context: &str) -> impl FnOnce(postgres::Error) -> PortError + '_ {
-    move |e| PortError::new(format!("{context}: {e}"))
+    move |e| PortError::new(format!("{context}: {}", pg_error_text(&e)))
 }
 
 pub fn connect(conn: &str) -> Result<Client, PgError> {
@@ -77,6 +98,7 @@ const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// is logged once when it starts and once when it ends.
 pub struct PgConn {
     tx: Mutex<mpsc::Sender<Job>>,
+    conn: String,
 }
 
 /// The connection thread's state.
@@ -131,52 +153,69 @@ impl Link {
 
 impl PgConn {
     pub fn open(conn: &str) -> Result<Self, PgError> {
+        let client = connect(conn)?;
+        Ok(PgConn {
+            tx: Mutex::new(Self::spawn(conn, Some(client))?),
+            conn: conn.to_string(),
+        })
+    }
+
+    /// The connection's thread (with `client`, or connecting on its first call).
+    fn spawn(conn: &str, client: Option<Client>) -> Result<mpsc::Sender<Job>, PgError> {
         let (tx, rx) = mpsc::channel::<Job>();
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let conn = conn.to_string();
+        let mut link = Link {
+            conn: conn.to_string(),
+            down_since: None,
+            next_try: std::time::Instant::now(),
+            delay: RECONNECT_INITIAL,
+            client,
+        };
         std::thread::Builder::new()
             .name("pg-conn".into())
-            .spawn(move || match connect(&conn) {
-                Ok(client) => {
-                    let _ = ready_tx.send(Ok(()));
-                    let mut link = Link {
-                        conn,
-                        client: Some(client),
-                        down_since: None,
-                        next_try: std::time::Instant::now(),
-                        delay: RECONNECT_INITIAL,
-                    };
-                    while let Ok(job) = rx.recv() {
-                        job(link.client());
-                    }
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job(link.client());
                 }
             })
             .map_err(|e| PgError::Connect(e.to_string()))?;
-        ready_rx
-            .recv()
-            .map_err(|_| PgError::Connect("connection thread ended".into()))??;
-        Ok(PgConn { tx: Mutex::new(tx) })
+        Ok(tx)
     }
 
-    /// Runs `f` with the client on the connection's thread and waits for the result.
+    /// Runs `f` with the client on the connection's thread and waits for the result. A thread
+    /// that died (a panic in a call) is replaced at once — the call that met it fails — and the
+    /// restart is logged.
     pub fn with<T, F>(&self, f: F) -> Result<T, PortError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Client) -> Result<T, PortError> + Send + 'static,
     {
         let (rtx, rrx) = mpsc::channel();
-        self.tx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(Box::new(move |c: Result<&mut Client, PortError>| {
-                let _ = rtx.send(c.and_then(f));
-            }))
-            .map_err(|_| PortError::new("PostgreSQL connection thread stopped"))?;
-        rrx.recv()
-            .map_err(|_| PortError::new("PostgreSQL connection thread stopped"))?
+        let job: Job = Box::new(move |c: Result<&mut Client, PortError>| {
+            let _ = rtx.send(c.and_then(f));
+        });
+        let mut tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(mpsc::SendError(job)) = tx.send(job) {
+            log::error!(target: "error", "event=database_port_restarted engine=postgres reason=\"its connection thread had stopped\"");
+            *tx = Self::spawn(&self.conn, None)
+                .map_err(|e| PortError::new(format!("restarting the PostgreSQL port: {e}")))?;
+            tx.send(job)
+                .map_err(|_| PortError::new("PostgreSQL connection thread stopped"))?;
+        }
+        drop(tx);
+        match rrx.recv() {
+            Ok(r) => r,
+            Err(_) => {
+                // The thread died in this call (it may still be unwinding, its queue open):
+                // replace it now, so that the next call reaches a live one.
+                log::error!(target: "error", "event=database_port_restarted engine=postgres reason=\"its connection thread stopped during a call\"");
+                let fresh = Self::spawn(&self.conn, None)
+                    .map_err(|e| PortError::new(format!("restarting the PostgreSQL port: {e}")))?;
+                *self.tx.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+                Err(PortError::new(
+                    "PostgreSQL connection thread stopped during the call; it has been restarted",
+                ))
+            }
+        }
     }
 }
 
@@ -281,6 +320,21 @@ fn columns(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// The table exists and has the configured key columns.
+fn check_table(c: &mut impl postgres::GenericClient, t: &TableConfig) -> Result<(), PgError> {
+    let cols = columns(c, &t.table).map_err(sql("reading columns"))?;
+    if cols.is_empty() {
+        return Err(PgError::NoTable(t.table.clone()));
+    }
+    match t.key.iter().find(|k| !cols.contains(k)) {
+        Some(k) => Err(PgError::NoColumn {
+            table: t.table.clone(),
+            column: k.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Creates (idempotently) the tether schema and the capture trigger of every `up` table.
 pub fn install(conn: &str, tables: &[TableConfig]) -> Result<usize, PgError> {
     let mut c = connect(conn)?;
@@ -289,18 +343,7 @@ pub fn install(conn: &str, tables: &[TableConfig]) -> Result<usize, PgError> {
         .map_err(sql("creating tether schema"))?;
     let mut triggers = 0;
     for t in tables {
-        let cols = columns(&mut tx, &t.table).map_err(sql("reading columns"))?;
-        if cols.is_empty() {
-            return Err(PgError::NoTable(t.table.clone()));
-        }
-        for k in &t.key {
-            if !cols.contains(k) {
-                return Err(PgError::NoColumn {
-                    table: t.table.clone(),
-                    column: k.clone(),
-                });
-            }
-        }
+        check_table(&mut tx, t)?;
         let ddl = trigger_sql(t);
         tx.batch_execute(&ddl[0]).map_err(sql("dropping trigger"))?;
         if t.direction.up() {
@@ -308,13 +351,32 @@ pub fn install(conn: &str, tables: &[TableConfig]) -> Result<usize, PgError> {
             triggers += 1;
         }
     }
+    // Back from logical capture: what committed before the triggers (whose tables they keep
+    // locked until this commits) is still in the slot, and is moved to the outbox before the
+    // slot goes.
+    let slot = logical::installed_slot(&mut tx)?;
+    let upto: Option<i64> = match slot {
+        Some(_) => Some(
+            tx.query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::int8", &[])
+                .map_err(sql("reading the WAL position"))?
+                .get(0),
+        ),
+        None => None,
+    };
     tx.commit().map_err(sql("commit"))?;
+    if let Some(upto) = upto {
+        logical::retire(conn, tables, upto as u64)?;
+    }
     Ok(triggers)
 }
 
 /// Drops the tether schema (outbox, state, inbox, conflicts, function) and every trigger.
 pub fn uninstall(conn: &str, tables: &[TableConfig]) -> Result<(), PgError> {
     let mut c = connect(conn)?;
+    if let Some(slot) = logical::installed_slot(&mut c)? {
+        logical::drop_slot(&mut c, &slot)?;
+    }
+    logical::drop_publication(&mut c)?;
     let mut tx = c.transaction().map_err(sql("begin"))?;
     for t in tables {
         let (schema, name) = split(&t.table);
@@ -358,15 +420,46 @@ const OUR_XMIN: &str = "SELECT coalesce(
 /// Reads the outbox ([`ChangeSource`]) in commit-safe order (see the module doc).
 pub struct PgSource {
     client: PgConn,
-    /// First seq of each hole → the txid drawn when it was first seen.
-    holes: Arc<Mutex<HashMap<i64, i64>>>,
+    /// Missing seqs, with the txid drawn when each was first seen.
+    holes: Arc<Mutex<Holes>>,
+    /// Logical capture: the pump that fills the outbox from the slot before each read.
+    logical: Option<Arc<Mutex<logical::Pump>>>,
+    slot_gauge: Option<Arc<logical::SlotGauge>>,
 }
 
 impl PgSource {
+    /// The trigger mode's reader.
     pub fn open(conn: &str) -> Result<Self, PgError> {
         Ok(PgSource {
             client: PgConn::open(conn)?,
-            holes: Arc::new(Mutex::new(HashMap::new())),
+            holes: Arc::new(Mutex::new(Holes::default())),
+            logical: None,
+            slot_gauge: None,
+        })
+    }
+
+    /// The logical mode's reader (`capture: logical`); `warn_bytes`: the slot's retained WAL
+    /// that is worth a warning.
+    pub fn open_logical(
+        conn: &str,
+        tables: &[TableConfig],
+        warn_bytes: u64,
+    ) -> Result<Self, PgError> {
+        let mut c = connect(conn)?;
+        let slot = logical::installed_slot(&mut c)?.ok_or_else(|| {
+            PgError::Setup(
+                "capture: logical, but this database has no Tether replication slot: run `tether agent install`"
+                    .into(),
+            )
+        })?;
+        drop(c);
+        let pump = logical::Pump::new(slot, tables, warn_bytes);
+        let gauge = pump.gauge();
+        Ok(PgSource {
+            client: PgConn::open(conn)?,
+            holes: Arc::new(Mutex::new(Holes::default())),
+            logical: Some(Arc::new(Mutex::new(pump))),
+            slot_gauge: Some(gauge),
         })
     }
 }
@@ -382,6 +475,18 @@ fn obj(v: Value, what: &str, seq: i64) -> Result<Map<String, Value>, PortError> 
 
 impl ChangeSource for PgSource {
     fn change_token(&self) -> Result<u64, PortError> {
+        if self.logical.is_some() {
+            // Anything flushed to the WAL may be a change to pump.
+            let row = self.client.with(|c| {
+                c.query_one(
+                    "SELECT (SELECT last_value FROM tether.outbox_seq_seq), (pg_current_wal_flush_lsn() - '0/0')::int8",
+                    &[],
+                )
+                .map_err(port("reading change token"))
+            })?;
+            let (a, b): (i64, i64) = (row.get(0), row.get(1));
+            return Ok((a as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b as u64);
+        }
         // New seqs, or a finished transaction of this database ([`OUR_XMIN`] moves): either
         // can make rows readable.
         let row = self.client.with(|c| {
@@ -398,6 +503,14 @@ impl ChangeSource for PgSource {
     /// Everything committed after `after`, counted in the table — not what the reader may pass
     /// yet: a change held back behind a hole is still waiting, and `status` must say so.
     fn backlog(&self, after: u64) -> Result<tether_actors::ports::Backlog, PortError> {
+        if let Some(pump) = self.logical.clone() {
+            // The status reader has its own source: it measures the slot without pumping.
+            self.client.with(move |c| {
+                pump.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .measure(c, false)
+            })?;
+        }
         let row = self.client.with(move |c| {
             c.query_one(
                 "SELECT count(*), to_char(min(committed_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') \
@@ -411,10 +524,23 @@ impl ChangeSource for PgSource {
             events: events.max(0) as u64,
             at_least: false,
             oldest_committed_at: oldest,
+            capture_retained_bytes: self.slot_gauge.as_ref().and_then(|g| g.retained_bytes()),
         })
     }
 
     fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, PortError> {
+        if let Some(pump) = self.logical.clone() {
+            return self.client.with(move |c| {
+                pump.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pump(c, None)?;
+                // One writer at a time (the pump, snapshot chunks): no holes to wait for.
+                let rows = c
+                    .query(READ, &[&(after as i64), &(limit as i64)])
+                    .map_err(port("reading outbox"))?;
+                rows.into_iter().map(event_of).collect()
+            });
+        }
         let holes = self.holes.clone();
         self.client.with(move |c| {
             let (xmin, rows) = Self::read_raw(c, after, limit)?;
@@ -424,6 +550,24 @@ impl ChangeSource for PgSource {
 }
 
 type RawRows = Vec<postgres::Row>;
+
+/// An outbox row (as [`READ`] selects it) as an event.
+fn event_of(r: postgres::Row) -> Result<Event, PortError> {
+    let seq: i64 = r.get(0);
+    let op: String = r.get(2);
+    Ok(Event {
+        seq: seq as u64,
+        entity: r.get(1),
+        op: Op::parse(&op)
+            .ok_or_else(|| PortError::new(format!("outbox seq={seq}: unknown op `{op}`")))?,
+        key: obj(r.get(3), "key_json", seq)?,
+        row: r
+            .get::<_, Option<Value>>(4)
+            .map(|v| obj(v, "row_json", seq))
+            .transpose()?,
+        committed_at: r.get(5),
+    })
+}
 
 impl PgSource {
     fn read_raw(c: &mut Client, after: u64, limit: usize) -> Result<(i64, RawRows), PortError> {
@@ -447,32 +591,37 @@ impl PgSource {
     /// Keeps the rows up to the first hole that a running transaction may still fill.
     fn sequence(
         c: &mut Client,
-        holes: &Mutex<HashMap<i64, i64>>,
+        holes: &Mutex<Holes>,
         after: u64,
         xmin: i64,
         rows: RawRows,
     ) -> Result<Vec<Event>, PortError> {
         let mut holes = holes.lock().unwrap_or_else(|p| p.into_inner());
-        holes.retain(|start, _| *start > after as i64);
-        // Every hole in this window gets its txid now, when it is first seen — not when the
-        // reader reaches it: a hole waits only for the transactions that were running when it
-        // appeared, so overlapping long transactions do not add up one hole after another.
+        holes.forget_through(after as i64);
+        // Every missing seq in this window gets its txid now, when it is first seen — not when
+        // the reader reaches it, and not when the seqs before it fill: a missing seq waits only
+        // for the transactions that were running when it appeared, so overlapping long
+        // transactions do not add up one hole after another.
+        let mut gaps = Vec::new();
         let mut expected = after as i64 + 1;
-        let mut fresh = Vec::new();
         for r in &rows {
             let seq: i64 = r.get(0);
-            if seq != expected && !holes.contains_key(&expected) {
-                fresh.push(expected);
+            if seq != expected {
+                gaps.push((expected, seq - 1));
             }
             expected = seq + 1;
         }
+        let fresh: Vec<(i64, i64)> = gaps
+            .iter()
+            .flat_map(|(a, b)| holes.uncovered(*a, *b))
+            .collect();
         if !fresh.is_empty() {
             let n: i64 = c
                 .query_one("SELECT pg_current_xact_id()::text::bigint", &[])
                 .map_err(port("drawing a txid"))?
                 .get(0);
-            for start in fresh {
-                holes.insert(start, n);
+            for (a, b) in fresh {
+                holes.insert(a, b, n);
             }
         }
         let mut expected = after as i64 + 1;
@@ -480,39 +629,67 @@ impl PgSource {
         for r in rows {
             let seq: i64 = r.get(0);
             if seq != expected {
-                let watermark = match holes.get(&expected) {
-                    Some(n) => *n,
-                    None => {
-                        let n: i64 = c
-                            .query_one("SELECT pg_current_xact_id()::text::bigint", &[])
-                            .map_err(port("drawing a txid"))?
-                            .get(0);
-                        holes.insert(expected, n);
-                        n
-                    }
-                };
-                // A transaction of this database older than the hole may still fill it.
-                if xmin < watermark {
-                    break;
+                // A transaction of this database older than any missing seq may still fill it.
+                match holes.watermark(expected, seq - 1) {
+                    Some(w) if xmin >= w => {}
+                    _ => break,
                 }
             }
-            let op: String = r.get(2);
-            out.push(Event {
-                seq: seq as u64,
-                entity: r.get(1),
-                op: Op::parse(&op).ok_or_else(|| {
-                    PortError::new(format!("outbox seq={seq}: unknown op `{op}`"))
-                })?,
-                key: obj(r.get(3), "key_json", seq)?,
-                row: r
-                    .get::<_, Option<Value>>(4)
-                    .map(|v| obj(v, "row_json", seq))
-                    .transpose()?,
-                committed_at: r.get(5),
-            });
+            out.push(event_of(r)?);
             expected = seq + 1;
         }
         Ok(out)
+    }
+}
+
+/// Missing outbox seqs, as ranges, each with the txid drawn when it was first seen missing.
+#[derive(Debug, Default)]
+pub struct Holes {
+    /// start → (end, txid), non-overlapping.
+    ranges: std::collections::BTreeMap<i64, (i64, i64)>,
+}
+
+impl Holes {
+    /// Forgets the seqs up to `after` (read past).
+    pub fn forget_through(&mut self, after: i64) {
+        self.ranges.retain(|_, (end, _)| *end > after);
+    }
+
+    /// The ranges overlapping `a..=b`, in order.
+    fn overlapping(&self, a: i64, b: i64) -> impl Iterator<Item = (i64, i64, i64)> + '_ {
+        self.ranges
+            .range(..=b)
+            .filter(move |(_, (end, _))| *end >= a)
+            .map(|(s, (e, n))| (*s, *e, *n))
+    }
+
+    /// The parts of `a..=b` not seen missing before.
+    pub fn uncovered(&self, a: i64, b: i64) -> Vec<(i64, i64)> {
+        let mut out = Vec::new();
+        let mut x = a;
+        for (s, e, _) in self.overlapping(a, b) {
+            if s > x {
+                out.push((x, s - 1));
+            }
+            x = x.max(e + 1);
+        }
+        if x <= b {
+            out.push((x, b));
+        }
+        out
+    }
+
+    /// Records `a..=b` (not overlapping what is recorded) as first seen missing at txid `n`.
+    pub fn insert(&mut self, a: i64, b: i64, n: i64) {
+        self.ranges.insert(a, (b, n));
+    }
+
+    /// The newest txid among the missing seqs of `a..=b`; `None` if some were never recorded.
+    pub fn watermark(&self, a: i64, b: i64) -> Option<i64> {
+        if !self.uncovered(a, b).is_empty() {
+            return None;
+        }
+        self.overlapping(a, b).map(|(_, _, n)| n).max()
     }
 }
 
@@ -577,15 +754,23 @@ pub struct PgSink {
 struct SinkInner {
     tables: Vec<TableConfig>,
     cache: Mutex<HashMap<String, Arc<DownTable>>>,
+    /// Logical capture: mark each apply transaction so the capture drops it.
+    logical: bool,
 }
 
 impl PgSink {
     pub fn open(conn: &str, tables: &[TableConfig]) -> Result<Self, PgError> {
+        Self::open_with(conn, tables, false)
+    }
+
+    /// `logical`: the database is captured by logical decoding (`capture: logical`).
+    pub fn open_with(conn: &str, tables: &[TableConfig], logical: bool) -> Result<Self, PgError> {
         Ok(PgSink {
             client: PgConn::open(conn)?,
             inner: Arc::new(SinkInner {
                 tables: tables.to_vec(),
                 cache: Mutex::new(HashMap::new()),
+                logical,
             }),
         })
     }
@@ -767,6 +952,10 @@ impl SinkInner {
         }
         tx.execute("SELECT set_config('tether.apply', '1', true)", &[])
             .map_err(port("setting tether.apply"))?;
+        if self.logical {
+            tx.execute(&logical::apply_marker_sql(), &[])
+                .map_err(port("marking the transaction as Tether's"))?;
+        }
         tx.batch_execute("SAVEPOINT tether_apply")
             .map_err(port("savepoint"))?;
         let result = self
@@ -842,6 +1031,12 @@ pub fn snapshot(
     };
     loop {
         let mut tx = c.transaction().map_err(sql("begin"))?;
+        // One outbox writer at a time with logical capture (see `logical`).
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&logical::OUTBOX_WRITER_LOCK],
+        )
+        .map_err(sql("locking the outbox"))?;
         let (cursor, done): (Option<String>, i64) = tx
             .query_opt(
                 "SELECT text_value, value FROM tether.state WHERE name = $1",
@@ -895,5 +1090,32 @@ pub fn snapshot(
         if n < chunk {
             return Ok(p);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Holes;
+
+    #[test]
+    fn a_missing_seq_keeps_the_txid_it_was_first_seen_with() {
+        let mut h = Holes::default();
+        assert_eq!(h.uncovered(1, 2), vec![(1, 2)]);
+        h.insert(1, 2, 100);
+        // Seq 1 fills: seq 2 is still the hole first seen at txid 100, not a new one.
+        assert_eq!(h.uncovered(2, 2), Vec::<(i64, i64)>::new());
+        assert_eq!(h.watermark(2, 2), Some(100));
+        // A wider gap later: only the new part is new.
+        assert_eq!(h.uncovered(2, 5), vec![(3, 5)]);
+        h.insert(3, 5, 200);
+        assert_eq!(h.watermark(2, 5), Some(200));
+        assert_eq!(h.watermark(2, 2), Some(100));
+        assert_eq!(h.watermark(6, 6), None, "never seen: no watermark");
+        // Pieces between recorded ranges.
+        h.insert(10, 10, 300);
+        assert_eq!(h.uncovered(4, 12), vec![(6, 9), (11, 12)]);
+        h.forget_through(5);
+        assert_eq!(h.uncovered(2, 5), vec![(2, 5)]);
+        assert_eq!(h.watermark(10, 10), Some(300));
     }
 }

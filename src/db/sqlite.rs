@@ -378,6 +378,7 @@ impl ChangeSource for SqliteSource {
             events: events.max(0) as u64,
             at_least: false,
             oldest_committed_at: oldest,
+            capture_retained_bytes: None,
         })
     }
 

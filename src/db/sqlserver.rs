@@ -396,6 +396,8 @@ pub struct MssqlDb {
     rt: Option<tokio::runtime::Runtime>,
     pool: Pool,
     timeout: Duration,
+    /// Since when the server has been unreachable (the outage is logged once, and its end).
+    down_since: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl MssqlDb {
@@ -440,6 +442,7 @@ impl MssqlDb {
             rt: Some(rt),
             pool,
             timeout,
+            down_since: std::sync::Mutex::new(None),
         }))
     }
 
@@ -457,20 +460,39 @@ impl MssqlDb {
             .rt
             .as_ref()
             .ok_or_else(|| MssqlError::Sql("runtime stopped".into()))?;
-        rt.block_on(async {
+        // bb8 checks a connection before handing it out and replaces a broken one, so a lost
+        // connection heals on the next call; what is logged is the outage, once, and its end.
+        let result = rt.block_on(async {
             tokio::time::timeout(timeout, async {
                 let mut conn = self
                     .pool
                     .get()
                     .await
-                    .map_err(|e| MssqlError::Sql(e.to_string()))?;
-                f(&mut conn)
-                    .await
-                    .map_err(|e| MssqlError::Sql(e.to_string()))
+                    .map_err(|e| (true, MssqlError::Sql(e.to_string())))?;
+                f(&mut conn).await.map_err(|e| {
+                    let lost = matches!(e, tiberius::error::Error::Io { .. });
+                    (lost, MssqlError::Sql(e.to_string()))
+                })
             })
             .await
-            .map_err(|_| MssqlError::Timeout(timeout))?
-        })
+            .map_err(|_| (true, MssqlError::Timeout(timeout)))?
+        });
+        let mut down = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(v) => {
+                if let Some(since) = down.take() {
+                    log::warn!(target: "error", "event=database_reconnected engine=sqlserver outage_ms={}", since.elapsed().as_millis());
+                }
+                Ok(v)
+            }
+            Err((lost, e)) => {
+                if lost && down.is_none() {
+                    *down = Some(std::time::Instant::now());
+                    log::warn!(target: "error", "event=database_connection_lost engine=sqlserver action=reconnecting error={e}");
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Runs a script of batches (install/uninstall).
