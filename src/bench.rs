@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::fleet::{self, Fleet};
-use crate::gateway::store::{self, IncomingEvent, StoreLocation};
+use crate::gateway::store::{self, IncomingEvent, StoreLocation, UNFENCED};
 use crate::gateway::{self, GatewaySecurity, GatewaySettings};
 use crate::loadgen::{rss_kb, rss_kb_of, run_client, ClientSpec, Swarm};
 use crate::security::limits::SharedBucket;
@@ -99,6 +99,8 @@ pub fn machine() -> Value {
 
 pub(crate) fn settings(dir: &Path, listen: &str) -> GatewaySettings {
     GatewaySettings {
+        node_id: None,
+        advertise: None,
         listen: listen.into(),
         store: crate::gateway::store::StoreLocation::Sqlite(dir.join("gateway.db")),
         retention: None,
@@ -245,6 +247,7 @@ pub async fn ingest(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
         Duration::from_secs(10),
         None,
         o.store.clone(),
+        None,
     )?;
     for c in &mut fleet.clinics {
         c.config.outbox.batch_max_events = 2_000;
@@ -339,6 +342,7 @@ fn spawn_swarm_with(
             backoff_cap: Duration::from_secs(10),
             events_per_s,
             legacy_backoff: false,
+            silence_limit: None,
         };
         adjust(&mut spec);
         actix::spawn(run_client(spec, http.clone(), swarm.clone()));
@@ -872,7 +876,7 @@ async fn fill(s: &Arc<store::Store>, clinics: usize, events: u64) -> anyhow::Res
                     IncomingEvent::from_event(&event, None)
                 })
                 .collect();
-            waits.push(s.append(&format!("clinic-{k:03}"), 0, at, batch));
+            waits.push(s.append(&format!("clinic-{k:03}"), 0, UNFENCED, at, batch));
         }
         for w in waits {
             w.await?;

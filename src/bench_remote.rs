@@ -336,6 +336,7 @@ pub async fn latency(r: RemoteIngest, secs: u64) -> anyhow::Result<Value> {
             backoff_cap: Duration::from_secs(10),
             events_per_s: 2.0,
             legacy_backoff: false,
+            silence_limit: None,
         };
         actix::spawn(run_client(spec, http.clone(), swarm.clone()));
     }

@@ -24,6 +24,8 @@ pub struct DemoOptions {
     pub keep: bool,
     /// The gateway's store: `None` is embedded SQLite in the run's directory.
     pub store: Option<crate::gateway::store::StoreLocation>,
+    /// Gateway nodes (`--gateways`): more than 1 needs a PostgreSQL `store` and HAProxy.
+    pub gateways: usize,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -50,6 +52,16 @@ pub struct Summary {
     pub actor_restarts: u64,
     pub reconnects: u64,
     pub drained: bool,
+    /// Gateway nodes behind HAProxy (1: one in-process gateway, no balancer).
+    pub gateways: usize,
+    /// Nodes killed with SIGKILL during the run, and the clinic sessions that failed over to
+    /// another node because of it (each orphaned clinic held again by a live node).
+    pub node_kills: u64,
+    pub failovers: u64,
+    /// The longest a kill's orphaned clinics took to be held by other nodes again.
+    pub failover_max_s: f64,
+    /// Kills after which some orphaned clinic was not held by another node within 60 s.
+    pub failovers_incomplete: u64,
     pub dir: Option<String>,
 }
 
@@ -64,6 +76,7 @@ impl Summary {
             && self.echoed == 0
             && self.updates_unresolved == 0
             && self.updates_applied_but_absent == 0
+            && self.failovers_incomplete == 0
     }
 }
 
@@ -92,9 +105,34 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
     let mut summary = system.block_on(drive(&opts, &dir))?;
     if opts.keep {
         summary.dir = Some(tmp.keep().display().to_string());
+    } else {
+        drop_store_schema(opts.store.as_ref());
     }
     print_summary(&summary, opts.json);
     Ok(summary)
+}
+
+/// A PostgreSQL store's schema is the demo's own (`demo_<pid>`): removed after the run unless
+/// `--keep`.
+fn drop_store_schema(store: Option<&crate::gateway::store::StoreLocation>) {
+    #[cfg(feature = "postgres")]
+    if let Some(crate::gateway::store::StoreLocation::Postgres { url, schema }) = store {
+        let (url, sql) = (
+            url.clone(),
+            format!("DROP SCHEMA IF EXISTS {schema} CASCADE"),
+        );
+        // The driver blocks on its own runtime: a plain thread.
+        let done = std::thread::spawn(move || -> Result<(), postgres::Error> {
+            let mut c = postgres::Client::connect(&url, postgres::NoTls)?;
+            c.batch_execute(&sql)
+        })
+        .join();
+        if !matches!(done, Ok(Ok(()))) {
+            eprintln!("tether demo: could not remove the store's schema {schema}: drop it by hand");
+        }
+    }
+    #[cfg(not(feature = "postgres"))]
+    let _ = store;
 }
 
 struct CloudUpdate {
@@ -131,7 +169,19 @@ async fn post_update(
 async fn drive(opts: &DemoOptions, dir: &std::path::Path) -> anyhow::Result<Summary> {
     let heartbeat = Duration::from_millis(500);
     // Mutual TLS, clinic-signed tokens, admin tokens and field encryption, like production.
-    let mut fleet = Fleet::build_on(dir, opts.clinics, heartbeat, Some(3072), opts.store.clone())?;
+    let first_node = (opts.gateways > 1).then_some("gw-1");
+    let mut fleet = Fleet::build_on(
+        dir,
+        opts.clinics,
+        heartbeat,
+        Some(3072),
+        opts.store.clone(),
+        first_node,
+    )?;
+    let mut cluster = match opts.gateways {
+        0 | 1 => None,
+        n => Some(DemoCluster::start(&mut fleet, n, opts, dir)?),
+    };
     fleet.start_agents().await?;
     let store = fleet.store().context("gateway store")?;
     let client = fleet.rest_client()?;
@@ -206,6 +256,9 @@ async fn drive(opts: &DemoOptions, dir: &std::path::Path) -> anyhow::Result<Summ
         }
         #[cfg(not(feature = "fault-injection"))]
         let _ = &mut next_chaos;
+        if let Some(c) = &mut cluster {
+            c.step(&store, opts.duration).await;
+        }
         if now >= next_status {
             next_status = now + Duration::from_secs(2);
             print_status(&fleet, &generators, started.elapsed());
@@ -215,6 +268,10 @@ async fn drive(opts: &DemoOptions, dir: &std::path::Path) -> anyhow::Result<Summ
     let active = started.elapsed();
     for g in &mut generators {
         g.stop();
+    }
+    if let Some(c) = &mut cluster {
+        // A node still down comes back, so every clinic drains through a full cluster.
+        c.restart_down();
     }
 
     // Drain: every committed change acknowledged, every update answered (deadline 60 s).
@@ -248,8 +305,15 @@ async fn drive(opts: &DemoOptions, dir: &std::path::Path) -> anyhow::Result<Summ
         duration_s: active.as_secs_f64(),
         chaos: opts.chaos,
         drained,
+        gateways: opts.gateways.max(1),
         ..Default::default()
     };
+    if let Some(c) = &cluster {
+        s.node_kills = c.kills;
+        s.failovers = c.failovers;
+        s.failovers_incomplete = c.failovers_incomplete;
+        s.failover_max_s = (c.failover_max.as_secs_f64() * 100.0).round() / 100.0;
+    }
     for (i, c) in fleet.clinics.iter().enumerate() {
         let echo_keys: Vec<(String, Value)> = updates
             .iter()
@@ -300,7 +364,207 @@ async fn drive(opts: &DemoOptions, dir: &std::path::Path) -> anyhow::Result<Summ
     s.p99_ms = p99;
     s.events_per_s = s.events_at_gateway as f64 / active.as_secs_f64().max(0.001);
     fleet.stop().await;
+    drop(cluster);
     Ok(s)
+}
+
+/// `--gateways N`: node gw-1 runs in this process (the demo posts its cloud updates to it),
+/// gw-2 … gw-N are child processes of this binary on the same PostgreSQL store, and HAProxy
+/// spreads the clinics over all of them. The child node holding the most clinics is killed with
+/// SIGKILL every third of the run (none in the last quarter); its clinics fail over through
+/// HAProxy; it is restarted once they are all held by other nodes.
+struct DemoCluster {
+    dir: PathBuf,
+    /// The child nodes: id, configuration, process (None while killed).
+    nodes: Vec<(String, String, Option<crate::local_cluster::Process>)>,
+    _lb: crate::local_cluster::Process,
+    started: Instant,
+    next_kill: Instant,
+    /// The node killed last, its orphaned clinics and when.
+    down: Option<(usize, Vec<String>, Instant)>,
+    kills: u64,
+    failovers: u64,
+    failovers_incomplete: u64,
+    failover_max: Duration,
+}
+
+impl DemoCluster {
+    fn start(
+        fleet: &mut Fleet,
+        n: usize,
+        opts: &DemoOptions,
+        dir: &std::path::Path,
+    ) -> anyhow::Result<DemoCluster> {
+        let Some(crate::gateway::store::StoreLocation::Postgres { url, schema }) = &opts.store
+        else {
+            anyhow::bail!("--gateways {n}: the nodes share one PostgreSQL store; add --store postgres://… (or \"host=… dbname=…\")");
+        };
+        let (Some(certs), Some(token), Some(gw)) =
+            (&fleet.certs, &fleet.admin_token, &fleet.gateway)
+        else {
+            anyhow::bail!("--gateways: the demo fleet has no certificates");
+        };
+        let mut servers = vec![("gw-1".to_string(), gw.addr.to_string())];
+        let mut nodes = Vec::new();
+        for i in 2..=n {
+            let id = format!("gw-{i}");
+            let port = crate::loadgen::free_port()?;
+            let yaml = node_config(&id, port, certs, token, url, schema, fleet);
+            let p = crate::local_cluster::start_node(dir, &id, &yaml)?;
+            servers.push((id.clone(), format!("127.0.0.1:{port}")));
+            nodes.push((id, yaml, Some(p)));
+        }
+        let lb_port = crate::loadgen::free_port()?;
+        let lb = crate::local_cluster::start_haproxy(
+            dir,
+            lb_port,
+            &servers,
+            Some(&certs.join("ca.pem")),
+        )?;
+        // Every clinic connects through the balancer.
+        let url = format!("wss://127.0.0.1:{lb_port}/v1/ws");
+        for c in &mut fleet.clinics {
+            c.config = crate::fleet::quick_agent_config(&c.id, &c.db, &url, Some(certs))?;
+        }
+        eprintln!(
+            "tether demo: {n} gateway nodes (gw-1 in this process, {} as child processes) behind HAProxy on 127.0.0.1:{lb_port}",
+            nodes.iter().map(|(id, _, _)| id.as_str()).collect::<Vec<_>>().join(", ")
+        );
+        let started = Instant::now();
+        Ok(DemoCluster {
+            dir: dir.to_path_buf(),
+            nodes,
+            _lb: lb,
+            started,
+            next_kill: started + opts.duration / 3,
+            down: None,
+            kills: 0,
+            failovers: 0,
+            failovers_incomplete: 0,
+            failover_max: Duration::ZERO,
+        })
+    }
+
+    /// Kills a node when it is time, and restarts the one killed once its clinics are back.
+    async fn step(&mut self, store: &Arc<crate::gateway::store::Store>, run: Duration) {
+        let now = Instant::now();
+        if let Some((i, orphans, at)) = &self.down {
+            let (i, at) = (*i, *at);
+            let victim = self.nodes[i].0.clone();
+            let Ok(records) = store.clinics().await else {
+                return;
+            };
+            let back = orphans.iter().all(|id| {
+                records
+                    .iter()
+                    .any(|r| &r.clinic_id == id && r.node.as_deref().is_some_and(|n| n != victim))
+            });
+            if back || now.duration_since(at) > Duration::from_secs(60) {
+                let took = now.duration_since(at);
+                if back {
+                    self.failovers += orphans.len() as u64;
+                    self.failover_max = self.failover_max.max(took);
+                    eprintln!(
+                        "[{:>4}s] {} clinics of {victim} held by other nodes again after {:.1} s; restarting {victim}",
+                        self.started.elapsed().as_secs(),
+                        orphans.len(),
+                        took.as_secs_f64()
+                    );
+                } else {
+                    self.failovers_incomplete += 1;
+                    log::warn!(target: "error", "event=demo_failover_incomplete node={victim}");
+                }
+                self.restart_down();
+            }
+            return;
+        }
+        // No kill in the last quarter: every failover is seen before the run ends.
+        if now < self.next_kill || self.started.elapsed() > run * 3 / 4 {
+            return;
+        }
+        self.next_kill = now + run / 3;
+        let Ok(records) = store.clinics().await else {
+            return;
+        };
+        // The child node holding the most clinics.
+        let Some((i, orphans)) = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, _, p))| p.is_some())
+            .map(|(i, (id, _, _))| {
+                let held: Vec<String> = records
+                    .iter()
+                    .filter(|r| r.node.as_deref() == Some(id.as_str()))
+                    .map(|r| r.clinic_id.clone())
+                    .collect();
+                (i, held)
+            })
+            .max_by_key(|(_, held)| held.len())
+            .filter(|(_, held)| !held.is_empty())
+        else {
+            return;
+        };
+        eprintln!(
+            "[{:>4}s] kill -9 {} (holding {} clinics)",
+            self.started.elapsed().as_secs(),
+            self.nodes[i].0,
+            orphans.len()
+        );
+        log::warn!(target: "connection", "event=demo_node_killed node={} clinics={}", self.nodes[i].0, orphans.len());
+        // Dropping the process kills it (SIGKILL).
+        self.nodes[i].2 = None;
+        self.kills += 1;
+        self.down = Some((i, orphans, Instant::now()));
+    }
+
+    /// Starts the node killed last again, if it is down.
+    fn restart_down(&mut self) {
+        let Some((i, _, _)) = self.down.take() else {
+            return;
+        };
+        let (id, yaml, _) = &self.nodes[i];
+        match crate::local_cluster::start_node(&self.dir, id, yaml) {
+            Ok(p) => self.nodes[i].2 = Some(p),
+            Err(e) => {
+                eprintln!("tether demo: node {id} did not restart: {e:#}");
+                log::error!(target: "error", "event=demo_node_restart_failed node={id} error={e}");
+            }
+        }
+    }
+}
+
+/// A child node's configuration: the in-process node's security (mutual TLS, clinic tokens,
+/// admin token, field decryption) on the shared PostgreSQL store.
+fn node_config(
+    id: &str,
+    port: u16,
+    certs: &std::path::Path,
+    admin_token: &str,
+    url: &str,
+    schema: &str,
+    fleet: &Fleet,
+) -> String {
+    let c = |f: &str| certs.join(f).display().to_string();
+    let s = &fleet.gateway_settings;
+    let schemas = s
+        .entity_schemas
+        .as_ref()
+        .map(|p| format!("  entity_schemas: {}\n", p.display()))
+        .unwrap_or_default();
+    format!(
+        "logging:\n  dir: logs\n  console: false\ngateway:\n  listen: 127.0.0.1:{port}\n  id: {gid}\n  node_id: {id}\n  tls:\n    cert: {cert}\n    key: {key}\n    client_ca: {ca}\n  auth:\n    clinics_dir: {clinics}\n    leeway: 30s\n  admin_tokens:\n    - name: fleet-admin\n      sha256: {sha}\n      scopes: [read, write]\n  decryption_keys:\n    - {{kid: dk1, file: {dk}}}\n  store:\n    kind: postgres\n    url: \"{url}\"\n    schema: {schema}\n  heartbeat_interval: {hb}ms\n  update_window: {window}\n  group_commit_max_events: {group}\n{schemas}",
+        gid = crate::fleet::GATEWAY_ID,
+        cert = c("gateway.pem"),
+        key = c("gateway.key"),
+        ca = c("ca.pem"),
+        clinics = c("clinics"),
+        sha = crate::security::admin::sha256_hex(admin_token),
+        dk = c("dk1.key"),
+        hb = s.heartbeat_interval.as_millis(),
+        window = s.update_window,
+        group = s.group_commit_max_events,
+    )
 }
 
 async fn actix_rt_sleep(d: Duration) {
@@ -397,6 +661,20 @@ fn print_summary(s: &Summary, json: bool) {
         "commit→durable       p50 {} ms, p99 {} ms",
         s.p50_ms, s.p99_ms
     );
+    if s.gateways > 1 {
+        println!(
+            "gateway nodes        {} behind HAProxy: {} node kills (kill -9), {} clinics failed over, all back within {} s{}",
+            s.gateways,
+            s.node_kills,
+            s.failovers,
+            s.failover_max_s,
+            if s.failovers_incomplete > 0 {
+                format!(", {} failovers INCOMPLETE", s.failovers_incomplete)
+            } else {
+                String::new()
+            }
+        );
+    }
     println!("actor restarts       {}", s.actor_restarts);
     println!("reconnects           {}", s.reconnects);
     println!(

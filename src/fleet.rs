@@ -301,6 +301,38 @@ pub async fn start_agent(cfg: &AgentConfig) -> anyhow::Result<RunningAgent> {
     Ok(RunningAgent { handle, arbiter })
 }
 
+/// The gateway's security for a fleet whose keys are in `certs` (made by [`keys::dev_setup`]):
+/// mutual TLS, clinic tokens, the admin token `token`, field decryption.
+fn secure(certs: &Path, token: &str) -> anyhow::Result<GatewaySecurity> {
+    let mut data = crate::security::crypto::DataKeys::default();
+    data.add_file("dk1", &certs.join("dk1.key"))?;
+    Ok(GatewaySecurity {
+        tls: Some(ServerTls {
+            cert: certs.join("gateway.pem"),
+            key: certs.join("gateway.key"),
+            client_ca: Some(certs.join("ca.pem")),
+        }),
+        verifier: Some(TokenVerifier::new(
+            GATEWAY_ID,
+            Duration::from_secs(30),
+            ClinicRegistry::load_dir(&certs.join("clinics"))?,
+        )),
+        admin: Some(
+            admin::AdminTokens::new(&[admin::AdminTokenConfig {
+                name: "fleet-admin".into(),
+                sha256: admin::sha256_hex(token),
+                scopes: vec![admin::Scope::Read, admin::Scope::Write],
+            }])
+            .map_err(|e| anyhow::anyhow!("admin token {e}"))?,
+        ),
+        decrypt: Some(crate::security::crypto::FieldCipher::new(
+            data,
+            Default::default(),
+        )),
+        ..GatewaySecurity::insecure()
+    })
+}
+
 pub struct Fleet {
     pub dir: PathBuf,
     /// Where the CA, certificates, registry entries and data key are (secure fleets).
@@ -331,19 +363,23 @@ impl Fleet {
         heartbeat: Duration,
         key_bits: Option<u32>,
     ) -> anyhow::Result<Fleet> {
-        Fleet::build_on(dir, n, heartbeat, key_bits, None)
+        Fleet::build_on(dir, n, heartbeat, key_bits, None, None)
     }
 
-    /// `store: None` keeps the gateway's store in `dir/gateway.db` (SQLite).
+    /// `store: None` keeps the gateway's store in `dir/gateway.db` (SQLite); `node_id: None`
+    /// names the gateway node `<host>:<port>`.
     pub fn build_on(
         dir: &Path,
         n: usize,
         heartbeat: Duration,
         key_bits: Option<u32>,
         store: Option<crate::gateway::store::StoreLocation>,
+        node_id: Option<&str>,
     ) -> anyhow::Result<Fleet> {
         let ids: Vec<String> = (1..=n).map(|i| format!("clinic-{i:03}")).collect();
         let settings = GatewaySettings {
+            node_id: node_id.map(str::to_string),
+            advertise: None,
             listen: "127.0.0.1:0".into(),
             store: store.unwrap_or_else(|| {
                 crate::gateway::store::StoreLocation::Sqlite(dir.join("gateway.db"))
@@ -366,34 +402,7 @@ impl Fleet {
                 let certs = dir.join("certs");
                 keys::dev_setup(&certs, &ids, bits)?;
                 let token = admin::new_token();
-                let mut data = crate::security::crypto::DataKeys::default();
-                data.add_file("dk1", &certs.join("dk1.key"))?;
-                let security = GatewaySecurity {
-                    tls: Some(ServerTls {
-                        cert: certs.join("gateway.pem"),
-                        key: certs.join("gateway.key"),
-                        client_ca: Some(certs.join("ca.pem")),
-                    }),
-                    verifier: Some(TokenVerifier::new(
-                        GATEWAY_ID,
-                        Duration::from_secs(30),
-                        ClinicRegistry::load_dir(&certs.join("clinics"))?,
-                    )),
-                    admin: Some(
-                        admin::AdminTokens::new(&[admin::AdminTokenConfig {
-                            name: "fleet-admin".into(),
-                            sha256: admin::sha256_hex(&token),
-                            scopes: vec![admin::Scope::Read, admin::Scope::Write],
-                        }])
-                        .map_err(|e| anyhow::anyhow!("admin token {e}"))?,
-                    ),
-                    decrypt: Some(crate::security::crypto::FieldCipher::new(
-                        data,
-                        Default::default(),
-                    )),
-                    ..GatewaySecurity::insecure()
-                };
-                (security, Some(certs), Some(token))
+                (secure(&certs, &token)?, Some(certs), Some(token))
             }
         };
         let gw = gateway::start(settings.clone(), security)?;
@@ -418,6 +427,20 @@ impl Fleet {
             gateway_settings: settings,
             clinics,
         })
+    }
+
+    /// Another gateway node in this process on the fleet's store (PostgreSQL) with the same
+    /// settings and security, as node `node_id`.
+    pub fn start_peer(&self, node_id: &str) -> anyhow::Result<GatewayHandle> {
+        let security = match (&self.certs, &self.admin_token) {
+            (Some(c), Some(t)) => secure(c, t)?,
+            _ => GatewaySecurity::insecure(),
+        };
+        let settings = GatewaySettings {
+            node_id: Some(node_id.to_string()),
+            ..self.gateway_settings.clone()
+        };
+        Ok(gateway::start(settings, security)?)
     }
 
     pub async fn start_agents(&mut self) -> anyhow::Result<()> {

@@ -334,7 +334,7 @@ mod tests {
         // Store all but seq 3: a loss.
         let mut partial = events.clone();
         partial.remove(2);
-        block(store.append("c", 0, 0, incoming(partial))).expect("append");
+        block(store.append("c", 0, 0, 0, incoming(partial))).expect("append");
         let r = check_clinic(&db, "c", store.as_ref(), &[]).expect("check");
         assert_eq!((r.written, r.at_gateway, r.missing), (5, 4, 1));
         assert!(!r.clean());
@@ -342,7 +342,7 @@ mod tests {
         // The same change stored again under a new position: a duplicate.
         let mut dup = events[0].clone();
         dup.seq = 6;
-        block(store.append("c", 0, 5, incoming(vec![dup]))).expect("append");
+        block(store.append("c", 0, 0, 5, incoming(vec![dup]))).expect("append");
         let r = check_clinic(&db, "c", store.as_ref(), &[]).expect("check");
         assert_eq!(r.duplicates, 1, "{r:?}");
 

@@ -25,6 +25,11 @@ pub struct Swarm {
     pub stop: AtomicBool,
     /// Send→ack latencies in microseconds (latency scenario).
     pub latencies_us: Mutex<Vec<u64>>,
+    /// When each cloud update arrived (update id → instant); every one is answered `applied`.
+    pub updates: Mutex<std::collections::HashMap<String, Instant>>,
+    /// The highest position each clinic has seen acknowledged (the loss check compares the
+    /// store with it).
+    pub positions: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl Swarm {
@@ -66,6 +71,9 @@ pub struct ClientSpec {
     /// The reconnect policy before December 2026, for comparison in `bench storm`: the backoff
     /// reset only after `stable_after` of link, a 1001 treated like any loss.
     pub legacy_backoff: bool,
+    /// A session that hears nothing (not even a ping) for this long is taken for dead and
+    /// dropped, as the agent does after three missed heartbeats; `None`: wait for the socket.
+    pub silence_limit: Option<Duration>,
 }
 
 /// One HTTP client for a whole swarm on this thread (awc clients are cheap to clone and
@@ -121,6 +129,8 @@ pub async fn run_client(spec: ClientSpec, http: awc::Client, swarm: Arc<Swarm>) 
             (spec.events_per_s > 0.0).then(|| Duration::from_secs_f64(1.0 / spec.events_per_s));
         let mut tick = tokio::time::interval(period.unwrap_or(Duration::from_secs(3600)));
         tick.tick().await;
+        let silence = spec.silence_limit.unwrap_or(Duration::from_secs(86_400));
+        let mut heard = Instant::now();
         loop {
             if swarm.stop.load(Ordering::Relaxed) {
                 let _ = ws.close().await;
@@ -129,6 +139,7 @@ pub async fn run_client(spec: ClientSpec, http: awc::Client, swarm: Arc<Swarm>) 
             tokio::select! {
                 item = ws.next() => {
                     let Some(Ok(frame)) = item else { break };
+                    heard = Instant::now();
                     match frame {
                         Frame::Ping(b) if ws.send(ws::Message::Pong(b.clone())).await.is_err() => break,
                         // Traffic answered on a welcomed link: the agent's policy resets the backoff.
@@ -138,7 +149,11 @@ pub async fn run_client(spec: ClientSpec, http: awc::Client, swarm: Arc<Swarm>) 
                             match v["type"].as_str() {
                                 Some("welcome") => {
                                     up = true;
-                                    seq = seq.max(v["acked_seq"].as_u64().unwrap_or(0));
+                                    // The gateway's position is the truth: what it has not
+                                    // acknowledged is sent again (events are regenerated from
+                                    // their sequence, so a resend is the same event).
+                                    seq = v["acked_seq"].as_u64().unwrap_or(0);
+                                    sent_at.clear();
                                     swarm.up.fetch_add(1, Ordering::Relaxed);
                                     swarm.sessions.fetch_add(1, Ordering::Relaxed);
                                     backoff.connected(Instant::now());
@@ -156,8 +171,31 @@ pub async fn run_client(spec: ClientSpec, http: awc::Client, swarm: Arc<Swarm>) 
                                         }
                                     }
                                     swarm.acked_events.fetch_add(lat.len() as u64, Ordering::Relaxed);
+                                    if let Ok(mut p) = swarm.positions.lock() {
+                                        let at = p.entry(spec.clinic_id.clone()).or_default();
+                                        *at = (*at).max(acked);
+                                    }
                                     if let Ok(mut l) = swarm.latencies_us.lock() {
                                         l.extend(lat);
+                                    }
+                                }
+                                Some("update") => {
+                                    let id = v["update_id"].as_str().unwrap_or_default().to_string();
+                                    if let Ok(mut u) = swarm.updates.lock() {
+                                        u.entry(id.clone()).or_insert_with(Instant::now);
+                                    }
+                                    let answer = json!({"v": 1, "type": "update_result", "update_id": id, "status": "applied"});
+                                    if ws.send(ws::Message::Text(answer.to_string().into())).await.is_err() {
+                                        break;
+                                    }
+                                }
+                                // A call from the cloud: answered at once with no rows (the
+                                // bench measures the path, not a database).
+                                Some("rpc_request") => {
+                                    let id = v["request_id"].as_str().unwrap_or_default();
+                                    let answer = json!({"v": 1, "type": "rpc_response", "request_id": id, "status": "ok", "rows": []});
+                                    if ws.send(ws::Message::Text(answer.to_string().into())).await.is_err() {
+                                        break;
                                     }
                                 }
                                 _ => {}
@@ -169,6 +207,10 @@ pub async fn run_client(spec: ClientSpec, http: awc::Client, swarm: Arc<Swarm>) 
                         }
                         _ => {}
                     }
+                }
+                _ = tokio::time::sleep_until((heard + silence).into()) => {
+                    // The gateway went silent (paused, or its host gone): drop the link.
+                    break;
                 }
                 _ = tick.tick(), if up && period.is_some() => {
                     seq += 1;

@@ -7,15 +7,12 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use actix_codec::Framed;
 use awc::ws::{self, Frame};
-use awc::BoxedSocket;
+use common::ws::{close_code, event, hello, next_json, send, Ws};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tether::gateway::{self, GatewayHandle, GatewaySecurity};
-
-type Ws = Framed<BoxedSocket, ws::Codec>;
 
 fn start(dir: &Path, heartbeat: Duration) -> GatewayHandle {
     gateway::start(
@@ -26,57 +23,7 @@ fn start(dir: &Path, heartbeat: Duration) -> GatewayHandle {
 }
 
 async fn connect(gw: &GatewayHandle) -> Ws {
-    let (_, framed) = client()
-        .ws(gw.ws_url())
-        .max_frame_size(1 << 20)
-        .connect()
-        .await
-        .expect("ws connect");
-    framed
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(ws::Message::Text(v.to_string().into()))
-        .await
-        .expect("send");
-}
-
-/// Next text frame as JSON, answering pings on the way; None if the socket closed.
-async fn next_json(ws: &mut Ws) -> Option<Value> {
-    loop {
-        let item = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("a frame within 5 s")?;
-        match item.expect("frame") {
-            Frame::Text(t) => return Some(serde_json::from_slice(&t).expect("json")),
-            Frame::Ping(b) => {
-                let _ = ws.send(ws::Message::Pong(b)).await;
-            }
-            Frame::Close(_) => return None,
-            _ => {}
-        }
-    }
-}
-
-/// Waits for the close frame and returns its code.
-async fn close_code(ws: &mut Ws) -> Option<u16> {
-    loop {
-        let item = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("close within 5 s")?;
-        if let Ok(Frame::Close(reason)) = item {
-            return reason.map(|r| u16::from(r.code));
-        }
-    }
-}
-
-fn hello(clinic: &str) -> Value {
-    json!({"v": 1, "type": "hello", "clinic_id": clinic, "agent_version": "test", "last_acked_seq": 0})
-}
-
-fn event(seq: u64) -> Value {
-    json!({"seq": seq, "entity": "patient", "op": "insert", "key": {"id": seq},
-           "row": {"id": seq, "name": "N"}, "committed_at": "2026-11-27T00:00:00.000Z"})
+    common::ws::connect(&gw.ws_url()).await
 }
 
 #[actix_rt::test]

@@ -157,6 +157,8 @@ fn issue_with_key(
 
 fn settings(dir: &Path) -> GatewaySettings {
     GatewaySettings {
+        node_id: None,
+        advertise: None,
         listen: "127.0.0.1:0".into(),
         store: tether::gateway::store::StoreLocation::Sqlite(dir.join("gateway.db")),
         retention: None,

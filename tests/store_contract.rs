@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use serde_json::json;
 use tether::gateway::store::{
-    self, AppendOutcome, IncomingEvent, NewUpdate, Store, StoreError, StoreLocation, StoreSettings,
+    self, AppendOutcome, ForwardedCall, IncomingEvent, NewUpdate, Signal, Store, StoreError,
+    StoreLocation, StoreSettings, UNFENCED,
 };
 use tether_schemas::{Event, Op, UpdateOp, UpdateStatus};
 
@@ -86,11 +87,21 @@ impl Fixture {
     fn reopen(&self) -> Arc<Store> {
         open(&self.location)
     }
+
+    /// The same data as gateway node `node`.
+    fn node(&self, node: &str) -> Arc<Store> {
+        open_as(&self.location, node)
+    }
 }
 
 fn open(location: &StoreLocation) -> Arc<Store> {
+    open_as(location, store::DEFAULT_NODE)
+}
+
+fn open_as(location: &StoreLocation, node: &str) -> Arc<Store> {
     let mut s = StoreSettings::sqlite("unused");
     s.location = location.clone();
+    s.node = node.to_string();
     store::open(&s).unwrap_or_else(|e| panic!("open {location}: {e} (is PostgreSQL running?)"))
 }
 
@@ -118,8 +129,11 @@ fn update(clinic: &str) -> NewUpdate {
 fn append_duplicates_and_gaps(f: &Fixture) {
     let s = &f.store;
     block(async {
-        assert_eq!(s.hello("c1", 0).await.expect("hello"), 0);
-        let out = s.append("c1", 0, 0, evs(1..=3)).await.expect("append");
+        assert_eq!(s.hello("c1", 0).await.expect("hello").acked, 0);
+        let out = s
+            .append("c1", 0, UNFENCED, 0, evs(1..=3))
+            .await
+            .expect("append");
         assert_eq!(
             out,
             AppendOutcome::Stored {
@@ -128,7 +142,10 @@ fn append_duplicates_and_gaps(f: &Fixture) {
             }
         );
         // A resend overlapping what is stored: acknowledged, one new row.
-        let out = s.append("c1", 0, 1, evs(2..=4)).await.expect("append");
+        let out = s
+            .append("c1", 0, UNFENCED, 1, evs(2..=4))
+            .await
+            .expect("append");
         assert_eq!(
             out,
             AppendOutcome::Stored {
@@ -137,7 +154,10 @@ fn append_duplicates_and_gaps(f: &Fixture) {
             }
         );
         // A gap: nothing stored.
-        let out = s.append("c1", 0, 10, evs(11..=11)).await.expect("append");
+        let out = s
+            .append("c1", 0, UNFENCED, 10, evs(11..=11))
+            .await
+            .expect("append");
         assert_eq!(out, AppendOutcome::Gap { acked: 4 });
         let page = s.events_page(Some("c1"), 0, 100).await.expect("page");
         assert_eq!(
@@ -149,7 +169,9 @@ fn append_duplicates_and_gaps(f: &Fixture) {
         assert_eq!(s.acked_seq("c1").await.expect("acked"), 4);
         assert_eq!(s.acked_seq("nobody").await.expect("acked"), 0);
         // Another clinic's events are its own.
-        s.append("c2", 0, 0, evs(1..=2)).await.expect("c2");
+        s.append("c2", 0, UNFENCED, 0, evs(1..=2))
+            .await
+            .expect("c2");
         assert_eq!(s.events_page(Some("c1"), 0, 100).await.expect("p").len(), 4);
         assert_eq!(s.events_page(None, 0, 100).await.expect("p").len(), 6);
         assert_eq!(
@@ -169,7 +191,10 @@ fn large_batches_store_every_event_once_in_order(f: &Fixture) {
         s.hello("big", 0).await.expect("hello");
         let mut batch = evs(1..=150);
         batch[70].problem = Some("flagged".into());
-        let out = s.append("big", 0, 0, batch).await.expect("append");
+        let out = s
+            .append("big", 0, UNFENCED, 0, batch)
+            .await
+            .expect("append");
         assert_eq!(
             out,
             AppendOutcome::Stored {
@@ -178,7 +203,7 @@ fn large_batches_store_every_event_once_in_order(f: &Fixture) {
             }
         );
         let out = s
-            .append("big", 0, 100, evs(101..=237))
+            .append("big", 0, UNFENCED, 100, evs(101..=237))
             .await
             .expect("resend");
         assert_eq!(
@@ -210,7 +235,9 @@ fn flagged_events_are_stored_with_their_problem(f: &Fixture) {
     block(async {
         let mut bad = ev(1);
         bad.problem = Some("row.name: not a string".into());
-        s.append("c", 0, 0, vec![bad]).await.expect("append");
+        s.append("c", 0, UNFENCED, 0, vec![bad])
+            .await
+            .expect("append");
         let page = s.events_page(Some("c"), 0, 10).await.expect("page");
         assert_eq!(page[0].problem.as_deref(), Some("row.name: not a string"));
     });
@@ -219,12 +246,17 @@ fn flagged_events_are_stored_with_their_problem(f: &Fixture) {
 fn a_recreated_outbox_starts_a_new_position(f: &Fixture) {
     let s = &f.store;
     block(async {
-        assert_eq!(s.hello("c", 111).await.expect("hello"), 0);
-        s.append("c", 111, 0, evs(1..=3)).await.expect("a");
-        assert_eq!(s.hello("c", 111).await.expect("same outbox"), 3);
+        assert_eq!(s.hello("c", 111).await.expect("hello").acked, 0);
+        s.append("c", 111, UNFENCED, 0, evs(1..=3))
+            .await
+            .expect("a");
+        assert_eq!(s.hello("c", 111).await.expect("same outbox").acked, 3);
         // The clinic's database was re-created: sequences start again at 1.
-        assert_eq!(s.hello("c", 222).await.expect("new outbox"), 0);
-        let out = s.append("c", 222, 0, evs(1..=2)).await.expect("b");
+        assert_eq!(s.hello("c", 222).await.expect("new outbox").acked, 0);
+        let out = s
+            .append("c", 222, UNFENCED, 0, evs(1..=2))
+            .await
+            .expect("b");
         assert_eq!(
             out,
             AppendOutcome::Stored {
@@ -234,7 +266,10 @@ fn a_recreated_outbox_starts_a_new_position(f: &Fixture) {
             "stored, not ignored"
         );
         // A late batch from the old outbox is refused.
-        let stale = s.append("c", 111, 3, evs(4..=4)).await.expect("stale");
+        let stale = s
+            .append("c", 111, UNFENCED, 3, evs(4..=4))
+            .await
+            .expect("stale");
         assert_eq!(stale, AppendOutcome::Gap { acked: 2 });
         assert_eq!(
             s.events_page(Some("c"), 0, 100).await.expect("page").len(),
@@ -255,14 +290,21 @@ fn an_outbox_that_comes_back_resends_without_duplicates_or_holes(f: &Fixture) {
     let s = &f.store;
     block(async {
         s.hello("c", 111).await.expect("a");
-        s.append("c", 111, 0, evs(1..=3)).await.expect("1-3");
-        s.append("c", 111, 3, vec![ev(5), ev(6)])
+        s.append("c", 111, UNFENCED, 0, evs(1..=3))
+            .await
+            .expect("1-3");
+        s.append("c", 111, UNFENCED, 3, vec![ev(5), ev(6)])
             .await
             .expect("5-6 (4 missing)");
         s.hello("c", 222).await.expect("b");
-        s.append("c", 222, 0, evs(1..=2)).await.expect("b 1-2");
-        assert_eq!(s.hello("c", 111).await.expect("a again"), 0);
-        let out = s.append("c", 111, 0, evs(1..=8)).await.expect("resend");
+        s.append("c", 222, UNFENCED, 0, evs(1..=2))
+            .await
+            .expect("b 1-2");
+        assert_eq!(s.hello("c", 111).await.expect("a again").acked, 0);
+        let out = s
+            .append("c", 111, UNFENCED, 0, evs(1..=8))
+            .await
+            .expect("resend");
         assert_eq!(
             out,
             AppendOutcome::Stored {
@@ -288,7 +330,7 @@ fn an_outbox_that_comes_back_resends_without_duplicates_or_holes(f: &Fixture) {
 fn acknowledged_means_durable_across_a_restart(f: &Fixture) {
     block(async {
         f.store
-            .append("c", 0, 0, evs(1..=50))
+            .append("c", 0, UNFENCED, 0, evs(1..=50))
             .await
             .expect("append");
     });
@@ -305,7 +347,7 @@ fn acknowledged_means_durable_across_a_restart(f: &Fixture) {
                 .len(),
             50
         );
-        assert_eq!(again.hello("c", 0).await.expect("hello"), 50);
+        assert_eq!(again.hello("c", 0).await.expect("hello").acked, 50);
     });
     again.close();
 }
@@ -313,9 +355,11 @@ fn acknowledged_means_durable_across_a_restart(f: &Fixture) {
 fn counters_follow_every_write(f: &Fixture) {
     let s = &f.store;
     block(async {
-        s.append("a", 0, 0, evs(1..=5)).await.expect("a");
-        s.append("a", 0, 3, evs(4..=7)).await.expect("a again");
-        s.append("b", 0, 0, evs(1..=2)).await.expect("b");
+        s.append("a", 0, UNFENCED, 0, evs(1..=5)).await.expect("a");
+        s.append("a", 0, UNFENCED, 3, evs(4..=7))
+            .await
+            .expect("a again");
+        s.append("b", 0, UNFENCED, 0, evs(1..=2)).await.expect("b");
         let u1 = s.enqueue_update(update("a")).await.expect("u1");
         let _u2 = s.enqueue_update(update("a")).await.expect("u2");
         s.enqueue_update(update("fresh")).await.expect("u3");
@@ -404,7 +448,9 @@ fn updates_lifecycle(f: &Fixture) {
 fn webhook_cursor_and_dead_letters(f: &Fixture) {
     let s = &f.store;
     block(async {
-        s.append("c", 0, 0, evs(1..=5)).await.expect("append");
+        s.append("c", 0, UNFENCED, 0, evs(1..=5))
+            .await
+            .expect("append");
         let ids: Vec<u64> = s
             .events_page(None, 0, 10)
             .await
@@ -478,8 +524,8 @@ fn webhook_cursor_and_dead_letters(f: &Fixture) {
 fn retention_prunes_old_delivered_events_and_says_gone(f: &Fixture) {
     let s = &f.store;
     block(async {
-        s.append("a", 0, 0, evs(1..=6)).await.expect("a");
-        s.append("b", 0, 0, evs(1..=4)).await.expect("b");
+        s.append("a", 0, UNFENCED, 0, evs(1..=6)).await.expect("a");
+        s.append("b", 0, UNFENCED, 0, evs(1..=4)).await.expect("b");
         let ids: Vec<u64> = s
             .events_page(None, 0, 100)
             .await
@@ -607,10 +653,11 @@ fn concurrent_writers_never_let_a_reader_skip_an_event(f: &Fixture) {
                 while prev < per_clinic {
                     let n = 1 + rand::random::<u64>() % 7;
                     let batch = evs(prev + 1..=(prev + n).min(per_clinic));
-                    let out = store::wait(s.append(&clinic, 0, prev, batch)).expect("append");
+                    let out =
+                        store::wait(s.append(&clinic, 0, UNFENCED, prev, batch)).expect("append");
                     match out {
                         AppendOutcome::Stored { acked, .. } => prev = acked,
-                        AppendOutcome::Gap { .. } => panic!("unexpected gap"),
+                        other => panic!("unexpected {other:?}"),
                     }
                 }
             }));
@@ -668,7 +715,7 @@ fn a_full_writer_queue_refuses_at_once(f: &Fixture) {
     let small = store::open(&s).expect("open");
     // Queue far more than fits without waiting: some are refused, retryable, nothing blocks.
     let futs: Vec<_> = (0..200u64)
-        .map(|i| small.append(&format!("q{i}"), 0, 0, evs(1..=1)))
+        .map(|i| small.append(&format!("q{i}"), 0, UNFENCED, 0, evs(1..=1)))
         .collect();
     let results: Vec<_> = futs.into_iter().map(store::wait).collect();
     let busy = results
@@ -690,6 +737,367 @@ fn a_full_writer_queue_refuses_at_once(f: &Fixture) {
     let held = store::wait(small.clinics()).expect("clinics").len();
     assert_eq!(held, stored);
     small.close();
+}
+
+/// One owner per clinic: a newer claim (another node's hello) fences the older session's
+/// appends, which store nothing; the newer one goes on from the acknowledged position, and the
+/// clinic's record names the node holding it.
+fn a_newer_claim_fences_the_older_session(f: &Fixture) {
+    let (a, b) = (f.node("node-a"), f.node("node-b"));
+    block(async {
+        let first = a.hello("c", 7).await.expect("hello a");
+        assert_eq!(first.acked, 0);
+        assert!(first.epoch > 0, "a claim has an epoch: {first:?}");
+        let out = a
+            .append("c", 7, first.epoch, 0, evs(1..=3))
+            .await
+            .expect("a 1-3");
+        assert_eq!(
+            out,
+            AppendOutcome::Stored {
+                acked: 3,
+                inserted: 3
+            }
+        );
+        let held = a.clinic("c").await.expect("clinic").expect("record");
+        assert_eq!(
+            (held.node.as_deref(), held.epoch),
+            (Some("node-a"), first.epoch)
+        );
+
+        // The clinic moves to node b (node a was paused, or its link half-open).
+        let second = b.hello("c", 7).await.expect("hello b");
+        assert_eq!(second.acked, 3);
+        assert!(second.epoch > first.epoch, "{second:?} after {first:?}");
+        // Node a wakes up and writes what it had: fenced, nothing stored.
+        let late = a
+            .append("c", 7, first.epoch, 3, evs(4..=6))
+            .await
+            .expect("a late");
+        assert_eq!(
+            late,
+            AppendOutcome::Fenced {
+                epoch: second.epoch
+            }
+        );
+        assert_eq!(b.acked_seq("c").await.expect("acked"), 3);
+        assert_eq!(b.clinic_events("c", 0, 100).await.expect("events").len(), 3);
+        // Node b's session goes on from there.
+        let out = b
+            .append("c", 7, second.epoch, 3, evs(4..=5))
+            .await
+            .expect("b 4-5");
+        assert_eq!(
+            out,
+            AppendOutcome::Stored {
+                acked: 5,
+                inserted: 2
+            }
+        );
+        let rec = a.clinic("c").await.expect("clinic").expect("record");
+        assert_eq!(
+            (rec.node.as_deref(), rec.epoch),
+            (Some("node-b"), second.epoch)
+        );
+        let listed = a.clinics().await.expect("clinics");
+        assert_eq!(listed[0].node.as_deref(), Some("node-b"));
+
+        // Claims keep moving: the clinic back on node a fences node b.
+        let third = a.hello("c", 7).await.expect("hello a again");
+        assert!(third.epoch > second.epoch);
+        let fenced = b
+            .append("c", 7, second.epoch, 5, evs(6..=6))
+            .await
+            .expect("b fenced");
+        assert_eq!(fenced, AppendOutcome::Fenced { epoch: third.epoch });
+        let seqs: Vec<u64> = b
+            .clinic_events("c", 0, 100)
+            .await
+            .expect("events")
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+    });
+    a.close();
+    b.close();
+}
+
+/// Two nodes claiming the same new clinic at the same moment get different epochs (the second
+/// claim fences the first), however their transactions interleave.
+fn simultaneous_claims_get_distinct_epochs(f: &Fixture) {
+    let nodes: Vec<Arc<Store>> = (0..4).map(|i| f.node(&format!("node-{i}"))).collect();
+    for round in 0..5 {
+        let clinic = format!("new-{round}");
+        let barrier = Arc::new(std::sync::Barrier::new(nodes.len()));
+        let claims: Vec<u64> = nodes
+            .iter()
+            .map(|s| {
+                let (s, clinic, barrier) = (s.clone(), clinic.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    store::wait(s.hello(&clinic, 9)).expect("hello").epoch
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().expect("claim"))
+            .collect();
+        let mut sorted = claims.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(
+            sorted.len(),
+            nodes.len(),
+            "round {round}: epochs {claims:?}"
+        );
+        // Exactly one claim (the newest) may write.
+        let mut stored = 0;
+        for (s, epoch) in nodes.iter().zip(&claims) {
+            match store::wait(s.append(&clinic, 9, *epoch, 0, evs(1..=1))).expect("append") {
+                AppendOutcome::Stored { .. } => stored += 1,
+                AppendOutcome::Fenced { epoch: now } => assert_eq!(now, sorted[sorted.len() - 1]),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(stored, 1, "round {round}");
+    }
+    for s in nodes {
+        s.close();
+    }
+}
+
+/// A session that ends releases its claim, unless a newer one has taken the clinic since.
+fn an_ended_session_releases_only_its_own_claim(f: &Fixture) {
+    let (a, b) = (f.node("node-a"), f.node("node-b"));
+    block(async {
+        let old = a.hello("c", 1).await.expect("hello a");
+        let new = b.hello("c", 1).await.expect("hello b");
+        a.release("c", old.epoch).await.expect("release old");
+        let rec = b.clinic("c").await.expect("clinic").expect("record");
+        assert_eq!(
+            rec.node.as_deref(),
+            Some("node-b"),
+            "an old release leaves the new owner"
+        );
+        b.release("c", new.epoch).await.expect("release new");
+        let rec = b.clinic("c").await.expect("clinic").expect("record");
+        assert_eq!((rec.node, rec.epoch), (None, new.epoch));
+    });
+    a.close();
+    b.close();
+}
+
+/// An update committed on one node is signalled to the others (PostgreSQL: NOTIFY in the
+/// enqueue transaction); SQLite says it has no one else to tell.
+fn committed_updates_are_signalled_to_every_node(f: &Fixture) {
+    let (a, b) = (f.node("node-a"), f.node("node-b"));
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let across = a.watch(Box::new(move |signal: Signal| match signal {
+        Signal::Updates(clinic) => tx.send(clinic).is_ok(),
+        other => panic!("node a was sent {other:?}"),
+    }));
+    match a.kind() {
+        "sqlite" => assert!(!across, "SQLite has only its own process to tell"),
+        _ => {
+            assert!(across, "{} signals across nodes", a.kind());
+            // The listener connects in the background: queue until one is heard.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+            let heard = loop {
+                store::wait(b.enqueue_update(update("far-away"))).expect("enqueue on b");
+                if let Ok(c) = rx.recv_timeout(std::time::Duration::from_millis(300)) {
+                    break c;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no notification within 15 s"
+                );
+            };
+            assert_eq!(heard, "far-away");
+            // Once listening, each commit is heard, and only committed ones.
+            while rx.try_recv().is_ok() {}
+            store::wait(b.enqueue_update(update("second"))).expect("enqueue");
+            let next = rx
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .expect("second notification");
+            assert_eq!(next, "second");
+        }
+    }
+    a.close();
+    b.close();
+}
+
+/// A REST call forwarded from one node to the node holding the clinic: taken once, only by the
+/// node it is for; its answer goes back to the forwarding node, which removes the call with it;
+/// a call whose caller gave up is gone. PostgreSQL signals each step to the node concerned.
+fn forwarded_calls_are_taken_once_and_answered_back(f: &Fixture) {
+    let (a, b, c) = (f.node("node-a"), f.node("node-b"), f.node("node-c"));
+    let (tx_a, rx_a) = std::sync::mpsc::channel::<Signal>();
+    let (tx_b, rx_b) = std::sync::mpsc::channel::<Signal>();
+    let across = a.watch(Box::new(move |s: Signal| tx_a.send(s).is_ok()))
+        & b.watch(Box::new(move |s: Signal| tx_b.send(s).is_ok()));
+    let deadline_ms = tether::security::unix_now_ms() + 10_000;
+    let call = |id: &str| ForwardedCall {
+        id: id.into(),
+        clinic_id: "clinic-x".into(),
+        from_node: "node-a".into(),
+        to_node: "node-b".into(),
+        name: "appointments_today".into(),
+        params: serde_json::json!({"room": 3})
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
+        deadline_ms,
+    };
+    // Waits for `want` on `rx`, ignoring update signals (PostgreSQL's listener connects in the
+    // background: the first call is resent until node b hears one).
+    let expect = |rx: &std::sync::mpsc::Receiver<Signal>, want: &Signal| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(s) if &s == want => return,
+                Ok(Signal::Updates(_)) => continue,
+                Ok(other) => panic!("expected {want:?}, got {other:?}"),
+                Err(_) => panic!("no {want:?} within 10 s"),
+            }
+        }
+    };
+    block(async {
+        if across {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+            let mut n = 0;
+            loop {
+                let id = format!("rpc_warmup{n}");
+                a.forward_call(call(&id)).await.expect("forward");
+                if let Ok(Signal::Call(heard)) =
+                    rx_b.recv_timeout(std::time::Duration::from_millis(300))
+                {
+                    assert_eq!(heard, id);
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "node b heard no call");
+                n += 1;
+            }
+            while rx_b.try_recv().is_ok() {}
+        }
+        a.forward_call(call("rpc_1")).await.expect("forward");
+        if across {
+            expect(&rx_b, &Signal::Call("rpc_1".into()));
+        }
+        assert_eq!(
+            c.take_call("rpc_1").await.expect("take on c"),
+            None,
+            "only the node the call is for takes it"
+        );
+        let taken = b.take_call("rpc_1").await.expect("take").expect("the call");
+        assert_eq!(taken, call("rpc_1"), "the call as forwarded");
+        assert_eq!(
+            b.take_call("rpc_1").await.expect("again"),
+            None,
+            "taken once"
+        );
+        assert_eq!(
+            a.call_answer("rpc_1").await.expect("early"),
+            None,
+            "no answer yet"
+        );
+        assert!(b
+            .answer_call("rpc_1", r#"{"outcome":"timed_out"}"#)
+            .await
+            .expect("answer"));
+        if across {
+            expect(&rx_a, &Signal::Answer("rpc_1".into()));
+        }
+        assert_eq!(
+            a.call_answer("rpc_1").await.expect("answer").as_deref(),
+            Some(r#"{"outcome":"timed_out"}"#)
+        );
+        assert_eq!(
+            a.call_answer("rpc_1").await.expect("gone"),
+            None,
+            "removed with its answer"
+        );
+        // A caller that gave up: the holder's answer finds nothing.
+        a.forward_call(call("rpc_2")).await.expect("forward");
+        b.take_call("rpc_2").await.expect("take").expect("the call");
+        a.drop_call("rpc_2").await.expect("drop");
+        assert!(
+            !b.answer_call("rpc_2", "{}").await.expect("answer"),
+            "the call is gone"
+        );
+    });
+    match a.kind() {
+        "sqlite" => assert!(!across, "SQLite has only its own process to tell"),
+        _ => assert!(across, "{} signals across nodes", a.kind()),
+    }
+    for s in [a, b, c] {
+        s.close();
+    }
+}
+
+/// One leader per role across nodes, taken over when the leader's store goes away.
+fn one_node_leads_a_role_and_another_takes_over(f: &Fixture) {
+    let (a, b) = (f.node("node-a"), f.node("node-b"));
+    let lead = |s: &Arc<Store>, role: &str| store::wait(s.try_lead(role)).expect("try_lead");
+    assert!(lead(&a, "webhook:main"), "the first to ask leads");
+    assert!(lead(&a, "webhook:main"), "and keeps leading");
+    match a.kind() {
+        "sqlite" => assert!(
+            lead(&b, "webhook:main"),
+            "one process per SQLite store leads all"
+        ),
+        _ => {
+            assert!(!lead(&b, "webhook:main"), "a second node stands by");
+            assert!(lead(&b, "webhook:other"), "roles are independent");
+            // Node a goes away: its session ends and node b takes over.
+            a.close();
+            drop(a);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !lead(&b, "webhook:main") {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no takeover within 10 s"
+                );
+                std::thread::park_timeout(std::time::Duration::from_millis(50));
+            }
+            let c = f.node("node-c");
+            assert!(!lead(&c, "webhook:main"), "the new leader keeps it");
+            c.close();
+        }
+    }
+    b.close();
+}
+
+/// Every node's heartbeat is one row, updated in place; all nodes see all rows.
+fn nodes_beat_into_one_table(f: &Fixture) {
+    let (a, b) = (f.node("node-a"), f.node("node-b"));
+    block(async {
+        a.node_beat("10.0.0.1:8443", "2026-12-02T00:00:00.000Z", 3)
+            .await
+            .expect("beat a");
+        b.node_beat("10.0.0.2:8443", "2026-12-02T00:00:01.000Z", 0)
+            .await
+            .expect("beat b");
+        let first = b.nodes().await.expect("nodes");
+        assert_eq!(
+            first
+                .iter()
+                .map(|n| (n.node_id.as_str(), n.sessions))
+                .collect::<Vec<_>>(),
+            vec![("node-a", 3), ("node-b", 0)]
+        );
+        a.node_beat("10.0.0.1:8443", "2026-12-02T00:00:00.000Z", 7)
+            .await
+            .expect("beat a again");
+        let again = b.nodes().await.expect("nodes");
+        assert_eq!(again.len(), 2);
+        assert_eq!(again[0].sessions, 7);
+        assert!(again[0].last_beat_ms >= first[0].last_beat_ms);
+        assert_eq!(again[0].addr, "10.0.0.1:8443");
+    });
+    a.close();
+    b.close();
 }
 
 macro_rules! contract {
@@ -755,6 +1163,34 @@ macro_rules! contract {
                 super::a_newer_schema_is_refused_by_name(&Fixture::$adapter());
             }
             #[test]
+            fn a_newer_claim_fences_the_older_session() {
+                super::a_newer_claim_fences_the_older_session(&Fixture::$adapter());
+            }
+            #[test]
+            fn simultaneous_claims_get_distinct_epochs() {
+                super::simultaneous_claims_get_distinct_epochs(&Fixture::$adapter());
+            }
+            #[test]
+            fn an_ended_session_releases_only_its_own_claim() {
+                super::an_ended_session_releases_only_its_own_claim(&Fixture::$adapter());
+            }
+            #[test]
+            fn committed_updates_are_signalled_to_every_node() {
+                super::committed_updates_are_signalled_to_every_node(&Fixture::$adapter());
+            }
+            #[test]
+            fn forwarded_calls_are_taken_once_and_answered_back() {
+                super::forwarded_calls_are_taken_once_and_answered_back(&Fixture::$adapter());
+            }
+            #[test]
+            fn one_node_leads_a_role_and_another_takes_over() {
+                super::one_node_leads_a_role_and_another_takes_over(&Fixture::$adapter());
+            }
+            #[test]
+            fn nodes_beat_into_one_table() {
+                super::nodes_beat_into_one_table(&Fixture::$adapter());
+            }
+            #[test]
             fn a_full_writer_queue_refuses_at_once() {
                 super::a_full_writer_queue_refuses_at_once(&Fixture::$adapter());
             }
@@ -787,6 +1223,7 @@ async fn a_fleet_syncs_through_a_gateway_on_the_postgresql_store() {
         Duration::from_millis(500),
         None,
         Some(location),
+        None,
     )
     .expect("fleet on postgres");
     for c in &fleet.clinics {
@@ -860,4 +1297,58 @@ impl Drop for DropSchema {
         })
         .join();
     }
+}
+
+/// Nodes started together on a new database all open the store: the race to create its schema
+/// (and to migrate it) is nobody's failure.
+#[cfg(feature = "postgres")]
+#[test]
+fn nodes_starting_together_on_a_new_schema_all_open_it() {
+    let schema = format!(
+        "together_{}_{:x}",
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    let _drop = DropSchema(schema.clone());
+    let barrier = Arc::new(std::sync::Barrier::new(4));
+    let opened: Vec<_> = (0..4)
+        .map(|i| {
+            let (schema, barrier) = (schema.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut s = StoreSettings::sqlite("unused");
+                s.location = StoreLocation::Postgres {
+                    url: pg_url(),
+                    schema,
+                };
+                s.node = format!("node-{i}");
+                barrier.wait();
+                store::open(&s).map(|st| st.close())
+            })
+        })
+        .collect();
+    for (i, t) in opened.into_iter().enumerate() {
+        let r = t.join().expect("thread");
+        assert!(r.is_ok(), "node {i}: {r:?}");
+    }
+}
+
+/// A PostgreSQL error names what the server said (SQLSTATE and message), not the driver's
+/// "db error".
+#[cfg(feature = "postgres")]
+#[test]
+fn a_postgresql_error_says_what_the_server_said() {
+    let url = pg_url().replace("dbname=test", "dbname=tether_no_such_database");
+    let mut s = StoreSettings::sqlite("unused");
+    s.location = StoreLocation::Postgres {
+        url,
+        schema: "tether".into(),
+    };
+    let err = match store::open(&s) {
+        Ok(_) => panic!("a database that does not exist opened"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("tether_no_such_database") && err.contains("3D000"),
+        "{err}"
+    );
 }

@@ -11,6 +11,10 @@
 //!   an event that commits later with a smaller id.
 //! - Per-clinic counters (`events`, `pending_updates`, `last_event_at`) are kept in the same
 //!   transaction as the write that changes them: fleet views cost O(clinics), not O(events).
+//! - One owner per clinic, fenced: every `hello` claims the clinic with a new, higher epoch and
+//!   records the node that holds it; an `append` carrying an epoch that is no longer the
+//!   clinic's is [`AppendOutcome::Fenced`] and writes nothing (checked in the append's own
+//!   transaction, under the clinic row's lock, so a claim and an append never interleave).
 //! - Writes queue in a bounded queue; when it is full, the call fails at once with
 //!   [`StoreError::Unavailable`] `{ retryable: true }` (the session acks nothing of the batch and
 //!   closes 1013, Try Again Later).
@@ -21,6 +25,38 @@ use std::pin::Pin;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use tether_schemas::{Event, RawEvent, Update, UpdateOp, UpdateStatus};
+
+/// See [`GatewayStore::watch`].
+pub type SignalWatcher = Box<dyn Fn(Signal) -> bool + Send + 'static>;
+
+/// What one node signals to the others through the store (PostgreSQL: `NOTIFY`, sent when the
+/// transaction that wrote the matching row commits).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signal {
+    /// An update for this clinic has been committed (by any node).
+    Updates(String),
+    /// A call for a clinic this node holds has been forwarded to it: take it ([`GatewayStore::take_call`]).
+    Call(String),
+    /// A call this node forwarded has been answered: fetch it ([`GatewayStore::call_answer`]).
+    Answer(String),
+}
+
+/// A REST call (`POST /v1/clinics/{id}/rpc`) forwarded by the node that received it to the
+/// node that holds the clinic's session. Parameters never reach a log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForwardedCall {
+    /// The request id the clinic sees (`rpc_…`), unique per call.
+    pub id: String,
+    pub clinic_id: String,
+    /// The node that received the call and waits for the answer.
+    pub from_node: String,
+    /// The node that held the clinic when the call was forwarded.
+    pub to_node: String,
+    pub name: String,
+    pub params: Map<String, Value>,
+    /// When the caller stops waiting (milliseconds since the Unix epoch).
+    pub deadline_ms: u64,
+}
 
 /// What a store call resolves to.
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
@@ -85,6 +121,34 @@ pub enum AppendOutcome {
     /// `prev_seq` is above what the store holds, or the batch comes from an outbox that is no
     /// longer the clinic's current one: nothing stored.
     Gap { acked: u64 },
+    /// Another session (on this node or another) has claimed the clinic since this one's
+    /// `hello`: nothing stored; the session must close. `epoch` is the current claim's.
+    Fenced { epoch: u64 },
+}
+
+/// What `hello` answers: where to resume, and the claim the session's appends carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    /// Everything up to this sequence is durable.
+    pub acked: u64,
+    /// This session's claim on the clinic; higher than every earlier one.
+    pub epoch: u64,
+}
+
+/// No claim check: for tools and tests that write without a session (never a gateway session).
+pub const UNFENCED: u64 = 0;
+
+/// A gateway node as it last reported itself (`gateway_nodes`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeRecord {
+    pub node_id: String,
+    /// Where its API listens, as the node sees it.
+    pub addr: String,
+    pub started_at: String,
+    /// Its last heartbeat, milliseconds since the Unix epoch (on its own clock).
+    pub last_beat_ms: u64,
+    /// Sessions it held at that heartbeat.
+    pub sessions: u64,
 }
 
 /// A cloud → clinic update as posted to the REST API.
@@ -107,6 +171,11 @@ pub struct ClinicRecord {
     pub events: u64,
     /// Updates pending or delivered, not yet answered.
     pub pending_updates: u64,
+    /// The node whose session claimed the clinic last (kept after the session ends: see
+    /// `GatewayStore::nodes` for whether that node is alive).
+    pub node: Option<String>,
+    /// The last claim's epoch (0: never claimed).
+    pub epoch: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -160,20 +229,71 @@ pub trait GatewayStore: std::any::Any + Send + Sync + 'static {
     /// `sqlite` or `postgres` (for logs and metrics).
     fn kind(&self) -> &'static str;
 
-    /// Registers a session's outbox and returns the position to resume from. A different,
-    /// non-zero `source` than the one on record means the clinic's outbox was re-created: the
-    /// position restarts at 0 for it (its old events stay).
-    fn hello(&self, clinic: &str, source: u64) -> StoreFuture<u64>;
+    /// This store's node id (recorded as the owner of the clinics its sessions claim).
+    fn node(&self) -> &str;
+
+    /// Registers a session's outbox, claims the clinic for this node with a new epoch, and
+    /// returns the position to resume from. A different, non-zero `source` than the one on
+    /// record means the clinic's outbox was re-created: the position restarts at 0 for it (its
+    /// old events stay).
+    fn hello(&self, clinic: &str, source: u64) -> StoreFuture<Claim>;
 
     /// Queues a batch for the next group commit; resolves once it is durable (or refused).
-    /// Batches are committed in the order this is called.
+    /// Batches are committed in the order this is called. `epoch` is the session's claim
+    /// ([`UNFENCED`] skips the check): a claim that has moved on is [`AppendOutcome::Fenced`].
     fn append(
         &self,
         clinic: &str,
         source: u64,
+        epoch: u64,
         prev_seq: u64,
         events: Vec<IncomingEvent>,
     ) -> StoreFuture<AppendOutcome>;
+
+    /// The session with claim `epoch` has ended: the clinic is held by no node (unless a newer
+    /// claim has taken it since, which this leaves alone).
+    fn release(&self, clinic: &str, epoch: u64) -> StoreFuture<()>;
+
+    /// Calls `on_signal` with every [`Signal`] meant for this node (updates committed by any
+    /// node; calls forwarded to this node; answers to calls it forwarded), from a thread of the
+    /// adapter's, until it returns `false`. Answers whether the adapter signals across processes
+    /// (PostgreSQL: LISTEN/NOTIFY); `false` when there is only this process to hear (SQLite),
+    /// and `on_signal` is dropped.
+    fn watch(&self, on_signal: SignalWatcher) -> bool;
+
+    /// Hands a call to `call.to_node` (a row, and [`Signal::Call`] to that node on commit).
+    /// Calls whose deadline passed more than a minute ago are removed as it goes.
+    fn forward_call(&self, call: ForwardedCall) -> StoreFuture<()>;
+
+    /// The forwarded call `id`, if it is for this node and nobody has taken it yet (a call is
+    /// taken once).
+    fn take_call(&self, id: &str) -> StoreFuture<Option<ForwardedCall>>;
+
+    /// Records the answer to a taken call (JSON text) and signals [`Signal::Answer`] to the
+    /// node that forwarded it. `false` if the call is gone (its caller gave up).
+    fn answer_call(&self, id: &str, answer: &str) -> StoreFuture<bool>;
+
+    /// The answer to call `id` once there is one; the call's row is removed with it.
+    fn call_answer(&self, id: &str) -> StoreFuture<Option<String>>;
+
+    /// The caller stopped waiting: the call is removed, answered or not.
+    fn drop_call(&self, id: &str) -> StoreFuture<()>;
+
+    /// The key the nodes on this store share to authenticate the requests they pass to each
+    /// other (hex): `candidate` becomes it if there is none yet, so every node gets the same.
+    fn cluster_key(&self, candidate: &str) -> StoreFuture<String>;
+
+    /// Whether this node leads `role` (e.g. one webhook endpoint's dispatcher): taken when no
+    /// live node holds it, kept while this node's store connection lives, released when that
+    /// connection ends (the node died, or stayed silent past the server's idle limit) so that
+    /// another node takes over. One process per store (SQLite): always `true`.
+    fn try_lead(&self, role: &str) -> StoreFuture<bool>;
+
+    /// Records this node's heartbeat (upsert of its `gateway_nodes` row).
+    fn node_beat(&self, addr: &str, started_at: &str, sessions: u64) -> StoreFuture<()>;
+
+    /// Every node that has ever beaten on this store, ordered by id.
+    fn nodes(&self) -> StoreFuture<Vec<NodeRecord>>;
 
     fn acked_seq(&self, clinic: &str) -> StoreFuture<u64>;
 

@@ -32,6 +32,7 @@ pub trait ChangeSource: Send + Sync + 'static {
             events: events.len() as u64,
             at_least: events.len() >= BACKLOG_READ_CAP,
             oldest_committed_at: events.first().map(|e| e.committed_at.clone()),
+            capture_retained_bytes: None,
         })
     }
 }
@@ -47,6 +48,8 @@ pub struct Backlog {
     pub at_least: bool,
     /// RFC 3339 commit time of the oldest waiting event.
     pub oldest_committed_at: Option<String>,
+    /// Logical capture: the WAL bytes the database server keeps for the capture slot.
+    pub capture_retained_bytes: Option<u64>,
 }
 
 /// The durable record of what the gateway has acknowledged.

@@ -18,7 +18,7 @@ use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::middleware::Next;
 use actix_web::{http::StatusCode, web, HttpResponse};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tether_actors::log_target::AUDIT;
 use tether_actors::registry::{ClinicLive, Snapshot, UpdatesPending};
@@ -163,17 +163,63 @@ pub(super) async fn readyz(state: web::Data<GatewayState>) -> HttpResponse {
         .body(body.to_string())
 }
 
-/// One clinic as the REST API shows it: its stored counters and its live state.
-fn clinic_view(r: Option<&ClinicRecord>, l: Option<&ClinicLive>) -> Value {
+/// Which nodes are alive now, and this node's id, for the clinic views: a clinic whose session
+/// is on another live node is `connected` there.
+pub(super) struct NodeView {
+    pub me: String,
+    pub alive: std::collections::BTreeSet<String>,
+}
+
+impl NodeView {
+    pub(super) async fn load(state: &GatewayState) -> NodeView {
+        let me = state.store.node().to_string();
+        let now = crate::security::unix_now_ms();
+        let alive = state
+            .store
+            .nodes()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| super::cluster::alive(n, state.settings.heartbeat_interval, now))
+            .map(|n| n.node_id)
+            .collect();
+        NodeView { me, alive }
+    }
+
+    /// The node that holds the clinic's session now, if it is another live one.
+    pub(super) fn elsewhere<'a>(&self, r: Option<&'a ClinicRecord>) -> Option<&'a str> {
+        r.and_then(|r| r.node.as_deref())
+            .filter(|n| *n != self.me && self.alive.contains(*n))
+    }
+}
+
+/// One clinic as the REST API shows it: its stored counters and its live state (from this node,
+/// or the node that holds its session).
+fn clinic_view(r: Option<&ClinicRecord>, l: Option<&ClinicLive>, nodes: &NodeView) -> Value {
+    let here = l.is_some_and(|l| l.connected);
+    let elsewhere = if here { None } else { nodes.elsewhere(r) };
+    let node = if here {
+        Some(nodes.me.as_str())
+    } else {
+        elsewhere
+    };
+    let state = match (l, elsewhere) {
+        (Some(l), _) if l.connected => l.state,
+        (_, Some(_)) => "connected",
+        (Some(l), None) => l.state,
+        (None, None) => "offline",
+    };
     json!({
+        "node": node,
+        "epoch": r.map(|r| r.epoch).unwrap_or(0),
         "clinic_id": r.map(|r| r.clinic_id.as_str()).or(l.map(|l| l.clinic_id.as_str())),
-        "connected": l.is_some_and(|l| l.connected),
+        "connected": here || elsewhere.is_some(),
         "session_id": l.and_then(|l| l.session_id.clone()),
         "remote_addr": l.and_then(|l| l.remote_addr.clone()),
         "last_heartbeat_ms": l.and_then(|l| l.last_heartbeat_ms),
         "sessions_total": l.map(|l| l.sessions_total).unwrap_or(0),
         "transport": l.and_then(|l| l.transport.clone()),
-        "state": l.map(|l| l.state).unwrap_or("offline"),
+        "state": state,
         "lag_events": l.map(|l| l.lag_events).unwrap_or(0),
         "lag_ms": l.and_then(|l| l.lag_ms),
         "agent_restarts": l.map(|l| l.agent_restarts).unwrap_or(0),
@@ -190,14 +236,15 @@ async fn clinic_views(state: &GatewayState) -> Result<Vec<Value>, HttpResponse> 
     let live: Vec<ClinicLive> = state.registry.send(Snapshot).await.unwrap_or_default();
     let mut live: BTreeMap<String, ClinicLive> =
         live.into_iter().map(|l| (l.clinic_id.clone(), l)).collect();
+    let nodes = NodeView::load(state).await;
     let mut out = Vec::with_capacity(records.len() + live.len());
     for r in &records {
         let l = live.remove(&r.clinic_id);
-        out.push(clinic_view(Some(r), l.as_ref()));
+        out.push(clinic_view(Some(r), l.as_ref(), &nodes));
     }
     // Connected clinics that have not stored anything yet.
     for (_, l) in live {
-        out.push(clinic_view(None, Some(&l)));
+        out.push(clinic_view(None, Some(&l), &nodes));
     }
     Ok(out)
 }
@@ -299,7 +346,36 @@ pub(super) async fn get_clinic(
             format!("no clinic `{id}`"),
         );
     }
-    HttpResponse::Ok().json(clinic_view(record.as_ref(), live.as_ref()))
+    let nodes = NodeView::load(&state).await;
+    HttpResponse::Ok().json(clinic_view(record.as_ref(), live.as_ref(), &nodes))
+}
+
+/// `GET /v1/nodes`: every gateway node that beats on this store, whether it is alive (beat
+/// within three heartbeat intervals), and which one answered.
+pub(super) async fn list_nodes(state: web::Data<GatewayState>) -> HttpResponse {
+    let nodes = match call(state.store.nodes()).await {
+        Ok(n) => n,
+        Err(resp) => return resp,
+    };
+    let now = crate::security::unix_now_ms();
+    let interval = state.settings.heartbeat_interval;
+    let me = state.store.node();
+    let list: Vec<Value> = nodes
+        .iter()
+        .map(|n| {
+            json!({
+                "node_id": n.node_id,
+                "addr": n.addr,
+                "started_at": n.started_at,
+                "last_beat_ms": n.last_beat_ms,
+                "silent_ms": now.saturating_sub(n.last_beat_ms),
+                "alive": super::cluster::alive(n, interval, now),
+                "sessions": n.sessions,
+                "this_node": n.node_id == me,
+            })
+        })
+        .collect();
+    HttpResponse::Ok().json(json!({ "node": me, "nodes": list }))
 }
 
 #[derive(Deserialize)]
@@ -548,56 +624,143 @@ pub(super) async fn post_rpc(
         }
     };
     let request_id = format!("rpc_{:016x}", rand::random::<u64>());
-    let answer = state.rpc.register(&request_id);
+    let outcome = match call_here(
+        &state,
+        &request_id,
+        &clinic,
+        &parsed.name,
+        parsed.params.clone(),
+        timeout,
+    )
+    .await
+    {
+        // Another live node holds the clinic's session: the call goes through the store to it.
+        CallOutcome::NotConnected => match owner_elsewhere(&state, &clinic).await {
+            Some(node) => {
+                super::cluster::forward_call(
+                    &state,
+                    &request_id,
+                    &clinic,
+                    node,
+                    parsed.name,
+                    parsed.params,
+                    timeout,
+                )
+                .await
+            }
+            None => CallOutcome::NotConnected,
+        },
+        o => o,
+    };
+    rpc_reply(&request_id, &clinic, timeout, outcome)
+}
+
+/// The node holding `clinic`'s session, when it is another live node.
+async fn owner_elsewhere(state: &GatewayState, clinic: &str) -> Option<String> {
+    let record = state.store.clinic(clinic).await.ok().flatten()?;
+    let nodes = NodeView::load(state).await;
+    nodes.elsewhere(Some(&record)).map(str::to_string)
+}
+
+/// How a call to a clinic ended, wherever it ran (stored as the answer of a call forwarded to
+/// another node).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub(super) enum CallOutcome {
+    Answered {
+        response: tether_schemas::RpcResponse,
+    },
+    /// No session of the clinic on the node that tried.
+    NotConnected,
+    /// The session ended before the clinic answered.
+    SessionEnded,
+    TimedOut,
+    /// The call could not be passed on (the store refused it).
+    Failed {
+        message: String,
+    },
+}
+
+/// Runs a call through the clinic's session on this node, if this node holds it.
+pub(super) async fn call_here(
+    state: &GatewayState,
+    request_id: &str,
+    clinic: &str,
+    name: &str,
+    params: Map<String, Value>,
+    timeout: std::time::Duration,
+) -> CallOutcome {
+    let answer = state.rpc.register(request_id);
     let cmd = tether_actors::registry::SessionCommand::Rpc {
-        request_id: request_id.clone(),
-        name: parsed.name.clone(),
-        params: parsed.params,
+        request_id: request_id.to_string(),
+        name: name.to_string(),
+        params,
     };
     let delivered = state
         .registry
         .send(tether_actors::registry::ToClinic {
-            clinic_id: clinic.clone(),
+            clinic_id: clinic.to_string(),
             cmd,
         })
         .await
         .unwrap_or(false);
     if !delivered {
-        state.rpc.forget(&request_id);
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Some("id"),
-            format!("clinic `{clinic}` is not connected; try again when it is (GET /v1/clinics/{clinic} shows its state)"),
-        );
+        state.rpc.forget(request_id);
+        return CallOutcome::NotConnected;
     }
     match tokio::time::timeout(timeout, answer).await {
         Err(_) => {
-            state.rpc.forget(&request_id);
-            error(
-                StatusCode::GATEWAY_TIMEOUT,
-                Some("timeout_ms"),
-                format!(
-                    "clinic `{clinic}` did not answer within {} ms",
-                    timeout.as_millis()
-                ),
-            )
+            state.rpc.forget(request_id);
+            CallOutcome::TimedOut
         }
-        Ok(Err(_)) => error(
+        Ok(Err(_)) => CallOutcome::SessionEnded,
+        Ok(Ok(response)) => CallOutcome::Answered { response },
+    }
+}
+
+fn rpc_reply(
+    request_id: &str,
+    clinic: &str,
+    timeout: std::time::Duration,
+    outcome: CallOutcome,
+) -> HttpResponse {
+    use tether_schemas::RpcStatus;
+    match outcome {
+        CallOutcome::NotConnected => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("id"),
+            format!("clinic `{clinic}` is not connected; try again when it is (GET /v1/clinics/{clinic} shows its state)"),
+        ),
+        CallOutcome::TimedOut => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            Some("timeout_ms"),
+            format!(
+                "clinic `{clinic}` did not answer within {} ms",
+                timeout.as_millis()
+            ),
+        ),
+        CallOutcome::SessionEnded => error(
             StatusCode::SERVICE_UNAVAILABLE,
             None,
             "the clinic's session ended before it answered",
         ),
-        Ok(Ok(r)) if r.status == tether_schemas::RpcStatus::Ok => HttpResponse::Ok().json(json!({
-            "request_id": request_id,
-            "rows": r.rows.unwrap_or_default(),
-            "truncated": r.truncated.unwrap_or(false),
-        })),
-        Ok(Ok(r)) if r.status == tether_schemas::RpcStatus::Busy => retry_later(
+        CallOutcome::Failed { message } => retry_later(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the call could not reach the node holding clinic `{clinic}`: {message}"),
+        ),
+        CallOutcome::Answered { response: r } if r.status == RpcStatus::Ok => {
+            HttpResponse::Ok().json(json!({
+                "request_id": request_id,
+                "rows": r.rows.unwrap_or_default(),
+                "truncated": r.truncated.unwrap_or(false),
+            }))
+        }
+        CallOutcome::Answered { response: r } if r.status == RpcStatus::Busy => retry_later(
             StatusCode::SERVICE_UNAVAILABLE,
             r.error
                 .unwrap_or_else(|| "the clinic runs as many queries as it allows".into()),
         ),
-        Ok(Ok(r)) => {
+        CallOutcome::Answered { response: r } => {
             let detail = r.error.unwrap_or_else(|| "refused by the clinic".into());
             // Refused before running (unknown name, bad parameter) vs failed while running.
             let status = if r.field.is_some() {

@@ -25,6 +25,12 @@ pub struct GatewayMetrics {
     pub evictions: AtomicU64,
     pub rate_limited: AtomicU64,
     pub sessions_opened: AtomicU64,
+    /// Batches refused because another session (on any node) had claimed the clinic since.
+    pub sessions_fenced: AtomicU64,
+    /// REST calls passed to the node holding their clinic.
+    pub rpc_forwarded: AtomicU64,
+    /// HTTP-fallback requests passed to the node holding their channel.
+    pub http_forwarded: AtomicU64,
     ack_buckets: [AtomicU64; ACK_BUCKETS.len()],
     ack_count: AtomicU64,
     ack_sum_us: AtomicU64,
@@ -94,6 +100,21 @@ impl GatewayMetrics {
             "tether_gateway_sessions_opened_total",
             "Agent sessions that completed hello/welcome.",
             get(&self.sessions_opened),
+        );
+        counter(
+            "tether_gateway_sessions_fenced_total",
+            "Sessions closed because a newer session, on this node or another, claimed their clinic (their batch stored nothing).",
+            get(&self.sessions_fenced),
+        );
+        counter(
+            "tether_gateway_rpc_forwarded_total",
+            "REST calls (POST /v1/clinics/{id}/rpc) this node passed to the node holding the clinic's session.",
+            get(&self.rpc_forwarded),
+        );
+        counter(
+            "tether_gateway_http_forwarded_total",
+            "HTTP-fallback requests (send, poll, close) this node passed to the node holding their channel.",
+            get(&self.http_forwarded),
         );
         let name = "tether_gateway_ack_latency_seconds";
         let _ = writeln!(

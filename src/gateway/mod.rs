@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod bridge;
+pub mod cluster;
 pub mod metrics;
 pub mod monitor;
 pub mod problem;
@@ -66,6 +67,10 @@ pub enum GatewayError {
 #[derive(Debug, Clone)]
 pub struct GatewaySettings {
     pub listen: String,
+    /// This node's id (`gateway.node_id`); `None`: `<host name>:<listen port>`.
+    pub node_id: Option<String>,
+    /// Where the other nodes reach this one (`gateway.advertise`); see [`GatewaySettings::advertised`].
+    pub advertise: Option<String>,
     /// Which store, and where (`gateway.store`).
     pub store: store::StoreLocation,
     /// Events older than this are removed in the background (`gateway.store.retention`);
@@ -176,10 +181,44 @@ impl GatewayFaults {
     }
 }
 
+/// This machine's name (`gateway` when none can be read).
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .or_else(|| std::env::var("COMPUTERNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "gateway".into())
+}
+
 impl GatewaySettings {
+    /// This node's id: `gateway.node_id`, or `<host name>:<listen port>`.
+    pub fn node(&self) -> String {
+        if let Some(id) = &self.node_id {
+            return id.clone();
+        }
+        let port = self.listen.rsplit(':').next().unwrap_or("0");
+        format!("{}:{port}", host_name())
+    }
+
+    /// Where the other nodes reach this one: `gateway.advertise`, else the bound address, or
+    /// `<host name>:<port>` when bound to all interfaces.
+    pub fn advertised(&self, bound: SocketAddr) -> String {
+        if let Some(a) = &self.advertise {
+            return a.clone();
+        }
+        if !bound.ip().is_unspecified() {
+            return bound.to_string();
+        }
+        format!("{}:{}", host_name(), bound.port())
+    }
+
     pub fn from_config(c: &GatewayConfig) -> Self {
         GatewaySettings {
             listen: c.listen.clone(),
+            node_id: c.node_id.clone(),
+            advertise: c.advertise.clone(),
             store: c.store.location(),
             retention: c.store.retention(),
             heartbeat_interval: c.heartbeat_interval.get(),
@@ -348,6 +387,10 @@ pub struct GatewayState {
     pub rpc: session::RpcWaiters,
     /// Per-clinic RPC limits (`gateway.limits.rpc_*`).
     pub rpc_limits: session::RpcLimits,
+    /// Calls passed to the node holding their clinic, waiting for the answer.
+    pub forwards: cluster::Forwards,
+    /// The key the nodes on this store share to sign the requests they pass to each other.
+    pub peer_key: Vec<u8>,
     pub webhooks: Arc<webhooks::Webhooks>,
 }
 
@@ -408,6 +451,7 @@ pub fn start(
         queue: store::DEFAULT_QUEUE,
         queue_bytes: store::DEFAULT_QUEUE_BYTES,
         abort_after_commits: faults.abort_after_commits,
+        node: settings.node(),
     })?;
     log::info!(target: "connection", "event=store_open store={}", settings.store);
     let schemas = match &settings.entity_schemas {
@@ -417,6 +461,19 @@ pub fn start(
     // A lost link is `reconnecting` for three heartbeat intervals, then `offline`; a clinic
     // with more than LAG_EVENTS read and not stored, or whose newest event took longer than
     // LAG_MS from commit to durable, is `lagging`.
+    let candidate: String = (0..4)
+        .map(|_| format!("{:016x}", rand::random::<u64>()))
+        .collect();
+    let peer_key = store::wait(store.cluster_key(&candidate))?.into_bytes();
+    // Nodes reach each other as clients reach them: over TLS when they serve it, checking the
+    // peer's certificate against the fleet's CA (`tls.client_ca`; the system roots without it).
+    let peer_tls = match &security.tls {
+        Some(t) => Some(tls::connector(&tls::ClientTls {
+            ca: t.client_ca.clone(),
+            ..Default::default()
+        })?),
+        None => None,
+    };
     let registry = Registry::new(settings.heartbeat_interval * 3, LAG_EVENTS, LAG_MS).start();
     let tasks = monitor::Liveness::default();
     let webhooks = Arc::new(webhooks::Webhooks::new(
@@ -438,8 +495,11 @@ pub fn start(
         metrics: Default::default(),
         rpc: Default::default(),
         rpc_limits: Default::default(),
+        forwards: Default::default(),
+        peer_key,
         webhooks,
     });
+    let cluster_state = state.clone();
     let listen = settings.listen.clone();
     let server = HttpServer::new(move || {
         App::new()
@@ -447,6 +507,10 @@ pub fn start(
             // Per worker: awc clients are not `Send`.
             .app_data(web::Data::new(bridge::BridgeClients::new(
                 &state.settings.bridge,
+            )))
+            .app_data(web::Data::new(session::http::PeerClient::new(
+                peer_tls.clone(),
+                settings.heartbeat_interval,
             )))
             .app_data(web::PayloadConfig::new(settings.max_frame_bytes + 1024))
             .wrap(actix_web::middleware::from_fn(api::admin_auth))
@@ -482,6 +546,8 @@ pub fn start(
         }
     });
     log::info!(target: "connection", "event=gateway_listening addr={addr}");
+    let advertised = settings.advertised(addr);
+    cluster::start(cluster_state, advertised);
     Ok(GatewayHandle {
         addr,
         tls: tls_on,

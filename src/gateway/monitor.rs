@@ -13,7 +13,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tether_actors::registry::{ClinicLive, Snapshot, Subscribe};
 
-use super::api::call;
+use super::api::{call, NodeView};
 use super::store::ClinicRecord;
 use super::GatewayState;
 
@@ -197,37 +197,62 @@ pub struct Tile {
     pub evictions: u64,
     pub agent_restarts: u64,
     pub last_close: Option<String>,
+    /// The gateway node holding the clinic's session (this one, or another live one).
+    pub node: Option<String>,
 }
 
-fn tiles(live: Vec<ClinicLive>, records: &[ClinicRecord]) -> Vec<Tile> {
-    let pending: HashMap<&str, u64> = records
-        .iter()
-        .map(|r| (r.clinic_id.as_str(), r.pending_updates))
-        .collect();
+/// The tiles of every clinic: live from this node's sessions; a clinic whose session is on
+/// another live node is `connected` there (its counters from the store).
+fn tiles(live: Vec<ClinicLive>, records: &[ClinicRecord], nodes: &NodeView) -> Vec<Tile> {
+    let by_id: HashMap<&str, &ClinicRecord> =
+        records.iter().map(|r| (r.clinic_id.as_str(), r)).collect();
     let mut seen: Vec<Tile> = live
         .into_iter()
-        .map(|l| Tile {
-            backlog_updates: pending.get(l.clinic_id.as_str()).copied().unwrap_or(0),
-            clinic_id: l.clinic_id,
-            state: l.state,
-            transport: l.transport,
-            acked_seq: l.acked_seq,
-            lag_events: l.lag_events,
-            lag_ms: l.lag_ms,
-            lagging: l.lagging,
-            last_heartbeat_ms: l.last_heartbeat_ms,
-            sessions_total: l.sessions_total,
-            evictions: l.evictions,
-            agent_restarts: l.agent_restarts,
-            last_close: l.last_close,
+        .map(|l| {
+            let r = by_id.get(l.clinic_id.as_str()).copied();
+            let elsewhere = if l.connected {
+                None
+            } else {
+                nodes.elsewhere(r)
+            };
+            let node = match (l.connected, elsewhere) {
+                (true, _) => Some(nodes.me.clone()),
+                (false, e) => e.map(str::to_string),
+            };
+            Tile {
+                backlog_updates: r.map_or(0, |r| r.pending_updates),
+                node,
+                clinic_id: l.clinic_id,
+                state: if elsewhere.is_some() {
+                    "connected"
+                } else {
+                    l.state
+                },
+                transport: l.transport,
+                acked_seq: l.acked_seq,
+                lag_events: l.lag_events,
+                lag_ms: l.lag_ms,
+                lagging: l.lagging,
+                last_heartbeat_ms: l.last_heartbeat_ms,
+                sessions_total: l.sessions_total,
+                evictions: l.evictions,
+                agent_restarts: l.agent_restarts,
+                last_close: l.last_close,
+            }
         })
         .collect();
-    // Clinics the store knows that have not connected since this gateway started.
+    // Clinics the store knows that have not connected to this node since it started.
     for r in records {
         if !seen.iter().any(|t| t.clinic_id == r.clinic_id) {
+            let elsewhere = nodes.elsewhere(Some(r));
             seen.push(Tile {
                 clinic_id: r.clinic_id.clone(),
-                state: "offline",
+                state: if elsewhere.is_some() {
+                    "connected"
+                } else {
+                    "offline"
+                },
+                node: elsewhere.map(str::to_string),
                 transport: None,
                 acked_seq: r.acked_seq,
                 lag_events: 0,
@@ -286,7 +311,8 @@ pub(super) async fn fleet(
                 return Some((Ok::<_, actix_web::Error>(chunk), st));
             }
         };
-        let all = tiles(live, &records);
+        let nodes = NodeView::load(&st.state).await;
+        let all = tiles(live, &records, &nodes);
         let changed: Vec<&Tile> = all
             .iter()
             .filter(|t| st.sent.get(&t.clinic_id) != Some(*t))

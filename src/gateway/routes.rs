@@ -46,6 +46,7 @@ fn table() -> Table {
     t.add(post.clone(), "/v1/clinics/{id}/updates", api::post_update);
     t.add(post.clone(), "/v1/clinics/{id}/rpc", api::post_rpc);
     t.add(get.clone(), "/v1/events", api::list_events);
+    t.add(get.clone(), "/v1/nodes", api::list_nodes);
     t.add(get.clone(), "/v1/updates/{id}", api::get_update);
     t.add(get.clone(), "/v1/webhooks", api::list_webhooks);
     t.add(

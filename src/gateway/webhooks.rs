@@ -2,7 +2,8 @@
 //! entities) is POSTed to each configured endpoint, signed with HMAC-SHA256 over
 //! `"{timestamp}.{body}"`, at least once, in event order per endpoint.
 //!
-//! One dispatcher task per endpoint reads the store's events after the endpoint's cursor (kept
+//! One dispatcher task per endpoint (one in the whole cluster: a node dispatches an endpoint
+//! only while it leads it, see `GatewayStore::try_lead`) reads the store's events after the endpoint's cursor (kept
 //! in the store, moved only after a 2xx), retries a failed delivery with exponential backoff,
 //! and after `max_attempts` moves the event to the endpoint's dead-letter list and goes on (one
 //! poison event must not stop a clinic's stream). Dead letters are listed and replayed over
@@ -185,8 +186,31 @@ impl Webhooks {
     async fn dispatch(self: Arc<Self>, s: WebhookSettings, stats: Arc<WebhookStats>, beat: Beat) {
         let client = client(&s);
         log::info!(target: "connection", "webhook={} event=dispatcher_started url={}", s.name, s.url);
+        // Several gateway nodes on one store: exactly one dispatches each endpoint; the others
+        // stand by and take over when its node dies.
+        let role = format!("webhook:{}", s.name);
+        let mut leading: Option<bool> = None;
         loop {
             beat.beat();
+            let lead = match self.store.try_lead(&role).await {
+                Ok(l) => l,
+                Err(e) => {
+                    log::error!(target: "error", "webhook={} event=leadership_unknown error={e}", s.name);
+                    false
+                }
+            };
+            if leading != Some(lead) {
+                if lead {
+                    log::info!(target: "connection", "webhook={} event=dispatcher_active node={}", s.name, self.store.node());
+                } else {
+                    log::info!(target: "connection", "webhook={} event=dispatcher_standby node={} reason=\"another node dispatches this endpoint\"", s.name, self.store.node());
+                }
+                leading = Some(lead);
+            }
+            if !lead {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
             let wake = self.wake.notified();
             let after = match self.store.webhook_cursor(&s.name).await {
                 Ok(c) => c,

@@ -76,6 +76,7 @@ where
                     source,
                     checkpoint,
                     started: std::time::Instant::now(),
+                    ready_lag: a.admin.ready_lag.get(),
                     slots: None,
                 },
             ))

@@ -2,12 +2,16 @@
 //! the history check every sync test ends with.
 #![allow(dead_code)]
 
+pub mod pg;
 pub mod procs;
+pub mod ws;
 
 /// A plaintext gateway's settings on 127.0.0.1:0 with its store in `dir` (small limits, quick
 /// shutdown) for tests that start a gateway by hand.
 pub fn gateway_settings(dir: &Path, heartbeat: Duration) -> tether::gateway::GatewaySettings {
     tether::gateway::GatewaySettings {
+        node_id: None,
+        advertise: None,
         listen: "127.0.0.1:0".into(),
         store: tether::gateway::store::StoreLocation::Sqlite(dir.join("gateway.db")),
         retention: None,

@@ -8,6 +8,13 @@
 //! heartbeat), the agent's `close` becomes a close frame. Messages stay queued until a later
 //! poll's `after` passes their cursor, so an answer lost on the way is polled again; a `send`
 //! retried under the same `seq` is answered and ignored.
+//!
+//! With several gateway nodes, a channel lives in the node that opened it, and its id ends with
+//! that node's id (hex). A `send`, `poll` or `close` that the load balancer hands to another
+//! node is passed on to the channel's node (its address from the node table), signed with the
+//! key the nodes share through the store and carrying the client certificate's identities, so
+//! the channel's node checks exactly what it would have checked itself. A forwarded request is
+//! never forwarded again.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -121,11 +128,7 @@ pub async fn open(req: HttpRequest, state: web::Data<GatewayState>) -> HttpRespo
     });
     let codec = Codec::new().max_size(state.settings.max_frame_bytes);
     let output = ws::WebsocketContext::with_codec(session, input, codec);
-    let id = format!(
-        "h{:016x}{:016x}",
-        rand::random::<u64>(),
-        rand::random::<u64>()
-    );
+    let id = new_channel_id(state.store.node());
     let ch = Arc::new(Channel {
         clinic,
         input: tx,
@@ -201,22 +204,61 @@ async fn pump(
     }));
 }
 
-/// The channel of a request, checked against the client certificate under mutual TLS.
+/// `h<32 hex>-<the opening node's id in hex>`: unguessable, and names where the channel lives.
+fn new_channel_id(node: &str) -> String {
+    let hex: String = node.bytes().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "h{:016x}{:016x}-{hex}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    )
+}
+
+/// The node a channel id names, if it names one.
+fn channel_node(id: &str) -> Option<String> {
+    let (_, hex) = id.rsplit_once('-')?;
+    if hex.is_empty() || hex.len() % 2 == 1 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+/// Why a request has no channel here.
+enum Missing {
+    /// The channel lives in another node: pass the request on.
+    Elsewhere(String),
+    Refused(Box<HttpResponse>),
+}
+
+/// The channel of a request, checked against the client certificate under mutual TLS (the
+/// identities a forwarding node vouched for, when `forwarded`).
 fn channel(
     req: &HttpRequest,
     state: &GatewayState,
     id: &str,
-) -> Result<Arc<Channel>, Box<HttpResponse>> {
+    forwarded: Option<&[String]>,
+) -> Result<Arc<Channel>, Missing> {
     use actix_web::http::StatusCode;
     let Some(ch) = state.http_channels.get(id) else {
-        return Err(Box::new(problem(
+        if forwarded.is_none() {
+            if let Some(node) = channel_node(id).filter(|n| n != state.store.node()) {
+                return Err(Missing::Elsewhere(node));
+            }
+        }
+        return Err(Missing::Refused(Box::new(problem(
             StatusCode::NOT_FOUND,
             "unknown or closed channel",
-        )));
+        ))));
     };
     if super::mutual_tls(state) {
-        let ok = match (&ch.clinic, req.conn_data::<PeerIdentity>()) {
-            (Some(clinic), Some(ids)) => ids.0.contains(clinic),
+        let direct = req.conn_data::<PeerIdentity>().map(|p| p.0.as_slice());
+        let ids = forwarded.or(direct);
+        let ok = match (&ch.clinic, ids) {
+            (Some(clinic), Some(ids)) => ids.contains(clinic),
             (None, Some(_)) => true,
             _ => false,
         };
@@ -226,13 +268,238 @@ fn channel(
                 .map(|a| a.to_string())
                 .unwrap_or_else(|| "-".into());
             log::warn!(target: AUDIT, "event=http_channel_refused peer={peer} reason=certificate_mismatch");
-            return Err(Box::new(problem(
+            return Err(Missing::Refused(Box::new(problem(
                 StatusCode::FORBIDDEN,
                 "certificate does not match the channel",
-            )));
+            ))));
         }
     }
     Ok(ch)
+}
+
+const FORWARDED_BY: &str = "tether-forwarded-by";
+const FORWARDED_PEER: &str = "tether-forwarded-peer";
+const FORWARDED_AT: &str = "tether-forwarded-at";
+const FORWARDED_SIG: &str = "tether-forwarded-signature";
+/// A forwarded request older (or newer) than this is refused.
+const FORWARD_WINDOW_MS: u64 = 60_000;
+
+/// HMAC-SHA256 (hex) of a forwarded request under the nodes' shared key.
+fn forward_signature(
+    key: &[u8],
+    method: &str,
+    path: &str,
+    by: &str,
+    peer: &str,
+    at_ms: u64,
+    body: &[u8],
+) -> String {
+    let mut msg = Vec::with_capacity(body.len() + path.len() + 64);
+    for part in [method, path, by, peer] {
+        msg.extend_from_slice(part.as_bytes());
+        msg.push(b'\n');
+    }
+    msg.extend_from_slice(body);
+    crate::gateway::webhooks::sign(key, at_ms, &msg)
+}
+
+fn path_and_query(req: &HttpRequest) -> &str {
+    req.uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or_else(|| req.path())
+}
+
+/// `None` for a request straight from an agent; for one another node passed on, the client
+/// certificate identities it vouches for, once its signature checks out.
+fn forwarded_from(
+    req: &HttpRequest,
+    state: &GatewayState,
+    body: &[u8],
+) -> Result<Option<Vec<String>>, Box<HttpResponse>> {
+    use actix_web::http::StatusCode;
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let Some(by) = header(FORWARDED_BY) else {
+        return Ok(None);
+    };
+    let peer = header(FORWARDED_PEER).unwrap_or_default();
+    let at: u64 = header(FORWARDED_AT)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(0);
+    let sig = header(FORWARDED_SIG).unwrap_or_default();
+    let now = crate::security::unix_now_ms();
+    let want = forward_signature(
+        &state.peer_key,
+        req.method().as_str(),
+        path_and_query(req),
+        &by,
+        &peer,
+        at,
+        body,
+    );
+    let fresh = now.abs_diff(at) <= FORWARD_WINDOW_MS;
+    if !fresh || sig.len() != want.len() || !openssl::memcmp::eq(sig.as_bytes(), want.as_bytes()) {
+        let from = req
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".into());
+        let reason = if fresh { "bad_signature" } else { "stale" };
+        log::warn!(target: AUDIT, "event=forwarded_request_refused peer={from} claimed_node={by:?} reason={reason}");
+        return Err(Box::new(problem(
+            StatusCode::FORBIDDEN,
+            "forwarded request not signed by a node of this cluster",
+        )));
+    }
+    Ok(Some(
+        peer.split(',')
+            .filter(|p| !p.is_empty())
+            .map(str::to_string)
+            .collect(),
+    ))
+}
+
+/// An HTTP client for the other nodes, one per worker (awc clients are not `Send`), and the
+/// nodes' addresses as last read from the node table (kept for a heartbeat interval, so a busy
+/// fallback does not read the table on every request).
+pub struct PeerClient {
+    client: awc::Client,
+    addrs: std::cell::RefCell<HashMap<String, (String, std::time::Instant)>>,
+}
+
+impl PeerClient {
+    /// `tls`: the nodes serve TLS; their certificates are checked against this connector's
+    /// trust anchors.
+    pub fn new(tls: Option<openssl::ssl::SslConnector>, heartbeat: Duration) -> PeerClient {
+        // A poll is held up to a heartbeat interval.
+        let timeout = heartbeat + Duration::from_secs(10);
+        let connector = awc::Connector::new()
+            .limit(64)
+            .timeout(Duration::from_secs(5));
+        let connector = match tls {
+            Some(t) => connector.openssl(t),
+            None => connector,
+        };
+        PeerClient {
+            client: awc::Client::builder()
+                .connector(connector)
+                .timeout(timeout)
+                .disable_redirects()
+                .finish(),
+            addrs: Default::default(),
+        }
+    }
+
+    /// Where live node `node` listens (from the node table, at most a heartbeat interval old).
+    async fn addr_of(&self, state: &GatewayState, node: &str) -> Option<String> {
+        let hb = state.settings.heartbeat_interval;
+        if let Some((addr, at)) = self.addrs.borrow().get(node) {
+            if at.elapsed() < hb {
+                return Some(addr.clone());
+            }
+        }
+        let now = crate::security::unix_now_ms();
+        let nodes = state.store.nodes().await.ok()?;
+        let mut cache = self.addrs.borrow_mut();
+        cache.clear();
+        let read = std::time::Instant::now();
+        for n in nodes
+            .into_iter()
+            .filter(|n| crate::gateway::cluster::alive(n, hb, now))
+        {
+            cache.insert(n.node_id, (n.addr, read));
+        }
+        cache.get(node).map(|(a, _)| a.clone())
+    }
+}
+
+/// Passes a channel's request on to `node`, where the channel lives, and relays its answer.
+async fn forward(
+    req: &HttpRequest,
+    state: &GatewayState,
+    node: &str,
+    body: Bytes,
+    client: &PeerClient,
+) -> HttpResponse {
+    use actix_web::http::{header, StatusCode};
+    let Some(addr) = client.addr_of(state, node).await else {
+        // Its node is gone, and the channel with it: the agent opens a new one.
+        return problem(StatusCode::NOT_FOUND, "unknown or closed channel");
+    };
+    let now = crate::security::unix_now_ms();
+    let scheme = if state.security.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let path = path_and_query(req);
+    let ids = req
+        .conn_data::<PeerIdentity>()
+        .map(|p| p.0.join(","))
+        .unwrap_or_default();
+    let me = state.store.node();
+    let sig = forward_signature(
+        &state.peer_key,
+        req.method().as_str(),
+        path,
+        me,
+        &ids,
+        now,
+        &body,
+    );
+    let mut out = client
+        .client
+        .request(req.method().clone(), format!("{scheme}://{addr}{path}"))
+        .insert_header((FORWARDED_BY, me))
+        .insert_header((FORWARDED_PEER, ids))
+        .insert_header((FORWARDED_AT, now.to_string()))
+        .insert_header((FORWARDED_SIG, sig));
+    if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+        out = out.insert_header((header::CONTENT_TYPE, ct.clone()));
+    }
+    state.metrics.add(&state.metrics.http_forwarded, 1);
+    let answer = match out.send_body(body).await {
+        Ok(mut resp) => match resp.body().limit(POLL_MAX_BYTES + (1 << 20)).await {
+            Ok(b) => Ok((
+                resp.status(),
+                resp.headers().get(header::CONTENT_TYPE).cloned(),
+                b,
+            )),
+            Err(e) => Err(e.to_string()),
+        },
+        Err(e) => Err(e.to_string()),
+    };
+    match answer {
+        Ok((status, ct, b)) => {
+            let mut r = HttpResponse::build(status);
+            if let Some(ct) = ct {
+                r.insert_header((header::CONTENT_TYPE, ct));
+            }
+            r.insert_header((header::CACHE_CONTROL, "no-store")).body(b)
+        }
+        Err(e) => {
+            log::warn!(target: CONNECTION, "event=http_forward_failed node={node} addr={addr} error={e:?}");
+            problem(
+                StatusCode::BAD_GATEWAY,
+                "the gateway node holding this channel cannot be reached",
+            )
+        }
+    }
+}
+
+/// The channel of a request (direct, or forwarded by another node and checked).
+fn lookup(
+    req: &HttpRequest,
+    state: &GatewayState,
+    id: &str,
+    body: &[u8],
+) -> Result<Arc<Channel>, Missing> {
+    let forwarded = forwarded_from(req, state, body).map_err(Missing::Refused)?;
+    channel(req, state, id, forwarded.as_deref())
 }
 
 #[derive(Deserialize)]
@@ -244,14 +511,16 @@ pub struct SendQuery {
 pub async fn send(
     req: HttpRequest,
     state: web::Data<GatewayState>,
+    peers: web::Data<PeerClient>,
     path: web::Path<String>,
     query: web::Query<SendQuery>,
     body: Bytes,
 ) -> HttpResponse {
     use actix_web::http::StatusCode;
-    let ch = match channel(&req, &state, &path) {
+    let ch = match lookup(&req, &state, &path, &body) {
         Ok(c) => c,
-        Err(r) => return *r,
+        Err(Missing::Elsewhere(node)) => return forward(&req, &state, &node, body, &peers).await,
+        Err(Missing::Refused(r)) => return *r,
     };
     let Some(seq) = query.seq else {
         return problem(StatusCode::BAD_REQUEST, "query parameter `seq` is missing");
@@ -299,12 +568,16 @@ const POLL_MAX_BYTES: usize = 4 * 1024 * 1024;
 pub async fn poll(
     req: HttpRequest,
     state: web::Data<GatewayState>,
+    peers: web::Data<PeerClient>,
     path: web::Path<String>,
     query: web::Query<PollQuery>,
 ) -> HttpResponse {
-    let ch = match channel(&req, &state, &path) {
+    let ch = match lookup(&req, &state, &path, &[]) {
         Ok(c) => c,
-        Err(r) => return *r,
+        Err(Missing::Elsewhere(node)) => {
+            return forward(&req, &state, &node, Bytes::new(), &peers).await
+        }
+        Err(Missing::Refused(r)) => return *r,
     };
     // Each poll is the agent's heartbeat.
     ch.feed(WsMessage::Ping(Bytes::new()));
@@ -370,12 +643,23 @@ fn answer(d: &Down, after: u64) -> HttpResponse {
 pub async fn close(
     req: HttpRequest,
     state: web::Data<GatewayState>,
+    peers: web::Data<PeerClient>,
     path: web::Path<String>,
-    body: web::Json<Closed>,
+    raw: Bytes,
 ) -> HttpResponse {
-    let ch = match channel(&req, &state, &path) {
+    let ch = match lookup(&req, &state, &path, &raw) {
         Ok(c) => c,
-        Err(r) => return *r,
+        Err(Missing::Elsewhere(node)) => return forward(&req, &state, &node, raw, &peers).await,
+        Err(Missing::Refused(r)) => return *r,
+    };
+    let body: Closed = match serde_json::from_slice(&raw) {
+        Ok(b) => b,
+        Err(e) => {
+            return problem(
+                actix_web::http::StatusCode::BAD_REQUEST,
+                &format!("close body: {e}"),
+            )
+        }
     };
     let reason = CloseReason {
         code: CloseCode::from(body.code),

@@ -59,6 +59,9 @@ pub struct Session {
     rate: TokenBucket,
     /// The clinic outbox this session speaks for (from `hello`).
     source: u64,
+    /// This session's claim on the clinic (from the store at `hello`); its appends carry it and
+    /// are fenced once another session, on any node, has claimed the clinic.
+    epoch: u64,
     /// `websocket` or `http` (the fallback).
     transport: &'static str,
     /// How the session ended: the close code and reason, and who closed it.
@@ -312,6 +315,7 @@ impl Session {
             auth,
             rate: TokenBucket::new(rate, burst),
             source: 0,
+            epoch: 0,
             transport,
             end: None,
             rpc_outstanding: HashSet::new(),
@@ -502,7 +506,10 @@ impl Session {
         let fut = async move { store.hello(&c, source).await };
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| {
             let acked = match res {
-                Ok(a) => a,
+                Ok(claim) => {
+                    act.epoch = claim.epoch;
+                    claim.acked
+                }
                 Err(e) => {
                     log::error!(target: ERROR, "session={} clinic={clinic} event=store_error error={e}", act.id);
                     act.send_error(ctx, ErrorCode::StoreUnavailable, "store unavailable".into(), None);
@@ -519,7 +526,7 @@ impl Session {
                 transport: act.transport,
                 restarts: h.restarts,
             });
-            log::info!(target: CONNECTION, "session={} clinic={clinic} event=session_open transport={} remote={} agent_version={} agent_acked_seq={} gateway_acked_seq={acked}", act.id, act.transport, act.remote.as_deref().unwrap_or("-"), log_value(&h.agent_version, 32), h.last_acked_seq);
+            log::info!(target: CONNECTION, "session={} clinic={clinic} event=session_open transport={} remote={} agent_version={} agent_acked_seq={} gateway_acked_seq={acked} node={} epoch={}", act.id, act.transport, act.remote.as_deref().unwrap_or("-"), log_value(&h.agent_version, 32), h.last_acked_seq, act.state.store.node(), act.epoch);
             log::info!(target: AUDIT, "event=session_open session={} clinic={clinic} authenticated={}", act.id, act.auth.is_some());
             let welcome = Wire::Welcome(Welcome {
                 session_id: act.id.clone(),
@@ -608,13 +615,13 @@ impl Session {
                 return;
             }
             // The write is queued when `append` is called; its outcome is ignored on purpose.
-            drop(self.state.store.append(&clinic, 0, 0, incoming));
+            drop(self.state.store.append(&clinic, 0, 0, 0, incoming));
             return;
         }
         let fut = self
             .state
             .store
-            .append(&clinic, self.source, prev_seq, incoming);
+            .append(&clinic, self.source, self.epoch, prev_seq, incoming);
         self.writes_inflight += 1;
         let started = Instant::now();
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
@@ -663,6 +670,17 @@ impl Session {
                     lag_ms,
                     restarts,
                 });
+            }
+            Ok(AppendOutcome::Fenced { epoch }) => {
+                // A newer session holds the clinic (this node was paused, partitioned or slow,
+                // and the agent has moved on): nothing of this batch was stored.
+                log::warn!(target: CONNECTION, "session={} clinic={clinic} event=fenced first_seq={first} last_seq={last} held_epoch={} current_epoch={epoch} action=closed_nothing_stored", act.id, act.epoch);
+                act.state.metrics.add(&act.state.metrics.sessions_fenced, 1);
+                act.close(
+                    ctx,
+                    ws::CloseCode::Other(4001),
+                    "fenced: the clinic was claimed by a newer session",
+                );
             }
             Ok(AppendOutcome::Gap { acked }) => {
                 act.send_error(
@@ -905,6 +923,16 @@ impl Actor for Session {
             };
             if evicted {
                 self.state.metrics.add(&self.state.metrics.evictions, 1);
+            }
+            if self.epoch != 0 {
+                // The clinic is held by no node now (unless a newer session claimed it).
+                let released = self.state.store.release(clinic, self.epoch);
+                let (sid, c) = (self.id.clone(), clinic.clone());
+                actix::spawn(async move {
+                    if let Err(e) = released.await {
+                        log::warn!(target: ERROR, "session={sid} clinic={c} event=release_failed error={e}");
+                    }
+                });
             }
             self.state.registry.do_send(registry::Unregister {
                 clinic_id: clinic.clone(),

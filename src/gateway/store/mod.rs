@@ -17,8 +17,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 
 pub use tether_actors::gateway_store::{
-    AppendOutcome, ClinicRecord, DeadLetter, GatewayStore, IncomingEvent, NewUpdate, Pruned,
-    StoreError, StoreFuture, StoredEvent, UpdateRecord,
+    AppendOutcome, Claim, ClinicRecord, DeadLetter, ForwardedCall, GatewayStore, IncomingEvent,
+    NewUpdate, NodeRecord, Pruned, Signal, SignalWatcher, StoreError, StoreFuture, StoredEvent,
+    UpdateRecord, UNFENCED,
 };
 pub use tether_schemas::iso_from_millis;
 
@@ -92,7 +93,13 @@ pub struct StoreSettings {
     pub queue_bytes: usize,
     /// Test-only crash point: abort right after this many group commits, before replying.
     pub abort_after_commits: Option<u64>,
+    /// This gateway node's id (`gateway.node_id`): the owner recorded by its sessions' claims
+    /// and the key of its heartbeat row.
+    pub node: String,
 }
+
+/// The node id when `gateway.node_id` is not set.
+pub const DEFAULT_NODE: &str = "gateway";
 
 impl StoreSettings {
     pub fn sqlite(path: impl Into<PathBuf>) -> StoreSettings {
@@ -102,6 +109,7 @@ impl StoreSettings {
             queue: DEFAULT_QUEUE,
             queue_bytes: DEFAULT_QUEUE_BYTES,
             abort_after_commits: None,
+            node: DEFAULT_NODE.to_string(),
         }
     }
 }
@@ -176,12 +184,25 @@ pub(crate) enum Op {
     Hello {
         clinic: String,
         source: u64,
+        node: String,
     },
     Append {
         clinic: String,
         source: u64,
+        epoch: u64,
         prev_seq: u64,
         events: Vec<IncomingEvent>,
+    },
+    Release {
+        clinic: String,
+        epoch: u64,
+    },
+    NodeBeat {
+        node: String,
+        addr: String,
+        started_at: String,
+        sessions: u64,
+        at_ms: u64,
     },
     EnqueueUpdate(NewUpdate),
     MarkDelivered(Vec<String>),
@@ -218,6 +239,24 @@ pub(crate) enum Op {
     RememberToken {
         jti: String,
         expires_at: u64,
+    },
+    ForwardCall(ForwardedCall),
+    TakeCall {
+        id: String,
+        node: String,
+    },
+    AnswerCall {
+        id: String,
+        answer: String,
+    },
+    CallAnswer {
+        id: String,
+    },
+    DropCall {
+        id: String,
+    },
+    ClusterKey {
+        candidate: String,
     },
     Ping,
     /// SQLite only: `PRAGMA max_page_count` (run alone, outside a transaction).
@@ -258,13 +297,16 @@ const EVENT_OVERHEAD: usize = std::mem::size_of::<IncomingEvent>() + 4 * 16;
 /// What a write resolved to.
 #[derive(Debug)]
 pub(crate) enum Done {
-    Pos(u64),
+    Claim(Claim),
     Append(AppendOutcome),
     Id(String),
     Bool(bool),
     Unit,
     Replay(Result<(), u64>),
     Pruned(Pruned),
+    Call(Option<ForwardedCall>),
+    /// `AnswerCall`: the node that forwarded the call; `CallAnswer`: the answer.
+    Text(Option<String>),
 }
 
 pub(crate) struct Cmd {
@@ -532,13 +574,18 @@ where
 /// `writer` field and maps the [`Done`] it resolves to. Expands inside `impl GatewayStore`.
 macro_rules! write_methods {
     () => {
-        fn hello(&self, clinic: &str, source: u64) -> StoreFuture<u64> {
+        fn node(&self) -> &str {
+            &self.node
+        }
+
+        fn hello(&self, clinic: &str, source: u64) -> StoreFuture<super::Claim> {
             let op = Op::Hello {
                 clinic: clinic.into(),
                 source,
+                node: self.node.clone(),
             };
             super::expect(self.writer.submit(op), |d| match d {
-                Done::Pos(p) => Some(p),
+                Done::Claim(c) => Some(c),
                 _ => None,
             })
         }
@@ -547,12 +594,14 @@ macro_rules! write_methods {
             &self,
             clinic: &str,
             source: u64,
+            epoch: u64,
             prev_seq: u64,
             events: Vec<IncomingEvent>,
         ) -> StoreFuture<AppendOutcome> {
             let op = Op::Append {
                 clinic: clinic.into(),
                 source,
+                epoch,
                 prev_seq,
                 events,
             };
@@ -652,6 +701,71 @@ macro_rules! write_methods {
             self.writer.unit(Op::Ping)
         }
 
+        fn forward_call(&self, call: ForwardedCall) -> StoreFuture<()> {
+            self.writer.unit(Op::ForwardCall(call))
+        }
+
+        fn take_call(&self, id: &str) -> StoreFuture<Option<ForwardedCall>> {
+            let op = Op::TakeCall {
+                id: id.into(),
+                node: self.node.clone(),
+            };
+            super::expect(self.writer.submit(op), |d| match d {
+                Done::Call(c) => Some(c),
+                _ => None,
+            })
+        }
+
+        fn answer_call(&self, id: &str, answer: &str) -> StoreFuture<bool> {
+            let op = Op::AnswerCall {
+                id: id.into(),
+                answer: answer.into(),
+            };
+            super::expect(self.writer.submit(op), |d| match d {
+                Done::Text(from) => Some(from.is_some()),
+                _ => None,
+            })
+        }
+
+        fn call_answer(&self, id: &str) -> StoreFuture<Option<String>> {
+            let op = Op::CallAnswer { id: id.into() };
+            super::expect(self.writer.submit(op), |d| match d {
+                Done::Text(t) => Some(t),
+                _ => None,
+            })
+        }
+
+        fn drop_call(&self, id: &str) -> StoreFuture<()> {
+            self.writer.unit(Op::DropCall { id: id.into() })
+        }
+
+        fn cluster_key(&self, candidate: &str) -> StoreFuture<String> {
+            let op = Op::ClusterKey {
+                candidate: candidate.into(),
+            };
+            super::expect(self.writer.submit(op), |d| match d {
+                Done::Text(Some(k)) => Some(k),
+                _ => None,
+            })
+        }
+
+        fn release(&self, clinic: &str, epoch: u64) -> StoreFuture<()> {
+            self.writer.unit(Op::Release {
+                clinic: clinic.into(),
+                epoch,
+            })
+        }
+
+        fn node_beat(&self, addr: &str, started_at: &str, sessions: u64) -> StoreFuture<()> {
+            self.writer.unit(Op::NodeBeat {
+                node: self.node.clone(),
+                addr: addr.into(),
+                started_at: started_at.into(),
+                sessions,
+                at_ms: crate::security::unix_now_ms(),
+            })
+        }
+
         fn close(&self) {
             self.writer.close();
         }
@@ -691,6 +805,20 @@ fn key_row_json(
 
 pub(crate) fn update_json(u: &NewUpdate) -> Result<(String, Option<String>), StoreError> {
     key_row_json(&u.key, u.row.as_ref(), || "update".into())
+}
+
+/// A forwarded call is removed this long after its caller stopped waiting, if nobody removed it.
+pub(crate) const CALL_MARGIN_MS: u64 = 60_000;
+
+/// The params of a forwarded call as stored (JSON text), back to a map.
+pub(crate) fn call_params(
+    id: &str,
+    text: &str,
+) -> Result<serde_json::Map<String, serde_json::Value>, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Unavailable {
+        retryable: false,
+        message: format!("forwarded call {id}: params: {e}"),
+    })
 }
 
 /// Token ids are kept this long past their expiry (well beyond any verification leeway).
@@ -737,6 +865,7 @@ mod tests {
         Op::Append {
             clinic: "c".into(),
             source: 0,
+            epoch: 0,
             prev_seq: 0,
             events: vec![IncomingEvent::from_event(&event, None)],
         }

@@ -12,7 +12,8 @@
 //! out and committed by one transaction at a time, so a reader never sees a later id before an
 //! earlier one. On one node this costs nothing (its writer is serial anyway); across nodes it
 //! serialises the commits of event groups — the price of gap-free cursors, measured in
-//! docs/BENCHMARKS.md.
+//! docs/BENCHMARKS.md. A node paused while it holds the lock would stall every node: the
+//! server ends any transaction idle for `IDLE_IN_TRANSACTION_MS`, which releases it.
 //!
 //! A lost connection fails the group in flight with `Unavailable { retryable: true }` (nothing
 //! acknowledged; agents resend) and the next group reconnects.
@@ -27,12 +28,18 @@ use tether_schemas::UpdateOp;
 
 use super::{
     check_version, new_update_id, now_iso, redact_url, AppendOutcome, Backend, ClinicRecord,
-    DeadLetter, Done, GatewayStore, IncomingEvent, NewUpdate, Op, Pruned, ReadPool, StoreError,
-    StoreFuture, StoreSettings, StoredEvent, UpdateRecord, Writer,
+    DeadLetter, Done, ForwardedCall, GatewayStore, IncomingEvent, NewUpdate, NodeRecord, Op,
+    Pruned, ReadPool, Signal, StoreError, StoreFuture, StoreSettings, StoredEvent, UpdateRecord,
+    Writer,
 };
 
 /// The advisory lock every event-inserting transaction holds (see the module docs).
 pub const EVENTS_LOCK: i64 = 0x7465_7468_6576_0001;
+/// A transaction of this node's that stops moving for this long (the node paused by SIGSTOP or
+/// a hypervisor, or its host gone silent) is ended by the server, which releases its locks —
+/// `EVENTS_LOCK` above all, which would otherwise stall every node's appends. The writer never
+/// waits inside a transaction; it runs its statements back to back.
+pub const IDLE_IN_TRANSACTION_MS: u64 = 1_000;
 /// Held (session-scoped) while migrations run, so two nodes starting together migrate once.
 const MIGRATION_LOCK: i64 = 0x7465_7468_6d69_0001;
 
@@ -97,11 +104,93 @@ INSERT INTO store_meta (key, value) VALUES ('pruned_through', 0);
 CREATE TABLE token_ids (jti TEXT PRIMARY KEY, expires_at BIGINT NOT NULL);
 CREATE INDEX token_ids_expiry ON token_ids (expires_at);
 ",
+    "
+ALTER TABLE clinics ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE clinics ADD COLUMN owner_node TEXT;
+CREATE TABLE gateway_nodes (
+    node_id TEXT PRIMARY KEY,
+    addr TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    last_beat_ms BIGINT NOT NULL,
+    sessions BIGINT NOT NULL
+);
+",
+    "
+CREATE TABLE rpc_calls (
+    id TEXT PRIMARY KEY,
+    clinic_id TEXT NOT NULL,
+    from_node TEXT NOT NULL,
+    to_node TEXT NOT NULL,
+    name TEXT NOT NULL,
+    params_json TEXT NOT NULL,
+    deadline_ms BIGINT NOT NULL,
+    taken BOOLEAN NOT NULL DEFAULT FALSE,
+    answer_json TEXT
+);
+CREATE INDEX rpc_calls_deadline ON rpc_calls (deadline_ms);
+CREATE TABLE cluster_keys (name TEXT PRIMARY KEY, secret TEXT NOT NULL);
+",
 ];
 
 pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
 
 use super::valid_schema;
+
+/// The NOTIFY channel on which a committed update names its clinic (one per store schema, so
+/// stores sharing a database do not hear each other).
+pub fn updates_channel(schema: &str) -> String {
+    format!("tether_updates_{schema}")
+}
+
+/// The NOTIFY channel on which nodes hand each other forwarded calls and their answers; the
+/// payload names the node it is for (see [`call_signal`]).
+pub fn calls_channel(schema: &str) -> String {
+    format!("tether_calls_{schema}")
+}
+
+/// A notification on the calls channel: `call <id> <node>` or `answer <id> <node>` (ids have no
+/// spaces; node ids may).
+fn call_signal(kind: &str, id: &str, node: &str) -> String {
+    format!("{kind} {id} {node}")
+}
+
+/// The signal in a calls-channel payload, if it is for `me`.
+fn parse_call_signal(payload: &str, me: &str) -> Option<Signal> {
+    let mut parts = payload.splitn(3, ' ');
+    let (kind, id, node) = (parts.next()?, parts.next()?, parts.next()?);
+    if node != me {
+        return None;
+    }
+    match kind {
+        "call" => Some(Signal::Call(id.to_string())),
+        "answer" => Some(Signal::Answer(id.to_string())),
+        _ => None,
+    }
+}
+
+/// A driver error as an operator needs it: the server's SQLSTATE, message and hint (the
+/// driver's own text is only "db error"), or the connection error and its causes. The server's
+/// DETAIL is left out: it can quote row values.
+struct Pg<'a>(&'a postgres::Error);
+
+impl std::fmt::Display for Pg<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(d) = self.0.as_db_error() {
+            write!(f, "{} (SQLSTATE {})", d.message(), d.code().code())?;
+            if let Some(h) = d.hint() {
+                write!(f, "; hint: {h}")?;
+            }
+            return Ok(());
+        }
+        write!(f, "{}", self.0)?;
+        let mut cause = std::error::Error::source(self.0);
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
+    }
+}
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable {
@@ -117,18 +206,30 @@ fn connect(url: &str, schema: &str) -> Result<Client, StoreError> {
             message: format!("schema `{schema}` is not [a-z_][a-z0-9_]*"),
         });
     }
-    let mut c = Client::connect(url, NoTls).map_err(|e| unavailable("connect", e))?;
+    let mut c = Client::connect(url, NoTls).map_err(|e| unavailable("connect", Pg(&e)))?;
+    // Nodes starting together on a new database race to create the schema: the loser's
+    // "already exists" (unique_violation on the catalog, or duplicate_schema) is its success.
+    if let Err(e) = c.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}")) {
+        let raced = e.code().is_some_and(|c| {
+            *c == postgres::error::SqlState::UNIQUE_VIOLATION
+                || *c == postgres::error::SqlState::DUPLICATE_SCHEMA
+        });
+        if !raced {
+            return Err(unavailable("create schema", Pg(&e)));
+        }
+    }
     c.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}"
+        "SET search_path TO {schema}; \
+         SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MS}"
     ))
-    .map_err(|e| unavailable("connect", e))?;
+    .map_err(|e| unavailable("connect", Pg(&e)))?;
     Ok(c)
 }
 
 fn migrate(c: &mut Client, store: &str) -> Result<(), StoreError> {
     let err = |e: postgres::Error| StoreError::Open {
         store: store.to_string(),
-        message: format!("migration: {e}"),
+        message: format!("migration: {}", Pg(&e)),
     };
     c.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .map_err(err)?;
@@ -164,6 +265,11 @@ fn migrate(c: &mut Client, store: &str) -> Result<(), StoreError> {
 }
 
 pub struct PgStore {
+    node: String,
+    /// The connection whose session-level advisory locks make this node a leader.
+    leader: Arc<std::sync::Mutex<Leader>>,
+    /// Set when the store is dropped: the update listener's thread ends.
+    stop: Arc<std::sync::atomic::AtomicBool>,
     url: String,
     schema: String,
     writer: Writer,
@@ -199,12 +305,17 @@ impl PgStore {
         let backend = PgBackend {
             url: url.to_string(),
             schema: schema.to_string(),
+            updates_channel: updates_channel(schema),
+            calls_channel: calls_channel(schema),
             client: Some(client),
             stmts: HashMap::new(),
             lost_logged: false,
         };
         let writer = Writer::spawn("postgres", backend, s)?;
         Ok(Arc::new(PgStore {
+            node: s.node.clone(),
+            leader: Default::default(),
+            stop: Default::default(),
             url: url.to_string(),
             schema: schema.to_string(),
             writer,
@@ -219,13 +330,23 @@ impl PgStore {
         let (url, schema) = (self.url.clone(), self.schema.clone());
         self.readers.run(
             move || connect(&url, &schema),
-            move |c| f(c).map_err(|e| unavailable("read", e)),
+            move |c| f(c).map_err(|e| unavailable("read", Pg(&e))),
         )
     }
 }
 
 impl Drop for PgStore {
     fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Ends the leadership session (its roles pass on) off any runtime thread.
+        let leader = self
+            .leader
+            .lock()
+            .map(|mut l| l.client.take())
+            .unwrap_or(None);
+        if let Some(c) = leader {
+            let _ = std::thread::spawn(move || drop(c)).join();
+        }
         self.writer.close();
         // The driver closes a connection by blocking on its own runtime, which must not happen
         // on a runtime thread (where the last holder of the store may well be).
@@ -236,10 +357,141 @@ impl Drop for PgStore {
     }
 }
 
+/// A connection held for leadership: each role is a session-level advisory lock on it, so a
+/// role passes to another node when this connection ends — the process died, or it stayed idle
+/// past `LEADER_IDLE_MS` (a paused node; the server ends its session and the locks go).
+#[derive(Default)]
+struct Leader {
+    client: Option<Client>,
+    held: std::collections::HashSet<String>,
+}
+
+/// How long a leader's connection may stay silent before the server ends it and its roles
+/// pass on. A leader checks in at least every second while it works.
+pub const LEADER_IDLE_MS: u64 = 10_000;
+
+impl Leader {
+    fn try_lead(&mut self, url: &str, schema: &str, role: &str) -> Result<bool, StoreError> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            if !self.held.is_empty() {
+                log::warn!(target: "connection", "event=leadership_lost roles={} reason=connection_ended", self.held.len());
+            }
+            self.held.clear();
+            let mut c = connect(url, schema)?;
+            c.batch_execute(&format!("SET idle_session_timeout = {LEADER_IDLE_MS}"))
+                .map_err(|e| unavailable("lead", Pg(&e)))?;
+            self.client = Some(c);
+        }
+        let Some(c) = self.client.as_mut() else {
+            return Err(unavailable("lead", "no connection"));
+        };
+        let key = format!("{schema}:{role}");
+        if self.held.contains(&key) {
+            // Still ours while the session lives: one round trip proves it (and keeps it busy).
+            return match c.execute("SELECT 1", &[]) {
+                Ok(_) => Ok(true),
+                Err(e) => {
+                    self.client = None;
+                    self.held.clear();
+                    log::warn!(target: "connection", "event=leadership_lost role={role} reason=\"{e}\"");
+                    Ok(false)
+                }
+            };
+        }
+        let won: bool = c
+            .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&key])
+            .map_err(|e| {
+                self.client = None;
+                unavailable("lead", Pg(&e))
+            })?
+            .get(0);
+        if won {
+            self.held.insert(key);
+            log::info!(target: "connection", "event=leadership_taken role={role}");
+        }
+        Ok(won)
+    }
+}
+
+/// The listener: `LISTEN` on its own connection to the updates channel (every notification's
+/// clinic to `on_signal`) and the calls channel (the calls and answers for node `me`). A lost
+/// connection is logged once, retried with backoff, and logged when back (the nodes' periodic
+/// sweep covers update notifications sent meanwhile; a call sent meanwhile times out).
+fn listen(
+    url: &str,
+    schema: &str,
+    me: &str,
+    stop: &std::sync::atomic::AtomicBool,
+    on_signal: super::SignalWatcher,
+) {
+    use postgres::fallible_iterator::FallibleIterator;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    let (updates, calls) = (updates_channel(schema), calls_channel(schema));
+    let mut backoff = Duration::from_millis(250);
+    let mut lost = false;
+    while !stop.load(Ordering::Relaxed) {
+        let mut client = match connect(url, schema).and_then(|mut c| {
+            c.batch_execute(&format!("LISTEN {updates}; LISTEN {calls}"))
+                .map(|_| c)
+                .map_err(|e| unavailable("listen", Pg(&e)))
+        }) {
+            Ok(c) => c,
+            Err(e) => {
+                if !lost {
+                    log::error!(target: "error", "event=store_listener_lost store=postgres error={e}");
+                    lost = true;
+                }
+                std::thread::park_timeout(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        if lost {
+            log::warn!(target: "connection", "event=store_listener_back store=postgres");
+            lost = false;
+        }
+        backoff = Duration::from_millis(250);
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let next = client
+                .notifications()
+                .timeout_iter(Duration::from_secs(1))
+                .next();
+            match next {
+                Ok(Some(note)) => {
+                    let signal = if note.channel() == updates {
+                        Some(Signal::Updates(note.payload().to_string()))
+                    } else {
+                        parse_call_signal(note.payload(), me)
+                    };
+                    if let Some(signal) = signal {
+                        if !on_signal(signal) {
+                            return;
+                        }
+                    }
+                }
+                Ok(None) => {
+                    if client.is_closed() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    log::error!(target: "error", "event=store_listener_lost store=postgres error={}", Pg(&e));
+                    lost = true;
+                    break;
+                }
+            }
+        }
+    }
+}
+
 const EVENT_COLUMNS: &str =
     "id, clinic_id, seq, entity, op, key_json, row_json, committed_at, received_at, problem";
 const CLINIC_COLUMNS: &str =
-    "clinic_id, acked_seq, first_seen, last_event_at, events_stored, pending_updates";
+    "clinic_id, acked_seq, first_seen, last_event_at, events_stored, pending_updates, owner_node, epoch";
 
 fn event_from_row(r: &postgres::Row) -> StoredEvent {
     let key: String = r.get(5);
@@ -266,6 +518,8 @@ fn clinic_from_row(r: &postgres::Row) -> ClinicRecord {
         last_event_at: r.get(3),
         events: r.get::<_, i64>(4).max(0) as u64,
         pending_updates: r.get::<_, i64>(5).max(0) as u64,
+        node: r.get(6),
+        epoch: r.get::<_, i64>(7).max(0) as u64,
     }
 }
 
@@ -300,6 +554,55 @@ impl GatewayStore for PgStore {
         })
     }
 
+    fn try_lead(&self, role: &str) -> StoreFuture<bool> {
+        let (leader, url, schema) = (self.leader.clone(), self.url.clone(), self.schema.clone());
+        let role = role.to_string();
+        let job = move || -> Result<bool, StoreError> {
+            let mut l = leader.lock().unwrap_or_else(|p| p.into_inner());
+            l.try_lead(&url, &schema, &role)
+        };
+        Box::pin(async move {
+            if tokio::runtime::Handle::try_current().is_err() {
+                return job();
+            }
+            tokio::task::spawn_blocking(job)
+                .await
+                .map_err(|e| unavailable("lead", e))?
+        })
+    }
+
+    fn watch(&self, on_signal: super::SignalWatcher) -> bool {
+        let (url, schema, stop) = (self.url.clone(), self.schema.clone(), self.stop.clone());
+        let me = self.node.clone();
+        let spawned = std::thread::Builder::new()
+            .name("store-listen".into())
+            .spawn(move || listen(&url, &schema, &me, &stop, on_signal));
+        if let Err(e) = spawned {
+            log::error!(target: "error", "event=update_listener_failed store=postgres error={e}");
+            return false;
+        }
+        true
+    }
+
+    fn nodes(&self) -> StoreFuture<Vec<NodeRecord>> {
+        self.read(|c| {
+            Ok(c
+                .query(
+                    "SELECT node_id, addr, started_at, last_beat_ms, sessions FROM gateway_nodes ORDER BY node_id",
+                    &[],
+                )?
+                .iter()
+                .map(|r| NodeRecord {
+                    node_id: r.get(0),
+                    addr: r.get(1),
+                    started_at: r.get(2),
+                    last_beat_ms: r.get::<_, i64>(3).max(0) as u64,
+                    sessions: r.get::<_, i64>(4).max(0) as u64,
+                })
+                .collect())
+        })
+    }
+
     fn clinic(&self, clinic: &str) -> StoreFuture<Option<ClinicRecord>> {
         let clinic = clinic.to_string();
         self.read(move |c| {
@@ -323,7 +626,7 @@ impl GatewayStore for PgStore {
         self.readers.run(
             move || connect(&url, &schema),
             move |c| {
-                let e = |e| unavailable("read", e);
+                let e = |e: postgres::Error| unavailable("read", Pg(&e));
                 let pruned: i64 = c
                     .query_one(
                         "SELECT value FROM store_meta WHERE key = 'pruned_through'",
@@ -505,6 +808,10 @@ impl GatewayStore for PgStore {
 struct PgBackend {
     url: String,
     schema: String,
+    /// See [`updates_channel`].
+    updates_channel: String,
+    /// See [`calls_channel`].
+    calls_channel: String,
     client: Option<Client>,
     stmts: HashMap<&'static str, Statement>,
     lost_logged: bool,
@@ -551,7 +858,27 @@ impl PgBackend {
         }
         let mut out = Vec::with_capacity(ops.len());
         for op in ops {
-            out.push(run_op(&mut tx, &mut self.stmts, op, &now)?);
+            let done = run_op(&mut tx, &mut self.stmts, op, &now)?;
+            // Delivered with the commit (never before it, never for a rolled-back one).
+            match (op, &done) {
+                // Whichever node holds the clinic's session sends the update at once.
+                (Op::EnqueueUpdate(u), Ok(Done::Id(_))) => {
+                    tx.execute(
+                        "SELECT pg_notify($1, $2)",
+                        &[&self.updates_channel, &u.clinic_id],
+                    )?;
+                }
+                (Op::ForwardCall(c), Ok(Done::Unit)) => {
+                    let note = call_signal("call", &c.id, &c.to_node);
+                    tx.execute("SELECT pg_notify($1, $2)", &[&self.calls_channel, &note])?;
+                }
+                (Op::AnswerCall { id, .. }, Ok(Done::Text(Some(from)))) => {
+                    let note = call_signal("answer", id, from);
+                    tx.execute("SELECT pg_notify($1, $2)", &[&self.calls_channel, &note])?;
+                }
+                _ => {}
+            }
+            out.push(done);
         }
         tx.commit()?;
         Ok(out)
@@ -564,14 +891,14 @@ impl Backend for PgBackend {
         match self.try_group(ops) {
             Ok(out) => Ok(out),
             Err(e) if self.client.as_ref().is_none_or(|c| c.is_closed()) => {
-                log::error!(target: "error", "event=store_connection_lost store=postgres error={e}");
+                log::error!(target: "error", "event=store_connection_lost store=postgres error={}", Pg(&e));
                 self.lost_logged = true;
                 self.client = None;
-                Err(unavailable("write", e))
+                Err(unavailable("write", Pg(&e)))
             }
             // One op is bad (the group rolled back): run each alone, so only that one fails.
             Err(e) if ops.len() > 1 => {
-                log::warn!(target: "error", "event=store_group_retried_one_by_one ops={} error={e}", ops.len());
+                log::warn!(target: "error", "event=store_group_retried_one_by_one ops={} error={}", ops.len(), Pg(&e));
                 Ok(ops
                     .iter()
                     .map(|op| match self.try_group(std::slice::from_ref(op)) {
@@ -580,14 +907,14 @@ impl Backend for PgBackend {
                             .unwrap_or_else(|| Err(unavailable("write", "no result"))),
                         Err(e) => Err(StoreError::Unavailable {
                             retryable: false,
-                            message: format!("write: {e}"),
+                            message: format!("write: {}", Pg(&e)),
                         }),
                     })
                     .collect())
             }
             Err(e) => Ok(vec![Err(StoreError::Unavailable {
                 retryable: false,
-                message: format!("write: {e}"),
+                message: format!("write: {}", Pg(&e)),
             })]),
         }
     }
@@ -685,47 +1012,19 @@ fn run_op(
     now: &String,
 ) -> Result<Result<Done, StoreError>, postgres::Error> {
     Ok(Ok(match op {
-        Op::Hello { clinic, source } => {
-            let source = *source as i64;
-            let s = stmt(
-                tx,
-                cache,
-                "SELECT acked_seq, source_id FROM clinics WHERE clinic_id = $1 FOR UPDATE",
-            )?;
-            let row = tx.query_opt(&s, &[clinic])?;
-            match row.map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1))) {
-                None => {
-                    tx.execute(
-                        "INSERT INTO clinics (clinic_id, acked_seq, source_id, first_seen) VALUES ($1, 0, $2, $3) \
-                         ON CONFLICT (clinic_id) DO NOTHING",
-                        &[clinic, &source, now],
-                    )?;
-                    Done::Pos(0)
-                }
-                Some((acked, known)) if known == source || source == 0 => Done::Pos(acked as u64),
-                Some((acked, 0)) => {
-                    tx.execute(
-                        "UPDATE clinics SET source_id = $2 WHERE clinic_id = $1",
-                        &[clinic, &source],
-                    )?;
-                    Done::Pos(acked as u64)
-                }
-                Some((acked, known)) => {
-                    super::log_outbox_recreated(clinic, known as u64, source as u64, acked as u64);
-                    tx.execute(
-                        "UPDATE clinics SET source_id = $2, acked_seq = 0 WHERE clinic_id = $1",
-                        &[clinic, &source],
-                    )?;
-                    Done::Pos(0)
-                }
-            }
-        }
-        Op::Append {
+        Op::Hello {
             clinic,
             source,
-            prev_seq,
-            events,
+            node,
         } => {
+            let source = *source as i64;
+            // Insert first, then lock: two nodes claiming a new clinic at once serialise on
+            // the row (the second waits for the first's insert) and get distinct epochs.
+            tx.execute(
+                "INSERT INTO clinics (clinic_id, acked_seq, source_id, first_seen) VALUES ($1, 0, $2, $3) \
+                 ON CONFLICT (clinic_id) DO NOTHING",
+                &[clinic, &source, now],
+            )?;
             let s = stmt(
                 tx,
                 cache,
@@ -733,8 +1032,60 @@ fn run_op(
             )?;
             let (acked, known) = tx
                 .query_opt(&s, &[clinic])?
-                .map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64))
-                .unwrap_or((0, 0));
+                .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
+                .unwrap_or((0, source));
+            let acked = if known == source || source == 0 {
+                acked
+            } else if known == 0 {
+                tx.execute(
+                    "UPDATE clinics SET source_id = $2 WHERE clinic_id = $1",
+                    &[clinic, &source],
+                )?;
+                acked
+            } else {
+                super::log_outbox_recreated(clinic, known as u64, source as u64, acked as u64);
+                tx.execute(
+                    "UPDATE clinics SET source_id = $2, acked_seq = 0 WHERE clinic_id = $1",
+                    &[clinic, &source],
+                )?;
+                0
+            };
+            let epoch: i64 = tx
+                .query_one(
+                    "UPDATE clinics SET epoch = epoch + 1, owner_node = $2 WHERE clinic_id = $1 RETURNING epoch",
+                    &[clinic, node],
+                )?
+                .get(0);
+            Done::Claim(super::Claim {
+                acked: acked as u64,
+                epoch: epoch as u64,
+            })
+        }
+        Op::Append {
+            clinic,
+            source,
+            epoch,
+            prev_seq,
+            events,
+        } => {
+            let s = stmt(
+                tx,
+                cache,
+                "SELECT acked_seq, source_id, epoch FROM clinics WHERE clinic_id = $1 FOR UPDATE",
+            )?;
+            let (acked, known, current) = tx
+                .query_opt(&s, &[clinic])?
+                .map(|r| {
+                    (
+                        r.get::<_, i64>(0) as u64,
+                        r.get::<_, i64>(1) as u64,
+                        r.get::<_, i64>(2).max(0) as u64,
+                    )
+                })
+                .unwrap_or((0, 0, 0));
+            if *epoch != super::UNFENCED && *epoch != current {
+                return Ok(Ok(Done::Append(AppendOutcome::Fenced { epoch: current })));
+            }
             if *prev_seq > acked || (*source != 0 && known != 0 && *source != known) {
                 return Ok(Ok(Done::Append(AppendOutcome::Gap { acked })));
             }
@@ -776,6 +1127,30 @@ fn run_op(
                 acked: last,
                 inserted,
             })
+        }
+        Op::Release { clinic, epoch } => {
+            let s = stmt(
+                tx,
+                cache,
+                "UPDATE clinics SET owner_node = NULL WHERE clinic_id = $1 AND epoch = $2",
+            )?;
+            tx.execute(&s, &[clinic, &(*epoch as i64)])?;
+            Done::Unit
+        }
+        Op::NodeBeat {
+            node,
+            addr,
+            started_at,
+            sessions,
+            at_ms,
+        } => {
+            tx.execute(
+                "INSERT INTO gateway_nodes (node_id, addr, started_at, last_beat_ms, sessions) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (node_id) DO UPDATE SET addr = excluded.addr, started_at = excluded.started_at, \
+                 last_beat_ms = excluded.last_beat_ms, sessions = excluded.sessions",
+                &[node, addr, started_at, &(*at_ms as i64), &(*sessions as i64)],
+            )?;
+            Done::Unit
         }
         Op::EnqueueUpdate(u) => {
             let id = new_update_id();
@@ -890,6 +1265,71 @@ fn run_op(
                 &[jti, &(*expires_at as i64)],
             )?;
             Done::Bool(n == 1)
+        }
+        Op::ForwardCall(c) => {
+            let horizon = crate::security::unix_now_ms().saturating_sub(super::CALL_MARGIN_MS);
+            tx.execute(
+                "DELETE FROM rpc_calls WHERE deadline_ms < $1",
+                &[&(horizon as i64)],
+            )?;
+            let params = serde_json::to_string(&c.params).unwrap_or_else(|_| "{}".into());
+            tx.execute(
+                "INSERT INTO rpc_calls (id, clinic_id, from_node, to_node, name, params_json, deadline_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[&c.id, &c.clinic_id, &c.from_node, &c.to_node, &c.name, &params, &(c.deadline_ms as i64)],
+            )?;
+            Done::Unit
+        }
+        Op::TakeCall { id, node } => {
+            let row = tx.query_opt(
+                "UPDATE rpc_calls SET taken = TRUE WHERE id = $1 AND to_node = $2 AND NOT taken \
+                 RETURNING clinic_id, from_node, to_node, name, params_json, deadline_ms",
+                &[id, node],
+            )?;
+            match row {
+                None => Done::Call(None),
+                Some(r) => match super::call_params(id, r.get::<_, &str>(4)) {
+                    Err(e) => return Ok(Err(e)),
+                    Ok(params) => Done::Call(Some(ForwardedCall {
+                        id: id.clone(),
+                        clinic_id: r.get(0),
+                        from_node: r.get(1),
+                        to_node: r.get(2),
+                        name: r.get(3),
+                        params,
+                        deadline_ms: r.get::<_, i64>(5).max(0) as u64,
+                    })),
+                },
+            }
+        }
+        Op::AnswerCall { id, answer } => {
+            let row = tx.query_opt(
+                "UPDATE rpc_calls SET answer_json = $2 WHERE id = $1 RETURNING from_node",
+                &[id, answer],
+            )?;
+            Done::Text(row.map(|r| r.get(0)))
+        }
+        Op::CallAnswer { id } => {
+            let row = tx.query_opt(
+                "DELETE FROM rpc_calls WHERE id = $1 AND answer_json IS NOT NULL RETURNING answer_json",
+                &[id],
+            )?;
+            Done::Text(row.map(|r| r.get(0)))
+        }
+        Op::DropCall { id } => {
+            tx.execute("DELETE FROM rpc_calls WHERE id = $1", &[id])?;
+            Done::Unit
+        }
+        Op::ClusterKey { candidate } => {
+            tx.execute(
+                "INSERT INTO cluster_keys (name, secret) VALUES ('forwarding', $1) ON CONFLICT (name) DO NOTHING",
+                &[candidate],
+            )?;
+            let row = tx.query_one(
+                "SELECT secret FROM cluster_keys WHERE name = 'forwarding'",
+                &[],
+            )?;
+            Done::Text(Some(row.get(0)))
         }
         Op::Ping => {
             tx.execute("SELECT 1", &[])?;

@@ -16,9 +16,9 @@ use serde_json::Value;
 use tether_schemas::UpdateOp;
 
 use super::{
-    check_version, new_update_id, now_iso, AppendOutcome, Backend, ClinicRecord, DeadLetter, Done,
-    GatewayStore, IncomingEvent, NewUpdate, Op, Pruned, ReadPool, StoreError, StoreFuture,
-    StoreSettings, StoredEvent, UpdateRecord, Writer,
+    check_version, new_update_id, now_iso, AppendOutcome, Backend, Claim, ClinicRecord, DeadLetter,
+    Done, ForwardedCall, GatewayStore, IncomingEvent, NewUpdate, NodeRecord, Op, Pruned, ReadPool,
+    StoreError, StoreFuture, StoreSettings, StoredEvent, UpdateRecord, Writer,
 };
 
 /// `MIGRATIONS[i]` takes the schema from `PRAGMA user_version = i` to `i + 1`.
@@ -93,6 +93,33 @@ INSERT OR IGNORE INTO store_meta (key, value) VALUES ('pruned_through', 0);
 CREATE TABLE IF NOT EXISTS token_ids (jti TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS token_ids_expiry ON token_ids (expires_at);
 ",
+    // 4: one owner per clinic, fenced (each hello's claim) and the nodes that beat on the store.
+    "
+ALTER TABLE clinics ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE clinics ADD COLUMN owner_node TEXT;
+CREATE TABLE IF NOT EXISTS gateway_nodes (
+    node_id TEXT PRIMARY KEY,
+    addr TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    last_beat_ms INTEGER NOT NULL,
+    sessions INTEGER NOT NULL
+);
+",
+    "
+CREATE TABLE IF NOT EXISTS rpc_calls (
+    id TEXT PRIMARY KEY,
+    clinic_id TEXT NOT NULL,
+    from_node TEXT NOT NULL,
+    to_node TEXT NOT NULL,
+    name TEXT NOT NULL,
+    params_json TEXT NOT NULL,
+    deadline_ms INTEGER NOT NULL,
+    taken INTEGER NOT NULL DEFAULT 0,
+    answer_json TEXT
+);
+CREATE INDEX IF NOT EXISTS rpc_calls_deadline ON rpc_calls (deadline_ms);
+CREATE TABLE IF NOT EXISTS cluster_keys (name TEXT PRIMARY KEY, secret TEXT NOT NULL);
+",
 ];
 
 pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
@@ -151,6 +178,7 @@ fn write_err(e: impl std::fmt::Display) -> StoreError {
 
 pub struct SqliteStore {
     path: PathBuf,
+    node: String,
     writer: Writer,
     readers: Arc<ReadPool<Connection>>,
 }
@@ -167,6 +195,7 @@ impl SqliteStore {
         let writer = Writer::spawn("sqlite", SqliteBackend { conn }, s)?;
         Ok(Arc::new(SqliteStore {
             path: path.to_path_buf(),
+            node: s.node.clone(),
             writer,
             readers: Arc::new(ReadPool::new(8)),
         }))
@@ -235,11 +264,13 @@ fn clinic_from_row(r: &rusqlite::Row<'_>) -> Result<ClinicRecord, rusqlite::Erro
         last_event_at: r.get(3)?,
         events: r.get::<_, i64>(4)?.max(0) as u64,
         pending_updates: r.get::<_, i64>(5)?.max(0) as u64,
+        node: r.get(6)?,
+        epoch: r.get::<_, i64>(7)?.max(0) as u64,
     })
 }
 
 const CLINIC_COLUMNS: &str =
-    "clinic_id, acked_seq, first_seen, last_event_at, events_stored, pending_updates";
+    "clinic_id, acked_seq, first_seen, last_event_at, events_stored, pending_updates, owner_node, epoch";
 
 fn meta(c: &Connection, key: &str) -> Result<u64, rusqlite::Error> {
     c.query_row(
@@ -285,6 +316,34 @@ impl GatewayStore for SqliteStore {
                 "SELECT {CLINIC_COLUMNS} FROM clinics ORDER BY clinic_id"
             ))?;
             let rows = stmt.query_map([], clinic_from_row)?;
+            rows.collect()
+        })
+    }
+
+    fn try_lead(&self, _role: &str) -> StoreFuture<bool> {
+        // One process per SQLite store: it leads everything.
+        Box::pin(async { Ok(true) })
+    }
+
+    fn watch(&self, _on_signal: super::SignalWatcher) -> bool {
+        // One process per SQLite store: the REST handler tells its own registry.
+        false
+    }
+
+    fn nodes(&self) -> StoreFuture<Vec<NodeRecord>> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT node_id, addr, started_at, last_beat_ms, sessions FROM gateway_nodes ORDER BY node_id",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(NodeRecord {
+                    node_id: r.get(0)?,
+                    addr: r.get(1)?,
+                    started_at: r.get(2)?,
+                    last_beat_ms: r.get::<_, i64>(3)?.max(0) as u64,
+                    sessions: r.get::<_, i64>(4)?.max(0) as u64,
+                })
+            })?;
             rows.collect()
         })
     }
@@ -535,13 +594,44 @@ impl Backend for SqliteBackend {
 
 fn run_op(tx: &rusqlite::Transaction<'_>, op: &Op, now: &str) -> Result<Done, StoreError> {
     match op {
-        Op::Hello { clinic, source } => hello(tx, clinic, *source, now).map(Done::Pos),
+        Op::Hello {
+            clinic,
+            source,
+            node,
+        } => hello(tx, clinic, *source, node, now).map(Done::Claim),
         Op::Append {
             clinic,
             source,
+            epoch,
             prev_seq,
             events,
-        } => append(tx, clinic, *source, *prev_seq, events, now).map(Done::Append),
+        } => append(tx, clinic, (*source, *epoch), *prev_seq, events, now).map(Done::Append),
+        Op::Release { clinic, epoch } => {
+            tx.prepare_cached(
+                "UPDATE clinics SET owner_node = NULL WHERE clinic_id = ?1 AND epoch = ?2",
+            )
+            .and_then(|mut st| st.execute(params![clinic, *epoch as i64]))
+            .map_err(write_err)?;
+            Ok(Done::Unit)
+        }
+        Op::NodeBeat {
+            node,
+            addr,
+            started_at,
+            sessions,
+            at_ms,
+        } => {
+            tx.prepare_cached(
+                "INSERT INTO gateway_nodes (node_id, addr, started_at, last_beat_ms, sessions) VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (node_id) DO UPDATE SET addr = excluded.addr, started_at = excluded.started_at, \
+                 last_beat_ms = excluded.last_beat_ms, sessions = excluded.sessions",
+            )
+            .and_then(|mut st| {
+                st.execute(params![node, addr, started_at, *at_ms as i64, *sessions as i64])
+            })
+            .map_err(write_err)?;
+            Ok(Done::Unit)
+        }
         Op::EnqueueUpdate(u) => enqueue_update(tx, u, now).map(Done::Id),
         Op::MarkDelivered(ids) => {
             let mut stmt = tx
@@ -655,6 +745,93 @@ fn run_op(tx: &rusqlite::Transaction<'_>, op: &Op, now: &str) -> Result<Done, St
                 .map_err(write_err)?;
             Ok(Done::Bool(n == 1))
         }
+        Op::ForwardCall(c) => {
+            let horizon = crate::security::unix_now_ms().saturating_sub(super::CALL_MARGIN_MS);
+            tx.execute(
+                "DELETE FROM rpc_calls WHERE deadline_ms < ?1",
+                params![horizon as i64],
+            )
+            .map_err(write_err)?;
+            let params = serde_json::to_string(&c.params).unwrap_or_else(|_| "{}".into());
+            tx.execute(
+                "INSERT INTO rpc_calls (id, clinic_id, from_node, to_node, name, params_json, deadline_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![c.id, c.clinic_id, c.from_node, c.to_node, c.name, params, c.deadline_ms as i64],
+            )
+            .map_err(write_err)?;
+            Ok(Done::Unit)
+        }
+        Op::TakeCall { id, node } => {
+            let row = tx
+                .query_row(
+                    "UPDATE rpc_calls SET taken = 1 WHERE id = ?1 AND to_node = ?2 AND taken = 0 \
+                     RETURNING clinic_id, from_node, to_node, name, params_json, deadline_ms",
+                    params![id, node],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, String>(3)?,
+                            r.get::<_, String>(4)?,
+                            r.get::<_, i64>(5)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(write_err)?;
+            match row {
+                None => Ok(Done::Call(None)),
+                Some((clinic_id, from_node, to_node, name, params, deadline)) => {
+                    Ok(Done::Call(Some(ForwardedCall {
+                        id: id.clone(),
+                        clinic_id,
+                        from_node,
+                        to_node,
+                        name,
+                        params: super::call_params(id, &params)?,
+                        deadline_ms: deadline.max(0) as u64,
+                    })))
+                }
+            }
+        }
+        Op::AnswerCall { id, answer } => tx
+            .query_row(
+                "UPDATE rpc_calls SET answer_json = ?2 WHERE id = ?1 RETURNING from_node",
+                params![id, answer],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()
+            .map(Done::Text)
+            .map_err(write_err),
+        Op::CallAnswer { id } => tx
+            .query_row(
+                "DELETE FROM rpc_calls WHERE id = ?1 AND answer_json IS NOT NULL RETURNING answer_json",
+                params![id],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()
+            .map(Done::Text)
+            .map_err(write_err),
+        Op::DropCall { id } => {
+            tx.execute("DELETE FROM rpc_calls WHERE id = ?1", params![id])
+                .map_err(write_err)?;
+            Ok(Done::Unit)
+        }
+        Op::ClusterKey { candidate } => {
+            tx.execute(
+                "INSERT OR IGNORE INTO cluster_keys (name, secret) VALUES ('forwarding', ?1)",
+                params![candidate],
+            )
+            .map_err(write_err)?;
+            tx.query_row(
+                "SELECT secret FROM cluster_keys WHERE name = 'forwarding'",
+                [],
+                |r| r.get::<_, String>(0),
+            )
+            .map(|k| Done::Text(Some(k)))
+            .map_err(write_err)
+        }
         Op::Ping => Ok(Done::Unit),
         Op::PageLimit(_) => Ok(Done::Unit),
     }
@@ -732,8 +909,9 @@ fn hello(
     tx: &rusqlite::Transaction<'_>,
     clinic: &str,
     source: u64,
+    node: &str,
     now: &str,
-) -> Result<u64, StoreError> {
+) -> Result<Claim, StoreError> {
     let row: Option<(i64, i64)> = tx
         .query_row(
             "SELECT acked_seq, source_id FROM clinics WHERE clinic_id = ?1",
@@ -742,23 +920,23 @@ fn hello(
         )
         .optional()
         .map_err(write_err)?;
-    match row {
+    let acked = match row {
         None => {
             tx.execute(
                 "INSERT INTO clinics (clinic_id, acked_seq, source_id, first_seen) VALUES (?1, 0, ?2, ?3)",
                 params![clinic, source as i64, now],
             )
             .map_err(write_err)?;
-            Ok(0)
+            0
         }
-        Some((acked, known)) if known as u64 == source || source == 0 => Ok(acked as u64),
+        Some((acked, known)) if known as u64 == source || source == 0 => acked as u64,
         Some((acked, 0)) => {
             tx.execute(
                 "UPDATE clinics SET source_id = ?2 WHERE clinic_id = ?1",
                 params![clinic, source as i64],
             )
             .map_err(write_err)?;
-            Ok(acked as u64)
+            acked as u64
         }
         Some((acked, known)) => {
             super::log_outbox_recreated(clinic, known as u64, source, acked as u64);
@@ -767,9 +945,20 @@ fn hello(
                 params![clinic, source as i64],
             )
             .map_err(write_err)?;
-            Ok(0)
+            0
         }
-    }
+    };
+    let epoch: i64 = tx
+        .query_row(
+            "UPDATE clinics SET epoch = epoch + 1, owner_node = ?2 WHERE clinic_id = ?1 RETURNING epoch",
+            params![clinic, node],
+            |r| r.get(0),
+        )
+        .map_err(write_err)?;
+    Ok(Claim {
+        acked,
+        epoch: epoch as u64,
+    })
 }
 
 /// SQLite's own insert rate on this disk, the ceiling for the gateway's ingest (`tether bench
@@ -908,20 +1097,28 @@ fn insert_events(
 fn append(
     tx: &rusqlite::Transaction<'_>,
     clinic: &str,
-    source: u64,
+    (source, epoch): (u64, u64),
     prev_seq: u64,
     events: &[IncomingEvent],
     now: &str,
 ) -> Result<AppendOutcome, StoreError> {
-    let (acked, known): (u64, u64) = tx
-        .query_row(
-            "SELECT acked_seq, source_id FROM clinics WHERE clinic_id = ?1",
-            params![clinic],
-            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
-        )
-        .optional()
+    let (acked, known, current): (u64, u64, u64) = tx
+        .prepare_cached("SELECT acked_seq, source_id, epoch FROM clinics WHERE clinic_id = ?1")
+        .and_then(|mut st| {
+            st.query_row(params![clinic], |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, i64>(2)?.max(0) as u64,
+                ))
+            })
+            .optional()
+        })
         .map_err(write_err)?
-        .unwrap_or((0, 0));
+        .unwrap_or((0, 0, 0));
+    if epoch != super::UNFENCED && epoch != current {
+        return Ok(AppendOutcome::Fenced { epoch: current });
+    }
     if prev_seq > acked || (source != 0 && known != 0 && source != known) {
         return Ok(AppendOutcome::Gap { acked });
     }
@@ -1008,12 +1205,12 @@ mod tests {
                 None,
             )
         };
-        rt.block_on(store.append("c", 0, 0, vec![big(1)]))
+        rt.block_on(store.append("c", 0, 0, 0, vec![big(1)]))
             .expect("first");
         let pages = rt.block_on(store.page_count()).expect("pages");
         rt.block_on(store.set_page_limit(Some(pages)))
             .expect("limit");
-        let err = rt.block_on(store.append("c", 0, 1, vec![big(2), big(3)]));
+        let err = rt.block_on(store.append("c", 0, 0, 1, vec![big(2), big(3)]));
         assert!(
             matches!(&err, Err(StoreError::Unavailable { message, .. }) if message.contains("full")),
             "{err:?}"
@@ -1025,7 +1222,7 @@ mod tests {
         );
         rt.block_on(store.set_page_limit(None)).expect("lift");
         let ok = rt
-            .block_on(store.append("c", 0, 1, vec![big(2), big(3)]))
+            .block_on(store.append("c", 0, 0, 1, vec![big(2), big(3)]))
             .expect("after");
         assert_eq!(
             ok,
