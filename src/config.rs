@@ -109,6 +109,9 @@ pub struct RpcQueryConfig {
 pub struct AdminConfig {
     /// `127.0.0.1:7571` by default; `off` disables it.
     pub listen: String,
+    /// Not ready (`/readyz` 503, `ready: false`) once the oldest unacknowledged change is older
+    /// than this, whatever the reason.
+    pub ready_lag: Dur,
     #[serde(flatten)]
     extra: Extra,
 }
@@ -117,6 +120,7 @@ impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: "127.0.0.1:7571".into(),
+            ready_lag: Dur::secs(10),
             extra: Extra::new(),
         }
     }
@@ -168,9 +172,11 @@ pub struct DatabaseConfig {
     pub password_env: Option<String>,
     /// sqlserver: CA certificate (PEM) for the server's TLS certificate.
     pub ca: Option<PathBuf>,
-    /// sqlserver: capture mode, `triggers` (default; works on Express, no SQL Agent) or
-    /// `change_tracking`.
+    /// Capture mode: `triggers` (default, every engine); sqlserver: `change_tracking`;
+    /// postgres: `logical` (a replication slot, no triggers; needs `wal_level = logical`).
     pub capture: String,
+    /// postgres `logical`: warn when the server keeps more WAL than this for the slot (MB).
+    pub slot_warn_mb: u64,
     /// Every database call gives up after this long (tiberius has no timeout of its own).
     pub timeout: Dur,
     #[serde(flatten)]
@@ -186,6 +192,7 @@ impl Default for DatabaseConfig {
             password_env: None,
             ca: None,
             capture: "triggers".into(),
+            slot_warn_mb: 1024,
             timeout: Dur::secs(30),
             extra: Extra::new(),
         }
@@ -468,8 +475,15 @@ pub struct GatewayConfig {
     pub update_window: u64,
     /// Largest number of events one group commit may hold.
     pub group_commit_max_events: u64,
-    /// This gateway's id (the `aud` clinics put in their tokens).
+    /// This gateway's id (the `aud` clinics put in their tokens); the same on every node.
     pub id: String,
+    /// This node's id when several gateway nodes share a PostgreSQL store (recorded as the
+    /// owner of the clinics it holds, and in `/v1/nodes`). Default: `<host name>:<listen port>`.
+    pub node_id: Option<String>,
+    /// `host:port` at which the other gateway nodes reach this one (HTTP-fallback requests that
+    /// reached the wrong node are passed on to it). Default: the listen address, or
+    /// `<host name>:<port>` when it listens on all interfaces.
+    pub advertise: Option<String>,
     /// Serve `ws://`/`http://` without TLS, and without tokens if `auth` is absent
     /// (local development only; logged as a warning at start).
     pub insecure_plaintext: bool,
@@ -642,6 +656,8 @@ impl Default for GatewayConfig {
             update_window: 32,
             group_commit_max_events: 20_000,
             id: "gw-local".into(),
+            node_id: None,
+            advertise: None,
             insecure_plaintext: false,
             tls: None,
             auth: None,
@@ -1029,6 +1045,11 @@ impl Validator<'_> {
                 }
             }
         }
+        self.duration(
+            "agent.admin.ready_lag",
+            &a.admin.ready_lag,
+            Duration::from_secs(1),
+        );
         if a.admin.listen != "off" {
             match a.admin.addr() {
                 None => self.bad(
@@ -1103,11 +1124,11 @@ impl Validator<'_> {
                 format!("`{other}` is not one of sqlite, postgres, sqlserver"),
             ),
         }
-        if !["triggers", "change_tracking"].contains(&a.database.capture.as_str()) {
+        if !["triggers", "change_tracking", "logical"].contains(&a.database.capture.as_str()) {
             self.bad(
                 "agent.database.capture",
                 format!(
-                    "`{}` is not one of triggers, change_tracking",
+                    "`{}` is not one of triggers, change_tracking, logical",
                     a.database.capture
                 ),
             );
@@ -1115,6 +1136,11 @@ impl Validator<'_> {
             self.bad(
                 "agent.database.capture",
                 "change_tracking is a SQL Server capture mode".into(),
+            );
+        } else if a.database.capture == "logical" && a.database.kind != "postgres" {
+            self.bad(
+                "agent.database.capture",
+                "logical is a PostgreSQL capture mode".into(),
             );
         }
         self.duration(
@@ -1300,6 +1326,17 @@ impl Validator<'_> {
 
     fn gateway(&mut self, g: &GatewayConfig) {
         self.unknown("gateway", &g.extra);
+        if let Some(a) = &g.advertise {
+            let port_ok = a.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !port_ok {
+                self.bad(
+                    "gateway.advertise",
+                    format!("`{a}` is not host:port (the address other gateway nodes reach this one at)"),
+                );
+            }
+        }
         self.unknown("gateway.store", &g.store.extra);
         self.unknown("gateway.limits", &g.limits.extra);
         self.unknown("gateway.api_bridge", &g.api_bridge.extra);
@@ -1676,6 +1713,44 @@ gateway:
     }
 
     #[test]
+    fn capture_modes_belong_to_their_engine() {
+        let with = |db: &str| {
+            GOOD.replace(
+                "  gateway:\n    url",
+                &format!("  database:\n{db}  gateway:\n    url"),
+            )
+        };
+        let err = Config::parse(&with("    capture: logical\n"), "t").unwrap_err();
+        let p = err
+            .problems()
+            .iter()
+            .find(|p| p.path == "agent.database.capture")
+            .cloned()
+            .expect("capture problem");
+        assert!(p.message.contains("PostgreSQL"), "{}", p.message);
+        assert!(p.line.is_some());
+        let ok = with("    kind: postgres\n    connection: \"host=db dbname=clinic\"\n    capture: logical\n    slot_warn_mb: 256\n");
+        let a = Config::parse(&ok, "t")
+            .expect("valid")
+            .agent
+            .expect("agent");
+        assert_eq!(
+            (a.database.capture.as_str(), a.database.slot_warn_mb),
+            ("logical", 256)
+        );
+        let err = Config::parse(
+            &with("    kind: postgres\n    connection: x\n    capture: wal\n"),
+            "t",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("triggers, change_tracking, logical"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn transport_and_admin_settings_are_checked() {
         let a = Config::parse(GOOD, "t")
             .expect("valid")
@@ -1953,5 +2028,45 @@ mod read_only_tests {
             .problems()
             .iter()
             .any(|x| x.path == "gateway.store.kind" && x.message.contains("mongodb")));
+    }
+
+    #[test]
+    #[cfg(feature = "gateway")]
+    fn the_advertised_address_must_be_host_and_port() {
+        let cfg = |a: &str| {
+            format!(
+                "gateway:\n  listen: 0.0.0.0:8443\n  insecure_plaintext: true\n  advertise: {a}\n"
+            )
+        };
+        let ok = crate::config::Config::parse(&cfg("10.0.0.11:8443"), "t").expect("valid");
+        assert_eq!(
+            ok.gateway.expect("gateway").advertise.as_deref(),
+            Some("10.0.0.11:8443")
+        );
+        for bad in ["gw-1.internal", ":8443", "gw-1:0", "gw-1:http"] {
+            let err = crate::config::Config::parse(&cfg(bad), "t").unwrap_err();
+            let p = err.problems();
+            let hit = p.iter().find(|x| x.path == "gateway.advertise");
+            let hit = hit.unwrap_or_else(|| panic!("{bad}: not reported: {p:?}"));
+            assert!(hit.message.contains("host:port"), "{bad}: {}", hit.message);
+            assert_eq!(hit.line, Some(4), "{bad}");
+        }
+        // Unset: the bound address, or this host's name with the port when bound to all.
+        let mut s = crate::gateway::GatewaySettings::from_config(
+            &crate::config::Config::parse(
+                "gateway:\n  listen: 0.0.0.0:8443\n  insecure_plaintext: true\n",
+                "t",
+            )
+            .expect("valid")
+            .gateway
+            .expect("gateway"),
+        );
+        let bound: std::net::SocketAddr = "0.0.0.0:8443".parse().expect("addr");
+        assert!(s.advertised(bound).ends_with(":8443"));
+        assert!(!s.advertised(bound).starts_with("0.0.0.0"));
+        let local: std::net::SocketAddr = "127.0.0.1:9000".parse().expect("addr");
+        assert_eq!(s.advertised(local), "127.0.0.1:9000");
+        s.advertise = Some("gw-1.internal:8443".into());
+        assert_eq!(s.advertised(bound), "gw-1.internal:8443");
     }
 }

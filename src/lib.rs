@@ -6,6 +6,10 @@ pub mod admin;
 pub mod agent;
 #[cfg(feature = "gateway")]
 pub mod bench;
+#[cfg(all(feature = "gateway", feature = "postgres"))]
+pub mod bench_capture;
+#[cfg(all(feature = "gateway", feature = "postgres"))]
+pub mod bench_cluster;
 #[cfg(feature = "gateway")]
 pub mod bench_remote;
 pub mod config;
@@ -20,6 +24,8 @@ pub mod gateway;
 #[cfg(feature = "gateway")]
 pub mod history;
 pub mod loadgen;
+#[cfg(feature = "gateway")]
+pub mod local_cluster;
 pub mod logging;
 pub mod proxy;
 pub mod security;

@@ -22,6 +22,21 @@ struct Cli {
     command: Command,
 }
 
+/// `tether bench capture`'s options.
+#[derive(clap::Args)]
+struct CaptureArgs {
+    /// `capture`: the PostgreSQL server to create its databases on (needs wal_level = logical
+    /// for the logical half).
+    #[arg(long, default_value = "host=127.0.0.1 user=postgres dbname=postgres")]
+    capture_url: String,
+    /// `capture`: one writer mix (short, rollbacks, long, full, other-db) instead of all.
+    #[arg(long)]
+    mix: Option<String>,
+    /// `capture`: seconds of load per mix and capture mode.
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the clinic agent (or install/uninstall its database objects).
@@ -56,8 +71,11 @@ enum Command {
     /// Measure throughput, latency, memory and reconnect storms (one JSON line per scenario).
     #[cfg(feature = "gateway")]
     Bench {
-        /// ingest | latency | connections | footprint | drain | fallback | storm | bridge | all
+        /// ingest | latency | connections | footprint | drain | fallback | storm | bridge | all;
+        /// `capture`: PostgreSQL capture delay per writer mix, triggers vs logical
         scenario: String,
+        #[command(flatten)]
+        capture: Box<CaptureArgs>,
         #[arg(long)]
         json: bool,
         /// Scale every scenario down (for a quick look; the docs use the full sizes).
@@ -105,6 +123,11 @@ enum Command {
         /// (`postgres://…` or `host=… dbname=…`); the tables go in a fresh schema.
         #[arg(long)]
         store: Option<String>,
+        /// Gateway nodes: more than 1 runs them on the `--store` PostgreSQL behind HAProxy
+        /// (Debian's `haproxy`), kills the busiest child node with SIGKILL every third of the run and
+        /// restarts it once its clinics have failed over.
+        #[arg(long, default_value_t = 1)]
+        gateways: usize,
     },
 }
 
@@ -143,6 +166,20 @@ struct RemoteArgs {
     /// The measurement window of `latency --gateway`, in seconds.
     #[arg(long, default_value_t = 20)]
     secs: u64,
+    /// Gateway nodes (each its own process) behind HAProxy on one PostgreSQL store
+    /// (`--store-url`): `failover` (default 3), or `ingest` through N nodes (the load client in
+    /// its own process; all nodes' CPU-seconds per 100,000 events).
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// `failover`: `kill` (SIGKILL a node) or `stop` (SIGSTOP: its host goes silent).
+    #[arg(long, default_value = "kill")]
+    mode: String,
+    /// `failover`: events per second from each simulated clinic.
+    #[arg(long, default_value_t = 2.0)]
+    events_per_s: f64,
+    /// `failover`: cloud updates posted for the routing measurement.
+    #[arg(long, default_value_t = 200)]
+    updates: usize,
 }
 
 #[derive(Subcommand)]
@@ -387,7 +424,77 @@ fn run(cli: Cli) -> Result<ExitCode> {
             store_url,
             events,
             remote,
+            capture,
         } => {
+            if scenario == "capture" {
+                #[cfg(feature = "postgres")]
+                {
+                    let secs = if quick { 8 } else { capture.seconds.max(1) };
+                    tether::bench_capture::run(
+                        &capture.capture_url,
+                        capture.mix.as_deref(),
+                        secs,
+                        json,
+                    )?;
+                    return Ok(ExitCode::SUCCESS);
+                }
+                #[cfg(not(feature = "postgres"))]
+                {
+                    let _ = capture;
+                    bail!(
+                        "capture measures PostgreSQL clinics: this build has no `postgres` feature"
+                    );
+                }
+            }
+            #[cfg(not(feature = "postgres"))]
+            if scenario == "failover" {
+                bail!(
+                    "failover runs the nodes on PostgreSQL: this build has no `postgres` feature"
+                );
+            }
+            #[cfg(not(feature = "postgres"))]
+            if remote.nodes.is_some() {
+                bail!("--nodes runs the nodes on PostgreSQL: this build has no `postgres` feature");
+            }
+            #[cfg(feature = "postgres")]
+            if let (Some(nodes), "ingest") = (remote.nodes, scenario.as_str()) {
+                if !(1..=9).contains(&nodes) {
+                    bail!("--nodes must be from 1 to 9");
+                }
+                let o = tether::bench_cluster::NodesIngest {
+                    nodes,
+                    pg_url: store_url,
+                    prefix: remote.prefix,
+                    clinics: remote.clinics,
+                    events_per_clinic: remote.events_per_clinic,
+                };
+                let dir = tempfile::Builder::new().prefix("tether-nodes-").tempdir()?;
+                let v = tether::bench_cluster::ingest_through_nodes(dir.path(), &o)?;
+                println!("{v}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            #[cfg(feature = "postgres")]
+            if scenario == "failover" {
+                let o = tether::bench_cluster::FailoverOptions {
+                    nodes: remote.nodes.unwrap_or(3),
+                    clinics: remote.clinics,
+                    events_per_s: remote.events_per_s,
+                    mode: remote.mode,
+                    pg_url: store_url,
+                    updates: remote.updates,
+                };
+                if o.mode != "kill" && o.mode != "stop" {
+                    bail!("--mode `{}`: kill or stop", o.mode);
+                }
+                let dir = tempfile::Builder::new()
+                    .prefix("tether-failover-")
+                    .tempdir()?;
+                let v = actix::System::new().block_on(async move {
+                    tether::bench_cluster::failover(dir.path(), &o).await
+                })?;
+                println!("{v}");
+                return Ok(ExitCode::SUCCESS);
+            }
             if let Some(url) = remote.gateway {
                 if scenario != "ingest" && scenario != "latency" {
                     bail!("--gateway: only `ingest` and `latency` run against another process");
@@ -546,6 +653,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             chaos,
             keep,
             store,
+            gateways,
         } => {
             let Some(duration) = tether::config::parse_duration(&duration) else {
                 bail!("--duration `{duration}` is not a duration (e.g. 20s, 2m)");
@@ -555,6 +663,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             if !(rate > 0.0 && rate <= 50_000.0) {
                 bail!("--rate must be above 0 and at most 50000");
+            }
+            if gateways == 0 || gateways > 9 {
+                bail!("--gateways must be from 1 to 9");
+            }
+            if gateways > 1 && store.is_none() {
+                bail!("--gateways {gateways}: the nodes share one PostgreSQL store; add --store postgres://… (or \"host=… dbname=…\")");
             }
             let opts = demo::DemoOptions {
                 clinics,
@@ -567,6 +681,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     url,
                     schema: format!("demo_{}", std::process::id()),
                 }),
+                gateways,
             };
             let summary = demo::run(opts)?;
             Ok(if summary.ok() {
