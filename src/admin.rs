@@ -66,6 +66,9 @@ pub struct Status {
     /// PostgreSQL logical capture: the WAL the server keeps for Tether's slot.
     #[serde(default)]
     pub capture_slot_retained_bytes: Option<u64>,
+    /// Why the gateway refused the last attempt (cleared once a link is up).
+    #[serde(default)]
+    pub refused: Option<tether_actors::stats::Refusal>,
 }
 
 impl AdminState {
@@ -89,8 +92,17 @@ impl AdminState {
             .and_then(tether_schemas::rfc3339_ms)
             .map(|t| crate::security::unix_now_ms().saturating_sub(t) as f64 / 1000.0);
         let connected = s.connected.load(Ordering::Relaxed);
+        let refused = s.refusal();
         let not_ready = if !connected {
-            Some("not connected to the gateway".to_string())
+            Some(match &refused {
+                Some(r) => format!(
+                    "not connected: the gateway refused us ({} {}): {}",
+                    r.status,
+                    r.reason,
+                    r.advice()
+                ),
+                None => "not connected to the gateway".to_string(),
+            })
         } else if let Some(e) = &database_error {
             Some(format!("outbox unreadable: {e}"))
         } else if oldest_pending_s.is_some_and(|a| a > self.ready_lag.as_secs_f64()) {
@@ -130,6 +142,7 @@ impl AdminState {
             restarts: s.restarts(),
             database_error,
             capture_slot_retained_bytes: backlog.capture_retained_bytes,
+            refused,
         }
     }
 }
@@ -598,6 +611,25 @@ pub fn describe(s: &Status) -> String {
         )
     };
     let _ = writeln!(o, "  link:     {link} (proxy: {})", s.proxy);
+    if let (false, Some(r)) = (s.connected, &s.refused) {
+        let offset = r
+            .clock_offset_ms
+            .map(|o| {
+                let (by, way) = (
+                    o.unsigned_abs() as f64 / 1000.0,
+                    if o > 0 { "behind" } else { "ahead of" },
+                );
+                format!("; this PC's clock is {by:.1} s {way} the gateway's")
+            })
+            .unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "            REFUSED by the gateway: {} {}{offset} — {}",
+            r.status,
+            r.reason,
+            r.advice()
+        );
+    }
     if s.transport == "http" {
         let _ = writeln!(o, "            on the HTTP fallback: WebSocket upgrades were blocked on the way (see connection.log, event=transport_changed)");
     }

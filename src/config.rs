@@ -593,6 +593,9 @@ pub struct GatewayAuthConfig {
     pub clinics_dir: PathBuf,
     /// Clock skew allowed on exp/nbf.
     pub leeway: Dur,
+    /// How often `clinics_dir` is read for changes (a clinic added, removed or revoked takes
+    /// effect without a restart).
+    pub reload_interval: Dur,
     #[serde(flatten)]
     extra: Extra,
 }
@@ -602,6 +605,7 @@ impl Default for GatewayAuthConfig {
         GatewayAuthConfig {
             clinics_dir: PathBuf::from("clinics"),
             leeway: Dur::secs(30),
+            reload_interval: Dur::secs(2),
             extra: Extra::new(),
         }
     }

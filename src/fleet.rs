@@ -317,6 +317,10 @@ fn secure(certs: &Path, token: &str) -> anyhow::Result<GatewaySecurity> {
             Duration::from_secs(30),
             ClinicRegistry::load_dir(&certs.join("clinics"))?,
         )),
+        registry_source: Some(crate::gateway::clinic_registry::RegistrySource {
+            dir: certs.join("clinics"),
+            interval: Duration::from_millis(250),
+        }),
         admin: Some(
             admin::AdminTokens::new(&[admin::AdminTokenConfig {
                 name: "fleet-admin".into(),

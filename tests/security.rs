@@ -188,6 +188,10 @@ fn security(pki: &Pki, leeway: Duration) -> GatewaySecurity {
             leeway,
             ClinicRegistry::load_dir(&pki.path("clinics")).expect("registry"),
         )),
+        registry_source: Some(tether::gateway::clinic_registry::RegistrySource {
+            dir: pki.path("clinics"),
+            interval: Duration::from_millis(100),
+        }),
         admin: Some(
             admin::AdminTokens::new(&[
                 admin::AdminTokenConfig {
@@ -704,12 +708,22 @@ async fn rest_api_requires_admin_tokens_with_the_right_scope() {
     );
     assert_eq!(
         status(
-            http.post(format!("{base}/v1/clinics/c1/updates"))
+            http.post(format!("{base}/v1/clinics/clinic-a/updates"))
                 .insert_header(("Authorization", "Bearer tta_test"))
                 .send_json(&body)
                 .await
         ),
         202
+    );
+    assert_eq!(
+        status(
+            http.post(format!("{base}/v1/clinics/c1/updates"))
+                .insert_header(("Authorization", "Bearer tta_test"))
+                .send_json(&body)
+                .await
+        ),
+        404,
+        "an update for a clinic the registry does not know is refused, not queued"
     );
     assert_eq!(
         status(http.get(format!("{base}/healthz")).send().await),
@@ -719,7 +733,7 @@ async fn rest_api_requires_admin_tokens_with_the_right_scope() {
     let audit = read_log(dir.path(), "audit");
     assert!(
         audit.contains("actor=rw")
-            && audit.contains("action=\"POST /v1/clinics/c1/updates\" result=202"),
+            && audit.contains("action=\"POST /v1/clinics/clinic-a/updates\" result=202"),
         "{audit}"
     );
     assert!(audit.contains("result=denied"), "{audit}");
@@ -1045,6 +1059,243 @@ async fn undecryptable_fields_are_parked_as_ciphertext_never_dropped_or_stored_i
             .expect("str")
             .to_string();
         assert!(name.starts_with("enc:v1:"), "kept as ciphertext: {name}");
+    }
+    gw.stop().await;
+}
+
+/// An HTTPS client for the REST API (trusts the test CA).
+fn rest_client(pki: &Pki) -> awc::Client {
+    let conn = tether::security::tls::connector(&ClientTls {
+        ca: Some(pki.path("ca.pem")),
+        ..Default::default()
+    })
+    .expect("tls");
+    awc::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .connector(awc::Connector::new().openssl(conn))
+        .finish()
+}
+
+async fn rest(http: &awc::Client, method: &str, url: String, body: Option<Value>) -> (u16, Value) {
+    let req = http
+        .request(method.parse().expect("method"), url)
+        .insert_header(("Authorization", "Bearer tta_test"));
+    let mut resp = match body {
+        Some(b) => req.send_json(&b).await,
+        None => req.send().await,
+    }
+    .expect("response");
+    let bytes = resp.body().await.expect("body");
+    (
+        resp.status().as_u16(),
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// The public key of a clinic's certificate, as a registry entry holds it.
+fn public_key_of(pki: &Pki, clinic: &str) -> String {
+    let pem = std::fs::read(pki.path(&format!("{clinic}.pem"))).expect("cert");
+    let cert = openssl::x509::X509::from_pem(&pem).expect("pem");
+    String::from_utf8(
+        cert.public_key()
+            .and_then(|k| k.public_key_to_pem())
+            .expect("public key"),
+    )
+    .expect("utf8")
+}
+
+/// The upgrade's status for `clinic` with its own certificate and a fresh token.
+async fn clinic_status(gw: &GatewayHandle, pki: &Pki, clinic: &str) -> u16 {
+    status_of(gw, &pki.client(clinic), Some(&good_token(pki, clinic))).await
+}
+
+/// Upgrades with a fresh token until one is answered with `want`, or panics after `limit`.
+async fn until_status(
+    gw: &GatewayHandle,
+    pki: &Pki,
+    clinic: &str,
+    want: u16,
+    limit: Duration,
+) -> Duration {
+    let t0 = std::time::Instant::now();
+    loop {
+        let got = clinic_status(gw, pki, clinic).await;
+        if got == want {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "{clinic}: still {got} after {limit:?}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn open_session(gw: &GatewayHandle, pki: &Pki, clinic: &str) -> Ws {
+    let Outcome::Open(mut ws) = dial(
+        gw,
+        &pki.client(clinic),
+        Some(&good_token(pki, clinic)),
+        None,
+    )
+    .await
+    else {
+        panic!("{clinic} must connect")
+    };
+    send(&mut ws, hello(clinic)).await;
+    assert_eq!(
+        next_json(&mut ws).await.expect("welcome")["type"],
+        "welcome"
+    );
+    ws
+}
+
+/// The clinic registry changes without a restart: an entry added to `clinics_dir` lets its
+/// clinic connect within seconds; a file that does not parse changes nothing (the registry in
+/// force stays, sessions stay up); revoking a key through REST closes its live session with
+/// 1008 and refuses the next handshake; deleting a clinic closes its session, removes it from
+/// the listing, and its cloud updates are refused with 404. Every change is an audit line.
+#[actix_rt::test]
+async fn the_registry_reloads_live_new_clinics_connect_and_revoked_keys_are_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    init_logs(dir.path());
+    let pki = Pki::new(dir.path());
+    let parked = dir.path().join("clinic-b.entry");
+    std::fs::rename(pki.path("clinics/clinic-b.yaml"), &parked).expect("park clinic-b");
+    let gw = start(&pki, dir.path());
+    let (base, http) = (gw.http_url(), rest_client(&pki));
+    assert_eq!(
+        clinic_status(&gw, &pki, "clinic-b").await,
+        401,
+        "not in the registry yet"
+    );
+    // Enrol: the entry appears in the directory.
+    std::fs::copy(&parked, pki.path("clinics/clinic-b.yaml")).expect("enrol clinic-b");
+    let took = until_status(&gw, &pki, "clinic-b", 101, Duration::from_secs(10)).await;
+    eprintln!("clinic-b accepted {took:?} after its entry was written");
+    let mut b = open_session(&gw, &pki, "clinic-b").await;
+    let mut a = open_session(&gw, &pki, "clinic-a").await;
+    // A file that does not parse: refused, the registry in force stays.
+    std::fs::write(pki.path("clinics/broken.yaml"), "clinic_id: [not, an, id\n").expect("write");
+    let metrics = || async {
+        let mut r = http
+            .get(format!("{base}/metrics"))
+            .insert_header(("Authorization", "Bearer tta_test"))
+            .send()
+            .await
+            .expect("metrics");
+        String::from_utf8(r.body().await.expect("body").to_vec()).expect("utf8")
+    };
+    let t0 = std::time::Instant::now();
+    while !metrics()
+        .await
+        .contains("tether_gateway_registry_reload_failures_total 1")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the bad file was never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        clinic_status(&gw, &pki, "clinic-b").await,
+        101,
+        "the registry in force stays"
+    );
+    let errors = read_log(dir.path(), "error");
+    assert!(
+        errors.contains("event=registry_reload_refused") && errors.contains("broken.yaml"),
+        "the refusal names the file: {errors}"
+    );
+    std::fs::remove_file(pki.path("clinics/broken.yaml")).expect("remove");
+    // Revoke clinic-b's key through REST: its live session closes with 1008.
+    let (code, v) = rest(
+        &http,
+        "PUT",
+        format!("{base}/v1/registry/clinics/clinic-b"),
+        Some(json!({"keys": [{"kid": "clinic-b-1", "public_key": public_key_of(&pki, "clinic-b"), "revoked": true}]})),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(close_code(&mut b).await, Some(1008));
+    assert_eq!(
+        clinic_status(&gw, &pki, "clinic-b").await,
+        401,
+        "a revoked key is refused"
+    );
+    let (code, v) = rest(&http, "GET", format!("{base}/v1/registry/clinics"), None).await;
+    assert_eq!(code, 200);
+    let listed: Vec<(String, String)> = v["clinics"]
+        .as_array()
+        .expect("clinics")
+        .iter()
+        .map(|c| {
+            (
+                c["clinic_id"].as_str().unwrap_or("").to_string(),
+                c["keys"][0]["status"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            ("clinic-a".to_string(), "active".to_string()),
+            ("clinic-b".to_string(), "revoked".to_string())
+        ],
+        "{v}"
+    );
+    assert!(
+        !v.to_string().contains("BEGIN PUBLIC KEY"),
+        "keys are not listed: {v}"
+    );
+    // A kid of another clinic is refused, naming the field; nothing is written.
+    let (code, v) = rest(
+        &http,
+        "PUT",
+        format!("{base}/v1/registry/clinics/clinic-c"),
+        Some(
+            json!({"keys": [{"kid": "clinic-a-1", "public_key": public_key_of(&pki, "clinic-b")}]}),
+        ),
+    )
+    .await;
+    assert_eq!((code, v["field"].as_str()), (422, Some("keys.kid")), "{v}");
+    assert!(!pki.path("clinics/clinic-c.yaml").exists());
+    // Delete clinic-a: its session closes, its updates are refused.
+    let (code, _) = rest(
+        &http,
+        "DELETE",
+        format!("{base}/v1/registry/clinics/clinic-a"),
+        None,
+    )
+    .await;
+    assert_eq!(code, 204);
+    assert_eq!(close_code(&mut a).await, Some(1008));
+    let (code, v) = rest(
+        &http,
+        "POST",
+        format!("{base}/v1/clinics/clinic-a/updates"),
+        Some(json!({"entity": "patient", "op": "delete", "key": {"id": 1}})),
+    )
+    .await;
+    assert_eq!((code, v["field"].as_str()), (404, Some("id")), "{v}");
+    let (code, _) = rest(
+        &http,
+        "DELETE",
+        format!("{base}/v1/registry/clinics/clinic-a"),
+        None,
+    )
+    .await;
+    assert_eq!(code, 404);
+    let audit = read_log(dir.path(), "audit");
+    for needle in [
+        "event=registry_reloaded trigger=poll",
+        "clinics_added=\"clinic-b\"",
+        "keys_withdrawn=\"clinic-b/clinic-b-1\"",
+        "keys_withdrawn=\"clinic-a/clinic-a-1\"",
+        "event=session_revoked kid=clinic-b-1",
+        "action=\"PUT /v1/registry/clinics/clinic-b\" result=200",
+    ] {
+        assert!(audit.contains(needle), "audit lacks {needle}: {audit}");
     }
     gw.stop().await;
 }

@@ -35,7 +35,7 @@ use crate::frames::{GuardedCodec, Item};
 use crate::http_link::{self, HttpLinkError, PollItem};
 use crate::log_target::{CONNECTION, ERROR};
 use crate::outbound::{Acked, LinkDown, LinkUp};
-use crate::stats::AgentStats;
+use crate::stats::{AgentStats, Refusal};
 use crate::supervisor::ExitGuard;
 
 type WsSink = SplitSink<Framed<BoxedSocket, GuardedCodec>, ws::Message>;
@@ -130,13 +130,35 @@ enum Incoming {
 
 /// Whether a failed upgrade means "something on the way blocks WebSockets" rather than "the
 /// gateway is down" or "the gateway refused us".
+/// This machine's wall clock, unix ms (a refusal's time and the clock offset).
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// One parameter of an RFC 6750 challenge (`Bearer realm="x", error_description="y"`): only
+/// safe token characters are kept (it ends up in logs).
+fn auth_param(header: &str, name: &str) -> Option<String> {
+    let at = header.find(&format!("{name}=\""))? + name.len() + 2;
+    let value: String = header[at..]
+        .chars()
+        .take_while(|c| *c != '"')
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+        .take(64)
+        .collect();
+    (!value.is_empty()).then_some(value)
+}
+
 fn upgrade_blocked(e: &awc::error::WsClientError) -> bool {
     use awc::error::WsClientError as E;
     match e {
-        // 401: our credentials; 408/429/503: load; 5xx: the gateway or a balancer is down.
+        // 401: our credentials; 404: a wrong URL (a configuration error, never hidden behind
+        // the fallback); 408/429/503: load; 5xx: the gateway or a balancer is down.
         E::InvalidResponseStatus(s) => {
             let s = s.as_u16();
-            (400..500).contains(&s) && ![401, 408, 429].contains(&s) || s == 501
+            (400..500).contains(&s) && ![401, 404, 408, 429].contains(&s) || s == 501
         }
         E::InvalidUpgradeHeader
         | E::InvalidConnectionHeader(_)
@@ -272,8 +294,23 @@ impl Connection {
                 Ok(Ok((_resp, framed))) => act.opened(framed, ctx),
                 Ok(Err(e)) => {
                     log::warn!(target: CONNECTION, "clinic={} event=connect_failed error={:?}", act.clinic(), e.to_string());
-                    if upgrade_blocked(&e) {
-                        act.note_blocked(&format!("upgrade refused: {e}"));
+                    match &e {
+                        awc::error::WsClientError::InvalidResponseStatus(s) if s.as_u16() == 404 => {
+                            act.refused(Refusal {
+                                status: 404,
+                                reason: "not_found".into(),
+                                clock_offset_ms: None,
+                                at_ms: wall_ms(),
+                            });
+                        }
+                        awc::error::WsClientError::InvalidResponseStatus(s) if s.as_u16() == 401 => {
+                            act.explain_refusal(url.clone(), ctx);
+                        }
+                        _ => {
+                            if upgrade_blocked(&e) {
+                                act.note_blocked(&format!("upgrade refused: {e}"));
+                            }
+                        }
                     }
                     act.schedule_reconnect(ctx);
                 }
@@ -281,6 +318,79 @@ impl Connection {
                     log::warn!(target: CONNECTION, "clinic={} event=connect_failed error=\"timed out after {} ms\"", act.clinic(), timeout.as_millis());
                     act.schedule_reconnect(ctx);
                 }
+            }
+        }));
+    }
+
+    /// The gateway refused us (or the URL is wrong): say why, once per distinct reason, and
+    /// keep it for the status.
+    fn refused(&mut self, r: Refusal) {
+        let same = self
+            .stats
+            .refusal()
+            .is_some_and(|p| p.reason == r.reason && p.status == r.status);
+        let offset = r
+            .clock_offset_ms
+            .map(|o| format!(" clock_offset_ms={o}"))
+            .unwrap_or_default();
+        if r.reason == "not_found" {
+            log::error!(target: CONNECTION, "clinic={} event=config_error status=404 reason=not_found url={} message=\"{}\"", self.clinic(), self.settings.gateway_url, r.advice());
+        } else if same {
+            log::debug!(target: CONNECTION, "clinic={} event=connect_refused status={} reason={}{offset} repeated=true", self.clinic(), r.status, r.reason);
+        } else {
+            log::error!(target: CONNECTION, "clinic={} event=connect_refused status={} reason={}{offset} advice=\"{}\"", self.clinic(), r.status, r.reason, r.advice());
+        }
+        self.stats.set_refusal(Some(r));
+    }
+
+    /// A 401 carries no body through the WebSocket client: ask the same URL once more as a
+    /// plain request (fresh credentials) to read the gateway's reason (`WWW-Authenticate`
+    /// `error_description`) and clock (`Tether-Time`).
+    fn explain_refusal(&mut self, ws_url: String, ctx: &mut Context<Self>) {
+        let Ok(headers) = self.ports.dialer.headers() else {
+            return;
+        };
+        let url = if let Some(rest) = ws_url.strip_prefix("wss://") {
+            format!("https://{rest}")
+        } else if let Some(rest) = ws_url.strip_prefix("ws://") {
+            format!("http://{rest}")
+        } else {
+            ws_url
+        };
+        let mut req = self.ports.dialer.client().get(url);
+        for (k, v) in headers {
+            req = req.insert_header((k, v));
+        }
+        let timeout = self.settings.connect_timeout;
+        let fut = async move {
+            let sent = wall_ms();
+            let resp = tokio::time::timeout(timeout, req.send()).await.ok()?.ok()?;
+            let got = wall_ms();
+            let status = resp.status().as_u16();
+            let header = |name: &str| {
+                resp.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
+            let reason = header("www-authenticate")
+                .as_deref()
+                .and_then(|h| auth_param(h, "error_description"))
+                .unwrap_or_else(|| "unauthorized".to_string());
+            let clock_offset_ms = header("tether-time")
+                .and_then(|t| t.parse::<i64>().ok())
+                .map(|t| t - ((sent + got) / 2) as i64);
+            Some(Refusal {
+                status,
+                reason,
+                clock_offset_ms,
+                at_ms: got,
+            })
+        };
+        ctx.spawn(fut.into_actor(self).map(|r, act, _| {
+            // A probe that was not refused (the gateway took the fresh token) explains nothing.
+            if let Some(r) = r.filter(|r| r.status == 401) {
+                act.refused(r);
             }
         }));
     }
@@ -611,6 +721,7 @@ impl Connection {
                     .min(usize::try_from(w.max_frame_bytes).unwrap_or(usize::MAX));
                 self.stats.connected.store(true, Ordering::Relaxed);
                 AgentStats::add(&self.stats.links_up, 1);
+                self.stats.set_refusal(None);
                 log::info!(target: CONNECTION, "clinic={} event=connected transport={} session={} gateway_acked_seq={} handshake_ms={}", self.clinic(), self.transport_name(), w.session_id, w.acked_seq, now.saturating_duration_since(self.attempt_started).as_millis());
                 if self.on_http() {
                     if self.settings.transport == Transport::Auto {

@@ -22,6 +22,9 @@ pub enum SessionCommand {
     Replaced { by_session: String },
     /// New cloud updates were queued for this clinic.
     DeliverUpdates,
+    /// These keys of the clinic were revoked or removed from the registry: a session opened
+    /// with one of them closes (1008).
+    Revoked { kids: Vec<String> },
     /// The gateway is stopping: finish the store writes in flight (and ack them), take no new
     /// batch, then close with 1001.
     Shutdown,

@@ -24,6 +24,41 @@ pub struct AgentStats {
     /// Switches from WebSocket to the HTTP fallback.
     pub fallbacks: AtomicU64,
     restarts: Mutex<BTreeMap<String, u64>>,
+    /// Why the gateway last refused this agent (cleared when a link comes up).
+    refusal: Mutex<Option<Refusal>>,
+}
+
+/// The gateway refused a connection attempt, and said why (or the address is wrong).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Refusal {
+    /// The HTTP status of the refused upgrade.
+    pub status: u16,
+    /// The gateway's coarse reason (`unknown_key_id`, `key_revoked`, `token_expired`, …), or
+    /// `not_found` (no WebSocket endpoint at the configured URL).
+    pub reason: String,
+    /// Gateway clock minus ours, measured on the refusal (when the gateway said its time).
+    pub clock_offset_ms: Option<i64>,
+    pub at_ms: u64,
+}
+
+impl Refusal {
+    /// What to do about it, in words.
+    pub fn advice(&self) -> &'static str {
+        match self.reason.as_str() {
+            "not_found" => "no WebSocket endpoint at agent.gateway.url: check the URL (it ends in /v1/ws)",
+            "unknown_key_id" => "the gateway's registry has no key agent.gateway.auth.kid: ask the operator to enrol this clinic",
+            "key_revoked" => "this clinic's key was revoked: ask the operator",
+            "token_expired" | "token_not_yet_valid" | "token_lifetime_too_long" => {
+                "check this PC's clock (see the offset)"
+            }
+            "wrong_audience" => "agent.gateway.auth.audience does not name this gateway",
+            "clinic_not_allowed_for_key" | "clinic_not_allowed_for_certificate" => {
+                "clinic_id does not match the key or certificate the gateway holds for it"
+            }
+            "client_certificate_required" => "the gateway requires a client certificate (agent.gateway.tls.cert/key)",
+            _ => "see the gateway's audit log",
+        }
+    }
 }
 
 impl AgentStats {
@@ -44,6 +79,17 @@ impl AgentStats {
 
     pub fn restarts(&self) -> BTreeMap<String, u64> {
         self.restarts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_refusal(&self, r: Option<Refusal>) {
+        *self.refusal.lock().unwrap_or_else(|p| p.into_inner()) = r;
+    }
+
+    pub fn refusal(&self) -> Option<Refusal> {
+        self.refusal
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()

@@ -38,7 +38,10 @@ pub async fn admin_auth(
     // Agent transports authenticate clinics themselves (token, certificate, channel id).
     let guarded = path.starts_with("/v1/") || path == "/metrics";
     let public = path == "/v1/ws" || path == "/v1/openapi.json" || path.starts_with("/v1/http/");
-    if !guarded || public {
+    // A path that is no route is a 404 for everyone (the routes are public in the OpenAPI
+    // file): an agent with a wrong URL must hear "not found", not "unauthorized".
+    let no_route = req.match_pattern().is_none();
+    if !guarded || public || no_route {
         return next.call(req).await.map(|r| r.map_into_left_body());
     }
     let method = req.method().clone();
@@ -541,6 +544,16 @@ pub(super) async fn post_update(
         }
         _ => {}
     }
+    // With a clinic registry, an update for a clinic it does not know would wait forever.
+    if let Some(v) = &state.security.verifier {
+        if !v.registry().contains(&clinic) {
+            return error(
+                StatusCode::NOT_FOUND,
+                Some("id"),
+                format!("clinic {clinic} is not in the registry"),
+            );
+        }
+    }
     if let Some(row) = &parsed.row {
         if let Err(e) = state
             .schemas
@@ -923,5 +936,129 @@ pub(super) async fn replay_webhook(
         ),
         Err(super::webhooks::ReplayError::Store(e)) => store_error(e),
         Err(e) => error(StatusCode::NOT_FOUND, None, e.to_string()),
+    }
+}
+
+/// `GET /v1/registry/clinics`: every clinic of the registry in force, its keys (ids,
+/// algorithms, revoked or not, never the key itself), labels and file.
+pub(super) async fn list_registry(state: web::Data<GatewayState>) -> HttpResponse {
+    let Some(verifier) = &state.security.verifier else {
+        return error(
+            StatusCode::NOT_FOUND,
+            None,
+            "the gateway has no clinic registry (gateway.auth is not configured)",
+        );
+    };
+    let reg = verifier.registry();
+    let clinics: Vec<Value> = reg
+        .clinics()
+        .values()
+        .map(|c| {
+            json!({
+                "clinic_id": c.clinic_id,
+                "status": if c.revoked { "revoked" } else { "active" },
+                "labels": c.labels,
+                "keys": c.keys.iter().map(|k| json!({
+                    "kid": k.kid,
+                    "algorithms": k.algorithms,
+                    "status": if k.revoked { "revoked" } else { "active" },
+                })).collect::<Vec<_>>(),
+                "file": c.file,
+            })
+        })
+        .collect();
+    HttpResponse::Ok().json(json!({
+        "dir": state.security.registry_source.as_ref().map(|s| s.dir.display().to_string()),
+        "clinics": clinics,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegistryBody {
+    #[serde(default)]
+    clinic_id: Option<String>,
+    keys: Vec<crate::security::jwt::RegistryKey>,
+    #[serde(default)]
+    revoked: bool,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+fn registry_write_error(e: super::clinic_registry::WriteError) -> HttpResponse {
+    use super::clinic_registry::WriteError as W;
+    match e {
+        W::NoRegistry => error(StatusCode::NOT_FOUND, None, e.to_string()),
+        W::NotFound(_) => error(StatusCode::NOT_FOUND, Some("id"), e.to_string()),
+        W::Invalid { field, message } => {
+            error(StatusCode::UNPROCESSABLE_ENTITY, Some(&field), message)
+        }
+        W::Io(m) => {
+            log::error!(target: "error", "event=registry_write_failed error={m:?}");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                None,
+                "the registry file could not be written (see the gateway's error log)",
+            )
+        }
+    }
+}
+
+/// `PUT /v1/registry/clinics/{id}`: adds or replaces a clinic's entry; in force at once.
+pub(super) async fn put_registry_clinic(
+    state: web::Data<GatewayState>,
+    id: web::Path<String>,
+    body: web::Bytes,
+) -> HttpResponse {
+    let (clinic, parsed) = match clinic_and_body::<RegistryBody>(id, &body) {
+        Ok(v) => v,
+        Err(resp) => return *resp,
+    };
+    if parsed.clinic_id.as_ref().is_some_and(|c| *c != clinic) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            Some("clinic_id"),
+            "differs from the clinic id in the path",
+        );
+    }
+    if parsed.keys.is_empty() {
+        return error(StatusCode::BAD_REQUEST, Some("keys"), "at least one key");
+    }
+    let entry = crate::security::jwt::RegistryEntry {
+        clinic_id: clinic.clone(),
+        keys: parsed.keys,
+        revoked: parsed.revoked,
+        labels: parsed.labels,
+    };
+    let st = state.clone();
+    match web::block(move || super::clinic_registry::put(&st, entry)).await {
+        Ok(Ok(created)) => {
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            HttpResponse::build(status).json(json!({ "clinic_id": clinic, "created": created }))
+        }
+        Ok(Err(e)) => registry_write_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, None, e.to_string()),
+    }
+}
+
+/// `DELETE /v1/registry/clinics/{id}`: removes the clinic; its sessions close (1008) and its
+/// next handshake is refused.
+pub(super) async fn delete_registry_clinic(
+    state: web::Data<GatewayState>,
+    id: web::Path<String>,
+) -> HttpResponse {
+    let clinic = id.into_inner();
+    if !valid_id(&clinic) {
+        return error(StatusCode::BAD_REQUEST, Some("id"), "not a valid clinic id");
+    }
+    let st = state.clone();
+    match web::block(move || super::clinic_registry::delete(&st, &clinic)).await {
+        Ok(Ok(())) => HttpResponse::NoContent().finish(),
+        Ok(Err(e)) => registry_write_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, None, e.to_string()),
     }
 }

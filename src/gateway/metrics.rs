@@ -29,6 +29,11 @@ pub struct GatewayMetrics {
     pub sessions_fenced: AtomicU64,
     /// REST calls passed to the node holding their clinic.
     pub rpc_forwarded: AtomicU64,
+    /// Sessions closed because their key was revoked or removed from the registry.
+    pub sessions_revoked: AtomicU64,
+    /// Registry reloads put in force, and reloads refused (a file that does not parse).
+    pub registry_reloads: AtomicU64,
+    pub registry_reload_failures: AtomicU64,
     /// HTTP-fallback requests passed to the node holding their channel.
     pub http_forwarded: AtomicU64,
     ack_buckets: [AtomicU64; ACK_BUCKETS.len()],
@@ -105,6 +110,21 @@ impl GatewayMetrics {
             "tether_gateway_sessions_fenced_total",
             "Sessions closed because a newer session, on this node or another, claimed their clinic (their batch stored nothing).",
             get(&self.sessions_fenced),
+        );
+        counter(
+            "tether_gateway_sessions_revoked_total",
+            "Sessions closed (1008) because their key was revoked or removed from the clinic registry.",
+            get(&self.sessions_revoked),
+        );
+        counter(
+            "tether_gateway_registry_reloads_total",
+            "Clinic registry changes put in force without a restart.",
+            get(&self.registry_reloads),
+        );
+        counter(
+            "tether_gateway_registry_reload_failures_total",
+            "Clinic registry reloads refused (the registry in force stays): see error.log for the file.",
+            get(&self.registry_reload_failures),
         );
         counter(
             "tether_gateway_rpc_forwarded_total",

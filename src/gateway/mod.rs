@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod bridge;
+pub mod clinic_registry;
 pub mod cluster;
 pub mod metrics;
 pub mod monitor;
@@ -284,6 +285,8 @@ pub struct GatewaySecurity {
     pub tls: Option<ServerTls>,
     /// `None`: no tokens (insecure local mode); any hello is accepted.
     pub verifier: Option<TokenVerifier>,
+    /// Where the verifier's clinic registry is reloaded from (`None`: it is fixed).
+    pub registry_source: Option<clinic_registry::RegistrySource>,
     /// `None`: the REST API is open (insecure local mode).
     pub admin: Option<AdminTokens>,
     /// Decrypts sensitive fields before storing; `None` stores ciphertext.
@@ -304,6 +307,7 @@ impl GatewaySecurity {
         GatewaySecurity {
             tls: None,
             verifier: None,
+            registry_source: None,
             admin: None,
             decrypt: None,
             admission: SharedBucket::new(1000.0, 2000.0),
@@ -328,6 +332,10 @@ impl GatewaySecurity {
             )),
             None => None,
         };
+        let registry_source = g.auth.as_ref().map(|a| clinic_registry::RegistrySource {
+            dir: a.clinics_dir.clone(),
+            interval: a.reload_interval.get().max(Duration::from_millis(100)),
+        });
         let admin = if g.admin_tokens.is_empty() {
             None
         } else {
@@ -345,6 +353,7 @@ impl GatewaySecurity {
         Ok(GatewaySecurity {
             tls,
             verifier,
+            registry_source,
             admin,
             decrypt,
             admission: SharedBucket::new(l.handshakes_per_second as f64, l.handshake_burst as f64),
@@ -392,6 +401,8 @@ pub struct GatewayState {
     /// The key the nodes on this store share to sign the requests they pass to each other.
     pub peer_key: Vec<u8>,
     pub webhooks: Arc<webhooks::Webhooks>,
+    /// The registry version in force (reloads without a restart).
+    pub registry_reloads: clinic_registry::Reloads,
 }
 
 pub struct GatewayHandle {
@@ -498,7 +509,9 @@ pub fn start(
         forwards: Default::default(),
         peer_key,
         webhooks,
+        registry_reloads: Default::default(),
     });
+    clinic_registry::start(state.clone());
     let cluster_state = state.clone();
     let listen = settings.listen.clone();
     let server = HttpServer::new(move || {

@@ -25,6 +25,16 @@ fn slug(status: StatusCode) -> String {
 
 /// A problem answer.
 pub fn problem(status: StatusCode, field: Option<&str>, detail: impl Into<String>) -> HttpResponse {
+    problem_with(status, field, detail, serde_json::Value::Null)
+}
+
+/// A problem answer with extension members (`extra`, an object, merged in).
+pub fn problem_with(
+    status: StatusCode,
+    field: Option<&str>,
+    detail: impl Into<String>,
+    extra: serde_json::Value,
+) -> HttpResponse {
     let mut body = json!({
         "type": format!("{TYPE_BASE}{}", slug(status)),
         "title": status.canonical_reason().unwrap_or("Error"),
@@ -33,6 +43,11 @@ pub fn problem(status: StatusCode, field: Option<&str>, detail: impl Into<String
     });
     if let Some(f) = field {
         body["field"] = json!(f);
+    }
+    if let serde_json::Value::Object(more) = extra {
+        for (k, v) in more {
+            body[k.as_str()] = v;
+        }
     }
     HttpResponse::build(status)
         .content_type(CONTENT_TYPE)

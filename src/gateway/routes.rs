@@ -47,6 +47,17 @@ fn table() -> Table {
     t.add(post.clone(), "/v1/clinics/{id}/rpc", api::post_rpc);
     t.add(get.clone(), "/v1/events", api::list_events);
     t.add(get.clone(), "/v1/nodes", api::list_nodes);
+    t.add(get.clone(), "/v1/registry/clinics", api::list_registry);
+    t.add(
+        Method::PUT,
+        "/v1/registry/clinics/{id}",
+        api::put_registry_clinic,
+    );
+    t.add(
+        Method::DELETE,
+        "/v1/registry/clinics/{id}",
+        api::delete_registry_clinic,
+    );
     t.add(get.clone(), "/v1/updates/{id}", api::get_update);
     t.add(get.clone(), "/v1/webhooks", api::list_webhooks);
     t.add(

@@ -7,9 +7,9 @@
 //! default of 60 s and its `nbf` default of off are overridden), and refuses a `jti` it has
 //! seen within the token's lifetime.
 
-use std::collections::HashMap;
-use std::path::Path;
-use std::sync::Mutex;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -60,6 +60,8 @@ pub enum AuthError {
     BadKid,
     #[error("unknown kid {0}")]
     UnknownKid(String),
+    #[error("key {0} is revoked")]
+    Revoked(String),
     #[error("algorithm {0:?} is not allowed for this key")]
     AlgorithmNotAllowed(Algorithm),
     #[error("invalid token: {0}")]
@@ -76,6 +78,44 @@ pub enum AuthError {
     CertMismatch { cert: Vec<String>, sub: String },
     #[error("client certificate required")]
     NoClientCert,
+}
+
+impl AuthError {
+    /// The coarse reason told to the client (RFC 6750 `error_description`, and `reason` in the
+    /// problem body): nothing it does not already know — its own key id, its own clock, its own
+    /// certificate. The full detail stays in the gateway's audit log.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing_token",
+            AuthError::BadHeader | AuthError::NoKid | AuthError::BadKid | AuthError::NoJti => {
+                "malformed_token"
+            }
+            AuthError::UnknownKid(_) => "unknown_key_id",
+            AuthError::Revoked(_) => "key_revoked",
+            AuthError::AlgorithmNotAllowed(_) => "algorithm_not_allowed",
+            AuthError::Invalid(kind) => match kind.as_str() {
+                "ExpiredSignature" => "token_expired",
+                "ImmatureSignature" => "token_not_yet_valid",
+                "InvalidAudience" => "wrong_audience",
+                "InvalidIssuer" | "InvalidSubject" => "clinic_not_allowed_for_key",
+                "InvalidSignature" => "bad_signature",
+                _ => "invalid_token",
+            },
+            AuthError::TooLong(_) => "token_lifetime_too_long",
+            AuthError::IssuedInFuture(_) => "token_not_yet_valid",
+            AuthError::Replay => "token_replayed",
+            AuthError::CertMismatch { .. } => "clinic_not_allowed_for_certificate",
+            AuthError::NoClientCert => "client_certificate_required",
+        }
+    }
+
+    /// Whether the reason concerns time (the client's clock may be off: tell it ours).
+    pub fn about_time(&self) -> bool {
+        matches!(
+            self.reason(),
+            "token_expired" | "token_not_yet_valid" | "token_lifetime_too_long"
+        )
+    }
 }
 
 /// Signs connection tokens for one clinic.
@@ -145,6 +185,9 @@ pub struct ClinicKey {
     pub clinic: String,
     pub kid: String,
     pub algorithms: Vec<Algorithm>,
+    /// Refused at the handshake (`key_revoked`) and its sessions closed; kept so the refusal
+    /// can say so rather than "unknown key".
+    pub revoked: bool,
     key: DecodingKey,
 }
 
@@ -154,6 +197,12 @@ pub struct ClinicKey {
 pub struct RegistryEntry {
     pub clinic_id: String,
     pub keys: Vec<RegistryKey>,
+    /// Every key of the clinic revoked at once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub revoked: bool,
+    /// Free labels (`region: north`), listed by `GET /v1/registry/clinics`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -164,6 +213,8 @@ pub struct RegistryKey {
     pub algorithms: Vec<String>,
     /// PEM: an RSA public key or a certificate.
     pub public_key: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub revoked: bool,
 }
 
 fn default_algorithms() -> Vec<String> {
@@ -182,10 +233,29 @@ fn parse_alg(s: &str) -> Option<Algorithm> {
     }
 }
 
+/// What the registry holds of one clinic, for listings.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClinicInfo {
+    pub clinic_id: String,
+    pub revoked: bool,
+    pub labels: BTreeMap<String, String>,
+    pub keys: Vec<KeyInfo>,
+    /// The registry file it came from.
+    pub file: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyInfo {
+    pub kid: String,
+    pub algorithms: Vec<String>,
+    pub revoked: bool,
+}
+
 /// Every clinic's keys, by `kid` (a kid is unique across the registry).
 #[derive(Default)]
 pub struct ClinicRegistry {
     by_kid: HashMap<String, ClinicKey>,
+    clinics: BTreeMap<String, ClinicInfo>,
 }
 
 impl ClinicRegistry {
@@ -200,6 +270,17 @@ impl ClinicRegistry {
                 entry.clinic_id
             )));
         }
+        if let Some(other) = self.clinics.get(&entry.clinic_id) {
+            return Err(err(format!(
+                "clinic {} is already registered by {}",
+                entry.clinic_id, other.file
+            )));
+        }
+        if entry.keys.is_empty() {
+            return Err(err(format!("clinic {} has no keys", entry.clinic_id)));
+        }
+        let mut keys = Vec::new();
+        let mut parsed = Vec::new();
         for k in entry.keys {
             if !safe_id(&k.kid, 128) {
                 return Err(err(format!("kid {:?} is not a safe identifier", k.kid)));
@@ -216,37 +297,48 @@ impl ClinicRegistry {
                 public_key_pem(&k.public_key).map_err(|m| err(format!("kid {}: {m}", k.kid)))?;
             let key = DecodingKey::from_rsa_pem(&public)
                 .map_err(|e| err(format!("kid {}: {e}", k.kid)))?;
-            if self.by_kid.contains_key(&k.kid) {
+            if self.by_kid.contains_key(&k.kid) || parsed.iter().any(|p: &ClinicKey| p.kid == k.kid)
+            {
                 return Err(err(format!("kid {} is registered twice", k.kid)));
             }
-            self.by_kid.insert(
-                k.kid.clone(),
-                ClinicKey {
-                    clinic: entry.clinic_id.clone(),
-                    kid: k.kid,
-                    algorithms,
-                    key,
-                },
-            );
+            let revoked = entry.revoked || k.revoked;
+            keys.push(KeyInfo {
+                kid: k.kid.clone(),
+                algorithms: k.algorithms.clone(),
+                revoked,
+            });
+            parsed.push(ClinicKey {
+                clinic: entry.clinic_id.clone(),
+                kid: k.kid,
+                algorithms,
+                revoked,
+                key,
+            });
         }
+        for k in parsed {
+            self.by_kid.insert(k.kid.clone(), k);
+        }
+        self.clinics.insert(
+            entry.clinic_id.clone(),
+            ClinicInfo {
+                clinic_id: entry.clinic_id,
+                revoked: entry.revoked,
+                labels: entry.labels,
+                keys,
+                file: source.to_string(),
+            },
+        );
         Ok(())
     }
 
     /// Loads every `*.yaml` registry entry in a directory.
     pub fn load_dir(dir: &Path) -> Result<Self, JwtError> {
         let mut reg = ClinicRegistry::default();
-        let err = |message: String| JwtError::Registry {
-            path: dir.display().to_string(),
-            message,
-        };
-        let mut paths: Vec<_> = std::fs::read_dir(dir)
-            .map_err(|e| err(e.to_string()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-            .collect();
-        paths.sort();
-        for p in paths {
-            let text = std::fs::read_to_string(&p).map_err(|e| err(e.to_string()))?;
+        for p in registry_files(dir)? {
+            let text = std::fs::read_to_string(&p).map_err(|e| JwtError::Registry {
+                path: p.display().to_string(),
+                message: e.to_string(),
+            })?;
             let entry: RegistryEntry =
                 serde_saphyr::from_str(&text).map_err(|e| JwtError::Registry {
                     path: p.display().to_string(),
@@ -257,12 +349,67 @@ impl ClinicRegistry {
         Ok(reg)
     }
 
+    /// Number of keys.
     pub fn len(&self) -> usize {
         self.by_kid.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.by_kid.is_empty()
+    }
+
+    /// Every clinic, by id.
+    pub fn clinics(&self) -> &BTreeMap<String, ClinicInfo> {
+        &self.clinics
+    }
+
+    /// Whether the clinic has a registry entry (revoked or not).
+    pub fn contains(&self, clinic: &str) -> bool {
+        self.clinics.contains_key(clinic)
+    }
+
+    /// Key ids that verify tokens (not revoked), with their clinic.
+    fn active(&self) -> BTreeSet<(String, String)> {
+        self.by_kid
+            .values()
+            .filter(|k| !k.revoked)
+            .map(|k| (k.clinic.clone(), k.kid.clone()))
+            .collect()
+    }
+}
+
+/// The `*.yaml` / `*.yml` files of a registry directory, sorted.
+pub fn registry_files(dir: &Path) -> Result<Vec<PathBuf>, JwtError> {
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| JwtError::Registry {
+            path: dir.display().to_string(),
+            message: e.to_string(),
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    paths.sort();
+    Ok(paths)
+}
+
+/// What a registry replacement changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RegistryChange {
+    pub clinics_added: Vec<String>,
+    pub clinics_removed: Vec<String>,
+    /// Keys that verified tokens before and no longer do (removed or revoked), by clinic:
+    /// sessions opened with them must end.
+    pub keys_withdrawn: BTreeMap<String, Vec<String>>,
+    /// Keys that verify tokens now and did not before.
+    pub keys_added: Vec<String>,
+}
+
+impl RegistryChange {
+    pub fn is_empty(&self) -> bool {
+        self.clinics_added.is_empty()
+            && self.clinics_removed.is_empty()
+            && self.keys_withdrawn.is_empty()
+            && self.keys_added.is_empty()
     }
 }
 
@@ -293,7 +440,8 @@ pub struct Verified {
 pub struct TokenVerifier {
     audience: String,
     leeway: u64,
-    registry: ClinicRegistry,
+    /// Replaced whole on a reload; a verification holds the one it started with.
+    registry: RwLock<Arc<ClinicRegistry>>,
     seen: Mutex<HashMap<String, u64>>,
 }
 
@@ -302,9 +450,49 @@ impl TokenVerifier {
         TokenVerifier {
             audience: audience.into(),
             leeway: leeway.as_secs(),
-            registry,
+            registry: RwLock::new(Arc::new(registry)),
             seen: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The registry in force.
+    pub fn registry(&self) -> Arc<ClinicRegistry> {
+        self.registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts `next` in force for every handshake from now on, and says what changed.
+    pub fn replace(&self, next: ClinicRegistry) -> RegistryChange {
+        let mut slot = self.registry.write().unwrap_or_else(|p| p.into_inner());
+        let before = slot.clone();
+        let (old, new) = (before.active(), next.active());
+        let mut change = RegistryChange {
+            clinics_added: next
+                .clinics
+                .keys()
+                .filter(|c| !before.clinics.contains_key(*c))
+                .cloned()
+                .collect(),
+            clinics_removed: before
+                .clinics
+                .keys()
+                .filter(|c| !next.clinics.contains_key(*c))
+                .cloned()
+                .collect(),
+            keys_added: new.difference(&old).map(|(_, k)| k.clone()).collect(),
+            ..RegistryChange::default()
+        };
+        for (clinic, kid) in old.difference(&new) {
+            change
+                .keys_withdrawn
+                .entry(clinic.clone())
+                .or_default()
+                .push(kid.clone());
+        }
+        *slot = Arc::new(next);
+        change
     }
 
     pub fn verify(&self, token: &str) -> Result<Verified, AuthError> {
@@ -313,11 +501,14 @@ impl TokenVerifier {
         if !safe_id(&kid, 128) {
             return Err(AuthError::BadKid);
         }
-        let entry = self
-            .registry
+        let registry = self.registry();
+        let entry = registry
             .by_kid
             .get(&kid)
             .ok_or_else(|| AuthError::UnknownKid(kid.clone()))?;
+        if entry.revoked {
+            return Err(AuthError::Revoked(kid));
+        }
         if !entry.algorithms.contains(&header.alg) {
             return Err(AuthError::AlgorithmNotAllowed(header.alg));
         }

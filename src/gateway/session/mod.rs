@@ -192,6 +192,33 @@ fn deny(status: actix_web::http::StatusCode) -> HttpResponse {
     crate::gateway::problem::problem(status, None, "connection refused")
 }
 
+/// A refused token: 401 with the coarse reason the client can act on (RFC 6750
+/// `WWW-Authenticate`, and `reason` in the problem body) and this gateway's clock
+/// (`Tether-Time`, unix ms) so the agent can measure its offset. The detail is in the audit log.
+fn refuse_token(e: &AuthError) -> HttpResponse {
+    use actix_web::http::header::{HeaderName, HeaderValue, WWW_AUTHENTICATE};
+    let reason = e.reason();
+    let mut resp = crate::gateway::problem::problem_with(
+        actix_web::http::StatusCode::UNAUTHORIZED,
+        None,
+        format!("connection refused: {reason}"),
+        serde_json::json!({ "reason": reason }),
+    );
+    let challenge = if matches!(e, AuthError::Missing) {
+        "Bearer realm=\"tether\", error_description=\"missing_token\"".to_string()
+    } else {
+        format!("Bearer realm=\"tether\", error=\"invalid_token\", error_description=\"{reason}\"")
+    };
+    if let Ok(v) = HeaderValue::from_str(&challenge) {
+        resp.headers_mut().insert(WWW_AUTHENTICATE, v);
+    }
+    resp.headers_mut().insert(
+        HeaderName::from_static("tether-time"),
+        HeaderValue::from(crate::security::unix_now_ms()),
+    );
+    resp
+}
+
 /// Clients must present a certificate (and it must name the clinic).
 fn mutual_tls(state: &GatewayState) -> bool {
     state
@@ -266,7 +293,7 @@ async fn admit(
         Err(e) => {
             state.metrics.add(&state.metrics.auth_failures, 1);
             log::warn!(target: AUDIT, "event=auth_failed peer={peer} reason={}", log_value(&e.to_string(), 160));
-            return Err(Box::new(deny(StatusCode::UNAUTHORIZED)));
+            return Err(Box::new(refuse_token(&e)));
         }
     };
     if let Some(a) = &auth {
@@ -277,7 +304,7 @@ async fn admit(
             Ok(false) => {
                 state.metrics.add(&state.metrics.auth_failures, 1);
                 log::warn!(target: AUDIT, "event=auth_failed peer={peer} clinic={} reason=\"replayed jti (seen by the store)\"", a.clinic);
-                return Err(Box::new(deny(StatusCode::UNAUTHORIZED)));
+                return Err(Box::new(refuse_token(&AuthError::Replay)));
             }
             Err(e) => {
                 log::error!(target: ERROR, "event=handshake_refused peer={peer} reason=store_unavailable error={e}");
@@ -1141,6 +1168,18 @@ impl Handler<SessionCommand> for Session {
                 self.close(ctx, ws::CloseCode::Other(4001), &why);
             }
             SessionCommand::DeliverUpdates => self.deliver_updates(ctx),
+            SessionCommand::Revoked { kids } => {
+                let Some(kid) = self.auth.as_ref().map(|a| a.kid.clone()) else {
+                    return;
+                };
+                if kids.contains(&kid) {
+                    log::warn!(target: AUDIT, "session={} clinic={} event=session_revoked kid={kid} action=closed", self.id, self.clinic_label());
+                    self.state
+                        .metrics
+                        .add(&self.state.metrics.sessions_revoked, 1);
+                    self.close(ctx, ws::CloseCode::Policy, "credentials revoked");
+                }
+            }
             SessionCommand::Rpc {
                 request_id,
                 name,

@@ -1,0 +1,103 @@
+//! Fleet lifecycle through real agents, TLS and tokens: a clinic enrolled while the gateway
+//! runs, refusals the agent can act on, and a wrong gateway URL named as one.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tether::fleet::{start_agent, Fleet};
+use tether_actors::stats::Refusal;
+
+const HB: Duration = Duration::from_millis(500);
+
+fn refusal(fleet: &Fleet, i: usize) -> Option<Refusal> {
+    fleet.clinics[i]
+        .agent
+        .as_ref()
+        .and_then(|a| a.handle.stats.refusal())
+}
+
+/// A clinic whose registry entry is withdrawn while it runs is closed and then refused, and
+/// its agent says why (`unknown_key_id`, in its stats, status and log); once the entry is back
+/// it connects without a gateway restart, its changes arrive, and the refusal is cleared.
+#[actix_rt::test]
+async fn a_clinic_enrolled_while_the_gateway_runs_connects_and_its_agent_says_why_it_was_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    init_logs(dir.path());
+    let mut fleet = Fleet::new(dir.path(), 2, HB).expect("fleet");
+    let certs = fleet.certs.clone().expect("secure fleet");
+    let entry = certs.join("clinics/clinic-002.yaml");
+    let parked = dir.path().join("clinic-002.entry");
+    std::fs::rename(&entry, &parked).expect("withdraw clinic-002");
+    fleet.start_agents().await.expect("agents");
+    wait_until(
+        "clinic-002's agent to report its refusal",
+        Duration::from_secs(20),
+        || {
+            let r = refusal(&fleet, 1);
+            async move { r.is_some_and(|r| r.status == 401 && r.reason == "unknown_key_id") }
+        },
+    )
+    .await;
+    let r = refusal(&fleet, 1).expect("refusal");
+    let offset = r.clock_offset_ms.expect("the gateway said its time");
+    assert!(
+        offset.abs() < 2_000,
+        "same machine, same clock: offset {offset} ms"
+    );
+    assert!(refusal(&fleet, 0).is_none(), "clinic-001 is not refused");
+    let log = read_log(dir.path(), "connection");
+    assert!(
+        log.contains("clinic=clinic-002 event=connect_refused status=401 reason=unknown_key_id"),
+        "{log}"
+    );
+    // Changes committed while refused; then the entry is back.
+    write_activity(&fleet.clinics[1].db, 20);
+    let t0 = Instant::now();
+    std::fs::copy(&parked, &entry).expect("enrol clinic-002");
+    wait_drained(&fleet, Duration::from_secs(20)).await;
+    eprintln!(
+        "clinic-002's changes at the gateway {:.2} s after its entry was written",
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(refusal(&fleet, 1).is_none(), "cleared once the link is up");
+    assert_history_clean(&fleet, &[]);
+    fleet.stop().await;
+}
+
+/// A gateway URL with a wrong path answers 404: the agent names it a configuration error and
+/// never falls back to HTTP (which would hide the wrong URL), however many attempts it makes.
+#[actix_rt::test]
+async fn a_wrong_gateway_path_is_a_configuration_error_not_a_blocked_upgrade() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    init_logs(dir.path());
+    let fleet = Fleet::new(dir.path(), 1, HB).expect("fleet");
+    let mut cfg = fleet.clinics[0].config.clone();
+    cfg.gateway.url = cfg.gateway.url.replace("/v1/ws", "/v1/sync");
+    let agent = start_agent(&cfg).await.expect("agent");
+    let stats = agent.handle.stats.clone();
+    let attempts = cfg.gateway.fallback_after + 3;
+    wait_until("several refused attempts", Duration::from_secs(30), || {
+        let n = stats.reconnects.load(std::sync::atomic::Ordering::Relaxed);
+        async move { n >= attempts }
+    })
+    .await;
+    let r = stats.refusal().expect("a refusal");
+    assert_eq!((r.status, r.reason.as_str()), (404, "not_found"));
+    assert!(r.advice().contains("agent.gateway.url"), "{}", r.advice());
+    assert_eq!(
+        stats.fallbacks.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "a 404 must not switch to the HTTP fallback"
+    );
+    assert!(!stats.on_http.load(std::sync::atomic::Ordering::Relaxed));
+    let log = read_log(dir.path(), "connection");
+    assert!(
+        log.contains("event=config_error status=404 reason=not_found"),
+        "{log}"
+    );
+    assert!(!log.contains("event=upgrade_blocked"), "{log}");
+    agent.stop();
+    fleet.stop().await;
+}
