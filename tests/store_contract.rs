@@ -251,7 +251,19 @@ fn a_recreated_outbox_starts_a_new_position(f: &Fixture) {
             .await
             .expect("a");
         assert_eq!(s.hello("c", 111).await.expect("same outbox").acked, 3);
-        // The clinic's database was re-created: sequences start again at 1.
+        // Another database presenting the clinic's identity is refused, and changes nothing.
+        match s.hello("c", 222).await {
+            Err(StoreError::SourceConflict {
+                known: 111,
+                offered: 222,
+                ..
+            }) => {}
+            other => panic!("a second source must be refused: {other:?}"),
+        }
+        assert_eq!(s.hello("c", 111).await.expect("still the old").acked, 3);
+        assert!(!s.allow_source_reset("nobody").await.expect("reset"));
+        // An operator confirms the re-install: the new database's sequences start again at 1.
+        assert!(s.allow_source_reset("c").await.expect("reset"));
         assert_eq!(s.hello("c", 222).await.expect("new outbox").acked, 0);
         let out = s
             .append("c", 222, UNFENCED, 0, evs(1..=2))
@@ -286,7 +298,8 @@ fn a_recreated_outbox_starts_a_new_position(f: &Fixture) {
 
 fn an_outbox_that_comes_back_resends_without_duplicates_or_holes(f: &Fixture) {
     // Outbox A (1..=6, with 4 never stored), then B, then A again (a database restored from a
-    // backup): A's position restarts at 0, its resent events are held once and the hole is filled.
+    // backup), each switch confirmed by an operator: A's position restarts at 0, its resent
+    // events are held once and the hole is filled.
     let s = &f.store;
     block(async {
         s.hello("c", 111).await.expect("a");
@@ -296,10 +309,12 @@ fn an_outbox_that_comes_back_resends_without_duplicates_or_holes(f: &Fixture) {
         s.append("c", 111, UNFENCED, 3, vec![ev(5), ev(6)])
             .await
             .expect("5-6 (4 missing)");
+        assert!(s.allow_source_reset("c").await.expect("confirm b"));
         s.hello("c", 222).await.expect("b");
         s.append("c", 222, UNFENCED, 0, evs(1..=2))
             .await
             .expect("b 1-2");
+        assert!(s.allow_source_reset("c").await.expect("confirm a"));
         assert_eq!(s.hello("c", 111).await.expect("a again").acked, 0);
         let out = s
             .append("c", 111, UNFENCED, 0, evs(1..=8))

@@ -253,7 +253,9 @@ async fn panic_in_each_actor_is_logged_restarted_and_loses_nothing() {
 }
 
 /// A clinic whose database is re-created (a reinstall) starts its outbox sequences again. The
-/// gateway must not take the new changes for duplicates of the old ones.
+/// gateway refuses the new database (4009, `duplicate_source` in the agent's status) and stores
+/// nothing of it until an operator confirms the re-install; then the new changes are not taken
+/// for duplicates of the old ones.
 #[actix_rt::test]
 async fn a_recreated_clinic_database_is_not_mistaken_for_duplicates() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -281,8 +283,68 @@ async fn a_recreated_clinic_database_is_not_mistaken_for_duplicates() {
         .expect("source id");
     fleet.start_agents().await.expect("agent again");
     let store = fleet.store().expect("store");
-    let _ = &store;
     let gdb = dir.path().join("gateway.db");
+    let old_source = common::gateway_db_count(
+        &gdb,
+        "SELECT source_id FROM clinics WHERE clinic_id = 'clinic-001'",
+    );
+    let old_acked = tether::gateway::store::wait(store.acked_seq("clinic-001")).expect("acked");
+    wait_until(
+        "the new database to be refused as a duplicate source",
+        Duration::from_secs(20),
+        || {
+            let r = fleet.clinics[0]
+                .agent
+                .as_ref()
+                .and_then(|a| a.handle.stats.refusal());
+            async move { r.is_some_and(|r| r.status == 4009 && r.reason == "duplicate_source") }
+        },
+    )
+    .await;
+    assert_eq!(
+        common::gateway_db_count(
+            &gdb,
+            "SELECT source_id FROM clinics WHERE clinic_id = 'clinic-001'"
+        ),
+        old_source,
+        "the refused database changed nothing"
+    );
+    assert_eq!(
+        tether::gateway::store::wait(store.acked_seq("clinic-001")).expect("acked"),
+        old_acked
+    );
+    // The fleet views say so.
+    let (_, clinic) = common::get_as(
+        Some(&fleet),
+        &format!("{}/v1/clinics/clinic-001", fleet.http_url()),
+    )
+    .await;
+    assert_eq!(clinic["refused"], "duplicate_source", "{clinic}");
+    let mut metrics = fleet
+        .authorize(
+            fleet
+                .rest_client()
+                .expect("client")
+                .get(format!("{}/metrics", fleet.http_url())),
+        )
+        .send()
+        .await
+        .expect("metrics");
+    let text = String::from_utf8(metrics.body().await.expect("body").to_vec()).expect("utf8");
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("tether_gateway_duplicate_source_refusals_total ")
+                && !l.ends_with(" 0")
+        ),
+        "{text}"
+    );
+    let (status, body) = common::post_as(
+        Some(&fleet),
+        &format!("{}/v1/clinics/clinic-001/source-reset", fleet.http_url()),
+        &serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
     let read = || {
         let q = |sql: &str| common::gateway_db_count(&gdb, sql);
         (

@@ -130,6 +130,9 @@ enum Incoming {
 
 /// Whether a failed upgrade means "something on the way blocks WebSockets" rather than "the
 /// gateway is down" or "the gateway refused us".
+/// The gateway's close code for a hello from another database than the clinic's own.
+const DUPLICATE_SOURCE: u16 = 4009;
+
 /// This machine's wall clock, unix ms (a refusal's time and the clock offset).
 fn wall_ms() -> u64 {
     std::time::SystemTime::now()
@@ -1098,11 +1101,19 @@ impl Connection {
         }
     }
 
-    fn gateway_closed(&self, code: u16, desc: String) {
+    fn gateway_closed(&mut self, code: u16, desc: String) {
         if matches!(self.state, State::Closing | State::Retiring) {
             log::info!(target: CONNECTION, "clinic={} event=closed code={code} reason={desc:?}", self.clinic());
         } else {
             log::warn!(target: CONNECTION, "clinic={} event=closed_by_gateway code={code} reason={desc:?}", self.clinic());
+        }
+        if code == DUPLICATE_SOURCE {
+            self.refused(Refusal {
+                status: code,
+                reason: "duplicate_source".into(),
+                clock_offset_ms: None,
+                at_ms: wall_ms(),
+            });
         }
     }
 }

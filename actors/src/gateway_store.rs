@@ -85,6 +85,14 @@ pub enum StoreError {
     /// The writer has stopped (the gateway is shutting down).
     #[error("store writer has stopped")]
     Stopped,
+    /// `hello` from another database (source) than the one the clinic syncs from, with no
+    /// re-install confirmed by an operator: nothing was changed.
+    #[error("clinic {clinic} syncs from source {known}; source {offered} is refused until an operator confirms a re-install (POST /v1/clinics/{clinic}/source-reset)")]
+    SourceConflict {
+        clinic: String,
+        known: u64,
+        offered: u64,
+    },
 }
 
 impl StoreError {
@@ -234,9 +242,15 @@ pub trait GatewayStore: std::any::Any + Send + Sync + 'static {
 
     /// Registers a session's outbox, claims the clinic for this node with a new epoch, and
     /// returns the position to resume from. A different, non-zero `source` than the one on
-    /// record means the clinic's outbox was re-created: the position restarts at 0 for it (its
-    /// old events stay).
+    /// record is another database presenting the clinic's identity: refused
+    /// ([`StoreError::SourceConflict`]) unless an operator confirmed a re-install
+    /// ([`GatewayStore::allow_source_reset`]); then the position restarts at 0 for the new
+    /// source (the old events stay) and the confirmation is used up.
     fn hello(&self, clinic: &str, source: u64) -> StoreFuture<Claim>;
+
+    /// An operator confirms that the clinic's database was re-installed: its next `hello` from
+    /// a new source is taken (once). `false`: the store does not know the clinic.
+    fn allow_source_reset(&self, clinic: &str) -> StoreFuture<bool>;
 
     /// Queues a batch for the next group commit; resolves once it is durable (or refused).
     /// Batches are committed in the order this is called. `epoch` is the session's claim

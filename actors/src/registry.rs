@@ -2,7 +2,7 @@
 //! last heartbeat, its acknowledged position and how many updates wait for it — and routes
 //! "updates pending" notices to the clinic's live session. A second session for a clinic
 //! replaces the first, which is told to close.
-//! Takes: `Register`, `Unregister`, `Touch`, `Acked`, `UpdatesPending`, `Snapshot`.
+//! Takes: `Register`, `Refused`, `Unregister`, `Touch`, `Acked`, `UpdatesPending`, `Snapshot`.
 //! Sends: `SessionCommand` to sessions.
 //! State: in memory only; the durable truth (positions, updates) is in the gateway store, and
 //! sessions re-register when agents reconnect.
@@ -66,6 +66,9 @@ pub struct ClinicLive {
     pub evictions: u64,
     /// Actor restarts the agent reported (since its process started).
     pub agent_restarts: u64,
+    /// Why the clinic's last attempt was refused after authentication (`duplicate_source`),
+    /// until a session opens.
+    pub refused: Option<String>,
 }
 
 /// One clinic lifecycle event, for the SSE stream and the dashboard.
@@ -75,7 +78,7 @@ pub struct Lifecycle {
     pub id: u64,
     pub at_ms: u64,
     pub clinic_id: String,
-    /// `connected`, `disconnected`, `evicted`, `offline`, `lagging`, `caught_up`.
+    /// `connected`, `disconnected`, `evicted`, `offline`, `lagging`, `caught_up`, `refused`.
     pub kind: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
@@ -211,6 +214,7 @@ impl Registry {
                     lagging: false,
                     evictions: 0,
                     agent_restarts: 0,
+                    refused: None,
                 },
                 session: None,
             })
@@ -258,8 +262,30 @@ impl Handler<Register> for Registry {
         }
         e.live.state = "connected";
         e.live.disconnected_at_ms = None;
+        e.live.refused = None;
         let detail = format!("transport={}", msg.transport);
         self.emit(&msg.clinic_id, "connected", Some(detail));
+    }
+}
+
+/// A clinic's attempt was refused after it authenticated (e.g. `duplicate_source`): kept on
+/// the clinic for the fleet views until a session opens, and a lifecycle event `refused`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Refused {
+    pub clinic_id: String,
+    pub reason: String,
+}
+
+impl Handler<Refused> for Registry {
+    type Result = ();
+    fn handle(&mut self, msg: Refused, _: &mut Self::Context) {
+        let e = self.entry(&msg.clinic_id);
+        let first = e.live.refused.as_deref() != Some(msg.reason.as_str());
+        e.live.refused = Some(msg.reason.clone());
+        if first {
+            self.emit(&msg.clinic_id, "refused", Some(msg.reason));
+        }
     }
 }
 

@@ -48,6 +48,7 @@ impl Refusal {
             "not_found" => "no WebSocket endpoint at agent.gateway.url: check the URL (it ends in /v1/ws)",
             "unknown_key_id" => "the gateway's registry has no key agent.gateway.auth.kid: ask the operator to enrol this clinic",
             "key_revoked" => "this clinic's key was revoked: ask the operator",
+            "duplicate_source" => "another database already syncs as this clinic: stop the other agent, or, if this database replaces it (a re-install), ask the operator to confirm (POST /v1/clinics/{id}/source-reset)",
             "token_expired" | "token_not_yet_valid" | "token_lifetime_too_long" => {
                 "check this PC's clock (see the offset)"
             }

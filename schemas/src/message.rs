@@ -263,6 +263,9 @@ pub enum ErrorCode {
     StoreUnavailable,
     RateLimited,
     Unauthorized,
+    /// `hello.source_id` names another database than the one this clinic syncs from: refused
+    /// until an operator confirms a re-install.
+    DuplicateSource,
     Internal,
 }
 

@@ -231,6 +231,7 @@ fn clinic_view(r: Option<&ClinicRecord>, l: Option<&ClinicLive>, nodes: &NodeVie
         "pending_updates": r.map(|r| r.pending_updates).unwrap_or(0),
         "first_seen": r.map(|r| r.first_seen.clone()),
         "last_event_at": r.and_then(|r| r.last_event_at.clone()),
+        "refused": l.and_then(|l| l.refused.clone()),
     })
 }
 
@@ -473,12 +474,8 @@ struct UpdateBody {
     row: Option<Map<String, Value>>,
 }
 
-/// The `{id}` path segment (a valid clinic id) and the JSON body, or the 400 naming what is
-/// wrong (the body's field path included).
-fn clinic_and_body<T: serde::de::DeserializeOwned>(
-    id: web::Path<String>,
-    body: &[u8],
-) -> Result<(String, T), Box<HttpResponse>> {
+/// The `{id}` path segment if it is a valid clinic id, or the 400 naming it.
+fn clinic_id(id: web::Path<String>) -> Result<String, Box<HttpResponse>> {
     let clinic = id.into_inner();
     if !valid_id(&clinic) {
         return Err(Box::new(error(
@@ -487,7 +484,16 @@ fn clinic_and_body<T: serde::de::DeserializeOwned>(
             "not a valid clinic id",
         )));
     }
-    Ok((clinic, json_body(body)?))
+    Ok(clinic)
+}
+
+/// The `{id}` path segment (a valid clinic id) and the JSON body, or the 400 naming what is
+/// wrong (the body's field path included).
+fn clinic_and_body<T: serde::de::DeserializeOwned>(
+    id: web::Path<String>,
+    body: &[u8],
+) -> Result<(String, T), Box<HttpResponse>> {
+    Ok((clinic_id(id)?, json_body(body)?))
 }
 
 /// The JSON body, or the 400 naming the field at fault.
@@ -1051,14 +1057,44 @@ pub(super) async fn delete_registry_clinic(
     state: web::Data<GatewayState>,
     id: web::Path<String>,
 ) -> HttpResponse {
-    let clinic = id.into_inner();
-    if !valid_id(&clinic) {
-        return error(StatusCode::BAD_REQUEST, Some("id"), "not a valid clinic id");
-    }
+    let clinic = match clinic_id(id) {
+        Ok(c) => c,
+        Err(resp) => return *resp,
+    };
     let st = state.clone();
     match web::block(move || super::clinic_registry::delete(&st, &clinic)).await {
         Ok(Ok(())) => HttpResponse::NoContent().finish(),
         Ok(Err(e)) => registry_write_error(e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, None, e.to_string()),
+    }
+}
+
+/// `POST /v1/clinics/{id}/source-reset`: an operator confirms that the clinic's database was
+/// re-installed; the next hello from a new database (source) is taken once, its positions
+/// starting at 0 (the old events stay). Until then another database presenting the clinic's
+/// identity is refused (4009 `duplicate source`).
+pub(super) async fn source_reset(
+    state: web::Data<GatewayState>,
+    id: web::Path<String>,
+) -> HttpResponse {
+    let clinic = match clinic_id(id) {
+        Ok(c) => c,
+        Err(resp) => return *resp,
+    };
+    match call(state.store.allow_source_reset(&clinic)).await {
+        Ok(true) => {
+            log::warn!(target: AUDIT, "event=source_reset_allowed clinic={clinic}");
+            HttpResponse::Accepted().json(json!({
+                "clinic_id": clinic,
+                "armed": true,
+                "detail": "the next hello from a new database is taken once; its positions start at 0"
+            }))
+        }
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            Some("id"),
+            format!("clinic {clinic} has never connected"),
+        ),
+        Err(resp) => resp,
     }
 }

@@ -31,6 +31,8 @@ pub struct GatewayMetrics {
     pub rpc_forwarded: AtomicU64,
     /// Sessions closed because their key was revoked or removed from the registry.
     pub sessions_revoked: AtomicU64,
+    /// Hellos refused because another database presented the clinic's identity.
+    pub duplicate_sources: AtomicU64,
     /// Registry reloads put in force, and reloads refused (a file that does not parse).
     pub registry_reloads: AtomicU64,
     pub registry_reload_failures: AtomicU64,
@@ -115,6 +117,11 @@ impl GatewayMetrics {
             "tether_gateway_sessions_revoked_total",
             "Sessions closed (1008) because their key was revoked or removed from the clinic registry.",
             get(&self.sessions_revoked),
+        );
+        counter(
+            "tether_gateway_duplicate_source_refusals_total",
+            "Hellos refused (4009) because another database than the clinic's presented its identity; see the audit log and the clinic's `refused` in /v1/clinics.",
+            get(&self.duplicate_sources),
         );
         counter(
             "tether_gateway_registry_reloads_total",

@@ -199,6 +199,8 @@ pub struct Tile {
     pub last_close: Option<String>,
     /// The gateway node holding the clinic's session (this one, or another live one).
     pub node: Option<String>,
+    /// Why the clinic is refused (state `refused`): `duplicate_source`.
+    pub refused: Option<String>,
 }
 
 /// The tiles of every clinic: live from this node's sessions; a clinic whose session is on
@@ -225,6 +227,8 @@ fn tiles(live: Vec<ClinicLive>, records: &[ClinicRecord], nodes: &NodeView) -> V
                 clinic_id: l.clinic_id,
                 state: if elsewhere.is_some() {
                     "connected"
+                } else if !l.connected && l.refused.is_some() {
+                    "refused"
                 } else {
                     l.state
                 },
@@ -238,6 +242,7 @@ fn tiles(live: Vec<ClinicLive>, records: &[ClinicRecord], nodes: &NodeView) -> V
                 evictions: l.evictions,
                 agent_restarts: l.agent_restarts,
                 last_close: l.last_close,
+                refused: l.refused,
             }
         })
         .collect();
@@ -264,6 +269,7 @@ fn tiles(live: Vec<ClinicLive>, records: &[ClinicRecord], nodes: &NodeView) -> V
                 evictions: 0,
                 agent_restarts: 0,
                 last_close: None,
+                refused: None,
             });
         }
     }

@@ -45,6 +45,11 @@ fn table() -> Table {
     t.add(get.clone(), "/v1/clinics/{id}", api::get_clinic);
     t.add(post.clone(), "/v1/clinics/{id}/updates", api::post_update);
     t.add(post.clone(), "/v1/clinics/{id}/rpc", api::post_rpc);
+    t.add(
+        post.clone(),
+        "/v1/clinics/{id}/source-reset",
+        api::source_reset,
+    );
     t.add(get.clone(), "/v1/events", api::list_events);
     t.add(get.clone(), "/v1/nodes", api::list_nodes);
     t.add(get.clone(), "/v1/registry/clinics", api::list_registry);

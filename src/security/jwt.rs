@@ -363,6 +363,11 @@ impl ClinicRegistry {
         &self.clinics
     }
 
+    /// Whether the key verifies tokens (known and not revoked).
+    pub fn is_active(&self, kid: &str) -> bool {
+        self.by_kid.get(kid).is_some_and(|k| !k.revoked)
+    }
+
     /// Whether the clinic has a registry entry (revoked or not).
     pub fn contains(&self, clinic: &str) -> bool {
         self.clinics.contains_key(clinic)

@@ -537,6 +537,23 @@ impl Session {
                     act.epoch = claim.epoch;
                     claim.acked
                 }
+                Err(crate::gateway::store::StoreError::SourceConflict { known, offered, .. }) => {
+                    // Another database presents this clinic's identity (a copy, a second
+                    // install, a re-install nobody confirmed): nothing of it is stored.
+                    log::error!(target: AUDIT, "session={} clinic={clinic} event=duplicate_source known_source={known} offered_source={offered} action=refused remedy=\"POST /v1/clinics/{clinic}/source-reset if this database replaces the old one\"", act.id);
+                    act.state.metrics.add(&act.state.metrics.duplicate_sources, 1);
+                    act.state.registry.do_send(registry::Refused {
+                        clinic_id: clinic.clone(),
+                        reason: "duplicate_source".into(),
+                    });
+                    act.send_error(
+                        ctx,
+                        ErrorCode::DuplicateSource,
+                        "another database already syncs as this clinic; an operator must confirm a re-install".into(),
+                        Some("source_id".into()),
+                    );
+                    return act.close(ctx, ws::CloseCode::Other(4009), "duplicate source");
+                }
                 Err(e) => {
                     log::error!(target: ERROR, "session={} clinic={clinic} event=store_error error={e}", act.id);
                     act.send_error(ctx, ErrorCode::StoreUnavailable, "store unavailable".into(), None);
@@ -553,6 +570,17 @@ impl Session {
                 transport: act.transport,
                 restarts: h.restarts,
             });
+            // A registry reload between this session's handshake and its registration above
+            // could not reach it; one after the registration does. Look once more.
+            let withdrawn = match (&act.state.security.verifier, &act.auth) {
+                (Some(v), Some(a)) => (!v.registry().is_active(&a.kid)).then(|| a.kid.clone()),
+                _ => None,
+            };
+            if let Some(kid) = withdrawn {
+                log::warn!(target: AUDIT, "session={} clinic={clinic} event=session_revoked kid={kid} action=closed", act.id);
+                act.state.metrics.add(&act.state.metrics.sessions_revoked, 1);
+                return act.close(ctx, ws::CloseCode::Policy, "credentials revoked");
+            }
             log::info!(target: CONNECTION, "session={} clinic={clinic} event=session_open transport={} remote={} agent_version={} agent_acked_seq={} gateway_acked_seq={acked} node={} epoch={}", act.id, act.transport, act.remote.as_deref().unwrap_or("-"), log_value(&h.agent_version, 32), h.last_acked_seq, act.state.store.node(), act.epoch);
             log::info!(target: AUDIT, "event=session_open session={} clinic={clinic} authenticated={}", act.id, act.auth.is_some());
             let welcome = Wire::Welcome(Welcome {

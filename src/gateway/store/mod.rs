@@ -186,6 +186,10 @@ pub(crate) enum Op {
         source: u64,
         node: String,
     },
+    /// An operator confirmed a re-install: the next new source is taken.
+    AllowSourceReset {
+        clinic: String,
+    },
     Append {
         clinic: String,
         source: u64,
@@ -590,6 +594,12 @@ macro_rules! write_methods {
             })
         }
 
+        fn allow_source_reset(&self, clinic: &str) -> StoreFuture<bool> {
+            self.writer.boolean(Op::AllowSourceReset {
+                clinic: clinic.into(),
+            })
+        }
+
         fn append(
             &self,
             clinic: &str,
@@ -825,8 +835,8 @@ pub(crate) fn call_params(
 pub(crate) const TOKEN_ID_MARGIN_S: u64 = 600;
 
 pub(crate) fn log_outbox_recreated(clinic: &str, old: u64, new: u64, acked: u64) {
-    log::error!(target: "error", "clinic={clinic} event=outbox_recreated old_source={old} new_source={new} old_acked_seq={acked} action=position_restarts_at_0");
-    log::warn!(target: "audit", "event=outbox_recreated clinic={clinic} old_source={old} new_source={new}");
+    log::warn!(target: "error", "clinic={clinic} event=outbox_recreated old_source={old} new_source={new} old_acked_seq={acked} confirmed_by=operator action=position_restarts_at_0");
+    log::warn!(target: "audit", "event=outbox_recreated clinic={clinic} old_source={old} new_source={new} confirmed_by=operator");
 }
 
 #[cfg(test)]

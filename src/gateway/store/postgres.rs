@@ -130,6 +130,10 @@ CREATE TABLE rpc_calls (
 CREATE INDEX rpc_calls_deadline ON rpc_calls (deadline_ms);
 CREATE TABLE cluster_keys (name TEXT PRIMARY KEY, secret TEXT NOT NULL);
 ",
+    // 6: one identity per database: a new source is taken only after an operator's confirmation.
+    "
+ALTER TABLE clinics ADD COLUMN source_reset BOOLEAN NOT NULL DEFAULT FALSE;
+",
 ];
 
 pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
@@ -1028,12 +1032,12 @@ fn run_op(
             let s = stmt(
                 tx,
                 cache,
-                "SELECT acked_seq, source_id FROM clinics WHERE clinic_id = $1 FOR UPDATE",
+                "SELECT acked_seq, source_id, source_reset FROM clinics WHERE clinic_id = $1 FOR UPDATE",
             )?;
-            let (acked, known) = tx
+            let (acked, known, reset) = tx
                 .query_opt(&s, &[clinic])?
-                .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
-                .unwrap_or((0, source));
+                .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1), r.get::<_, bool>(2)))
+                .unwrap_or((0, source, false));
             let acked = if known == source || source == 0 {
                 acked
             } else if known == 0 {
@@ -1042,13 +1046,19 @@ fn run_op(
                     &[clinic, &source],
                 )?;
                 acked
-            } else {
+            } else if reset {
                 super::log_outbox_recreated(clinic, known as u64, source as u64, acked as u64);
                 tx.execute(
-                    "UPDATE clinics SET source_id = $2, acked_seq = 0 WHERE clinic_id = $1",
+                    "UPDATE clinics SET source_id = $2, acked_seq = 0, source_reset = FALSE WHERE clinic_id = $1",
                     &[clinic, &source],
                 )?;
                 0
+            } else {
+                return Ok(Err(StoreError::SourceConflict {
+                    clinic: clinic.clone(),
+                    known: known as u64,
+                    offered: source as u64,
+                }));
             };
             let epoch: i64 = tx
                 .query_one(
@@ -1061,6 +1071,12 @@ fn run_op(
                 epoch: epoch as u64,
             })
         }
+        Op::AllowSourceReset { clinic } => Done::Bool(
+            tx.execute(
+                "UPDATE clinics SET source_reset = TRUE WHERE clinic_id = $1",
+                &[clinic],
+            )? > 0,
+        ),
         Op::Append {
             clinic,
             source,

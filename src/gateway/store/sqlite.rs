@@ -120,6 +120,10 @@ CREATE TABLE IF NOT EXISTS rpc_calls (
 CREATE INDEX IF NOT EXISTS rpc_calls_deadline ON rpc_calls (deadline_ms);
 CREATE TABLE IF NOT EXISTS cluster_keys (name TEXT PRIMARY KEY, secret TEXT NOT NULL);
 ",
+    // 6: one identity per database: a new source is taken only after an operator's confirmation.
+    "
+ALTER TABLE clinics ADD COLUMN source_reset INTEGER NOT NULL DEFAULT 0;
+",
 ];
 
 pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
@@ -599,6 +603,13 @@ fn run_op(tx: &rusqlite::Transaction<'_>, op: &Op, now: &str) -> Result<Done, St
             source,
             node,
         } => hello(tx, clinic, *source, node, now).map(Done::Claim),
+        Op::AllowSourceReset { clinic } => tx
+            .execute(
+                "UPDATE clinics SET source_reset = 1 WHERE clinic_id = ?1",
+                params![clinic],
+            )
+            .map(|n| Done::Bool(n > 0))
+            .map_err(write_err),
         Op::Append {
             clinic,
             source,
@@ -912,11 +923,11 @@ fn hello(
     node: &str,
     now: &str,
 ) -> Result<Claim, StoreError> {
-    let row: Option<(i64, i64)> = tx
+    let row: Option<(i64, i64, bool)> = tx
         .query_row(
-            "SELECT acked_seq, source_id FROM clinics WHERE clinic_id = ?1",
+            "SELECT acked_seq, source_id, source_reset FROM clinics WHERE clinic_id = ?1",
             params![clinic],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .optional()
         .map_err(write_err)?;
@@ -929,8 +940,8 @@ fn hello(
             .map_err(write_err)?;
             0
         }
-        Some((acked, known)) if known as u64 == source || source == 0 => acked as u64,
-        Some((acked, 0)) => {
+        Some((acked, known, _)) if known as u64 == source || source == 0 => acked as u64,
+        Some((acked, 0, _)) => {
             tx.execute(
                 "UPDATE clinics SET source_id = ?2 WHERE clinic_id = ?1",
                 params![clinic, source as i64],
@@ -938,14 +949,21 @@ fn hello(
             .map_err(write_err)?;
             acked as u64
         }
-        Some((acked, known)) => {
+        Some((acked, known, true)) => {
             super::log_outbox_recreated(clinic, known as u64, source, acked as u64);
             tx.execute(
-                "UPDATE clinics SET source_id = ?2, acked_seq = 0 WHERE clinic_id = ?1",
+                "UPDATE clinics SET source_id = ?2, acked_seq = 0, source_reset = 0 WHERE clinic_id = ?1",
                 params![clinic, source as i64],
             )
             .map_err(write_err)?;
             0
+        }
+        Some((_, known, false)) => {
+            return Err(StoreError::SourceConflict {
+                clinic: clinic.to_string(),
+                known: known as u64,
+                offered: source,
+            })
         }
     };
     let epoch: i64 = tx
