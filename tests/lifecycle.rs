@@ -101,3 +101,129 @@ async fn a_wrong_gateway_path_is_a_configuration_error_not_a_blocked_upgrade() {
     agent.stop();
     fleet.stop().await;
 }
+
+/// A REST call on the fleet's gateway with the admin token: status and JSON body (Null if none).
+async fn call(
+    fleet: &Fleet,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let client = fleet.rest_client().expect("client");
+    let mut req = fleet.authorize(client.request(
+        method.parse().expect("method"),
+        format!("{}{path}", fleet.http_url()),
+    ));
+    for h in headers {
+        req = req.insert_header(*h);
+    }
+    let mut resp = match body {
+        Some(b) => req.send_json(&b).await,
+        None => req.send().await,
+    }
+    .expect("response");
+    let bytes = resp.body().await.expect("body");
+    (
+        resp.status().as_u16(),
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+fn patients_named(db: &std::path::Path, name: &str) -> i64 {
+    tether::db::sqlite::open(db)
+        .expect("open")
+        .query_row(
+            "SELECT count(*) FROM patients WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )
+        .expect("count")
+}
+
+/// Cloud updates an application can rely on, through a real gateway and agent: a retried POST
+/// with the same `Idempotency-Key` gets the first update back (another body under the key is
+/// 409); an update cancelled while its clinic is offline is never applied there, while the
+/// other one is; a delivered update cannot be cancelled (409); updates are listed by status.
+#[actix_rt::test]
+async fn updates_are_idempotent_cancellable_until_delivered_and_listed_by_status() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    init_logs(dir.path());
+    let mut fleet = Fleet::new(dir.path(), 1, HB).expect("fleet");
+    let clinic = fleet.clinics[0].id.clone();
+    // The clinic has connected once, then goes offline.
+    fleet.start_agents().await.expect("agents");
+    wait_drained(&fleet, Duration::from_secs(20)).await;
+    fleet.clinics[0].agent.take().expect("agent").stop();
+    let path = format!("/v1/clinics/{clinic}/updates");
+    let body = |id: u64, name: &str| {
+        serde_json::json!({"entity": "patient", "op": "upsert", "key": {"id": id},
+                           "row": {"id": id, "name": name, "national_id": format!("N{id}")}})
+    };
+    let key = [("Idempotency-Key", "price-list-2026-12-02")];
+    let (code, first) = call(&fleet, "POST", &path, &key, Some(body(9001, "kept"))).await;
+    assert_eq!(code, 202, "{first}");
+    let (code, retry) = call(&fleet, "POST", &path, &key, Some(body(9001, "kept"))).await;
+    assert_eq!((code, &retry["update_id"]), (202, &first["update_id"]));
+    let (code, clash) = call(&fleet, "POST", &path, &key, Some(body(9001, "other"))).await;
+    assert_eq!(
+        (code, clash["field"].as_str()),
+        (409, Some("Idempotency-Key")),
+        "{clash}"
+    );
+    let (_, doomed) = call(&fleet, "POST", &path, &[], Some(body(9002, "cancelled"))).await;
+    let doomed = doomed["update_id"].as_str().expect("id").to_string();
+    let (code, _) = call(
+        &fleet,
+        "DELETE",
+        &format!("/v1/updates/{doomed}"),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(code, 204);
+    let (code, page) = call(&fleet, "GET", &format!("{path}?status=pending"), &[], None).await;
+    assert_eq!(code, 200);
+    let pending: Vec<&str> = page["updates"]
+        .as_array()
+        .expect("updates")
+        .iter()
+        .filter_map(|u| u["update_id"].as_str())
+        .collect();
+    assert_eq!(pending, vec![first["update_id"].as_str().expect("id")]);
+    let (code, bad) = call(&fleet, "GET", &format!("{path}?status=lost"), &[], None).await;
+    assert_eq!((code, bad["field"].as_str()), (400, Some("status")));
+    // Back online: the kept update is applied, the cancelled one never.
+    fleet.start_agents().await.expect("agent again");
+    let kept = first["update_id"].as_str().expect("id").to_string();
+    wait_until("the kept update applied", Duration::from_secs(20), || {
+        let f = &fleet;
+        let kept = kept.clone();
+        async move {
+            call(f, "GET", &format!("/v1/updates/{kept}"), &[], None)
+                .await
+                .1["status"]
+                == "applied"
+        }
+    })
+    .await;
+    let db = fleet.clinics[0].db.clone();
+    assert_eq!(patients_named(&db, "kept"), 1);
+    assert_eq!(
+        patients_named(&db, "cancelled"),
+        0,
+        "a cancelled update reached the clinic"
+    );
+    let (code, late) = call(&fleet, "DELETE", &format!("/v1/updates/{kept}"), &[], None).await;
+    assert_eq!(code, 409, "{late}");
+    let (_, cancelled) = call(
+        &fleet,
+        "GET",
+        &format!("{path}?status=cancelled"),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(cancelled["updates"][0]["update_id"], doomed.as_str());
+    fleet.stop().await;
+}

@@ -188,6 +188,21 @@ async fn live_answers_match_the_spec_and_no_described_route_is_missing() {
             "/v1/updates/upd_nope".to_string(),
             "404",
         ),
+        (
+            "/v1/clinics/{id}/updates",
+            format!("/v1/clinics/{clinic}/updates?limit=5"),
+            "200",
+        ),
+        (
+            "/v1/clinics/{id}/updates",
+            format!("/v1/clinics/{clinic}/updates?status=lost"),
+            "400",
+        ),
+        (
+            "/v1/registry/clinics",
+            "/v1/registry/clinics".to_string(),
+            "200",
+        ),
     ] {
         let (status, body) = common::get_as(Some(&fleet), &format!("{base}{url}")).await;
         assert_eq!(status.to_string(), code, "{url}: {body}");

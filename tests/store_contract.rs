@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use serde_json::json;
 use tether::gateway::store::{
-    self, AppendOutcome, ForwardedCall, IncomingEvent, NewUpdate, Signal, Store, StoreError,
-    StoreLocation, StoreSettings, UNFENCED,
+    self, AppendOutcome, CancelOutcome, ForwardedCall, IncomingEvent, NewUpdate, Signal, Store,
+    StoreError, StoreLocation, StoreSettings, UNFENCED,
 };
 use tether_schemas::{Event, Op, UpdateOp, UpdateStatus};
 
@@ -123,6 +123,7 @@ fn update(clinic: &str) -> NewUpdate {
         op: UpdateOp::Upsert,
         key: json!({"id": 1}).as_object().cloned().unwrap_or_default(),
         row: json!({"id": 1, "name": "cloud"}).as_object().cloned(),
+        idempotency_key: None,
     }
 }
 
@@ -457,6 +458,105 @@ fn updates_lifecycle(f: &Fixture) {
         );
         assert_eq!(s.open_updates("c", 0, 10).await.expect("open").len(), 1);
         assert!(s.update("upd_none").await.expect("read").is_none());
+    });
+}
+
+fn updates_are_idempotent_cancellable_and_listed_by_status(f: &Fixture) {
+    let s = &f.store;
+    block(async {
+        let keyed = |k: &str| NewUpdate {
+            idempotency_key: Some(k.into()),
+            ..update("c")
+        };
+        // The same key, the same body: the first update, once.
+        let a = s.enqueue_update(keyed("k-1")).await.expect("a");
+        let again = s.enqueue_update(keyed("k-1")).await.expect("again");
+        assert_eq!(a, again);
+        // The same key for another clinic is another update.
+        let other = s
+            .enqueue_update(NewUpdate {
+                clinic_id: "d".into(),
+                ..keyed("k-1")
+            })
+            .await
+            .expect("other clinic");
+        assert_ne!(a, other);
+        // The same key, another body: refused, nothing queued.
+        let mut changed = keyed("k-1");
+        changed.row = json!({"id": 1, "name": "changed"}).as_object().cloned();
+        match s.enqueue_update(changed).await {
+            Err(StoreError::Conflict(m)) => assert!(m.contains(&a), "{m}"),
+            other => panic!("a reused key with another body: {other:?}"),
+        }
+        let b = s.enqueue_update(update("c")).await.expect("b");
+        let c = s.enqueue_update(update("c")).await.expect("c");
+        assert_eq!(
+            s.clinic("c").await.expect("c").expect("c").pending_updates,
+            3
+        );
+        // Cancel a pending one; a delivered one is too late; unknown is not found.
+        assert_eq!(
+            s.cancel_update(&b).await.expect("cancel"),
+            CancelOutcome::Cancelled
+        );
+        assert_eq!(
+            s.clinic("c").await.expect("c").expect("c").pending_updates,
+            2
+        );
+        // The mark answers only what is still open: the cancelled one is never sent.
+        let open = s
+            .mark_delivered(vec![a.clone(), b.clone(), c.clone()])
+            .await
+            .expect("mark");
+        assert_eq!(open, vec![a.clone(), c.clone()]);
+        assert_eq!(
+            s.cancel_update(&a).await.expect("cancel"),
+            CancelOutcome::NotPending("delivered".into())
+        );
+        assert_eq!(
+            s.cancel_update("upd_none").await.expect("cancel"),
+            CancelOutcome::NotFound
+        );
+        assert!(s
+            .open_updates("c", 0, 10)
+            .await
+            .expect("open")
+            .iter()
+            .all(|(_, u)| u.update_id != b));
+        // Listed by status, paged by row.
+        let ids = |v: Vec<(i64, tether::gateway::store::UpdateRecord)>| {
+            v.into_iter().map(|(_, u)| u.update_id).collect::<Vec<_>>()
+        };
+        let all = s.updates_page("c", None, 0, 10).await.expect("all");
+        assert_eq!(ids(all.clone()), vec![a.clone(), b.clone(), c.clone()]);
+        assert_eq!(
+            ids(s
+                .updates_page("c", Some("cancelled".into()), 0, 10)
+                .await
+                .expect("cancelled")),
+            vec![b.clone()]
+        );
+        assert_eq!(
+            ids(s
+                .updates_page("c", Some("delivered".into()), 0, 10)
+                .await
+                .expect("delivered")),
+            vec![a.clone(), c.clone()]
+        );
+        assert_eq!(
+            ids(s.updates_page("c", None, all[0].0, 1).await.expect("page")),
+            vec![b.clone()]
+        );
+        // A retry after the first was answered still gets the first, with its status.
+        assert!(s
+            .update_result("c", &a, UpdateStatus::Applied, None)
+            .await
+            .expect("applied"));
+        assert_eq!(s.enqueue_update(keyed("k-1")).await.expect("late retry"), a);
+        assert_eq!(
+            s.clinic("c").await.expect("c").expect("c").pending_updates,
+            1
+        );
     });
 }
 
@@ -1152,6 +1252,10 @@ macro_rules! contract {
             #[test]
             fn updates_lifecycle() {
                 super::updates_lifecycle(&Fixture::$adapter());
+            }
+            #[test]
+            fn updates_are_idempotent_cancellable_and_listed_by_status() {
+                super::updates_are_idempotent_cancellable_and_listed_by_status(&Fixture::$adapter());
             }
             #[test]
             fn webhook_cursor_and_dead_letters() {

@@ -77,6 +77,10 @@ pub enum StoreError {
     /// `retryable`: the same call may succeed later without anyone's help.
     #[error("store unavailable ({}): {message}", if *retryable { "retryable" } else { "needs attention" })]
     Unavailable { retryable: bool, message: String },
+    /// The request contradicts what the store holds (an `Idempotency-Key` reused for another
+    /// body).
+    #[error("{0}")]
+    Conflict(String),
     /// `GET /v1/events?after=` points before the retained history.
     #[error(
         "events up to {pruned_through} were removed by retention; the oldest kept is {oldest}"
@@ -167,6 +171,19 @@ pub struct NewUpdate {
     pub op: UpdateOp,
     pub key: Map<String, Value>,
     pub row: Option<Map<String, Value>>,
+    /// The caller's `Idempotency-Key`: a second enqueue with the same key for the same clinic
+    /// answers the first update's id (same body) or [`StoreError::Conflict`] (another body).
+    pub idempotency_key: Option<String>,
+}
+
+/// What `DELETE /v1/updates/{id}` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// It had not been handed to a session: it never will be.
+    Cancelled,
+    NotFound,
+    /// Too late: its status (delivered, applied, failed, conflict, cancelled).
+    NotPending(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -344,7 +361,19 @@ pub trait GatewayStore: std::any::Any + Send + Sync + 'static {
         after_row: i64,
         limit: usize,
     ) -> StoreFuture<Vec<(i64, Update)>>;
-    fn mark_delivered(&self, ids: Vec<String>) -> StoreFuture<()>;
+    /// Marks updates handed to a session and answers those still open (pending or delivered),
+    /// in the order given: a session sends only these, so a cancelled update is never sent.
+    fn mark_delivered(&self, ids: Vec<String>) -> StoreFuture<Vec<String>>;
+    /// Cancels an update no session has been handed yet.
+    fn cancel_update(&self, update_id: &str) -> StoreFuture<CancelOutcome>;
+    /// A clinic's updates after row `after_row`, oldest first, of one status or all.
+    fn updates_page(
+        &self,
+        clinic: &str,
+        status: Option<String>,
+        after_row: i64,
+        limit: usize,
+    ) -> StoreFuture<Vec<(i64, UpdateRecord)>>;
     /// Records an agent's answer; false if the update is not this clinic's or not open.
     fn update_result(
         &self,

@@ -24,9 +24,10 @@ use tether_actors::log_target::AUDIT;
 use tether_actors::registry::{ClinicLive, Snapshot, UpdatesPending};
 use tether_schemas::UpdateOp;
 
-use super::store::{ClinicRecord, NewUpdate, StoreError};
+use super::store::{CancelOutcome, ClinicRecord, NewUpdate, StoreError};
 use super::GatewayState;
 use crate::config::valid_id;
+use crate::security::log_value;
 
 /// Requires an admin bearer token on `/v1/*` (not on `/v1/ws`, which has clinic tokens):
 /// `read` for GET, `write` otherwise. Every REST call is an audit line: who, what, result.
@@ -512,12 +513,29 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<HttpR
 
 pub(super) async fn post_update(
     state: web::Data<GatewayState>,
+    req: actix_web::HttpRequest,
     id: web::Path<String>,
     body: web::Bytes,
 ) -> HttpResponse {
     let (clinic, parsed) = match clinic_and_body::<UpdateBody>(id, &body) {
         Ok(v) => v,
         Err(resp) => return *resp,
+    };
+    // A retried POST (the answer was lost) with the same key gets the first update back.
+    let idempotency_key = match req.headers().get("idempotency-key") {
+        None => None,
+        Some(v) => match v.to_str() {
+            Ok(k) if (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()) => {
+                Some(k.to_string())
+            }
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    Some("Idempotency-Key"),
+                    "must be 1-255 visible ASCII characters",
+                )
+            }
+        },
     };
     if !valid_id(&parsed.entity) {
         return error(
@@ -576,14 +594,123 @@ pub(super) async fn post_update(
         op: parsed.op,
         key: parsed.key,
         row: parsed.row,
+        idempotency_key: idempotency_key.clone(),
     };
     match state.store.enqueue_update(update).await {
         Ok(update_id) => {
-            log::info!(target: AUDIT, "action=enqueue_update clinic={clinic} update_id={update_id} entity={entity} op={} result=accepted", op.as_str());
+            log::info!(target: AUDIT, "action=enqueue_update clinic={clinic} update_id={update_id} entity={entity} op={} idempotency_key={} result=accepted", op.as_str(), idempotency_key.is_some());
+            // With a key this may be the first update again: answer its status as it is now.
+            let status = match idempotency_key {
+                Some(_) => match state.store.update(&update_id).await {
+                    Ok(Some(r)) => r.status,
+                    _ => "pending".to_string(),
+                },
+                None => "pending".to_string(),
+            };
             state.registry.do_send(UpdatesPending { clinic_id: clinic });
-            HttpResponse::Accepted().json(json!({ "update_id": update_id, "status": "pending" }))
+            HttpResponse::Accepted().json(json!({ "update_id": update_id, "status": status }))
         }
+        Err(StoreError::Conflict(m)) => error(StatusCode::CONFLICT, Some("Idempotency-Key"), m),
         Err(e) => store_error(e),
+    }
+}
+
+/// The statuses an update goes through.
+const UPDATE_STATUSES: [&str; 6] = [
+    "pending",
+    "delivered",
+    "applied",
+    "failed",
+    "conflict",
+    "cancelled",
+];
+
+#[derive(Deserialize)]
+struct UpdatesQuery {
+    status: Option<String>,
+    after: Option<String>,
+    limit: Option<String>,
+}
+
+/// `GET /v1/clinics/{id}/updates?status=&after=&limit=`: the clinic's cloud updates, oldest
+/// first, one status or all; `after` is the `next_after` of the previous page.
+pub(super) async fn list_updates(
+    state: web::Data<GatewayState>,
+    id: web::Path<String>,
+    q: web::Query<BTreeMap<String, String>>,
+) -> HttpResponse {
+    if let Some(resp) = known_params(&q, &["status", "after", "limit"]) {
+        return resp;
+    }
+    let clinic = match clinic_id(id) {
+        Ok(c) => c,
+        Err(resp) => return *resp,
+    };
+    let q = UpdatesQuery {
+        status: q.get("status").cloned(),
+        after: q.get("after").cloned(),
+        limit: q.get("limit").cloned(),
+    };
+    if let Some(s) = &q.status {
+        if !UPDATE_STATUSES.contains(&s.as_str()) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                Some("status"),
+                format!("one of {}", UPDATE_STATUSES.join(", ")),
+            );
+        }
+    }
+    let after = match q.after.as_deref().map(str::parse::<i64>) {
+        None => 0,
+        Some(Ok(a)) if a >= 0 => a,
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                Some("after"),
+                "a non-negative integer (next_after of the previous page)",
+            )
+        }
+    };
+    let limit = match page_limit(q.limit.as_deref(), 100) {
+        Ok(l) => l,
+        Err(resp) => return *resp,
+    };
+    let rows = match call(state.store.updates_page(&clinic, q.status, after, limit)).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let next_after = (rows.len() == limit)
+        .then(|| rows.last().map(|(row, _)| *row))
+        .flatten();
+    let updates: Vec<&super::store::UpdateRecord> = rows.iter().map(|(_, u)| u).collect();
+    HttpResponse::Ok().json(json!({ "updates": updates, "next_after": next_after }))
+}
+
+/// `DELETE /v1/updates/{id}`: cancels an update no session has been handed yet (204); 409 once
+/// it was delivered (or ended); 404 if unknown.
+pub(super) async fn cancel_update(
+    state: web::Data<GatewayState>,
+    id: web::Path<String>,
+) -> HttpResponse {
+    let update_id = id.into_inner();
+    match call(state.store.cancel_update(&update_id)).await {
+        Ok(CancelOutcome::Cancelled) => {
+            log::info!(target: AUDIT, "action=cancel_update update_id={} result=cancelled", log_value(&update_id, 64));
+            HttpResponse::NoContent().finish()
+        }
+        Ok(CancelOutcome::NotFound) => error(
+            StatusCode::NOT_FOUND,
+            Some("id"),
+            format!("no update `{}`", log_value(&update_id, 64)),
+        ),
+        Ok(CancelOutcome::NotPending(s)) => error(
+            StatusCode::CONFLICT,
+            Some("id"),
+            format!(
+                "the update is {s}: only a pending update (not yet delivered) can be cancelled"
+            ),
+        ),
+        Err(resp) => resp,
     }
 }
 

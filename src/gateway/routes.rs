@@ -44,6 +44,7 @@ fn table() -> Table {
     t.add(get.clone(), "/v1/clinics", api::list_clinics);
     t.add(get.clone(), "/v1/clinics/{id}", api::get_clinic);
     t.add(post.clone(), "/v1/clinics/{id}/updates", api::post_update);
+    t.add(get.clone(), "/v1/clinics/{id}/updates", api::list_updates);
     t.add(post.clone(), "/v1/clinics/{id}/rpc", api::post_rpc);
     t.add(
         post.clone(),
@@ -64,6 +65,7 @@ fn table() -> Table {
         api::delete_registry_clinic,
     );
     t.add(get.clone(), "/v1/updates/{id}", api::get_update);
+    t.add(Method::DELETE, "/v1/updates/{id}", api::cancel_update);
     t.add(get.clone(), "/v1/webhooks", api::list_webhooks);
     t.add(
         post.clone(),

@@ -876,35 +876,45 @@ impl Session {
         self.more_updates = false;
         let store = self.state.store.clone();
         let after = self.last_update_row;
-        let fut = async move { store.open_updates(&clinic, after, room).await };
+        // Read the open updates, mark them handed to this session, and send only those the
+        // mark found still open: an update cancelled meanwhile is never sent, and a cancel
+        // after the mark is refused (409).
+        let fut = async move {
+            let rows = store.open_updates(&clinic, after, room).await?;
+            let ids: Vec<String> = rows.iter().map(|(_, u)| u.update_id.clone()).collect();
+            let open: HashSet<String> = if ids.is_empty() {
+                HashSet::new()
+            } else {
+                store.mark_delivered(ids).await?.into_iter().collect()
+            };
+            Ok::<_, crate::gateway::store::StoreError>((rows, open))
+        };
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
             act.fetching = false;
-            let rows = match res {
-                Ok(rows) => rows,
+            let (rows, open) = match res {
+                Ok(r) => r,
                 Err(e) => {
-                    log::error!(target: ERROR, "session={} clinic={} event=store_read_failed error={e}", act.id, act.clinic_label());
+                    // Nothing was sent; the next nudge (a new update, or the periodic sweep)
+                    // tries again.
+                    log::error!(target: ERROR, "session={} clinic={} event=update_delivery_failed error={e}", act.id, act.clinic_label());
                     return;
                 }
             };
             let full = rows.len() == room;
-            let mut ids = Vec::with_capacity(rows.len());
             for (row, update) in rows {
                 act.last_update_row = act.last_update_row.max(row);
+                if !open.contains(&update.update_id) {
+                    log::info!(target: MESSAGE, "session={} clinic={} event=update_skipped update_id={} reason=cancelled", act.id, act.clinic_label(), update.update_id);
+                    continue;
+                }
+                if act.closing {
+                    // Marked delivered but not sent: open updates include delivered ones, so
+                    // the clinic's next session sends it.
+                    continue;
+                }
                 act.inflight_updates.insert(update.update_id.clone());
                 log::info!(target: MESSAGE, "session={} clinic={} event=update_sent update_id={} entity={}", act.id, act.clinic_label(), update.update_id, update.entity);
-                ids.push(update.update_id.clone());
                 act.send(ctx, Wire::Update(update));
-            }
-            if !ids.is_empty() {
-                let (n, marked) = (ids.len(), act.state.store.mark_delivered(ids));
-                let (sid, clinic) = (act.id.clone(), act.clinic_label().to_string());
-                actix::spawn(async move {
-                    // The updates were sent either way; a lost mark only means a later session
-                    // sends them again (the agent applies each update id once).
-                    if let Err(e) = marked.await {
-                        log::error!(target: ERROR, "session={sid} clinic={clinic} event=mark_delivered_failed updates={n} error={e}");
-                    }
-                });
             }
             if full || act.more_updates {
                 act.deliver_updates(ctx);

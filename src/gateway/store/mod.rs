@@ -17,9 +17,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 
 pub use tether_actors::gateway_store::{
-    AppendOutcome, Claim, ClinicRecord, DeadLetter, ForwardedCall, GatewayStore, IncomingEvent,
-    NewUpdate, NodeRecord, Pruned, Signal, SignalWatcher, StoreError, StoreFuture, StoredEvent,
-    UpdateRecord, UNFENCED,
+    AppendOutcome, CancelOutcome, Claim, ClinicRecord, DeadLetter, ForwardedCall, GatewayStore,
+    IncomingEvent, NewUpdate, NodeRecord, Pruned, Signal, SignalWatcher, StoreError, StoreFuture,
+    StoredEvent, UpdateRecord, UNFENCED,
 };
 pub use tether_schemas::iso_from_millis;
 
@@ -190,6 +190,9 @@ pub(crate) enum Op {
     AllowSourceReset {
         clinic: String,
     },
+    CancelUpdate {
+        update_id: String,
+    },
     Append {
         clinic: String,
         source: u64,
@@ -309,6 +312,8 @@ pub(crate) enum Done {
     Replay(Result<(), u64>),
     Pruned(Pruned),
     Call(Option<ForwardedCall>),
+    Ids(Vec<String>),
+    Cancel(CancelOutcome),
     /// `AnswerCall`: the node that forwarded the call; `CallAnswer`: the answer.
     Text(Option<String>),
 }
@@ -628,8 +633,21 @@ macro_rules! write_methods {
             })
         }
 
-        fn mark_delivered(&self, ids: Vec<String>) -> StoreFuture<()> {
-            self.writer.unit(Op::MarkDelivered(ids))
+        fn mark_delivered(&self, ids: Vec<String>) -> StoreFuture<Vec<String>> {
+            super::expect(self.writer.submit(Op::MarkDelivered(ids)), |d| match d {
+                Done::Ids(v) => Some(v),
+                _ => None,
+            })
+        }
+
+        fn cancel_update(&self, update_id: &str) -> StoreFuture<super::CancelOutcome> {
+            let op = Op::CancelUpdate {
+                update_id: update_id.into(),
+            };
+            super::expect(self.writer.submit(op), |d| match d {
+                Done::Cancel(c) => Some(c),
+                _ => None,
+            })
         }
 
         fn update_result(
@@ -815,6 +833,24 @@ fn key_row_json(
 
 pub(crate) fn update_json(u: &NewUpdate) -> Result<(String, Option<String>), StoreError> {
     key_row_json(&u.key, u.row.as_ref(), || "update".into())
+}
+
+/// A retried enqueue (same `Idempotency-Key`): the first update's id when the body is the same,
+/// a conflict when it is not.
+pub(crate) fn same_update(
+    u: &NewUpdate,
+    key: &str,
+    row: &Option<String>,
+    first_id: String,
+    (entity, op, key_json, row_json): (&str, &str, &str, &Option<String>),
+) -> Result<String, StoreError> {
+    if entity == u.entity && op == u.op.as_str() && key_json == key && row_json == row {
+        Ok(first_id)
+    } else {
+        Err(StoreError::Conflict(format!(
+            "Idempotency-Key already used for update {first_id} with another body"
+        )))
+    }
 }
 
 /// A forwarded call is removed this long after its caller stopped waiting, if nobody removed it.

@@ -133,6 +133,9 @@ CREATE TABLE cluster_keys (name TEXT PRIMARY KEY, secret TEXT NOT NULL);
     // 6: one identity per database: a new source is taken only after an operator's confirmation.
     "
 ALTER TABLE clinics ADD COLUMN source_reset BOOLEAN NOT NULL DEFAULT FALSE;
+ALTER TABLE updates ADD COLUMN idempotency_key TEXT;
+CREATE UNIQUE INDEX updates_idempotency ON updates (clinic_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
 ",
 ];
 
@@ -732,6 +735,26 @@ impl GatewayStore for PgStore {
         })
     }
 
+    fn updates_page(
+        &self,
+        clinic: &str,
+        status: Option<String>,
+        after_row: i64,
+        limit: usize,
+    ) -> StoreFuture<Vec<(i64, UpdateRecord)>> {
+        let clinic = clinic.to_string();
+        self.read(move |c| {
+            Ok(c.query(
+                "SELECT id, update_id, clinic_id, entity, op, status, reason, deliveries, created_at, updated_at \
+                 FROM updates WHERE clinic_id = $1 AND ($2::text IS NULL OR status = $2) AND id > $3 ORDER BY id LIMIT $4",
+                &[&clinic, &status, &after_row, &(limit as i64)],
+            )?
+            .iter()
+            .map(|r| (r.get::<_, i64>(0), update_record(r, 1)))
+            .collect())
+        })
+    }
+
     fn update(&self, update_id: &str) -> StoreFuture<Option<UpdateRecord>> {
         let id = update_id.to_string();
         self.read(move |c| {
@@ -740,17 +763,7 @@ impl GatewayStore for PgStore {
                  FROM updates WHERE update_id = $1",
                 &[&id],
             )?
-            .map(|r| UpdateRecord {
-                update_id: r.get(0),
-                clinic_id: r.get(1),
-                entity: r.get(2),
-                op: r.get(3),
-                status: r.get(4),
-                reason: r.get(5),
-                deliveries: r.get::<_, i64>(6) as u64,
-                created_at: r.get(7),
-                updated_at: r.get(8),
-            }))
+            .map(|r| update_record(&r, 0)))
         })
     }
 
@@ -1009,6 +1022,22 @@ impl<'a> Columns<'a> {
     }
 }
 
+/// An update's columns `update_id, clinic_id, entity, op, status, reason, deliveries,
+/// created_at, updated_at`, starting at column `at`.
+fn update_record(r: &postgres::Row, at: usize) -> UpdateRecord {
+    UpdateRecord {
+        update_id: r.get(at),
+        clinic_id: r.get(at + 1),
+        entity: r.get(at + 2),
+        op: r.get(at + 3),
+        status: r.get(at + 4),
+        reason: r.get(at + 5),
+        deliveries: r.get::<_, i64>(at + 6) as u64,
+        created_at: r.get(at + 7),
+        updated_at: r.get(at + 8),
+    }
+}
+
 fn run_op(
     tx: &mut Transaction<'_>,
     cache: &mut HashMap<&'static str, Statement>,
@@ -1169,15 +1198,34 @@ fn run_op(
             Done::Unit
         }
         Op::EnqueueUpdate(u) => {
-            let id = new_update_id();
             let (key, row) = match super::update_json(u) {
                 Ok(j) => j,
                 Err(e) => return Ok(Err(e)),
             };
+            if let Some(k) = &u.idempotency_key {
+                let first = tx.query_opt(
+                    "SELECT update_id, entity, op, key_json, row_json FROM updates \
+                     WHERE clinic_id = $1 AND idempotency_key = $2",
+                    &[&u.clinic_id, k],
+                )?;
+                if let Some(r) = first {
+                    let (entity, op, k_json, r_json): (String, String, String, Option<String>) =
+                        (r.get(1), r.get(2), r.get(3), r.get(4));
+                    return Ok(super::same_update(
+                        u,
+                        &key,
+                        &row,
+                        r.get(0),
+                        (&entity, &op, &k_json, &r_json),
+                    )
+                    .map(Done::Id));
+                }
+            }
+            let id = new_update_id();
             tx.execute(
-                "INSERT INTO updates (update_id, clinic_id, entity, op, key_json, row_json, status, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7)",
-                &[&id, &u.clinic_id, &u.entity, &u.op.as_str(), &key, &row, now],
+                "INSERT INTO updates (update_id, clinic_id, entity, op, key_json, row_json, status, created_at, updated_at, idempotency_key) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7, $8)",
+                &[&id, &u.clinic_id, &u.entity, &u.op.as_str(), &key, &row, now, &u.idempotency_key],
             )?;
             tx.execute(
                 "INSERT INTO clinics (clinic_id, acked_seq, first_seen, pending_updates) VALUES ($1, 0, $2, 1) \
@@ -1187,12 +1235,43 @@ fn run_op(
             Done::Id(id)
         }
         Op::MarkDelivered(ids) => {
-            tx.execute(
-                "UPDATE updates SET status = CASE status WHEN 'pending' THEN 'delivered' ELSE status END, \
-                 deliveries = deliveries + 1, updated_at = $2 WHERE update_id = ANY($1)",
-                &[ids, now],
+            let open: std::collections::HashSet<String> = tx
+                .query(
+                    "UPDATE updates SET status = CASE status WHEN 'pending' THEN 'delivered' ELSE status END, \
+                     deliveries = deliveries + 1, updated_at = $2 \
+                     WHERE update_id = ANY($1) AND status IN ('pending', 'delivered') RETURNING update_id",
+                    &[ids, now],
+                )?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            Done::Ids(ids.iter().filter(|i| open.contains(*i)).cloned().collect())
+        }
+        Op::CancelUpdate { update_id } => {
+            let cancelled = tx.query_opt(
+                "UPDATE updates SET status = 'cancelled', updated_at = $2 \
+                 WHERE update_id = $1 AND status = 'pending' RETURNING clinic_id",
+                &[update_id, now],
             )?;
-            Done::Unit
+            if let Some(r) = cancelled {
+                let clinic: String = r.get(0);
+                tx.execute(
+                    "UPDATE clinics SET pending_updates = pending_updates - 1 WHERE clinic_id = $1",
+                    &[&clinic],
+                )?;
+                Done::Cancel(super::CancelOutcome::Cancelled)
+            } else {
+                let status = tx
+                    .query_opt(
+                        "SELECT status FROM updates WHERE update_id = $1",
+                        &[update_id],
+                    )?
+                    .map(|r| r.get::<_, String>(0));
+                Done::Cancel(match status {
+                    None => super::CancelOutcome::NotFound,
+                    Some(s) => super::CancelOutcome::NotPending(s),
+                })
+            }
         }
         Op::UpdateResult {
             clinic,

@@ -16,9 +16,10 @@ use serde_json::Value;
 use tether_schemas::UpdateOp;
 
 use super::{
-    check_version, new_update_id, now_iso, AppendOutcome, Backend, Claim, ClinicRecord, DeadLetter,
-    Done, ForwardedCall, GatewayStore, IncomingEvent, NewUpdate, NodeRecord, Op, Pruned, ReadPool,
-    StoreError, StoreFuture, StoreSettings, StoredEvent, UpdateRecord, Writer,
+    check_version, new_update_id, now_iso, AppendOutcome, Backend, CancelOutcome, Claim,
+    ClinicRecord, DeadLetter, Done, ForwardedCall, GatewayStore, IncomingEvent, NewUpdate,
+    NodeRecord, Op, Pruned, ReadPool, StoreError, StoreFuture, StoreSettings, StoredEvent,
+    UpdateRecord, Writer,
 };
 
 /// `MIGRATIONS[i]` takes the schema from `PRAGMA user_version = i` to `i + 1`.
@@ -123,6 +124,9 @@ CREATE TABLE IF NOT EXISTS cluster_keys (name TEXT PRIMARY KEY, secret TEXT NOT 
     // 6: one identity per database: a new source is taken only after an operator's confirmation.
     "
 ALTER TABLE clinics ADD COLUMN source_reset INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE updates ADD COLUMN idempotency_key TEXT;
+CREATE UNIQUE INDEX IF NOT EXISTS updates_idempotency ON updates (clinic_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
 ",
 ];
 
@@ -462,6 +466,26 @@ impl GatewayStore for SqliteStore {
         })
     }
 
+    fn updates_page(
+        &self,
+        clinic: &str,
+        status: Option<String>,
+        after_row: i64,
+        limit: usize,
+    ) -> StoreFuture<Vec<(i64, UpdateRecord)>> {
+        let clinic = clinic.to_string();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, update_id, clinic_id, entity, op, status, reason, deliveries, created_at, updated_at \
+                 FROM updates WHERE clinic_id = ?1 AND (?2 IS NULL OR status = ?2) AND id > ?3 ORDER BY id LIMIT ?4",
+            )?;
+            let rows = stmt.query_map(params![clinic, status, after_row, limit as i64], |r| {
+                Ok((r.get::<_, i64>(0)?, update_record(r, 1)?))
+            })?;
+            rows.collect()
+        })
+    }
+
     fn update(&self, update_id: &str) -> StoreFuture<Option<UpdateRecord>> {
         let id = update_id.to_string();
         self.read(move |c| {
@@ -469,19 +493,7 @@ impl GatewayStore for SqliteStore {
                 "SELECT update_id, clinic_id, entity, op, status, reason, deliveries, created_at, updated_at \
                  FROM updates WHERE update_id = ?1",
                 params![id],
-                |r| {
-                    Ok(UpdateRecord {
-                        update_id: r.get(0)?,
-                        clinic_id: r.get(1)?,
-                        entity: r.get(2)?,
-                        op: r.get(3)?,
-                        status: r.get(4)?,
-                        reason: r.get(5)?,
-                        deliveries: r.get::<_, i64>(6)? as u64,
-                        created_at: r.get(7)?,
-                        updated_at: r.get(8)?,
-                    })
-                },
+                |r| update_record(r, 0),
             )
             .optional()
         })
@@ -648,13 +660,48 @@ fn run_op(tx: &rusqlite::Transaction<'_>, op: &Op, now: &str) -> Result<Done, St
             let mut stmt = tx
                 .prepare_cached(
                     "UPDATE updates SET status = CASE status WHEN 'pending' THEN 'delivered' ELSE status END, \
-                     deliveries = deliveries + 1, updated_at = ?2 WHERE update_id = ?1",
+                     deliveries = deliveries + 1, updated_at = ?2 \
+                     WHERE update_id = ?1 AND status IN ('pending', 'delivered')",
                 )
                 .map_err(write_err)?;
+            let mut open = Vec::with_capacity(ids.len());
             for id in ids {
-                stmt.execute(params![id, now]).map_err(write_err)?;
+                if stmt.execute(params![id, now]).map_err(write_err)? > 0 {
+                    open.push(id.clone());
+                }
             }
-            Ok(Done::Unit)
+            Ok(Done::Ids(open))
+        }
+        Op::CancelUpdate { update_id } => {
+            let clinic: Option<String> = tx
+                .query_row(
+                    "UPDATE updates SET status = 'cancelled', updated_at = ?2 \
+                     WHERE update_id = ?1 AND status = 'pending' RETURNING clinic_id",
+                    params![update_id, now],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(write_err)?;
+            if let Some(c) = clinic {
+                tx.execute(
+                    "UPDATE clinics SET pending_updates = pending_updates - 1 WHERE clinic_id = ?1",
+                    params![c],
+                )
+                .map_err(write_err)?;
+                return Ok(Done::Cancel(CancelOutcome::Cancelled));
+            }
+            let status: Option<String> = tx
+                .query_row(
+                    "SELECT status FROM updates WHERE update_id = ?1",
+                    params![update_id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(write_err)?;
+            Ok(Done::Cancel(match status {
+                None => CancelOutcome::NotFound,
+                Some(s) => CancelOutcome::NotPending(s),
+            }))
         }
         Op::UpdateResult {
             clinic,
@@ -1156,17 +1203,47 @@ fn append(
     })
 }
 
+/// An update's columns `update_id, clinic_id, entity, op, status, reason, deliveries,
+/// created_at, updated_at`, starting at column `at`.
+fn update_record(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<UpdateRecord> {
+    Ok(UpdateRecord {
+        update_id: r.get(at)?,
+        clinic_id: r.get(at + 1)?,
+        entity: r.get(at + 2)?,
+        op: r.get(at + 3)?,
+        status: r.get(at + 4)?,
+        reason: r.get(at + 5)?,
+        deliveries: r.get::<_, i64>(at + 6)? as u64,
+        created_at: r.get(at + 7)?,
+        updated_at: r.get(at + 8)?,
+    })
+}
+
 fn enqueue_update(
     tx: &rusqlite::Transaction<'_>,
     u: &NewUpdate,
     now: &str,
 ) -> Result<String, StoreError> {
-    let id = new_update_id();
     let (key, row) = super::update_json(u)?;
+    if let Some(k) = &u.idempotency_key {
+        let first: Option<(String, String, String, String, Option<String>)> = tx
+            .query_row(
+                "SELECT update_id, entity, op, key_json, row_json FROM updates \
+                 WHERE clinic_id = ?1 AND idempotency_key = ?2",
+                params![u.clinic_id, k],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
+            .optional()
+            .map_err(write_err)?;
+        if let Some((id, entity, op, k_json, r_json)) = first {
+            return super::same_update(u, &key, &row, id, (&entity, &op, &k_json, &r_json));
+        }
+    }
+    let id = new_update_id();
     tx.execute(
-        "INSERT INTO updates (update_id, clinic_id, entity, op, key_json, row_json, status, created_at, updated_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7)",
-        params![id, u.clinic_id, u.entity, u.op.as_str(), key, row, now],
+        "INSERT INTO updates (update_id, clinic_id, entity, op, key_json, row_json, status, created_at, updated_at, idempotency_key) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7, ?8)",
+        params![id, u.clinic_id, u.entity, u.op.as_str(), key, row, now, u.idempotency_key],
     )
     .map_err(write_err)?;
     tx.execute(
