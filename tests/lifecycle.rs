@@ -227,3 +227,132 @@ async fn updates_are_idempotent_cancellable_until_delivered_and_listed_by_status
     assert_eq!(cancelled["updates"][0]["update_id"], doomed.as_str());
     fleet.stop().await;
 }
+
+/// A fan-out to the clinics chosen by registry labels, to all of them, and to a list: one
+/// update per clinic, followed per batch until every clinic applied it; a retried POST with the
+/// same `Idempotency-Key` answers the same batch and queues nothing more; bad choices are
+/// refused naming the field.
+#[actix_rt::test]
+async fn a_fan_out_reaches_exactly_the_chosen_clinics_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    init_logs(dir.path());
+    let mut fleet = Fleet::new(dir.path(), 3, HB).expect("fleet");
+    fleet.start_agents().await.expect("agents");
+    wait_drained(&fleet, Duration::from_secs(20)).await;
+    // Label two clinics in their registry files; the gateway picks it up without a restart.
+    let certs = fleet.certs.clone().expect("certs");
+    for c in ["clinic-001", "clinic-003"] {
+        let f = certs.join(format!("clinics/{c}.yaml"));
+        let text = std::fs::read_to_string(&f).expect("entry");
+        std::fs::write(&f, format!("{text}labels:\n  region: north\n")).expect("label");
+    }
+    wait_until("the labels in force", Duration::from_secs(10), || {
+        let f = &fleet;
+        async move {
+            let (_, v) = call(f, "GET", "/v1/registry/clinics", &[], None).await;
+            v["clinics"].as_array().is_some_and(|a| {
+                a.iter()
+                    .filter(|c| c["labels"]["region"] == "north")
+                    .count()
+                    == 2
+            })
+        }
+    })
+    .await;
+    let upd = |name: &str| {
+        let id = 7000 + name.len() as u64;
+        serde_json::json!({"entity": "patient", "op": "upsert", "key": {"id": id},
+                           "row": {"id": id, "name": name, "national_id": format!("N{id}")}})
+    };
+    let with = |mut b: serde_json::Value, k: &str, v: serde_json::Value| {
+        b[k] = v;
+        b
+    };
+    let key = [("Idempotency-Key", "north-prices-1")];
+    let north = with(
+        upd("north-price"),
+        "labels",
+        serde_json::json!({"region": "north"}),
+    );
+    let (code, a) = call(&fleet, "POST", "/v1/updates", &key, Some(north.clone())).await;
+    assert_eq!((code, &a["clinics"]), (202, &serde_json::json!(2)), "{a}");
+    let (code, again) = call(&fleet, "POST", "/v1/updates", &key, Some(north)).await;
+    assert_eq!(code, 202);
+    assert_eq!(
+        (&again["batch_id"], &again["update_ids"]),
+        (&a["batch_id"], &a["update_ids"])
+    );
+    let (code, all) = call(
+        &fleet,
+        "POST",
+        "/v1/updates",
+        &[],
+        Some(with(upd("everyone"), "all", serde_json::json!(true))),
+    )
+    .await;
+    assert_eq!(
+        (code, &all["clinics"]),
+        (202, &serde_json::json!(3)),
+        "{all}"
+    );
+    let (code, bad) = call(
+        &fleet,
+        "POST",
+        "/v1/updates",
+        &[],
+        Some(with(
+            upd("x"),
+            "clinics",
+            serde_json::json!(["clinic-001", "clinic-999"]),
+        )),
+    )
+    .await;
+    assert_eq!(
+        (code, bad["field"].as_str()),
+        (422, Some("clinics[1]")),
+        "{bad}"
+    );
+    let both = with(
+        with(upd("x"), "clinics", serde_json::json!(["clinic-001"])),
+        "all",
+        serde_json::json!(true),
+    );
+    let (code, _) = call(&fleet, "POST", "/v1/updates", &[], Some(both)).await;
+    assert_eq!(code, 400);
+    for (batch, n) in [(&a["batch_id"], 2u64), (&all["batch_id"], 3)] {
+        let path = format!("/v1/update-batches/{}", batch.as_str().expect("batch id"));
+        wait_until(
+            "every clinic of the batch applied it",
+            Duration::from_secs(20),
+            || {
+                let (f, p) = (&fleet, path.clone());
+                async move {
+                    let (_, v) = call(f, "GET", &p, &[], None).await;
+                    v["by_status"]["applied"] == n && v["total"] == n
+                }
+            },
+        )
+        .await;
+    }
+    let named = |i: usize, name: &str| patients_named(&fleet.clinics[i].db, name);
+    assert_eq!(
+        (
+            named(0, "north-price"),
+            named(1, "north-price"),
+            named(2, "north-price")
+        ),
+        (1, 0, 1),
+        "exactly the labelled clinics"
+    );
+    assert_eq!(
+        (
+            named(0, "everyone"),
+            named(1, "everyone"),
+            named(2, "everyone")
+        ),
+        (1, 1, 1)
+    );
+    let (code, _) = call(&fleet, "GET", "/v1/update-batches/bat_nope", &[], None).await;
+    assert_eq!(code, 404);
+    fleet.stop().await;
+}

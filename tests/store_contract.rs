@@ -124,6 +124,7 @@ fn update(clinic: &str) -> NewUpdate {
         key: json!({"id": 1}).as_object().cloned().unwrap_or_default(),
         row: json!({"id": 1, "name": "cloud"}).as_object().cloned(),
         idempotency_key: None,
+        batch_id: None,
     }
 }
 
@@ -557,6 +558,63 @@ fn updates_are_idempotent_cancellable_and_listed_by_status(f: &Fixture) {
             s.clinic("c").await.expect("c").expect("c").pending_updates,
             1
         );
+    });
+}
+
+fn a_batch_is_queued_whole_and_counted_by_status(f: &Fixture) {
+    let s = &f.store;
+    block(async {
+        let batch = |c: &str| NewUpdate {
+            batch_id: Some("bat_1".into()),
+            ..update(c)
+        };
+        let ids = s
+            .enqueue_batch(vec![batch("a"), batch("b"), batch("c")])
+            .await
+            .expect("batch");
+        assert_eq!(ids.len(), 3);
+        for (c, id) in ["a", "b", "c"].iter().zip(&ids) {
+            let r = s.update(id).await.expect("read").expect("queued");
+            assert_eq!(r.clinic_id, *c);
+        }
+        assert_eq!(
+            s.batch_counts("bat_1").await.expect("counts"),
+            vec![("pending".to_string(), 3)]
+        );
+        s.mark_delivered(vec![ids[0].clone()]).await.expect("mark");
+        assert!(s
+            .update_result("a", &ids[0], UpdateStatus::Applied, None)
+            .await
+            .expect("applied"));
+        assert_eq!(
+            s.batch_counts("bat_1").await.expect("counts"),
+            vec![("applied".to_string(), 1), ("pending".to_string(), 2)]
+        );
+        assert!(s.batch_counts("bat_none").await.expect("none").is_empty());
+        // All or none: an update refused inside the batch (its key reused with another body)
+        // leaves nothing of the batch queued.
+        s.enqueue_update(NewUpdate {
+            idempotency_key: Some("k".into()),
+            ..update("f")
+        })
+        .await
+        .expect("first");
+        let mut clash = NewUpdate {
+            idempotency_key: Some("k".into()),
+            batch_id: Some("bat_2".into()),
+            ..update("f")
+        };
+        clash.row = json!({"id": 1, "name": "other"}).as_object().cloned();
+        let good = NewUpdate {
+            batch_id: Some("bat_2".into()),
+            ..update("e")
+        };
+        assert!(matches!(
+            s.enqueue_batch(vec![good, clash]).await,
+            Err(StoreError::Conflict(_))
+        ));
+        assert!(s.batch_counts("bat_2").await.expect("counts").is_empty());
+        assert!(s.open_updates("e", 0, 10).await.expect("e").is_empty());
     });
 }
 
@@ -1252,6 +1310,10 @@ macro_rules! contract {
             #[test]
             fn updates_lifecycle() {
                 super::updates_lifecycle(&Fixture::$adapter());
+            }
+            #[test]
+            fn a_batch_is_queued_whole_and_counted_by_status() {
+                super::a_batch_is_queued_whole_and_counted_by_status(&Fixture::$adapter());
             }
             #[test]
             fn updates_are_idempotent_cancellable_and_listed_by_status() {

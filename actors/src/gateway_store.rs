@@ -174,6 +174,8 @@ pub struct NewUpdate {
     /// The caller's `Idempotency-Key`: a second enqueue with the same key for the same clinic
     /// answers the first update's id (same body) or [`StoreError::Conflict`] (another body).
     pub idempotency_key: Option<String>,
+    /// The fan-out (`POST /v1/updates`) this update belongs to.
+    pub batch_id: Option<String>,
 }
 
 /// What `DELETE /v1/updates/{id}` found.
@@ -354,6 +356,10 @@ pub trait GatewayStore: std::any::Any + Send + Sync + 'static {
     fn head(&self) -> StoreFuture<u64>;
 
     fn enqueue_update(&self, update: NewUpdate) -> StoreFuture<String>;
+    /// Queues one update per clinic in one transaction (all or none); ids in the given order.
+    fn enqueue_batch(&self, updates: Vec<NewUpdate>) -> StoreFuture<Vec<String>>;
+    /// How many of a batch's updates are in each status (empty: no such batch).
+    fn batch_counts(&self, batch_id: &str) -> StoreFuture<Vec<(String, u64)>>;
     /// Open updates (pending or delivered) of a clinic after row `after_row`, oldest first.
     fn open_updates(
         &self,

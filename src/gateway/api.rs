@@ -511,6 +511,57 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<HttpR
     })
 }
 
+/// The `Idempotency-Key` header, if any, or the 400 naming it.
+fn idempotency_key(req: &actix_web::HttpRequest) -> Result<Option<String>, Box<HttpResponse>> {
+    match req.headers().get("idempotency-key") {
+        None => Ok(None),
+        Some(v) => match v.to_str() {
+            Ok(k) if (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()) => {
+                Ok(Some(k.to_string()))
+            }
+            _ => Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                Some("Idempotency-Key"),
+                "must be 1-255 visible ASCII characters",
+            ))),
+        },
+    }
+}
+
+/// An update's entity, key, op and row hold together and the row passes the entity's schema;
+/// or the 400/422 naming the field.
+fn check_update(state: &GatewayState, u: &UpdateBody) -> Result<(), Box<HttpResponse>> {
+    let bad =
+        |field: &str, why: &str| Err(Box::new(error(StatusCode::BAD_REQUEST, Some(field), why)));
+    if !valid_id(&u.entity) {
+        return bad(
+            "entity",
+            "must be 1-64 characters of letters, digits, -, _ or .",
+        );
+    }
+    if u.key.is_empty() {
+        return bad("key", "must name at least one key column");
+    }
+    match (u.op, &u.row) {
+        (UpdateOp::Upsert, None) => return bad("row", "required for op upsert"),
+        (UpdateOp::Delete, Some(_)) => return bad("row", "must be absent for op delete"),
+        _ => {}
+    }
+    if let Some(row) = &u.row {
+        if let Err(e) = state
+            .schemas
+            .validate(&u.entity, &Value::Object(row.clone()))
+        {
+            return Err(Box::new(error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Some("row"),
+                e.to_string(),
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub(super) async fn post_update(
     state: web::Data<GatewayState>,
     req: actix_web::HttpRequest,
@@ -522,51 +573,12 @@ pub(super) async fn post_update(
         Err(resp) => return *resp,
     };
     // A retried POST (the answer was lost) with the same key gets the first update back.
-    let idempotency_key = match req.headers().get("idempotency-key") {
-        None => None,
-        Some(v) => match v.to_str() {
-            Ok(k) if (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()) => {
-                Some(k.to_string())
-            }
-            _ => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    Some("Idempotency-Key"),
-                    "must be 1-255 visible ASCII characters",
-                )
-            }
-        },
+    let idempotency_key = match idempotency_key(&req) {
+        Ok(k) => k,
+        Err(resp) => return *resp,
     };
-    if !valid_id(&parsed.entity) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            Some("entity"),
-            "must be 1-64 characters of letters, digits, -, _ or .",
-        );
-    }
-    if parsed.key.is_empty() {
-        return error(
-            StatusCode::BAD_REQUEST,
-            Some("key"),
-            "must name at least one key column",
-        );
-    }
-    match (parsed.op, &parsed.row) {
-        (UpdateOp::Upsert, None) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                Some("row"),
-                "required for op upsert",
-            )
-        }
-        (UpdateOp::Delete, Some(_)) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                Some("row"),
-                "must be absent for op delete",
-            )
-        }
-        _ => {}
+    if let Err(resp) = check_update(&state, &parsed) {
+        return *resp;
     }
     // With a clinic registry, an update for a clinic it does not know would wait forever.
     if let Some(v) = &state.security.verifier {
@@ -578,14 +590,6 @@ pub(super) async fn post_update(
             );
         }
     }
-    if let Some(row) = &parsed.row {
-        if let Err(e) = state
-            .schemas
-            .validate(&parsed.entity, &Value::Object(row.clone()))
-        {
-            return error(StatusCode::UNPROCESSABLE_ENTITY, Some("row"), e.to_string());
-        }
-    }
     let entity = parsed.entity.clone();
     let op = parsed.op;
     let update = NewUpdate {
@@ -595,6 +599,7 @@ pub(super) async fn post_update(
         key: parsed.key,
         row: parsed.row,
         idempotency_key: idempotency_key.clone(),
+        batch_id: None,
     };
     match state.store.enqueue_update(update).await {
         Ok(update_id) => {
@@ -1224,4 +1229,173 @@ pub(super) async fn source_reset(
         ),
         Err(resp) => resp,
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FanOutBody {
+    /// Exactly one of `clinics`, `all`, `labels` chooses the clinics.
+    #[serde(default)]
+    clinics: Option<Vec<String>>,
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    labels: Option<BTreeMap<String, String>>,
+    entity: String,
+    op: UpdateOp,
+    key: Map<String, Value>,
+    #[serde(default)]
+    row: Option<Map<String, Value>>,
+}
+
+/// `POST /v1/updates`: one update per clinic — a list, `all` (every active clinic of the
+/// registry, or every clinic the store knows without one), or the registry's `labels` — queued
+/// in one transaction under one batch id. Offline clinics get theirs when they return. With
+/// `Idempotency-Key`, a retried POST answers the same batch and queues nothing more.
+pub(super) async fn post_fan_out(
+    state: web::Data<GatewayState>,
+    req: actix_web::HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
+    let parsed: FanOutBody = match json_body(&body) {
+        Ok(b) => b,
+        Err(resp) => return *resp,
+    };
+    let key = match idempotency_key(&req) {
+        Ok(k) => k,
+        Err(resp) => return *resp,
+    };
+    let u = UpdateBody {
+        entity: parsed.entity,
+        op: parsed.op,
+        key: parsed.key,
+        row: parsed.row,
+    };
+    if let Err(resp) = check_update(&state, &u) {
+        return *resp;
+    }
+    let registry = state.security.verifier.as_ref().map(|v| v.registry());
+    let chosen = [
+        parsed.clinics.is_some(),
+        parsed.all,
+        parsed.labels.is_some(),
+    ];
+    if chosen.iter().filter(|c| **c).count() != 1 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            Some("clinics"),
+            "exactly one of `clinics`, `all` or `labels`",
+        );
+    }
+    let clinics: Vec<String> = if let Some(list) = parsed.clinics {
+        for (i, c) in list.iter().enumerate() {
+            let known = registry.as_ref().is_none_or(|r| r.contains(c));
+            if !valid_id(c) || !known {
+                return error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    Some(&format!("clinics[{i}]")),
+                    format!("{} is not a clinic of the registry", log_value(c, 64)),
+                );
+            }
+        }
+        let mut l = list;
+        l.sort();
+        l.dedup();
+        l
+    } else if let Some(want) = parsed.labels {
+        let Some(r) = &registry else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                Some("labels"),
+                "labels come from the clinic registry (gateway.auth), which this gateway has not",
+            );
+        };
+        r.clinics()
+            .values()
+            .filter(|c| !c.revoked && want.iter().all(|(k, v)| c.labels.get(k) == Some(v)))
+            .map(|c| c.clinic_id.clone())
+            .collect()
+    } else {
+        match &registry {
+            Some(r) => r
+                .clinics()
+                .values()
+                .filter(|c| !c.revoked)
+                .map(|c| c.clinic_id.clone())
+                .collect(),
+            None => match call(state.store.clinics()).await {
+                Ok(rs) => rs.into_iter().map(|r| r.clinic_id).collect(),
+                Err(resp) => return resp,
+            },
+        }
+    };
+    if clinics.is_empty() {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("labels"),
+            "no clinic matches",
+        );
+    }
+    // With a key the batch id is derived from it: a retry lands on the same batch, and each
+    // clinic's update on the first one (the key is kept per clinic).
+    let batch_id = match &key {
+        Some(k) => format!("bat_{}", &crate::security::admin::sha256_hex(k)[..32]),
+        None => format!(
+            "bat_{:016x}{:016x}",
+            rand::random::<u64>(),
+            rand::random::<u64>()
+        ),
+    };
+    let updates: Vec<NewUpdate> = clinics
+        .iter()
+        .map(|c| NewUpdate {
+            clinic_id: c.clone(),
+            entity: u.entity.clone(),
+            op: u.op,
+            key: u.key.clone(),
+            row: u.row.clone(),
+            idempotency_key: key.clone(),
+            batch_id: Some(batch_id.clone()),
+        })
+        .collect();
+    match state.store.enqueue_batch(updates).await {
+        Ok(ids) => {
+            log::info!(target: AUDIT, "action=enqueue_batch batch_id={batch_id} clinics={} entity={} op={} result=accepted", ids.len(), u.entity, u.op.as_str());
+            for c in &clinics {
+                state.registry.do_send(UpdatesPending {
+                    clinic_id: c.clone(),
+                });
+            }
+            let by_clinic: BTreeMap<&String, &String> = clinics.iter().zip(ids.iter()).collect();
+            HttpResponse::Accepted().json(json!({
+                "batch_id": batch_id,
+                "clinics": ids.len(),
+                "update_ids": by_clinic,
+            }))
+        }
+        Err(StoreError::Conflict(m)) => error(StatusCode::CONFLICT, Some("Idempotency-Key"), m),
+        Err(e) => store_error(e),
+    }
+}
+
+/// `GET /v1/update-batches/{id}`: how many of a fan-out's updates are in each status.
+pub(super) async fn get_batch(
+    state: web::Data<GatewayState>,
+    id: web::Path<String>,
+) -> HttpResponse {
+    let batch_id = id.into_inner();
+    let counts = match call(state.store.batch_counts(&batch_id)).await {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
+    if counts.is_empty() {
+        return error(
+            StatusCode::NOT_FOUND,
+            Some("id"),
+            format!("no batch `{}`", log_value(&batch_id, 64)),
+        );
+    }
+    let total: u64 = counts.iter().map(|(_, n)| n).sum();
+    let by_status: BTreeMap<String, u64> = counts.into_iter().collect();
+    HttpResponse::Ok().json(json!({ "batch_id": batch_id, "total": total, "by_status": by_status }))
 }

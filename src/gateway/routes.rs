@@ -64,6 +64,8 @@ fn table() -> Table {
         "/v1/registry/clinics/{id}",
         api::delete_registry_clinic,
     );
+    t.add(post.clone(), "/v1/updates", api::post_fan_out);
+    t.add(get.clone(), "/v1/update-batches/{id}", api::get_batch);
     t.add(get.clone(), "/v1/updates/{id}", api::get_update);
     t.add(Method::DELETE, "/v1/updates/{id}", api::cancel_update);
     t.add(get.clone(), "/v1/webhooks", api::list_webhooks);

@@ -212,6 +212,7 @@ pub(crate) enum Op {
         at_ms: u64,
     },
     EnqueueUpdate(NewUpdate),
+    EnqueueBatch(Vec<NewUpdate>),
     MarkDelivered(Vec<String>),
     UpdateResult {
         clinic: String,
@@ -629,6 +630,13 @@ macro_rules! write_methods {
         fn enqueue_update(&self, update: NewUpdate) -> StoreFuture<String> {
             super::expect(self.writer.submit(Op::EnqueueUpdate(update)), |d| match d {
                 Done::Id(s) => Some(s),
+                _ => None,
+            })
+        }
+
+        fn enqueue_batch(&self, updates: Vec<NewUpdate>) -> StoreFuture<Vec<String>> {
+            super::expect(self.writer.submit(Op::EnqueueBatch(updates)), |d| match d {
+                Done::Ids(v) => Some(v),
                 _ => None,
             })
         }

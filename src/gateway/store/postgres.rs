@@ -134,6 +134,8 @@ CREATE TABLE cluster_keys (name TEXT PRIMARY KEY, secret TEXT NOT NULL);
     "
 ALTER TABLE clinics ADD COLUMN source_reset BOOLEAN NOT NULL DEFAULT FALSE;
 ALTER TABLE updates ADD COLUMN idempotency_key TEXT;
+ALTER TABLE updates ADD COLUMN batch_id TEXT;
+CREATE INDEX updates_batch ON updates (batch_id) WHERE batch_id IS NOT NULL;
 CREATE UNIQUE INDEX updates_idempotency ON updates (clinic_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 ",
@@ -735,6 +737,19 @@ impl GatewayStore for PgStore {
         })
     }
 
+    fn batch_counts(&self, batch_id: &str) -> StoreFuture<Vec<(String, u64)>> {
+        let id = batch_id.to_string();
+        self.read(move |c| {
+            Ok(c.query(
+                "SELECT status, count(*) FROM updates WHERE batch_id = $1 GROUP BY status ORDER BY status",
+                &[&id],
+            )?
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1).max(0) as u64))
+            .collect())
+        })
+    }
+
     fn updates_page(
         &self,
         clinic: &str,
@@ -885,6 +900,14 @@ impl PgBackend {
                         &[&self.updates_channel, &u.clinic_id],
                     )?;
                 }
+                (Op::EnqueueBatch(us), Ok(Done::Ids(_))) => {
+                    for u in us {
+                        tx.execute(
+                            "SELECT pg_notify($1, $2)",
+                            &[&self.updates_channel, &u.clinic_id],
+                        )?;
+                    }
+                }
                 (Op::ForwardCall(c), Ok(Done::Unit)) => {
                     let note = call_signal("call", &c.id, &c.to_node);
                     tx.execute("SELECT pg_notify($1, $2)", &[&self.calls_channel, &note])?;
@@ -1020,6 +1043,48 @@ impl<'a> Columns<'a> {
         )?;
         Ok(n as usize)
     }
+}
+
+/// Queues one update (or finds the first one of its `Idempotency-Key`).
+fn enqueue(
+    tx: &mut Transaction<'_>,
+    u: &NewUpdate,
+    now: &String,
+) -> Result<Result<String, StoreError>, postgres::Error> {
+    let (key, row) = match super::update_json(u) {
+        Ok(j) => j,
+        Err(e) => return Ok(Err(e)),
+    };
+    if let Some(k) = &u.idempotency_key {
+        let first = tx.query_opt(
+            "SELECT update_id, entity, op, key_json, row_json FROM updates \
+             WHERE clinic_id = $1 AND idempotency_key = $2",
+            &[&u.clinic_id, k],
+        )?;
+        if let Some(r) = first {
+            let (entity, op, k_json, r_json): (String, String, String, Option<String>) =
+                (r.get(1), r.get(2), r.get(3), r.get(4));
+            return Ok(super::same_update(
+                u,
+                &key,
+                &row,
+                r.get(0),
+                (&entity, &op, &k_json, &r_json),
+            ));
+        }
+    }
+    let id = new_update_id();
+    tx.execute(
+        "INSERT INTO updates (update_id, clinic_id, entity, op, key_json, row_json, status, created_at, updated_at, idempotency_key, batch_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7, $8, $9)",
+        &[&id, &u.clinic_id, &u.entity, &u.op.as_str(), &key, &row, now, &u.idempotency_key, &u.batch_id],
+    )?;
+    tx.execute(
+        "INSERT INTO clinics (clinic_id, acked_seq, first_seen, pending_updates) VALUES ($1, 0, $2, 1) \
+         ON CONFLICT (clinic_id) DO UPDATE SET pending_updates = clinics.pending_updates + 1",
+        &[&u.clinic_id, now],
+    )?;
+    Ok(Ok(id))
 }
 
 /// An update's columns `update_id, clinic_id, entity, op, status, reason, deliveries,
@@ -1197,42 +1262,22 @@ fn run_op(
             )?;
             Done::Unit
         }
-        Op::EnqueueUpdate(u) => {
-            let (key, row) = match super::update_json(u) {
-                Ok(j) => j,
-                Err(e) => return Ok(Err(e)),
-            };
-            if let Some(k) = &u.idempotency_key {
-                let first = tx.query_opt(
-                    "SELECT update_id, entity, op, key_json, row_json FROM updates \
-                     WHERE clinic_id = $1 AND idempotency_key = $2",
-                    &[&u.clinic_id, k],
-                )?;
-                if let Some(r) = first {
-                    let (entity, op, k_json, r_json): (String, String, String, Option<String>) =
-                        (r.get(1), r.get(2), r.get(3), r.get(4));
-                    return Ok(super::same_update(
-                        u,
-                        &key,
-                        &row,
-                        r.get(0),
-                        (&entity, &op, &k_json, &r_json),
-                    )
-                    .map(Done::Id));
+        Op::EnqueueUpdate(u) => match enqueue(tx, u, now)? {
+            Ok(id) => Done::Id(id),
+            Err(e) => return Ok(Err(e)),
+        },
+        Op::EnqueueBatch(updates) => {
+            // All or none: a refused update (a reused key) undoes the ones before it.
+            let mut sp = tx.savepoint("batch")?;
+            let mut ids = Vec::with_capacity(updates.len());
+            for u in updates {
+                match enqueue(&mut sp, u, now)? {
+                    Ok(id) => ids.push(id),
+                    Err(e) => return Ok(Err(e)),
                 }
             }
-            let id = new_update_id();
-            tx.execute(
-                "INSERT INTO updates (update_id, clinic_id, entity, op, key_json, row_json, status, created_at, updated_at, idempotency_key) \
-                 VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7, $8)",
-                &[&id, &u.clinic_id, &u.entity, &u.op.as_str(), &key, &row, now, &u.idempotency_key],
-            )?;
-            tx.execute(
-                "INSERT INTO clinics (clinic_id, acked_seq, first_seen, pending_updates) VALUES ($1, 0, $2, 1) \
-                 ON CONFLICT (clinic_id) DO UPDATE SET pending_updates = clinics.pending_updates + 1",
-                &[&u.clinic_id, now],
-            )?;
-            Done::Id(id)
+            sp.commit()?;
+            Done::Ids(ids)
         }
         Op::MarkDelivered(ids) => {
             let open: std::collections::HashSet<String> = tx

@@ -125,6 +125,8 @@ CREATE TABLE IF NOT EXISTS cluster_keys (name TEXT PRIMARY KEY, secret TEXT NOT 
     "
 ALTER TABLE clinics ADD COLUMN source_reset INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE updates ADD COLUMN idempotency_key TEXT;
+ALTER TABLE updates ADD COLUMN batch_id TEXT;
+CREATE INDEX IF NOT EXISTS updates_batch ON updates (batch_id) WHERE batch_id IS NOT NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS updates_idempotency ON updates (clinic_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 ",
@@ -466,6 +468,19 @@ impl GatewayStore for SqliteStore {
         })
     }
 
+    fn batch_counts(&self, batch_id: &str) -> StoreFuture<Vec<(String, u64)>> {
+        let id = batch_id.to_string();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT status, count(*) FROM updates WHERE batch_id = ?1 GROUP BY status ORDER BY status",
+            )?;
+            let rows = stmt.query_map(params![id], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+            })?;
+            rows.collect()
+        })
+    }
+
     fn updates_page(
         &self,
         clinic: &str,
@@ -656,6 +671,11 @@ fn run_op(tx: &rusqlite::Transaction<'_>, op: &Op, now: &str) -> Result<Done, St
             Ok(Done::Unit)
         }
         Op::EnqueueUpdate(u) => enqueue_update(tx, u, now).map(Done::Id),
+        Op::EnqueueBatch(us) => us
+            .iter()
+            .map(|u| enqueue_update(tx, u, now))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Done::Ids),
         Op::MarkDelivered(ids) => {
             let mut stmt = tx
                 .prepare_cached(
@@ -1241,9 +1261,9 @@ fn enqueue_update(
     }
     let id = new_update_id();
     tx.execute(
-        "INSERT INTO updates (update_id, clinic_id, entity, op, key_json, row_json, status, created_at, updated_at, idempotency_key) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7, ?8)",
-        params![id, u.clinic_id, u.entity, u.op.as_str(), key, row, now, u.idempotency_key],
+        "INSERT INTO updates (update_id, clinic_id, entity, op, key_json, row_json, status, created_at, updated_at, idempotency_key, batch_id) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7, ?8, ?9)",
+        params![id, u.clinic_id, u.entity, u.op.as_str(), key, row, now, u.idempotency_key, u.batch_id],
     )
     .map_err(write_err)?;
     tx.execute(
