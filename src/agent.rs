@@ -47,6 +47,8 @@ pub enum AgentSetupError {
     Proxy(#[from] crate::proxy::ProxyError),
     #[error("agent.gateway.proxy.password_env: variable {0} is not set")]
     ProxyPasswordEnv(String),
+    #[error("agent.database: {0}")]
+    Instance(#[from] crate::db::instance::InstanceError),
     #[error("agent.gateway.proxy.password_file: {0}: {1}")]
     ProxyPasswordFile(String, std::io::Error),
 }
@@ -341,6 +343,8 @@ pub fn ports_with_proxy(
     a: &AgentConfig,
     proxy: Option<crate::proxy::Proxy>,
 ) -> Result<AgentPorts, AgentSetupError> {
+    // One agent per database: taken before anything reads the outbox.
+    let held = instance_lock(a)?;
     let (mut source, checkpoint, sink) = db_ports(a)?;
     if let Some(e) = &a.encryption {
         let keys = crate::security::crypto::data_keys(&e.keys, Some(&e.active))?;
@@ -358,6 +362,28 @@ pub fn ports_with_proxy(
         dialer: Arc::new(dialer_with(a, proxy)?),
         clock: Arc::new(SystemClock),
         queries: queries(a)?,
+        held,
+    })
+}
+
+/// The database's one-agent lock (see [`crate::db::instance`]); SQL Server has none yet.
+fn instance_lock(
+    a: &AgentConfig,
+) -> Result<Vec<Arc<dyn std::any::Any + Send + Sync>>, AgentSetupError> {
+    use crate::db::instance;
+    Ok(match a.database.kind.as_str() {
+        #[cfg(feature = "postgres")]
+        "postgres" => vec![Arc::new(crate::db::postgres::lock_instance(
+            &connection_string(a)?,
+            instance::WAIT,
+        )?)],
+        #[cfg(not(feature = "postgres"))]
+        "postgres" => Vec::new(),
+        "sqlserver" => Vec::new(),
+        _ => vec![Arc::new(instance::lock_sqlite(
+            &a.database.path,
+            instance::WAIT,
+        )?)],
     })
 }
 

@@ -356,3 +356,30 @@ async fn a_fan_out_reaches_exactly_the_chosen_clinics_once() {
     assert_eq!(code, 404);
     fleet.stop().await;
 }
+
+/// Two agents on one clinic database: the second refuses to start, naming the first (host and
+/// pid), and nothing of it runs; once the first has stopped, an agent starts on it again.
+#[actix_rt::test]
+async fn a_second_agent_on_the_same_database_refuses_to_start_naming_the_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    init_logs(dir.path());
+    let mut fleet = Fleet::new(dir.path(), 1, HB).expect("fleet");
+    fleet.start_agents().await.expect("the first agent");
+    let cfg = fleet.clinics[0].config.clone();
+    let second = start_agent(&cfg).await;
+    let err = match second {
+        Ok(_) => panic!("a second agent on the same database must not start"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("another agent already syncs this database")
+            && err.contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+    fleet.clinics[0].agent.take().expect("first").stop();
+    let again = start_agent(&cfg).await.expect("the database is free again");
+    write_activity(&fleet.clinics[0].db, 10);
+    fleet.clinics[0].agent = Some(again);
+    wait_drained(&fleet, Duration::from_secs(20)).await;
+    fleet.stop().await;
+}

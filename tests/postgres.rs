@@ -1688,3 +1688,34 @@ fn a_postgres_port_whose_thread_died_is_restarted() {
         .expect("the port works again");
     assert_eq!(one, 1);
 }
+
+/// One agent per PostgreSQL clinic database: a second taker of the lock is refused after its
+/// wait, naming the holder (host and pid); another database is not affected; once the first
+/// holder lets go (its session ends), the lock can be taken again.
+#[test]
+fn a_second_agent_on_the_same_postgres_database_is_refused_naming_the_first() {
+    use tether::db::instance::InstanceError;
+    let (db, other) = (TestDb::new(), TestDb::new());
+    let first = tether::db::postgres::lock_instance(&db.url, Duration::ZERO).expect("first");
+    let t0 = std::time::Instant::now();
+    match tether::db::postgres::lock_instance(&db.url, Duration::from_millis(300)) {
+        Err(InstanceError::Held { holder }) => {
+            assert!(
+                holder.contains(&format!("pid {}", std::process::id()))
+                    && holder.contains("tether-agent"),
+                "{holder}"
+            );
+            assert!(
+                t0.elapsed() >= Duration::from_millis(300),
+                "it waited first"
+            );
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a second agent must be refused"),
+    }
+    let _elsewhere =
+        tether::db::postgres::lock_instance(&other.url, Duration::ZERO).expect("another database");
+    drop(first);
+    tether::db::postgres::lock_instance(&db.url, Duration::from_secs(5))
+        .expect("free once released");
+}

@@ -136,6 +136,9 @@ pub struct AgentPorts {
     pub clock: Arc<dyn Clock>,
     /// The allow-listed queries the gateway may ask for (`rpc_request`).
     pub queries: Arc<dyn crate::ports::QueryRunner>,
+    /// What the agent holds for as long as any of its actors lives (the database's one-agent
+    /// lock): released when the last of them is gone.
+    pub held: Vec<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 /// Late-bound addresses of the four actors.

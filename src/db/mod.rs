@@ -3,6 +3,7 @@
 //! capture triggers, reads the outbox in commit-safe order, and applies cloud updates with
 //! echo suppression and the table's conflict policy.
 
+pub mod instance;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod sqlite;

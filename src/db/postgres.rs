@@ -76,6 +76,81 @@ fn port(context: &str) -> impl FnOnce(postgres::Error) -> PortError + '_ {
     move |e| PortError::new(format!("{context}: {}", pg_error_text(&e)))
 }
 
+/// The one-agent lock on a PostgreSQL clinic database: a session advisory lock held by a
+/// connection of its own for as long as the agent runs (see [`crate::db::instance`]). The
+/// server releases it when that session ends, however the agent ends. (A lost connection loses
+/// the lock too; it is not taken again until the agent restarts.)
+pub struct PgInstanceLock {
+    _conn: PgConn,
+}
+
+/// The lock's key: the two-int form, apart from the outbox writer's one-bigint locks.
+const INSTANCE_LOCK: (i32, i32) = (7474, 1);
+
+/// Takes the clinic database's one-agent lock, waiting up to `wait` for a holder to let go;
+/// refuses naming the holder (its `application_name`: host and pid, address, since when).
+pub fn lock_instance(
+    conn: &str,
+    wait: Duration,
+) -> Result<PgInstanceLock, crate::db::instance::InstanceError> {
+    use crate::db::instance::InstanceError;
+    let db_err = |e: PortError| InstanceError::Database(e.to_string());
+    let c = PgConn::open(conn).map_err(|e| InstanceError::Database(e.to_string()))?;
+    let me = crate::db::instance::short_holder();
+    c.with(move |cl| {
+        cl.execute("SELECT set_config('application_name', $1, false)", &[&me])
+            .map(|_| ())
+            .map_err(port("naming the lock's session"))
+    })
+    .map_err(db_err)?;
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let got = c
+            .with(|cl| {
+                cl.query_one(
+                    "SELECT pg_try_advisory_lock($1, $2)",
+                    &[&INSTANCE_LOCK.0, &INSTANCE_LOCK.1],
+                )
+                .map(|r| r.get::<_, bool>(0))
+                .map_err(port("taking the one-agent lock"))
+            })
+            .map_err(db_err)?;
+        if got {
+            return Ok(PgInstanceLock { _conn: c });
+        }
+        if std::time::Instant::now() >= deadline {
+            let holder = c
+                .with(|cl| {
+                    cl.query_opt(
+                        "SELECT a.application_name, coalesce(host(a.client_addr), 'local socket'), \
+                         to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') \
+                         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                         WHERE l.locktype = 'advisory' AND l.classid = $1::int::oid AND l.objid = $2::int::oid \
+                         AND l.objsubid = 2 AND l.granted \
+                         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                        &[&INSTANCE_LOCK.0, &INSTANCE_LOCK.1],
+                    )
+                    .map(|r| {
+                        r.map(|r| {
+                            format!(
+                                "{} from {}, since {}",
+                                r.get::<_, Option<String>>(0).unwrap_or_default(),
+                                r.get::<_, String>(1),
+                                r.get::<_, String>(2)
+                            )
+                        })
+                    })
+                    .map_err(port("naming the lock's holder"))
+                })
+                .map_err(db_err)?;
+            return Err(InstanceError::Held {
+                holder: holder.unwrap_or_else(|| "holder gone meanwhile: try again".into()),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 pub fn connect(conn: &str) -> Result<Client, PgError> {
     Client::connect(conn, NoTls).map_err(|e| PgError::Connect(e.to_string()))
 }
