@@ -26,8 +26,8 @@ pub enum InstanceError {
     Database(String),
 }
 
-/// This machine's name.
-fn host() -> String {
+/// This machine's name (`unknown-host` when none can be read).
+pub fn host() -> String {
     std::env::var("COMPUTERNAME")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())

@@ -182,16 +182,6 @@ impl GatewayFaults {
     }
 }
 
-/// This machine's name (`gateway` when none can be read).
-fn host_name() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .or_else(|| std::env::var("COMPUTERNAME").ok())
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "gateway".into())
-}
 
 impl GatewaySettings {
     /// This node's id: `gateway.node_id`, or `<host name>:<listen port>`.
@@ -200,7 +190,7 @@ impl GatewaySettings {
             return id.clone();
         }
         let port = self.listen.rsplit(':').next().unwrap_or("0");
-        format!("{}:{port}", host_name())
+        format!("{}:{port}", crate::db::instance::host())
     }
 
     /// Where the other nodes reach this one: `gateway.advertise`, else the bound address, or
@@ -212,7 +202,7 @@ impl GatewaySettings {
         if !bound.ip().is_unspecified() {
             return bound.to_string();
         }
-        format!("{}:{}", host_name(), bound.port())
+        format!("{}:{}", crate::db::instance::host(), bound.port())
     }
 
     pub fn from_config(c: &GatewayConfig) -> Self {
