@@ -37,7 +37,7 @@ pub enum AgentSetupError {
     SqlServer(#[from] crate::db::sqlserver::MssqlError),
     #[error("agent.database.kind: this build has no {0} support (cargo feature `{0}`)")]
     Unsupported(&'static str),
-    #[error("agent.rpc.queries: not supported on {0} yet (SQLite only); remove them or use a SQLite clinic database")]
+    #[error("agent.rpc.queries: not supported on {0} yet (SQLite and PostgreSQL only); remove them or use a SQLite or PostgreSQL clinic database")]
     RpcUnsupported(String),
     #[error("agent.tables: no table `{0}`")]
     UnknownTable(String),
@@ -453,7 +453,8 @@ pub fn db_ports(a: &AgentConfig) -> Result<DbPorts, AgentSetupError> {
     Ok(ports)
 }
 
-/// The allow-listed queries of `agent.rpc` (SQLite; other engines answer that they have none).
+/// The allow-listed queries of `agent.rpc` (SQLite, PostgreSQL; SQL Server refuses to start
+/// with them).
 fn queries(a: &AgentConfig) -> Result<Arc<dyn tether_actors::ports::QueryRunner>, AgentSetupError> {
     if a.rpc.queries.is_empty() {
         return Ok(Arc::new(tether_actors::ports::NoQueries));
@@ -461,6 +462,11 @@ fn queries(a: &AgentConfig) -> Result<Arc<dyn tether_actors::ports::QueryRunner>
     match a.database.kind.as_str() {
         "sqlite" => Ok(Arc::new(crate::db::sqlite::SqliteQueries::open(
             &a.database.path,
+            &a.rpc,
+        )?)),
+        #[cfg(feature = "postgres")]
+        "postgres" => Ok(Arc::new(crate::db::postgres::queries::PgQueries::open(
+            &connection_string(a)?,
             &a.rpc,
         )?)),
         other => Err(AgentSetupError::RpcUnsupported(other.to_string())),

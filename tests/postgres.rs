@@ -9,7 +9,7 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use postgres::{Client, NoTls};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use tether::config::{ConflictPolicy, Direction, TableConfig};
 use tether::db::postgres::{self as pg, PgCheckpoint, PgSink, PgSource};
 use tether_actors::ports::{ChangeSink, ChangeSource, Checkpoint};
@@ -1718,4 +1718,71 @@ fn a_second_agent_on_the_same_postgres_database_is_refused_naming_the_first() {
     drop(first);
     tether::db::postgres::lock_instance(&db.url, Duration::from_secs(5))
         .expect("free once released");
+}
+
+/// `agent.rpc.queries` on PostgreSQL: named parameters bound as literals PostgreSQL types from
+/// context (a quote in a value stays data, never SQL), rows as typed JSON, `max_rows` with
+/// `truncated`, the statement timeout, a read-only transaction (a query that would write is
+/// refused at start or at run), and errors naming the parameter.
+#[test]
+fn rpc_queries_run_read_only_with_their_parameters_bound_as_data() {
+    use tether_actors::ports::QueryRunner;
+    let db = TestDb::new();
+    db.client()
+        .batch_execute(
+            "INSERT INTO patients (id, name, balance, active, seen_at) VALUES
+               (1, 'O''Brien', 12.50, true, '2026-12-02T10:00:00Z'), (2, 'Ada', 0, false, NULL), (3, 'Lin', 3, true, NULL)",
+        )
+        .expect("rows");
+    let rpc: tether::config::RpcConfig = serde_json::from_value(json!({
+        "timeout": "300ms",
+        "queries": {
+            "by_id": {"sql": "SELECT id, name, balance, active, seen_at FROM patients WHERE id = :id", "params": ["id"]},
+            "by_name": {"sql": "SELECT id FROM patients WHERE name = :name -- :not_a_param", "params": ["name"]},
+            "all": {"sql": "SELECT id FROM patients ORDER BY id", "params": [], "max_rows": 2},
+            "slow": {"sql": "SELECT pg_sleep(5)::text AS s", "params": []},
+            "sneaky": {"sql": "SELECT nextval('payments_id_seq') AS n", "params": []}
+        }
+    }))
+    .expect("rpc config");
+    let q = pg::queries::PgQueries::open(&db.url, &rpc).expect("open");
+    let p = |v: Value| v.as_object().cloned().unwrap_or_default();
+    let one = q.run("by_id", &p(json!({"id": 1}))).expect("by id");
+    assert_eq!(
+        Value::Object(one.rows[0].clone()),
+        json!({"id": 1, "name": "O'Brien", "balance": 12.50, "active": true, "seen_at": "2026-12-02T10:00:00+00:00"})
+    );
+    let quoted = q
+        .run("by_name", &p(json!({"name": "O'Brien"})))
+        .expect("quote");
+    assert_eq!(quoted.rows.len(), 1);
+    let injected = q
+        .run("by_name", &p(json!({"name": "x' OR '1'='1"})))
+        .expect("injection is data");
+    assert!(injected.rows.is_empty(), "{:?}", injected.rows);
+    let all = q.run("all", &Map::new()).expect("all");
+    assert_eq!((all.rows.len(), all.truncated), (2, true));
+    let e = q.run("by_id", &Map::new()).expect_err("missing");
+    assert_eq!(e.field.as_deref(), Some("params.id"));
+    let e = q
+        .run("by_id", &p(json!({"id": [1]})))
+        .expect_err("not a scalar");
+    assert_eq!(e.field.as_deref(), Some("params.id"));
+    let e = q
+        .run("by_id", &p(json!({"id": 1, "x": 2})))
+        .expect_err("extra");
+    assert_eq!(e.field.as_deref(), Some("params.x"));
+    let e = q.run("slow", &Map::new()).expect_err("timeout");
+    assert!(e.message.contains("statement timeout"), "{}", e.message);
+    let e = q.run("sneaky", &Map::new()).expect_err("writes");
+    assert!(e.message.contains("read-only transaction"), "{}", e.message);
+    // A query that writes is refused before the agent starts.
+    let writes: tether::config::RpcConfig = serde_json::from_value(json!({
+        "queries": {"wipe": {"sql": "DELETE FROM patients", "params": []}}
+    }))
+    .expect("config");
+    let err = pg::queries::PgQueries::open(&db.url, &writes)
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("agent.rpc.queries.wipe"), "{err}");
 }

@@ -34,6 +34,7 @@ use crate::config::{ConflictPolicy, TableConfig};
 
 pub mod logical;
 pub mod pgoutput;
+pub mod queries;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {

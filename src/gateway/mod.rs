@@ -182,7 +182,6 @@ impl GatewayFaults {
     }
 }
 
-
 impl GatewaySettings {
     /// This node's id: `gateway.node_id`, or `<host name>:<listen port>`.
     pub fn node(&self) -> String {
