@@ -191,6 +191,19 @@ async fn updates_are_idempotent_cancellable_until_delivered_and_listed_by_status
         .filter_map(|u| u["update_id"].as_str())
         .collect();
     assert_eq!(pending, vec![first["update_id"].as_str().expect("id")]);
+    let (code, unknown) = call(
+        &fleet,
+        "POST",
+        &path,
+        &[],
+        Some(serde_json::json!({"entity": "invoice", "op": "delete", "key": {"id": 1}})),
+    )
+    .await;
+    assert_eq!(
+        (code, unknown["field"].as_str()),
+        (422, Some("entity")),
+        "an entity no schema describes is refused at once: {unknown}"
+    );
     let (code, bad) = call(&fleet, "GET", &format!("{path}?status=lost"), &[], None).await;
     assert_eq!((code, bad["field"].as_str()), (400, Some("status")));
     // Back online: the kept update is applied, the cancelled one never.
@@ -381,5 +394,34 @@ async fn a_second_agent_on_the_same_database_refuses_to_start_naming_the_first()
     write_activity(&fleet.clinics[0].db, 10);
     fleet.clinics[0].agent = Some(again);
     wait_drained(&fleet, Duration::from_secs(20)).await;
+    fleet.stop().await;
+}
+
+/// The HTTP fallback says why it is refused too: an agent on `transport: http` whose key is
+/// revoked in the registry reports `key_revoked` (read from the 401 of `open`).
+#[actix_rt::test]
+async fn a_refusal_on_the_http_fallback_names_its_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    init_logs(dir.path());
+    let mut fleet = Fleet::new(dir.path(), 1, HB).expect("fleet");
+    let certs = fleet.certs.clone().expect("certs");
+    let entry = certs.join("clinics/clinic-001.yaml");
+    let text = std::fs::read_to_string(&entry).expect("entry");
+    std::fs::write(&entry, format!("revoked: true\n{text}")).expect("revoke");
+    fleet.clinics[0].config.gateway.transport = "http".into();
+    fleet.start_agents().await.expect("agent");
+    wait_until(
+        "the agent to report its refusal over HTTP",
+        Duration::from_secs(20),
+        || {
+            let r = refusal(&fleet, 0);
+            async move { r.is_some_and(|r| r.reason == "key_revoked") }
+        },
+    )
+    .await;
+    let r = refusal(&fleet, 0).expect("refusal");
+    assert_eq!(r.status, 401);
+    assert!(r.clock_offset_ms.is_some_and(|o| o.abs() < 2_000), "{r:?}");
+    assert!(r.advice().contains("revoked"), "{}", r.advice());
     fleet.stop().await;
 }

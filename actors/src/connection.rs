@@ -134,7 +134,7 @@ enum Incoming {
 const DUPLICATE_SOURCE: u16 = 4009;
 
 /// This machine's wall clock, unix ms (a refusal's time and the clock offset).
-fn wall_ms() -> u64 {
+pub(crate) fn wall_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -143,7 +143,7 @@ fn wall_ms() -> u64 {
 
 /// One parameter of an RFC 6750 challenge (`Bearer realm="x", error_description="y"`): only
 /// safe token characters are kept (it ends up in logs).
-fn auth_param(header: &str, name: &str) -> Option<String> {
+pub(crate) fn auth_param(header: &str, name: &str) -> Option<String> {
     let at = header.find(&format!("{name}=\""))? + name.len() + 2;
     let value: String = header[at..]
         .chars()
@@ -420,6 +420,19 @@ impl Connection {
                 }
                 Err(e) => {
                     log::warn!(target: CONNECTION, "clinic={} event=connect_failed transport=http error={:?}", act.clinic(), e.to_string());
+                    if let HttpLinkError::Refused {
+                        reason,
+                        clock_offset_ms,
+                        ..
+                    } = &e
+                    {
+                        act.refused(Refusal {
+                            status: 401,
+                            reason: reason.clone(),
+                            clock_offset_ms: *clock_offset_ms,
+                            at_ms: wall_ms(),
+                        });
+                    }
                     act.http_fallback_failed(&e);
                     act.schedule_reconnect(ctx);
                 }
@@ -429,7 +442,9 @@ impl Connection {
 
     /// `auto` gives the WebSocket another go when the fallback does not work either.
     fn http_fallback_failed(&mut self, e: &HttpLinkError) {
-        if self.settings.transport != Transport::Auto {
+        // A refused credential is not the transport's fault: no reason to switch back.
+        if self.settings.transport != Transport::Auto || matches!(e, HttpLinkError::Refused { .. })
+        {
             return;
         }
         self.http_failures += 1;

@@ -21,6 +21,14 @@ pub enum HttpLinkError {
     BadAnswer { what: &'static str, error: String },
     #[error("{what}: timed out after {ms} ms")]
     Timeout { what: &'static str, ms: u128 },
+    /// 401 with the gateway's reason (`WWW-Authenticate` `error_description`) and the clock
+    /// offset measured on the answer (`Tether-Time`).
+    #[error("{what}: refused by the gateway: {reason}")]
+    Refused {
+        what: &'static str,
+        reason: String,
+        clock_offset_ms: Option<i64>,
+    },
 }
 
 /// One open channel.
@@ -66,10 +74,30 @@ pub async fn open(
     for (k, v) in headers {
         req = req.insert_header((k, v));
     }
+    let sent = crate::connection::wall_ms();
     let resp = req.send().await.map_err(|e| HttpLinkError::Request {
         what: WHAT,
         error: e.to_string(),
     })?;
+    if resp.status().as_u16() == 401 {
+        let got = crate::connection::wall_ms();
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        return Err(HttpLinkError::Refused {
+            what: WHAT,
+            reason: header("www-authenticate")
+                .as_deref()
+                .and_then(|h| crate::connection::auth_param(h, "error_description"))
+                .unwrap_or_else(|| "unauthorized".into()),
+            clock_offset_ms: header("tether-time")
+                .and_then(|t| t.parse::<i64>().ok())
+                .map(|t| t - ((sent + got) / 2) as i64),
+        });
+    }
     let body = body_of(WHAT, resp, 64 * 1024).await?;
     let opened: Opened = serde_json::from_slice(&body).map_err(|e| HttpLinkError::BadAnswer {
         what: WHAT,

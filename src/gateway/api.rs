@@ -542,6 +542,18 @@ fn check_update(state: &GatewayState, u: &UpdateBody) -> Result<(), Box<HttpResp
     if u.key.is_empty() {
         return bad("key", "must name at least one key column");
     }
+    // With entity schemas, an entity none describes cannot be applied anywhere: refused now,
+    // not later at every clinic.
+    if !state.schemas.is_empty() && !state.schemas.covers(&u.entity) {
+        return Err(Box::new(error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("entity"),
+            format!(
+                "no entity `{}` on this gateway (gateway.entity_schemas has no schema for it)",
+                log_value(&u.entity, 64)
+            ),
+        )));
+    }
     match (u.op, &u.row) {
         (UpdateOp::Upsert, None) => return bad("row", "required for op upsert"),
         (UpdateOp::Delete, Some(_)) => return bad("row", "must be absent for op delete"),
