@@ -267,9 +267,31 @@ async fn a_recreated_clinic_database_is_not_mistaken_for_duplicates() {
         a.stop();
     }
     let db = fleet.clinics[0].db.clone();
+    let gdb = dir.path().join("gateway.db");
+    let old_source = common::gateway_db_count(
+        &gdb,
+        "SELECT source_id FROM clinics WHERE clinic_id = 'clinic-001'",
+    );
+    // Windows deletes no file that is still open: wait (with a deadline) until the old agent
+    // has let go of the database, and make sure it is really gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+        let path = format!("{}{suffix}", db.display());
+        loop {
+            match std::fs::remove_file(&path) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "{path} still held after 20 s: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
     }
+    assert!(!db.exists(), "the old database is gone");
     tether::fleet::create_sample_clinic(&db).expect("re-created clinic");
     write_activity(&db, 25);
     let new_head = Fleet::outbox_head(&db).expect("head");
@@ -281,13 +303,12 @@ async fn a_recreated_clinic_database_is_not_mistaken_for_duplicates() {
             |r| r.get(0),
         )
         .expect("source id");
+    assert_ne!(
+        new_source, old_source,
+        "a re-created database has a new source id"
+    );
     fleet.start_agents().await.expect("agent again");
     let store = fleet.store().expect("store");
-    let gdb = dir.path().join("gateway.db");
-    let old_source = common::gateway_db_count(
-        &gdb,
-        "SELECT source_id FROM clinics WHERE clinic_id = 'clinic-001'",
-    );
     let old_acked = tether::gateway::store::wait(store.acked_seq("clinic-001")).expect("acked");
     wait_until(
         "the new database to be refused as a duplicate source",
