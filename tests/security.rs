@@ -1109,7 +1109,8 @@ async fn clinic_status(gw: &GatewayHandle, pki: &Pki, clinic: &str) -> u16 {
     status_of(gw, &pki.client(clinic), Some(&good_token(pki, clinic))).await
 }
 
-/// Upgrades with a fresh token until one is answered with `want`, or panics after `limit`.
+/// Upgrades with a fresh token until one is answered with `want` (fails after `limit`); the
+/// time it took.
 async fn until_status(
     gw: &GatewayHandle,
     pki: &Pki,
@@ -1118,17 +1119,13 @@ async fn until_status(
     limit: Duration,
 ) -> Duration {
     let t0 = std::time::Instant::now();
-    loop {
-        let got = clinic_status(gw, pki, clinic).await;
-        if got == want {
-            return t0.elapsed();
-        }
-        assert!(
-            t0.elapsed() < limit,
-            "{clinic}: still {got} after {limit:?}, expected {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        &format!("{clinic} to be answered {want}"),
+        limit,
+        || async move { clinic_status(gw, pki, clinic).await == want },
+    )
+    .await;
+    t0.elapsed()
 }
 
 async fn open_session(gw: &GatewayHandle, pki: &Pki, clinic: &str) -> Ws {
@@ -1186,17 +1183,18 @@ async fn the_registry_reloads_live_new_clinics_connect_and_revoked_keys_are_clos
             .expect("metrics");
         String::from_utf8(r.body().await.expect("body").to_vec()).expect("utf8")
     };
-    let t0 = std::time::Instant::now();
-    while !metrics()
-        .await
-        .contains("tether_gateway_registry_reload_failures_total 1")
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the bad file was never reported"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        "the bad file to be reported",
+        Duration::from_secs(10),
+        || {
+            let m = metrics();
+            async move {
+                m.await
+                    .contains("tether_gateway_registry_reload_failures_total 1")
+            }
+        },
+    )
+    .await;
     assert_eq!(
         clinic_status(&gw, &pki, "clinic-b").await,
         101,

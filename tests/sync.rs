@@ -274,22 +274,20 @@ async fn a_recreated_clinic_database_is_not_mistaken_for_duplicates() {
     );
     // Windows deletes no file that is still open: wait (with a deadline) until the old agent
     // has let go of the database, and make sure it is really gone.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     for suffix in ["", "-wal", "-shm"] {
         let path = format!("{}{suffix}", db.display());
-        loop {
-            match std::fs::remove_file(&path) {
-                Ok(()) => break,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                Err(e) => {
-                    assert!(
-                        std::time::Instant::now() < deadline,
-                        "{path} still held after 20 s: {e}"
-                    );
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+        wait_until(
+            &format!("the old agent to let go of {path}"),
+            Duration::from_secs(20),
+            || {
+                let removed = match std::fs::remove_file(&path) {
+                    Ok(()) => true,
+                    Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+                };
+                async move { removed }
+            },
+        )
+        .await;
     }
     assert!(!db.exists(), "the old database is gone");
     tether::fleet::create_sample_clinic(&db).expect("re-created clinic");
