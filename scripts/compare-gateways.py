@@ -86,7 +86,7 @@ def main():
     rounds = int(argv.pop(0))
     per_clinic = 10_000
     scenario = "ingest"
-    client = os.path.join(ROOT, "target/release/tether")
+    client = os.path.join(ROOT, "target/dist/tether")
     contenders = []
     while argv:
         a = argv.pop(0)

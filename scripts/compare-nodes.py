@@ -16,7 +16,7 @@ def main():
     argv = sys.argv[1:]
     rounds = int(argv.pop(0))
     counts, per_clinic = [1, 2, 3], 10_000
-    binary = os.path.join(ROOT, "target/release/tether")
+    binary = os.path.join(ROOT, "target/dist/tether")
     while argv:
         a = argv.pop(0)
         if a == "--nodes":
