@@ -37,6 +37,8 @@ pub enum AgentSetupError {
     SqlServer(#[from] crate::db::sqlserver::MssqlError),
     #[error("agent.database.kind: this build has no {0} support (cargo feature `{0}`)")]
     Unsupported(&'static str),
+    #[error("agent.database.path {0}: no such file (the agent never creates the clinic's database: check the path)")]
+    NoDatabase(String),
     #[error("agent.rpc.queries: not supported on {0} yet (SQLite and PostgreSQL only); remove them or use a SQLite or PostgreSQL clinic database")]
     RpcUnsupported(String),
     #[error("agent.tables: no table `{0}`")]
@@ -120,6 +122,7 @@ pub fn install(a: &AgentConfig) -> Result<String, AgentSetupError> {
         #[cfg(not(feature = "sqlserver"))]
         "sqlserver" => Err(AgentSetupError::Unsupported("sqlserver")),
         _ => {
+            sqlite_exists(&d.path)?;
             let r = crate::db::sqlite::install(&d.path, &a.tables)?;
             Ok(format!(
                 "installed in {}: tables [{}], {} triggers",
@@ -150,6 +153,7 @@ pub fn uninstall(a: &AgentConfig) -> Result<String, AgentSetupError> {
         #[cfg(not(feature = "sqlserver"))]
         "sqlserver" => Err(AgentSetupError::Unsupported("sqlserver")),
         _ => {
+            sqlite_exists(&d.path)?;
             let n = crate::db::sqlite::uninstall(&d.path)?;
             Ok(format!("removed {n} objects from {}", d.path.display()))
         }
@@ -380,11 +384,23 @@ fn instance_lock(
         #[cfg(not(feature = "postgres"))]
         "postgres" => Vec::new(),
         "sqlserver" => Vec::new(),
-        _ => vec![Arc::new(instance::lock_sqlite(
-            &a.database.path,
-            instance::WAIT,
-        )?)],
+        _ => {
+            sqlite_exists(&a.database.path)?;
+            vec![Arc::new(instance::lock_sqlite(
+                &a.database.path,
+                instance::WAIT,
+            )?)]
+        }
     })
+}
+
+/// A misspelt SQLite path must not become a new, empty clinic database.
+fn sqlite_exists(path: &std::path::Path) -> Result<(), AgentSetupError> {
+    if path.is_file() {
+        Ok(())
+    } else {
+        Err(AgentSetupError::NoDatabase(path.display().to_string()))
+    }
 }
 
 type DbPorts = (
@@ -470,5 +486,30 @@ fn queries(a: &AgentConfig) -> Result<Arc<dyn tether_actors::ports::QueryRunner>
             &a.rpc,
         )?)),
         other => Err(AgentSetupError::RpcUnsupported(other.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn install_against_a_misspelt_sqlite_path_creates_nothing() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("clinc.db");
+        let mut a = AgentConfig::default();
+        a.database.path = path.clone();
+        a.tables = vec![crate::config::TableConfig::new(
+            "patients",
+            "patient",
+            &["id"],
+            crate::config::Direction::Both,
+        )];
+        let err = install(&a).expect_err("no database");
+        assert!(err.to_string().contains("clinc.db: no such file"), "{err}");
+        assert!(!path.exists(), "an empty database file was created");
+        assert!(uninstall(&a).is_err());
+        assert!(instance_lock(&a).is_err());
+        assert!(!path.exists());
     }
 }

@@ -11,21 +11,21 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::de::IgnoredAny;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 type Extra = BTreeMap<String, IgnoredAny>;
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Serialize, Default)]
 #[serde(default)]
 pub struct Config {
     pub logging: LoggingConfig,
     pub agent: Option<AgentConfig>,
     pub gateway: Option<GatewayConfig>,
-    #[serde(flatten)]
+    #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct LoggingConfig {
     /// Directory for the per-category log files.
@@ -36,7 +36,9 @@ pub struct LoggingConfig {
     pub keep_days: u32,
     /// Also print a summary (warnings and errors of every category) to the console.
     pub console: bool,
-    #[serde(flatten)]
+    /// utc | local: the zone of the timestamps and of the day each file holds.
+    pub timezone: crate::logging::LogZone,
+    #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
 
@@ -47,12 +49,13 @@ impl Default for LoggingConfig {
             level: "info".into(),
             keep_days: 14,
             console: true,
+            timezone: crate::logging::LogZone::Utc,
             extra: Extra::new(),
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(default)]
 pub struct AgentConfig {
     pub clinic_id: String,
@@ -64,19 +67,19 @@ pub struct AgentConfig {
     pub shutdown: ShutdownConfig,
     pub admin: AdminConfig,
     pub rpc: RpcConfig,
-    #[serde(flatten)]
+    #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
 
 /// `agent.rpc`: the named, parameterised, read-only queries the cloud may run through the
 /// gateway (`POST /v1/clinics/{id}/rpc`). Nothing else can be asked.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct RpcConfig {
     pub queries: std::collections::BTreeMap<String, RpcQueryConfig>,
     /// A query still running after this is interrupted.
     pub timeout: Dur,
-    #[serde(flatten)]
+    #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
 
@@ -91,20 +94,20 @@ impl Default for RpcConfig {
 }
 
 /// One allow-listed query: `sql` with `:name` placeholders for each of `params`.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(default)]
 pub struct RpcQueryConfig {
     pub sql: String,
     pub params: Vec<String>,
     /// At most this many rows are returned (`truncated` says when more matched).
     pub max_rows: u64,
-    #[serde(flatten)]
+    #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
 
 /// `agent.admin`: the local health and metrics endpoint (`/healthz`, `/readyz`, `/metrics`,
 /// `/status`), read by `tether agent status`. Loopback addresses only.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct AdminConfig {
     /// `127.0.0.1:7571` by default; `off` disables it.
@@ -112,7 +115,7 @@ pub struct AdminConfig {
     /// Not ready (`/readyz` 503, `ready: false`) once the oldest unacknowledged change is older
     /// than this, whatever the reason.
     pub ready_lag: Dur,
-    #[serde(flatten)]
+    #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
 
@@ -138,13 +141,13 @@ impl AdminConfig {
 }
 
 /// `agent.shutdown`: what happens on SIGTERM / Ctrl-C / a Windows service STOP.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct ShutdownConfig {
     /// How long to wait for the gateway to acknowledge the batches already sent before closing
     /// the socket anyway (unacknowledged rows stay in the outbox and are sent next time).
     pub drain_timeout: Dur,
-    #[serde(flatten)]
+    #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
 
@@ -157,7 +160,7 @@ impl Default for ShutdownConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct DatabaseConfig {
     /// sqlite | postgres | sqlserver
@@ -179,7 +182,7 @@ pub struct DatabaseConfig {
     pub slot_warn_mb: u64,
     /// Every database call gives up after this long (tiberius has no timeout of its own).
     pub timeout: Dur,
-    #[serde(flatten)]
+    #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
 
@@ -199,7 +202,7 @@ impl Default for DatabaseConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct AgentGatewayConfig {
     pub url: String,
@@ -221,12 +224,12 @@ pub struct AgentGatewayConfig {
     pub fallback_after: u64,
     /// On the HTTP fallback, how often `auto` checks whether the WebSocket works again.
     pub upgrade_retry: Dur,
-    #[serde(flatten)]
+    #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
 
 /// `agent.gateway.proxy`.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(default)]
 pub struct ProxyConfig {
     /// `http://host:port`, or `direct` to ignore the proxy environment variables.
@@ -236,7 +239,7 @@ pub struct ProxyConfig {
     pub password_env: Option<String>,
     /// ... or a file holding it (first line).
     pub password_file: Option<PathBuf>,
-    #[serde(flatten)]
+    #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
 
@@ -250,7 +253,7 @@ impl ProxyConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(default)]
 pub struct ClientTlsConfig {
     /// CA that signed the gateway's certificate; the system roots when absent.
@@ -261,11 +264,11 @@ pub struct ClientTlsConfig {
     /// ... or a PKCS#12 bundle, with its password in the named environment variable.
     pub pkcs12: Option<PathBuf>,
     pub pkcs12_password_env: Option<String>,
-    #[serde(flatten)]
+    #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct AgentAuthConfig {
     /// RSA private key (PEM) that signs the connection tokens; defaults to tls.key.
@@ -274,7 +277,7 @@ pub struct AgentAuthConfig {
     pub kid: String,
     /// At most 5m; the agent reconnects with a fresh token before it runs out.
     pub token_lifetime: Dur,
-    #[serde(flatten)]
+    #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
 
@@ -289,7 +292,7 @@ impl Default for AgentAuthConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(default)]
 pub struct EncryptionConfig {
     /// Data keys by kid (files written by `tether keys data-key`); keep old ones after a rotation.
@@ -298,15 +301,15 @@ pub struct EncryptionConfig {
     pub active: String,
     /// entity -> field names encrypted before they leave the clinic.
     pub fields: BTreeMap<String, Vec<String>>,
-    #[serde(flatten)]
+    #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct DataKeyConfig {
     pub kid: String,
     pub file: PathBuf,
-    #[serde(flatten)]
+    #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
 
@@ -331,13 +334,13 @@ impl Default for AgentGatewayConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct BackoffConfig {
     pub initial: Dur,
     pub max: Dur,
     pub reset_after: Dur,
-    #[serde(flatten)]
+    #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
 
@@ -352,7 +355,7 @@ impl Default for BackoffConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct OutboxConfig {
     pub poll_interval: Dur,
@@ -362,7 +365,7 @@ pub struct OutboxConfig {
     pub max_buffered_events: u64,
     pub retention: Dur,
     pub purge_interval: Dur,
-    #[serde(flatten)]
+    #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
 
@@ -381,7 +384,7 @@ impl Default for OutboxConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     Up,
@@ -398,7 +401,7 @@ impl Direction {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct TableConfig {
     /// `table` or `schema.table`.
     pub table: String,
@@ -416,11 +419,11 @@ pub struct TableConfig {
     /// Send every existing row once when `tether agent install` runs.
     #[serde(default)]
     pub snapshot_on_install: bool,
-    #[serde(flatten)]
+    #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum ConflictPolicy {
     /// The cloud update is applied.
@@ -461,7 +464,7 @@ impl TableConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct GatewayConfig {
     /// `host:port`; port 0 picks a free one.
@@ -498,30 +501,30 @@ pub struct GatewayConfig {
     pub webhooks: Vec<WebhookConfig>,
     /// Endpoints of the main Web API that agents may call through the gateway.
     pub api_bridge: ApiBridgeConfig,
-    #[serde(flatten)]
+    #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
 
 /// `gateway.api_bridge`: named endpoints of the main Web API that agents may call over their
 /// socket (`call_request`), for clinics whose firewall only lets the agent's link out.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(default)]
 pub struct ApiBridgeConfig {
     pub endpoints: std::collections::BTreeMap<String, BridgeEndpointConfig>,
     /// Environment variable with the bearer token the gateway presents upstream.
     pub authorization_env: Option<String>,
-    #[serde(flatten)]
+    #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct BridgeEndpointConfig {
     pub url: String,
     /// `GET` or `POST`.
     pub method: String,
     pub timeout: Dur,
-    #[serde(flatten)]
+    #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
 
@@ -537,7 +540,7 @@ impl Default for BridgeEndpointConfig {
 }
 
 /// One `gateway.webhooks` entry.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct WebhookConfig {
     pub name: String,
@@ -553,7 +556,7 @@ pub struct WebhookConfig {
     pub timeout: Dur,
     pub backoff_initial: Dur,
     pub backoff_max: Dur,
-    #[serde(flatten)]
+    #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
 
@@ -574,7 +577,7 @@ impl Default for WebhookConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(default)]
 pub struct ServerTlsConfig {
     pub cert: PathBuf,
@@ -582,11 +585,11 @@ pub struct ServerTlsConfig {
     /// With a client CA set, agents must present a certificate it signed (mutual TLS) whose
     /// CN or SAN equals their token's subject.
     pub client_ca: Option<PathBuf>,
-    #[serde(flatten)]
+    #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct GatewayAuthConfig {
     /// Directory of clinic registry entries (`<clinic>.yaml`, from `tether keys registry-entry`).
@@ -596,7 +599,7 @@ pub struct GatewayAuthConfig {
     /// How often `clinics_dir` is read for changes (a clinic added, removed or revoked takes
     /// effect without a restart).
     pub reload_interval: Dur,
-    #[serde(flatten)]
+    #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
 
@@ -611,7 +614,7 @@ impl Default for GatewayAuthConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct LimitsConfig {
     /// Frames per second one session may send (sustained), and the burst above it.
@@ -629,7 +632,7 @@ pub struct LimitsConfig {
     /// `call_request`s per second one clinic may send through the API bridge (the burst is
     /// twice that); past it the call is answered 429, the link stays up.
     pub calls_per_second: u64,
-    #[serde(flatten)]
+    #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
 
@@ -675,7 +678,7 @@ impl Default for GatewayConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct StoreConfig {
     /// `sqlite` (embedded, one node) or `postgres` (production, several nodes).
@@ -692,7 +695,7 @@ pub struct StoreConfig {
     /// `off` (keep every event) or an age such as `90d`: older events are removed in the
     /// background, never before every webhook endpoint has delivered them.
     pub retention: Dur,
-    #[serde(flatten)]
+    #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
 
@@ -774,6 +777,12 @@ impl Dur {
     }
 }
 
+impl Serialize for Dur {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
@@ -823,11 +832,26 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{file}: {}", problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n  "))]
+    #[error("{file}: {}", list_problems(problems))]
     Invalid {
         file: String,
         problems: Vec<Problem>,
     },
+}
+
+/// One problem on the same line; several as a count and one line each, in file order.
+fn list_problems(problems: &[Problem]) -> String {
+    if let [one] = problems {
+        return one.to_string();
+    }
+    let mut sorted: Vec<&Problem> = problems.iter().collect();
+    sorted.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
+    let mut out = format!("{} problems", problems.len());
+    for p in sorted {
+        out.push_str("\n  ");
+        out.push_str(&p.to_string());
+    }
+    out
 }
 
 impl ConfigError {
@@ -850,36 +874,133 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Parses and validates; every problem is reported at once.
+    /// `tether check-config`: [`Config::load`], then what will fail at start without opening
+    /// a connection: every file the config names exists and can be read, every directory it
+    /// writes to exists (or can be created), every `*_env` variable is set. One list, in file
+    /// order, each with its key and line.
+    pub fn check(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let file = path.display().to_string();
+        let lines = LineIndex::new(&text);
+        let (cfg, problems) = Config::parse_all(&text, &lines);
+        let mut v = Validator {
+            lines: &lines,
+            problems,
+        };
+        let Some(mut cfg) = cfg else {
+            return Err(ConfigError::Invalid {
+                file,
+                problems: v.problems,
+            });
+        };
+        cfg.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        v.files(&cfg, &|name| std::env::var_os(name).is_some());
+        if v.problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid {
+                file,
+                problems: v.problems,
+            })
+        }
+    }
+
+    /// Parses and validates; every problem is reported at once — type errors too: after the
+    /// first, the document is read again as a plain tree with each faulty key taken out, so
+    /// the next one (and then the checks on values) can be found in the same run.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-        let lines = LineIndex::new(text);
-        let cfg: Config = match serde_saphyr::from_str(text) {
-            Ok(c) => c,
+        match Self::parse_all(text, &LineIndex::new(text)) {
+            (Some(cfg), problems) if problems.is_empty() => Ok(cfg),
+            (_, problems) => Err(ConfigError::Invalid {
+                file: file.into(),
+                problems,
+            }),
+        }
+    }
+
+    /// The config as far as it could be read (none when a type error could not be taken out
+    /// or the text is not YAML), and every problem found.
+    fn parse_all(text: &str, lines: &LineIndex) -> (Option<Config>, Vec<Problem>) {
+        let (cfg, mut problems) = match serde_saphyr::from_str::<Config>(text) {
+            Ok(c) => (Some(c), Vec::new()),
             Err(e) => {
                 let line = e.location().map(|l| l.line() as usize);
                 let path = line
                     .and_then(|l| lines.path_at(l))
                     .unwrap_or_else(|| "(document)".into());
                 let message = e.to_string().lines().next().unwrap_or("").to_string();
-                return Err(ConfigError::Invalid {
-                    file: file.into(),
-                    problems: vec![Problem {
-                        path,
-                        line,
-                        message,
-                    }],
-                });
+                // The line is said once, by the problem itself.
+                let message = match message.strip_prefix("error: line ") {
+                    Some(rest) => match rest.split_once(": ") {
+                        Some((_where, m)) => m.to_string(),
+                        None => message,
+                    },
+                    None => message,
+                };
+                let first = Problem {
+                    path,
+                    line,
+                    message,
+                };
+                match serde_saphyr::from_str::<serde_json::Value>(text) {
+                    // Not even YAML (indentation, a stray quote): one problem is all there is.
+                    Err(_) => (None, vec![first]),
+                    Ok(tree) => Self::type_problems(tree, first, lines),
+                }
             }
         };
-        let problems = cfg.validate(&lines);
-        if problems.is_empty() {
-            Ok(cfg)
-        } else {
-            Err(ConfigError::Invalid {
-                file: file.into(),
-                problems,
-            })
+        let Some(cfg) = cfg else {
+            return (None, problems);
+        };
+        let taken_out: Vec<String> = problems.iter().map(|p| p.path.clone()).collect();
+        problems.extend(cfg.validate(lines).into_iter().filter(|p| {
+            // A key taken out after a type error is checked as its default: not a problem.
+            !taken_out
+                .iter()
+                .any(|t| p.path == *t || p.path.starts_with(&format!("{t}.")))
+        }));
+        (Some(cfg), problems)
+    }
+
+    /// Reads `tree` as a `Config` again and again, taking out each key that fails, until it
+    /// reads (then the rest of the checks run on it) or a failure cannot be taken out.
+    fn type_problems(
+        mut tree: serde_json::Value,
+        first: Problem,
+        lines: &LineIndex,
+    ) -> (Option<Config>, Vec<Problem>) {
+        let mut problems: Vec<Problem> = Vec::new();
+        let mut cfg = None;
+        for _ in 0..100 {
+            let e = match serde_path_to_error::deserialize::<_, Config>(&tree) {
+                Ok(c) => {
+                    cfg = Some(c);
+                    break;
+                }
+                Err(e) => e,
+            };
+            let path = e.path().to_string();
+            let line = lines.line_of(&path);
+            if !problems.iter().any(|p| p.path == path) {
+                problems.push(Problem {
+                    path: path.clone(),
+                    line,
+                    message: e.inner().to_string(),
+                });
+            }
+            if path == "." || !take_out(&mut tree, e.path()) {
+                break;
+            }
         }
+        // The parser's own report (its line is exact) unless the tree found it too (its
+        // message shows the value: `invalid type: string "many", expected u32`).
+        if !problems.iter().any(|p| p.line == first.line) {
+            problems.insert(0, first);
+        }
+        (cfg, problems)
     }
 
     /// Relative paths in the file are relative to the file's directory.
@@ -897,6 +1018,7 @@ impl Config {
         };
         if let Some(a) = self.agent.as_mut() {
             fix(&mut a.database.path);
+            fix_opt(&mut a.database.ca);
             if let Some(t) = a.gateway.tls.as_mut() {
                 fix_opt(&mut t.ca);
                 fix_opt(&mut t.cert);
@@ -929,6 +1051,9 @@ impl Config {
             for k in &mut g.decryption_keys {
                 fix(&mut k.file);
             }
+            for w in &mut g.webhooks {
+                fix_opt(&mut w.secret_file);
+            }
         }
     }
 
@@ -937,8 +1062,8 @@ impl Config {
             lines,
             problems: Vec::new(),
         };
-        v.unknown("", &self.extra);
-        v.unknown("logging", &self.logging.extra);
+        v.unknown("", &self.extra, &self);
+        v.unknown("logging", &self.logging.extra, &self.logging);
         if !["error", "warn", "info", "debug", "trace"].contains(&self.logging.level.as_str()) {
             v.bad(
                 "logging.level",
@@ -961,6 +1086,75 @@ impl Config {
     }
 }
 
+/// Removes the value at `path` from `tree`; false when there is nothing there to remove.
+fn take_out(tree: &mut serde_json::Value, path: &serde_path_to_error::Path) -> bool {
+    use serde_path_to_error::Segment;
+    let segments: Vec<&Segment> = path.iter().collect();
+    let Some((last, parents)) = segments.split_last() else {
+        return false;
+    };
+    let mut node = tree;
+    for seg in parents {
+        let next = match seg {
+            Segment::Map { key } => node.get_mut(key.as_str()),
+            Segment::Seq { index } => node.get_mut(*index),
+            _ => None,
+        };
+        match next {
+            Some(n) => node = n,
+            None => return false,
+        }
+    }
+    match (last, node) {
+        (Segment::Map { key }, serde_json::Value::Object(map)) => {
+            map.remove(key.as_str()).is_some()
+        }
+        (Segment::Seq { index }, serde_json::Value::Array(items)) if *index < items.len() => {
+            items.remove(*index);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// The known key closest to a misspelt one (a few edits apart at most).
+fn closest<'k>(key: &str, known: &'k [String]) -> Option<&'k str> {
+    let limit = (key.chars().count() / 3).clamp(1, 3);
+    known
+        .iter()
+        .map(|k| (edit_distance(&key.to_lowercase(), k), k))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k.as_str())
+}
+
+/// Optimal-string-alignment distance: insertions, deletions, substitutions, and swaps of two
+/// neighbours each count one.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
+        }
+    }
+    d[a.len()][b.len()]
+}
+
 struct Validator<'a> {
     lines: &'a LineIndex,
     problems: Vec<Problem>,
@@ -975,14 +1169,176 @@ impl Validator<'_> {
         });
     }
 
-    fn unknown(&mut self, prefix: &str, extra: &Extra) {
+    /// Keys of `section` the program does not know, each with the known key it most likely
+    /// meant (or the list of known keys when none is close).
+    fn unknown(&mut self, prefix: &str, extra: &Extra, section: &impl Serialize) {
+        if extra.is_empty() {
+            return;
+        }
+        let known: Vec<String> = match serde_json::to_value(section) {
+            Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
         for key in extra.keys() {
             let path = if prefix.is_empty() {
                 key.clone()
             } else {
                 format!("{prefix}.{key}")
             };
-            self.bad(&path, "unknown key".into());
+            let message = match closest(key, &known) {
+                Some(k) => format!("unknown key (did you mean `{k}`?)"),
+                None if known.is_empty() => "unknown key".into(),
+                None => format!("unknown key (known here: {})", known.join(", ")),
+            };
+            self.bad(&path, message);
+        }
+    }
+
+    /// A file the program will read: it exists, is a file, and opens.
+    fn readable(&mut self, key: &str, file: &Path) {
+        let shown = file.display();
+        match std::fs::metadata(file) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.bad(key, format!("{shown}: no such file"))
+            }
+            Err(e) => self.bad(key, format!("{shown}: {e}")),
+            Ok(m) if m.is_dir() => self.bad(key, format!("{shown}: a directory, not a file")),
+            Ok(_) => {
+                if let Err(e) = std::fs::File::open(file) {
+                    self.bad(key, format!("{shown}: cannot be read: {e}"));
+                }
+            }
+        }
+    }
+
+    /// A directory the program will read from.
+    fn readable_dir(&mut self, key: &str, dir: &Path) {
+        let shown = dir.display();
+        match std::fs::read_dir(dir) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.bad(key, format!("{shown}: no such directory"))
+            }
+            Err(e) => self.bad(key, format!("{shown}: cannot be read: {e}")),
+        }
+    }
+
+    /// A directory the program will write into: it exists and is a directory, or the nearest
+    /// existing ancestor is a directory it could be created in.
+    fn writable_dir(&mut self, key: &str, dir: &Path) {
+        let shown = dir.display();
+        let mut probe = dir;
+        loop {
+            match std::fs::metadata(probe) {
+                Ok(m) if m.is_dir() => {
+                    if m.permissions().readonly() {
+                        self.bad(key, format!("{shown}: {} is read-only", probe.display()));
+                    }
+                    return;
+                }
+                Ok(_) => {
+                    self.bad(key, format!("{shown}: {} is a file", probe.display()));
+                    return;
+                }
+                Err(_) => match probe.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => probe = p,
+                    _ => return,
+                },
+            }
+        }
+    }
+
+    fn env_set(&mut self, key: &str, name: &Option<String>, is_set: &dyn Fn(&str) -> bool) {
+        if let Some(name) = name {
+            if !is_set(name) {
+                self.bad(key, format!("environment variable {name} is not set"));
+            }
+        }
+    }
+
+    /// See [`Config::check`].
+    fn files(&mut self, cfg: &Config, is_set: &dyn Fn(&str) -> bool) {
+        self.writable_dir("logging.dir", &cfg.logging.dir);
+        if let Some(a) = &cfg.agent {
+            let d = &a.database;
+            if d.kind == "sqlite" {
+                // The agent never creates the clinic's database: a misspelt path would
+                // otherwise become an empty database file.
+                self.readable("agent.database.path", &d.path);
+            }
+            if let Some(ca) = &d.ca {
+                self.readable("agent.database.ca", ca);
+            }
+            self.env_set("agent.database.password_env", &d.password_env, is_set);
+            if let Some(t) = &a.gateway.tls {
+                for (k, f) in [
+                    ("ca", &t.ca),
+                    ("cert", &t.cert),
+                    ("key", &t.key),
+                    ("pkcs12", &t.pkcs12),
+                ] {
+                    if let Some(f) = f {
+                        self.readable(&format!("agent.gateway.tls.{k}"), f);
+                    }
+                }
+                self.env_set(
+                    "agent.gateway.tls.pkcs12_password_env",
+                    &t.pkcs12_password_env,
+                    is_set,
+                );
+            }
+            if let Some(f) = a.gateway.auth.as_ref().and_then(|x| x.key.as_ref()) {
+                self.readable("agent.gateway.auth.key", f);
+            }
+            if let Some(p) = &a.gateway.proxy {
+                if let Some(f) = &p.password_file {
+                    self.readable("agent.gateway.proxy.password_file", f);
+                }
+                self.env_set("agent.gateway.proxy.password_env", &p.password_env, is_set);
+            }
+            if let Some(e) = &a.encryption {
+                for (i, k) in e.keys.iter().enumerate() {
+                    self.readable(&format!("agent.encryption.keys[{i}].file"), &k.file);
+                }
+            }
+        }
+        if let Some(g) = &cfg.gateway {
+            if g.store.kind == "sqlite" {
+                let dir = g.store.path.parent().unwrap_or(Path::new("."));
+                self.writable_dir("gateway.store.path", dir);
+            }
+            self.env_set("gateway.store.url_env", &g.store.url_env, is_set);
+            if let Some(dir) = &g.entity_schemas {
+                self.readable_dir("gateway.entity_schemas", dir);
+            }
+            if let Some(t) = &g.tls {
+                self.readable("gateway.tls.cert", &t.cert);
+                self.readable("gateway.tls.key", &t.key);
+                if let Some(ca) = &t.client_ca {
+                    self.readable("gateway.tls.client_ca", ca);
+                }
+            }
+            if let Some(a) = &g.auth {
+                self.readable_dir("gateway.auth.clinics_dir", &a.clinics_dir);
+            }
+            for (i, k) in g.decryption_keys.iter().enumerate() {
+                self.readable(&format!("gateway.decryption_keys[{i}].file"), &k.file);
+            }
+            for (i, w) in g.webhooks.iter().enumerate() {
+                if let Some(f) = &w.secret_file {
+                    self.readable(&format!("gateway.webhooks[{i}].secret_file"), f);
+                }
+                self.env_set(
+                    &format!("gateway.webhooks[{i}].secret_env"),
+                    &w.secret_env,
+                    is_set,
+                );
+            }
+            self.env_set(
+                "gateway.api_bridge.authorization_env",
+                &g.api_bridge.authorization_env,
+                is_set,
+            );
         }
     }
 
@@ -1010,14 +1366,18 @@ impl Validator<'_> {
     }
 
     fn agent(&mut self, a: &AgentConfig) {
-        self.unknown("agent", &a.extra);
-        self.unknown("agent.database", &a.database.extra);
-        self.unknown("agent.gateway", &a.gateway.extra);
-        self.unknown("agent.gateway.backoff", &a.gateway.backoff.extra);
-        self.unknown("agent.outbox", &a.outbox.extra);
-        self.unknown("agent.shutdown", &a.shutdown.extra);
-        self.unknown("agent.admin", &a.admin.extra);
-        self.unknown("agent.rpc", &a.rpc.extra);
+        self.unknown("agent", &a.extra, &a);
+        self.unknown("agent.database", &a.database.extra, &a.database);
+        self.unknown("agent.gateway", &a.gateway.extra, &a.gateway);
+        self.unknown(
+            "agent.gateway.backoff",
+            &a.gateway.backoff.extra,
+            &a.gateway.backoff,
+        );
+        self.unknown("agent.outbox", &a.outbox.extra, &a.outbox);
+        self.unknown("agent.shutdown", &a.shutdown.extra, &a.shutdown);
+        self.unknown("agent.admin", &a.admin.extra, &a.admin);
+        self.unknown("agent.rpc", &a.rpc.extra, &a.rpc);
         self.duration(
             "agent.rpc.timeout",
             &a.rpc.timeout,
@@ -1025,7 +1385,7 @@ impl Validator<'_> {
         );
         for (name, q) in &a.rpc.queries {
             let key = format!("agent.rpc.queries.{name}");
-            self.unknown(&key, &q.extra);
+            self.unknown(&key, &q.extra, &q);
             if !valid_id(name) {
                 self.bad(
                     &key,
@@ -1068,7 +1428,7 @@ impl Validator<'_> {
             }
         }
         if let Some(p) = &a.gateway.proxy {
-            self.unknown("agent.gateway.proxy", &p.extra);
+            self.unknown("agent.gateway.proxy", &p.extra, &p);
             if p.url.is_empty() {
                 self.bad(
                     "agent.gateway.proxy.url",
@@ -1165,7 +1525,7 @@ impl Validator<'_> {
             );
         }
         if let Some(t) = &a.gateway.tls {
-            self.unknown("agent.gateway.tls", &t.extra);
+            self.unknown("agent.gateway.tls", &t.extra, &t);
             if t.pkcs12.is_some() && (t.cert.is_some() || t.key.is_some()) {
                 self.bad(
                     "agent.gateway.tls.pkcs12",
@@ -1178,7 +1538,7 @@ impl Validator<'_> {
         }
         match &a.gateway.auth {
             Some(auth) => {
-                self.unknown("agent.gateway.auth", &auth.extra);
+                self.unknown("agent.gateway.auth", &auth.extra, &auth);
                 if !valid_id(&auth.kid) {
                     self.bad("agent.gateway.auth.kid", "must name the key in the gateway's clinic registry (letters, digits, - _ .)".into());
                 }
@@ -1205,9 +1565,9 @@ impl Validator<'_> {
             );
         }
         if let Some(e) = &a.encryption {
-            self.unknown("agent.encryption", &e.extra);
+            self.unknown("agent.encryption", &e.extra, &e);
             for (i, k) in e.keys.iter().enumerate() {
-                self.unknown(&format!("agent.encryption.keys[{i}]"), &k.extra);
+                self.unknown(&format!("agent.encryption.keys[{i}]"), &k.extra, &k);
             }
             if !e.keys.iter().any(|k| k.kid == e.active) {
                 self.bad(
@@ -1298,7 +1658,7 @@ impl Validator<'_> {
         let mut entities = std::collections::HashSet::new();
         for (i, t) in a.tables.iter().enumerate() {
             let p = format!("agent.tables[{i}]");
-            self.unknown(&p, &t.extra);
+            self.unknown(&p, &t.extra, &t);
             if t.table.is_empty() || t.table.starts_with("_tether") {
                 self.bad(
                     &format!("{p}.table"),
@@ -1329,7 +1689,7 @@ impl Validator<'_> {
     }
 
     fn gateway(&mut self, g: &GatewayConfig) {
-        self.unknown("gateway", &g.extra);
+        self.unknown("gateway", &g.extra, &g);
         if let Some(a) = &g.advertise {
             let port_ok = a.rsplit_once(':').is_some_and(|(host, port)| {
                 !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
@@ -1341,12 +1701,12 @@ impl Validator<'_> {
                 );
             }
         }
-        self.unknown("gateway.store", &g.store.extra);
-        self.unknown("gateway.limits", &g.limits.extra);
-        self.unknown("gateway.api_bridge", &g.api_bridge.extra);
+        self.unknown("gateway.store", &g.store.extra, &g.store);
+        self.unknown("gateway.limits", &g.limits.extra, &g.limits);
+        self.unknown("gateway.api_bridge", &g.api_bridge.extra, &g.api_bridge);
         for (name, e) in &g.api_bridge.endpoints {
             let key = format!("gateway.api_bridge.endpoints.{name}");
-            self.unknown(&key, &e.extra);
+            self.unknown(&key, &e.extra, &e);
             if !valid_id(name) {
                 self.bad(
                     &key,
@@ -1373,7 +1733,7 @@ impl Validator<'_> {
         }
         for (i, w) in g.webhooks.iter().enumerate() {
             let key = format!("gateway.webhooks[{i}]");
-            self.unknown(&key, &w.extra);
+            self.unknown(&key, &w.extra, &w);
             if !valid_id(&w.name) {
                 self.bad(
                     &format!("{key}.name"),
@@ -1413,7 +1773,7 @@ impl Validator<'_> {
             self.bad("gateway.id", "must be letters, digits, - _ .".into());
         }
         match &g.tls {
-            Some(t) => self.unknown("gateway.tls", &t.extra),
+            Some(t) => self.unknown("gateway.tls", &t.extra, &t),
             None if !g.insecure_plaintext => self.bad(
                 "gateway.tls",
                 "required (cert, key, client_ca) unless insecure_plaintext: true".into(),
@@ -1422,7 +1782,7 @@ impl Validator<'_> {
         }
         match &g.auth {
             Some(a) => {
-                self.unknown("gateway.auth", &a.extra);
+                self.unknown("gateway.auth", &a.extra, &a);
                 self.duration("gateway.auth.leeway", &a.leeway, Duration::ZERO);
                 if a.leeway.get() > Duration::from_secs(300) {
                     self.bad("gateway.auth.leeway", "must be at most 5m".into());
@@ -1456,7 +1816,7 @@ impl Validator<'_> {
             }
         }
         for (i, k) in g.decryption_keys.iter().enumerate() {
-            self.unknown(&format!("gateway.decryption_keys[{i}]"), &k.extra);
+            self.unknown(&format!("gateway.decryption_keys[{i}]"), &k.extra, &k);
         }
         self.positive(
             "gateway.limits.messages_per_second",
@@ -1825,6 +2185,144 @@ gateway:
         let p = &err.problems()[0];
         assert_eq!(p.line, Some(13), "{p}");
         assert!(p.path.starts_with("agent.tables[0]"), "{p}");
+    }
+
+    #[test]
+    fn every_type_error_is_reported_in_one_run_with_the_other_problems() {
+        let text = GOOD
+            .replace(
+                "  dir: logs",
+                "  dir: logs\n  keep_days: many\n  timezone: mars",
+            )
+            .replace(
+                "heartbeat_interval: 2s",
+                "heartbeat_interval: soon\n    max_frame_bytes: big\n    fallback_aftr: 3",
+            )
+            .replace(
+                "key: [id]\n      direction: up",
+                "key: [id]\n      direction: sideways",
+            );
+        let err = Config::parse(&text, "t").unwrap_err();
+        let p = err.problems();
+        let find = |path: &str| {
+            p.iter()
+                .find(|x| x.path == path)
+                .cloned()
+                .unwrap_or_else(|| panic!("no problem at {path} in {p:#?}"))
+        };
+        assert_eq!(find("logging.keep_days").line, Some(4));
+        assert_eq!(find("logging.timezone").line, Some(5));
+        assert!(find("logging.timezone").message.contains("mars"), "{p:#?}");
+        assert_eq!(find("agent.gateway.heartbeat_interval").line, Some(11));
+        assert_eq!(find("agent.gateway.max_frame_bytes").line, Some(12));
+        let typo = find("agent.gateway.fallback_aftr");
+        assert_eq!(typo.line, Some(13));
+        assert!(
+            typo.message.contains("did you mean `fallback_after`"),
+            "{typo:?}"
+        );
+        assert_eq!(find("agent.tables[1].direction").line, Some(21));
+        assert_eq!(p.len(), 6, "{p:#?}");
+    }
+
+    #[test]
+    fn check_names_every_missing_file_directory_and_variable_with_its_line() {
+        let dir = tempfile::tempdir().expect("dir");
+        let d = dir.path();
+        std::fs::write(d.join("clinic.db"), b"").expect("db");
+        std::fs::create_dir(d.join("a-dir")).expect("dir");
+        std::fs::write(d.join("a-file"), b"").expect("file");
+        let text = "\
+logging:
+  dir: a-file/logs
+agent:
+  clinic_id: clinic-1
+  database:
+    path: clinic.dbb
+  gateway:
+    url: wss://127.0.0.1:9/v1/ws
+    tls:
+      ca: certs/ca.pem
+      pkcs12: a-dir
+      pkcs12_password_env: TETHER_TEST_CHECK_UNSET_7F3A
+    auth:
+      kid: k1
+      key: certs/clinic.key
+  tables:
+    - {table: patients, entity: patient, key: [id]}
+gateway:
+  listen: 127.0.0.1:0
+  insecure_plaintext: true
+  store:
+    path: nowhere/deeper/gateway.db
+  entity_schemas: schemas
+";
+        let path = d.join("c.yaml");
+        std::fs::write(&path, text).expect("config");
+        let err = Config::check(&path).unwrap_err();
+        let p = err.problems();
+        let find = |key: &str| {
+            p.iter()
+                .find(|x| x.path == key)
+                .cloned()
+                .unwrap_or_else(|| panic!("no problem at {key} in {p:#?}"))
+        };
+        assert!(find("logging.dir").message.contains("is a file"), "{p:#?}");
+        let db = find("agent.database.path");
+        assert_eq!(db.line, Some(6));
+        assert!(db.message.ends_with("clinic.dbb: no such file"), "{db:?}");
+        assert_eq!(find("agent.gateway.tls.ca").line, Some(10));
+        assert!(find("agent.gateway.tls.pkcs12")
+            .message
+            .contains("a directory"));
+        assert!(find("agent.gateway.tls.pkcs12_password_env")
+            .message
+            .contains("TETHER_TEST_CHECK_UNSET_7F3A is not set"));
+        assert_eq!(find("agent.gateway.auth.key").line, Some(15));
+        assert!(find("gateway.entity_schemas")
+            .message
+            .contains("no such directory"));
+        // A store directory that does not exist yet is created at start: not a problem.
+        assert!(p.iter().all(|x| x.path != "gateway.store.path"), "{p:#?}");
+        assert_eq!(p.len(), 7, "{p:#?}");
+        // The same file with its files in place passes.
+        std::fs::create_dir_all(d.join("certs")).expect("certs");
+        for f in ["certs/ca.pem", "certs/clinic.key"] {
+            std::fs::write(d.join(f), b"x").expect("file");
+        }
+        std::fs::create_dir_all(d.join("schemas")).expect("schemas");
+        let fixed = text
+            .replace("a-file/logs", "logs")
+            .replace("clinic.dbb", "clinic.db")
+            .replace(
+                "      pkcs12: a-dir\n      pkcs12_password_env: TETHER_TEST_CHECK_UNSET_7F3A\n",
+                "",
+            );
+        std::fs::write(&path, fixed).expect("config");
+        Config::check(&path).expect("passes");
+    }
+
+    #[test]
+    fn a_misspelt_key_gets_the_closest_known_one_or_the_list() {
+        let text = GOOD
+            .replace("  dir: logs", "  dir: logs\n  levle: debug")
+            .replace("agent:", "agent:\n  zzz: 1");
+        let err = Config::parse(&text, "t").unwrap_err();
+        let p = err.problems();
+        let levle = p.iter().find(|x| x.path == "logging.levle").expect("levle");
+        assert!(levle.message.contains("did you mean `level`"), "{levle:?}");
+        let zzz = p.iter().find(|x| x.path == "agent.zzz").expect("zzz");
+        assert!(
+            zzz.message.contains("known here:") && zzz.message.contains("clinic_id"),
+            "{zzz:?}"
+        );
+        assert_eq!(edit_distance("heartbeat_interval", "heartbaet_interval"), 1);
+        assert_eq!(edit_distance("url", "uri"), 1);
+        assert_eq!(
+            closest("kind", &["path".into(), "kind".into()]),
+            Some("kind")
+        );
+        assert_eq!(closest("colour", &["path".into(), "kind".into()]), None);
     }
 
     #[test]

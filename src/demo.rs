@@ -195,6 +195,7 @@ async fn drive(opts: &DemoOptions, dir: &std::path::Path) -> anyhow::Result<Summ
     let started = Instant::now();
     let mut updates: Vec<CloudUpdate> = Vec::new();
     let mut next_status = Instant::now();
+    let mut board = StatusBoard::new(opts.json, opts.duration);
     let mut next_update = Instant::now();
     let mut next_chaos = Instant::now() + Duration::from_millis(800);
     let mut cloud_rows = 0u64;
@@ -261,7 +262,7 @@ async fn drive(opts: &DemoOptions, dir: &std::path::Path) -> anyhow::Result<Summ
         }
         if now >= next_status {
             next_status = now + Duration::from_secs(2);
-            print_status(&fleet, &generators, started.elapsed());
+            board.show(&fleet, &generators, started.elapsed());
         }
         actix_rt_sleep(Duration::from_millis(50)).await;
     }
@@ -298,7 +299,7 @@ async fn drive(opts: &DemoOptions, dir: &std::path::Path) -> anyhow::Result<Summ
         }
         actix_rt_sleep(Duration::from_millis(100)).await;
     }
-    print_status(&fleet, &generators, started.elapsed());
+    board.show(&fleet, &generators, started.elapsed());
 
     let mut s = Summary {
         clinics: fleet.clinics.len(),
@@ -614,25 +615,103 @@ fn latency_percentiles(store: &Arc<crate::gateway::store::Store>) -> anyhow::Res
     Ok((pick(0.50), pick(0.99)))
 }
 
-fn print_status(fleet: &Fleet, generators: &[Generator], elapsed: Duration) {
-    for (c, g) in fleet.clinics.iter().zip(generators) {
-        let Some(a) = &c.agent else { continue };
-        let st = &a.handle.stats;
-        let head = Fleet::outbox_head(&c.db).unwrap_or(0);
-        let acked = tether_actors::AgentStats::get(&st.acked_seq);
-        eprintln!(
-            "[{:>4}s] {} {:<4} writes={:>6} outbox={:>6} acked={:>6} backlog={:>5} applied={:>4} restarts={:>2} reconnects={:>2}",
+/// The live status on stderr: on a terminal, one line per clinic and a progress line, redrawn
+/// in place every 2 s under a legend printed once; otherwise (a pipe, a file, `--json`) the
+/// same lines appended, the legend once at the start.
+struct StatusBoard {
+    redraw: bool,
+    /// Lines drawn last time (to move back over them).
+    drawn: usize,
+    legend_done: bool,
+    planned: Duration,
+}
+
+const LEGEND: &str = "columns: writes = transactions the demo committed at the clinic · outbox = changes \
+they captured · acked = changes the gateway has acknowledged · unacked = outbox − acked (committed, \
+not yet durable in the cloud) · applied = cloud updates applied at the clinic · restarts = actor \
+crashes recovered · reconnects = links re-established";
+
+impl StatusBoard {
+    fn new(json: bool, planned: Duration) -> Self {
+        use std::io::IsTerminal;
+        StatusBoard {
+            redraw: !json && std::io::stderr().is_terminal(),
+            drawn: 0,
+            legend_done: false,
+            planned,
+        }
+    }
+
+    fn lines(
+        fleet: &Fleet,
+        generators: &[Generator],
+        elapsed: Duration,
+        planned: Duration,
+    ) -> Vec<String> {
+        let mut out = Vec::new();
+        let (mut up, mut unacked_total, mut writes_total) = (0usize, 0u64, 0u64);
+        for (c, g) in fleet.clinics.iter().zip(generators) {
+            let Some(a) = &c.agent else { continue };
+            let st = &a.handle.stats;
+            let head = Fleet::outbox_head(&c.db).unwrap_or(0);
+            let acked = tether_actors::AgentStats::get(&st.acked_seq);
+            let connected = st.connected.load(std::sync::atomic::Ordering::Relaxed);
+            let writes = g.steps.load(std::sync::atomic::Ordering::Relaxed);
+            up += usize::from(connected);
+            unacked_total += head.saturating_sub(acked);
+            writes_total += writes;
+            out.push(format!(
+                "{:<12} {:<4} writes={:>6} outbox={:>6} acked={:>6} unacked={:>5} applied={:>4} restarts={:>2} reconnects={:>2}",
+                c.id,
+                if connected { "up" } else { "DOWN" },
+                writes,
+                head,
+                acked,
+                head.saturating_sub(acked),
+                tether_actors::AgentStats::get(&st.updates_applied),
+                st.total_restarts(),
+                tether_actors::AgentStats::get(&st.links_up).saturating_sub(1),
+            ));
+        }
+        let phase = if elapsed <= planned {
+            "running"
+        } else {
+            "draining"
+        };
+        out.push(format!(
+            "[{:>4}s / {}s {phase}] {up}/{} clinics up · {writes_total} writes · {unacked_total} changes not yet acknowledged",
             elapsed.as_secs(),
-            c.id,
-            if st.connected.load(std::sync::atomic::Ordering::Relaxed) { "up" } else { "DOWN" },
-            g.steps.load(std::sync::atomic::Ordering::Relaxed),
-            head,
-            acked,
-            head.saturating_sub(acked),
-            tether_actors::AgentStats::get(&st.updates_applied),
-            st.total_restarts(),
-            tether_actors::AgentStats::get(&st.links_up).saturating_sub(1),
-        );
+            planned.as_secs(),
+            fleet.clinics.len(),
+        ));
+        out
+    }
+
+    fn show(&mut self, fleet: &Fleet, generators: &[Generator], elapsed: Duration) {
+        use std::io::Write;
+        let lines = Self::lines(fleet, generators, elapsed, self.planned);
+        let mut err = std::io::stderr().lock();
+        if !self.legend_done {
+            self.legend_done = true;
+            let _ = writeln!(err, "{LEGEND}");
+        }
+        if self.redraw {
+            if self.drawn > 0 {
+                // Back to the first line of the last drawing; each line is cleared as it is
+                // written again.
+                let _ = write!(err, "\x1b[{}A", self.drawn);
+            }
+            for l in &lines {
+                let _ = writeln!(err, "\x1b[2K{l}");
+            }
+            self.drawn = lines.len();
+        } else {
+            let stamp = format!("[{:>4}s] ", elapsed.as_secs());
+            for l in &lines[..lines.len().saturating_sub(1)] {
+                let _ = writeln!(err, "{stamp}{l}");
+            }
+        }
+        let _ = err.flush();
     }
 }
 
@@ -657,6 +736,13 @@ fn print_summary(s: &Summary, json: bool) {
         "cloud updates        {} sent, {} applied, {} failed (by design), {} unresolved",
         s.updates_sent, s.updates_applied, s.updates_failed, s.updates_unresolved
     );
+    if s.updates_failed > 0 {
+        println!(
+            "                     (by design: the demo also sends payments down to a table mapped \
+             `direction: up`; the clinic refuses each one and the gateway records it as failed \
+             with the reason — a refusal is reported, never applied)"
+        );
+    }
     println!(
         "commit→durable       p50 {} ms, p99 {} ms",
         s.p50_ms, s.p99_ms

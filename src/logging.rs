@@ -1,6 +1,8 @@
-//! log4rs set-up: one daily-rolled file per category (`connection`, `message`, `error`,
-//! `supervisor`, `audit`) kept `keep_days` days, everything else in `tether.log`, and an
-//! optional console summary (warnings and errors of every category).
+//! log4rs set-up: one dated file per category and day (`connection.2026-12-01.log`; categories
+//! `connection`, `message`, `error`, `supervisor`, `audit`) kept `keep_days` days, everything
+//! else in `tether.<day>.log` (created only if something is written there), and an optional
+//! console summary (warnings and errors of every category). Timestamps and the day boundary are
+//! UTC or local time (`logging.timezone`).
 //!
 //! Every appender is wrapped in [`Repeats`]: a warning or error repeated within
 //! `REPEAT_WINDOW` is written `REPEAT_BURST` times, then counted, and one
@@ -8,18 +10,11 @@
 //! or a flapping peer cannot fill a disk with one line.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use log::{LevelFilter, Record};
 use log4rs::append::console::{ConsoleAppender, Target};
-use log4rs::append::rolling_file::policy::compound::roll::fixed_window::FixedWindowRoller;
-use log4rs::append::rolling_file::policy::compound::trigger::time::{
-    TimeTrigger, TimeTriggerConfig, TimeTriggerInterval,
-};
-use log4rs::append::rolling_file::policy::compound::CompoundPolicy;
-use log4rs::append::rolling_file::RollingFileAppender;
 use log4rs::append::Append;
 use log4rs::config::{Appender, Logger, Root};
 use log4rs::encode::pattern::PatternEncoder;
@@ -27,13 +22,16 @@ use log4rs::filter::threshold::ThresholdFilter;
 
 use crate::config::LoggingConfig;
 
+mod daily;
+pub use daily::{DailyFile, LogClock, LogZone, SystemClock};
+
 pub const CATEGORIES: [&str; 5] = ["connection", "message", "error", "supervisor", "audit"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoggingError {
     #[error("logging.dir {dir}: {source}")]
     Dir { dir: String, source: std::io::Error },
-    #[error("log file {file}: {message}")]
+    #[error("logging.dir: cannot write {file}: {message}")]
     Appender { file: String, message: String },
     #[error("logging: {0}")]
     Config(String),
@@ -195,32 +193,22 @@ impl<A: Append> Append for Repeats<A> {
     }
 }
 
-const PATTERN: &str = "{d(%Y-%m-%dT%H:%M:%S%.3fZ)(utc)} {l:<5} {t} {m}{n}";
+fn pattern(zone: LogZone) -> &'static str {
+    match zone {
+        LogZone::Utc => "{d(%Y-%m-%dT%H:%M:%S%.3fZ)(utc)} {l:<5} {t} {m}{n}",
+        LogZone::Local => "{d(%Y-%m-%dT%H:%M:%S%.3f%:z)(local)} {l:<5} {t} {m}{n}",
+    }
+}
 
-fn rolling(dir: &Path, name: &str, keep: u32) -> Result<RollingFileAppender, LoggingError> {
-    let file = dir.join(format!("{name}.log"));
-    let pattern = dir.join(format!("{name}.{{}}.log"));
-    let trigger = TimeTrigger::new(TimeTriggerConfig {
-        interval: TimeTriggerInterval::Day(1),
-        modulate: true,
-        max_random_delay: 0,
-    });
-    let roller = FixedWindowRoller::builder()
-        .build(&pattern.display().to_string(), keep)
-        .map_err(|e| LoggingError::Appender {
-            file: pattern.display().to_string(),
-            message: e.to_string(),
-        })?;
-    RollingFileAppender::builder()
-        .encoder(Box::new(PatternEncoder::new(PATTERN)))
-        .build(
-            &file,
-            Box::new(CompoundPolicy::new(Box::new(trigger), Box::new(roller))),
-        )
-        .map_err(|e| LoggingError::Appender {
-            file: file.display().to_string(),
-            message: e.to_string(),
-        })
+fn daily(cfg: &LoggingConfig, name: &str) -> DailyFile {
+    DailyFile::new(
+        &cfg.dir,
+        name,
+        cfg.keep_days,
+        cfg.timezone,
+        std::sync::Arc::new(SystemClock),
+        Box::new(PatternEncoder::new(pattern(cfg.timezone))),
+    )
 }
 
 /// Installs the global logger (once per process; the `log` facade owns it).
@@ -229,13 +217,18 @@ pub fn init(cfg: &LoggingConfig, console_prefix: &str) -> Result<log4rs::Handle,
         dir: cfg.dir.display().to_string(),
         source,
     })?;
+    // Files are opened on their first line; a directory that cannot be written to is said now.
+    let probe = cfg.dir.join(".tether-write-test");
+    std::fs::write(&probe, b"").map_err(|e| LoggingError::Appender {
+        file: probe.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let _ = std::fs::remove_file(&probe);
     let level: LevelFilter = cfg.level.parse().unwrap_or(LevelFilter::Info);
     let mut builder = log4rs::Config::builder();
     let mut root = Root::builder().appender("main");
-    builder = builder.appender(Appender::builder().build(
-        "main",
-        Box::new(Repeats::new(rolling(&cfg.dir, "tether", cfg.keep_days)?)),
-    ));
+    builder = builder
+        .appender(Appender::builder().build("main", Box::new(Repeats::new(daily(cfg, "tether")))));
     if cfg.console {
         let console = ConsoleAppender::builder()
             .target(Target::Stderr)
@@ -251,10 +244,8 @@ pub fn init(cfg: &LoggingConfig, console_prefix: &str) -> Result<log4rs::Handle,
         root = root.appender("console");
     }
     for cat in CATEGORIES {
-        builder = builder.appender(Appender::builder().build(
-            cat,
-            Box::new(Repeats::new(rolling(&cfg.dir, cat, cfg.keep_days)?)),
-        ));
+        builder = builder
+            .appender(Appender::builder().build(cat, Box::new(Repeats::new(daily(cfg, cat)))));
         let mut logger = Logger::builder().appender(cat).additive(false);
         if cfg.console {
             logger = logger.appender("console");

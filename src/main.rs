@@ -557,7 +557,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Service { action } => run_service(action),
-        Command::CheckConfig { path } => match Config::load(&path) {
+        Command::CheckConfig { path } => match Config::check(&path) {
             Ok(_) => {
                 println!("{}: ok", path.display());
                 Ok(ExitCode::SUCCESS)

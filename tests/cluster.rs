@@ -304,13 +304,7 @@ impl Cluster {
     }
 
     fn log(&self, node: usize, category: &str) -> String {
-        std::fs::read_to_string(
-            self.nodes[node]
-                .dir
-                .join("logs-gateway")
-                .join(format!("{category}.log")),
-        )
-        .unwrap_or_default()
+        common::log_text(&self.nodes[node].dir.join("logs-gateway"), category)
     }
 
     /// Stops the writers and waits until the store holds everything each clinic committed.
@@ -359,11 +353,15 @@ impl Cluster {
     }
 }
 
-/// The last `n` lines of a file (for a failed test's report).
-fn tail(path: &std::path::Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+/// The last `n` lines of a text (for a failed test's report).
+fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The last `n` lines of a log category in a logs directory.
+fn tail(logs: &std::path::Path, category: &str, n: usize) -> String {
+    last_lines(&common::log_text(logs, category), n)
 }
 
 impl Drop for Cluster {
@@ -372,22 +370,21 @@ impl Drop for Cluster {
             // What each process said last, to explain the failure.
             eprintln!("owners: {:?}", self.owners());
             for n in &self.nodes {
-                let log = n.dir.join("logs-gateway/connection.log");
-                eprintln!("--- node {} ---\n{}", n.id, tail(&log, 15));
-                let errors = n.dir.join("logs-gateway/error.log");
-                eprintln!("--- node {} errors ---\n{}", n.id, tail(&errors, 6));
+                let logs = n.dir.join("logs-gateway");
+                eprintln!("--- node {} ---\n{}", n.id, tail(&logs, "connection", 15));
+                eprintln!("--- node {} errors ---\n{}", n.id, tail(&logs, "error", 6));
             }
             for c in &self.clinics {
-                let log = self
-                    .dir
-                    .path()
-                    .join(&c.id)
-                    .join("logs-agent/connection.log");
-                eprintln!("--- agent {} ---\n{}", c.id, tail(&log, 10));
+                let logs = self.dir.path().join(&c.id).join("logs-agent");
+                eprintln!("--- agent {} ---\n{}", c.id, tail(&logs, "connection", 10));
             }
             eprintln!(
                 "--- haproxy ---\n{}",
-                tail(&self.dir.path().join("haproxy.log"), 20)
+                last_lines(
+                    &std::fs::read_to_string(self.dir.path().join("haproxy.log"))
+                        .unwrap_or_default(),
+                    20
+                )
             );
         }
         self.stop.store(true, Ordering::Relaxed);
@@ -463,13 +460,10 @@ fn http_fallback_channels_work_behind_round_robin_balancing() {
         "no request was passed on: the test proves nothing"
     );
     for clinic in &c.clinics {
-        let log = std::fs::read_to_string(
-            c.dir
-                .path()
-                .join(&clinic.id)
-                .join("logs-agent/connection.log"),
-        )
-        .unwrap_or_default();
+        let log = common::log_text(
+            &c.dir.path().join(&clinic.id).join("logs-agent"),
+            "connection",
+        );
         let links = count(&log, "event=connected transport=http", &clinic.id);
         assert_eq!(links, 1, "{}: its channel was reopened:\n{log}", clinic.id);
     }
@@ -920,12 +914,10 @@ fn a_rolling_restart_moves_every_clinic_without_loss() {
     let jitter = tether_actors::backoff::GOING_AWAY_JITTER.as_millis() as u64;
     let mut told = 0;
     for clinic in &c.clinics {
-        let path = c
-            .dir
-            .path()
-            .join(&clinic.id)
-            .join("logs-agent/connection.log");
-        let log = std::fs::read_to_string(path).unwrap_or_default();
+        let log = common::log_text(
+            &c.dir.path().join(&clinic.id).join("logs-agent"),
+            "connection",
+        );
         let lines: Vec<&str> = log.lines().collect();
         for (k, line) in lines.iter().enumerate() {
             if !(line.contains("event=closed") && line.contains("code=1001")) {

@@ -106,8 +106,7 @@ fn sigterm_mid_stream_drains_acks_closes_cleanly_and_exits_zero() {
     // nothing the agent had not checkpointed (the drain waited for the acks in flight).
     let at_stop = acked(dir.path());
     assert_eq!(checkpoint(&db), at_stop, "checkpoint and gateway agree");
-    let log =
-        std::fs::read_to_string(dir.path().join("logs-agent/supervisor.log")).unwrap_or_default();
+    let log = common::log_text(&dir.path().join("logs-agent"), "supervisor");
     let drained = log
         .lines()
         .find(|l| l.contains("event=drained"))
@@ -117,8 +116,7 @@ fn sigterm_mid_stream_drains_acks_closes_cleanly_and_exits_zero() {
         "{drained}"
     );
     assert!(log.contains("event=agent_stopping reason=SIGTERM"), "{log}");
-    let gw_log =
-        std::fs::read_to_string(dir.path().join("logs-gateway/connection.log")).unwrap_or_default();
+    let gw_log = common::log_text(&dir.path().join("logs-gateway"), "connection");
     assert!(
         gw_log.contains("event=closed_by_agent code=1001"),
         "the gateway saw a clean close:\n{gw_log}"
@@ -153,14 +151,12 @@ fn gateway_sigterm_mid_stream_closes_sessions_with_1001_exits_zero_and_loses_not
     });
     let exit = terminate(&mut gw, Duration::from_secs(10));
     assert!(exit.success(), "gateway exited with {exit:?}");
-    let gw_log =
-        std::fs::read_to_string(dir.path().join("logs-gateway/connection.log")).unwrap_or_default();
+    let gw_log = common::log_text(&dir.path().join("logs-gateway"), "connection");
     assert!(
         gw_log.contains("event=closing_sessions sessions=1"),
         "{gw_log}"
     );
-    let agent_log =
-        std::fs::read_to_string(dir.path().join("logs-agent/connection.log")).unwrap_or_default();
+    let agent_log = common::log_text(&dir.path().join("logs-agent"), "connection");
     assert!(
         agent_log.contains("event=closed_by_gateway code=1001 reason=\"gateway shutting down\""),
         "the agent was told, not cut off:\n{agent_log}"
@@ -207,8 +203,7 @@ fn gateway_killed_with_sigkill_mid_stream_and_restarted_loses_nothing() {
     agent.kill();
     gw.kill();
     final_check(dir.path());
-    let log =
-        std::fs::read_to_string(dir.path().join("logs-agent/connection.log")).unwrap_or_default();
+    let log = common::log_text(&dir.path().join("logs-agent"), "connection");
     assert!(
         log.contains("event=disconnected"),
         "the agent logged the lost link:\n{log}"
@@ -311,7 +306,7 @@ fn secure_processes_configured_from_yaml_sync_over_mutual_tls() {
     );
     // The gateway decrypted with dk1: stored rows match the clinic's, field by field.
     final_check(d);
-    let audit = std::fs::read_to_string(d.join("logs-gateway/audit.log")).unwrap_or_default();
+    let audit = common::log_text(&d.join("logs-gateway"), "audit");
     assert!(
         audit.contains("event=auth_ok clinic=clinic-k kid=clinic-k-1"),
         "{audit}"
@@ -896,14 +891,12 @@ fn bridged_calls_travel_as_sent_reuse_connections_have_deadlines_and_honest_limi
         settled + 1,
         "a stale call reached the main Web API"
     );
-    let gw_log = |name: &str| {
-        std::fs::read_to_string(dir.path().join("logs-gateway").join(name)).unwrap_or_default()
-    };
-    let refused = gw_log("message.log")
+    let gw_log = |category: &str| common::log_text(&dir.path().join("logs-gateway"), category);
+    let refused = gw_log("message")
         .lines()
         .any(|l| l.contains("event=call_refused") && l.contains("status=504"));
-    let session_lost = gw_log("connection.log").contains("event=evicted")
-        || gw_log("connection.log").contains("event=closed_by_agent");
+    let session_lost = gw_log("connection").contains("event=evicted")
+        || gw_log("connection").contains("event=closed_by_agent");
     assert!(
         refused || session_lost,
         "the stale call was neither refused at its deadline nor dropped with its session"

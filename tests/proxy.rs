@@ -58,7 +58,7 @@ fn tunnels(dir: &Path) -> usize {
 }
 
 fn agent_log(dir: &Path, category: &str) -> String {
-    std::fs::read_to_string(dir.join(format!("logs-agent/{category}.log"))).unwrap_or_default()
+    common::log_text(&dir.join("logs-agent"), category)
 }
 
 fn spawn_agent(s: &Site, gateway_extra: &str, env: &[(&str, &str)]) -> Proc {

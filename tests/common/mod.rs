@@ -190,7 +190,33 @@ pub fn init_logs(dir: &Path) {
 }
 
 pub fn read_log(dir: &Path, category: &str) -> String {
-    std::fs::read_to_string(dir.join("logs").join(format!("{category}.log"))).unwrap_or_default()
+    log_text(&dir.join("logs"), category)
+}
+
+/// Everything a category's dated files (`connection.2026-12-01.log`, …) in `logs` hold, oldest
+/// day first; empty when there are none yet.
+pub fn log_text(logs: &Path, category: &str) -> String {
+    let prefix = format!("{category}.");
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(logs)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .and_then(|n| n.strip_prefix(&prefix))
+                        .and_then(|rest| rest.strip_suffix(".log"))
+                        .is_some_and(|day| day.len() == 10)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+        .collect()
 }
 
 /// Polls `f` every 20 ms (blocking) until it returns true; fails the test after `limit`.
