@@ -25,6 +25,9 @@ use crate::config::LoggingConfig;
 mod daily;
 pub use daily::{DailyFile, LogClock, LogZone, SystemClock};
 
+/// The target of a fatal error's one line (error.log only, never the console).
+pub const FATAL: &str = "fatal";
+
 pub const CATEGORIES: [&str; 5] = ["connection", "message", "error", "supervisor", "audit"];
 
 #[derive(Debug, thiserror::Error)]
@@ -252,6 +255,14 @@ pub fn init(cfg: &LoggingConfig, console_prefix: &str) -> Result<log4rs::Handle,
         }
         builder = builder.logger(logger.build(cat, level));
     }
+    // The process's last words (a fatal start error): on error.log only — the console already
+    // shows them as the command's own error.
+    builder = builder.logger(
+        Logger::builder()
+            .appender("error")
+            .additive(false)
+            .build(FATAL, LevelFilter::Error),
+    );
     // Chatty dependencies stay at warn.
     for noisy in ["actix_server", "actix_http", "awc", "mio", "h2"] {
         builder = builder.logger(Logger::builder().build(noisy, LevelFilter::Warn));

@@ -110,13 +110,38 @@ impl EntitySchemas {
         };
         match v.iter_errors(row).next() {
             None => Ok(()),
-            Some(err) => Err(EntitySchemaError::Invalid {
-                entity: entity.to_string(),
-                field: err.instance_path().to_string(),
-                // The message of a jsonschema error quotes the offending value; keep only
-                // the keyword so that no row data reaches a log or an error frame.
-                message: format!("violates `{}`", keyword_of(&err.schema_path().to_string())),
-            }),
+            Some(err) => {
+                // The message of a jsonschema error quotes the offending value: say it in
+                // terms of field names, types and keywords only, so that no row data reaches a
+                // log or an error frame.
+                use jsonschema::error::{TypeKind, ValidationErrorKind as K};
+                let at = err.instance_path().to_string();
+                let (field, message) = match err.kind() {
+                    K::Required { property } => (
+                        format!("{at}/{}", property.as_str().unwrap_or("?")),
+                        "is required and missing".to_string(),
+                    ),
+                    K::AdditionalProperties { unexpected } => (
+                        at,
+                        format!(
+                            "has fields the schema does not allow: {}",
+                            unexpected.join(", ")
+                        ),
+                    ),
+                    K::Type {
+                        kind: TypeKind::Single(t),
+                    } => (at, format!("must be of type {t}")),
+                    _ => (
+                        at,
+                        format!("violates `{}`", keyword_of(&err.schema_path().to_string())),
+                    ),
+                };
+                Err(EntitySchemaError::Invalid {
+                    entity: entity.to_string(),
+                    field,
+                    message,
+                })
+            }
         }
     }
 }
@@ -161,5 +186,32 @@ mod tests {
         assert!(text.contains("/id"), "{text}");
         assert!(!text.contains("SECRET-VALUE"), "{text}");
         assert!(s.validate("unknown_entity", &json!(1)).is_ok());
+        assert!(text.contains("must be of type integer"), "{text}");
+    }
+
+    #[test]
+    fn a_missing_or_unexpected_field_is_named_itself() {
+        let mut s = EntitySchemas::default();
+        s.insert(
+            "patient",
+            r#"{"type":"object","required":["id","name"],"additionalProperties":false,
+                "properties":{"id":{"type":"integer"},"name":{"type":"string"}}}"#,
+        )
+        .expect("schema");
+        let missing = s
+            .validate("patient", &json!({"id": 4}))
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("/name"), "{missing}");
+        assert!(missing.contains("is required and missing"), "{missing}");
+        let extra = s
+            .validate(
+                "patient",
+                &json!({"id": 4, "name": "SECRET", "nickname": "SECRET"}),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(extra.contains("nickname"), "{extra}");
+        assert!(!extra.contains("SECRET"), "{extra}");
     }
 }

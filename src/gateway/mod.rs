@@ -57,11 +57,69 @@ pub enum GatewayError {
     Webhook(String),
     #[error("gateway.api_bridge: {0}")]
     Bridge(String),
-    #[error("gateway.listen {addr}: {source}")]
-    Bind {
-        addr: String,
-        source: std::io::Error,
-    },
+    #[error("gateway.listen {addr}: {}", bind_advice(cause))]
+    Bind { addr: String, cause: std::io::Error },
+}
+
+/// What a failed bind means to an operator (the OS text alone says "os error 98").
+fn bind_advice(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            "the address is already in use (another gateway, or another program, listens there): stop it or change gateway.listen".into()
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            "this host has no such address: use one of its own, 0.0.0.0 (every IPv4 address) or [::]".into()
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            "permission denied (ports below 1024 need privileges): use a higher port, or put it behind the load balancer".into()
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// The gateway's listening sockets, bound before anything else starts: a taken port fails the
+/// start at once, with nothing to unwind. Every address the name resolves to, like
+/// `HttpServer::bind`, with the same backlog.
+fn bind_listeners(listen: &str) -> Result<Vec<std::net::TcpListener>, GatewayError> {
+    use std::net::ToSocketAddrs;
+    let err = |cause| GatewayError::Bind {
+        addr: listen.to_string(),
+        cause,
+    };
+    let addrs: Vec<std::net::SocketAddr> = listen.to_socket_addrs().map_err(err)?.collect();
+    let mut listeners = Vec::new();
+    let mut last = None;
+    for addr in addrs {
+        match bind_one(addr) {
+            Ok(l) => listeners.push(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    match (listeners.is_empty(), last) {
+        (false, _) => Ok(listeners),
+        (true, Some(e)) => Err(err(e)),
+        (true, None) => Err(err(std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            "the name resolves to no address",
+        ))),
+    }
+}
+
+/// `check-config --connect`: the listen address can be bound now (the sockets are closed again).
+pub fn probe_listen(listen: &str) -> Result<(), GatewayError> {
+    bind_listeners(listen).map(drop)
+}
+
+fn bind_one(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    #[cfg(not(windows))]
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    // actix-server's own default: room for a reconnect storm's handshakes.
+    socket.listen(2048)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 /// Settings the gateway's handlers need, resolved from config.
@@ -431,13 +489,19 @@ pub fn start(
     settings: GatewaySettings,
     security: GatewaySecurity,
 ) -> Result<GatewayHandle, GatewayError> {
-    let acceptor = match &security.tls {
-        Some(t) => Some(tls::acceptor(t)?),
-        None => {
-            log::warn!(target: "connection", "event=insecure_plaintext message=\"serving ws:// and http:// without TLS: local development only\"");
-            None
-        }
-    };
+    let listeners = bind_listeners(&settings.listen)?;
+    // One TLS acceptor per listening socket (a builder is used up by the socket it serves).
+    let mut acceptors = Vec::new();
+    for _ in &listeners {
+        acceptors.push(match &security.tls {
+            Some(t) => Some(tls::acceptor(t)?),
+            None => None,
+        });
+    }
+    let security_tls_on = security.tls.is_some();
+    if !security_tls_on {
+        log::warn!(target: "connection", "event=insecure_plaintext message=\"serving ws:// and http:// without TLS: local development only\"");
+    }
     if security.verifier.is_none() {
         log::warn!(target: "audit", "event=auth_disabled message=\"no clinic tokens required: local development only\"");
     }
@@ -523,22 +587,25 @@ pub fn start(
     .workers(settings.workers)
     .shutdown_timeout(settings.shutdown_timeout.as_secs().max(1))
     .disable_signals();
-    let bind_err = |source| GatewayError::Bind {
+    let bind_err = |cause| GatewayError::Bind {
         addr: listen.clone(),
-        source,
+        cause,
     };
-    let tls_on = acceptor.is_some();
-    let server = match acceptor {
-        Some(a) => server.bind_openssl(&listen, a).map_err(bind_err)?,
-        None => server.bind(&listen).map_err(bind_err)?,
-    };
+    let tls_on = security_tls_on;
+    let mut server = server;
+    for (l, acceptor) in listeners.into_iter().zip(acceptors) {
+        server = match acceptor {
+            Some(a) => server.listen_openssl(l, a).map_err(bind_err)?,
+            None => server.listen(l).map_err(bind_err)?,
+        };
+    }
     let addr = server
         .addrs()
         .first()
         .copied()
         .ok_or_else(|| GatewayError::Bind {
             addr: listen.clone(),
-            source: std::io::Error::other("no address bound"),
+            cause: std::io::Error::other("no address bound"),
         })?;
     let server = server.run();
     let handle = server.handle();

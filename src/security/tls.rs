@@ -26,7 +26,44 @@ fn err<'a>(
     move |e| TlsError {
         what,
         path: path.display().to_string(),
-        message: e.to_string(),
+        message: explain(path, &e),
+    }
+}
+
+/// An OpenSSL error stack in an operator's words: the file's own state first (missing,
+/// unreadable, empty), then the commonest reasons, else OpenSSL's first reason alone — never
+/// the whole `error:0A080002:SSL routines::…` chain.
+pub fn explain(path: &Path, e: &openssl::error::ErrorStack) -> String {
+    if path != Path::new("-") {
+        match std::fs::metadata(path) {
+            Err(io) if io.kind() == std::io::ErrorKind::NotFound => return "no such file".into(),
+            Err(io) => return format!("cannot be read: {io}"),
+            Ok(m) if m.is_dir() => return "a directory, not a file".into(),
+            Ok(m) if m.len() == 0 => return "the file is empty".into(),
+            Ok(_) => {}
+        }
+        if let Err(io) = std::fs::File::open(path) {
+            return format!("cannot be read: {io}");
+        }
+    }
+    let reasons: Vec<String> = e
+        .errors()
+        .iter()
+        .filter_map(|x| x.reason().map(str::to_string))
+        .collect();
+    let has = |needle: &str| reasons.iter().any(|r| r.contains(needle));
+    if has("no start line") || has("bad base64") || (has("unsupported") && has("decoder")) {
+        "not a PEM file of the expected kind (no `-----BEGIN …-----` block it can use)".into()
+    } else if has("key values mismatch") {
+        "the key does not belong to the certificate".into()
+    } else if has("bad decrypt") || has("mac verify failure") {
+        "wrong password, or the file is damaged".into()
+    } else if has("ca md too weak") || has("ee key too small") {
+        "the certificate's key or signature is too weak for this OpenSSL's security level".into()
+    } else if let Some(first) = reasons.first() {
+        first.clone()
+    } else {
+        e.to_string()
     }
 }
 
@@ -156,4 +193,38 @@ pub fn cert_identities(cert: &X509) -> Vec<String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openssl_errors_are_said_in_an_operators_words() {
+        let dir = tempfile::tempdir().expect("dir");
+        let tls = |cert: &Path, key: &Path| {
+            acceptor(&ServerTls {
+                cert: cert.to_path_buf(),
+                key: key.to_path_buf(),
+                client_ca: None,
+            })
+            .map(|_| ())
+            .expect_err("refused")
+            .to_string()
+        };
+        let missing = dir.path().join("gateway.pem");
+        let e = tls(&missing, &missing);
+        assert_eq!(
+            e,
+            format!("gateway.tls.cert {}: no such file", missing.display())
+        );
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, b"").expect("write");
+        assert!(tls(&empty, &empty).ends_with("the file is empty"));
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, b"hello, not a certificate\n").expect("write");
+        let e = tls(&junk, &junk);
+        assert!(e.contains("not a PEM file"), "{e}");
+        assert!(!e.contains("error:"), "{e}");
+    }
 }
