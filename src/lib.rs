@@ -12,6 +12,7 @@ pub mod bench_capture;
 pub mod bench_cluster;
 #[cfg(feature = "gateway")]
 pub mod bench_remote;
+pub mod check;
 pub mod config;
 pub mod db;
 #[cfg(feature = "gateway")]

@@ -58,10 +58,15 @@ enum Command {
         #[command(subcommand)]
         action: ServiceAction,
     },
-    /// Check a config file and list every problem with its line.
+    /// Check a config file and list every problem with its line; `--connect` also opens the
+    /// database and reaches the gateway (or binds the listen address and reaches the store).
     CheckConfig {
         #[arg(default_value = "config.yaml")]
         path: PathBuf,
+        /// Also open the database, check the mapped tables, reach the gateway with this
+        /// clinic's TLS and token (gateway: bind the listen address, reach the store).
+        #[arg(long)]
+        connect: bool,
     },
     /// Create keys and certificates (development CA, clinic and gateway certificates, data keys).
     Keys {
@@ -398,6 +403,8 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
+            // Also on error.log when the logs were open (a service's console goes nowhere).
+            log::error!(target: logging::FATAL, "event=exit_on_error error={}", tether::security::log_value(&format!("{e:#}"), 600));
             ExitCode::FAILURE
         }
     };
@@ -557,13 +564,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Service { action } => run_service(action),
-        Command::CheckConfig { path } => match Config::check(&path) {
-            Ok(_) => {
+        Command::CheckConfig { path, connect } => match Config::check(&path) {
+            Ok(cfg) => {
                 println!("{}: ok", path.display());
-                Ok(ExitCode::SUCCESS)
+                if !connect {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                println!("connected checks:");
+                let lines = tether::check::run(&cfg);
+                for l in &lines {
+                    println!("{l}");
+                }
+                Ok(if lines.iter().all(|l| l.ok) {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
             }
             Err(e) => {
                 eprintln!("{e}");
+                if connect {
+                    eprintln!("(connected checks not run: fix the problems above first)");
+                }
                 Ok(ExitCode::FAILURE)
             }
         },

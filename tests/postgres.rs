@@ -105,6 +105,41 @@ fn read_all(src: &PgSource) -> Vec<tether_schemas::Event> {
     }
 }
 
+/// What `install` refuses, `check` lists — every problem, not only the first; a key that is
+/// neither the primary key nor a unique index is refused for a table cloud updates go to,
+/// and a unique index on exactly the key is enough.
+#[test]
+fn check_lists_every_table_problem_and_install_refuses_a_non_unique_key() {
+    use tether::config::Direction;
+    let db = TestDb::new();
+    let mapped = vec![
+        TableConfig::new("scratch", "scratch", &["id"], Direction::Both),
+        TableConfig::new("missing", "missing", &["id"], Direction::Both),
+        TableConfig::new("patients", "patient", &["nope"], Direction::Both),
+        // Up only: no uniqueness asked.
+        TableConfig::new("scratch", "scratch_up", &["id"], Direction::Up),
+    ];
+    let (problems, installed) = pg::check(&db.url, &mapped).expect("check");
+    assert!(!installed);
+    assert_eq!(problems.len(), 3, "{problems:#?}");
+    assert!(problems[0].contains("`scratch`: key [id] is not the primary key or a unique index"));
+    assert!(problems[1].contains("`missing` (agent.tables) does not exist"));
+    assert!(problems[2].contains("key column `nope` does not exist"));
+    let err = pg::install(&db.url, &mapped[..1]).expect_err("refused");
+    assert!(
+        err.to_string()
+            .contains("is not the primary key or a unique index"),
+        "{err}"
+    );
+    db.client()
+        .batch_execute("CREATE UNIQUE INDEX scratch_id ON scratch (id)")
+        .expect("index");
+    pg::install(&db.url, &mapped[..1]).expect("a unique index is enough");
+    let (problems, installed) =
+        pg::check(&db.url, &tables(ConflictPolicy::CloudWins)).expect("check");
+    assert!(problems.is_empty() && installed, "{problems:?}");
+}
+
 #[test]
 fn install_captures_multi_row_statements_and_uninstall_removes_everything() {
     let db = TestDb::new();

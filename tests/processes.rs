@@ -289,6 +289,36 @@ fn secure_processes_configured_from_yaml_sync_over_mutual_tls() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // --connect: the database's tables, and the gateway reached with this clinic's TLS and
+    // token (accepted); the same with a key id the gateway does not know (refused, and why).
+    let out = Command::new(BIN)
+        .args(["check-config", "--connect"])
+        .arg(&agent_cfg)
+        .output()
+        .expect("check");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("TLS ok, token accepted"), "{said}");
+    assert!(said.contains("capture objects installed"), "{said}");
+    let wrong_kid = d.join("agent-wrong-kid.yaml");
+    std::fs::write(
+        &wrong_kid,
+        std::fs::read_to_string(&agent_cfg)
+            .expect("config")
+            .replace("kid: clinic-k-1", "kid: clinic-k-9"),
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .args(["check-config", "--connect"])
+        .arg(&wrong_kid)
+        .output()
+        .expect("check");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("FAIL  gateway") && said.contains("refused the token: unknown_key_id"),
+        "{said}"
+    );
     let _agent = Proc(
         Command::new(BIN)
             .args(["agent", "--config"])
@@ -314,6 +344,61 @@ fn secure_processes_configured_from_yaml_sync_over_mutual_tls() {
 }
 
 /// The commands a clinic's IT runs, as written in the README.
+/// A port already taken: one line naming the address, the config key and what to do — no
+/// panic, no backtrace — also written to error.log; a store directory that does not exist yet
+/// is created.
+#[test]
+fn a_taken_port_is_one_line_naming_the_key_and_it_reaches_error_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let cfg = write_config(
+        d,
+        "gateway",
+        &format!("gateway:\n  listen: {addr}\n  insecure_plaintext: true\n  store:\n    path: data/new/gateway.db\n"),
+    );
+    let out = Command::new(BIN)
+        .args(["gateway", "--config"])
+        .arg(&cfg)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "gateway.listen {addr}: the address is already in use"
+        )),
+        "{err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+    let log = common::log_text(&d.join("logs-gateway"), "error");
+    assert!(
+        log.contains("event=exit_on_error") && log.contains("already in use"),
+        "{log}"
+    );
+    drop(taken);
+    // The same config with the port free: the store's directory is created.
+    let mut gw = Proc(
+        Command::new(BIN)
+            .args(["gateway", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("gateway"),
+    );
+    let mut line = String::new();
+    BufReader::new(gw.0.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    assert!(line.contains("gateway listening on"), "{line}");
+    assert!(d.join("data/new/gateway.db").is_file());
+}
+
 #[test]
 fn install_snapshot_and_uninstall_from_the_command_line() {
     let dir = tempfile::tempdir().expect("tempdir");

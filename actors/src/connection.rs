@@ -143,7 +143,7 @@ pub(crate) fn wall_ms() -> u64 {
 
 /// One parameter of an RFC 6750 challenge (`Bearer realm="x", error_description="y"`): only
 /// safe token characters are kept (it ends up in logs).
-pub(crate) fn auth_param(header: &str, name: &str) -> Option<String> {
+pub fn auth_param(header: &str, name: &str) -> Option<String> {
     let at = header.find(&format!("{name}=\""))? + name.len() + 2;
     let value: String = header[at..]
         .chars()

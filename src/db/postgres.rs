@@ -44,6 +44,8 @@ pub enum PgError {
     NoTable(String),
     #[error("table `{table}`: key column `{column}` does not exist")]
     NoColumn { table: String, column: String },
+    #[error("table `{table}`: key [{key}] is not the primary key or a unique index; updates need it to be unique")]
+    KeyNotUnique { table: String, key: String },
     #[error("{context}: {message}")]
     Sql { context: String, message: String },
     /// The server is not set up for what the configuration asks (with what to do).
@@ -62,7 +64,16 @@ pub fn pg_error_text(e: &postgres::Error) -> String {
             }
             s
         }
-        None => e.to_string(),
+        None => {
+            // A connection error: the driver's text and its causes (refused, TLS, auth).
+            let mut s = e.to_string();
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                s.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            s
+        }
     }
 }
 
@@ -396,19 +407,71 @@ fn columns(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// The table exists and has the configured key columns.
+/// The table exists, has the configured key columns, and — for a table cloud updates are
+/// applied to — the key is its primary key or a unique index (else an upsert could touch two
+/// rows, or none it should).
 fn check_table(c: &mut impl postgres::GenericClient, t: &TableConfig) -> Result<(), PgError> {
     let cols = columns(c, &t.table).map_err(sql("reading columns"))?;
     if cols.is_empty() {
         return Err(PgError::NoTable(t.table.clone()));
     }
-    match t.key.iter().find(|k| !cols.contains(k)) {
-        Some(k) => Err(PgError::NoColumn {
+    if let Some(k) = t.key.iter().find(|k| !cols.contains(k)) {
+        return Err(PgError::NoColumn {
             table: t.table.clone(),
             column: k.clone(),
-        }),
-        None => Ok(()),
+        });
     }
+    if t.direction.down() && !key_is_unique(c, t)? {
+        return Err(PgError::KeyNotUnique {
+            table: t.table.clone(),
+            key: t.key.join(", "),
+        });
+    }
+    Ok(())
+}
+
+/// A unique index (the primary key's included) whose key columns are exactly `t.key`.
+fn key_is_unique(c: &mut impl postgres::GenericClient, t: &TableConfig) -> Result<bool, PgError> {
+    let (schema, name) = split(&t.table);
+    let mut want: Vec<String> = t.key.clone();
+    want.sort();
+    let row = c
+        .query_one(
+            "SELECT EXISTS (
+               SELECT 1 FROM pg_index i
+               JOIN pg_class r ON r.oid = i.indrelid
+               JOIN pg_namespace n ON n.oid = r.relnamespace
+               WHERE n.nspname = $1 AND r.relname = $2 AND i.indisunique AND i.indpred IS NULL
+                 AND (SELECT array_agg(a.attname::text ORDER BY a.attname::text)
+                      FROM pg_attribute a
+                      WHERE a.attrelid = i.indrelid
+                        AND a.attnum = ANY ((i.indkey::int2[])[0:i.indnkeyatts - 1])) = $3::text[])",
+            &[&schema, &name, &want],
+        )
+        .map_err(sql("reading indexes"))?;
+    Ok(row.get(0))
+}
+
+/// `tether check-config --connect`: every mapped table checked as `install` would, each
+/// problem on its own; and whether the capture objects are installed.
+pub fn check(conn: &str, tables: &[TableConfig]) -> Result<(Vec<String>, bool), PgError> {
+    let mut c = connect(conn)?;
+    let mut tx = c
+        .build_transaction()
+        .read_only(true)
+        .start()
+        .map_err(sql("begin"))?;
+    let mut problems = Vec::new();
+    for t in tables {
+        if let Err(e) = check_table(&mut tx, t) {
+            problems.push(e.to_string());
+        }
+    }
+    let installed: bool = tx
+        .query_one("SELECT to_regclass('tether.outbox') IS NOT NULL", &[])
+        .map_err(sql("looking for the tether schema"))?
+        .get(0);
+    Ok((problems, installed))
 }
 
 /// Creates (idempotently) the tether schema and the capture trigger of every `up` table.

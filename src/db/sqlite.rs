@@ -258,29 +258,7 @@ pub fn install(path: &Path, tables: &[TableConfig]) -> Result<InstallReport, Sql
         .map_err(sql("creating _tether tables"))?;
     let mut report = InstallReport::default();
     for t in tables {
-        let cols = columns(&tx, &t.table).map_err(sql("reading table columns"))?;
-        if cols.is_empty() {
-            return Err(SqliteError::NoTable {
-                table: t.table.clone(),
-                path: path.display().to_string(),
-            });
-        }
-        for k in &t.key {
-            if !cols.iter().any(|(c, _)| c == k) {
-                return Err(SqliteError::NoColumn {
-                    table: t.table.clone(),
-                    column: k.clone(),
-                });
-            }
-        }
-        if t.direction.down()
-            && !key_is_unique(&tx, &t.table, &t.key).map_err(sql("reading indexes"))?
-        {
-            return Err(SqliteError::KeyNotUnique {
-                table: t.table.clone(),
-                key: t.key.join(", "),
-            });
-        }
+        let cols = checked_columns(&tx, path, t)?;
         drop_triggers(&tx, &t.table)?;
         if t.direction.up() {
             for ddl in trigger_sql(t, &cols) {
@@ -292,6 +270,67 @@ pub fn install(path: &Path, tables: &[TableConfig]) -> Result<InstallReport, Sql
     }
     tx.commit().map_err(sql("commit"))?;
     Ok(report)
+}
+
+/// A mapped table's columns, once it passes what `install` requires: it exists, has the key
+/// columns, and — when cloud updates are applied to it — the key is its primary key or a
+/// unique index.
+fn checked_columns(
+    conn: &Connection,
+    path: &Path,
+    t: &TableConfig,
+) -> Result<Vec<(String, String)>, SqliteError> {
+    let cols = columns(conn, &t.table).map_err(sql("reading table columns"))?;
+    if cols.is_empty() {
+        return Err(SqliteError::NoTable {
+            table: t.table.clone(),
+            path: path.display().to_string(),
+        });
+    }
+    if let Some(k) = t.key.iter().find(|k| !cols.iter().any(|(c, _)| c == *k)) {
+        return Err(SqliteError::NoColumn {
+            table: t.table.clone(),
+            column: k.clone(),
+        });
+    }
+    if t.direction.down()
+        && !key_is_unique(conn, &t.table, &t.key).map_err(sql("reading indexes"))?
+    {
+        return Err(SqliteError::KeyNotUnique {
+            table: t.table.clone(),
+            key: t.key.join(", "),
+        });
+    }
+    Ok(cols)
+}
+
+/// `tether check-config --connect`: the database opened read-only (never created), every
+/// mapped table checked as `install` would, each problem on its own; and whether the capture
+/// objects are installed.
+pub fn check(path: &Path, tables: &[TableConfig]) -> Result<(Vec<String>, bool), SqliteError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|source| SqliteError::Open {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mut problems = Vec::new();
+    for t in tables {
+        if let Err(e) = checked_columns(&conn, path, t) {
+            problems.push(e.to_string());
+        }
+    }
+    let installed = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '_tether_outbox'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_err(sql("reading the schema"))?
+        > 0;
+    Ok((problems, installed))
 }
 
 fn drop_triggers(conn: &Connection, table: &str) -> Result<(), SqliteError> {
@@ -1148,6 +1187,50 @@ mod tests {
             )
             .expect("inbox");
         assert_eq!(inbox, 5);
+    }
+
+    #[test]
+    fn check_lists_every_table_problem_without_writing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.db");
+        let conn = open(&path).expect("open");
+        conn.execute_batch(
+            "CREATE TABLE a (id INTEGER, code TEXT); CREATE TABLE b (id INTEGER PRIMARY KEY)",
+        )
+        .expect("ddl");
+        let tables = vec![
+            TableConfig::new("a", "a", &["id"], Direction::Both),
+            TableConfig::new("nope", "nope", &["id"], Direction::Both),
+            TableConfig::new("b", "b", &["id", "x"], Direction::Up),
+            TableConfig::new("b", "b2", &["id"], Direction::Both),
+        ];
+        let (problems, installed) = check(&path, &tables).expect("check");
+        assert!(!installed);
+        assert_eq!(problems.len(), 3, "{problems:#?}");
+        assert!(
+            problems[0].contains("`a`: key [id] is not the primary key"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].contains("`nope` (agent.tables) does not exist"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[2].contains("key column `x` does not exist"),
+            "{problems:?}"
+        );
+        // Read-only: nothing was created, and a missing file is not created either.
+        let objects: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name LIKE '\\_tether%' ESCAPE '\\'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count");
+        assert_eq!(objects, 0);
+        let ghost = dir.path().join("ghost.db");
+        assert!(check(&ghost, &tables).is_err());
+        assert!(!ghost.exists());
     }
 
     #[test]

@@ -259,6 +259,53 @@ pub fn snapshot_chunk_sql(t: &TableConfig, types: &HashMap<String, String>, chun
 }
 
 /// Removes every trigger and table `install_script` created.
+/// `tether check-config --connect`: one batch per mapped table that fails (THROW) naming what
+/// `install` would refuse — a missing table, a missing key column, a key of a table cloud
+/// updates go to that is neither the primary key nor a unique index; run one by one, so every
+/// problem is reported.
+pub fn check_script(tables: &[TableConfig]) -> Vec<String> {
+    tables
+        .iter()
+        .map(|t| {
+            let name = nliteral(&bracket_qualified(&t.table));
+            let mut b = format!(
+                "IF OBJECT_ID({name}, N'U') IS NULL THROW 50000, {}, 1;\n",
+                nliteral(&format!("table `{}` (agent.tables) does not exist", t.table))
+            );
+            for k in &t.key {
+                b.push_str(&format!(
+                    "IF COL_LENGTH({name}, {}) IS NULL THROW 50000, {}, 1;\n",
+                    nliteral(k),
+                    nliteral(&format!("table `{}`: key column `{k}` does not exist", t.table))
+                ));
+            }
+            if t.direction.down() {
+                let mut key: Vec<&str> = t.key.iter().map(String::as_str).collect();
+                key.sort();
+                let want = key.join(",");
+                b.push_str(&format!(
+                    "IF NOT EXISTS (SELECT 1 FROM sys.indexes i WHERE i.object_id = OBJECT_ID({name}) AND i.is_unique = 1 AND i.has_filter = 0 \
+AND (SELECT STRING_AGG(c.name, ',') WITHIN GROUP (ORDER BY c.name) FROM sys.index_columns ic \
+JOIN sys.columns c ON c.object_id = ic.object_id AND c.column_id = ic.column_id \
+WHERE ic.object_id = i.object_id AND ic.index_id = i.index_id AND ic.is_included_column = 0) = {}) \
+THROW 50000, {}, 1;\n",
+                    nliteral(&want),
+                    nliteral(&format!(
+                        "table `{}`: key [{}] is not the primary key or a unique index; updates need it to be unique",
+                        t.table,
+                        t.key.join(", ")
+                    ))
+                ));
+            }
+            b
+        })
+        .collect()
+}
+
+/// Whether `install` has run (the outbox exists).
+pub const INSTALLED_SQL: &str =
+    "IF OBJECT_ID(N'tether.outbox', N'U') IS NULL THROW 50001, N'not installed', 1;";
+
 pub fn uninstall_script(tables: &[TableConfig]) -> Vec<String> {
     let mut batches: Vec<String> = tables
         .iter()
@@ -950,6 +997,33 @@ impl ChangeSink for MssqlSink {
 mod tests {
     use super::*;
     use crate::config::Direction;
+
+    #[test]
+    fn the_check_script_names_each_problem_install_would_refuse() {
+        let tables = vec![
+            TableConfig::new("sales.o'rders", "order", &["id", "line"], Direction::Both),
+            TableConfig::new("payments", "payment", &["id"], Direction::Up),
+        ];
+        let b = check_script(&tables);
+        assert_eq!(b.len(), 2);
+        // Names quoted as identifiers inside N'' literals.
+        assert!(b[0].contains("OBJECT_ID(N'[sales].[o''rders]', N'U') IS NULL THROW 50000, N'table `sales.o''rders` (agent.tables) does not exist'"), "{}", b[0]);
+        assert!(
+            b[0].contains("COL_LENGTH(N'[sales].[o''rders]', N'line') IS NULL THROW 50000"),
+            "{}",
+            b[0]
+        );
+        // A table cloud updates go to needs its key unique; the key's columns compared sorted.
+        assert!(
+            b[0].contains("is_unique = 1") && b[0].contains("= N'id,line')"),
+            "{}",
+            b[0]
+        );
+        assert!(b[0].contains("key [id, line] is not the primary key or a unique index"));
+        // An up-only table is not held to that.
+        assert!(!b[1].contains("is_unique"), "{}", b[1]);
+        assert!(INSTALLED_SQL.contains("tether.outbox"));
+    }
 
     fn odd() -> TableConfig {
         TableConfig::new(
