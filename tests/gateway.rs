@@ -126,6 +126,29 @@ async fn a_row_violating_its_entity_schema_is_stored_flagged_not_dropped() {
     let problem = page[0].problem.as_deref().expect("flagged");
     assert!(problem.contains("/name"), "{problem}");
     assert!(page[1].problem.is_none());
+    // Listed through REST on their own, and counted in /metrics.
+    let base = gw.http_url();
+    let (status, v) = get_json(&format!("{base}/v1/events?flagged=true")).await;
+    assert_eq!(status, 200, "{v}");
+    let listed = v["events"].as_array().expect("events");
+    assert_eq!(listed.len(), 1, "{v}");
+    assert_eq!(listed[0]["seq"], 1);
+    let (status, v) = get_json(&format!("{base}/v1/events?flagged=maybe")).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v.to_string().contains("flagged"), "{v}");
+    let metrics = common::client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .body()
+        .await
+        .expect("body");
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains("\ntether_gateway_events_flagged_total 1\n"),
+        "{metrics}"
+    );
     gw.stop().await;
 }
 

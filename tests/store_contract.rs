@@ -242,6 +242,34 @@ fn flagged_events_are_stored_with_their_problem(f: &Fixture) {
             .expect("append");
         let page = s.events_page(Some("c"), 0, 10).await.expect("page");
         assert_eq!(page[0].problem.as_deref(), Some("row.name: not a string"));
+        // Listed alone, per clinic or across clinics, and counted from a position.
+        let mut more = evs(2..=6);
+        more[2].problem = Some("row.phone: missing".into());
+        s.append("c", 0, UNFENCED, 1, more).await.expect("append");
+        let mut other = evs(1..=3);
+        other[0].problem = Some("row.id: not an integer".into());
+        s.append("d", 0, UNFENCED, 0, other).await.expect("append");
+        let c_flagged = s.flagged_events_page(Some("c"), 0, 10).await.expect("page");
+        let seqs: Vec<u64> = c_flagged.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [1, 4]);
+        let all = s.flagged_events_page(None, 0, 10).await.expect("page");
+        assert_eq!(all.len(), 3);
+        assert!(all.iter().all(|e| e.problem.is_some()));
+        assert!(all.windows(2).all(|w| w[0].id < w[1].id));
+        let after_first = s
+            .flagged_events_page(None, all[0].id, 1)
+            .await
+            .expect("page");
+        assert_eq!(after_first.len(), 1);
+        assert_eq!(after_first[0].id, all[1].id);
+        let (n, through) = s.flagged_since(0).await.expect("count");
+        assert_eq!((n, through), (3, all[2].id));
+        let (n, through) = s.flagged_since(all[1].id).await.expect("count");
+        assert_eq!((n, through), (1, all[2].id));
+        assert_eq!(
+            s.flagged_since(all[2].id).await.expect("count"),
+            (0, all[2].id)
+        );
     });
 }
 

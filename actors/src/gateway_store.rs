@@ -343,6 +343,20 @@ pub trait GatewayStore: std::any::Any + Send + Sync + 'static {
         limit: usize,
     ) -> StoreFuture<Vec<StoredEvent>>;
 
+    /// Like [`GatewayStore::events_page`], only events stored with a `problem` (a row that
+    /// failed its entity's schema, or a frame the gateway could not fully check); a partial
+    /// index keeps this cheap however rare they are.
+    fn flagged_events_page(
+        &self,
+        clinic: Option<&str>,
+        after: u64,
+        limit: usize,
+    ) -> StoreFuture<Vec<StoredEvent>>;
+
+    /// Flagged events stored with an id above `after_id`: their count and the highest id
+    /// (`/metrics` keeps a running total from it; O(new flagged events)).
+    fn flagged_since(&self, after_id: u64) -> StoreFuture<(u64, u64)>;
+
     /// The clinic's events from its current outbox (`source`), in storage (id) order, after id
     /// `after_id` (the history checker compares them with what the clinic committed).
     fn clinic_events(

@@ -2,7 +2,8 @@
 //!
 //! - `GET /healthz` (liveness), `GET /readyz` (the store's writer commits, background tasks run)
 //! - `GET /v1/clinics?state=&transport=&after=&limit=` (cursor on the clinic id), `GET /v1/clinics/{id}`
-//! - `GET /v1/events?clinic_id=&after=&limit=` (cursor pagination on the event id)
+//! - `GET /v1/events?clinic_id=&after=&limit=&flagged=` (cursor pagination on the event id;
+//!   `flagged=true`: only events stored with a problem, e.g. a row failing its schema)
 //! - `POST /v1/clinics/{id}/updates` → 202 `{"update_id": …}`
 //! - `GET /v1/updates/{id}`
 //! - `POST /v1/clinics/{id}/rpc` → the rows of one of the clinic's allow-listed queries
@@ -395,9 +396,20 @@ pub(super) async fn list_events(
     q: web::Query<BTreeMap<String, String>>,
 ) -> HttpResponse {
     let q = q.into_inner();
-    if let Some(resp) = known_params(&q, &["clinic_id", "after", "limit"]) {
+    if let Some(resp) = known_params(&q, &["clinic_id", "after", "limit", "flagged"]) {
         return resp;
     }
+    let flagged = match q.get("flagged").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                Some("flagged"),
+                "must be true or false",
+            )
+        }
+    };
     let q = EventsQuery {
         clinic_id: q.get("clinic_id").cloned(),
         after: q.get("after").cloned(),
@@ -430,12 +442,13 @@ pub(super) async fn list_events(
     let clinic = q.clinic_id.as_deref();
     // Without `after`, the page starts at the oldest event retention kept; an explicit `after`
     // before it is a 410 naming the oldest id (the caller has missed events).
-    let mut res = state.store.events_page(clinic, after, limit).await;
+    let page = |after| match flagged {
+        true => state.store.flagged_events_page(clinic, after, limit),
+        false => state.store.events_page(clinic, after, limit),
+    };
+    let mut res = page(after).await;
     if let (None, Err(StoreError::Gone { pruned_through, .. })) = (&q.after, &res) {
-        res = state
-            .store
-            .events_page(clinic, *pruned_through, limit)
-            .await;
+        res = page(*pruned_through).await;
     }
     match res {
         Ok(events) => {

@@ -38,6 +38,9 @@ pub struct GatewayMetrics {
     pub registry_reload_failures: AtomicU64,
     /// HTTP-fallback requests passed to the node holding their channel.
     pub http_forwarded: AtomicU64,
+    /// Flagged events counted so far in the store, and the highest event id counted (see
+    /// [`GatewayMetrics::count_flagged`]).
+    flagged: std::sync::Mutex<(u64, u64)>,
     ack_buckets: [AtomicU64; ACK_BUCKETS.len()],
     ack_count: AtomicU64,
     ack_sum_us: AtomicU64,
@@ -61,6 +64,20 @@ impl GatewayMetrics {
         self.ack_count.fetch_add(1, Ordering::Relaxed);
         self.ack_sum_us
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Where the running count of flagged events stands: (count, highest id counted).
+    pub fn flagged_position(&self) -> (u64, u64) {
+        *self.flagged.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds what the store found after `from_id` — unless another scrape moved the position
+    /// meanwhile (then its answer stands and this one is dropped: nothing is counted twice).
+    pub fn count_flagged(&self, from_id: u64, found: u64, through: u64) {
+        let mut f = self.flagged.lock().unwrap_or_else(|p| p.into_inner());
+        if f.1 == from_id {
+            *f = (f.0 + found, through.max(from_id));
+        }
     }
 
     /// The whole exposition: these counters, then per-clinic gauges.
@@ -122,6 +139,11 @@ impl GatewayMetrics {
             "tether_gateway_duplicate_source_refusals_total",
             "Hellos refused (4009) because another database than the clinic's presented its identity; see the audit log and the clinic's `refused` in /v1/clinics.",
             get(&self.duplicate_sources),
+        );
+        counter(
+            "tether_gateway_events_flagged_total",
+            "Events stored with a problem (a row that failed its entity's schema), in the whole store (every node counts the same rows); list them with GET /v1/events?flagged=true.",
+            self.flagged_position().0,
         );
         counter(
             "tether_gateway_registry_reloads_total",

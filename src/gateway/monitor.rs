@@ -89,6 +89,12 @@ async fn live_and_records(
 }
 
 pub(super) async fn metrics(state: web::Data<GatewayState>) -> HttpResponse {
+    // Flagged events since the last scrape (O(new ones), through a partial index); a store
+    // that does not answer leaves the count where it was.
+    let (_, from) = state.metrics.flagged_position();
+    if let Ok((found, through)) = state.store.flagged_since(from).await {
+        state.metrics.count_flagged(from, found, through);
+    }
     match live_and_records(&state).await {
         Ok((live, records)) => {
             let mut text = state

@@ -138,6 +138,9 @@ ALTER TABLE updates ADD COLUMN batch_id TEXT;
 CREATE INDEX updates_batch ON updates (batch_id) WHERE batch_id IS NOT NULL;
 CREATE UNIQUE INDEX updates_idempotency ON updates (clinic_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
+", // 7: flagged events (stored with a problem) listed and counted without a scan.
+    "
+CREATE INDEX events_flagged ON events (id) WHERE problem IS NOT NULL;
 ",
 ];
 
@@ -184,20 +187,7 @@ struct Pg<'a>(&'a postgres::Error);
 
 impl std::fmt::Display for Pg<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if let Some(d) = self.0.as_db_error() {
-            write!(f, "{} (SQLSTATE {})", d.message(), d.code().code())?;
-            if let Some(h) = d.hint() {
-                write!(f, "; hint: {h}")?;
-            }
-            return Ok(());
-        }
-        write!(f, "{}", self.0)?;
-        let mut cause = std::error::Error::source(self.0);
-        while let Some(c) = cause {
-            write!(f, ": {c}")?;
-            cause = c.source();
-        }
-        Ok(())
+        f.write_str(&crate::db::postgres::pg_error_text(self.0))
     }
 }
 
@@ -630,45 +620,20 @@ impl GatewayStore for PgStore {
         after: u64,
         limit: usize,
     ) -> StoreFuture<Vec<StoredEvent>> {
-        let clinic = clinic.map(str::to_string);
-        let (url, schema) = (self.url.clone(), self.schema.clone());
-        self.readers.run(
-            move || connect(&url, &schema),
-            move |c| {
-                let e = |e: postgres::Error| unavailable("read", Pg(&e));
-                let pruned: i64 = c
-                    .query_one(
-                        "SELECT value FROM store_meta WHERE key = 'pruned_through'",
-                        &[],
-                    )
-                    .map_err(e)?
-                    .get(0);
-                let pruned = pruned.max(0) as u64;
-                if after < pruned {
-                    let oldest: i64 = c
-                        .query_one("SELECT coalesce(min(id), 0) FROM events", &[])
-                        .map_err(e)?
-                        .get(0);
-                    return Err(StoreError::Gone {
-                        pruned_through: pruned,
-                        oldest: (oldest as u64).max(pruned + 1),
-                    });
-                }
-                let (after, limit) = (after as i64, limit as i64);
-                let rows = match &clinic {
-                    Some(k) => c.query(
-                        &format!("SELECT {EVENT_COLUMNS} FROM events WHERE clinic_id = $1 AND id > $2 ORDER BY id LIMIT $3"),
-                        &[k, &after, &limit],
-                    ),
-                    None => c.query(
-                        &format!("SELECT {EVENT_COLUMNS} FROM events WHERE id > $1 ORDER BY id LIMIT $2"),
-                        &[&after, &limit],
-                    ),
-                }
-                .map_err(e)?;
-                Ok(rows.iter().map(event_from_row).collect())
-            },
-        )
+        self.page(clinic, after, limit, false)
+    }
+
+    fn flagged_events_page(
+        &self,
+        clinic: Option<&str>,
+        after: u64,
+        limit: usize,
+    ) -> StoreFuture<Vec<StoredEvent>> {
+        self.page(clinic, after, limit, true)
+    }
+
+    fn flagged_since(&self, after_id: u64) -> StoreFuture<(u64, u64)> {
+        self.flagged_count(after_id)
     }
 
     fn clinic_events(
@@ -1530,4 +1495,77 @@ fn prune(
         events: n,
         pruned_through: last as u64,
     })
+}
+
+impl PgStore {
+    /// Events after `after` (of one clinic, or all; only flagged ones when `flagged`).
+    fn page(
+        &self,
+        clinic: Option<&str>,
+        after: u64,
+        limit: usize,
+        flagged: bool,
+    ) -> StoreFuture<Vec<StoredEvent>> {
+        let only = if flagged {
+            " AND problem IS NOT NULL"
+        } else {
+            ""
+        };
+        let clinic = clinic.map(str::to_string);
+        let (url, schema) = (self.url.clone(), self.schema.clone());
+        self.readers.run(
+            move || connect(&url, &schema),
+            move |c| {
+                let e = |e: postgres::Error| unavailable("read", Pg(&e));
+                let pruned: i64 = c
+                    .query_one(
+                        "SELECT value FROM store_meta WHERE key = 'pruned_through'",
+                        &[],
+                    )
+                    .map_err(e)?
+                    .get(0);
+                let pruned = pruned.max(0) as u64;
+                if after < pruned {
+                    let oldest: i64 = c
+                        .query_one("SELECT coalesce(min(id), 0) FROM events", &[])
+                        .map_err(e)?
+                        .get(0);
+                    return Err(StoreError::Gone {
+                        pruned_through: pruned,
+                        oldest: (oldest as u64).max(pruned + 1),
+                    });
+                }
+                let (after, limit) = (after as i64, limit as i64);
+                let rows = match &clinic {
+                    Some(k) => c.query(
+                        &format!("SELECT {EVENT_COLUMNS} FROM events WHERE clinic_id = $1 AND id > $2{only} ORDER BY id LIMIT $3"),
+                        &[k, &after, &limit],
+                    ),
+                    None => c.query(
+                        &format!("SELECT {EVENT_COLUMNS} FROM events WHERE id > $1{only} ORDER BY id LIMIT $2"),
+                        &[&after, &limit],
+                    ),
+                }
+                .map_err(e)?;
+                Ok(rows.iter().map(event_from_row).collect())
+            },
+        )
+    }
+
+    fn flagged_count(&self, after_id: u64) -> StoreFuture<(u64, u64)> {
+        let (url, schema) = (self.url.clone(), self.schema.clone());
+        self.readers.run(
+            move || connect(&url, &schema),
+            move |c| {
+                let row = c
+                    .query_one(
+                        "SELECT count(*), max(id) FROM events WHERE problem IS NOT NULL AND id > $1",
+                        &[&(after_id as i64)],
+                    )
+                    .map_err(|e| unavailable("read", Pg(&e)))?;
+                let (n, max): (i64, Option<i64>) = (row.get(0), row.get(1));
+                Ok((n as u64, max.map_or(after_id, |m| m as u64)))
+            },
+        )
+    }
 }

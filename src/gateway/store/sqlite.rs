@@ -129,6 +129,9 @@ ALTER TABLE updates ADD COLUMN batch_id TEXT;
 CREATE INDEX IF NOT EXISTS updates_batch ON updates (batch_id) WHERE batch_id IS NOT NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS updates_idempotency ON updates (clinic_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
+", // 7: flagged events (stored with a problem) listed and counted without a scan.
+    "
+CREATE INDEX IF NOT EXISTS events_flagged ON events (id) WHERE problem IS NOT NULL;
 ",
 ];
 
@@ -139,6 +142,13 @@ fn open_conn(path: &Path) -> Result<Connection, StoreError> {
         store: path.display().to_string(),
         message: e.to_string(),
     };
+    // A store directory that does not exist yet is created (a fresh install's `data/`).
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+            store: path.display().to_string(),
+            message: format!("cannot create its directory {}: {e}", dir.display()),
+        })?;
+    }
     let conn = Connection::open(path).map_err(err)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))
         .map_err(err)?;
@@ -375,36 +385,20 @@ impl GatewayStore for SqliteStore {
         after: u64,
         limit: usize,
     ) -> StoreFuture<Vec<StoredEvent>> {
-        let clinic = clinic.map(str::to_string);
-        let path = self.path.clone();
-        self.readers.run(
-            move || open_conn(&path),
-            move |c| {
-                let pruned = meta(c, "pruned_through").map_err(read_err)?;
-                if after < pruned {
-                    let oldest: i64 = c
-                        .query_row("SELECT coalesce(min(id), 0) FROM events", [], |r| r.get(0))
-                        .map_err(read_err)?;
-                    return Err(StoreError::Gone {
-                        pruned_through: pruned,
-                        oldest: (oldest as u64).max(pruned + 1),
-                    });
-                }
-                let sql = match clinic {
-                    Some(_) => format!(
-                        "SELECT {EVENT_COLUMNS} FROM events WHERE clinic_id = ?2 AND id > ?1 ORDER BY id LIMIT ?3"
-                    ),
-                    None => format!(
-                        "SELECT {EVENT_COLUMNS} FROM events WHERE id > ?1 AND ?2 IS NULL ORDER BY id LIMIT ?3"
-                    ),
-                };
-                let mut stmt = c.prepare_cached(&sql).map_err(read_err)?;
-                let rows = stmt
-                    .query_map(params![after as i64, clinic, limit as i64], event_from_row)
-                    .map_err(read_err)?;
-                rows.collect::<Result<_, _>>().map_err(read_err)
-            },
-        )
+        self.page(clinic, after, limit, false)
+    }
+
+    fn flagged_events_page(
+        &self,
+        clinic: Option<&str>,
+        after: u64,
+        limit: usize,
+    ) -> StoreFuture<Vec<StoredEvent>> {
+        self.page(clinic, after, limit, true)
+    }
+
+    fn flagged_since(&self, after_id: u64) -> StoreFuture<(u64, u64)> {
+        self.flagged_count(after_id)
     }
 
     fn clinic_events(
@@ -1273,6 +1267,70 @@ fn enqueue_update(
     )
     .map_err(write_err)?;
     Ok(id)
+}
+
+impl SqliteStore {
+    /// Events after `after` (of one clinic, or all; only flagged ones when `flagged`).
+    fn page(
+        &self,
+        clinic: Option<&str>,
+        after: u64,
+        limit: usize,
+        flagged: bool,
+    ) -> StoreFuture<Vec<StoredEvent>> {
+        let only = if flagged {
+            " AND problem IS NOT NULL"
+        } else {
+            ""
+        };
+        let clinic = clinic.map(str::to_string);
+        let path = self.path.clone();
+        self.readers.run(
+            move || open_conn(&path),
+            move |c| {
+                let pruned = meta(c, "pruned_through").map_err(read_err)?;
+                if after < pruned {
+                    let oldest: i64 = c
+                        .query_row("SELECT coalesce(min(id), 0) FROM events", [], |r| r.get(0))
+                        .map_err(read_err)?;
+                    return Err(StoreError::Gone {
+                        pruned_through: pruned,
+                        oldest: (oldest as u64).max(pruned + 1),
+                    });
+                }
+                let sql = match clinic {
+                    Some(_) => format!(
+                        "SELECT {EVENT_COLUMNS} FROM events WHERE clinic_id = ?2 AND id > ?1{only} ORDER BY id LIMIT ?3"
+                    ),
+                    None => format!(
+                        "SELECT {EVENT_COLUMNS} FROM events WHERE id > ?1 AND ?2 IS NULL{only} ORDER BY id LIMIT ?3"
+                    ),
+                };
+                let mut stmt = c.prepare_cached(&sql).map_err(read_err)?;
+                let rows = stmt
+                    .query_map(params![after as i64, clinic, limit as i64], event_from_row)
+                    .map_err(read_err)?;
+                rows.collect::<Result<_, _>>().map_err(read_err)
+            },
+        )
+    }
+
+    fn flagged_count(&self, after_id: u64) -> StoreFuture<(u64, u64)> {
+        let path = self.path.clone();
+        self.readers.run(
+            move || open_conn(&path),
+            move |c| {
+                let (n, max): (i64, Option<i64>) = c
+                    .query_row(
+                        "SELECT count(*), max(id) FROM events WHERE problem IS NOT NULL AND id > ?1",
+                        [after_id as i64],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .map_err(read_err)?;
+                Ok((n as u64, max.map_or(after_id, |m| m as u64)))
+            },
+        )
+    }
 }
 
 #[cfg(test)]
