@@ -203,6 +203,10 @@ pub struct Tile {
     pub evictions: u64,
     pub agent_restarts: u64,
     pub last_close: Option<String>,
+    /// When the link was lost (a clinic not connected), for "offline 12m" on its tile.
+    pub disconnected_at_ms: Option<u64>,
+    /// The newest stored event's commit time (RFC 3339), from the store.
+    pub last_event_at: Option<String>,
     /// The gateway node holding the clinic's session (this one, or another live one).
     pub node: Option<String>,
     /// Why the clinic is refused (state `refused`): `duplicate_source`.
@@ -248,6 +252,12 @@ fn tiles(live: Vec<ClinicLive>, records: &[ClinicRecord], nodes: &NodeView) -> V
                 evictions: l.evictions,
                 agent_restarts: l.agent_restarts,
                 last_close: l.last_close,
+                disconnected_at_ms: if l.connected {
+                    None
+                } else {
+                    l.disconnected_at_ms
+                },
+                last_event_at: r.and_then(|r| r.last_event_at.clone()),
                 refused: l.refused,
             }
         })
@@ -275,6 +285,8 @@ fn tiles(live: Vec<ClinicLive>, records: &[ClinicRecord], nodes: &NodeView) -> V
                 evictions: 0,
                 agent_restarts: 0,
                 last_close: None,
+                disconnected_at_ms: None,
+                last_event_at: r.last_event_at.clone(),
                 refused: None,
             });
         }

@@ -46,6 +46,14 @@ try {
   if (first !== watch) fail(`offline clinic not first (first is ${first})`);
   const offline = Number(await page.textContent("#n-offline"));
   if (offline !== 1) fail(`header counts ${offline} offline`);
+  // The tile says since when and why without hovering: "offline 3s" and the last close.
+  const st = await page.textContent(`.tile[data-clinic="${watch}"] .st`);
+  if (!/^offline \d+[smh]$/.test(st.trim())) fail(`offline tile's state line: '${st}'`);
+  const why = (await page.textContent(`.tile[data-clinic="${watch}"] .why`)).trim();
+  if (!why) fail("offline tile does not say why");
+  if (!(await page.isVisible(`.tile[data-clinic="${watch}"] .why`))) fail("the reason is hidden");
+  const last = (await page.textContent(`.tile[data-clinic="${watch}"] .last-event`)).trim();
+  if (!/ago$/.test(last)) fail(`last event: '${last}'`);
   await page.screenshot({ path: shot, fullPage: true });
   console.log("DONE");
 } catch (e) {
