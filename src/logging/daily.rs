@@ -226,6 +226,13 @@ mod tests {
         .expect("append");
     }
 
+    /// A file's text with the platform's line ends as `\n` (`{n}` is `\r\n` on Windows).
+    fn lines(path: &Path) -> String {
+        std::fs::read_to_string(path)
+            .expect("log")
+            .replace("\r\n", "\n")
+    }
+
     fn files(dir: &Path) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(dir)
             .expect("dir")
@@ -265,9 +272,7 @@ mod tests {
         write(&a, "two");
         clock.set("2026-12-02T00:00:00Z");
         write(&a, "three");
-        let read = |d: &str| {
-            std::fs::read_to_string(dir.path().join(format!("connection.{d}.log"))).expect("log")
-        };
+        let read = |d: &str| lines(&dir.path().join(format!("connection.{d}.log")));
         assert_eq!(read("2026-12-01"), "one\ntwo\n");
         assert_eq!(read("2026-12-02"), "three\n");
         // keep_days 2: on the 3rd, the 1st goes; the 2nd and the 3rd stay.
@@ -298,7 +303,7 @@ mod tests {
             ["connection.2026-11-29.log", "connection.2026-11-30.log"]
         );
         assert_eq!(
-            std::fs::read_to_string(dir.path().join("connection.2026-11-30.log")).expect("log"),
+            lines(&dir.path().join("connection.2026-11-30.log")),
             "old\nnew\n"
         );
     }
