@@ -227,26 +227,15 @@ async fn refusal(
         return "the gateway refused the token (401); it gave no reason".into();
     };
     let got = crate::security::unix_now_ms();
-    let header = |name: &str| {
-        resp.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
-    let reason = header("www-authenticate")
-        .as_deref()
-        .and_then(|h| tether_actors::connection::auth_param(h, "error_description"))
-        .unwrap_or_else(|| "unauthorized".into());
-    let offset = header("tether-time")
-        .and_then(|t| t.parse::<i64>().ok())
-        .map(|t| t - ((sent + got) / 2) as i64);
-    let advice = tether_actors::stats::Refusal {
-        status: 401,
-        reason: reason.clone(),
-        clock_offset_ms: offset,
-        at_ms: got,
-    }
-    .advice();
+    let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok());
+    let refusal = tether_actors::stats::Refusal::from_answer(
+        401,
+        header("www-authenticate"),
+        header("tether-time"),
+        sent,
+        got,
+    );
+    let (reason, offset, advice) = (&refusal.reason, refusal.clock_offset_ms, refusal.advice());
     let clock = offset
         .map(|o| format!(", this clock {o:+} ms from the gateway's"))
         .unwrap_or_default();

@@ -1092,6 +1092,23 @@ impl Config {
     }
 }
 
+/// The value the segments lead to in `tree`, if there is one.
+fn node_at<'t>(
+    tree: &'t mut serde_json::Value,
+    segments: &[&serde_path_to_error::Segment],
+) -> Option<&'t mut serde_json::Value> {
+    use serde_path_to_error::Segment;
+    let mut node = tree;
+    for seg in segments {
+        node = match seg {
+            Segment::Map { key } => node.get_mut(key.as_str())?,
+            Segment::Seq { index } => node.get_mut(*index)?,
+            _ => return None,
+        };
+    }
+    Some(node)
+}
+
 /// Removes the value at `path` from `tree`; false when there is nothing there to remove.
 fn take_out(tree: &mut serde_json::Value, path: &serde_path_to_error::Path) -> bool {
     use serde_path_to_error::Segment;
@@ -1099,23 +1116,11 @@ fn take_out(tree: &mut serde_json::Value, path: &serde_path_to_error::Path) -> b
     let Some((last, parents)) = segments.split_last() else {
         return false;
     };
-    let mut node = tree;
-    for seg in parents {
-        let next = match seg {
-            Segment::Map { key } => node.get_mut(key.as_str()),
-            Segment::Seq { index } => node.get_mut(*index),
-            _ => None,
-        };
-        match next {
-            Some(n) => node = n,
-            None => return false,
-        }
-    }
-    match (last, node) {
-        (Segment::Map { key }, serde_json::Value::Object(map)) => {
+    match (last, node_at(tree, parents)) {
+        (Segment::Map { key }, Some(serde_json::Value::Object(map))) => {
             map.remove(key.as_str()).is_some()
         }
-        (Segment::Seq { index }, serde_json::Value::Array(items)) if *index < items.len() => {
+        (Segment::Seq { index }, Some(serde_json::Value::Array(items))) if *index < items.len() => {
             items.remove(*index);
             true
         }
@@ -1125,19 +1130,10 @@ fn take_out(tree: &mut serde_json::Value, path: &serde_path_to_error::Path) -> b
 
 /// Turns the number or boolean at `path` into its text; false when there is none there.
 fn stringify(tree: &mut serde_json::Value, path: &serde_path_to_error::Path) -> bool {
-    use serde_path_to_error::Segment;
-    let mut node = tree;
-    for seg in path.iter() {
-        let next = match seg {
-            Segment::Map { key } => node.get_mut(key.as_str()),
-            Segment::Seq { index } => node.get_mut(*index),
-            _ => None,
-        };
-        match next {
-            Some(n) => node = n,
-            None => return false,
-        }
-    }
+    let segments: Vec<_> = path.iter().collect();
+    let Some(node) = node_at(tree, &segments) else {
+        return false;
+    };
     let text = match node {
         serde_json::Value::Number(n) => n.to_string(),
         serde_json::Value::Bool(b) => b.to_string(),

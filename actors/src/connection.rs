@@ -369,26 +369,14 @@ impl Connection {
             let sent = wall_ms();
             let resp = tokio::time::timeout(timeout, req.send()).await.ok()?.ok()?;
             let got = wall_ms();
-            let status = resp.status().as_u16();
-            let header = |name: &str| {
-                resp.headers()
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string)
-            };
-            let reason = header("www-authenticate")
-                .as_deref()
-                .and_then(|h| auth_param(h, "error_description"))
-                .unwrap_or_else(|| "unauthorized".to_string());
-            let clock_offset_ms = header("tether-time")
-                .and_then(|t| t.parse::<i64>().ok())
-                .map(|t| t - ((sent + got) / 2) as i64);
-            Some(Refusal {
-                status,
-                reason,
-                clock_offset_ms,
-                at_ms: got,
-            })
+            let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok());
+            Some(Refusal::from_answer(
+                resp.status().as_u16(),
+                header("www-authenticate"),
+                header("tether-time"),
+                sent,
+                got,
+            ))
         };
         ctx.spawn(fut.into_actor(self).map(|r, act, _| {
             // A probe that was not refused (the gateway took the fresh token) explains nothing.

@@ -42,6 +42,28 @@ pub struct Refusal {
 }
 
 impl Refusal {
+    /// A 401 as the gateway explains it: the reason from `WWW-Authenticate`'s
+    /// `error_description`, and the clock offset from `Tether-Time` against the middle of the
+    /// request (`sent_ms`, `got_ms`: our wall clock around it).
+    pub fn from_answer(
+        status: u16,
+        www_authenticate: Option<&str>,
+        tether_time: Option<&str>,
+        sent_ms: u64,
+        got_ms: u64,
+    ) -> Refusal {
+        Refusal {
+            status,
+            reason: www_authenticate
+                .and_then(|h| crate::connection::auth_param(h, "error_description"))
+                .unwrap_or_else(|| "unauthorized".to_string()),
+            clock_offset_ms: tether_time
+                .and_then(|t| t.trim().parse::<i64>().ok())
+                .map(|t| t - ((sent_ms + got_ms) / 2) as i64),
+            at_ms: got_ms,
+        }
+    }
+
     /// What to do about it, in words.
     pub fn advice(&self) -> &'static str {
         match self.reason.as_str() {
