@@ -633,7 +633,20 @@ impl GatewayStore for PgStore {
     }
 
     fn flagged_since(&self, after_id: u64) -> StoreFuture<(u64, u64)> {
-        self.flagged_count(after_id)
+        let (url, schema) = (self.url.clone(), self.schema.clone());
+        self.readers.run(
+            move || connect(&url, &schema),
+            move |c| {
+                let row = c
+                    .query_one(
+                        "SELECT count(*), max(id) FROM events WHERE problem IS NOT NULL AND id > $1",
+                        &[&(after_id as i64)],
+                    )
+                    .map_err(|e| unavailable("read", Pg(&e)))?;
+                let (n, max): (i64, Option<i64>) = (row.get(0), row.get(1));
+                Ok((n as u64, max.map_or(after_id, |m| m as u64)))
+            },
+        )
     }
 
     fn clinic_events(
@@ -1548,23 +1561,6 @@ impl PgStore {
                 }
                 .map_err(e)?;
                 Ok(rows.iter().map(event_from_row).collect())
-            },
-        )
-    }
-
-    fn flagged_count(&self, after_id: u64) -> StoreFuture<(u64, u64)> {
-        let (url, schema) = (self.url.clone(), self.schema.clone());
-        self.readers.run(
-            move || connect(&url, &schema),
-            move |c| {
-                let row = c
-                    .query_one(
-                        "SELECT count(*), max(id) FROM events WHERE problem IS NOT NULL AND id > $1",
-                        &[&(after_id as i64)],
-                    )
-                    .map_err(|e| unavailable("read", Pg(&e)))?;
-                let (n, max): (i64, Option<i64>) = (row.get(0), row.get(1));
-                Ok((n as u64, max.map_or(after_id, |m| m as u64)))
             },
         )
     }

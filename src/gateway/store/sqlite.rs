@@ -398,7 +398,20 @@ impl GatewayStore for SqliteStore {
     }
 
     fn flagged_since(&self, after_id: u64) -> StoreFuture<(u64, u64)> {
-        self.flagged_count(after_id)
+        let path = self.path.clone();
+        self.readers.run(
+            move || open_conn(&path),
+            move |c| {
+                let (n, max): (i64, Option<i64>) = c
+                    .query_row(
+                        "SELECT count(*), max(id) FROM events WHERE problem IS NOT NULL AND id > ?1",
+                        [after_id as i64],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .map_err(read_err)?;
+                Ok((n as u64, max.map_or(after_id, |m| m as u64)))
+            },
+        )
     }
 
     fn clinic_events(
@@ -1311,23 +1324,6 @@ impl SqliteStore {
                     .query_map(params![after as i64, clinic, limit as i64], event_from_row)
                     .map_err(read_err)?;
                 rows.collect::<Result<_, _>>().map_err(read_err)
-            },
-        )
-    }
-
-    fn flagged_count(&self, after_id: u64) -> StoreFuture<(u64, u64)> {
-        let path = self.path.clone();
-        self.readers.run(
-            move || open_conn(&path),
-            move |c| {
-                let (n, max): (i64, Option<i64>) = c
-                    .query_row(
-                        "SELECT count(*), max(id) FROM events WHERE problem IS NOT NULL AND id > ?1",
-                        [after_id as i64],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .map_err(read_err)?;
-                Ok((n as u64, max.map_or(after_id, |m| m as u64)))
             },
         )
     }
