@@ -276,6 +276,40 @@ async fn lifecycle_stream_reports_connects_disconnects_offline_evictions_and_lag
             .contains("lag_events=49999"),
         "{lag}"
     );
+    assert_eq!(view["agent_version"], "t", "{view}");
+    // Behind, and the agent did not say when its oldest waiting change was committed.
+    assert_eq!(view["lag_ms"], Value::Null, "{view}");
+    // The next batch says it: the first change read after it was committed days ago (the
+    // clinic is still lagging, now by age); then everything read is acknowledged.
+    let events = json!({"v": 1, "type": "events", "prev_seq": 1, "head_seq": 3, "next_committed_at": "2026-11-28T00:00:02Z", "events": [
+        {"seq": 2, "entity": "patient", "op": "insert", "key": {"id": 2}, "row": {"id": 2, "name": "y"}, "committed_at": "2026-11-28T00:00:01Z"}]});
+    ws.send(ws::Message::Text(events.to_string().into()))
+        .await
+        .expect("events");
+    let url = format!("{}/v1/clinics/clinic-raw", fleet.http_url());
+    wait_until("the second batch acknowledged", limit, || async {
+        get_json(&url).await.1["lag_events"] == 1
+    })
+    .await;
+    let (_, view) = get_json(&url).await;
+    let lag_ms = view["lag_ms"].as_u64().unwrap_or(0);
+    assert!(
+        lag_ms > 3_600_000,
+        "the oldest unacknowledged change is days old: {view}"
+    );
+    assert_eq!(view["state"], "connected", "{view}");
+    let events = json!({"v": 1, "type": "events", "prev_seq": 2, "head_seq": 3, "events": [
+        {"seq": 3, "entity": "patient", "op": "insert", "key": {"id": 3}, "row": {"id": 3, "name": "z"}, "committed_at": "2026-11-28T00:00:02Z"}]});
+    ws.send(ws::Message::Text(events.to_string().into()))
+        .await
+        .expect("events");
+    sse.expect("caught_up", "clinic-raw", limit).await;
+    let (_, view) = get_json(&format!("{}/v1/clinics/clinic-raw", fleet.http_url())).await;
+    assert_eq!(
+        (&view["lag_events"], &view["lag_ms"]),
+        (&json!(0), &json!(0)),
+        "{view}"
+    );
     // Silence: no pongs, no frames. The socket stays open on our side.
     let t0 = Instant::now();
     sse.expect("evicted", "clinic-raw", limit).await;
@@ -315,5 +349,43 @@ async fn the_dashboard_page_is_served_and_its_stream_needs_the_admin_token() {
         }
     }
     assert!(text.starts_with("event: snapshot\n"), "{text}");
+    fleet.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_clinic_behind_shows_the_age_of_its_oldest_unacknowledged_change_then_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut fleet = Fleet::new(dir.path(), 1, HB).expect("fleet");
+    // Small batches, one at a time: the agent stays behind for a few hundred round trips.
+    let c = &mut fleet.clinics[0];
+    c.config.outbox.batch_max_events = 10;
+    c.config.outbox.max_inflight_batches = 1;
+    let written = write_activity(&c.db, 1_500);
+    assert!(written > 1_000, "{written}");
+    let url = format!("{}/v1/clinics/{}", fleet.http_url(), fleet.clinics[0].id);
+    fleet.start_agents().await.expect("agents");
+    // While behind, the lag has a time: the agent said when its oldest waiting change was
+    // committed (`next_committed_at`); without it the gateway could not know (null).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let behind = loop {
+        let (_, v) = get_as(Some(&fleet), &url).await;
+        if v["lag_events"].as_u64().unwrap_or(0) > 0 && v["lag_ms"].is_u64() {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never seen behind with a lag time: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // Written just now on this machine's clock: seconds old, not hours.
+    let lag_ms = behind["lag_ms"].as_u64().unwrap_or(u64::MAX);
+    assert!(lag_ms < 120_000, "{behind}");
+    wait_drained(&fleet, Duration::from_secs(60)).await;
+    wait_until("the lag back to zero", Duration::from_secs(10), || async {
+        let (_, v) = get_as(Some(&fleet), &url).await;
+        v["lag_events"] == 0 && v["lag_ms"] == 0
+    })
+    .await;
     fleet.stop().await;
 }

@@ -1033,6 +1033,7 @@ async fn undecryptable_fields_are_parked_as_ciphertext_never_dropped_or_stored_i
         events: vec![good, moved, unknown],
         head_seq: None,
         restarts: None,
+        next_committed_at: None,
     })
     .encode();
     ws.send(ws::Message::Text(frame.into()))

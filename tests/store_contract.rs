@@ -270,6 +270,13 @@ fn flagged_events_are_stored_with_their_problem(f: &Fixture) {
             s.flagged_since(all[2].id).await.expect("count"),
             (0, all[2].id)
         );
+        // Counted per clinic for the dashboard; a resend of what is held counts nothing again.
+        let mut again = evs(4..=6);
+        again[0].problem = Some("row.phone: missing".into());
+        s.append("c", 0, UNFENCED, 3, again).await.expect("resend");
+        let c = s.clinic("c").await.expect("c").expect("known");
+        let d = s.clinic("d").await.expect("d").expect("known");
+        assert_eq!((c.flagged_events, d.flagged_events), (2, 1));
     });
 }
 
@@ -406,7 +413,7 @@ fn counters_follow_every_write(f: &Fixture) {
             .expect("a again");
         s.append("b", 0, UNFENCED, 0, evs(1..=2)).await.expect("b");
         let u1 = s.enqueue_update(update("a")).await.expect("u1");
-        let _u2 = s.enqueue_update(update("a")).await.expect("u2");
+        let u2 = s.enqueue_update(update("a")).await.expect("u2");
         s.enqueue_update(update("fresh")).await.expect("u3");
         let all = s.clinics().await.expect("clinics");
         let ids: Vec<&str> = all.iter().map(|c| c.clinic_id.as_str()).collect();
@@ -433,6 +440,17 @@ fn counters_follow_every_write(f: &Fixture) {
             .update_result("a", &u1, UpdateStatus::Failed, None)
             .await
             .expect("again"));
+        assert_eq!(
+            s.clinic("a").await.expect("a").expect("a").failed_updates,
+            0
+        );
+        // A failed answer is counted on the clinic (the dashboard's "failed").
+        assert!(s
+            .update_result("a", &u2, UpdateStatus::Failed, Some("constraint".into()))
+            .await
+            .expect("failed"));
+        let a = s.clinic("a").await.expect("a").expect("a");
+        assert_eq!((a.pending_updates, a.failed_updates), (0, 1));
         let fresh = s.clinic("fresh").await.expect("f").expect("f");
         assert_eq!((fresh.events, fresh.pending_updates), (0, 1));
         assert!(s.clinic("nobody").await.expect("read").is_none());

@@ -203,6 +203,10 @@ pub struct ClinicRecord {
     pub node: Option<String>,
     /// The last claim's epoch (0: never claimed).
     pub epoch: u64,
+    /// Cloud updates the clinic answered `failed` (all time).
+    pub failed_updates: u64,
+    /// Events stored with a schema problem (all time: retention does not lower it).
+    pub flagged_events: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -155,14 +155,15 @@ impl Outbound {
             let prev_seq = items.first().map(|p| p.prev).unwrap_or(self.acked);
             let first_seq = items.first().map(|p| p.event.seq).unwrap_or(0);
             let last_seq = items.last().map(|p| p.event.seq).unwrap_or(0);
-            let head = Some(self.last_enqueued.max(last_seq));
-            let restarts = Some(self.stats.total_restarts());
-            let frame = tether_schemas::encode_events(
-                prev_seq,
-                head,
-                restarts,
-                items.iter().map(|p| &p.event),
-            );
+            // The first event read after this batch is the clinic's oldest unacknowledged
+            // change once the batch is acknowledged: the gateway shows its age as the lag.
+            let meta = tether_schemas::EventsMeta {
+                head_seq: Some(self.last_enqueued.max(last_seq)),
+                restarts: Some(self.stats.total_restarts()),
+                next_committed_at: self.pending.front().map(|p| p.event.committed_at.as_str()),
+            };
+            let frame =
+                tether_schemas::encode_events(prev_seq, meta, items.iter().map(|p| &p.event));
             log::info!(target: MESSAGE, "clinic={} event=batch_sent first_seq={first_seq} last_seq={last_seq} count={} bytes={}", s.clinic_id, items.len(), frame.len());
             AgentStats::add(&self.stats.events_sent, items.len() as u64);
             conn.do_send(SendFrame { epoch, text: frame });

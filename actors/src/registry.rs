@@ -58,8 +58,14 @@ pub struct ClinicLive {
     pub head_seq: u64,
     /// Events the agent has read and the gateway does not hold yet (`head_seq - acked_seq`).
     pub lag_events: u64,
-    /// Commit-to-durable delay of the newest event stored (ms).
+    /// Age of the clinic's oldest unacknowledged change (ms): 0 when the gateway holds
+    /// everything the agent has read; unknown (`None`) before the first acknowledgement, or
+    /// when an agent that does not send `next_committed_at` is behind.
     pub lag_ms: Option<u64>,
+    /// When that oldest unacknowledged change was committed (Unix ms, this gateway's clock).
+    pub oldest_unacked_ms: Option<u64>,
+    /// `hello.agent_version` of the current (or last) session.
+    pub agent_version: Option<String>,
     /// The clinic is flagged as lagging (see [`Registry::new`]).
     pub lagging: bool,
     /// Sessions ended by the gateway for silence.
@@ -104,6 +110,16 @@ impl Default for Registry {
     }
 }
 
+/// The age of `l`'s oldest unacknowledged change at `now` (see [`ClinicLive::lag_ms`]).
+fn lag_now(l: &ClinicLive, now: u64) -> Option<u64> {
+    match (l.lag_events, l.oldest_unacked_ms) {
+        (0, _) if l.acked_seq > 0 || l.head_seq > 0 => Some(0),
+        (0, _) => None,
+        (_, Some(t)) => Some(now.saturating_sub(t)),
+        (_, None) => None,
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -135,6 +151,20 @@ impl Actor for Registry {
                 log::warn!(target: CONNECTION, "clinic={c} event=offline after_ms={limit}");
                 act.emit(&c, "offline", None);
             }
+            // A clinic whose oldest unacknowledged change keeps ageing (a stalled link, a slow
+            // store) turns `lagging` without waiting for its next acknowledgement.
+            let behind: Vec<String> = act
+                .clinics
+                .values_mut()
+                .filter(|e| e.live.oldest_unacked_ms.is_some())
+                .map(|e| {
+                    e.live.lag_ms = lag_now(&e.live, now);
+                    e.live.clinic_id.clone()
+                })
+                .collect();
+            for c in behind {
+                act.check_lag(&c);
+            }
         });
     }
 }
@@ -142,7 +172,7 @@ impl Actor for Registry {
 impl Registry {
     /// `offline_after`: how long a lost link counts as `reconnecting` before `offline`.
     /// A clinic is `lagging` when it has more than `lag_events` read and not stored, or its
-    /// newest event took longer than `lag_ms` from commit to durable.
+    /// oldest unacknowledged change is older than `lag_ms`.
     pub fn new(offline_after: std::time::Duration, lag_events: u64, lag_ms: u64) -> Self {
         Registry {
             clinics: BTreeMap::new(),
@@ -211,6 +241,8 @@ impl Registry {
                     head_seq: 0,
                     lag_events: 0,
                     lag_ms: None,
+                    oldest_unacked_ms: None,
+                    agent_version: None,
                     lagging: false,
                     evictions: 0,
                     agent_restarts: 0,
@@ -233,6 +265,8 @@ pub struct Register {
     pub transport: &'static str,
     /// From `hello.restarts`.
     pub restarts: Option<u64>,
+    /// From `hello.agent_version`.
+    pub agent_version: String,
 }
 
 impl Handler<Register> for Registry {
@@ -256,6 +290,8 @@ impl Handler<Register> for Registry {
         e.live.acked_seq = msg.acked_seq;
         e.live.head_seq = msg.acked_seq;
         e.live.lag_events = 0;
+        e.live.oldest_unacked_ms = None;
+        e.live.agent_version = Some(msg.agent_version);
         e.live.sessions_total += 1;
         if let Some(r) = msg.restarts {
             e.live.agent_restarts = r;
@@ -413,8 +449,9 @@ pub struct Acked {
     pub seq: u64,
     /// The agent's `head_seq` from the batch, when it sent one.
     pub head_seq: Option<u64>,
-    /// Commit-to-durable delay of the batch's newest event (ms), when known.
-    pub lag_ms: Option<u64>,
+    /// The batch's `next_committed_at` on the gateway's clock (Unix ms): the clinic's oldest
+    /// unacknowledged change once this batch is acknowledged.
+    pub next_committed_ms: Option<u64>,
     /// The agent's `restarts` from the batch, when it sent one.
     pub restarts: Option<u64>,
 }
@@ -427,9 +464,12 @@ impl Handler<Acked> for Registry {
         l.acked_seq = l.acked_seq.max(msg.seq);
         l.head_seq = msg.head_seq.unwrap_or(l.head_seq).max(l.acked_seq);
         l.lag_events = l.head_seq - l.acked_seq;
-        if msg.lag_ms.is_some() {
-            l.lag_ms = msg.lag_ms;
-        }
+        l.oldest_unacked_ms = if l.lag_events == 0 {
+            None
+        } else {
+            msg.next_committed_ms
+        };
+        l.lag_ms = lag_now(l, now_ms());
         if let Some(r) = msg.restarts {
             l.agent_restarts = r;
         }
@@ -463,6 +503,99 @@ pub struct Snapshot;
 impl Handler<Snapshot> for Registry {
     type Result = MessageResult<Snapshot>;
     fn handle(&mut self, _: Snapshot, _: &mut Self::Context) -> Self::Result {
-        MessageResult(self.clinics.values().map(|e| e.live.clone()).collect())
+        let now = now_ms();
+        MessageResult(
+            self.clinics
+                .values()
+                .map(|e| {
+                    let mut l = e.live.clone();
+                    l.lag_ms = lag_now(&l, now);
+                    l
+                })
+                .collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    async fn next_kind(
+        rx: &mut tokio::sync::broadcast::Receiver<Lifecycle>,
+        kind: &str,
+    ) -> Lifecycle {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, rx.recv()).await {
+                Ok(Ok(e)) if e.kind == kind => return e,
+                Ok(Ok(_)) => continue,
+                other => panic!("no {kind} event within 10 s: {other:?}"),
+            }
+        }
+    }
+
+    #[actix_rt::test]
+    async fn lag_is_the_age_of_the_oldest_unacknowledged_change_and_turns_lagging_as_it_ages() {
+        // Lagging past 1 s; the registry's tick runs every 50 ms (offline_after / 4).
+        let reg = Registry::new(Duration::from_millis(200), 10_000, 1_000).start();
+        let mut rx = reg.send(Subscribe).await.expect("subscribe");
+        let committed = now_ms() - 100;
+        reg.send(Acked {
+            clinic_id: "c".into(),
+            seq: 5,
+            head_seq: Some(8),
+            next_committed_ms: Some(committed),
+            restarts: None,
+        })
+        .await
+        .expect("acked");
+        let live = reg.send(Snapshot).await.expect("snapshot");
+        assert_eq!(live[0].lag_events, 3);
+        let lag = live[0].lag_ms.expect("lag known");
+        assert!(lag >= 100, "the change is at least 100 ms old: {lag}");
+        // No acknowledgement comes: the change ages past the limit and the clinic turns
+        // lagging on its own (at the ack it was ~100 ms old).
+        let e = next_kind(&mut rx, "lagging").await;
+        let detail = e.detail.unwrap_or_default();
+        let ms: u64 = detail
+            .rsplit("lag_ms=")
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        assert!(ms > 1_000, "{detail}");
+        // Everything read is acknowledged: lag 0, caught up.
+        reg.send(Acked {
+            clinic_id: "c".into(),
+            seq: 8,
+            head_seq: Some(8),
+            next_committed_ms: None,
+            restarts: None,
+        })
+        .await
+        .expect("acked");
+        next_kind(&mut rx, "caught_up").await;
+        let live = reg.send(Snapshot).await.expect("snapshot");
+        assert_eq!((live[0].lag_events, live[0].lag_ms), (0, Some(0)));
+        assert!(!live[0].lagging);
+    }
+
+    #[actix_rt::test]
+    async fn an_agent_behind_that_does_not_say_when_its_oldest_change_was_committed_has_no_lag_time(
+    ) {
+        let reg = Registry::default().start();
+        reg.send(Acked {
+            clinic_id: "c".into(),
+            seq: 5,
+            head_seq: Some(9),
+            next_committed_ms: None,
+            restarts: None,
+        })
+        .await
+        .expect("acked");
+        let live = reg.send(Snapshot).await.expect("snapshot");
+        assert_eq!((live[0].lag_events, live[0].lag_ms), (4, None));
     }
 }

@@ -102,6 +102,11 @@ pub struct Events {
     /// Actor restarts since the agent process started. Optional.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restarts: Option<u64>,
+    /// Commit time (RFC 3339) of the first event the agent has read *after* this batch: once
+    /// the batch is acknowledged, that event is the clinic's oldest unacknowledged change, and
+    /// its age is the clinic's lag. Absent when the batch ends at `head_seq`. Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_committed_at: Option<String>,
 }
 
 /// Gateway → agent: every event up to `seq` is durable (cumulative).
@@ -429,6 +434,7 @@ pub struct RawEvents {
     pub events: Vec<RawEvent>,
     pub head_seq: Option<u64>,
     pub restarts: Option<u64>,
+    pub next_committed_at: Option<String>,
 }
 
 /// A frame as the gateway reads it: `events` on the fast path, everything else as [`Message`].
@@ -464,6 +470,8 @@ pub fn decode_inbound(text: &str, max_frame_bytes: usize) -> Result<Inbound, Dec
         head_seq: Option<u64>,
         #[serde(default)]
         restarts: Option<u64>,
+        #[serde(default)]
+        next_committed_at: Option<String>,
     }
     if text.len() <= max_frame_bytes {
         if let Ok(f) = serde_json::from_str::<EventsFrame<'_>>(text) {
@@ -489,6 +497,7 @@ pub fn decode_inbound(text: &str, max_frame_bytes: usize) -> Result<Inbound, Dec
                     events: f.events,
                     head_seq: f.head_seq,
                     restarts: f.restarts,
+                    next_committed_at: f.next_committed_at,
                 }));
             }
         }
@@ -501,6 +510,7 @@ pub fn decode_inbound(text: &str, max_frame_bytes: usize) -> Result<Inbound, Dec
             events: e.events.iter().map(RawEvent::from_event).collect(),
             head_seq: e.head_seq,
             restarts: e.restarts,
+            next_committed_at: e.next_committed_at,
         }),
         other => Inbound::Other(other),
     })
@@ -511,29 +521,36 @@ fn is_object(v: &RawValue) -> bool {
     v.get().starts_with('{')
 }
 
+/// The optional fields of an `events` frame (see [`Events`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct EventsMeta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub head_seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restarts: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_committed_at: Option<&'a str>,
+}
+
 /// Encodes an `events` frame from borrowed events (no copy of the rows).
 pub fn encode_events<'a>(
     prev_seq: u64,
-    head_seq: Option<u64>,
-    restarts: Option<u64>,
+    meta: EventsMeta<'_>,
     events: impl Iterator<Item = &'a Event>,
 ) -> String {
     #[derive(Serialize)]
-    struct EventsRef<'a> {
+    struct EventsRef<'a, 'm> {
         prev_seq: u64,
         events: Vec<&'a Event>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        head_seq: Option<u64>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        restarts: Option<u64>,
+        #[serde(flatten)]
+        meta: EventsMeta<'m>,
     }
     envelope(
         "events",
         &EventsRef {
             prev_seq,
             events: events.collect(),
-            head_seq,
-            restarts,
+            meta,
         },
     )
 }
@@ -690,6 +707,7 @@ mod tests {
                 }],
                 head_seq: Some(9),
                 restarts: Some(2),
+                next_committed_at: Some("2026-01-01T00:00:00.250Z".into()),
             }),
             Message::Ack(Ack { seq: 8 }),
             Message::Update(Update {
@@ -731,7 +749,15 @@ mod tests {
         };
         let owned = Message::Events(ev.clone()).encode();
         assert_eq!(
-            encode_events(ev.prev_seq, ev.head_seq, ev.restarts, ev.events.iter()),
+            encode_events(
+                ev.prev_seq,
+                EventsMeta {
+                    head_seq: ev.head_seq,
+                    restarts: ev.restarts,
+                    next_committed_at: ev.next_committed_at.as_deref(),
+                },
+                ev.events.iter()
+            ),
             owned
         );
         let one = serde_json::to_string(&ev.events[0]).expect("json");

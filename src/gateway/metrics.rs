@@ -205,7 +205,7 @@ impl GatewayMetrics {
             ),
             (
                 "tether_clinic_lag_seconds",
-                "Commit-to-durable delay of the clinic's newest stored event.",
+                "Age of the clinic's oldest change not yet acknowledged (0: caught up).",
             ),
             (
                 "tether_clinic_backlog_updates",

@@ -195,9 +195,16 @@ pub struct Tile {
     pub transport: Option<String>,
     pub acked_seq: u64,
     pub lag_events: u64,
+    /// Age of the clinic's oldest unacknowledged change (0: caught up).
     pub lag_ms: Option<u64>,
     pub lagging: bool,
     pub backlog_updates: u64,
+    /// Cloud updates the clinic answered `failed` (all time).
+    pub failed_updates: u64,
+    /// Events stored with a schema problem (all time; listed by `GET /v1/events?flagged=true`).
+    pub flagged_events: u64,
+    /// The agent's version (its last `hello` to this node).
+    pub agent_version: Option<String>,
     pub last_heartbeat_ms: Option<u64>,
     pub sessions_total: u64,
     pub evictions: u64,
@@ -233,6 +240,9 @@ fn tiles(live: Vec<ClinicLive>, records: &[ClinicRecord], nodes: &NodeView) -> V
             };
             Tile {
                 backlog_updates: r.map_or(0, |r| r.pending_updates),
+                failed_updates: r.map_or(0, |r| r.failed_updates),
+                flagged_events: r.map_or(0, |r| r.flagged_events),
+                agent_version: l.agent_version,
                 node,
                 clinic_id: l.clinic_id,
                 state: if elsewhere.is_some() {
@@ -280,6 +290,9 @@ fn tiles(live: Vec<ClinicLive>, records: &[ClinicRecord], nodes: &NodeView) -> V
                 lag_ms: None,
                 lagging: false,
                 backlog_updates: r.pending_updates,
+                failed_updates: r.failed_updates,
+                flagged_events: r.flagged_events,
+                agent_version: None,
                 last_heartbeat_ms: None,
                 sessions_total: 0,
                 evictions: 0,

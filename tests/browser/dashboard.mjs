@@ -3,16 +3,11 @@
 // Talks to the Rust test over stdio: prints READY once every tile is connected, waits for a
 // line STOPPED (the test stopped the watched clinic's agent), prints OFFLINE <ms> when that
 // tile turns offline, saves the screenshot, prints DONE. Any failure: a message and exit 1.
-import { chromium } from "playwright-core";
+import { fail, launch } from "./launch.mjs";
 import readline from "node:readline";
 
 const [url, token, count, watch, shot] = process.argv.slice(2);
-const fail = (why) => { console.log("FAIL " + why); process.exit(1); };
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         "--disable-background-networking", "--no-first-run", "--disable-extensions"],
-});
+const browser = await launch();
 try {
   const page = await browser.newPage({ ignoreHTTPSErrors: true, viewport: { width: 1280, height: 800 } });
   page.on("pageerror", (e) => fail("page error: " + e.message));
@@ -34,6 +29,9 @@ try {
   const ids = await page.$$eval(".tile", (ts) => ts.map((t) => t.dataset.clinic));
   if (ids.join() !== [...ids].sort().join()) fail("sort by id: " + ids.join());
   await page.selectOption("#sort", "problems");
+  // Each tile names its agent's version; a clinic with nothing waiting is caught up.
+  const ver = (await page.textContent(`.tile[data-clinic="${watch}"] .ver`)).trim();
+  if (!/^v\d+\.\d+/.test(ver)) fail(`agent version on the tile: '${ver}'`);
   console.log("READY");
   const rl = readline.createInterface({ input: process.stdin });
   for await (const line of rl) { if (line.trim() === "STOPPED") break; }

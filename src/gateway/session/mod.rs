@@ -569,6 +569,8 @@ impl Session {
                 session: ctx.address().recipient(),
                 transport: act.transport,
                 restarts: h.restarts,
+                // Shown on the dashboard: kept short whatever the agent sent.
+                agent_version: h.agent_version.chars().take(40).collect(),
             });
             // A registry reload between this session's handshake and its registration above
             // could not reach it; one after the registration does. Look once more.
@@ -639,10 +641,14 @@ impl Session {
         let prev_seq = batch.prev_seq;
         let head_seq = batch.head_seq;
         let restarts = batch.restarts;
-        let newest_commit = batch
-            .events
-            .last()
-            .and_then(|e| tether_schemas::rfc3339_ms(&e.committed_at));
+        // The clinic's oldest unacknowledged change once this batch is stored, on this
+        // gateway's clock (the clinic clock's offset measured at hello).
+        let offset = self.clock_offset_ms.unwrap_or(0);
+        let next_committed = batch
+            .next_committed_at
+            .as_deref()
+            .and_then(tether_schemas::rfc3339_ms)
+            .map(|t| (t as i64).saturating_add(offset).max(0) as u64);
         let schemas = &self.state.schemas;
         let incoming: Vec<IncomingEvent> = batch
             .events
@@ -689,12 +695,11 @@ impl Session {
                     act.state.webhooks.notify();
                 }
             }
-            let lag_ms = newest_commit.map(|t| crate::security::unix_now_ms().saturating_sub(t));
             act.stored(
                 res,
                 &clinic,
                 (first, last, count, flagged, prev_seq),
-                (head_seq, lag_ms, restarts),
+                (head_seq, next_committed, restarts),
                 ctx,
             );
             if act.shutting_down && act.writes_inflight == 0 {
@@ -708,7 +713,7 @@ impl Session {
         res: Result<AppendOutcome, crate::gateway::store::StoreError>,
         clinic: &str,
         (first, last, count, flagged, prev_seq): (u64, u64, usize, usize, u64),
-        (head_seq, lag_ms, restarts): (Option<u64>, Option<u64>, Option<u64>),
+        (head_seq, next_committed_ms, restarts): (Option<u64>, Option<u64>, Option<u64>),
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
         let act = self;
@@ -722,7 +727,7 @@ impl Session {
                     clinic_id: clinic.to_string(),
                     seq: acked,
                     head_seq,
-                    lag_ms,
+                    next_committed_ms,
                     restarts,
                 });
             }
@@ -1081,6 +1086,16 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
             }
             Err(ws::ProtocolError::Io(e)) if e.to_string().contains("utf-8") => {
                 self.bad_utf8(ctx);
+            }
+            // The TCP connection ended without a close frame (a PC switched off, a link cut,
+            // a process killed): the link was lost, not a protocol error of the agent's.
+            Err(ws::ProtocolError::Io(e))
+                if e.kind() == std::io::ErrorKind::UnexpectedEof
+                    || e.to_string().contains("EOF") =>
+            {
+                log::warn!(target: CONNECTION, "session={} clinic={} event=connection_lost detail=\"no close frame\"", self.id, self.clinic_label());
+                self.closing = true;
+                ctx.stop();
             }
             Err(ws::ProtocolError::Overflow) => {
                 self.send_error(

@@ -168,6 +168,15 @@ pub fn wait<T>(f: StoreFuture<T>) -> Result<T, StoreError> {
     }
 }
 
+/// Schema-flagged events of a batch that are new to the store (a resend of what is already
+/// acknowledged is not counted again).
+pub(crate) fn newly_flagged(events: &[IncomingEvent], acked: u64) -> usize {
+    events
+        .iter()
+        .filter(|ie| ie.event.seq > acked && ie.problem.is_some())
+        .count()
+}
+
 pub(crate) fn now_iso() -> String {
     iso_from_millis(crate::security::unix_now_ms() as i64)
 }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use postgres::{Client, NoTls, Statement, Transaction};
 use serde_json::value::RawValue;
 use serde_json::Value;
-use tether_schemas::UpdateOp;
+use tether_schemas::{UpdateOp, UpdateStatus};
 
 use super::{
     check_version, new_update_id, now_iso, redact_url, AppendOutcome, Backend, ClinicRecord,
@@ -141,6 +141,18 @@ CREATE UNIQUE INDEX updates_idempotency ON updates (clinic_id, idempotency_key)
 ", // 7: flagged events (stored with a problem) listed and counted without a scan.
     "
 CREATE INDEX events_flagged ON events (id) WHERE problem IS NOT NULL;
+",
+    // 8: per-clinic counters of failed cloud updates and schema-flagged events (dashboard
+    // tiles), kept with each write like the others.
+    "
+ALTER TABLE clinics ADD COLUMN failed_updates BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE clinics ADD COLUMN flagged_events BIGINT NOT NULL DEFAULT 0;
+UPDATE clinics SET failed_updates = f.n FROM
+    (SELECT clinic_id, count(*) AS n FROM updates WHERE status = 'failed' GROUP BY clinic_id) f
+    WHERE f.clinic_id = clinics.clinic_id;
+UPDATE clinics SET flagged_events = f.n FROM
+    (SELECT clinic_id, count(*) AS n FROM events WHERE problem IS NOT NULL GROUP BY clinic_id) f
+    WHERE f.clinic_id = clinics.clinic_id;
 ",
 ];
 
@@ -490,7 +502,7 @@ fn listen(
 const EVENT_COLUMNS: &str =
     "id, clinic_id, seq, entity, op, key_json, row_json, committed_at, received_at, problem";
 const CLINIC_COLUMNS: &str =
-    "clinic_id, acked_seq, first_seen, last_event_at, events_stored, pending_updates, owner_node, epoch";
+    "clinic_id, acked_seq, first_seen, last_event_at, events_stored, pending_updates, owner_node, epoch, failed_updates, flagged_events";
 
 fn event_from_row(r: &postgres::Row) -> StoredEvent {
     let key: String = r.get(5);
@@ -519,6 +531,8 @@ fn clinic_from_row(r: &postgres::Row) -> ClinicRecord {
         pending_updates: r.get::<_, i64>(5).max(0) as u64,
         node: r.get(6),
         epoch: r.get::<_, i64>(7).max(0) as u64,
+        failed_updates: r.get::<_, i64>(8).max(0) as u64,
+        flagged_events: r.get::<_, i64>(9).max(0) as u64,
     }
 }
 
@@ -1203,14 +1217,19 @@ fn run_op(
             let keys = (clinic, now, source);
             let inserted = resent.insert(tx, cache, INSERT_RESENT, keys)?
                 + fresh.insert(tx, cache, INSERT_EVENTS, keys)?;
+            let flagged = super::newly_flagged(events, acked) as i64;
             let s = stmt(
                 tx,
                 cache,
-                "INSERT INTO clinics (clinic_id, acked_seq, first_seen, last_event_at, events_stored) VALUES ($1, $2, $3, $3, $4) \
+                "INSERT INTO clinics (clinic_id, acked_seq, first_seen, last_event_at, events_stored, flagged_events) VALUES ($1, $2, $3, $3, $4, $5) \
                  ON CONFLICT (clinic_id) DO UPDATE SET acked_seq = greatest(clinics.acked_seq, excluded.acked_seq), \
-                 last_event_at = excluded.last_event_at, events_stored = clinics.events_stored + excluded.events_stored",
+                 last_event_at = excluded.last_event_at, events_stored = clinics.events_stored + excluded.events_stored, \
+                 flagged_events = clinics.flagged_events + excluded.flagged_events",
             )?;
-            tx.execute(&s, &[clinic, &(last as i64), now, &(inserted as i64)])?;
+            tx.execute(
+                &s,
+                &[clinic, &(last as i64), now, &(inserted as i64), &flagged],
+            )?;
             Done::Append(AppendOutcome::Stored {
                 acked: last,
                 inserted,
@@ -1309,8 +1328,9 @@ fn run_op(
             )?;
             if n > 0 {
                 tx.execute(
-                    "UPDATE clinics SET pending_updates = pending_updates - 1 WHERE clinic_id = $1",
-                    &[clinic],
+                    "UPDATE clinics SET pending_updates = pending_updates - 1, \
+                     failed_updates = failed_updates + $2 WHERE clinic_id = $1",
+                    &[clinic, &i64::from(*status == UpdateStatus::Failed)],
                 )?;
             }
             Done::Bool(n > 0)

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde_json::value::RawValue;
 use serde_json::Value;
-use tether_schemas::UpdateOp;
+use tether_schemas::{UpdateOp, UpdateStatus};
 
 use super::{
     check_version, new_update_id, now_iso, AppendOutcome, Backend, CancelOutcome, Claim,
@@ -132,6 +132,18 @@ CREATE UNIQUE INDEX IF NOT EXISTS updates_idempotency ON updates (clinic_id, ide
 ", // 7: flagged events (stored with a problem) listed and counted without a scan.
     "
 CREATE INDEX IF NOT EXISTS events_flagged ON events (id) WHERE problem IS NOT NULL;
+",
+    // 8: per-clinic counters of failed cloud updates and schema-flagged events (dashboard
+    // tiles), kept with each write like the others.
+    "
+ALTER TABLE clinics ADD COLUMN failed_updates INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE clinics ADD COLUMN flagged_events INTEGER NOT NULL DEFAULT 0;
+UPDATE clinics SET failed_updates = f.n FROM
+    (SELECT clinic_id, count(*) AS n FROM updates WHERE status = 'failed' GROUP BY clinic_id) f
+    WHERE f.clinic_id = clinics.clinic_id;
+UPDATE clinics SET flagged_events = f.n FROM
+    (SELECT clinic_id, count(*) AS n FROM events WHERE problem IS NOT NULL GROUP BY clinic_id) f
+    WHERE f.clinic_id = clinics.clinic_id;
 ",
 ];
 
@@ -286,11 +298,13 @@ fn clinic_from_row(r: &rusqlite::Row<'_>) -> Result<ClinicRecord, rusqlite::Erro
         pending_updates: r.get::<_, i64>(5)?.max(0) as u64,
         node: r.get(6)?,
         epoch: r.get::<_, i64>(7)?.max(0) as u64,
+        failed_updates: r.get::<_, i64>(8)?.max(0) as u64,
+        flagged_events: r.get::<_, i64>(9)?.max(0) as u64,
     })
 }
 
 const CLINIC_COLUMNS: &str =
-    "clinic_id, acked_seq, first_seen, last_event_at, events_stored, pending_updates, owner_node, epoch";
+    "clinic_id, acked_seq, first_seen, last_event_at, events_stored, pending_updates, owner_node, epoch, failed_updates, flagged_events";
 
 fn meta(c: &Connection, key: &str) -> Result<u64, rusqlite::Error> {
     c.query_row(
@@ -745,8 +759,9 @@ fn run_op(tx: &rusqlite::Transaction<'_>, op: &Op, now: &str) -> Result<Done, St
                 .map_err(write_err)?;
             if n > 0 {
                 tx.execute(
-                    "UPDATE clinics SET pending_updates = pending_updates - 1 WHERE clinic_id = ?1",
-                    params![clinic],
+                    "UPDATE clinics SET pending_updates = pending_updates - 1, \
+                     failed_updates = failed_updates + ?2 WHERE clinic_id = ?1",
+                    params![clinic, i64::from(*status == UpdateStatus::Failed)],
                 )
                 .map_err(write_err)?;
             }
@@ -1217,11 +1232,13 @@ fn append(
     let source = if source == 0 { known } else { source };
     let inserted = insert_events(tx, clinic, source as i64, now, events)?;
     let last = events.iter().map(|ie| ie.event.seq).fold(acked, u64::max);
+    let flagged = super::newly_flagged(events, acked);
     tx.execute(
-        "INSERT INTO clinics (clinic_id, acked_seq, first_seen, last_event_at, events_stored) VALUES (?1, ?2, ?3, ?3, ?4) \
+        "INSERT INTO clinics (clinic_id, acked_seq, first_seen, last_event_at, events_stored, flagged_events) VALUES (?1, ?2, ?3, ?3, ?4, ?5) \
          ON CONFLICT (clinic_id) DO UPDATE SET acked_seq = max(acked_seq, excluded.acked_seq), \
-         last_event_at = excluded.last_event_at, events_stored = events_stored + excluded.events_stored",
-        params![clinic, last as i64, now, inserted as i64],
+         last_event_at = excluded.last_event_at, events_stored = events_stored + excluded.events_stored, \
+         flagged_events = flagged_events + excluded.flagged_events",
+        params![clinic, last as i64, now, inserted as i64, flagged as i64],
     )
     .map_err(write_err)?;
     Ok(AppendOutcome::Stored {
@@ -1412,10 +1429,11 @@ mod tests {
             c.execute_batch(MIGRATIONS[0]).expect("v1");
             c.execute_batch(
                 "INSERT INTO clinics (clinic_id, acked_seq, first_seen) VALUES ('a', 2, 't');
-                 INSERT INTO events (clinic_id, seq, entity, op, key_json, committed_at, received_at)
-                 VALUES ('a', 1, 'e', 'insert', '{}', 't', 't'), ('a', 2, 'e', 'insert', '{}', 't', 't');
+                 INSERT INTO events (clinic_id, seq, entity, op, key_json, committed_at, received_at, problem)
+                 VALUES ('a', 1, 'e', 'insert', '{}', 't', 't', NULL), ('a', 2, 'e', 'insert', '{}', 't', 't', 'row.x: missing');
                  INSERT INTO updates (update_id, clinic_id, entity, op, key_json, status, created_at, updated_at)
-                 VALUES ('u1', 'a', 'e', 'upsert', '{}', 'pending', 't', 't');",
+                 VALUES ('u1', 'a', 'e', 'upsert', '{}', 'pending', 't', 't'),
+                        ('u2', 'a', 'e', 'upsert', '{}', 'failed', 't', 't');",
             )
             .expect("data");
         }
@@ -1428,6 +1446,7 @@ mod tests {
             .expect("read")
             .expect("clinic a");
         assert_eq!((a.events, a.pending_updates, a.acked_seq), (2, 1, 2));
+        assert_eq!((a.failed_updates, a.flagged_events), (1, 1));
         drop(store);
         // A newer binary's store is refused, by name.
         let c = Connection::open(&path).expect("open");
