@@ -460,11 +460,20 @@ pub fn db_ports(a: &AgentConfig) -> Result<DbPorts, AgentSetupError> {
         "postgres" => return Err(AgentSetupError::Unsupported("postgres")),
         #[cfg(not(feature = "sqlserver"))]
         "sqlserver" => return Err(AgentSetupError::Unsupported("sqlserver")),
-        _ => (
-            Arc::new(SqliteSource::open(path)?),
-            Arc::new(SqliteCheckpoint::open(path)?),
-            Arc::new(SqliteSink::open(path, &a.tables)?),
-        ),
+        _ => {
+            let source = SqliteSource::open(path)?;
+            // A column added after install is not captured: say so at every start.
+            if let Ok(conn) = crate::db::sqlite::open(path) {
+                for line in crate::db::sqlite::capture_drift(&conn, path, &a.tables) {
+                    log::warn!(target: tether_actors::log_target::ERROR, "clinic={} event=capture_stale detail={line:?}", a.clinic_id);
+                }
+            }
+            (
+                Arc::new(source),
+                Arc::new(SqliteCheckpoint::open(path)?),
+                Arc::new(SqliteSink::open(path, &a.tables)?),
+            )
+        }
     };
     Ok(ports)
 }

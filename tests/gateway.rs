@@ -114,25 +114,38 @@ async fn a_row_violating_its_entity_schema_is_stored_flagged_not_dropped() {
     next_json(&mut ws).await.expect("welcome");
     let mut bad = event(1);
     bad["row"] = json!({"id": 1, "name": ""});
+    // A column added to the clinic's table that the entity schema does not declare (the
+    // sample schemas say `additionalProperties: false`): stored, and reported by name.
+    let mut added = event(3);
+    added["row"]["colour"] = json!("red");
     send(
         &mut ws,
-        json!({"v": 1, "type": "events", "prev_seq": 0, "events": [bad, event(2)]}),
+        json!({"v": 1, "type": "events", "prev_seq": 0, "events": [bad, event(2), added]}),
     )
     .await;
-    assert_eq!(next_json(&mut ws).await.expect("ack")["seq"], 2);
+    assert_eq!(next_json(&mut ws).await.expect("ack")["seq"], 3);
     let page =
         tether::gateway::store::wait(gw.store.events_page(Some("clinic-s"), 0, 10)).expect("page");
-    assert_eq!(page.len(), 2);
+    assert_eq!(page.len(), 3);
     let problem = page[0].problem.as_deref().expect("flagged");
     assert!(problem.contains("/name"), "{problem}");
     assert!(page[1].problem.is_none());
+    let problem = page[2].problem.as_deref().expect("flagged");
+    assert!(
+        problem.contains("has fields the schema does not allow: colour"),
+        "{problem}"
+    );
+    assert_eq!(page[2].row.as_ref().expect("row")["colour"], "red", "kept");
     // Listed through REST on their own, and counted in /metrics.
     let base = gw.http_url();
     let (status, v) = get_json(&format!("{base}/v1/events?flagged=true")).await;
     assert_eq!(status, 200, "{v}");
     let listed = v["events"].as_array().expect("events");
-    assert_eq!(listed.len(), 1, "{v}");
-    assert_eq!(listed[0]["seq"], 1);
+    assert_eq!(listed.len(), 2, "{v}");
+    assert_eq!(
+        (&listed[0]["seq"], &listed[1]["seq"]),
+        (&json!(1), &json!(3))
+    );
     let (status, v) = get_json(&format!("{base}/v1/events?flagged=maybe")).await;
     assert_eq!(status, 400, "{v}");
     assert!(v.to_string().contains("flagged"), "{v}");
@@ -146,7 +159,7 @@ async fn a_row_violating_its_entity_schema_is_stored_flagged_not_dropped() {
         .expect("body");
     let metrics = String::from_utf8_lossy(&metrics);
     assert!(
-        metrics.contains("\ntether_gateway_events_flagged_total 1\n"),
+        metrics.contains("\ntether_gateway_events_flagged_total 2\n"),
         "{metrics}"
     );
     gw.stop().await;

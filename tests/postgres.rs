@@ -211,6 +211,36 @@ fn install_captures_multi_row_statements_and_uninstall_removes_everything() {
         .expect("plain insert");
 }
 
+/// PostgreSQL's triggers capture the whole row (`to_jsonb(NEW)`): a column added after
+/// `install` travels at once, with no second install (the gateway then flags it if the entity
+/// schema does not declare it: tests/security.rs and docs/DATABASES.md).
+#[test]
+fn a_column_added_after_install_is_captured_at_once() {
+    let db = TestDb::new();
+    let t = tables(ConflictPolicy::CloudWins);
+    pg::install(&db.url, &t).expect("install");
+    let mut c = db.client();
+    c.batch_execute(
+        "INSERT INTO patients (id, name) VALUES (1, 'a');
+         ALTER TABLE patients ADD COLUMN colour text;
+         INSERT INTO patients (id, name, colour) VALUES (2, 'b', 'red');
+         UPDATE patients SET colour = 'blue' WHERE id = 1;",
+    )
+    .expect("writes");
+    let src = PgSource::open(&db.url).expect("source");
+    let events = read_all(&src);
+    let colours: Vec<Value> = events
+        .iter()
+        .map(|e| {
+            e.row
+                .as_ref()
+                .and_then(|r| r.get("colour").cloned())
+                .unwrap_or(json!("absent"))
+        })
+        .collect();
+    assert_eq!(colours, vec![json!("absent"), json!("red"), json!("blue")]);
+}
+
 #[test]
 fn out_of_order_commits_are_never_skipped() {
     let db = TestDb::new();

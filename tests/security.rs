@@ -933,7 +933,7 @@ async fn marker_planted_in_every_payload_field_never_reaches_a_log() {
     let base = fleet.http_url();
     for (i, c) in fleet.clinics.iter().enumerate() {
         let good = json!({"entity": "patient", "op": "upsert", "key": {"id": -1 - i as i64}, "row": {"id": -1 - i as i64, "name": MARK, "phone": MARK}});
-        let poison = json!({"entity": "patient", "op": "upsert", "key": {"id": 7}, "row": {"id": 7, "name": MARK, "colour": MARK}});
+        let poison = json!({"entity": "patient", "op": "upsert", "key": {"id": 7}, "row": {"id": 7, "name": MARK, "updated_at": null}});
         for body in [good, poison] {
             let (status, _) = post_as(
                 Some(&fleet),

@@ -61,8 +61,9 @@ async fn cloud_updates_land_exactly_once_are_not_echoed_and_a_poison_update_bloc
         let clinic = fleet.clinics[ci].id.clone();
         let id = cloud_id(n);
         let body = if n == 7 {
-            // Poison: a column the table does not have.
-            json!({"entity": "patient", "op": "upsert", "key": {"id": id}, "row": {"id": id, "name": "x", "colour": "red"}})
+            // Poison: passes the entity schema (which refuses unknown columns at the REST API),
+            // fails at the clinic (`updated_at` is NOT NULL there).
+            json!({"entity": "patient", "op": "upsert", "key": {"id": id}, "row": {"id": id, "name": "x", "updated_at": null}})
         } else {
             json!({"entity": "patient", "op": "upsert", "key": {"id": id}, "row": {"id": id, "name": format!("Cloud {n}")}})
         };
@@ -105,7 +106,10 @@ async fn cloud_updates_land_exactly_once_are_not_echoed_and_a_poison_update_bloc
         assert_eq!(inbox, 1, "update {id} recorded once in the inbox");
         if *n == 7 {
             assert_eq!(u["status"], "failed");
-            assert!(u["reason"].as_str().unwrap_or("").contains("colour"), "{u}");
+            assert!(
+                u["reason"].as_str().unwrap_or("").contains("updated_at"),
+                "{u}"
+            );
             assert_eq!(rows, 0);
         } else {
             assert_eq!(u["status"], "applied", "{u}");

@@ -304,6 +304,69 @@ fn checked_columns(
     Ok(cols)
 }
 
+/// Tables whose capture triggers no longer match their columns: a column added after
+/// `install` is not captured (SQLite triggers name their columns), a renamed one still travels
+/// under its old name. One line per table, saying what to do; empty when nothing is installed
+/// yet (`check` says that) or everything matches.
+pub fn capture_drift(conn: &Connection, path: &Path, tables: &[TableConfig]) -> Vec<String> {
+    let installed = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '_tether_outbox'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap_or(0)
+        > 0;
+    if !installed {
+        return Vec::new();
+    }
+    let rerun = "re-run `tether agent install` (it keeps the outbox and the acknowledged position)";
+    let mut drift = Vec::new();
+    for t in tables.iter().filter(|t| t.direction.up()) {
+        // A table `install` would refuse is reported by `check` and by the start itself.
+        let Ok(cols) = checked_columns(conn, path, t) else {
+            continue;
+        };
+        let have: Option<String> = conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = ?1",
+                params![format!("_tether_{}_ins", t.table)],
+                |r| r.get(0),
+            )
+            .optional()
+            .ok()
+            .flatten();
+        let want = trigger_sql(t, &cols);
+        match have {
+            None => drift.push(format!(
+                "table {}: no capture trigger: its changes are not sent; {rerun}",
+                t.table
+            )),
+            Some(sql) if want.first() != Some(&sql) => {
+                let added: Vec<&str> = cols
+                    .iter()
+                    .filter(|(n, _)| !sql.contains(&format!("{}, ", ql(n))))
+                    .map(|(n, _)| n.as_str())
+                    .collect();
+                drift.push(if added.is_empty() {
+                    format!(
+                        "table {}: its capture triggers do not match its columns (a column renamed or retyped since install); {rerun}",
+                        t.table
+                    )
+                } else {
+                    format!(
+                        "table {}: column(s) {} added or renamed since install are not captured under their names; {rerun}",
+                        t.table,
+                        added.join(", ")
+                    )
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    drift
+}
+
 /// `tether check-config --connect`: the database opened read-only (never created), every
 /// mapped table checked as `install` would, each problem on its own; and whether the capture
 /// objects are installed.
@@ -330,6 +393,7 @@ pub fn check(path: &Path, tables: &[TableConfig]) -> Result<(Vec<String>, bool),
         )
         .map_err(sql("reading the schema"))?
         > 0;
+    problems.extend(capture_drift(&conn, path, tables));
     Ok((problems, installed))
 }
 
@@ -995,6 +1059,58 @@ mod tests {
             .expect("source")
             .read_after(0, 10_000)
             .expect("read")
+    }
+
+    #[test]
+    fn a_column_added_after_install_is_reported_until_install_is_run_again() {
+        let t = TableConfig::new("p", "patient", &["id"], Direction::Both);
+        let (_d, path, conn) = setup(
+            "CREATE TABLE p (id INTEGER PRIMARY KEY, name TEXT)",
+            std::slice::from_ref(&t),
+        );
+        let tables = std::slice::from_ref(&t);
+        assert!(capture_drift(&conn, &path, tables).is_empty());
+        conn.execute_batch(
+            "INSERT INTO p (id, name) VALUES (1, 'a');
+             ALTER TABLE p ADD COLUMN colour TEXT;
+             INSERT INTO p (id, name, colour) VALUES (2, 'b', 'red');",
+        )
+        .expect("writes");
+        // The triggers name their columns: the new one is not captured, and said so (also by
+        // check-config --connect).
+        let drift = capture_drift(&conn, &path, tables);
+        assert_eq!(drift.len(), 1, "{drift:?}");
+        assert!(
+            drift[0].contains(
+                "table p: column(s) colour added or renamed since install are not captured"
+            ) && drift[0].contains("tether agent install"),
+            "{drift:?}"
+        );
+        let (problems, installed) = check(&path, tables).expect("check");
+        assert!(installed && problems == drift, "{problems:?}");
+        assert!(outbox(&path)[1]
+            .row
+            .as_ref()
+            .expect("row")
+            .get("colour")
+            .is_none());
+        // Install again: captured from now on; the outbox and its order are kept.
+        install(&path, tables).expect("install again");
+        assert!(capture_drift(&conn, &path, tables).is_empty());
+        conn.execute_batch("UPDATE p SET colour = 'blue' WHERE id = 1")
+            .expect("update");
+        let ev = outbox(&path);
+        assert_eq!(ev.len(), 3, "nothing of the outbox lost");
+        assert!(ev.windows(2).all(|w| w[0].seq < w[1].seq));
+        assert_eq!(ev[2].row.as_ref().expect("row")["colour"], json!("blue"));
+        // A renamed column still travels under its old name until install runs again.
+        conn.execute_batch("ALTER TABLE p RENAME COLUMN name TO full_name")
+            .expect("rename");
+        let drift = capture_drift(&conn, &path, tables);
+        assert!(
+            drift.len() == 1 && drift[0].contains("full_name"),
+            "{drift:?}"
+        );
     }
 
     #[test]
