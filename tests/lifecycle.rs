@@ -423,5 +423,13 @@ async fn a_refusal_on_the_http_fallback_names_its_reason() {
     assert_eq!(r.status, 401);
     assert!(r.clock_offset_ms.is_some_and(|o| o.abs() < 2_000), "{r:?}");
     assert!(r.advice().contains("revoked"), "{}", r.advice());
+    // The clinic's tile says it too (the key is registered to it): refused, and why.
+    let url = format!("{}/v1/clinics/{}", fleet.http_url(), fleet.clinics[0].id);
+    wait_until(
+        "the clinic shown refused",
+        Duration::from_secs(10),
+        || async { get_as(Some(&fleet), &url).await.1["refused"] == "key_revoked" },
+    )
+    .await;
     fleet.stop().await;
 }

@@ -81,6 +81,29 @@ pub enum AuthError {
 }
 
 impl AuthError {
+    /// Whether the refusal belongs to the clinic its key is registered to, for the fleet views:
+    /// the key is revoked, or the token's signature checked out and a claim (or the replay
+    /// guard, or the certificate) refused it. A token anyone could forge (an unknown key, a bad
+    /// signature) says nothing about a clinic.
+    pub fn attributable(&self) -> bool {
+        match self {
+            AuthError::Revoked(_)
+            | AuthError::TooLong(_)
+            | AuthError::IssuedInFuture(_)
+            | AuthError::Replay
+            | AuthError::CertMismatch { .. } => true,
+            AuthError::Invalid(kind) => matches!(
+                kind.as_str(),
+                "ExpiredSignature"
+                    | "ImmatureSignature"
+                    | "InvalidAudience"
+                    | "InvalidIssuer"
+                    | "InvalidSubject"
+            ),
+            _ => false,
+        }
+    }
+
     /// The coarse reason told to the client (RFC 6750 `error_description`, and `reason` in the
     /// problem body): nothing it does not already know — its own key id, its own clock, its own
     /// certificate. The full detail stays in the gateway's audit log.
@@ -498,6 +521,12 @@ impl TokenVerifier {
         }
         *slot = Arc::new(next);
         change
+    }
+
+    /// The clinic a token's key is registered to (revoked or not), from its header alone.
+    pub fn clinic_of_key(&self, token: &str) -> Option<String> {
+        let kid = jsonwebtoken::decode_header(token).ok()?.kid?;
+        self.registry().by_kid.get(&kid).map(|e| e.clinic.clone())
     }
 
     pub fn verify(&self, token: &str) -> Result<Verified, AuthError> {

@@ -254,6 +254,27 @@ fn authenticate(req: &HttpRequest, state: &GatewayState) -> Result<Option<Verifi
     Ok(Some(v))
 }
 
+/// A refused token whose key belongs to a clinic (revoked, expired, wrong audience, …: see
+/// [`AuthError::attributable`]): the clinic's tile says so until a session opens.
+fn refused_on_tile(req: &HttpRequest, state: &GatewayState, e: &AuthError) {
+    if !e.attributable() {
+        return;
+    }
+    let clinic = state.security.verifier.as_ref().and_then(|v| {
+        req.headers()
+            .get(actix_web::http::header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .and_then(crate::security::bearer_token)
+            .and_then(|t| v.clinic_of_key(t))
+    });
+    if let Some(clinic_id) = clinic {
+        state.registry.do_send(registry::Refused {
+            clinic_id,
+            reason: e.reason().into(),
+        });
+    }
+}
+
 /// Admission, origin and identity checks shared by both transports: the verified clinic (or
 /// `None` without tokens configured), or the refusal to send.
 /// 503 with `Retry-After: 1`: come back in a second.
@@ -293,6 +314,7 @@ async fn admit(
         Err(e) => {
             state.metrics.add(&state.metrics.auth_failures, 1);
             log::warn!(target: AUDIT, "event=auth_failed peer={peer} reason={}", log_value(&e.to_string(), 160));
+            refused_on_tile(req, state, &e);
             return Err(Box::new(refuse_token(&e)));
         }
     };
@@ -304,6 +326,10 @@ async fn admit(
             Ok(false) => {
                 state.metrics.add(&state.metrics.auth_failures, 1);
                 log::warn!(target: AUDIT, "event=auth_failed peer={peer} clinic={} reason=\"replayed jti (seen by the store)\"", a.clinic);
+                state.registry.do_send(registry::Refused {
+                    clinic_id: a.clinic.clone(),
+                    reason: AuthError::Replay.reason().into(),
+                });
                 return Err(Box::new(refuse_token(&AuthError::Replay)));
             }
             Err(e) => {
