@@ -259,6 +259,7 @@ async fn drive(opts: &DemoOptions, dir: &std::path::Path) -> anyhow::Result<Summ
         let _ = &mut next_chaos;
         if let Some(c) = &mut cluster {
             c.step(&store, opts.duration).await;
+            board.note(c.notes.drain(..));
         }
         if now >= next_status {
             next_status = now + Duration::from_secs(2);
@@ -273,6 +274,7 @@ async fn drive(opts: &DemoOptions, dir: &std::path::Path) -> anyhow::Result<Summ
     if let Some(c) = &mut cluster {
         // A node still down comes back, so every clinic drains through a full cluster.
         c.restart_down();
+        board.note(c.notes.drain(..));
     }
 
     // Drain: every committed change acknowledged, every update answered (deadline 60 s).
@@ -387,6 +389,9 @@ struct DemoCluster {
     failovers: u64,
     failovers_incomplete: u64,
     failover_max: Duration,
+    /// What happened to the nodes since the board last took it (kills, failovers, restarts):
+    /// shown by the status board, so a redraw in place does not overwrite it.
+    notes: Vec<String>,
 }
 
 impl DemoCluster {
@@ -443,6 +448,7 @@ impl DemoCluster {
             failovers: 0,
             failovers_incomplete: 0,
             failover_max: Duration::ZERO,
+            notes: Vec::new(),
         })
     }
 
@@ -465,12 +471,12 @@ impl DemoCluster {
                 if back {
                     self.failovers += orphans.len() as u64;
                     self.failover_max = self.failover_max.max(took);
-                    eprintln!(
+                    self.notes.push(format!(
                         "[{:>4}s] {} clinics of {victim} held by other nodes again after {:.1} s; restarting {victim}",
                         self.started.elapsed().as_secs(),
                         orphans.len(),
                         took.as_secs_f64()
-                    );
+                    ));
                 } else {
                     self.failovers_incomplete += 1;
                     log::warn!(target: "error", "event=demo_failover_incomplete node={victim}");
@@ -506,12 +512,12 @@ impl DemoCluster {
         else {
             return;
         };
-        eprintln!(
+        self.notes.push(format!(
             "[{:>4}s] kill -9 {} (holding {} clinics)",
             self.started.elapsed().as_secs(),
             self.nodes[i].0,
             orphans.len()
-        );
+        ));
         log::warn!(target: "connection", "event=demo_node_killed node={} clinics={}", self.nodes[i].0, orphans.len());
         // Dropping the process kills it (SIGKILL).
         self.nodes[i].2 = None;
@@ -528,7 +534,8 @@ impl DemoCluster {
         match crate::local_cluster::start_node(&self.dir, id, yaml) {
             Ok(p) => self.nodes[i].2 = Some(p),
             Err(e) => {
-                eprintln!("tether demo: node {id} did not restart: {e:#}");
+                self.notes
+                    .push(format!("tether demo: node {id} did not restart: {e:#}"));
                 log::error!(target: "error", "event=demo_node_restart_failed node={id} error={e}");
             }
         }
@@ -622,9 +629,14 @@ struct StatusBoard {
     redraw: bool,
     /// Lines drawn last time (to move back over them).
     drawn: usize,
+    /// The latest events (node kills, failovers) shown under the progress line on a terminal.
+    recent: std::collections::VecDeque<String>,
     legend_done: bool,
     planned: Duration,
 }
+
+/// Events kept under the board on a terminal.
+const RECENT_NOTES: usize = 4;
 
 const LEGEND: &str = "columns: writes = transactions the demo committed at the clinic · outbox = changes \
 they captured · acked = changes the gateway has acknowledged · unacked = outbox − acked (committed, \
@@ -637,6 +649,7 @@ impl StatusBoard {
         StatusBoard {
             redraw: !json && std::io::stderr().is_terminal(),
             drawn: 0,
+            recent: std::collections::VecDeque::new(),
             legend_done: false,
             planned,
         }
@@ -687,9 +700,26 @@ impl StatusBoard {
         out
     }
 
+    /// Events to tell: on a terminal kept (the last few) and drawn with the board; otherwise
+    /// printed at once, one line each.
+    fn note(&mut self, notes: impl Iterator<Item = String>) {
+        use std::io::Write;
+        for n in notes {
+            if self.redraw {
+                self.recent.push_back(n);
+                if self.recent.len() > RECENT_NOTES {
+                    self.recent.pop_front();
+                }
+            } else {
+                let _ = writeln!(std::io::stderr().lock(), "{n}");
+            }
+        }
+    }
+
     fn show(&mut self, fleet: &Fleet, generators: &[Generator], elapsed: Duration) {
         use std::io::Write;
-        let lines = Self::lines(fleet, generators, elapsed, self.planned);
+        let mut lines = Self::lines(fleet, generators, elapsed, self.planned);
+        lines.extend(self.recent.iter().cloned());
         let mut err = std::io::stderr().lock();
         if !self.legend_done {
             self.legend_done = true;
