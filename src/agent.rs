@@ -383,6 +383,14 @@ fn instance_lock(
         )?)],
         #[cfg(not(feature = "postgres"))]
         "postgres" => Vec::new(),
+        #[cfg(feature = "sqlserver")]
+        "sqlserver" => vec![Arc::new(crate::db::sqlserver::lock_instance(
+            &connection_string(a)?,
+            a.database.ca.as_deref(),
+            a.database.timeout.get(),
+            instance::WAIT,
+        )?)],
+        #[cfg(not(feature = "sqlserver"))]
         "sqlserver" => Vec::new(),
         _ => {
             sqlite_exists(&a.database.path)?;

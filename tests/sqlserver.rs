@@ -83,6 +83,91 @@ fn an_unreachable_server_times_out_with_a_clear_error() {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
+/// The one-agent lock's driver path through the mock TDS server: a lock another session holds
+/// (`sp_getapplock` answers -1) is waited for until the deadline, then refused naming the holder
+/// the server reports; once free (0) it is taken.
+#[test]
+fn the_one_agent_lock_waits_then_names_the_holder_through_the_mock_tds_server() {
+    use mssql_mock_tds::{ColumnDefinition, ColumnValue, QueryResponse, Row, SqlDataType};
+    use tether::db::instance::InstanceError;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let server = rt
+        .block_on(mssql_mock_tds::MockTdsServer::new("127.0.0.1:0"))
+        .expect("mock server");
+    let addr = server.local_addr();
+    let registry = server.query_registry();
+    let answer = |r: i32| {
+        QueryResponse::new(
+            vec![ColumnDefinition::new("", SqlDataType::Int)],
+            vec![Row::new(vec![ColumnValue::Int(r)])],
+        )
+    };
+    rt.block_on(async {
+        let mut q = registry.lock().await;
+        q.register(sqlserver::INSTANCE_LOCK_SQL, answer(-1));
+        q.register(
+            sqlserver::INSTANCE_HOLDER_SQL,
+            QueryResponse::new(
+                vec![
+                    ColumnDefinition::new("program_name", SqlDataType::NVarChar),
+                    ColumnDefinition::new("host_name", SqlDataType::NVarChar),
+                    ColumnDefinition::new("since", SqlDataType::NVarChar),
+                ],
+                vec![Row::new(vec![
+                    ColumnValue::NVarChar("tether-agent reception-pc pid 4242".into()),
+                    ColumnValue::NVarChar("RECEPTION-PC".into()),
+                    ColumnValue::NVarChar("2026-12-02T08:00:00".into()),
+                ])],
+            ),
+        );
+    });
+    rt.spawn(async move {
+        let _ = server.run().await;
+    });
+    let conn = format!(
+        "server=tcp:127.0.0.1,{};user=sa;password=not-a-secret;encrypt=DANGER_PLAINTEXT",
+        addr.port()
+    );
+    let t = Duration::from_secs(10);
+    let c = conn.clone();
+    let refused = std::thread::spawn(move || {
+        let t0 = std::time::Instant::now();
+        let r = sqlserver::lock_instance(&c, None, t, Duration::from_millis(300));
+        (r.err(), t0.elapsed())
+    })
+    .join()
+    .expect("client thread");
+    match refused {
+        (Some(InstanceError::Held { holder }), waited) => {
+            assert_eq!(
+                holder,
+                "tether-agent reception-pc pid 4242 from RECEPTION-PC, since 2026-12-02T08:00:00"
+            );
+            assert!(
+                waited >= Duration::from_millis(300),
+                "it waited first: {waited:?}"
+            );
+        }
+        other => panic!("a held lock must be refused naming the holder: {other:?}"),
+    }
+    rt.block_on(async {
+        registry
+            .lock()
+            .await
+            .register(sqlserver::INSTANCE_LOCK_SQL, answer(0))
+    });
+    let taken = std::thread::spawn(move || {
+        sqlserver::lock_instance(&conn, None, t, Duration::ZERO).is_ok()
+    })
+    .join()
+    .expect("client thread");
+    assert!(taken, "a free lock is taken");
+}
+
 fn live() -> String {
     std::env::var("TETHER_TEST_MSSQL").expect(
         "TETHER_TEST_MSSQL must hold an ADO connection string for the live SQL Server suite",
@@ -134,4 +219,31 @@ fn live_capture_apply_conflict_and_uninstall() {
     })
     .join()
     .expect("live suite");
+}
+
+/// One agent per database on SQL Server too: a second agent is refused, naming the first
+/// (its `program_name` carries host and pid), and takes the lock once the first lets go.
+#[test]
+#[ignore = "needs a SQL Server: set TETHER_TEST_MSSQL and run with --run-ignored only"]
+fn live_a_second_agent_on_one_database_is_refused_and_named() {
+    use tether::db::instance::InstanceError;
+    let conn = live();
+    std::thread::spawn(move || {
+        let t = Duration::from_secs(30);
+        let first = sqlserver::lock_instance(&conn, None, t, Duration::ZERO).expect("first");
+        match sqlserver::lock_instance(&conn, None, t, Duration::from_millis(300)) {
+            Err(InstanceError::Held { holder }) => assert!(
+                holder.contains(&format!("pid {}", std::process::id()))
+                    || holder.contains("VIEW SERVER STATE"),
+                "{holder}"
+            ),
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a second agent must be refused"),
+        }
+        drop(first);
+        sqlserver::lock_instance(&conn, None, t, Duration::from_secs(5))
+            .expect("free once the first session ended");
+    })
+    .join()
+    .expect("live lock test");
 }

@@ -2,8 +2,8 @@
 //! apply the same cloud updates twice, each believing it is the clinic. The first agent holds a
 //! lock for as long as it runs; a second one refuses to start and names the holder (host and
 //! pid). The lock is the operating system's (SQLite: a lock on a file beside the database) or
-//! the database server's (PostgreSQL: a session advisory lock), so it is released when its
-//! holder dies, however it dies.
+//! the database server's (PostgreSQL: a session advisory lock; SQL Server: a session-owned
+//! `sp_getapplock`), so it is released when its holder dies, however it dies.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};

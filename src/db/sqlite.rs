@@ -350,7 +350,7 @@ pub fn capture_drift(conn: &Connection, path: &Path, tables: &[TableConfig]) -> 
                     .collect();
                 drift.push(if added.is_empty() {
                     format!(
-                        "table {}: its capture triggers do not match its columns (a column renamed or retyped since install); {rerun}",
+                        "table {}: its capture triggers do not match its columns (a column renamed or retyped since install, or triggers made by an older Tether); {rerun}",
                         t.table
                     )
                 } else {

@@ -454,10 +454,24 @@ impl MssqlDb {
         ca: Option<&std::path::Path>,
         timeout: Duration,
     ) -> Result<Arc<Self>, MssqlError> {
+        Self::connect_with(connection, ca, timeout, None)
+    }
+
+    /// `session`: one connection kept for as long as this lives (no idle or lifetime limit),
+    /// named `session` on the server (`program_name`): what holds a session-owned lock.
+    fn connect_with(
+        connection: &str,
+        ca: Option<&std::path::Path>,
+        timeout: Duration,
+        session: Option<&str>,
+    ) -> Result<Arc<Self>, MssqlError> {
         let mut config = tiberius::Config::from_ado_string(connection)
             .map_err(|e| MssqlError::Config(e.to_string()))?;
         if let Some(ca) = ca {
             config.trust_cert_ca(ca.display().to_string());
+        }
+        if let Some(name) = session {
+            config.application_name(name);
         }
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -469,7 +483,9 @@ impl MssqlDb {
                 tokio::time::timeout(
                     timeout,
                     bb8::Pool::builder()
-                        .max_size(4)
+                        .max_size(if session.is_some() { 1 } else { 4 })
+                        .idle_timeout(session.is_none().then_some(Duration::from_secs(600)))
+                        .max_lifetime(session.is_none().then_some(Duration::from_secs(1800)))
                         .connection_timeout(timeout)
                         .build(mgr),
                 )
@@ -551,6 +567,90 @@ impl MssqlDb {
             })?;
         }
         Ok(())
+    }
+}
+
+/// The one-agent lock: a session-owned application lock, `sp_getapplock` with no wait (the
+/// caller retries until its deadline). 0 or 1: granted; -1: another session holds it.
+pub const INSTANCE_LOCK_SQL: &str = "DECLARE @r int; \
+EXEC @r = sp_getapplock @Resource = N'tether-agent', @LockMode = 'Exclusive', @LockOwner = 'Session', @LockTimeout = 0; \
+SELECT @r;";
+
+/// Who holds the one-agent lock of this database: the holding session's `program_name` (the
+/// agent's host and pid), its client host and login time. Needs VIEW SERVER STATE.
+pub const INSTANCE_HOLDER_SQL: &str = "SELECT TOP (1) s.program_name, s.host_name, CONVERT(varchar(19), s.login_time, 126) \
+FROM sys.dm_tran_locks l JOIN sys.dm_exec_sessions s ON s.session_id = l.request_session_id \
+WHERE l.resource_type = N'APPLICATION' AND l.resource_database_id = DB_ID() AND l.request_status = N'GRANT' \
+AND l.request_owner_type = N'SESSION' AND l.resource_description LIKE N'%[[]tether-agent]%'";
+
+/// Holds the one-agent lock of a SQL Server database for as long as it lives: a connection of
+/// its own whose session owns the application lock; the server releases it when that session
+/// ends, however the agent ends.
+pub struct MssqlInstanceLock {
+    _session: Arc<MssqlDb>,
+}
+
+/// Takes the one-agent lock, waiting up to `wait` for a previous holder to let go; refused with
+/// the holder's name (see [`crate::db::instance`]).
+pub fn lock_instance(
+    connection: &str,
+    ca: Option<&std::path::Path>,
+    timeout: Duration,
+    wait: Duration,
+) -> Result<MssqlInstanceLock, crate::db::instance::InstanceError> {
+    use crate::db::instance::{short_holder, InstanceError};
+    let db_err = |e: MssqlError| InstanceError::Database(e.to_string());
+    let db =
+        MssqlDb::connect_with(connection, ca, timeout, Some(&short_holder())).map_err(db_err)?;
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let got = db
+            .run(|c| {
+                Box::pin(async move {
+                    let row = c.simple_query(INSTANCE_LOCK_SQL).await?.into_row().await?;
+                    Ok(row.and_then(|r| r.get::<i32, _>(0)))
+                })
+            })
+            .map_err(db_err)?;
+        match got {
+            Some(r) if r >= 0 => return Ok(MssqlInstanceLock { _session: db }),
+            Some(-1) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Some(-1) => {
+                let holder = db
+                    .run(|c| {
+                        Box::pin(async move {
+                            let row = c
+                                .simple_query(INSTANCE_HOLDER_SQL)
+                                .await?
+                                .into_row()
+                                .await?;
+                            Ok(row.map(|r| {
+                                format!(
+                                    "{} from {}, since {}",
+                                    r.get::<&str, _>(0).unwrap_or("?"),
+                                    r.get::<&str, _>(1).unwrap_or("?"),
+                                    r.get::<&str, _>(2).unwrap_or("?")
+                                )
+                            }))
+                        })
+                    })
+                    .unwrap_or_else(|e| {
+                        Some(format!(
+                            "holder not named: {e} (naming it needs VIEW SERVER STATE)"
+                        ))
+                    });
+                return Err(InstanceError::Held {
+                    holder: holder.unwrap_or_else(|| "holder gone meanwhile: try again".into()),
+                });
+            }
+            other => {
+                return Err(InstanceError::Database(format!(
+                    "sp_getapplock answered {other:?} (-2 cancelled, -3 deadlock, -999 bad call)"
+                )))
+            }
+        }
     }
 }
 
@@ -997,6 +1097,36 @@ impl ChangeSink for MssqlSink {
 mod tests {
     use super::*;
     use crate::config::Direction;
+
+    #[test]
+    fn the_one_agent_lock_is_owned_by_the_session_and_never_waits_on_the_server() {
+        // Session-owned: released by the server when the holder's connection ends (a killed
+        // agent frees it); no server-side wait: the caller's own deadline and retries decide.
+        for part in [
+            "sp_getapplock @Resource = N'tether-agent'",
+            "@LockMode = 'Exclusive'",
+            "@LockOwner = 'Session'",
+            "@LockTimeout = 0",
+            "SELECT @r",
+        ] {
+            assert!(INSTANCE_LOCK_SQL.contains(part), "{part}");
+        }
+        // The holder query looks only at this database's granted session lock of that name
+        // (`[` escaped in LIKE: the description reads `0:[tether-agent]:(…)`).
+        for part in [
+            "resource_type = N'APPLICATION'",
+            "resource_database_id = DB_ID()",
+            "request_status = N'GRANT'",
+            "request_owner_type = N'SESSION'",
+            "LIKE N'%[[]tether-agent]%'",
+            "s.program_name",
+        ] {
+            assert!(INSTANCE_HOLDER_SQL.contains(part), "{part}");
+        }
+        // The lock session's name fits the 128-character program_name and names host and pid.
+        let me = crate::db::instance::short_holder();
+        assert!(me.len() <= 128 && me.contains(&format!("pid {}", std::process::id())));
+    }
 
     #[test]
     fn the_check_script_names_each_problem_install_would_refuse() {
