@@ -13,8 +13,13 @@ use tether::db::sqlserver::{self, MssqlCheckpoint, MssqlDb, MssqlSink, MssqlSour
 use tether_actors::ports::{ChangeSink, ChangeSource, Checkpoint};
 use tether_schemas::{Update, UpdateOp, UpdateStatus};
 
-#[test]
-fn pool_logs_in_and_queries_through_the_mock_tds_server() {
+/// Microsoft's mock TDS server, running on a runtime of its own: the runtime (keep it), an
+/// ADO connection string for it, and its query registry (responses by query text).
+fn mock_server() -> (
+    tokio::runtime::Runtime,
+    String,
+    std::sync::Arc<tokio::sync::Mutex<mssql_mock_tds::QueryRegistry>>,
+) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -24,14 +29,21 @@ fn pool_logs_in_and_queries_through_the_mock_tds_server() {
         .block_on(mssql_mock_tds::MockTdsServer::new("127.0.0.1:0"))
         .expect("mock server");
     let addr = server.local_addr();
+    let registry = server.query_registry();
     rt.spawn(async move {
         let _ = server.run().await;
     });
-    // The adapter's own pool (bb8-tiberius 0.16 over tiberius 0.12.3) and timeout wrapper.
     let conn = format!(
         "server=tcp:127.0.0.1,{};user=sa;password=not-a-secret;encrypt=DANGER_PLAINTEXT",
         addr.port()
     );
+    (rt, conn, registry)
+}
+
+#[test]
+fn pool_logs_in_and_queries_through_the_mock_tds_server() {
+    let (_rt, conn, _) = mock_server();
+    // The adapter's own pool (bb8-tiberius 0.16 over tiberius 0.12.3) and timeout wrapper.
     let db = std::thread::spawn(move || {
         let db = MssqlDb::connect(&conn, None, Duration::from_secs(10)).expect("pool");
         let one = db
@@ -90,16 +102,7 @@ fn an_unreachable_server_times_out_with_a_clear_error() {
 fn the_one_agent_lock_waits_then_names_the_holder_through_the_mock_tds_server() {
     use mssql_mock_tds::{ColumnDefinition, ColumnValue, QueryResponse, Row, SqlDataType};
     use tether::db::instance::InstanceError;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let server = rt
-        .block_on(mssql_mock_tds::MockTdsServer::new("127.0.0.1:0"))
-        .expect("mock server");
-    let addr = server.local_addr();
-    let registry = server.query_registry();
+    let (rt, conn, registry) = mock_server();
     let answer = |r: i32| {
         QueryResponse::new(
             vec![ColumnDefinition::new("", SqlDataType::Int)],
@@ -125,13 +128,6 @@ fn the_one_agent_lock_waits_then_names_the_holder_through_the_mock_tds_server() 
             ),
         );
     });
-    rt.spawn(async move {
-        let _ = server.run().await;
-    });
-    let conn = format!(
-        "server=tcp:127.0.0.1,{};user=sa;password=not-a-secret;encrypt=DANGER_PLAINTEXT",
-        addr.port()
-    );
     let t = Duration::from_secs(10);
     let c = conn.clone();
     let refused = std::thread::spawn(move || {
