@@ -429,7 +429,7 @@ pub fn db_ports(a: &AgentConfig) -> Result<DbPorts, AgentSetupError> {
             let source = if logical {
                 pg::PgSource::open_logical(&c, &a.tables, a.database.slot_warn_mb << 20)?
             } else {
-                pg::PgSource::open(&c)?
+                pg::PgSource::open(&c, &a.tables)?
             };
             (
                 Arc::new(source),
@@ -469,7 +469,7 @@ pub fn db_ports(a: &AgentConfig) -> Result<DbPorts, AgentSetupError> {
         #[cfg(not(feature = "sqlserver"))]
         "sqlserver" => return Err(AgentSetupError::Unsupported("sqlserver")),
         _ => {
-            let source = SqliteSource::open(path)?;
+            let source = SqliteSource::open(path, &a.tables)?;
             // A column added after install is not captured: say so at every start.
             if let Ok(conn) = crate::db::sqlite::open(path) {
                 for line in crate::db::sqlite::capture_drift(&conn, path, &a.tables) {

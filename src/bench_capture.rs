@@ -134,7 +134,7 @@ fn run_one(url: &str, mix_name: &str, mode: &str, secs: u64) -> anyhow::Result<V
             PgSource::open_logical(&dburl, &t, 1 << 30)?
         } else {
             pg::install(&dburl, &t)?;
-            PgSource::open(&dburl)?
+            PgSource::open(&dburl, &t)?
         };
         let commits: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
         let longest_open = Arc::new(Mutex::new(Duration::ZERO));

@@ -419,6 +419,11 @@ pub struct TableConfig {
     /// Send every existing row once when `tether agent install` runs.
     #[serde(default)]
     pub snapshot_on_install: bool,
+    /// Column → wire type (`boolean`, `timestamp`, `date`, `decimal`, `binary`, `plain`) where
+    /// the column's SQL type does not say it — e.g. a SQLite `INTEGER` column holding 0/1.
+    /// See docs/PROTOCOL.md "Values".
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub types: BTreeMap<String, crate::db::values::ValueType>,
     #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
@@ -459,6 +464,7 @@ impl TableConfig {
             conflict: ConflictPolicy::CloudWins,
             version_column: None,
             snapshot_on_install: false,
+            types: BTreeMap::new(),
             extra: Extra::new(),
         }
     }
@@ -2199,6 +2205,41 @@ gateway:
         );
         assert_eq!(find("gateway.listen").expect("listen").line, Some(21));
         assert_eq!(p.len(), 4, "{p:?}");
+    }
+
+    #[test]
+    fn column_types_are_read_and_a_wrong_one_is_named() {
+        use crate::db::values::ValueType;
+        let good = GOOD.replace(
+            "key: [id]\n      direction: up",
+            "key: [id]\n      direction: up\n      types: {paid: boolean, photo: binary}",
+        );
+        let cfg = Config::parse(&good, "t").expect("types");
+        let a = cfg.agent.expect("agent");
+        assert_eq!(
+            a.tables[1].types.get("paid").copied(),
+            Some(ValueType::Boolean)
+        );
+        assert_eq!(
+            a.tables[1].types.get("photo").copied(),
+            Some(ValueType::Binary)
+        );
+        let bad = GOOD.replace(
+            "key: [id]\n      direction: up",
+            "key: [id]\n      direction: up\n      types: {paid: bolean}",
+        );
+        let err = Config::parse(&bad, "t").unwrap_err();
+        let p = err
+            .problems()
+            .iter()
+            .find(|p| p.path.starts_with("agent.tables[1].types"))
+            .cloned()
+            .unwrap_or_else(|| panic!("{:#?}", err.problems()));
+        assert_eq!(p.line, Some(18), "{p}");
+        assert!(
+            p.message.contains("bolean") && p.message.contains("boolean"),
+            "{p}"
+        );
     }
 
     #[test]

@@ -323,7 +323,7 @@ mod tests {
                 .expect("insert");
         }
         let store = crate::gateway::store::open_sqlite(&dir.path().join("g.db")).expect("store");
-        let source = sqlite::SqliteSource::open(&db).expect("source");
+        let source = sqlite::SqliteSource::open(&db, &[]).expect("source");
         let events = source.read_after(0, 100).expect("read");
         assert_eq!(events.len(), 5);
         let incoming = |evs: Vec<tether_schemas::Event>| {

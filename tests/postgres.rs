@@ -105,6 +105,124 @@ fn read_all(src: &PgSource) -> Vec<tether_schemas::Event> {
     }
 }
 
+/// The shared table of values (`values::fixture`) round-trips through PostgreSQL: applied as
+/// cloud updates (to `timestamptz` and to `timestamp` columns), captured again by a local write
+/// in another session time zone, every value comes back in the same wire form; values an
+/// application writes natively are captured in that form too.
+#[test]
+fn values_round_trip_in_one_wire_form() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    c.batch_execute(
+        "CREATE TABLE kinds (id int PRIMARY KEY, flag boolean, at timestamptz, day date, \
+           amount numeric(12,4), data bytea, note text);
+         CREATE TABLE kinds_naive (id int PRIMARY KEY, flag boolean, at timestamp(6), day date, \
+           amount numeric, data bytea, note varchar(100));",
+    )
+    .expect("tables");
+    let t = vec![
+        TableConfig::new("kinds", "kind", &["id"], Direction::Both),
+        TableConfig::new("kinds_naive", "kind_naive", &["id"], Direction::Both),
+    ];
+    pg::install(&db.url, &t).expect("install");
+    let sink = PgSink::open(&db.url, &t).expect("sink");
+    let rows = tether::db::values::fixture::rows();
+    for entity in ["kind", "kind_naive"] {
+        for row in &rows {
+            let out = sink
+                .apply(&Update {
+                    update_id: format!("{entity}-{}", row["id"]),
+                    entity: entity.into(),
+                    op: UpdateOp::Upsert,
+                    key: json!({"id": row["id"]})
+                        .as_object()
+                        .cloned()
+                        .unwrap_or_default(),
+                    row: row.as_object().cloned(),
+                })
+                .expect("apply");
+            assert_eq!(
+                out.status,
+                UpdateStatus::Applied,
+                "{entity}: {:?}",
+                out.reason
+            );
+        }
+    }
+    // Stored as PostgreSQL's own types.
+    let ok: bool = c
+        .query_one(
+            "SELECT flag AND at = '2026-12-01 10:00:00+00' AND data = '\\x00ff'::bytea \
+               AND amount = 12.5 AND day = '2026-12-01' FROM kinds WHERE id = 1",
+            &[],
+        )
+        .expect("stored")
+        .get(0);
+    assert!(ok, "values stored as their PostgreSQL types");
+    // Applied updates are not captured; local touches in another session zone capture all.
+    c.batch_execute(
+        "SET TIME ZONE 'Asia/Kolkata'; UPDATE kinds SET id = id; UPDATE kinds_naive SET id = id;",
+    )
+    .expect("touch");
+    let src = PgSource::open(&db.url, &t).expect("source");
+    let events = read_all(&src);
+    for entity in ["kind", "kind_naive"] {
+        let mut got: Vec<Value> = events
+            .iter()
+            .filter(|e| e.entity == entity)
+            .map(|e| Value::Object(e.row.clone().expect("row")))
+            .collect();
+        got.sort_by_key(|r| r["id"].as_i64());
+        assert_eq!(
+            got, rows,
+            "{entity}: every value comes back in the same wire form"
+        );
+    }
+    // What an application writes, in its own session zone.
+    c.batch_execute(
+        "SET TIME ZONE 'America/New_York';
+         INSERT INTO kinds VALUES (10, true, '2026-12-01 05:00:00', '2026-12-01', 12.50, '\\x00ff', 'app');
+         INSERT INTO kinds_naive VALUES (10, false, '2026-12-01 10:00:00.25', NULL, 1e3, '\\x', NULL);",
+    )
+    .expect("app writes");
+    let after = events.last().map_or(0, |e| e.seq);
+    let mut more = Vec::new();
+    common::poll_blocking("the application's writes", Duration::from_secs(10), || {
+        let from = more.last().map_or(after, |e: &tether_schemas::Event| e.seq);
+        more.extend(src.read_after(from, 100).expect("read"));
+        more.len() >= 2
+    });
+    let more: Vec<Value> = more
+        .iter()
+        .map(|e| Value::Object(e.row.clone().expect("row")))
+        .collect();
+    assert_eq!(
+        more,
+        vec![
+            json!({"id": 10, "flag": true, "at": "2026-12-01T10:00:00Z", "day": "2026-12-01",
+                   "amount": "12.5", "data": "AP8=", "note": "app"}),
+            json!({"id": 10, "flag": false, "at": "2026-12-01T10:00:00.25Z", "day": null,
+                   "amount": "1000", "data": "", "note": null}),
+        ]
+    );
+    // A binary value that is not base64 fails, naming the column.
+    let out = sink
+        .apply(&Update {
+            update_id: "bad".into(),
+            entity: "kind".into(),
+            op: UpdateOp::Upsert,
+            key: json!({"id": 1}).as_object().cloned().unwrap_or_default(),
+            row: json!({"id": 1, "data": "\\x00ff"}).as_object().cloned(),
+        })
+        .expect("apply");
+    assert_eq!(out.status, UpdateStatus::Failed);
+    let reason = out.reason.unwrap_or_default();
+    assert!(
+        reason.contains("`data`") && reason.contains("base64"),
+        "{reason}"
+    );
+}
+
 /// What `install` refuses, `check` lists — every problem, not only the first; a key that is
 /// neither the primary key nor a unique index is refused for a table cloud updates go to,
 /// and a unique index on exactly the key is enough.
@@ -157,7 +275,7 @@ fn install_captures_multi_row_statements_and_uninstall_removes_everything() {
          INSERT INTO payments (patient_id, amount_cents) SELECT g, g * 100 FROM generate_series(1, 5) g;",
     )
     .expect("writes");
-    let src = PgSource::open(&db.url).expect("source");
+    let src = PgSource::open(&db.url, &[]).expect("source");
     let events = read_all(&src);
     let ops: Vec<(&str, &str, i64)> = events
         .iter()
@@ -227,7 +345,7 @@ fn a_column_added_after_install_is_captured_at_once() {
          UPDATE patients SET colour = 'blue' WHERE id = 1;",
     )
     .expect("writes");
-    let src = PgSource::open(&db.url).expect("source");
+    let src = PgSource::open(&db.url, &[]).expect("source");
     let events = read_all(&src);
     let colours: Vec<Value> = events
         .iter()
@@ -245,7 +363,7 @@ fn a_column_added_after_install_is_captured_at_once() {
 fn out_of_order_commits_are_never_skipped() {
     let db = TestDb::new();
     pg::install(&db.url, &tables(ConflictPolicy::CloudWins)).expect("install");
-    let src = PgSource::open(&db.url).expect("source");
+    let src = PgSource::open(&db.url, &[]).expect("source");
     let mut early = db.client();
     let mut late = db.client();
     // `early` takes its transaction id first (a write elsewhere), `late` takes seq 1, then
@@ -299,7 +417,7 @@ fn out_of_order_commits_are_never_skipped() {
 fn concurrent_writers_holding_transactions_open_lose_nothing() {
     let db = TestDb::new();
     pg::install(&db.url, &tables(ConflictPolicy::CloudWins)).expect("install");
-    let src = Arc::new(PgSource::open(&db.url).expect("source"));
+    let src = Arc::new(PgSource::open(&db.url, &[]).expect("source"));
     let writers = 6;
     let per = 40;
     let barrier = Arc::new(Barrier::new(writers));
@@ -385,7 +503,7 @@ fn applied_updates_are_not_echoed_and_redelivery_changes_nothing() {
         UpdateOp::Upsert,
         5,
         Some(
-            json!({"id": 5, "name": "first", "dob": "1990-05-06", "balance": 3.25, "external": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "seen_at": "2026-01-01T00:00:00+02:00", "active": true, "photo": "\\x0102"}),
+            json!({"id": 5, "name": "first", "dob": "1990-05-06", "balance": 3.25, "external": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "seen_at": "2026-01-01T00:00:00+02:00", "active": true, "photo": "AQI="}),
         ),
     );
     let u2 = update(
@@ -411,7 +529,7 @@ fn applied_updates_are_not_echoed_and_redelivery_changes_nothing() {
     );
     assert!(row.get::<_, bool>(4));
     assert_eq!(row.get::<_, String>(5), "0102");
-    let src = PgSource::open(&db.url).expect("source");
+    let src = PgSource::open(&db.url, &[]).expect("source");
     assert!(
         read_all(&src).is_empty(),
         "nothing the applier wrote was captured"
@@ -595,7 +713,7 @@ fn snapshot_with_live_changes_interleaved_keeps_per_key_order() {
     let again = pg::snapshot(&db.url, &t[0], 25, &mut |_| {}).expect("finished snapshot");
     assert_eq!(again.done, 300, "a finished snapshot is not repeated");
     // History check: for every key, the last event read equals the row as it is now.
-    let src = PgSource::open(&db.url).expect("source");
+    let src = PgSource::open(&db.url, &[]).expect("source");
     let events = read_all(&src);
     let mut last: HashMap<i64, Value> = HashMap::new();
     let mut snap_keys = Vec::new();
@@ -867,7 +985,7 @@ fn read_with_arrivals(src: &PgSource, done: &dyn Fn() -> bool) -> HashMap<u64, s
 fn overlapping_long_transactions_hold_a_change_back_only_while_they_are_open() {
     let db = TestDb::new();
     pg::install(&db.url, &tables(ConflictPolicy::CloudWins)).expect("install");
-    let src = PgSource::open(&db.url).expect("source");
+    let src = PgSource::open(&db.url, &[]).expect("source");
     // Eight seconds of load: the writers stop at this deadline.
     let until = std::time::Instant::now() + Duration::from_secs(8);
     // A long transaction (1.2 s) begins every 300 ms, so one is always open; some roll back.
@@ -956,7 +1074,7 @@ fn overlapping_long_transactions_hold_a_change_back_only_while_they_are_open() {
 fn a_hole_left_behind_a_committed_long_transaction_keeps_its_age() {
     let db = TestDb::new();
     pg::install(&db.url, &tables(ConflictPolicy::CloudWins)).expect("install");
-    let src = PgSource::open(&db.url).expect("source");
+    let src = PgSource::open(&db.url, &[]).expect("source");
     let insert = "INSERT INTO payments (patient_id, amount_cents) VALUES ($1, 1)";
     let mut c1 = db.client();
     let mut long1 = c1.transaction().expect("begin");
@@ -1017,7 +1135,7 @@ fn status_says_behind_while_a_committed_change_waits_behind_a_long_transaction()
         gateway_url: "ws://127.0.0.1:9/v1/ws".into(),
         proxy: "none".into(),
         stats,
-        source: Arc::new(PgSource::open(&db.url).expect("source")),
+        source: Arc::new(PgSource::open(&db.url, &[]).expect("source")),
         checkpoint: Arc::new(PgCheckpoint::open(&db.url).expect("checkpoint")),
         started: std::time::Instant::now(),
         ready_lag: Duration::from_secs(1),
@@ -1048,7 +1166,7 @@ fn an_open_transaction_in_another_database_does_not_hold_a_clinic_back() {
     let db = TestDb::new();
     let other = TestDb::new();
     pg::install(&db.url, &tables(ConflictPolicy::CloudWins)).expect("install");
-    let src = PgSource::open(&db.url).expect("source");
+    let src = PgSource::open(&db.url, &[]).expect("source");
     // Another database on the same server: a transaction with an id, held open.
     let mut oc = other.client();
     let mut ot = oc.transaction().expect("begin");
@@ -1429,7 +1547,7 @@ fn logical_capture_means_the_same_as_triggers_without_a_trigger() {
     clinic_script(&mut Client::connect(&by_trigger, NoTls).expect("connect"));
     let logical = read_all(&PgSource::open_logical(&by_slot, &t, 1 << 30).expect("source"));
     // The trigger mode passes a rolled-back hole on a later read: read until all are in.
-    let trigger_src = PgSource::open(&by_trigger).expect("source");
+    let trigger_src = PgSource::open(&by_trigger, &t).expect("source");
     let mut triggered = Vec::new();
     common::poll_blocking("the trigger mode's events", Duration::from_secs(10), || {
         let after = triggered
@@ -1440,6 +1558,16 @@ fn logical_capture_means_the_same_as_triggers_without_a_trigger() {
     });
     assert_eq!(triggered.len(), 16, "{:#?}", meaning(&triggered));
     assert_eq!(meaning(&logical), meaning(&triggered));
+    // Both in the wire form (docs/PROTOCOL.md "Values"): exact decimal string, base64, UTC.
+    let first = logical[0].row.clone().map(Value::Object);
+    assert_eq!(
+        first,
+        Some(
+            json!({"id": 1, "name": "Ann", "dob": "1980-02-03", "balance": "12.5",
+                    "photo": "AQI=", "external": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+                    "seen_at": "2026-12-01T10:00:00Z", "active": true, "version": 1})
+        )
+    );
     // In commit order, without holes: one writer fills the outbox.
     let seqs: Vec<u64> = logical.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (1..=16).collect::<Vec<u64>>());
@@ -1695,7 +1823,7 @@ fn switching_capture_modes_under_load_loses_and_doubles_nothing() {
     let written = writer.join().expect("writer");
     // Read by the trigger mode's reader, which passes holes on a later read: until every
     // payment row's event is in.
-    let reader = PgSource::open(&url).expect("source");
+    let reader = PgSource::open(&url, &[]).expect("source");
     let mut events: Vec<tether_schemas::Event> = Vec::new();
     common::poll_blocking("every commit's event", Duration::from_secs(10), || {
         let after = events.last().map_or(0, |e| e.seq);

@@ -9,6 +9,7 @@ pub mod postgres;
 pub mod sqlite;
 #[cfg(feature = "sqlserver")]
 pub mod sqlserver;
+pub mod values;
 
 use std::cmp::Ordering;
 
@@ -32,12 +33,19 @@ pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-/// Orders two version values for `newest_wins`: numbers numerically, strings (ISO timestamps,
-/// version strings) lexicographically; anything else is incomparable.
+/// Orders two version values for `newest_wins`: numbers numerically, timestamps as instants
+/// (whatever their zone), other strings lexicographically; anything else is incomparable.
 pub fn compare_versions(local: &Value, cloud: &Value) -> Option<Ordering> {
     match (local, cloud) {
         (Value::Number(a), Value::Number(b)) => a.as_f64()?.partial_cmp(&b.as_f64()?),
-        (Value::String(a), Value::String(b)) => Some(a.cmp(b)),
+        (Value::String(a), Value::String(b)) => {
+            // Two timestamps compare as instants (`…+02:00` from one engine, `…Z` from the
+            // wire), other strings lexicographically.
+            match (values::parse_timestamp(a), values::parse_timestamp(b)) {
+                (Some(x), Some(y)) => Some(x.cmp(&y)),
+                _ => Some(a.cmp(b)),
+            }
+        }
         _ => None,
     }
 }
@@ -64,6 +72,21 @@ mod tests {
                 &json!("2026-01-10T00:00:00Z")
             ),
             Some(Ordering::Less)
+        );
+        // The same instant in two spellings, and a later one with an earlier wall clock.
+        assert_eq!(
+            compare_versions(
+                &json!("2026-01-02T02:00:00+02:00"),
+                &json!("2026-01-02T00:00:00Z")
+            ),
+            Some(Ordering::Equal)
+        );
+        assert_eq!(
+            compare_versions(
+                &json!("2026-01-02T01:00:00-05:00"),
+                &json!("2026-01-02T03:00:00Z")
+            ),
+            Some(Ordering::Greater)
         );
         assert_eq!(compare_versions(&json!(1), &json!("1")), None);
     }

@@ -29,6 +29,7 @@ use serde_json::{Map, Value};
 use tether_actors::ports::{ApplyOutcome, ChangeSink, ChangeSource, Checkpoint, PortError};
 use tether_schemas::{Event, Op, Update, UpdateOp, UpdateStatus};
 
+use super::values::{self, BinaryForm, ColumnTypes, ValueType};
 use super::{compare_versions, quote_ident as qi, quote_literal as ql, quote_qualified as qq};
 use crate::config::{ConflictPolicy, TableConfig};
 
@@ -395,6 +396,58 @@ fn split(table: &str) -> (String, String) {
     }
 }
 
+/// A table's columns with their wire types (`values`), config overrides on top.
+fn column_types(
+    c: &mut impl postgres::GenericClient,
+    cfg: &TableConfig,
+) -> Result<ColumnTypes, postgres::Error> {
+    let (schema, name) = split(&cfg.table);
+    let rows = c.query(
+        "SELECT column_name::text, data_type::text FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2",
+        &[&schema, &name],
+    )?;
+    Ok(ColumnTypes::new(
+        rows.iter().map(|r| {
+            let ty: String = r.get(1);
+            (r.get::<_, String>(0), ValueType::of_postgres(&ty))
+        }),
+        &cfg.types,
+    ))
+}
+
+/// entity → the wire types of its table's columns, read once per entity.
+#[derive(Default)]
+struct TypeCache {
+    tables: Vec<TableConfig>,
+    map: Mutex<HashMap<String, Arc<ColumnTypes>>>,
+}
+
+impl TypeCache {
+    fn new(tables: &[TableConfig]) -> Self {
+        TypeCache {
+            tables: tables.to_vec(),
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn of(
+        &self,
+        c: &mut impl postgres::GenericClient,
+        entity: &str,
+    ) -> Result<Arc<ColumnTypes>, PortError> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = map.get(entity) {
+            return Ok(t.clone());
+        }
+        let t = match self.tables.iter().find(|t| t.entity == entity) {
+            Some(cfg) => Arc::new(column_types(c, cfg).map_err(port("reading column types"))?),
+            None => Arc::new(ColumnTypes::default()),
+        };
+        map.insert(entity.to_string(), t.clone());
+        Ok(t)
+    }
+}
+
 fn columns(
     c: &mut impl postgres::GenericClient,
     table: &str,
@@ -465,6 +518,9 @@ pub fn check(conn: &str, tables: &[TableConfig]) -> Result<(Vec<String>, bool), 
     for t in tables {
         if let Err(e) = check_table(&mut tx, t) {
             problems.push(e.to_string());
+        } else if !t.types.is_empty() {
+            let cols = columns(&mut tx, &t.table).map_err(sql("reading columns"))?;
+            problems.extend(super::sqlite::unknown_typed_columns(t, cols.iter()));
         }
     }
     let installed: bool = tx
@@ -536,7 +592,7 @@ pub fn uninstall(conn: &str, tables: &[TableConfig]) -> Result<(), PgError> {
     tx.commit().map_err(sql("commit"))
 }
 
-const READ: &str = "SELECT seq, entity, op, key_json, row_json, \
+const READ: &str = "SELECT seq, entity, op, key_json::text, row_json::text, \
     to_char(committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') \
     FROM tether.outbox WHERE seq > $1 ORDER BY seq LIMIT $2";
 
@@ -564,16 +620,18 @@ pub struct PgSource {
     /// Logical capture: the pump that fills the outbox from the slot before each read.
     logical: Option<Arc<Mutex<logical::Pump>>>,
     slot_gauge: Option<Arc<logical::SlotGauge>>,
+    types: Arc<TypeCache>,
 }
 
 impl PgSource {
     /// The trigger mode's reader.
-    pub fn open(conn: &str) -> Result<Self, PgError> {
+    pub fn open(conn: &str, tables: &[TableConfig]) -> Result<Self, PgError> {
         Ok(PgSource {
             client: PgConn::open(conn)?,
             holes: Arc::new(Mutex::new(Holes::default())),
             logical: None,
             slot_gauge: None,
+            types: Arc::new(TypeCache::new(tables)),
         })
     }
 
@@ -599,17 +657,21 @@ impl PgSource {
             holes: Arc::new(Mutex::new(Holes::default())),
             logical: Some(Arc::new(Mutex::new(pump))),
             slot_gauge: Some(gauge),
+            types: Arc::new(TypeCache::new(tables)),
         })
     }
 }
 
-fn obj(v: Value, what: &str, seq: i64) -> Result<Map<String, Value>, PortError> {
-    match v {
-        Value::Object(m) => Ok(m),
-        _ => Err(PortError::new(format!(
-            "outbox seq={seq}: {what} is not an object"
-        ))),
-    }
+/// An outbox column's JSON text as an object in the wire form (`values`).
+fn obj(
+    text: &str,
+    types: &ColumnTypes,
+    what: &str,
+    seq: i64,
+) -> Result<Map<String, Value>, PortError> {
+    types
+        .parse_wire(text, BinaryForm::PgHex)
+        .map_err(|e| PortError::new(format!("outbox seq={seq}: {what} is not an object: {e}")))
 }
 
 impl ChangeSource for PgSource {
@@ -668,6 +730,7 @@ impl ChangeSource for PgSource {
     }
 
     fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, PortError> {
+        let types = self.types.clone();
         if let Some(pump) = self.logical.clone() {
             return self.client.with(move |c| {
                 pump.lock()
@@ -677,32 +740,34 @@ impl ChangeSource for PgSource {
                 let rows = c
                     .query(READ, &[&(after as i64), &(limit as i64)])
                     .map_err(port("reading outbox"))?;
-                rows.into_iter().map(event_of).collect()
+                rows.into_iter().map(|r| event_of(c, &types, r)).collect()
             });
         }
         let holes = self.holes.clone();
         self.client.with(move |c| {
             let (xmin, rows) = Self::read_raw(c, after, limit)?;
-            Self::sequence(c, &holes, after, xmin, rows)
+            Self::sequence(c, &holes, &types, after, xmin, rows)
         })
     }
 }
 
 type RawRows = Vec<postgres::Row>;
 
-/// An outbox row (as [`READ`] selects it) as an event.
-fn event_of(r: postgres::Row) -> Result<Event, PortError> {
+/// An outbox row (as [`READ`] selects it) as an event, its values in the wire form.
+fn event_of(c: &mut Client, types: &TypeCache, r: postgres::Row) -> Result<Event, PortError> {
     let seq: i64 = r.get(0);
     let op: String = r.get(2);
+    let entity: String = r.get(1);
+    let t = types.of(c, &entity)?;
     Ok(Event {
         seq: seq as u64,
-        entity: r.get(1),
+        entity,
         op: Op::parse(&op)
             .ok_or_else(|| PortError::new(format!("outbox seq={seq}: unknown op `{op}`")))?,
-        key: obj(r.get(3), "key_json", seq)?,
+        key: obj(r.get(3), &t, "key_json", seq)?,
         row: r
-            .get::<_, Option<Value>>(4)
-            .map(|v| obj(v, "row_json", seq))
+            .get::<_, Option<&str>>(4)
+            .map(|v| obj(v, &t, "row_json", seq))
             .transpose()?,
         committed_at: r.get(5),
     })
@@ -731,6 +796,7 @@ impl PgSource {
     fn sequence(
         c: &mut Client,
         holes: &Mutex<Holes>,
+        types: &TypeCache,
         after: u64,
         xmin: i64,
         rows: RawRows,
@@ -774,7 +840,7 @@ impl PgSource {
                     _ => break,
                 }
             }
-            out.push(event_of(r)?);
+            out.push(event_of(c, types, r)?);
             expected = seq + 1;
         }
         Ok(out)
@@ -882,6 +948,7 @@ impl Checkpoint for PgCheckpoint {
 struct DownTable {
     cfg: TableConfig,
     columns: Vec<String>,
+    types: ColumnTypes,
 }
 
 /// Applies cloud updates ([`ChangeSink`]).
@@ -939,9 +1006,11 @@ impl SinkInner {
         if columns.is_empty() {
             return Err(format!("table `{}` does not exist", cfg.table));
         }
+        let types = column_types(c, cfg).map_err(|e| e.to_string())?;
         let t = Arc::new(DownTable {
             cfg: cfg.clone(),
             columns,
+            types,
         });
         cache.insert(entity.to_string(), t.clone());
         Ok(t)
@@ -965,7 +1034,21 @@ fn key_json(t: &DownTable, u: &Update) -> Result<Value, String> {
             t.cfg.table
         ));
     }
-    Ok(Value::Object(u.key.clone()))
+    let mut key = u.key.clone();
+    to_pg(t, &mut key)?;
+    Ok(Value::Object(key))
+}
+
+/// Wire-form values as `jsonb_populate_record` reads them: base64 binary as `\x` hex (the
+/// rest — booleans, `…Z` timestamps, decimal strings, dates — it reads as they are).
+fn to_pg(t: &DownTable, row: &mut Map<String, Value>) -> Result<(), String> {
+    for (col, v) in row.iter_mut() {
+        if let (Some(ValueType::Binary), Value::String(s)) = (t.types.get(col), &*v) {
+            let bytes = values::binary_from_wire(col, s)?;
+            *v = Value::String(format!("\\x{}", values::hex_encode(&bytes)));
+        }
+    }
+    Ok(())
 }
 
 fn apply_one(
@@ -1039,6 +1122,7 @@ fn apply_one(
             if let Some(bad) = row.keys().find(|c| !t.columns.contains(c)) {
                 return Err(format!("`{bad}` is not a column of `{}`", t.cfg.table));
             }
+            to_pg(t, &mut row)?;
             let cols: Vec<String> = row.keys().map(|c| qi(c)).collect();
             let sets: Vec<String> = row
                 .keys()

@@ -24,6 +24,7 @@ use serde_json::{Map, Value};
 use tether_actors::ports::{ApplyOutcome, ChangeSink, ChangeSource, Checkpoint, PortError};
 use tether_schemas::{Event, Op, Update, UpdateOp, UpdateStatus};
 
+use super::values::{self, BinaryForm, ColumnTypes, ValueType};
 use super::{quote_ident as qi, quote_literal as ql};
 use crate::config::TableConfig;
 
@@ -170,9 +171,10 @@ fn json_object_expr(prefix: &str, cols: &[(String, String)]) -> String {
         .iter()
         .map(|(name, ty)| {
             let col = format!("{prefix}.{}", qi(name));
-            // JSON cannot hold BLOBs: they travel as hex text.
-            let expr = if ty.to_ascii_uppercase().contains("BLOB") {
-                format!("hex({col})")
+            // JSON cannot hold BLOBs: the trigger writes hex (NULL kept NULL: `hex(NULL)` is
+            // ''), the reader turns it into base64 (`values`).
+            let expr = if ValueType::of_sqlite(ty) == ValueType::Binary {
+                format!("CASE WHEN {col} IS NULL THEN NULL ELSE hex({col}) END")
             } else {
                 col
             };
@@ -381,8 +383,9 @@ pub fn check(path: &Path, tables: &[TableConfig]) -> Result<(Vec<String>, bool),
     })?;
     let mut problems = Vec::new();
     for t in tables {
-        if let Err(e) = checked_columns(&conn, path, t) {
-            problems.push(e.to_string());
+        match checked_columns(&conn, path, t) {
+            Err(e) => problems.push(e.to_string()),
+            Ok(cols) => problems.extend(unknown_typed_columns(t, cols.iter().map(|(n, _)| n))),
         }
     }
     let installed = conn
@@ -395,6 +398,24 @@ pub fn check(path: &Path, tables: &[TableConfig]) -> Result<(Vec<String>, bool),
         > 0;
     problems.extend(capture_drift(&conn, path, tables));
     Ok((problems, installed))
+}
+
+/// `types:` entries naming a column the table does not have (a typo would silently change
+/// nothing).
+pub fn unknown_typed_columns<'a>(
+    t: &TableConfig,
+    cols: impl Iterator<Item = &'a String> + Clone,
+) -> Vec<String> {
+    t.types
+        .keys()
+        .filter(|c| !cols.clone().any(|x| x == *c))
+        .map(|c| {
+            format!(
+                "table {}: `types` names column `{c}`, which the table does not have",
+                t.table
+            )
+        })
+        .collect()
 }
 
 fn drop_triggers(conn: &Connection, table: &str) -> Result<(), SqliteError> {
@@ -457,14 +478,43 @@ fn parse_obj(text: &str, what: &str, seq: u64) -> Result<Map<String, Value>, Por
 /// sees every other connection's commits.
 pub struct SqliteSource {
     conn: Mutex<Connection>,
+    tables: Vec<TableConfig>,
+    /// entity → the columns whose values need the wire form (`values`).
+    types: Mutex<HashMap<String, Arc<ColumnTypes>>>,
 }
 
 impl SqliteSource {
-    pub fn open(path: &Path) -> Result<Self, SqliteError> {
+    pub fn open(path: &Path, tables: &[TableConfig]) -> Result<Self, SqliteError> {
         Ok(SqliteSource {
             conn: Mutex::new(open(path)?),
+            tables: tables.to_vec(),
+            types: Mutex::new(HashMap::new()),
         })
     }
+
+    /// The wire types of an entity's columns (none for an entity no longer mapped).
+    fn types_of(&self, conn: &Connection, entity: &str) -> Result<Arc<ColumnTypes>, PortError> {
+        let mut cache = self.types.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = cache.get(entity) {
+            return Ok(t.clone());
+        }
+        let t = match self.tables.iter().find(|t| t.entity == entity) {
+            Some(cfg) => Arc::new(column_types(conn, cfg).map_err(port("reading table columns"))?),
+            None => Arc::new(ColumnTypes::default()),
+        };
+        cache.insert(entity.to_string(), t.clone());
+        Ok(t)
+    }
+}
+
+/// A mapped table's wire types: its declared column types, then `types:` from its config.
+fn column_types(conn: &Connection, cfg: &TableConfig) -> Result<ColumnTypes, rusqlite::Error> {
+    let cols = columns(conn, &cfg.table)?;
+    Ok(ColumnTypes::new(
+        cols.into_iter()
+            .map(|(n, ty)| (n, ValueType::of_sqlite(&ty))),
+        &cfg.types,
+    ))
 }
 
 impl ChangeSource for SqliteSource {
@@ -519,12 +569,19 @@ impl ChangeSource for SqliteSource {
             let op = Op::parse(&op).ok_or_else(|| {
                 PortError::new(format!("outbox row seq={seq}: unknown op `{op}`"))
             })?;
+            let types = self.types_of(&conn, &entity)?;
+            let mut key = parse_obj(&key, "key_json", seq)?;
+            let mut row = row.map(|r| parse_obj(&r, "row_json", seq)).transpose()?;
+            types.to_wire(&mut key, BinaryForm::Hex);
+            if let Some(row) = row.as_mut() {
+                types.to_wire(row, BinaryForm::Hex);
+            }
             out.push(Event {
                 seq,
                 entity,
                 op,
-                key: parse_obj(&key, "key_json", seq)?,
-                row: row.map(|r| parse_obj(&r, "row_json", seq)).transpose()?,
+                key,
+                row,
                 committed_at,
             });
         }
@@ -596,6 +653,7 @@ struct DownTable {
     table: String,
     key: Vec<String>,
     columns: Vec<String>,
+    types: ColumnTypes,
     policy: crate::config::ConflictPolicy,
     version_column: Option<String>,
 }
@@ -641,16 +699,37 @@ impl SqliteSink {
                 self.path.display()
             ));
         }
+        let types = ColumnTypes::new(
+            cols.iter()
+                .map(|(n, ty)| (n.clone(), ValueType::of_sqlite(ty))),
+            &cfg.types,
+        );
         let t = Arc::new(DownTable {
             table: cfg.table.clone(),
             key: cfg.key.clone(),
             columns: cols.into_iter().map(|(n, _)| n).collect(),
+            types,
             policy: cfg.conflict,
             version_column: cfg.version_column.clone(),
         });
         cache.insert(entity.to_string(), t.clone());
         Ok(t)
     }
+}
+
+/// A wire-form value as what SQLite stores in a column of that type: base64 binary as a
+/// BLOB, a timestamp in SQLite's own text form, a boolean as 0/1 (errors name the column).
+fn to_sql_typed(t: &DownTable, col: &str, v: &Value) -> Result<SqlValue, String> {
+    Ok(match (t.types.get(col), v) {
+        (Some(ValueType::Binary), Value::String(s)) => {
+            SqlValue::Blob(values::binary_from_wire(col, s)?)
+        }
+        (Some(ValueType::Timestamp), Value::String(s)) => match values::sqlite_timestamp(s) {
+            Some(local) => SqlValue::Text(local),
+            None => SqlValue::Text(s.clone()),
+        },
+        _ => to_sql(v),
+    })
 }
 
 fn to_sql(v: &Value) -> SqlValue {
@@ -692,7 +771,11 @@ fn conflict_check(
         .map(|(i, k)| format!("{} = ?{}", qi(k), i + 1))
         .collect::<Vec<_>>()
         .join(" AND ");
-    let key_vals: Vec<SqlValue> = t.key.iter().map(|k| to_sql(&u.key[k])).collect();
+    let key_vals: Vec<SqlValue> = t
+        .key
+        .iter()
+        .map(|k| to_sql_typed(t, k, &u.key[k]))
+        .collect::<Result<_, _>>()?;
     match t.policy {
         ConflictPolicy::CloudWins => Ok(None),
         ConflictPolicy::ClinicWins => {
@@ -773,7 +856,11 @@ fn apply_one(conn: &Connection, t: &DownTable, u: &Update) -> Result<Applied, St
     if let Some(why) = conflict_check(conn, t, u)? {
         return Ok(Applied::Conflict(why));
     }
-    let key_vals: Vec<SqlValue> = t.key.iter().map(|k| to_sql(&u.key[k])).collect();
+    let key_vals: Vec<SqlValue> = t
+        .key
+        .iter()
+        .map(|k| to_sql_typed(t, k, &u.key[k]))
+        .collect::<Result<_, _>>()?;
     match u.op {
         UpdateOp::Delete => {
             conn.execute(
@@ -796,7 +883,7 @@ fn apply_one(conn: &Connection, t: &DownTable, u: &Update) -> Result<Applied, St
                     }
                 }
                 cols.push(k);
-                vals.push(to_sql(v));
+                vals.push(to_sql_typed(t, k, v)?);
             }
             for (c, v) in row {
                 if u.key.contains_key(c) {
@@ -806,7 +893,7 @@ fn apply_one(conn: &Connection, t: &DownTable, u: &Update) -> Result<Applied, St
                     return Err(format!("`{c}` is not a column of `{}`", t.table));
                 }
                 cols.push(c);
-                vals.push(to_sql(v));
+                vals.push(to_sql_typed(t, c, v)?);
             }
             let placeholders = (1..=cols.len())
                 .map(|i| format!("?{i}"))
@@ -1055,7 +1142,7 @@ mod tests {
     }
 
     fn outbox(path: &Path) -> Vec<Event> {
-        SqliteSource::open(path)
+        SqliteSource::open(path, &[])
             .expect("source")
             .read_after(0, 10_000)
             .expect("read")
@@ -1121,7 +1208,7 @@ mod tests {
             std::slice::from_ref(&t),
         );
         // Install is idempotent.
-        install(&path, &[t]).expect("second install");
+        install(&path, std::slice::from_ref(&t)).expect("second install");
         conn.execute_batch(
             "INSERT INTO p (id, name, pic) VALUES (1, 'a', x'00ff'), (2, 'b', NULL), (3, 'c', NULL);
              UPDATE p SET name = upper(name);
@@ -1129,7 +1216,10 @@ mod tests {
              DELETE FROM p WHERE id IN (2, 3);",
         )
         .expect("writes");
-        let ev = outbox(&path);
+        let ev = SqliteSource::open(&path, std::slice::from_ref(&t))
+            .expect("source")
+            .read_after(0, 10_000)
+            .expect("read");
         let ops: Vec<(&str, i64)> = ev
             .iter()
             .map(|e| (e.op.as_str(), e.key["id"].as_i64().unwrap_or(-1)))
@@ -1150,9 +1240,116 @@ mod tests {
             ]
         );
         let first = ev[0].row.as_ref().expect("row");
-        assert_eq!(first["pic"], json!("00FF"), "BLOBs travel as hex");
+        assert_eq!(first["pic"], json!("AP8="), "BLOBs travel as base64");
+        assert_eq!(
+            ev[1].row.as_ref().expect("row")["pic"],
+            Value::Null,
+            "a NULL BLOB stays null (hex(NULL) is '')"
+        );
         assert_eq!(ev[3].row.as_ref().expect("row")["name"], json!("A"));
         assert!(ev.windows(2).all(|w| w[0].seq < w[1].seq));
+    }
+
+    /// The shared table of values (`values::fixture`): applied as cloud updates, then captured
+    /// again by a local write, every value comes back in the same wire form; and the values an
+    /// application writes in SQLite's own ways are captured in that form too.
+    #[test]
+    fn values_round_trip_in_one_wire_form() {
+        let mut t = TableConfig::new("kinds", "kind", &["id"], Direction::Both);
+        // SQLite has no boolean storage: an INTEGER 0/1 column is one by config.
+        t.types
+            .insert("flag".into(), crate::db::values::ValueType::Boolean);
+        let (_d, path, conn) = setup(
+            "CREATE TABLE kinds (id INTEGER PRIMARY KEY, flag INTEGER, at DATETIME, day DATE, \
+             amount DECIMAL(12,4), data BLOB, note TEXT)",
+            std::slice::from_ref(&t),
+        );
+        let sink = SqliteSink::open(&path, std::slice::from_ref(&t)).expect("sink");
+        let rows = crate::db::values::fixture::rows();
+        for (i, row) in rows.iter().enumerate() {
+            let out = sink
+                .apply(&Update {
+                    update_id: format!("u{i}"),
+                    entity: "kind".into(),
+                    op: UpdateOp::Upsert,
+                    key: obj(json!({"id": row["id"]})),
+                    row: Some(obj(row.clone())),
+                })
+                .expect("apply");
+            assert_eq!(out.status, UpdateStatus::Applied, "{:?}", out.reason);
+        }
+        // Stored the way SQLite stores them.
+        let (flag, at, data): (i64, String, Vec<u8>) = conn
+            .query_row("SELECT flag, at, data FROM kinds WHERE id = 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .expect("stored");
+        assert_eq!(
+            (flag, at.as_str(), data),
+            (1, "2026-12-01 10:00:00", vec![0u8, 255])
+        );
+        // Applied updates are not captured; a local touch captures every row as it is now.
+        conn.execute("UPDATE kinds SET id = id", []).expect("touch");
+        let source = SqliteSource::open(&path, std::slice::from_ref(&t)).expect("source");
+        let captured: Vec<Value> = source
+            .read_after(0, 100)
+            .expect("read")
+            .into_iter()
+            .map(|e| Value::Object(e.row.expect("row")))
+            .collect();
+        assert_eq!(
+            captured, rows,
+            "every value comes back in the same wire form"
+        );
+
+        // What an application writes: 0/1, CURRENT_TIMESTAMP-style text, a REAL amount, x'…'.
+        conn.execute_batch(
+            "INSERT INTO kinds VALUES (10, 1, '2026-12-01 12:00:00+02:00', '2026-12-01', 12.50, x'00ff', 'app');
+             INSERT INTO kinds VALUES (11, 0, '2026-12-01T10:00:00.250', NULL, 1e3, x'', NULL);
+             INSERT INTO kinds VALUES (12, 'yes', 'next tuesday', 'soon', 'lots', 'text in a blob', NULL);",
+        )
+        .expect("app writes");
+        let after: Vec<Value> = source
+            .read_after(rows.len() as u64, 100)
+            .expect("read")
+            .into_iter()
+            .map(|e| Value::Object(e.row.expect("row")))
+            .collect();
+        assert_eq!(
+            after,
+            vec![
+                json!({"id": 10, "flag": true, "at": "2026-12-01T10:00:00Z", "day": "2026-12-01",
+                       "amount": "12.5", "data": "AP8=", "note": "app"}),
+                json!({"id": 11, "flag": false, "at": "2026-12-01T10:00:00.25Z", "day": null,
+                       "amount": "1000", "data": "", "note": null}),
+                // What does not read as its type is passed on unchanged (the gateway's entity
+                // schema can flag it); the bytes of text in a BLOB column are binary.
+                json!({"id": 12, "flag": "yes", "at": "next tuesday", "day": "soon",
+                       "amount": "lots", "data": "dGV4dCBpbiBhIGJsb2I=", "note": null}),
+            ]
+        );
+
+        // A binary value that is not base64 fails the update, naming the column; nothing
+        // changes.
+        let out = sink
+            .apply(&Update {
+                update_id: "bad".into(),
+                entity: "kind".into(),
+                op: UpdateOp::Upsert,
+                key: obj(json!({"id": 1})),
+                row: Some(obj(json!({"id": 1, "data": "00FF!"}))),
+            })
+            .expect("apply");
+        assert_eq!(out.status, UpdateStatus::Failed);
+        let reason = out.reason.unwrap_or_default();
+        assert!(
+            reason.contains("`data`") && reason.contains("base64"),
+            "{reason}"
+        );
+        let data: Vec<u8> = conn
+            .query_row("SELECT data FROM kinds WHERE id = 1", [], |r| r.get(0))
+            .expect("kept");
+        assert_eq!(data, vec![0u8, 255]);
     }
 
     #[test]
@@ -1320,9 +1517,20 @@ mod tests {
             TableConfig::new("b", "b", &["id", "x"], Direction::Up),
             TableConfig::new("b", "b2", &["id"], Direction::Both),
         ];
+        let mut tables = tables;
+        tables[3]
+            .types
+            .insert("flagg".into(), crate::db::values::ValueType::Boolean);
+        tables[3]
+            .types
+            .insert("id".into(), crate::db::values::ValueType::Plain);
         let (problems, installed) = check(&path, &tables).expect("check");
         assert!(!installed);
-        assert_eq!(problems.len(), 3, "{problems:#?}");
+        assert_eq!(problems.len(), 4, "{problems:#?}");
+        assert!(
+            problems[3].contains("table b: `types` names column `flagg`"),
+            "{problems:?}"
+        );
         assert!(
             problems[0].contains("`a`: key [id] is not the primary key"),
             "{problems:?}"
@@ -1518,7 +1726,7 @@ mod policy_tests {
             conn.execute("INSERT INTO p VALUES (?1, 'n', 1)", [i])
                 .expect("insert");
         }
-        let before = SqliteSource::open(&path)
+        let before = SqliteSource::open(&path, &[])
             .expect("src")
             .read_after(0, 1000)
             .expect("read")
@@ -1532,7 +1740,7 @@ mod policy_tests {
         assert_eq!(again.done, 25);
         conn.execute("UPDATE p SET name = 'live' WHERE id = 25", [])
             .expect("live");
-        let events = SqliteSource::open(&path)
+        let events = SqliteSource::open(&path, &[])
             .expect("src")
             .read_after(0, 1000)
             .expect("read");
@@ -1566,7 +1774,7 @@ mod policy_tests {
         .expect("position");
         let p = snapshot(&path, &t, 100, &mut |_| {}).expect("resume");
         assert_eq!(p.done, 30);
-        let keys: Vec<i64> = SqliteSource::open(&path)
+        let keys: Vec<i64> = SqliteSource::open(&path, &[])
             .expect("src")
             .read_after(30, 1000)
             .expect("read")
@@ -1622,7 +1830,7 @@ mod concurrency_tests {
                 }
             }));
         }
-        let src = SqliteSource::open(&path).expect("source");
+        let src = SqliteSource::open(&path, &[]).expect("source");
         let mut got = Vec::new();
         let mut after = 0;
         loop {
@@ -1760,7 +1968,7 @@ fn sql_to_json(v: rusqlite::types::ValueRef<'_>) -> Value {
             .map(Value::Number)
             .unwrap_or(Value::Null),
         V::Text(t) => Value::String(String::from_utf8_lossy(t).into_owned()),
-        V::Blob(b) => Value::String(b.iter().map(|x| format!("{x:02x}")).collect()),
+        V::Blob(b) => Value::String(values::base64_encode(b)),
     }
 }
 

@@ -24,6 +24,7 @@ use serde_json::{Map, Value};
 use tether_actors::ports::{ApplyOutcome, ChangeSink, ChangeSource, Checkpoint, PortError};
 use tether_schemas::{Event, Op, Update, UpdateOp, UpdateStatus};
 
+use super::values::{self, BinaryForm, ColumnTypes, ValueType};
 use crate::config::{ConflictPolicy, TableConfig};
 
 /// `[name]` with `]` doubled.
@@ -338,7 +339,13 @@ pub const READ_SQL: &str =
     FROM tether.outbox WITH (READCOMMITTEDLOCK) \
     WHERE rv > CAST(@P1 AS binary(8)) AND rv < MIN_ACTIVE_ROWVERSION() ORDER BY rv";
 
-/// `OPENJSON … WITH (…)` column list: each column with its declared type and JSON path.
+/// Whether a declared type holds binary (its JSON value is hex, see [`wire_to_sqlserver`]).
+fn is_binary(declared: &str) -> bool {
+    ValueType::of_sqlserver(declared) == ValueType::Binary
+}
+
+/// `OPENJSON … WITH (…)` column list: each column with its declared type and JSON path
+/// (binary columns read as hex text, converted by [`openjson_src`]).
 fn openjson_with(cols: &[String], types: &HashMap<String, String>) -> String {
     cols.iter()
         .map(|c| {
@@ -346,6 +353,11 @@ fn openjson_with(cols: &[String], types: &HashMap<String, String>) -> String {
                 .get(c)
                 .cloned()
                 .unwrap_or_else(|| "nvarchar(max)".into());
+            let ty = if is_binary(&ty) {
+                "varchar(max)".to_string()
+            } else {
+                ty
+            };
             format!(
                 "{} {ty} {}",
                 bracket(c),
@@ -354,6 +366,57 @@ fn openjson_with(cols: &[String], types: &HashMap<String, String>) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// `(SELECT … FROM OPENJSON(@P1) WITH (…) AS j)`: the columns of the JSON in `param` typed as
+/// declared, binary ones decoded from hex (`CONVERT(…, 2)`: hex digits without `0x`).
+fn openjson_src(param: &str, cols: &[String], types: &HashMap<String, String>) -> String {
+    let proj: Vec<String> = cols
+        .iter()
+        .map(|c| match types.get(c) {
+            Some(ty) if is_binary(ty) => {
+                format!("CONVERT(varbinary(max), j.{q}, 2) AS {q}", q = bracket(c))
+            }
+            _ => format!("j.{}", bracket(c)),
+        })
+        .collect();
+    format!(
+        "(SELECT {} FROM OPENJSON({param}) WITH ({}) AS j)",
+        proj.join(", "),
+        openjson_with(cols, types)
+    )
+}
+
+/// Wire-form values (docs/PROTOCOL.md "Values") as the apply SQL reads them: base64 binary as
+/// hex digits, a timestamp for a column without a zone as UTC without the `Z` (its fraction cut
+/// to what `datetime`/`smalldatetime` hold). Booleans, decimal strings, dates and `…Z` for
+/// `datetimeoffset` are read by `OPENJSON … WITH` as they are. Errors name the column.
+pub fn wire_to_sqlserver(
+    row: &mut Map<String, Value>,
+    types: &HashMap<String, String>,
+    overrides: &std::collections::BTreeMap<String, ValueType>,
+) -> Result<(), String> {
+    for (col, v) in row.iter_mut() {
+        let Some(declared) = types.get(col) else {
+            continue;
+        };
+        let Value::String(s) = &*v else {
+            continue;
+        };
+        if overrides.get(col) == Some(&ValueType::Plain) {
+            continue;
+        }
+        let base = declared.split('(').next().unwrap_or("").trim();
+        if is_binary(declared) {
+            let bytes = values::binary_from_wire(col, s)?;
+            *v = Value::String(values::hex_encode(&bytes));
+        } else if matches!(base, "datetime" | "datetime2" | "smalldatetime") {
+            if let Some(naive) = values::sqlserver_naive_timestamp(s, declared) {
+                *v = Value::String(naive);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `target.[k1] = src.[k1] AND …` over the key columns.
@@ -380,10 +443,10 @@ pub fn merge_sql(t: &TableConfig, cols: &[String], types: &HashMap<String, Strin
         format!(" WHEN MATCHED THEN UPDATE SET {}", sets.join(", "))
     };
     format!(
-        "MERGE {table} WITH (HOLDLOCK) AS target USING (SELECT * FROM OPENJSON(@P1) WITH ({with})) AS src ON {on}{matched} \
+        "MERGE {table} WITH (HOLDLOCK) AS target USING {src} AS src ON {on}{matched} \
          WHEN NOT MATCHED THEN INSERT ({list}) VALUES ({src_list});",
         table = bracket_qualified(&t.table),
-        with = openjson_with(cols, types),
+        src = openjson_src("@P1", cols, types),
         on = key_match(t),
         list = list.join(", "),
         src_list = src_list.join(", "),
@@ -393,9 +456,9 @@ pub fn merge_sql(t: &TableConfig, cols: &[String], types: &HashMap<String, Strin
 /// The DELETE that applies a delete (key values from JSON in @P1).
 pub fn delete_sql(t: &TableConfig, types: &HashMap<String, String>) -> String {
     format!(
-        "DELETE target FROM {table} AS target JOIN OPENJSON(@P1) WITH ({with}) AS src ON {on};",
+        "DELETE target FROM {table} AS target JOIN {src} AS src ON {on};",
         table = bracket_qualified(&t.table),
-        with = openjson_with(&t.key, types),
+        src = openjson_src("@P1", &t.key, types),
         on = key_match(t)
     )
 }
@@ -667,19 +730,23 @@ fn port(e: MssqlError) -> PortError {
     PortError::new(e.to_string())
 }
 
-fn parse_obj(
+/// An outbox column's `FOR JSON` text as an object in the wire form (`values`).
+pub fn parse_obj(
     text: Option<&str>,
+    types: &ColumnTypes,
     what: &str,
     seq: i64,
 ) -> Result<Option<Map<String, Value>>, PortError> {
     match text {
         None => Ok(None),
-        Some(t) => match serde_json::from_str::<Value>(t) {
-            Ok(Value::Object(m)) => Ok(Some(m)),
-            _ => Err(PortError::new(format!(
-                "outbox seq={seq}: {what} is not a JSON object"
-            ))),
-        },
+        Some(t) => types
+            .parse_wire(t, BinaryForm::Base64)
+            .map(Some)
+            .map_err(|e| {
+                PortError::new(format!(
+                    "outbox seq={seq}: {what} is not a JSON object: {e}"
+                ))
+            }),
     }
 }
 
@@ -729,8 +796,8 @@ pub struct MssqlSource {
 }
 
 impl MssqlSource {
-    pub fn triggers(db: Arc<MssqlDb>) -> Self {
-        let sink = Arc::new(MssqlSink::new(db.clone(), &[]));
+    pub fn triggers(db: Arc<MssqlDb>, tables: &[TableConfig]) -> Self {
+        let sink = Arc::new(MssqlSink::new(db.clone(), tables));
         MssqlSource {
             db,
             change_tracked: Vec::new(),
@@ -820,14 +887,15 @@ impl ChangeSource for MssqlSource {
             .map_err(port)?;
         rows.into_iter()
             .map(|(seq, entity, op, key, row, committed_at)| {
+                let types = self.sink_types.wire_types(&entity)?;
                 Ok(Event {
                     seq: seq as u64,
-                    entity,
                     op: Op::parse(&op).ok_or_else(|| {
                         PortError::new(format!("outbox seq={seq}: unknown op `{op}`"))
                     })?,
-                    key: parse_obj(Some(&key), "key_json", seq)?.unwrap_or_default(),
-                    row: parse_obj(row.as_deref(), "row_json", seq)?,
+                    key: parse_obj(Some(&key), &types, "key_json", seq)?.unwrap_or_default(),
+                    row: parse_obj(row.as_deref(), &types, "row_json", seq)?,
+                    entity,
                     committed_at,
                 })
             })
@@ -902,6 +970,8 @@ pub struct MssqlSink {
     db: Arc<MssqlDb>,
     tables: Vec<TableConfig>,
     types: Mutex<HashMap<String, Arc<HashMap<String, String>>>>,
+    /// entity → the wire types of its columns (capture side).
+    wire: Mutex<HashMap<String, Arc<ColumnTypes>>>,
     /// `change_tracking` mode: writes carry the tether context so the pump skips them.
     pub change_tracking: bool,
 }
@@ -912,8 +982,39 @@ impl MssqlSink {
             db,
             tables: tables.to_vec(),
             types: Mutex::new(HashMap::new()),
+            wire: Mutex::new(HashMap::new()),
             change_tracking: false,
         }
+    }
+
+    /// The wire types of an entity's columns: declared types, then `types:` from config (none
+    /// for an entity that is not mapped).
+    pub fn wire_types(&self, entity: &str) -> Result<Arc<ColumnTypes>, PortError> {
+        if let Some(t) = self
+            .wire
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(entity)
+        {
+            return Ok(t.clone());
+        }
+        let t = match self.tables.iter().find(|t| t.entity == entity) {
+            Some(cfg) => {
+                let declared = self.column_types(&cfg.table)?;
+                Arc::new(ColumnTypes::new(
+                    declared
+                        .iter()
+                        .map(|(c, ty)| (c.clone(), ValueType::of_sqlserver(ty))),
+                    &cfg.types,
+                ))
+            }
+            None => Arc::new(ColumnTypes::default()),
+        };
+        self.wire
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(entity.to_string(), t.clone());
+        Ok(t)
     }
 
     pub fn column_types(&self, table: &str) -> Result<Arc<HashMap<String, String>>, PortError> {
@@ -997,6 +1098,13 @@ impl ChangeSink for MssqlSink {
                 duplicate: false,
             });
         }
+        if let Err(reason) = wire_to_sqlserver(&mut row, &types, &t.types) {
+            return Ok(ApplyOutcome {
+                status: UpdateStatus::Failed,
+                reason: Some(reason),
+                duplicate: false,
+            });
+        }
         let cols: Vec<String> = row.keys().cloned().collect();
         let stmt = match u.op {
             UpdateOp::Upsert => merge_sql(&t, &cols, &types),
@@ -1024,9 +1132,9 @@ impl ChangeSink for MssqlSink {
                 let mut with_cols: Vec<String> = t.key.clone();
                 with_cols.push(vc.to_string());
                 format!(
-                    "IF EXISTS (SELECT 1 FROM {table} AS target JOIN OPENJSON(@P1) WITH ({with}) AS src ON {on} WHERE target.{v} > src.{v}) {c}",
+                    "IF EXISTS (SELECT 1 FROM {table} AS target JOIN {src} AS src ON {on} WHERE target.{v} > src.{v}) {c}",
                     table = bracket_qualified(&t.table),
-                    with = openjson_with(&with_cols, &types),
+                    src = openjson_src("@P1", &with_cols, &types),
                     on = key_match(&t),
                     v = bracket(vc),
                     c = conflict("newest_wins", super::LOCAL_NEWER)
@@ -1326,7 +1434,9 @@ mod tests {
         );
         let d = delete_sql(&t, &types);
         assert!(
-            d.starts_with("DELETE target FROM [clinic].[My ]]Table] AS target JOIN OPENJSON(@P1)"),
+            d.starts_with(
+                "DELETE target FROM [clinic].[My ]]Table] AS target JOIN (SELECT j.[the key], j.[k]]2] FROM OPENJSON(@P1)"
+            ),
             "{d}"
         );
         assert_eq!(
@@ -1341,5 +1451,130 @@ mod tests {
             declared_type("uniqueidentifier", None, None, None),
             "uniqueidentifier"
         );
+    }
+
+    /// The shared table of values (`values::fixture`) through SQL Server's SQL text: rows as
+    /// `FOR JSON` writes them for the declared types read back in the wire form, and the wire
+    /// form turned into what the apply SQL (`OPENJSON … WITH`, `CONVERT(…, 2)`) reads. Run
+    /// live with TETHER_TEST_MSSQL (tests/sqlserver.rs).
+    #[test]
+    fn values_round_trip_through_the_sql_text() {
+        use crate::db::values::{fixture, ColumnTypes, ValueType};
+        use serde_json::json;
+        let declared: HashMap<String, String> = [
+            ("id", "int"),
+            ("flag", "bit"),
+            ("at", "datetime2(7)"),
+            ("day", "date"),
+            ("amount", "decimal(12,4)"),
+            ("data", "varbinary(max)"),
+            ("note", "nvarchar(100)"),
+        ]
+        .iter()
+        .map(|(c, t)| (c.to_string(), t.to_string()))
+        .collect();
+        let wire = ColumnTypes::new(
+            declared
+                .iter()
+                .map(|(c, t)| (c.clone(), ValueType::of_sqlserver(t))),
+            &Default::default(),
+        );
+        // Nanoseconds cut to datetime2(7)'s 100 ns.
+        let seven = |s: &str| s[..s.len() - 2].to_string();
+        // FOR JSON's spelling: bit as true/false, datetime2(7) with seven fraction digits and
+        // no zone, decimal(12,4) as a number with four decimals, varbinary as base64.
+        let for_json = |row: &Value, at_offset: bool| -> String {
+            let mut out = Vec::new();
+            for col in ["id", "flag", "at", "day", "amount", "data", "note"] {
+                let v = &row[col];
+                let text = match (col, v) {
+                    (_, Value::Null) => "null".to_string(),
+                    ("at", Value::String(s)) => {
+                        let t = crate::db::values::parse_timestamp(s).expect("fixture time");
+                        if at_offset {
+                            // datetimeoffset, written in a +01:00 session.
+                            let local = t + chrono::TimeDelta::hours(1);
+                            format!(
+                                "\"{}+01:00\"",
+                                seven(&local.format("%Y-%m-%dT%H:%M:%S%.9f").to_string())
+                            )
+                        } else {
+                            format!(
+                                "\"{}\"",
+                                seven(&t.format("%Y-%m-%dT%H:%M:%S%.9f").to_string())
+                            )
+                        }
+                    }
+                    ("amount", Value::String(d)) => {
+                        let (i, f) = d.split_once('.').unwrap_or((d, ""));
+                        format!("{i}.{f:0<4}")
+                    }
+                    _ => v.to_string(),
+                };
+                out.push(format!("\"{col}\":{text}"));
+            }
+            format!("{{{}}}", out.join(","))
+        };
+        for row in fixture::rows() {
+            let text = for_json(&row, false);
+            let got = parse_obj(Some(&text), &wire, "row_json", 1)
+                .expect("parse")
+                .map(Value::Object);
+            assert_eq!(got.as_ref(), Some(&row), "{text}");
+            let text = for_json(&row, true);
+            let got = parse_obj(Some(&text), &wire, "row_json", 1)
+                .expect("parse")
+                .map(Value::Object);
+            assert_eq!(got.as_ref(), Some(&row), "{text}");
+        }
+
+        // Apply: what OPENJSON reads for each wire row.
+        let rows = fixture::rows();
+        let mut first = rows[0].as_object().cloned().unwrap_or_default();
+        wire_to_sqlserver(&mut first, &declared, &Default::default()).expect("convert");
+        assert_eq!(
+            Value::Object(first),
+            json!({"id": 1, "flag": true, "at": "2026-12-01T10:00:00", "day": "2026-12-01",
+                   "amount": "12.5", "data": "00ff", "note": "plain"})
+        );
+        let mut fourth = rows[3].as_object().cloned().unwrap_or_default();
+        wire_to_sqlserver(&mut fourth, &declared, &Default::default()).expect("convert");
+        assert_eq!(fourth["at"], json!("2026-06-30T22:30:00.123456"));
+        assert_eq!(fourth["data"], json!("deadbeef00010203"));
+        // `datetime` holds milliseconds; datetimeoffset takes the `Z` as it is.
+        let mut d = declared.clone();
+        d.insert("at".into(), "datetime".into());
+        let mut r = rows[3].as_object().cloned().unwrap_or_default();
+        wire_to_sqlserver(&mut r, &d, &Default::default()).expect("convert");
+        assert_eq!(r["at"], json!("2026-06-30T22:30:00.123"));
+        d.insert("at".into(), "datetimeoffset(7)".into());
+        let mut r = rows[3].as_object().cloned().unwrap_or_default();
+        wire_to_sqlserver(&mut r, &d, &Default::default()).expect("convert");
+        assert_eq!(r["at"], json!("2026-06-30T22:30:00.123456Z"));
+        // Not base64: refused, naming the column.
+        let mut bad = json!({"id": 1, "data": "0x00FF"})
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        let err = wire_to_sqlserver(&mut bad, &declared, &Default::default()).unwrap_err();
+        assert!(err.contains("`data`") && err.contains("base64"), "{err}");
+
+        let t = TableConfig::new("kinds", "kind", &["id"], Direction::Both);
+        let cols: Vec<String> = ["id", "flag", "at", "day", "amount", "data", "note"]
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        let m = merge_sql(&t, &cols, &declared);
+        for part in [
+            "USING (SELECT j.[id], j.[flag], j.[at], j.[day], j.[amount], CONVERT(varbinary(max), j.[data], 2) AS [data], j.[note] FROM OPENJSON(@P1) WITH (",
+            "[flag] bit N'$.\"flag\"'",
+            "[at] datetime2(7) N'$.\"at\"'",
+            "[amount] decimal(12,4) N'$.\"amount\"'",
+            "[data] varchar(max) N'$.\"data\"'",
+            ") AS j) AS src ON target.[id] = src.[id]",
+            "target.[data] = src.[data]",
+        ] {
+            assert!(m.contains(part), "{part}\n{m}");
+        }
     }
 }
