@@ -39,7 +39,7 @@ pub enum AgentSetupError {
     Unsupported(&'static str),
     #[error("agent.database.path {0}: no such file (the agent never creates the clinic's database: check the path)")]
     NoDatabase(String),
-    #[error("agent.rpc.queries: not supported on {0} yet (SQLite and PostgreSQL only); remove them or use a SQLite or PostgreSQL clinic database")]
+    #[error("agent.rpc.queries: this build has no {0} support for them (cargo feature `{0}`)")]
     RpcUnsupported(String),
     #[error("agent.tables: no table `{0}`")]
     UnknownTable(String),
@@ -486,8 +486,7 @@ pub fn db_ports(a: &AgentConfig) -> Result<DbPorts, AgentSetupError> {
     Ok(ports)
 }
 
-/// The allow-listed queries of `agent.rpc` (SQLite, PostgreSQL; SQL Server refuses to start
-/// with them).
+/// The allow-listed queries of `agent.rpc` (SQLite, PostgreSQL, SQL Server).
 fn queries(a: &AgentConfig) -> Result<Arc<dyn tether_actors::ports::QueryRunner>, AgentSetupError> {
     if a.rpc.queries.is_empty() {
         return Ok(Arc::new(tether_actors::ports::NoQueries));
@@ -500,6 +499,11 @@ fn queries(a: &AgentConfig) -> Result<Arc<dyn tether_actors::ports::QueryRunner>
         #[cfg(feature = "postgres")]
         "postgres" => Ok(Arc::new(crate::db::postgres::queries::PgQueries::open(
             &connection_string(a)?,
+            &a.rpc,
+        )?)),
+        #[cfg(feature = "sqlserver")]
+        "sqlserver" => Ok(Arc::new(crate::db::sqlserver::queries::MssqlQueries::open(
+            mssql(a)?,
             &a.rpc,
         )?)),
         other => Err(AgentSetupError::RpcUnsupported(other.to_string())),

@@ -1431,6 +1431,16 @@ impl Validator<'_> {
                     &format!("{key}.sql"),
                     format!("query `{name}` is not read-only: {why}"),
                 );
+            } else {
+                #[cfg(feature = "sqlserver")]
+                if a.database.kind == "sqlserver" {
+                    if let Some(why) = crate::db::sqlserver::queries::tsql_problem(&q.sql) {
+                        self.bad(
+                            &format!("{key}.sql"),
+                            format!("query `{name}` is not read-only: {why}"),
+                        );
+                    }
+                }
             }
             for p in &q.params {
                 if !valid_id(p) || !q.sql.contains(&format!(":{p}")) {

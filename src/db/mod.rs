@@ -4,6 +4,8 @@
 //! echo suppression and the table's conflict policy.
 
 pub mod instance;
+#[cfg(any(feature = "postgres", feature = "sqlserver"))]
+pub mod named_params;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod sqlite;

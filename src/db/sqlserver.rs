@@ -27,6 +27,8 @@ use tether_schemas::{Event, Op, Update, UpdateOp, UpdateStatus};
 use super::values::{self, BinaryForm, ColumnTypes, ValueType};
 use crate::config::{ConflictPolicy, TableConfig};
 
+pub mod queries;
+
 /// `[name]` with `]` doubled.
 pub fn bracket(name: &str) -> String {
     format!("[{}]", name.replace(']', "]]"))
@@ -581,7 +583,18 @@ impl MssqlDb {
             Box<dyn std::future::Future<Output = Result<T, tiberius::error::Error>> + 'c>,
         >,
     {
-        let timeout = self.timeout;
+        self.run_within(self.timeout, f)
+    }
+
+    /// [`Self::run`] with its own time limit (an RPC query's `agent.rpc.timeout`).
+    pub fn run_within<T, F>(&self, timeout: Duration, f: F) -> Result<T, MssqlError>
+    where
+        F: for<'c> FnOnce(
+            &'c mut bb8::PooledConnection<'_, bb8_tiberius::ConnectionManager>,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T, tiberius::error::Error>> + 'c>,
+        >,
+    {
         let rt = self
             .rt
             .as_ref()

@@ -17,119 +17,10 @@ use tether_actors::ports::{QueryError, QueryRows, QueryRunner};
 
 use super::{PgConn, PgError};
 use crate::config::RpcConfig;
+use crate::db::named_params::{pieces, Dialect, Piece};
 
 /// Rows returned when a query sets no `max_rows`.
 const DEFAULT_MAX_ROWS: usize = 1000;
-
-/// A query's text cut at its `:param` places.
-#[derive(Debug, Clone, PartialEq)]
-enum Piece {
-    Text(String),
-    Param(String),
-}
-
-/// Splits `sql` at `:name` parameters, outside string literals, quoted identifiers,
-/// dollar-quoted strings, comments and `::` casts.
-fn pieces(sql: &str) -> Vec<Piece> {
-    let b: Vec<char> = sql.chars().collect();
-    let mut out = Vec::new();
-    let mut text = String::new();
-    let mut i = 0;
-    let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
-    while i < b.len() {
-        let c = b[i];
-        match c {
-            '\'' | '"' => {
-                // Until the closing quote; a doubled quote stays inside.
-                text.push(c);
-                i += 1;
-                while i < b.len() {
-                    text.push(b[i]);
-                    if b[i] == c {
-                        if i + 1 < b.len() && b[i + 1] == c {
-                            text.push(b[i + 1]);
-                            i += 2;
-                            continue;
-                        }
-                        break;
-                    }
-                    i += 1;
-                }
-                i += 1;
-            }
-            '-' if b.get(i + 1) == Some(&'-') => {
-                while i < b.len() && b[i] != '\n' {
-                    text.push(b[i]);
-                    i += 1;
-                }
-            }
-            '/' if b.get(i + 1) == Some(&'*') => {
-                text.push_str("/*");
-                i += 2;
-                while i < b.len() && !(b[i] == '*' && b.get(i + 1) == Some(&'/')) {
-                    text.push(b[i]);
-                    i += 1;
-                }
-                if i < b.len() {
-                    text.push_str("*/");
-                    i += 2;
-                }
-            }
-            '$' => {
-                // $tag$ … $tag$ (the tag may be empty); `$1` is a positional parameter.
-                let mut j = i + 1;
-                while j < b.len() && is_ident(b[j]) && !b[i + 1].is_ascii_digit() {
-                    j += 1;
-                }
-                if j < b.len() && b[j] == '$' && !b.get(i + 1).is_some_and(|d| d.is_ascii_digit()) {
-                    let tag: String = b[i..=j].iter().collect();
-                    text.push_str(&tag);
-                    i = j + 1;
-                    let rest: String = b[i..].iter().collect();
-                    match rest.find(&tag) {
-                        Some(end) => {
-                            text.push_str(&rest[..end + tag.len()]);
-                            i += rest[..end + tag.len()].chars().count();
-                        }
-                        None => {
-                            text.push_str(&rest);
-                            i = b.len();
-                        }
-                    }
-                } else {
-                    text.push(c);
-                    i += 1;
-                }
-            }
-            ':' if b.get(i + 1) == Some(&':') => {
-                text.push_str("::");
-                i += 2;
-            }
-            ':' if b
-                .get(i + 1)
-                .is_some_and(|n| n.is_ascii_alphabetic() || *n == '_') =>
-            {
-                let mut j = i + 1;
-                while j < b.len() && is_ident(b[j]) {
-                    j += 1;
-                }
-                if !text.is_empty() {
-                    out.push(Piece::Text(std::mem::take(&mut text)));
-                }
-                out.push(Piece::Param(b[i + 1..j].iter().collect()));
-                i = j;
-            }
-            _ => {
-                text.push(c);
-                i += 1;
-            }
-        }
-    }
-    if !text.is_empty() {
-        out.push(Piece::Text(text));
-    }
-    out
-}
 
 /// A JSON scalar as a SQL literal, or why it cannot be one.
 fn literal(v: &Value) -> Result<String, &'static str> {
@@ -174,7 +65,7 @@ impl PgQueries {
                 return Err(setup(format!("not a read-only query: {why}")));
             }
             // A trailing `;` would end the statement inside the wrapper.
-            let pieces = pieces(q.sql.trim_end().trim_end_matches(';'));
+            let pieces = pieces(q.sql.trim_end().trim_end_matches(';'), Dialect::Postgres);
             for p in &pieces {
                 if let Piece::Param(n) = p {
                     if !q.params.contains(n) {
@@ -250,20 +141,7 @@ fn render(
 
 impl QueryRunner for PgQueries {
     fn run(&self, name: &str, params: &tether_schemas::Row) -> Result<QueryRows, QueryError> {
-        let Some(q) = self.queries.get(name) else {
-            return Err(QueryError {
-                field: Some("name".into()),
-                message: format!(
-                    "no query `{name}` is configured on this agent (agent.rpc.queries)"
-                ),
-            });
-        };
-        if let Some(extra) = params.keys().find(|k| !q.params.contains(k)) {
-            return Err(QueryError {
-                field: Some(format!("params.{extra}")),
-                message: format!("query `{name}` takes no parameter `{extra}`"),
-            });
-        }
+        let q = crate::db::named_params::lookup(&self.queries, name, params, |q| &q.params)?;
         let body = render(&q.pieces, params, false)?;
         let sql = format!(
             "SELECT row_to_json(t)::text FROM (\n{body}\n) t LIMIT {}",
@@ -325,6 +203,7 @@ mod tests {
     fn parameters_are_found_outside_quotes_comments_and_casts() {
         let p = pieces(
             "SELECT ':nope', \"a:b\", x::text, $$ :no $$, $t$ :no $t$ -- :no\n FROM p WHERE id = :id /* :no */ AND n = :name_1",
+            Dialect::Postgres,
         );
         let params: Vec<&str> = p
             .iter()
