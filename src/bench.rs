@@ -15,9 +15,10 @@ use crate::gateway::{self, GatewaySecurity, GatewaySettings};
 use crate::loadgen::{rss_kb, rss_kb_of, run_client, ClientSpec, Swarm};
 use crate::security::limits::SharedBucket;
 
-pub const SCENARIOS: [&str; 11] = [
+pub const SCENARIOS: [&str; 12] = [
     "history",
     "agent-send",
+    "values",
     "sqlite-ceiling",
     "ingest",
     "latency",
@@ -172,15 +173,102 @@ async fn drain_fleet(fleet: &Fleet, deadline: Duration) -> anyhow::Result<Durati
 /// changes (SQLite outbox) to a gateway in this process; the agent's CPU-seconds (from
 /// `/proc/PID/stat`, start-up included) per 100,000 events sent and acknowledged.
 pub async fn agent_send(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
-    let gw = gateway::start(settings(dir, "127.0.0.1:0"), GatewaySecurity::insecure())?;
     let db = dir.join("clinic.db");
     fleet::create_sample_clinic(&db)?;
     backlog(&db, o.drain_events)?;
+    let (secs, cpu) =
+        drain_by_agent_process(dir, &db, "payments", "payment", o.drain_events).await?;
+    let n = o.drain_events;
+    Ok(
+        json!({"scenario": "agent-send", "events": n, "seconds": (secs * 100.0).round() / 100.0,
+        "events_per_s": (n as f64 / secs).round(),
+        "agent_cpu_s_per_100k": (cpu * 100_000.0 / n.max(1) as f64 * 1000.0).round() / 1000.0,
+        "machine": machine()}),
+    )
+}
+
+/// The cost of the wire form (docs/PROTOCOL.md "Values"): the same rows sent by a real agent
+/// process from a table whose columns are typed (`BOOLEAN`, `DATETIME`, `DECIMAL`, `BLOB`:
+/// every value converted) and from one whose columns are not (`INTEGER`, `TEXT`, `REAL`: passed
+/// as they are), `drain_events` each, three rounds interleaved; the agent's CPU-seconds per
+/// 100,000 events for each and their ratio.
+pub async fn values(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
+    const PLAIN: &str = "CREATE TABLE readings (id INTEGER PRIMARY KEY, flag INTEGER, at TEXT, amount REAL, data TEXT, note TEXT)";
+    const TYPED: &str = "CREATE TABLE readings (id INTEGER PRIMARY KEY, flag BOOLEAN, at DATETIME, amount DECIMAL(12,2), data BLOB, note TEXT)";
+    let n = o.drain_events;
+    let mut rounds = Vec::new();
+    let (mut plain_cpu, mut typed_cpu) = (Vec::new(), Vec::new());
+    for round in 0..3 {
+        let mut pair = serde_json::Map::new();
+        for (kind, ddl, data) in [("plain", PLAIN, "'00FF10'"), ("typed", TYPED, "x'00ff10'")] {
+            let sub = dir.join(format!("{kind}-{round}"));
+            std::fs::create_dir_all(&sub)?;
+            let db = sub.join("clinic.db");
+            let conn = crate::db::sqlite::open(&db)?;
+            conn.execute_batch(ddl)?;
+            let t = crate::config::TableConfig::new(
+                "readings",
+                "reading",
+                &["id"],
+                crate::config::Direction::Up,
+            );
+            crate::db::sqlite::install(&db, &[t])?;
+            let mut done = 0u64;
+            while done < n {
+                let chunk = (n - done).min(5_000);
+                conn.execute(
+                    &format!(
+                        "INSERT INTO readings \
+                         WITH RECURSIVE s(i) AS (SELECT ?1 + 1 UNION ALL SELECT i + 1 FROM s WHERE i < ?1 + ?2) \
+                         SELECT i, i % 2, '2026-12-01 10:00:00.25', i * 0.25, {data}, 'note' FROM s"
+                    ),
+                    [done as i64, chunk as i64],
+                )?;
+                done += chunk;
+            }
+            drop(conn);
+            let (secs, cpu) = drain_by_agent_process(&sub, &db, "readings", "reading", n).await?;
+            let per_100k = cpu * 100_000.0 / n.max(1) as f64;
+            if kind == "plain" {
+                plain_cpu.push(per_100k);
+            } else {
+                typed_cpu.push(per_100k);
+            }
+            pair.insert(
+                kind.into(),
+                json!({"events_per_s": (n as f64 / secs).round(),
+                       "agent_cpu_s_per_100k": (per_100k * 1000.0).round() / 1000.0}),
+            );
+        }
+        rounds.push(Value::Object(pair));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let (p, t) = (median(&mut plain_cpu), median(&mut typed_cpu));
+    Ok(json!({"scenario": "values", "events": n, "rounds": rounds,
+        "plain_agent_cpu_s_per_100k": (p * 1000.0).round() / 1000.0,
+        "typed_agent_cpu_s_per_100k": (t * 1000.0).round() / 1000.0,
+        "typed_over_plain": if p > 0.0 { (t / p * 100.0).round() / 100.0 } else { 0.0 },
+        "machine": machine()}))
+}
+
+/// A real agent process (its own config, `table` → `entity` up) drains the `n` queued changes
+/// of `db` to a gateway in this process: (seconds, the agent's CPU-seconds).
+async fn drain_by_agent_process(
+    dir: &Path,
+    db: &Path,
+    table: &str,
+    entity: &str,
+    n: u64,
+) -> anyhow::Result<(f64, f64)> {
+    let gw = gateway::start(settings(dir, "127.0.0.1:0"), GatewaySecurity::insecure())?;
     let agent_cfg = dir.join("agent.yaml");
     std::fs::write(
         &agent_cfg,
         format!(
-            "logging:\n  dir: logs-agent\n  console: false\n  level: warn\nagent:\n  clinic_id: sender\n  database:\n    path: {}\n  gateway:\n    url: {}\n    insecure_plaintext: true\n  tables:\n    - {{table: payments, entity: payment, key: [id], direction: up}}\n  admin:\n    listen: \"off\"\n",
+            "logging:\n  dir: logs-agent\n  console: false\n  level: warn\nagent:\n  clinic_id: sender\n  database:\n    path: {}\n  gateway:\n    url: {}\n    insecure_plaintext: true\n  tables:\n    - {{table: {table}, entity: {entity}, key: [id], direction: up}}\n  admin:\n    listen: \"off\"\n",
             db.display(),
             gw.ws_url()
         ),
@@ -196,7 +284,7 @@ pub async fn agent_send(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
     let done = loop {
         // Read before the ack check: the CPU counted covers at least everything acknowledged.
         cpu = cpu_seconds(pid).max(cpu);
-        if gw.store.acked_seq("sender").await? >= o.drain_events {
+        if gw.store.acked_seq("sender").await? >= n {
             break Ok(t0.elapsed());
         }
         if let Ok(Some(status)) = agent.try_wait() {
@@ -211,14 +299,7 @@ pub async fn agent_send(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
     let _ = agent.kill();
     let _ = agent.wait();
     gw.stop().await;
-    let secs = done?.as_secs_f64();
-    let n = o.drain_events;
-    Ok(
-        json!({"scenario": "agent-send", "events": n, "seconds": (secs * 100.0).round() / 100.0,
-        "events_per_s": (n as f64 / secs).round(),
-        "agent_cpu_s_per_100k": (cpu * 100_000.0 / n.max(1) as f64 * 1000.0).round() / 1000.0,
-        "machine": machine()}),
-    )
+    Ok((done?.as_secs_f64(), cpu))
 }
 
 /// SQLite's own insert rate on this disk (the ingest ceiling): 500,000 events, 5,000 per commit
@@ -820,6 +901,7 @@ pub fn run(scenario: &str, json_out: bool, o: BenchOptions) -> anyhow::Result<Ve
                 "history" => history(&path, &opts).await,
                 "sqlite-ceiling" => sqlite_ceiling(&path),
                 "agent-send" => agent_send(&path, &opts).await,
+                "values" => values(&path, &opts).await,
                 _ => storm(&path, &opts).await,
             }
         });

@@ -76,7 +76,8 @@ enum Command {
     /// Measure throughput, latency, memory and reconnect storms (one JSON line per scenario).
     #[cfg(feature = "gateway")]
     Bench {
-        /// ingest | latency | connections | footprint | drain | fallback | storm | bridge | all;
+        /// ingest | latency | connections | footprint | drain | fallback | storm | bridge |
+        /// history | sqlite-ceiling | agent-send | values | all;
         /// `capture`: PostgreSQL capture delay per writer mix, triggers vs logical
         scenario: String,
         #[command(flatten)]
