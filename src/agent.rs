@@ -475,6 +475,18 @@ pub fn db_ports(a: &AgentConfig) -> Result<DbPorts, AgentSetupError> {
                 for line in crate::db::sqlite::capture_drift(&conn, path, &a.tables) {
                     log::warn!(target: tether_actors::log_target::ERROR, "clinic={} event=capture_stale detail={line:?}", a.clinic_id);
                 }
+                // A `types:` entry naming no column changes nothing: say so.
+                for t in a.tables.iter().filter(|t| !t.types.is_empty()) {
+                    let cols: Vec<String> = crate::db::sqlite::columns(&conn, &t.table)
+                        .map(|c| c.into_iter().map(|(n, _)| n).collect())
+                        .unwrap_or_default();
+                    if cols.is_empty() {
+                        continue; // a missing table is refused on its own
+                    }
+                    for line in crate::db::sqlite::unknown_typed_columns(t, cols.iter()) {
+                        log::warn!(target: tether_actors::log_target::ERROR, "clinic={} event=config_types_unknown detail={line:?}", a.clinic_id);
+                    }
+                }
             }
             (
                 Arc::new(source),
