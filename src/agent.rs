@@ -483,7 +483,7 @@ pub fn db_ports(a: &AgentConfig) -> Result<DbPorts, AgentSetupError> {
                     if cols.is_empty() {
                         continue; // a missing table is refused on its own
                     }
-                    for line in crate::db::sqlite::unknown_typed_columns(t, cols.iter()) {
+                    for line in crate::db::values::unknown_typed_columns(t, cols.iter()) {
                         log::warn!(target: tether_actors::log_target::ERROR, "clinic={} event=config_types_unknown detail={line:?}", a.clinic_id);
                     }
                 }

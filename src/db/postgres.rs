@@ -29,7 +29,7 @@ use serde_json::{Map, Value};
 use tether_actors::ports::{ApplyOutcome, ChangeSink, ChangeSource, Checkpoint, PortError};
 use tether_schemas::{Event, Op, Update, UpdateOp, UpdateStatus};
 
-use super::values::{self, BinaryForm, ColumnTypes, ValueType};
+use super::values::{self, BinaryForm, ColumnTypes, EntityTypes, ValueType};
 use super::{compare_versions, quote_ident as qi, quote_literal as ql, quote_qualified as qq};
 use crate::config::{ConflictPolicy, TableConfig};
 
@@ -396,68 +396,36 @@ fn split(table: &str) -> (String, String) {
     }
 }
 
-/// A table's columns with their wire types (`values`), config overrides on top.
-fn column_types(
+/// A table's columns in order, with their `information_schema` data types.
+fn typed_columns(
     c: &mut impl postgres::GenericClient,
-    cfg: &TableConfig,
-) -> Result<ColumnTypes, postgres::Error> {
-    let (schema, name) = split(&cfg.table);
+    table: &str,
+) -> Result<Vec<(String, String)>, postgres::Error> {
+    let (schema, name) = split(table);
     let rows = c.query(
-        "SELECT column_name::text, data_type::text FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2",
+        "SELECT column_name::text, data_type::text FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2 ORDER BY ordinal_position",
         &[&schema, &name],
     )?;
-    Ok(ColumnTypes::new(
-        rows.iter().map(|r| {
-            let ty: String = r.get(1);
-            (r.get::<_, String>(0), ValueType::of_postgres(&ty))
-        }),
-        &cfg.types,
-    ))
-}
-
-/// entity → the wire types of its table's columns, read once per entity.
-#[derive(Default)]
-struct TypeCache {
-    tables: Vec<TableConfig>,
-    map: Mutex<HashMap<String, Arc<ColumnTypes>>>,
-}
-
-impl TypeCache {
-    fn new(tables: &[TableConfig]) -> Self {
-        TypeCache {
-            tables: tables.to_vec(),
-            map: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn of(
-        &self,
-        c: &mut impl postgres::GenericClient,
-        entity: &str,
-    ) -> Result<Arc<ColumnTypes>, PortError> {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = map.get(entity) {
-            return Ok(t.clone());
-        }
-        let t = match self.tables.iter().find(|t| t.entity == entity) {
-            Some(cfg) => Arc::new(column_types(c, cfg).map_err(port("reading column types"))?),
-            None => Arc::new(ColumnTypes::default()),
-        };
-        map.insert(entity.to_string(), t.clone());
-        Ok(t)
-    }
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 fn columns(
     c: &mut impl postgres::GenericClient,
     table: &str,
 ) -> Result<Vec<String>, postgres::Error> {
-    let (schema, name) = split(table);
-    let rows = c.query(
-        "SELECT column_name::text FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2 ORDER BY ordinal_position",
-        &[&schema, &name],
-    )?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    Ok(typed_columns(c, table)?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect())
+}
+
+/// A mapped table's wire types (`values`): declared types, config overrides on top.
+fn wire_types(cfg: &TableConfig, cols: &[(String, String)]) -> ColumnTypes {
+    ColumnTypes::new(
+        cols.iter()
+            .map(|(n, ty)| (n.clone(), ValueType::of_postgres(ty))),
+        &cfg.types,
+    )
 }
 
 /// The table exists, has the configured key columns, and — for a table cloud updates are
@@ -520,7 +488,7 @@ pub fn check(conn: &str, tables: &[TableConfig]) -> Result<(Vec<String>, bool), 
             problems.push(e.to_string());
         } else if !t.types.is_empty() {
             let cols = columns(&mut tx, &t.table).map_err(sql("reading columns"))?;
-            problems.extend(super::sqlite::unknown_typed_columns(t, cols.iter()));
+            problems.extend(values::unknown_typed_columns(t, cols.iter()));
         }
     }
     let installed: bool = tx
@@ -620,7 +588,7 @@ pub struct PgSource {
     /// Logical capture: the pump that fills the outbox from the slot before each read.
     logical: Option<Arc<Mutex<logical::Pump>>>,
     slot_gauge: Option<Arc<logical::SlotGauge>>,
-    types: Arc<TypeCache>,
+    types: Arc<EntityTypes>,
 }
 
 impl PgSource {
@@ -631,7 +599,7 @@ impl PgSource {
             holes: Arc::new(Mutex::new(Holes::default())),
             logical: None,
             slot_gauge: None,
-            types: Arc::new(TypeCache::new(tables)),
+            types: Arc::new(EntityTypes::new(tables)),
         })
     }
 
@@ -657,7 +625,7 @@ impl PgSource {
             holes: Arc::new(Mutex::new(Holes::default())),
             logical: Some(Arc::new(Mutex::new(pump))),
             slot_gauge: Some(gauge),
-            types: Arc::new(TypeCache::new(tables)),
+            types: Arc::new(EntityTypes::new(tables)),
         })
     }
 }
@@ -754,11 +722,15 @@ impl ChangeSource for PgSource {
 type RawRows = Vec<postgres::Row>;
 
 /// An outbox row (as [`READ`] selects it) as an event, its values in the wire form.
-fn event_of(c: &mut Client, types: &TypeCache, r: postgres::Row) -> Result<Event, PortError> {
+fn event_of(c: &mut Client, types: &EntityTypes, r: postgres::Row) -> Result<Event, PortError> {
     let seq: i64 = r.get(0);
     let op: String = r.get(2);
     let entity: String = r.get(1);
-    let t = types.of(c, &entity)?;
+    let t = types.of(&entity, |cfg| {
+        typed_columns(c, &cfg.table)
+            .map(|cols| wire_types(cfg, &cols))
+            .map_err(port("reading column types"))
+    })?;
     Ok(Event {
         seq: seq as u64,
         entity,
@@ -796,7 +768,7 @@ impl PgSource {
     fn sequence(
         c: &mut Client,
         holes: &Mutex<Holes>,
-        types: &TypeCache,
+        types: &EntityTypes,
         after: u64,
         xmin: i64,
         rows: RawRows,
@@ -1002,15 +974,14 @@ impl SinkInner {
                 "entity `{entity}` is mapped with direction up; cloud updates are not accepted"
             ));
         }
-        let columns = columns(c, &cfg.table).map_err(|e| e.to_string())?;
-        if columns.is_empty() {
+        let cols = typed_columns(c, &cfg.table).map_err(|e| e.to_string())?;
+        if cols.is_empty() {
             return Err(format!("table `{}` does not exist", cfg.table));
         }
-        let types = column_types(c, cfg).map_err(|e| e.to_string())?;
         let t = Arc::new(DownTable {
             cfg: cfg.clone(),
-            columns,
-            types,
+            types: wire_types(cfg, &cols),
+            columns: cols.into_iter().map(|(n, _)| n).collect(),
         });
         cache.insert(entity.to_string(), t.clone());
         Ok(t)

@@ -24,7 +24,7 @@ use serde_json::{Map, Value};
 use tether_actors::ports::{ApplyOutcome, ChangeSink, ChangeSource, Checkpoint, PortError};
 use tether_schemas::{Event, Op, Update, UpdateOp, UpdateStatus};
 
-use super::values::{self, BinaryForm, ColumnTypes, ValueType};
+use super::values::{self, BinaryForm, ColumnTypes, EntityTypes, ValueType};
 use super::{quote_ident as qi, quote_literal as ql};
 use crate::config::TableConfig;
 
@@ -385,7 +385,10 @@ pub fn check(path: &Path, tables: &[TableConfig]) -> Result<(Vec<String>, bool),
     for t in tables {
         match checked_columns(&conn, path, t) {
             Err(e) => problems.push(e.to_string()),
-            Ok(cols) => problems.extend(unknown_typed_columns(t, cols.iter().map(|(n, _)| n))),
+            Ok(cols) => problems.extend(values::unknown_typed_columns(
+                t,
+                cols.iter().map(|(n, _)| n),
+            )),
         }
     }
     let installed = conn
@@ -398,24 +401,6 @@ pub fn check(path: &Path, tables: &[TableConfig]) -> Result<(Vec<String>, bool),
         > 0;
     problems.extend(capture_drift(&conn, path, tables));
     Ok((problems, installed))
-}
-
-/// `types:` entries naming a column the table does not have (a typo would silently change
-/// nothing).
-pub fn unknown_typed_columns<'a>(
-    t: &TableConfig,
-    cols: impl Iterator<Item = &'a String> + Clone,
-) -> Vec<String> {
-    t.types
-        .keys()
-        .filter(|c| !cols.clone().any(|x| x == *c))
-        .map(|c| {
-            format!(
-                "table {}: `types` names column `{c}`, which the table does not have",
-                t.table
-            )
-        })
-        .collect()
 }
 
 fn drop_triggers(conn: &Connection, table: &str) -> Result<(), SqliteError> {
@@ -478,43 +463,25 @@ fn parse_obj(text: &str, what: &str, seq: u64) -> Result<Map<String, Value>, Por
 /// sees every other connection's commits.
 pub struct SqliteSource {
     conn: Mutex<Connection>,
-    tables: Vec<TableConfig>,
-    /// entity → the columns whose values need the wire form (`values`).
-    types: Mutex<HashMap<String, Arc<ColumnTypes>>>,
+    types: EntityTypes,
 }
 
 impl SqliteSource {
     pub fn open(path: &Path, tables: &[TableConfig]) -> Result<Self, SqliteError> {
         Ok(SqliteSource {
             conn: Mutex::new(open(path)?),
-            tables: tables.to_vec(),
-            types: Mutex::new(HashMap::new()),
+            types: EntityTypes::new(tables),
         })
-    }
-
-    /// The wire types of an entity's columns (none for an entity no longer mapped).
-    fn types_of(&self, conn: &Connection, entity: &str) -> Result<Arc<ColumnTypes>, PortError> {
-        let mut cache = self.types.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = cache.get(entity) {
-            return Ok(t.clone());
-        }
-        let t = match self.tables.iter().find(|t| t.entity == entity) {
-            Some(cfg) => Arc::new(column_types(conn, cfg).map_err(port("reading table columns"))?),
-            None => Arc::new(ColumnTypes::default()),
-        };
-        cache.insert(entity.to_string(), t.clone());
-        Ok(t)
     }
 }
 
 /// A mapped table's wire types: its declared column types, then `types:` from its config.
-fn column_types(conn: &Connection, cfg: &TableConfig) -> Result<ColumnTypes, rusqlite::Error> {
-    let cols = columns(conn, &cfg.table)?;
-    Ok(ColumnTypes::new(
-        cols.into_iter()
-            .map(|(n, ty)| (n, ValueType::of_sqlite(&ty))),
+fn wire_types(cfg: &TableConfig, cols: &[(String, String)]) -> ColumnTypes {
+    ColumnTypes::new(
+        cols.iter()
+            .map(|(n, ty)| (n.clone(), ValueType::of_sqlite(ty))),
         &cfg.types,
-    ))
+    )
 }
 
 impl ChangeSource for SqliteSource {
@@ -569,7 +536,11 @@ impl ChangeSource for SqliteSource {
             let op = Op::parse(&op).ok_or_else(|| {
                 PortError::new(format!("outbox row seq={seq}: unknown op `{op}`"))
             })?;
-            let types = self.types_of(&conn, &entity)?;
+            let types = self.types.of(&entity, |cfg| {
+                columns(&conn, &cfg.table)
+                    .map(|cols| wire_types(cfg, &cols))
+                    .map_err(port("reading table columns"))
+            })?;
             let mut key = parse_obj(&key, "key_json", seq)?;
             let mut row = row.map(|r| parse_obj(&r, "row_json", seq)).transpose()?;
             types.to_wire(&mut key, BinaryForm::Hex);
@@ -699,11 +670,7 @@ impl SqliteSink {
                 self.path.display()
             ));
         }
-        let types = ColumnTypes::new(
-            cols.iter()
-                .map(|(n, ty)| (n.clone(), ValueType::of_sqlite(ty))),
-            &cfg.types,
-        );
+        let types = wire_types(cfg, &cols);
         let t = Arc::new(DownTable {
             table: cfg.table.clone(),
             key: cfg.key.clone(),

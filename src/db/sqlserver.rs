@@ -24,7 +24,7 @@ use serde_json::{Map, Value};
 use tether_actors::ports::{ApplyOutcome, ChangeSink, ChangeSource, Checkpoint, PortError};
 use tether_schemas::{Event, Op, Update, UpdateOp, UpdateStatus};
 
-use super::values::{self, BinaryForm, ColumnTypes, ValueType};
+use super::values::{self, BinaryForm, ColumnTypes, EntityTypes, ValueType};
 use crate::config::{ConflictPolicy, TableConfig};
 
 pub mod queries;
@@ -984,7 +984,7 @@ pub struct MssqlSink {
     tables: Vec<TableConfig>,
     types: Mutex<HashMap<String, Arc<HashMap<String, String>>>>,
     /// entity → the wire types of its columns (capture side).
-    wire: Mutex<HashMap<String, Arc<ColumnTypes>>>,
+    wire: EntityTypes,
     /// `change_tracking` mode: writes carry the tether context so the pump skips them.
     pub change_tracking: bool,
 }
@@ -995,7 +995,7 @@ impl MssqlSink {
             db,
             tables: tables.to_vec(),
             types: Mutex::new(HashMap::new()),
-            wire: Mutex::new(HashMap::new()),
+            wire: EntityTypes::new(tables),
             change_tracking: false,
         }
     }
@@ -1003,31 +1003,15 @@ impl MssqlSink {
     /// The wire types of an entity's columns: declared types, then `types:` from config (none
     /// for an entity that is not mapped).
     pub fn wire_types(&self, entity: &str) -> Result<Arc<ColumnTypes>, PortError> {
-        if let Some(t) = self
-            .wire
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(entity)
-        {
-            return Ok(t.clone());
-        }
-        let t = match self.tables.iter().find(|t| t.entity == entity) {
-            Some(cfg) => {
-                let declared = self.column_types(&cfg.table)?;
-                Arc::new(ColumnTypes::new(
-                    declared
-                        .iter()
-                        .map(|(c, ty)| (c.clone(), ValueType::of_sqlserver(ty))),
-                    &cfg.types,
-                ))
-            }
-            None => Arc::new(ColumnTypes::default()),
-        };
-        self.wire
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(entity.to_string(), t.clone());
-        Ok(t)
+        self.wire.of(entity, |cfg| {
+            let declared = self.column_types(&cfg.table)?;
+            Ok(ColumnTypes::new(
+                declared
+                    .iter()
+                    .map(|(c, ty)| (c.clone(), ValueType::of_sqlserver(ty))),
+                &cfg.types,
+            ))
+        })
     }
 
     pub fn column_types(&self, table: &str) -> Result<Arc<HashMap<String, String>>, PortError> {

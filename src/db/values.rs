@@ -21,12 +21,15 @@
 //! on unchanged: nothing is lost, and the gateway's entity schema can flag it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
 use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+
+use crate::config::TableConfig;
 
 /// A column's type, as far as the wire form cares (`agent.tables[].types` names these).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
@@ -188,6 +191,59 @@ impl ColumnTypes {
         self.to_wire(&mut row, bin);
         Ok(row)
     }
+}
+
+/// entity → the wire types of its mapped table's columns, read once per entity (every engine's
+/// reader keeps one; an entity no longer mapped has no typed columns).
+pub struct EntityTypes {
+    tables: Vec<TableConfig>,
+    map: Mutex<HashMap<String, Arc<ColumnTypes>>>,
+}
+
+impl EntityTypes {
+    pub fn new(tables: &[TableConfig]) -> Self {
+        EntityTypes {
+            tables: tables.to_vec(),
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The entity's types, from `load` (the table's declared types, `types:` on top) the first
+    /// time.
+    pub fn of<E>(
+        &self,
+        entity: &str,
+        load: impl FnOnce(&TableConfig) -> Result<ColumnTypes, E>,
+    ) -> Result<Arc<ColumnTypes>, E> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = map.get(entity) {
+            return Ok(t.clone());
+        }
+        let t = match self.tables.iter().find(|t| t.entity == entity) {
+            Some(cfg) => Arc::new(load(cfg)?),
+            None => Arc::new(ColumnTypes::default()),
+        };
+        map.insert(entity.to_string(), t.clone());
+        Ok(t)
+    }
+}
+
+/// `types:` entries naming a column the table does not have (a typo would silently change
+/// nothing): one line each, for `check-config --connect` and the agent's start.
+pub fn unknown_typed_columns<'a>(
+    t: &TableConfig,
+    cols: impl Iterator<Item = &'a String> + Clone,
+) -> Vec<String> {
+    t.types
+        .keys()
+        .filter(|c| !cols.clone().any(|x| x == *c))
+        .map(|c| {
+            format!(
+                "table {}: `types` names column `{c}`, which the table does not have",
+                t.table
+            )
+        })
+        .collect()
 }
 
 /// One captured value in the wire form (unchanged when it does not read as `t`).
