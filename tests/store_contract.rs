@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use serde_json::json;
 use tether::gateway::store::{
-    self, AppendOutcome, CancelOutcome, ForwardedCall, IncomingEvent, NewUpdate, Signal, Store,
-    StoreError, StoreLocation, StoreSettings, UNFENCED,
+    self, AppendOutcome, CancelOutcome, CodeTake, ForwardedCall, IncomingEvent, NewEnrolmentCode,
+    NewUpdate, Signal, Store, StoreError, StoreLocation, StoreSettings, UNFENCED,
 };
 use tether_schemas::{Event, Op, UpdateOp, UpdateStatus};
 
@@ -826,6 +826,101 @@ fn the_replay_guard_remembers_token_ids_until_they_expire(f: &Fixture) {
     });
 }
 
+fn enrolment_codes_work_once_on_every_node(f: &Fixture) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let code = |hash: &str, clinic: &str, expires_at: u64| NewEnrolmentCode {
+        code_hash: hash.into(),
+        clinic_id: clinic.into(),
+        labels_json: r#"{"region":"north"}"#.into(),
+        expires_at,
+        created_by: "ops".into(),
+    };
+    let s = &f.store;
+    block(async {
+        s.add_enrolment_code(code("h1", "clinic-a", now + 600))
+            .await
+            .expect("add h1");
+        s.add_enrolment_code(code("h2", "clinic-b", now - 1))
+            .await
+            .expect("add an expired one");
+        // A code never seen: unknown, and nothing is created by asking.
+        assert_eq!(
+            s.take_enrolment_code("nope", "10.0.0.9")
+                .await
+                .expect("take"),
+            CodeTake::Unknown
+        );
+        // Bound to its clinic, with its labels.
+        assert_eq!(
+            s.take_enrolment_code("h1", "10.0.0.1").await.expect("take"),
+            CodeTake::Taken {
+                clinic_id: "clinic-a".into(),
+                labels_json: r#"{"region":"north"}"#.into()
+            }
+        );
+        // Once: again on this node, and on another node of the same store.
+        match s
+            .take_enrolment_code("h1", "10.0.0.2")
+            .await
+            .expect("again")
+        {
+            CodeTake::Used { by, at } => {
+                assert_eq!(by, "10.0.0.1");
+                assert!(!at.is_empty());
+            }
+            other => panic!("a used code was taken again: {other:?}"),
+        }
+        let other = f.reopen();
+        assert!(matches!(
+            other
+                .take_enrolment_code("h1", "10.0.0.3")
+                .await
+                .expect("node 2"),
+            CodeTake::Used { .. }
+        ));
+        // Given back after a failure on the gateway's side: usable once more.
+        s.return_enrolment_code("h1").await.expect("return");
+        assert!(matches!(
+            other
+                .take_enrolment_code("h1", "10.0.0.3")
+                .await
+                .expect("node 2 after return"),
+            CodeTake::Taken { .. }
+        ));
+        other.close();
+        // Expired: refused, and naming its clinic (for the audit line).
+        assert_eq!(
+            s.take_enrolment_code("h2", "10.0.0.1")
+                .await
+                .expect("expired"),
+            CodeTake::Expired {
+                clinic_id: "clinic-b".into()
+            }
+        );
+        // The same hash twice is refused (a code is created once).
+        assert!(s
+            .add_enrolment_code(code("h1", "clinic-c", now + 600))
+            .await
+            .is_err());
+        // Codes long expired are purged by the next add.
+        s.add_enrolment_code(code("old", "clinic-d", now - 8 * 24 * 3600))
+            .await
+            .expect("add old");
+        s.add_enrolment_code(code("h3", "clinic-e", now + 600))
+            .await
+            .expect("add purges");
+        assert_eq!(
+            s.take_enrolment_code("old", "10.0.0.1")
+                .await
+                .expect("purged"),
+            CodeTake::Unknown
+        );
+    });
+}
+
 fn the_writer_answers_a_readiness_round_trip(f: &Fixture) {
     block(async {
         f.store.check_writer().await.expect("writer commits");
@@ -1376,6 +1471,10 @@ macro_rules! contract {
             #[test]
             fn the_replay_guard_remembers_token_ids_until_they_expire() {
                 super::the_replay_guard_remembers_token_ids_until_they_expire(&Fixture::$adapter());
+            }
+            #[test]
+            fn enrolment_codes_work_once_on_every_node() {
+                super::enrolment_codes_work_once_on_every_node(&Fixture::$adapter());
             }
             #[test]
             fn the_writer_answers_a_readiness_round_trip() {

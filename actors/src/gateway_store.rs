@@ -254,6 +254,37 @@ pub struct Pruned {
     pub pruned_through: u64,
 }
 
+/// A one-time enrolment code as the store keeps it: never the code itself, its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEnrolmentCode {
+    /// Lowercase hex SHA-256 of the normalised code.
+    pub code_hash: String,
+    /// The clinic the code enrols, and nothing else.
+    pub clinic_id: String,
+    /// Registry labels the enrolled clinic gets (a JSON object).
+    pub labels_json: String,
+    /// Unix seconds after which the code is refused.
+    pub expires_at: u64,
+    /// The admin token's name that issued it (audit).
+    pub created_by: String,
+}
+
+/// What taking an enrolment code found. Only `Taken` consumes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CodeTake {
+    /// The code was valid: it is now used (by this call, on whichever node).
+    Taken {
+        clinic_id: String,
+        labels_json: String,
+    },
+    /// No such code (mistyped, or purged long after it expired).
+    Unknown,
+    /// Used before, at this time (RFC 3339), by this peer.
+    Used { at: String, by: String },
+    /// Past its expiry.
+    Expired { clinic_id: String },
+}
+
 /// The gateway's storage port. Every method is cheap to call from an actix thread: reads run
 /// on the adapter's blocking pool, writes on its group-committing writer.
 pub trait GatewayStore: std::any::Any + Send + Sync + 'static {
@@ -435,6 +466,14 @@ pub trait GatewayStore: std::any::Any + Send + Sync + 'static {
     /// `true` the first time `jti` is seen (kept until `expires_at`, unix seconds, has passed),
     /// `false` on a replay. Expired ids are purged as it goes.
     fn remember_token(&self, jti: &str, expires_at: u64) -> StoreFuture<bool>;
+
+    /// Keeps a new enrolment code (and purges codes expired more than a week ago).
+    fn add_enrolment_code(&self, code: NewEnrolmentCode) -> StoreFuture<()>;
+    /// Takes a code once, across every node on the store: the first caller gets `Taken` and
+    /// the code is used (`by` is recorded: the caller's address); every later call `Used`.
+    fn take_enrolment_code(&self, code_hash: &str, by: &str) -> StoreFuture<CodeTake>;
+    /// Gives a taken code back (the enrolment failed after taking it, on the gateway's side).
+    fn return_enrolment_code(&self, code_hash: &str) -> StoreFuture<()>;
 
     /// One round trip through the writer: resolves once a (trivial) write has committed.
     fn check_writer(&self) -> StoreFuture<()>;

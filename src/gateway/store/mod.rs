@@ -17,9 +17,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 
 pub use tether_actors::gateway_store::{
-    AppendOutcome, CancelOutcome, Claim, ClinicRecord, DeadLetter, ForwardedCall, GatewayStore,
-    IncomingEvent, NewUpdate, NodeRecord, Pruned, Signal, SignalWatcher, StoreError, StoreFuture,
-    StoredEvent, UpdateRecord, UNFENCED,
+    AppendOutcome, CancelOutcome, Claim, ClinicRecord, CodeTake, DeadLetter, ForwardedCall,
+    GatewayStore, IncomingEvent, NewEnrolmentCode, NewUpdate, NodeRecord, Pruned, Signal,
+    SignalWatcher, StoreError, StoreFuture, StoredEvent, UpdateRecord, UNFENCED,
 };
 pub use tether_schemas::iso_from_millis;
 
@@ -257,6 +257,14 @@ pub(crate) enum Op {
         jti: String,
         expires_at: u64,
     },
+    AddEnrolmentCode(NewEnrolmentCode),
+    TakeEnrolmentCode {
+        code_hash: String,
+        by: String,
+    },
+    ReturnEnrolmentCode {
+        code_hash: String,
+    },
     ForwardCall(ForwardedCall),
     TakeCall {
         id: String,
@@ -326,6 +334,7 @@ pub(crate) enum Done {
     Cancel(CancelOutcome),
     /// `AnswerCall`: the node that forwarded the call; `CallAnswer`: the answer.
     Text(Option<String>),
+    Code(CodeTake),
 }
 
 pub(crate) struct Cmd {
@@ -746,6 +755,27 @@ macro_rules! write_methods {
             self.writer.unit(Op::Ping)
         }
 
+        fn add_enrolment_code(&self, code: super::NewEnrolmentCode) -> StoreFuture<()> {
+            self.writer.unit(Op::AddEnrolmentCode(code))
+        }
+
+        fn take_enrolment_code(&self, code_hash: &str, by: &str) -> StoreFuture<super::CodeTake> {
+            let op = Op::TakeEnrolmentCode {
+                code_hash: code_hash.into(),
+                by: by.into(),
+            };
+            super::expect(self.writer.submit(op), |d| match d {
+                Done::Code(c) => Some(c),
+                _ => None,
+            })
+        }
+
+        fn return_enrolment_code(&self, code_hash: &str) -> StoreFuture<()> {
+            self.writer.unit(Op::ReturnEnrolmentCode {
+                code_hash: code_hash.into(),
+            })
+        }
+
         fn forward_call(&self, call: ForwardedCall) -> StoreFuture<()> {
             self.writer.unit(Op::ForwardCall(call))
         }
@@ -886,6 +916,28 @@ pub(crate) fn call_params(
 
 /// Token ids are kept this long past their expiry (well beyond any verification leeway).
 pub(crate) const TOKEN_ID_MARGIN_S: u64 = 600;
+
+/// How long a code stays in the store after it expired (so a late try hears "expired", not
+/// "unknown").
+pub(crate) const ENROLMENT_CODE_KEEP_S: u64 = 7 * 24 * 3600;
+
+/// What a stored code's row says about taking it now.
+pub(crate) fn judge_code(
+    clinic_id: String,
+    labels_json: String,
+    expires_at: i64,
+    used: Option<(String, String)>,
+    now: u64,
+) -> CodeTake {
+    match used {
+        Some((at, by)) => CodeTake::Used { at, by },
+        None if expires_at < 0 || (expires_at as u64) < now => CodeTake::Expired { clinic_id },
+        None => CodeTake::Taken {
+            clinic_id,
+            labels_json,
+        },
+    }
+}
 
 pub(crate) fn log_outbox_recreated(clinic: &str, old: u64, new: u64, acked: u64) {
     log::warn!(target: "error", "clinic={clinic} event=outbox_recreated old_source={old} new_source={new} old_acked_seq={acked} confirmed_by=operator action=position_restarts_at_0");

@@ -154,6 +154,20 @@ UPDATE clinics SET flagged_events = f.n FROM
     (SELECT clinic_id, count(*) AS n FROM events WHERE problem IS NOT NULL GROUP BY clinic_id) f
     WHERE f.clinic_id = clinics.clinic_id;
 ",
+    // 9: one-time enrolment codes (their SHA-256, never the code), shared by every node.
+    "
+CREATE TABLE enrolment_codes (
+    code_hash TEXT PRIMARY KEY,
+    clinic_id TEXT NOT NULL,
+    labels_json TEXT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    created_at TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    used_at TEXT,
+    used_by TEXT
+);
+CREATE INDEX enrolment_codes_expiry ON enrolment_codes (expires_at);
+",
 ];
 
 pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
@@ -1391,6 +1405,56 @@ fn run_op(
             below_id,
             batch,
         } => Done::Pruned(prune(tx, cutoff, *below_id, *batch)?),
+        Op::AddEnrolmentCode(c) => {
+            let horizon = crate::security::unix_now().saturating_sub(super::ENROLMENT_CODE_KEEP_S);
+            tx.execute(
+                "DELETE FROM enrolment_codes WHERE expires_at < $1",
+                &[&(horizon as i64)],
+            )?;
+            tx.execute(
+                "INSERT INTO enrolment_codes (code_hash, clinic_id, labels_json, expires_at, created_at, created_by) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&c.code_hash, &c.clinic_id, &c.labels_json, &(c.expires_at as i64), &now_iso(), &c.created_by],
+            )?;
+            Done::Unit
+        }
+        Op::TakeEnrolmentCode { code_hash, by } => {
+            // FOR UPDATE: a second node taking the same code waits here, then reads it used.
+            let row = tx.query_opt(
+                "SELECT clinic_id, labels_json, expires_at, used_at, used_by \
+                 FROM enrolment_codes WHERE code_hash = $1 FOR UPDATE",
+                &[code_hash],
+            )?;
+            match row {
+                None => Done::Code(super::CodeTake::Unknown),
+                Some(r) => {
+                    let used = r
+                        .get::<_, Option<String>>(3)
+                        .map(|at| (at, r.get::<_, Option<String>>(4).unwrap_or_default()));
+                    let verdict = super::judge_code(
+                        r.get(0),
+                        r.get(1),
+                        r.get(2),
+                        used,
+                        crate::security::unix_now(),
+                    );
+                    if matches!(verdict, super::CodeTake::Taken { .. }) {
+                        tx.execute(
+                            "UPDATE enrolment_codes SET used_at = $2, used_by = $3 WHERE code_hash = $1 AND used_at IS NULL",
+                            &[code_hash, &now_iso(), by],
+                        )?;
+                    }
+                    Done::Code(verdict)
+                }
+            }
+        }
+        Op::ReturnEnrolmentCode { code_hash } => {
+            tx.execute(
+                "UPDATE enrolment_codes SET used_at = NULL, used_by = NULL WHERE code_hash = $1",
+                &[code_hash],
+            )?;
+            Done::Unit
+        }
         Op::RememberToken { jti, expires_at } => {
             let now = crate::security::unix_now().saturating_sub(super::TOKEN_ID_MARGIN_S);
             tx.execute(

@@ -17,9 +17,9 @@ use tether_schemas::{UpdateOp, UpdateStatus};
 
 use super::{
     check_version, new_update_id, now_iso, AppendOutcome, Backend, CancelOutcome, Claim,
-    ClinicRecord, DeadLetter, Done, ForwardedCall, GatewayStore, IncomingEvent, NewUpdate,
-    NodeRecord, Op, Pruned, ReadPool, StoreError, StoreFuture, StoreSettings, StoredEvent,
-    UpdateRecord, Writer,
+    ClinicRecord, CodeTake, DeadLetter, Done, ForwardedCall, GatewayStore, IncomingEvent,
+    NewUpdate, NodeRecord, Op, Pruned, ReadPool, StoreError, StoreFuture, StoreSettings,
+    StoredEvent, UpdateRecord, Writer,
 };
 
 /// `MIGRATIONS[i]` takes the schema from `PRAGMA user_version = i` to `i + 1`.
@@ -144,6 +144,20 @@ UPDATE clinics SET failed_updates = f.n FROM
 UPDATE clinics SET flagged_events = f.n FROM
     (SELECT clinic_id, count(*) AS n FROM events WHERE problem IS NOT NULL GROUP BY clinic_id) f
     WHERE f.clinic_id = clinics.clinic_id;
+",
+    // 9: one-time enrolment codes (their SHA-256, never the code), shared by every node.
+    "
+CREATE TABLE IF NOT EXISTS enrolment_codes (
+    code_hash TEXT PRIMARY KEY,
+    clinic_id TEXT NOT NULL,
+    labels_json TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    used_at TEXT,
+    used_by TEXT
+);
+CREATE INDEX IF NOT EXISTS enrolment_codes_expiry ON enrolment_codes (expires_at);
 ",
 ];
 
@@ -829,6 +843,54 @@ fn run_op(tx: &rusqlite::Transaction<'_>, op: &Op, now: &str) -> Result<Done, St
             below_id,
             batch,
         } => prune(tx, cutoff, *below_id, *batch).map(Done::Pruned),
+        Op::AddEnrolmentCode(c) => {
+            let horizon = crate::security::unix_now().saturating_sub(super::ENROLMENT_CODE_KEEP_S);
+            tx.execute(
+                "DELETE FROM enrolment_codes WHERE expires_at < ?1",
+                params![horizon as i64],
+            )
+            .map_err(write_err)?;
+            tx.execute(
+                "INSERT INTO enrolment_codes (code_hash, clinic_id, labels_json, expires_at, created_at, created_by) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![c.code_hash, c.clinic_id, c.labels_json, c.expires_at as i64, now_iso(), c.created_by],
+            )
+            .map_err(write_err)?;
+            Ok(Done::Unit)
+        }
+        Op::TakeEnrolmentCode { code_hash, by } => {
+            type Row = (String, String, i64, Option<String>, Option<String>);
+            let row: Option<Row> = tx
+                .query_row(
+                    "SELECT clinic_id, labels_json, expires_at, used_at, used_by \
+                     FROM enrolment_codes WHERE code_hash = ?1",
+                    params![code_hash],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                )
+                .optional()
+                .map_err(write_err)?;
+            let Some((clinic, labels, expires_at, used_at, used_by)) = row else {
+                return Ok(Done::Code(CodeTake::Unknown));
+            };
+            let used = used_at.map(|at| (at, used_by.unwrap_or_default()));
+            let verdict = super::judge_code(clinic, labels, expires_at, used, crate::security::unix_now());
+            if matches!(verdict, CodeTake::Taken { .. }) {
+                tx.execute(
+                    "UPDATE enrolment_codes SET used_at = ?2, used_by = ?3 WHERE code_hash = ?1 AND used_at IS NULL",
+                    params![code_hash, now_iso(), by],
+                )
+                .map_err(write_err)?;
+            }
+            Ok(Done::Code(verdict))
+        }
+        Op::ReturnEnrolmentCode { code_hash } => {
+            tx.execute(
+                "UPDATE enrolment_codes SET used_at = NULL, used_by = NULL WHERE code_hash = ?1",
+                params![code_hash],
+            )
+            .map_err(write_err)?;
+            Ok(Done::Unit)
+        }
         Op::RememberToken { jti, expires_at } => {
             let now = crate::security::unix_now();
             tx.execute(
