@@ -305,6 +305,81 @@ fn dialer_with(
     Ok(SecureDialer::new(connector, signer, g.connect_timeout.get()).with_proxy(proxy))
 }
 
+/// The identity files' sizes and modification times (certificate, keys).
+type Stamp = Vec<Option<(u64, std::time::SystemTime)>>;
+
+fn identity_stamp(a: &AgentConfig) -> Stamp {
+    let g = &a.gateway;
+    let t = g.tls.as_ref();
+    [
+        t.and_then(|t| t.cert.clone()),
+        t.and_then(|t| t.key.clone()),
+        t.and_then(|t| t.pkcs12.clone()),
+        g.auth.as_ref().and_then(|a| a.key.clone()),
+    ]
+    .iter()
+    .map(|p| {
+        let m = std::fs::metadata(p.as_ref()?).ok()?;
+        Some((m.len(), m.modified().ok()?))
+    })
+    .collect()
+}
+
+/// The agent's dialer, made again from the files when the certificate or key changes (a
+/// renewal, or an operator replacing them): the next connection uses them, no restart.
+pub struct ReloadingDialer {
+    config: AgentConfig,
+    proxy: Option<crate::proxy::Proxy>,
+    current: std::sync::Mutex<(Stamp, Arc<SecureDialer>)>,
+}
+
+impl ReloadingDialer {
+    pub fn new(
+        a: &AgentConfig,
+        proxy: Option<crate::proxy::Proxy>,
+    ) -> Result<Self, AgentSetupError> {
+        let dialer = Arc::new(dialer_with(a, proxy.clone())?);
+        Ok(ReloadingDialer {
+            config: a.clone(),
+            proxy,
+            current: std::sync::Mutex::new((identity_stamp(a), dialer)),
+        })
+    }
+
+    fn current(&self) -> Arc<SecureDialer> {
+        let stamp = identity_stamp(&self.config);
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if cur.0 != stamp {
+            // Remembered either way: a bad file is reported once, not at every attempt.
+            cur.0 = stamp;
+            match dialer_with(&self.config, self.proxy.clone()) {
+                Ok(d) => {
+                    log::info!(target: "audit", "event=identity_reloaded kid={}", d.kid().unwrap_or("-"));
+                    cur.1 = Arc::new(d);
+                }
+                Err(e) => {
+                    log::error!(target: "error", "event=identity_reload_failed error={:?} action=\"the identity in use stays\"", crate::security::log_value(&e.to_string(), 300));
+                }
+            }
+        }
+        cur.1.clone()
+    }
+}
+
+impl tether_actors::ports::Dialer for ReloadingDialer {
+    fn client(&self) -> awc::Client {
+        self.current().client()
+    }
+
+    fn headers(&self) -> Result<Vec<(String, String)>, tether_actors::PortError> {
+        self.current().headers()
+    }
+
+    fn credential_lifetime(&self) -> Option<std::time::Duration> {
+        self.current().credential_lifetime()
+    }
+}
+
 /// The proxy the agent tunnels through: `agent.gateway.proxy`, else the environment
 /// (`HTTPS_PROXY` for wss://, `HTTP_PROXY` for ws://, minus `NO_PROXY`).
 pub fn proxy(a: &AgentConfig) -> Result<Option<crate::proxy::Proxy>, AgentSetupError> {
@@ -363,7 +438,7 @@ pub fn ports_with_proxy(
         source,
         checkpoint,
         sink,
-        dialer: Arc::new(dialer_with(a, proxy)?),
+        dialer: Arc::new(ReloadingDialer::new(a, proxy)?),
         clock: Arc::new(SystemClock),
         queries: queries(a)?,
         held,

@@ -277,6 +277,11 @@ pub struct AgentAuthConfig {
     pub kid: String,
     /// At most 5m; the agent reconnects with a fresh token before it runs out.
     pub token_lifetime: Dur,
+    /// Renew the key and certificate (`tls.cert`, `tls.key`) this long before the certificate
+    /// runs out, from a gateway with `gateway.enrolment`; `0s`: never. Needs no `kid` here.
+    pub renew_before: Dur,
+    /// How often the agent looks at its certificate's end.
+    pub renew_check: Dur,
     #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
@@ -287,6 +292,8 @@ impl Default for AgentAuthConfig {
             key: None,
             kid: String::new(),
             token_lifetime: Dur::secs(300),
+            renew_before: Dur::secs(30 * 24 * 3600),
+            renew_check: Dur::secs(3600),
             extra: Extra::new(),
         }
     }
@@ -507,8 +514,50 @@ pub struct GatewayConfig {
     pub webhooks: Vec<WebhookConfig>,
     /// Endpoints of the main Web API that agents may call through the gateway.
     pub api_bridge: ApiBridgeConfig,
+    /// Clinics enrol themselves with a one-time code (`tether agent enrol`); absent: off.
+    pub enrolment: Option<EnrolmentConfig>,
     #[serde(flatten, skip_serializing)]
     extra: Extra,
+}
+
+/// `gateway.enrolment`: a clinic PC makes its own key, sends a certificate request with a
+/// one-time code, and gets its certificate from this CA and its registry entry.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct EnrolmentConfig {
+    /// The CA that signs clinic certificates (PEM): the one `gateway.tls.client_ca` trusts.
+    pub ca_cert: PathBuf,
+    /// Its private key (PEM); keep it readable by the gateway's account only.
+    pub ca_key: PathBuf,
+    /// How long a code stays valid unless its request asks for less (at most 7d).
+    pub code_ttl: Dur,
+    /// How long an issued clinic certificate is valid.
+    pub cert_days: u32,
+    /// The agent config a clinic writes when it enrols: YAML with `{{clinic_id}}`,
+    /// `{{gateway_url}}` and `{{gateway_id}}` in it. Absent: connection settings only
+    /// (the clinic adds its database and tables).
+    pub agent_template: Option<PathBuf>,
+    /// The CA clinics should trust for this gateway's own certificate, sent with theirs.
+    pub server_ca: Option<PathBuf>,
+    /// Renewal: an agent asks for a new certificate this long before its own runs out.
+    pub renew_before: Dur,
+    #[serde(flatten, skip_serializing)]
+    extra: Extra,
+}
+
+impl Default for EnrolmentConfig {
+    fn default() -> Self {
+        EnrolmentConfig {
+            ca_cert: PathBuf::new(),
+            ca_key: PathBuf::new(),
+            code_ttl: Dur::secs(24 * 3600),
+            cert_days: 397,
+            agent_template: None,
+            server_ca: None,
+            renew_before: Dur::secs(30 * 24 * 3600),
+            extra: Extra::new(),
+        }
+    }
 }
 
 /// `gateway.api_bridge`: named endpoints of the main Web API that agents may call over their
@@ -679,6 +728,7 @@ impl Default for GatewayConfig {
             limits: LimitsConfig::default(),
             webhooks: Vec::new(),
             api_bridge: ApiBridgeConfig::default(),
+            enrolment: None,
             extra: Extra::new(),
         }
     }
@@ -1060,6 +1110,12 @@ impl Config {
             if let Some(a) = g.auth.as_mut() {
                 fix(&mut a.clinics_dir);
             }
+            if let Some(e) = g.enrolment.as_mut() {
+                fix(&mut e.ca_cert);
+                fix(&mut e.ca_key);
+                fix_opt(&mut e.agent_template);
+                fix_opt(&mut e.server_ca);
+            }
             for k in &mut g.decryption_keys {
                 fix(&mut k.file);
             }
@@ -1353,6 +1409,16 @@ impl Validator<'_> {
             if let Some(a) = &g.auth {
                 self.readable_dir("gateway.auth.clinics_dir", &a.clinics_dir);
             }
+            if let Some(e) = &g.enrolment {
+                self.readable("gateway.enrolment.ca_cert", &e.ca_cert);
+                self.readable("gateway.enrolment.ca_key", &e.ca_key);
+                if let Some(t) = &e.agent_template {
+                    self.readable("gateway.enrolment.agent_template", t);
+                }
+                if let Some(ca) = &e.server_ca {
+                    self.readable("gateway.enrolment.server_ca", ca);
+                }
+            }
             for (i, k) in g.decryption_keys.iter().enumerate() {
                 self.readable(&format!("gateway.decryption_keys[{i}].file"), &k.file);
             }
@@ -1581,10 +1647,12 @@ impl Validator<'_> {
         match &a.gateway.auth {
             Some(auth) => {
                 self.unknown("agent.gateway.auth", &auth.extra, &auth);
-                if !valid_id(&auth.kid) {
-                    self.bad("agent.gateway.auth.kid", "must name the key in the gateway's clinic registry (letters, digits, - _ .)".into());
+                if !auth.kid.is_empty() && !valid_id(&auth.kid) {
+                    self.bad("agent.gateway.auth.kid", "must name the key in the gateway's clinic registry (letters, digits, - _ .); leave it out to use the key's own id".into());
                 }
                 self.duration("agent.gateway.auth.token_lifetime", &auth.token_lifetime, Duration::from_secs(2));
+                self.duration("agent.gateway.auth.renew_before", &auth.renew_before, Duration::ZERO);
+                self.duration("agent.gateway.auth.renew_check", &auth.renew_check, Duration::from_secs(1));
                 if auth.token_lifetime.get() > Duration::from_secs(300) {
                     self.bad("agent.gateway.auth.token_lifetime", "must be at most 5m".into());
                 }
@@ -1835,6 +1903,39 @@ impl Validator<'_> {
                 "required (clinics_dir) unless insecure_plaintext: true".into(),
             ),
             None => {}
+        }
+        if let Some(e) = &g.enrolment {
+            self.unknown("gateway.enrolment", &e.extra, &e);
+            if g.auth.is_none() {
+                self.bad(
+                    "gateway.enrolment",
+                    "needs gateway.auth: enrolled clinics are added to its clinics_dir".into(),
+                );
+            }
+            if e.ca_cert.as_os_str().is_empty() || e.ca_key.as_os_str().is_empty() {
+                self.bad(
+                    "gateway.enrolment",
+                    "ca_cert and ca_key are required (the CA that signs clinic certificates)"
+                        .into(),
+                );
+            }
+            self.duration(
+                "gateway.enrolment.code_ttl",
+                &e.code_ttl,
+                Duration::from_secs(60),
+            );
+            if e.code_ttl.get() > Duration::from_secs(7 * 24 * 3600) {
+                self.bad("gateway.enrolment.code_ttl", "must be at most 7d".into());
+            }
+            if !(1..=825).contains(&e.cert_days) {
+                self.bad("gateway.enrolment.cert_days", "must be 1 to 825".into());
+            }
+            if e.renew_before.get() >= Duration::from_secs(u64::from(e.cert_days) * 86_400) {
+                self.bad(
+                    "gateway.enrolment.renew_before",
+                    "must be shorter than cert_days".into(),
+                );
+            }
         }
         if g.admin_tokens.is_empty() && !g.insecure_plaintext {
             self.bad(
@@ -2106,6 +2207,72 @@ gateway:
         let text = include_str!("../config.yaml");
         let cfg = Config::parse(text, "config.yaml").expect("config.yaml must be valid");
         assert!(cfg.agent.is_some() && cfg.gateway.is_some());
+    }
+
+    #[test]
+    fn enrolment_settings_are_checked_by_name_and_line() {
+        let base = "gateway:\n  listen: 127.0.0.1:0\n  insecure_plaintext: true\n  enrolment:\n";
+        let problems = |body: &str| -> Vec<(String, Option<usize>, String)> {
+            match Config::parse(&format!("{base}{body}"), "t") {
+                Ok(_) => Vec::new(),
+                Err(e) => e
+                    .problems()
+                    .iter()
+                    .map(|p| (p.path.clone(), p.line, p.message.clone()))
+                    .collect(),
+            }
+        };
+        // No registry to enrol into, no CA, a code that lives too long, a typo.
+        let p = problems("    code_tll: 1h\n    code_ttl: 30d\n    cert_days: 0\n");
+        let paths: Vec<&str> = p.iter().map(|(k, _, _)| k.as_str()).collect();
+        for want in [
+            "gateway.enrolment",
+            "gateway.enrolment.code_ttl",
+            "gateway.enrolment.cert_days",
+        ] {
+            assert!(paths.contains(&want), "{want} missing from {p:?}");
+        }
+        let ttl = p
+            .iter()
+            .find(|(k, _, _)| k == "gateway.enrolment.code_ttl")
+            .expect("ttl");
+        assert_eq!(ttl.1, Some(6), "{ttl:?}");
+        assert!(ttl.2.contains("7d"), "{ttl:?}");
+        assert!(
+            p.iter().any(|(_, _, m)| m.contains("gateway.auth")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|(k, l, m)| k == "gateway.enrolment.code_tll"
+                && *l == Some(5)
+                && m.contains("code_ttl")),
+            "the typo is named: {p:?}"
+        );
+        // renew_before must leave room inside the certificate's life.
+        let p = problems("    cert_days: 10\n    renew_before: 30d\n");
+        assert!(
+            p.iter()
+                .any(|(k, _, _)| k == "gateway.enrolment.renew_before"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn an_agent_may_leave_its_kid_out() {
+        let text = GOOD.replace(
+            "    insecure_plaintext: true\n    heartbeat_interval: 2s\n",
+            "    insecure_plaintext: true\n    heartbeat_interval: 2s\n    auth:\n      key: k.pem\n      renew_before: 0s\n",
+        );
+        let cfg = Config::parse(&text, "t").expect("valid");
+        let auth = cfg.agent.and_then(|a| a.gateway.auth).expect("auth");
+        assert!(auth.kid.is_empty());
+        assert!(auth.renew_before.get().is_zero());
+        let bad = text.replace(
+            "      key: k.pem\n",
+            "      key: k.pem\n      kid: \"a b\"\n",
+        );
+        let err = Config::parse(&bad, "t").expect_err("bad kid");
+        assert!(err.to_string().contains("agent.gateway.auth.kid"), "{err}");
     }
 
     #[test]

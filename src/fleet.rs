@@ -333,8 +333,29 @@ fn secure(certs: &Path, token: &str) -> anyhow::Result<GatewaySecurity> {
             data,
             Default::default(),
         )),
+        enrolment: Some(Arc::new(crate::gateway::enrolment::Enrolment::from_config(
+            &enrolment_config(certs)?,
+            GATEWAY_ID,
+        )?)),
         ..GatewaySecurity::insecure()
     })
+}
+
+/// The fleet's enrolment: its dev CA signs enrolled clinics, and a clinic gets a config for
+/// `clinic.db` beside it with the sample tables (the template is written to `certs`).
+fn enrolment_config(certs: &Path) -> anyhow::Result<crate::config::EnrolmentConfig> {
+    let template = format!(
+        "agent:\n  clinic_id: {{{{clinic_id}}}}\n  database:\n    path: clinic.db\n  encryption:\n    keys:\n      - {{kid: dk1, file: {dk}}}\n    active: dk1\n    fields:\n      patient: [name, national_id]\n  gateway:\n    url: {{{{gateway_url}}}}\n    gateway_id: {{{{gateway_id}}}}\n    tls:\n      ca: identity/gateway-ca.pem\n      cert: identity/clinic.pem\n      key: identity/clinic.key\n    auth:\n      token_lifetime: 5m\n    heartbeat_interval: 500ms\n    connect_timeout: 2s\n    backoff:\n      initial: 50ms\n      max: 1s\n      reset_after: 5s\n  outbox:\n    poll_interval: 20ms\n    purge_interval: 1h\n  admin:\n    listen: \"off\"\n  tables:\n    - {{table: patients, entity: patient, key: [id], direction: both}}\n    - {{table: appointments, entity: appointment, key: [id], direction: both}}\n    - {{table: payments, entity: payment, key: [id], direction: up}}\n",
+        dk = certs.join("dk1.key").display()
+    );
+    let path = certs.join("agent-template.yaml");
+    std::fs::write(&path, template)?;
+    let mut e = crate::config::EnrolmentConfig::default();
+    e.ca_cert = certs.join("ca.pem");
+    e.ca_key = certs.join("ca.key");
+    e.agent_template = Some(path);
+    e.server_ca = Some(certs.join("ca.pem"));
+    Ok(e)
 }
 
 pub struct Fleet {

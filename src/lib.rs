@@ -17,6 +17,7 @@ pub mod config;
 pub mod db;
 #[cfg(feature = "gateway")]
 pub mod demo;
+pub mod enrol;
 pub mod faults;
 #[cfg(feature = "gateway")]
 pub mod fleet;

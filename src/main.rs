@@ -255,6 +255,28 @@ enum KeysCommand {
         #[arg(long)]
         kid: String,
     },
+    /// Ask the gateway (REST, an admin token with `write`) for a one-time enrolment code for
+    /// a clinic; give the code to whoever installs the clinic's PC (`tether agent enrol`).
+    EnrolCode {
+        /// The gateway: `https://host` or `wss://host/v1/ws`.
+        #[arg(long)]
+        gateway: String,
+        /// The clinic the code enrols (and nothing else).
+        #[arg(long)]
+        clinic: String,
+        /// Shorter than the gateway's `enrolment.code_ttl` (e.g. 2h).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Registry labels for a new clinic, `name=value` (repeatable).
+        #[arg(long)]
+        label: Vec<String>,
+        /// Environment variable holding the admin token.
+        #[arg(long, default_value = "TETHER_ADMIN_TOKEN")]
+        token_env: String,
+        /// CA of the gateway's certificate (a private CA).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
     /// A new REST API token and the hashed config entry for it.
     AdminToken {
         #[arg(long)]
@@ -346,6 +368,32 @@ enum ServiceAction {
 
 #[derive(Subcommand)]
 enum AgentAction {
+    /// Enrol this PC with a one-time code from the operator: makes the clinic's key here (it
+    /// never leaves the PC), gets its certificate from the gateway and writes the config
+    /// (`--config`) and `identity/` beside it.
+    Enrol {
+        /// The gateway: `wss://host/v1/ws` or `https://host`.
+        #[arg(long)]
+        gateway: String,
+        /// The one-time code (e.g. K7QF-2M9X-…).
+        #[arg(long)]
+        code: String,
+        /// CA of the gateway's certificate (a private CA); the system's roots when absent.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Replace an identity and config that exist (the config is kept as `.bak`).
+        #[arg(long)]
+        force: bool,
+        #[arg(long, default_value_t = 3072)]
+        bits: u32,
+    },
+    /// Renew the clinic's key and certificate now (the agent also does it on its own,
+    /// `agent.gateway.auth.renew_before` ahead of the certificate's end); the old key is
+    /// retired at the gateway once the new one is in place.
+    Renew {
+        #[arg(long, default_value_t = 3072)]
+        bits: u32,
+    },
     /// Create the outbox, checkpoint and inbox tables and the capture triggers (idempotent).
     Install,
     /// Remove every object `install` created. Refuses while the outbox holds changes the gateway
@@ -590,6 +638,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
+        Command::Agent {
+            config,
+            action:
+                Some(AgentAction::Enrol {
+                    gateway,
+                    code,
+                    ca,
+                    force,
+                    bits,
+                }),
+        } => run_enrol(tether::enrol::EnrolRequest {
+            gateway,
+            code,
+            config,
+            ca,
+            force,
+            bits,
+            timeout: std::time::Duration::from_secs(30),
+        }),
         Command::Agent { config, action } => {
             let cfg = load(&config)?;
             let a = cfg
@@ -614,6 +681,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         eprintln!("warning: dropping {unsent} unsent changes (--force)");
                     }
                     println!("{}", agent::uninstall(&a)?);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some(AgentAction::Enrol { .. }) => {
+                    unreachable!("handled before the config is read")
+                }
+                Some(AgentAction::Renew { bits }) => {
+                    let _log = logging::init(&cfg.logging, "")?;
+                    let r = actix::System::new().block_on(tether::enrol::renew(&a, bits))?;
+                    println!(
+                        "renewed: key {} replaced by {} (certificate valid until {}); old key {}",
+                        r.old_kid,
+                        r.new_kid,
+                        r.not_after,
+                        if r.retired {
+                            "retired at the gateway"
+                        } else {
+                            "still registered: retired at the agent's next check"
+                        }
+                    );
                     Ok(ExitCode::SUCCESS)
                 }
                 Some(AgentAction::Status { json }) => {
@@ -964,10 +1050,76 @@ fn run_keys(cmd: KeysCommand) -> Result<ExitCode> {
             let x = openssl::x509::X509::from_pem(&pem)?;
             print!("{}", keys::registry_entry(&id, &kid, &x)?);
         }
+        KeysCommand::EnrolCode {
+            gateway,
+            clinic,
+            ttl,
+            label,
+            token_env,
+            ca,
+        } => {
+            let token = std::env::var(&token_env).with_context(|| {
+                format!("--token-env: variable {token_env} is not set (an admin token with the write scope)")
+            })?;
+            let mut labels = Vec::new();
+            for l in &label {
+                let (k, v) = l
+                    .split_once('=')
+                    .with_context(|| format!("--label {l}: use name=value"))?;
+                labels.push((k.to_string(), v.to_string()));
+            }
+            let answer = actix::System::new().block_on(tether::enrol::request_code(
+                &gateway,
+                &clinic,
+                &token,
+                ttl.as_deref(),
+                &labels,
+                ca.as_deref(),
+            ))?;
+            let field = |k: &str| {
+                answer
+                    .get(k)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("-")
+                    .to_string()
+            };
+            println!("code for {}: {}", field("clinic_id"), field("code"));
+            println!("valid once, until {}", field("expires_at"));
+            println!(
+                "on the clinic PC: tether agent enrol --gateway {gateway} --code {}",
+                field("code")
+            );
+        }
         KeysCommand::AdminToken { name, scopes } => {
             let token = admin::new_token();
             println!("token (give to the caller, store nowhere else): {token}");
             println!("config (gateway.admin_tokens):\n  - name: {name}\n    sha256: {}\n    scopes: [{scopes}]", admin::sha256_hex(&token));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_enrol(r: tether::enrol::EnrolRequest) -> Result<ExitCode> {
+    let done = actix::System::new().block_on(tether::enrol::enrol(&r))?;
+    println!(
+        "enrolled as clinic {} (key {}), gateway {}",
+        done.clinic_id, done.kid, done.gateway_url
+    );
+    println!("wrote {} and identity/ beside it", done.config.display());
+    if !done.complete_config {
+        println!(
+            "the gateway has no agent template: add agent.database and agent.tables to the config"
+        );
+    }
+    if done.config_problems.is_empty() {
+        println!(
+            "next: tether agent install -c {0} && tether service install --config {0}",
+            done.config.display()
+        );
+    } else {
+        println!("the config does not load yet:");
+        for p in &done.config_problems {
+            println!("  {p}");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -39,7 +39,12 @@ pub async fn admin_auth(
     let path = req.path().to_string();
     // Agent transports authenticate clinics themselves (token, certificate, channel id).
     let guarded = path.starts_with("/v1/") || path == "/metrics";
-    let public = path == "/v1/ws" || path == "/v1/openapi.json" || path.starts_with("/v1/http/");
+    // Enrolment: the one-time code (or the clinic's token, to renew) is the credential.
+    let public = path == "/v1/ws"
+        || path == "/v1/openapi.json"
+        || path.starts_with("/v1/http/")
+        || path == "/v1/enrol"
+        || path.starts_with("/v1/enrol/");
     // A path that is no route is a 404 for everyone (the routes are public in the OpenAPI
     // file): an agent with a wrong URL must hear "not found", not "unauthorized".
     let no_route = req.match_pattern().is_none();
@@ -79,6 +84,8 @@ pub async fn admin_auth(
             Ok(req.into_response(resp).map_into_right_body())
         }
         Ok(name) => {
+            actix_web::HttpMessage::extensions_mut(&req)
+                .insert(super::enrolment::AdminName(name.clone()));
             let res = next.call(req).await?;
             log::info!(target: AUDIT, "actor={name} peer={peer} action={} result={}", crate::security::log_value(&format!("{method} {path}"), 160), res.status().as_u16());
             Ok(res.map_into_left_body())
@@ -514,7 +521,9 @@ fn clinic_and_body<T: serde::de::DeserializeOwned>(
 }
 
 /// The JSON body, or the 400 naming the field at fault.
-fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<HttpResponse>> {
+pub(super) fn json_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+) -> Result<T, Box<HttpResponse>> {
     let mut de = serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let field = e.path().to_string();

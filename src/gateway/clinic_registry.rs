@@ -24,7 +24,7 @@ use tether_actors::registry::{SessionCommand, ToClinic};
 
 use super::GatewayState;
 use crate::security::jwt::{
-    registry_files, ClinicRegistry, JwtError, RegistryChange, RegistryEntry,
+    registry_files, ClinicInfo, ClinicRegistry, JwtError, RegistryChange, RegistryEntry,
 };
 
 /// Where the registry comes from and how often it is read.
@@ -179,6 +179,16 @@ fn entry_yaml(e: &RegistryEntry) -> String {
         }
     }
     out
+}
+
+/// The entry as its file holds it now (public keys included), to change and `put` back.
+pub fn entry_of(info: &ClinicInfo) -> Result<RegistryEntry, WriteError> {
+    let text = std::fs::read_to_string(&info.file)
+        .map_err(|e| WriteError::Io(format!("{}: {e}", info.file)))?;
+    serde_saphyr::from_str(&text).map_err(|e| WriteError::Invalid {
+        field: "registry".into(),
+        message: format!("{}: {e}", info.file),
+    })
 }
 
 /// Writes `text` to `path` whole (a temporary file renamed over it).

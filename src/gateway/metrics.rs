@@ -36,6 +36,8 @@ pub struct GatewayMetrics {
     /// Registry reloads put in force, and reloads refused (a file that does not parse).
     pub registry_reloads: AtomicU64,
     pub registry_reload_failures: AtomicU64,
+    /// Certificates issued to clinics (enrolments and renewals).
+    pub enrolments: AtomicU64,
     /// HTTP-fallback requests passed to the node holding their channel.
     pub http_forwarded: AtomicU64,
     /// Flagged events counted so far in the store, and the highest event id counted (see
@@ -154,6 +156,11 @@ impl GatewayMetrics {
             "tether_gateway_registry_reload_failures_total",
             "Clinic registry reloads refused (the registry in force stays): see error.log for the file.",
             get(&self.registry_reload_failures),
+        );
+        counter(
+            "tether_gateway_enrolments_total",
+            "Clinic certificates this node issued: enrolments with a one-time code and key renewals (audit log: clinic_enrolled, key_renewed).",
+            get(&self.enrolments),
         );
         counter(
             "tether_gateway_rpc_forwarded_total",

@@ -7,6 +7,7 @@ pub mod api;
 pub mod bridge;
 pub mod clinic_registry;
 pub mod cluster;
+pub mod enrolment;
 pub mod metrics;
 pub mod monitor;
 pub mod problem;
@@ -57,6 +58,8 @@ pub enum GatewayError {
     Webhook(String),
     #[error("gateway.api_bridge: {0}")]
     Bridge(String),
+    #[error(transparent)]
+    Enrolment(#[from] enrolment::EnrolmentError),
     #[error("gateway.listen {addr}: {}", bind_advice(cause))]
     Bind { addr: String, cause: std::io::Error },
 }
@@ -346,6 +349,8 @@ pub struct GatewaySecurity {
     pub rpc_rate: (f64, usize),
     /// Per-session `call_request`s per second (the burst is twice that).
     pub call_rate: f64,
+    /// Zero-touch enrolment (`gateway.enrolment`); `None`: off.
+    pub enrolment: Option<Arc<enrolment::Enrolment>>,
 }
 
 impl GatewaySecurity {
@@ -362,6 +367,7 @@ impl GatewaySecurity {
             allowed_origins: Vec::new(),
             rpc_rate: (50.0, tether_actors::connection::MAX_RPC_RUNNING),
             call_rate: 10_000.0,
+            enrolment: None,
         }
     }
 
@@ -408,6 +414,10 @@ impl GatewaySecurity {
             allowed_origins: l.allowed_origins.clone(),
             rpc_rate: (l.rpc_per_second as f64, l.rpc_concurrent as usize),
             call_rate: l.calls_per_second as f64,
+            enrolment: match &g.enrolment {
+                Some(e) => Some(Arc::new(enrolment::Enrolment::from_config(e, &g.id)?)),
+                None => None,
+            },
         })
     }
 }

@@ -5,7 +5,7 @@
 use actix_web::http::Method;
 use actix_web::{web, FromRequest, Handler, Responder, Route};
 
-use super::{api, monitor, session};
+use super::{api, enrolment, monitor, session};
 
 /// The OpenAPI 3.1 description of this API, served at `/v1/openapi.json`.
 pub const OPENAPI: &str = include_str!("../../schemas/openapi.json");
@@ -64,6 +64,14 @@ fn table() -> Table {
         "/v1/registry/clinics/{id}",
         api::delete_registry_clinic,
     );
+    t.add(
+        post.clone(),
+        "/v1/registry/clinics/{id}/enrolment-codes",
+        enrolment::create_code,
+    );
+    t.add(post.clone(), "/v1/enrol", enrolment::enrol);
+    t.add(post.clone(), "/v1/enrol/renew", enrolment::renew);
+    t.add(post.clone(), "/v1/enrol/retire", enrolment::retire);
     t.add(post.clone(), "/v1/updates", api::post_fan_out);
     t.add(get.clone(), "/v1/update-batches/{id}", api::get_batch);
     t.add(get.clone(), "/v1/updates/{id}", api::get_update);

@@ -29,6 +29,11 @@ impl SecureDialer {
         }
     }
 
+    /// The key id its tokens carry (`None`: no tokens).
+    pub fn kid(&self) -> Option<&str> {
+        self.signer.as_ref().map(|s| s.kid())
+    }
+
     /// Tunnel every connection through this HTTP CONNECT proxy.
     pub fn with_proxy(mut self, proxy: Option<crate::proxy::Proxy>) -> Self {
         self.proxy = proxy;

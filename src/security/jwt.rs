@@ -167,10 +167,22 @@ impl TokenSigner {
             path: path.display().to_string(),
             message: e.to_string(),
         })?;
+        // No kid configured: the key's own id (what enrolment registered it as).
+        let kid = if kid.is_empty() {
+            openssl::pkey::PKey::private_key_from_pem(&pem)
+                .map_err(|e| e.to_string())
+                .and_then(|k| super::keys::key_id(clinic, &k).map_err(|e| e.to_string()))
+                .map_err(|message| JwtError::Key {
+                    path: path.display().to_string(),
+                    message,
+                })?
+        } else {
+            kid.to_string()
+        };
         Ok(TokenSigner {
             clinic: clinic.into(),
             audience: audience.into(),
-            kid: kid.into(),
+            kid,
             algorithm: Algorithm::RS256,
             key,
             lifetime: lifetime.min(MAX_LIFETIME),
@@ -179,6 +191,11 @@ impl TokenSigner {
 
     pub fn lifetime(&self) -> Duration {
         self.lifetime
+    }
+
+    /// The key id the tokens carry.
+    pub fn kid(&self) -> &str {
+        &self.kid
     }
 
     /// A fresh token (new `jti`) valid from now for the configured lifetime.

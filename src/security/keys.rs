@@ -6,12 +6,12 @@ use std::path::Path;
 use openssl::asn1::Asn1Time;
 use openssl::bn::{BigNum, MsbOption};
 use openssl::hash::MessageDigest;
-use openssl::pkey::{PKey, Private};
+use openssl::pkey::{HasPublic, PKey, PKeyRef, Private};
 use openssl::rsa::Rsa;
 use openssl::x509::extension::{
     BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName, SubjectKeyIdentifier,
 };
-use openssl::x509::{X509NameBuilder, X509};
+use openssl::x509::{X509NameBuilder, X509ReqBuilder, X509};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -113,8 +113,20 @@ impl<'a> Leaf<'a> {
     }
 }
 
-/// A leaf certificate signed by `ca`.
+/// A leaf certificate signed by `ca`, with a new key.
 pub fn issue(ca: &Issued, leaf: &Leaf<'_>) -> Result<Issued, KeyError> {
+    let key = rsa_key(leaf.bits)?;
+    let cert = sign_leaf(ca, leaf, &key)?;
+    Ok(Issued { cert, key })
+}
+
+/// A leaf certificate signed by `ca` for a public key made elsewhere (a certificate request's:
+/// the private key never leaves the clinic PC). `leaf.bits` is not used.
+pub fn sign_leaf<T: HasPublic>(
+    ca: &Issued,
+    leaf: &Leaf<'_>,
+    key: &PKeyRef<T>,
+) -> Result<X509, KeyError> {
     let Leaf {
         cn,
         dns,
@@ -122,12 +134,11 @@ pub fn issue(ca: &Issued, leaf: &Leaf<'_>) -> Result<Issued, KeyError> {
         usage,
         days,
         valid,
-        bits,
+        bits: _,
     } = *leaf;
-    let key = rsa_key(bits)?;
     let (mut b, _) = builder(cn)?;
     b.set_issuer_name(ca.cert.subject_name())?;
-    b.set_pubkey(&key)?;
+    b.set_pubkey(key)?;
     match valid {
         Some((from, to)) => {
             let (nb, na) = (Asn1Time::from_unix(from)?, Asn1Time::from_unix(to)?);
@@ -165,10 +176,42 @@ pub fn issue(ca: &Issued, leaf: &Leaf<'_>) -> Result<Issued, KeyError> {
         b.append_extension(ext)?;
     }
     b.sign(&ca.key, MessageDigest::sha256())?;
-    Ok(Issued {
-        cert: b.build(),
-        key,
-    })
+    Ok(b.build())
+}
+
+/// A key's own id: `<clinic>-<the first 16 hex digits of the SHA-256 of its public key>`
+/// (DER SubjectPublicKeyInfo). The gateway names an enrolled key so, and an agent whose config
+/// has no `auth.kid` computes the same from its private key: a renewed key needs no config edit.
+pub fn key_id<T: HasPublic>(clinic: &str, key: &PKeyRef<T>) -> Result<String, KeyError> {
+    let der = key.public_key_to_der()?;
+    let digest = openssl::sha::sha256(&der);
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("{clinic}-{hex}"))
+}
+
+/// A certificate request (PEM) for `key`, subject `CN=clinic`, signed with it.
+pub fn csr(clinic: &str, key: &PKey<Private>) -> Result<String, KeyError> {
+    let mut name = X509NameBuilder::new()?;
+    name.append_entry_by_text("CN", clinic)?;
+    let name = name.build();
+    let mut b = X509ReqBuilder::new()?;
+    b.set_subject_name(&name)?;
+    b.set_pubkey(key)?;
+    b.sign(key, MessageDigest::sha256())?;
+    Ok(String::from_utf8_lossy(&b.build().to_pem()?).into_owned())
+}
+
+/// Writes a file whole: a temporary file beside it, renamed over it (private: mode 0600).
+pub fn write_file(path: &Path, bytes: &[u8], private: bool) -> Result<(), KeyError> {
+    let io = |source| KeyError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    write(&tmp, bytes, private)?;
+    std::fs::rename(&tmp, path).map_err(io)
 }
 
 fn write(path: &Path, bytes: &[u8], private: bool) -> Result<(), KeyError> {

@@ -54,7 +54,10 @@ where
         Some(p) => p.to_string(),
         None => "none".to_string(),
     };
+    // Finish a renewal a crash interrupted before the dialer reads the files.
+    crate::enrol::finish_interrupted_renewal(a);
     let ports = crate::agent::ports_with_proxy(a, resolved)?;
+    let renewal = crate::enrol::schedule(a);
     let settings = crate::agent::settings(a);
     let drain_timeout = a.shutdown.drain_timeout.get();
     log::info!(target: "supervisor", "event=agent_starting clinic={} gateway={} proxy={proxy} database={} version={}", a.clinic_id, a.gateway.url, a.database.path.display(), env!("CARGO_PKG_VERSION"));
@@ -95,6 +98,7 @@ where
                 notifier,
                 drain_timeout,
                 admin,
+                renewal,
             ));
             let _ = report_tx.send(report);
             drop(system);
@@ -121,11 +125,14 @@ async fn agent_main<S>(
     notifier: Arc<dyn Notifier>,
     drain_timeout: Duration,
     admin: Option<(std::net::SocketAddr, crate::admin::AdminState)>,
+    renewal: Option<(crate::config::AgentConfig, Duration, Duration)>,
 ) -> DrainReport
 where
     S: Future<Output = &'static str>,
 {
     let handle = tether_actors::start_agent(settings, ports);
+    let renewal = renewal
+        .map(|(a, before, every)| actix::spawn(crate::enrol::renewal_loop(a, before, every)));
     if let Some((addr, mut state)) = admin {
         state.stats = handle.stats.clone();
         state.slots = Some(handle.slots.clone());
@@ -172,6 +179,9 @@ where
     let report = handle.drain(drain_timeout).await;
     if let Some(w) = watchdog {
         w.abort();
+    }
+    if let Some(r) = renewal {
+        r.abort();
     }
     report
 }

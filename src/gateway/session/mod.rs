@@ -287,7 +287,7 @@ fn busy() -> HttpResponse {
     resp
 }
 
-async fn admit(
+pub(crate) async fn admit(
     req: &HttpRequest,
     state: &GatewayState,
 ) -> Result<Option<Verified>, Box<HttpResponse>> {

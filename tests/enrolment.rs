@@ -1,0 +1,326 @@
+//! Zero-touch enrolment and key renewal through real handshakes: an operator's one-time code,
+//! `tether agent enrol` on a clinic PC (its key made there), the written config running an
+//! agent whose changes arrive; a code that works once; renewal on the agent's schedule with
+//! the old key retired and refused.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use tether::enrol::{self, EnrolRequest};
+use tether::fleet::{create_sample_clinic, start_agent, Fleet};
+
+const HB: Duration = Duration::from_millis(500);
+
+fn events_of(fleet: &Fleet, clinic: &str) -> usize {
+    let store = fleet.store().expect("store");
+    all_events(store.as_ref())
+        .iter()
+        .filter(|e| e.clinic_id == clinic)
+        .count()
+}
+
+async fn registry_kids(fleet: &Fleet, clinic: &str) -> Vec<String> {
+    let (status, v) = get_as(
+        Some(fleet),
+        &format!("{}/v1/registry/clinics", fleet.http_url()),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    v["clinics"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["clinic_id"] == clinic)
+        .flat_map(|c| c["keys"].as_array().cloned().unwrap_or_default())
+        .filter_map(|k| k["kid"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Opens a WebSocket as `clinic` with a token signed by `key` and the certificate `cert`:
+/// the HTTP status of the upgrade (101 when admitted).
+async fn handshake_status(
+    fleet: &Fleet,
+    clinic: &str,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> u16 {
+    let certs = fleet.certs.clone().expect("certs");
+    let connector = tether::security::tls::connector(&tether::security::tls::ClientTls {
+        ca: Some(certs.join("ca.pem")),
+        cert: Some(cert.to_path_buf()),
+        key: Some(key.to_path_buf()),
+        ..Default::default()
+    })
+    .expect("connector");
+    let client = awc::Client::builder()
+        .connector(awc::Connector::new().openssl(connector))
+        .timeout(Duration::from_secs(10))
+        .finish();
+    let signer = tether::security::jwt::TokenSigner::from_pem_file(
+        key,
+        clinic,
+        tether::fleet::GATEWAY_ID,
+        "",
+        Duration::from_secs(60),
+    )
+    .expect("signer");
+    let url = fleet.gateway.as_ref().expect("gateway").ws_url();
+    match client
+        .ws(url)
+        .header(
+            "Authorization",
+            format!("Bearer {}", signer.sign().expect("token")),
+        )
+        .connect()
+        .await
+    {
+        Ok((resp, _)) => resp.status().as_u16(),
+        Err(awc::error::WsClientError::InvalidResponseStatus(s)) => s.as_u16(),
+        Err(e) => panic!("handshake: {e}"),
+    }
+}
+
+/// The operator issues a code for `clinic-new`; the clinic PC enrols with it and gets a config
+/// that runs: its changes arrive at the gateway, under `clinic-new`, through mutual TLS and a
+/// token signed by the key made on the PC. The code does not work twice; a request whose
+/// certificate request is not signed by its key, or a code that is not a code, is refused
+/// naming the field. Then the agent's renewal (on its schedule) replaces the key: the
+/// agent reconnects with the new one, the old one is retired and refused at the handshake,
+/// and changes keep arriving.
+#[actix_rt::test]
+async fn a_clinic_enrols_with_a_one_time_code_runs_and_renews_its_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    init_logs(dir.path());
+    let fleet = Fleet::new(dir.path(), 1, HB).expect("fleet");
+    let certs = fleet.certs.clone().expect("certs");
+    let base = fleet.http_url();
+
+    // The operator: a code for a clinic the registry does not know yet, with a label.
+    let (status, issued) = post_as(
+        Some(&fleet),
+        &format!("{base}/v1/registry/clinics/clinic-new/enrolment-codes"),
+        &json!({"ttl": "10m", "labels": {"region": "north"}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{issued}");
+    let code = issued["code"].as_str().expect("code").to_string();
+    assert_eq!(issued["clinic_id"], "clinic-new");
+    // A ttl longer than the gateway allows is refused, naming it.
+    let (status, v) = post_as(
+        Some(&fleet),
+        &format!("{base}/v1/registry/clinics/clinic-new/enrolment-codes"),
+        &json!({"ttl": "30d"}),
+    )
+    .await;
+    assert_eq!((status, v["field"].as_str()), (400, Some("ttl")), "{v}");
+    // The code is not in any log (only that it was issued, for whom, by whom).
+    let audit = read_log(dir.path(), "audit");
+    assert!(
+        audit.contains("event=enrolment_code_issued clinic=clinic-new by=fleet-admin"),
+        "{audit}"
+    );
+    assert!(!audit.contains(&code), "the code reached a log line");
+
+    // The clinic PC: its database exists (the installer made it), nothing else.
+    let pc = dir.path().join("pc");
+    std::fs::create_dir_all(&pc).expect("pc dir");
+    create_sample_clinic(&pc.join("clinic.db")).expect("clinic db");
+    let config = pc.join("config.yaml");
+    let t0 = Instant::now();
+    let request = EnrolRequest {
+        gateway: fleet.gateway.as_ref().expect("gateway").ws_url(),
+        // As someone might type it from a phone call.
+        code: code.to_ascii_lowercase().replace('-', " "),
+        config: config.clone(),
+        ca: Some(certs.join("ca.pem")),
+        force: false,
+        bits: 2048,
+        timeout: Duration::from_secs(10),
+    };
+    let done = enrol::enrol(&request).await.expect("enrol");
+    assert_eq!(done.clinic_id, "clinic-new");
+    assert!(done.complete_config);
+    assert!(
+        done.config_problems.is_empty(),
+        "{:?}",
+        done.config_problems
+    );
+    // The key was made here and is private to the service account.
+    let key_path = pc.join(enrol::KEY_FILE);
+    let cert_path = pc.join(enrol::CERT_FILE);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_path)
+            .expect("key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let cert =
+        openssl::x509::X509::from_pem(&std::fs::read(&cert_path).expect("cert")).expect("pem");
+    let cn = cert
+        .subject_name()
+        .entries_by_nid(openssl::nid::Nid::COMMONNAME)
+        .next()
+        .and_then(|e| e.data().to_string().ok())
+        .map(|s| s.to_string());
+    // Named after the code's clinic, whatever the request asked for.
+    assert_eq!(cn.as_deref(), Some("clinic-new"));
+    assert_eq!(
+        registry_kids(&fleet, "clinic-new").await,
+        vec![done.kid.clone()]
+    );
+    let (_, reg) = get_as(Some(&fleet), &format!("{base}/v1/registry/clinics")).await;
+    let entry = reg["clinics"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["clinic_id"] == "clinic-new")
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(entry["labels"]["region"], "north", "{entry}");
+
+    // The same code again (another PC, or a replay): refused, and nothing changes.
+    let again = EnrolRequest {
+        config: dir.path().join("pc2/config.yaml"),
+        ..request.clone()
+    };
+    let err = enrol::enrol(&again).await.expect_err("a used code");
+    let text = err.to_string();
+    assert!(text.contains("403") && text.contains("`code`"), "{text}");
+    assert!(!dir.path().join("pc2/config.yaml").exists());
+    assert_eq!(registry_kids(&fleet, "clinic-new").await.len(), 1);
+    // Not a code at all; a request whose signature is not its key's.
+    let (status, v) =
+        post_json_tls(&fleet, "/v1/enrol", &json!({"code": "hello", "csr": csr()})).await;
+    assert_eq!((status, v["field"].as_str()), (400, Some("code")), "{v}");
+    let (status, v) = post_json_tls(
+        &fleet,
+        "/v1/enrol",
+        &json!({"code": tether::gateway::enrolment::new_code(), "csr": "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"}),
+    )
+    .await;
+    assert_eq!((status, v["field"].as_str()), (400, Some("csr")), "{v}");
+    let audit = read_log(dir.path(), "audit");
+    assert!(
+        audit.contains("event=clinic_enrolled clinic=clinic-new"),
+        "{audit}"
+    );
+    assert!(
+        audit.contains("event=enrolment_refused") && audit.contains("reason=code_used"),
+        "{audit}"
+    );
+
+    // The written config runs an agent: its changes arrive under clinic-new.
+    let cfg = tether::config::Config::load(&config)
+        .expect("config")
+        .agent
+        .expect("agent section");
+    assert!(cfg.gateway.auth.as_ref().is_some_and(|a| a.kid.is_empty()));
+    let agent = start_agent(&cfg).await.expect("agent");
+    write_activity(&pc.join("clinic.db"), 10);
+    wait_until(
+        "clinic-new's first events at the gateway",
+        Duration::from_secs(30),
+        || {
+            let n = events_of(&fleet, "clinic-new");
+            async move { n > 0 }
+        },
+    )
+    .await;
+    eprintln!(
+        "enrolment to first event at the gateway: {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
+
+    // Renewal on the agent's schedule: due at once (renew before more than the validity).
+    let old_kid = done.kid.clone();
+    let old_key = dir.path().join("old.key");
+    let old_cert = dir.path().join("old.pem");
+    std::fs::copy(&key_path, &old_key).expect("keep old key");
+    std::fs::copy(&cert_path, &old_cert).expect("keep old cert");
+    assert_eq!(
+        handshake_status(&fleet, "clinic-new", &old_cert, &old_key).await,
+        101
+    );
+    let renewal = actix_rt::spawn(enrol::renewal_loop(
+        cfg.clone(),
+        Duration::from_secs(1000 * 86_400),
+        Duration::from_secs(3600),
+    ));
+    wait_until(
+        "the old key to be retired at the gateway",
+        Duration::from_secs(60),
+        || {
+            let (f, old) = (&fleet, old_kid.clone());
+            async move {
+                let kids = registry_kids(f, "clinic-new").await;
+                kids.len() == 1 && kids[0] != old
+            }
+        },
+    )
+    .await;
+    renewal.abort();
+    let kids = registry_kids(&fleet, "clinic-new").await;
+    assert!(
+        !kids.contains(&old_kid),
+        "old kid {old_kid} still in {kids:?}"
+    );
+    let new_kid = kids[0].clone();
+    assert_ne!(new_kid, old_kid);
+    assert!(!pc.join("identity/clinic.key.retire").exists());
+    // The old key is refused at the handshake; the new one (now in the files) is admitted.
+    assert_eq!(
+        handshake_status(&fleet, "clinic-new", &old_cert, &old_key).await,
+        401
+    );
+    assert_eq!(
+        handshake_status(&fleet, "clinic-new", &cert_path, &key_path).await,
+        101
+    );
+    // The running agent picked up the new files: its changes keep arriving.
+    let before = events_of(&fleet, "clinic-new");
+    write_activity(&pc.join("clinic.db"), 10);
+    wait_until("changes after the renewal", Duration::from_secs(30), || {
+        let n = events_of(&fleet, "clinic-new");
+        async move { n > before }
+    })
+    .await;
+    let audit = read_log(dir.path(), "audit");
+    assert!(
+        audit.contains(&format!("event=identity_reloaded kid={new_kid}")),
+        "{audit}"
+    );
+    assert!(
+        audit.contains(&format!(
+            "event=keys_retired clinic=clinic-new kids=\"{old_kid}\""
+        )),
+        "{audit}"
+    );
+    if std::env::var_os("TETHER_TEST_SHOW_LOG").is_some() {
+        eprintln!("{audit}");
+    }
+    agent.stop();
+    fleet.stop().await;
+}
+
+fn csr() -> String {
+    let key = tether::security::keys::rsa_key(2048).expect("key");
+    tether::security::keys::csr("x", &key).expect("csr")
+}
+
+/// A POST without an admin token (enrolment is public), trusting the fleet's CA.
+async fn post_json_tls(fleet: &Fleet, path: &str, body: &Value) -> (u16, Value) {
+    let client = fleet.rest_client().expect("client");
+    let mut resp = client
+        .post(format!("{}{path}", fleet.http_url()))
+        .send_json(body)
+        .await
+        .expect("response");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
