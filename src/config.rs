@@ -652,8 +652,11 @@ pub struct GatewayAuthConfig {
     /// Clock skew allowed on exp/nbf.
     pub leeway: Dur,
     /// How often `clinics_dir` is read for changes (a clinic added, removed or revoked takes
-    /// effect without a restart).
+    /// effect without a restart); with `registry: store`, how often the store's is polled.
     pub reload_interval: Dur,
+    /// `dir`: the registry is `clinics_dir` (each node reads its own). `store`: it is kept in
+    /// the gateway's store, shared by every node (`clinics_dir` entries are imported at start).
+    pub registry: String,
     #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
@@ -664,6 +667,7 @@ impl Default for GatewayAuthConfig {
             clinics_dir: PathBuf::from("clinics"),
             leeway: Dur::secs(30),
             reload_interval: Dur::secs(2),
+            registry: "dir".into(),
             extra: Extra::new(),
         }
     }
@@ -1407,7 +1411,10 @@ impl Validator<'_> {
                 }
             }
             if let Some(a) = &g.auth {
-                self.readable_dir("gateway.auth.clinics_dir", &a.clinics_dir);
+                // A store registry only imports from the directory, when there is one.
+                if a.registry != "store" || a.clinics_dir.exists() {
+                    self.readable_dir("gateway.auth.clinics_dir", &a.clinics_dir);
+                }
             }
             if let Some(e) = &g.enrolment {
                 self.readable("gateway.enrolment.ca_cert", &e.ca_cert);
@@ -1897,6 +1904,12 @@ impl Validator<'_> {
                 if a.leeway.get() > Duration::from_secs(300) {
                     self.bad("gateway.auth.leeway", "must be at most 5m".into());
                 }
+                if !matches!(a.registry.as_str(), "dir" | "store") {
+                    self.bad(
+                        "gateway.auth.registry",
+                        format!("`{}`: dir (clinics_dir) or store (kept in the gateway's store, shared by every node)", a.registry),
+                    );
+                }
             }
             None if !g.insecure_plaintext => self.bad(
                 "gateway.auth",
@@ -1909,7 +1922,7 @@ impl Validator<'_> {
             if g.auth.is_none() {
                 self.bad(
                     "gateway.enrolment",
-                    "needs gateway.auth: enrolled clinics are added to its clinics_dir".into(),
+                    "needs gateway.auth: enrolled clinics are added to its registry".into(),
                 );
             }
             if e.ca_cert.as_os_str().is_empty() || e.ca_key.as_os_str().is_empty() {

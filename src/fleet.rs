@@ -303,7 +303,9 @@ pub async fn start_agent(cfg: &AgentConfig) -> anyhow::Result<RunningAgent> {
 
 /// The gateway's security for a fleet whose keys are in `certs` (made by [`keys::dev_setup`]):
 /// mutual TLS, clinic tokens, the admin token `token`, field decryption.
-fn secure(certs: &Path, token: &str) -> anyhow::Result<GatewaySecurity> {
+/// With `store_registry` (fleets on PostgreSQL, several nodes) the clinic registry is kept in
+/// the store, imported from `certs/clinics` by the first node to start.
+fn secure(certs: &Path, token: &str, store_registry: bool) -> anyhow::Result<GatewaySecurity> {
     let mut data = crate::security::crypto::DataKeys::default();
     data.add_file("dk1", &certs.join("dk1.key"))?;
     Ok(GatewaySecurity {
@@ -315,11 +317,16 @@ fn secure(certs: &Path, token: &str) -> anyhow::Result<GatewaySecurity> {
         verifier: Some(TokenVerifier::new(
             GATEWAY_ID,
             Duration::from_secs(30),
-            ClinicRegistry::load_dir(&certs.join("clinics"))?,
+            if store_registry {
+                ClinicRegistry::default()
+            } else {
+                ClinicRegistry::load_dir(&certs.join("clinics"))?
+            },
         )),
         registry_source: Some(crate::gateway::clinic_registry::RegistrySource {
             dir: certs.join("clinics"),
             interval: Duration::from_millis(250),
+            store: store_registry,
         }),
         admin: Some(
             admin::AdminTokens::new(&[admin::AdminTokenConfig {
@@ -427,7 +434,11 @@ impl Fleet {
                 let certs = dir.join("certs");
                 keys::dev_setup(&certs, &ids, bits)?;
                 let token = admin::new_token();
-                (secure(&certs, &token)?, Some(certs), Some(token))
+                let shared = matches!(
+                    settings.store,
+                    crate::gateway::store::StoreLocation::Postgres { .. }
+                );
+                (secure(&certs, &token, shared)?, Some(certs), Some(token))
             }
         };
         let gw = gateway::start(settings.clone(), security)?;
@@ -458,7 +469,14 @@ impl Fleet {
     /// settings and security, as node `node_id`.
     pub fn start_peer(&self, node_id: &str) -> anyhow::Result<GatewayHandle> {
         let security = match (&self.certs, &self.admin_token) {
-            (Some(c), Some(t)) => secure(c, t)?,
+            (Some(c), Some(t)) => secure(
+                c,
+                t,
+                matches!(
+                    self.gateway_settings.store,
+                    crate::gateway::store::StoreLocation::Postgres { .. }
+                ),
+            )?,
             _ => GatewaySecurity::insecure(),
         };
         let settings = GatewaySettings {

@@ -324,3 +324,150 @@ async fn post_json_tls(fleet: &Fleet, path: &str, body: &Value) -> (u16, Value) 
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
 }
+
+fn pg_url() -> String {
+    std::env::var("TETHER_TEST_PG")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".into())
+}
+
+async fn post_at(fleet: &Fleet, base: &str, path: &str, body: &Value) -> (u16, Value) {
+    post_as(Some(fleet), &format!("{base}{path}"), body).await
+}
+
+/// Two gateway nodes on one PostgreSQL store keep the registry in the store: a code issued on
+/// node A is taken at node B, and works nowhere again; the clinic enrolled at B connects to A
+/// within moments (A hears of the change); its entry deleted at B closes its session on A at
+/// once and A refuses its next handshake.
+#[cfg(feature = "postgres")]
+#[actix_rt::test]
+async fn in_a_cluster_the_registry_lives_in_the_store_and_every_node_follows_it() {
+    use tether::gateway::store::StoreLocation;
+    let dir = tempfile::tempdir().expect("tempdir");
+    init_logs(dir.path());
+    let schema = format!("enrol_{}_{:x}", std::process::id(), rand::random::<u32>());
+    let fleet = Fleet::build_on(
+        dir.path(),
+        1,
+        HB,
+        Some(2048),
+        Some(StoreLocation::Postgres {
+            url: pg_url(),
+            schema: schema.clone(),
+        }),
+        Some("gw-a"),
+    )
+    .expect("fleet (is PostgreSQL running?)");
+    let b = fleet.start_peer("gw-b").expect("node b");
+    let certs = fleet.certs.clone().expect("certs");
+    let (a_url, b_url) = (fleet.http_url(), b.http_url());
+    // The files were imported into the store once; both nodes list the same registry.
+    assert_eq!(
+        registry_kids(&fleet, "clinic-001").await,
+        vec!["clinic-001-1"]
+    );
+    let (_, listed_b) = get_as(Some(&fleet), &format!("{b_url}/v1/registry/clinics")).await;
+    assert_eq!(
+        listed_b["clinics"][0]["file"], "store:clinic-001",
+        "{listed_b}"
+    );
+
+    let (status, issued) = post_at(
+        &fleet,
+        &a_url,
+        "/v1/registry/clinics/clinic-far/enrolment-codes",
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, 201, "{issued}");
+    let code = issued["code"].as_str().expect("code").to_string();
+    let pc = dir.path().join("pc");
+    std::fs::create_dir_all(&pc).expect("pc");
+    create_sample_clinic(&pc.join("clinic.db")).expect("db");
+    let enrolled = enrol::enrol(&EnrolRequest {
+        gateway: b_url.clone(),
+        code: code.clone(),
+        config: pc.join("config.yaml"),
+        ca: Some(certs.join("ca.pem")),
+        force: false,
+        bits: 2048,
+        timeout: Duration::from_secs(10),
+    })
+    .await
+    .expect("enrol at node b");
+    let t_enrolled = Instant::now();
+    // Once across the cluster: node A refuses the code node B took.
+    let (status, v) =
+        post_json_tls(&fleet, "/v1/enrol", &json!({"code": code, "csr": csr()})).await;
+    assert_eq!((status, v["field"].as_str()), (403, Some("code")), "{v}");
+
+    // The agent goes to node A, which learnt of the clinic from the store.
+    let mut cfg = tether::config::Config::load(&pc.join("config.yaml"))
+        .expect("config")
+        .agent
+        .expect("agent");
+    cfg.gateway.url = fleet.gateway.as_ref().expect("a").ws_url();
+    let agent = start_agent(&cfg).await.expect("agent");
+    write_activity(&pc.join("clinic.db"), 5);
+    wait_until(
+        "clinic-far's events stored through node A",
+        Duration::from_secs(30),
+        || {
+            let n = events_of(&fleet, "clinic-far");
+            async move { n > 0 }
+        },
+    )
+    .await;
+    eprintln!(
+        "enrolled at node B to first event through node A: {:.2} s",
+        t_enrolled.elapsed().as_secs_f64()
+    );
+    assert!(
+        registry_kids(&fleet, "clinic-far").await == vec![enrolled.kid.clone()],
+        "node A's registry has the key enrolled at node B"
+    );
+
+    // Deleted at node B: node A closes the live session and refuses the next handshake.
+    let client = fleet.rest_client().expect("client");
+    let t_deleted = Instant::now();
+    let resp = fleet
+        .authorize(client.delete(format!("{b_url}/v1/registry/clinics/clinic-far")))
+        .send()
+        .await
+        .expect("delete at b");
+    assert_eq!(resp.status().as_u16(), 204);
+    wait_until(
+        "node A to close clinic-far's session",
+        Duration::from_secs(10),
+        || {
+            let log = read_log(dir.path(), "audit");
+            async move {
+                log.lines()
+                    .any(|l| l.contains("event=session_revoked") && l.contains("clinic=clinic-far"))
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "deleted at node B to the session closed on node A: {:.2} s",
+        t_deleted.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        handshake_status(
+            &fleet,
+            "clinic-far",
+            &pc.join(enrol::CERT_FILE),
+            &pc.join(enrol::KEY_FILE)
+        )
+        .await,
+        401
+    );
+    agent.stop();
+    b.stop().await;
+    fleet.stop().await;
+    let _ = std::thread::spawn(move || {
+        if let Ok(mut c) = postgres::Client::connect(&pg_url(), postgres::NoTls) {
+            let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+        }
+    })
+    .join();
+}

@@ -1002,3 +1002,216 @@ fn bridged_calls_travel_as_sent_reuse_connections_have_deadlines_and_honest_limi
     agent.kill();
     drop(gw);
 }
+
+/// Zero-touch enrolment from the command line, as an operator and a clinic's installer would
+/// run it: a gateway with `gateway.enrolment` from YAML; `tether keys enrol-code` (admin token
+/// in the environment); on the "PC", `tether agent enrol` writes the config and identity,
+/// `check-config --connect` is accepted, `tether agent renew` replaces the key and retires the
+/// old one (the new one accepted, the old one refused), and the agent process syncs.
+#[test]
+fn a_clinic_enrols_and_renews_its_key_from_the_command_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).current_dir(d);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("tether");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, said) = run(
+        &[
+            "keys",
+            "dev-setup",
+            "--out",
+            "certs",
+            "--clinics",
+            "clinic-k",
+            "--bits",
+            "2048",
+        ],
+        &[],
+    );
+    assert!(ok, "{said}");
+    let (_, said) = run(&["keys", "admin-token", "--name", "ops"], &[]);
+    let token = said
+        .lines()
+        .find_map(|l| l.split(": ").nth(1).filter(|_| l.starts_with("token")))
+        .expect("token line")
+        .trim()
+        .to_string();
+    let hash = said
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("sha256: "))
+        .expect("hash line")
+        .to_string();
+    std::fs::write(
+        d.join("agent-template.yaml"),
+        "logging:\n  dir: logs\n  console: false\nagent:\n  clinic_id: {{clinic_id}}\n  database:\n    path: clinic.db\n  gateway:\n    url: {{gateway_url}}\n    gateway_id: {{gateway_id}}\n    heartbeat_interval: 500ms\n    tls:\n      ca: identity/gateway-ca.pem\n      cert: identity/clinic.pem\n      key: identity/clinic.key\n    auth: {}\n  admin:\n    listen: \"off\"\n  tables:\n    - {table: patients, entity: patient, key: [id]}\n    - {table: appointments, entity: appointment, key: [id]}\n    - {table: payments, entity: payment, key: [id], direction: up}\n",
+    )
+    .expect("template");
+    let gw_cfg = write_config(
+        d,
+        "gateway",
+        &format!(
+            "gateway:\n  listen: 127.0.0.1:0\n  id: gw-test\n  store:\n    path: gateway.db\n  heartbeat_interval: 500ms\n  tls:\n    cert: certs/gateway.pem\n    key: certs/gateway.key\n    client_ca: certs/ca.pem\n  auth:\n    clinics_dir: certs/clinics\n  admin_tokens:\n    - name: ops\n      sha256: {hash}\n      scopes: [read, write]\n  enrolment:\n    ca_cert: certs/ca.pem\n    ca_key: certs/ca.key\n    code_ttl: 1h\n    agent_template: agent-template.yaml\n    server_ca: certs/ca.pem\n"
+        ),
+    );
+    let (ok, said) = run(&["check-config", gw_cfg.to_str().expect("path")], &[]);
+    assert!(ok, "{said}");
+    let mut child = Command::new(BIN)
+        .args(["gateway", "--config"])
+        .arg(&gw_cfg)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("gateway");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    let _gw = Proc(child);
+    let addr = line.trim().rsplit(' ').next().expect("addr").to_string();
+
+    // The operator.
+    let https = format!("https://{addr}");
+    let (ok, said) = run(
+        &[
+            "keys",
+            "enrol-code",
+            "--gateway",
+            &https,
+            "--clinic",
+            "clinic-new",
+            "--ca",
+            "certs/ca.pem",
+            "--label",
+            "region=north",
+        ],
+        &[("TETHER_ADMIN_TOKEN", &token)],
+    );
+    assert!(ok, "{said}");
+    let code = said
+        .lines()
+        .find_map(|l| l.strip_prefix("code for clinic-new: "))
+        .expect("code line")
+        .to_string();
+    // Without the token variable: a clear error, nothing issued.
+    let (ok, said) = run(
+        &[
+            "keys",
+            "enrol-code",
+            "--gateway",
+            &https,
+            "--clinic",
+            "clinic-x",
+            "--ca",
+            "certs/ca.pem",
+        ],
+        &[],
+    );
+    assert!(!ok && said.contains("TETHER_ADMIN_TOKEN"), "{said}");
+
+    // The clinic PC: a database, the binary and the code.
+    std::fs::create_dir_all(d.join("pc")).expect("pc");
+    create_sample_clinic(&d.join("pc/clinic.db")).expect("clinic db");
+    let wss = format!("wss://{addr}/v1/ws");
+    let (ok, said) = run(
+        &[
+            "agent",
+            "enrol",
+            "-c",
+            "pc/config.yaml",
+            "--gateway",
+            &wss,
+            "--code",
+            &code,
+            "--ca",
+            "certs/ca.pem",
+            "--bits",
+            "2048",
+        ],
+        &[],
+    );
+    assert!(ok, "{said}");
+    assert!(said.contains("enrolled as clinic clinic-new"), "{said}");
+    assert!(said.contains("next: tether agent install"), "{said}");
+    // Twice: this PC is enrolled already, and the code is spent anyway.
+    let (ok, said) = run(
+        &[
+            "agent",
+            "enrol",
+            "-c",
+            "pc/config.yaml",
+            "--gateway",
+            &wss,
+            "--code",
+            &code,
+            "--ca",
+            "certs/ca.pem",
+        ],
+        &[],
+    );
+    assert!(!ok && said.contains("enrolled already"), "{said}");
+    let (ok, said) = run(&["agent", "install", "-c", "pc/config.yaml"], &[]);
+    assert!(ok, "{said}");
+    let (ok, said) = run(&["check-config", "--connect", "pc/config.yaml"], &[]);
+    assert!(ok && said.contains("token accepted"), "{said}");
+    std::fs::copy(d.join("pc/identity/clinic.key"), d.join("old.key")).expect("old key");
+    std::fs::copy(d.join("pc/identity/clinic.pem"), d.join("old.pem")).expect("old cert");
+
+    let (ok, said) = run(
+        &["agent", "renew", "-c", "pc/config.yaml", "--bits", "2048"],
+        &[],
+    );
+    assert!(ok, "{said}");
+    assert!(said.contains("retired at the gateway"), "{said}");
+    let (ok, said) = run(&["check-config", "--connect", "pc/config.yaml"], &[]);
+    assert!(ok && said.contains("token accepted"), "{said}");
+    // The old key and certificate, put back: refused, and why.
+    let stale = d.join("pc/stale.yaml");
+    std::fs::write(
+        &stale,
+        std::fs::read_to_string(d.join("pc/config.yaml"))
+            .expect("config")
+            .replace("key: identity/clinic.key", "key: ../old.key")
+            .replace("cert: identity/clinic.pem", "cert: ../old.pem"),
+    )
+    .expect("stale config");
+    let (ok, said) = run(&["check-config", "--connect", "pc/stale.yaml"], &[]);
+    assert!(!ok && said.contains("unknown_key_id"), "{said}");
+
+    let _agent = Proc(
+        Command::new(BIN)
+            .args(["agent", "--config"])
+            .arg(d.join("pc/config.yaml"))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("agent"),
+    );
+    common::write_activity(&d.join("pc/clinic.db"), 50);
+    let head = Fleet::outbox_head(&d.join("pc/clinic.db")).expect("head");
+    let acked_new = || {
+        rusqlite::Connection::open(d.join("gateway.db"))
+            .and_then(|c| {
+                c.query_row(
+                    "SELECT acked_seq FROM clinics WHERE clinic_id = 'clinic-new'",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+            })
+            .map(|v| v as u64)
+            .unwrap_or(0)
+    };
+    wait_for("clinic-new to sync", Duration::from_secs(30), || {
+        acked_new() >= head
+    });
+}

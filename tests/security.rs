@@ -191,6 +191,7 @@ fn security(pki: &Pki, leeway: Duration) -> GatewaySecurity {
         registry_source: Some(tether::gateway::clinic_registry::RegistrySource {
             dir: pki.path("clinics"),
             interval: Duration::from_millis(100),
+            store: false,
         }),
         admin: Some(
             admin::AdminTokens::new(&[

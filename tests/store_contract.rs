@@ -921,6 +921,91 @@ fn enrolment_codes_work_once_on_every_node(f: &Fixture) {
     });
 }
 
+fn the_registry_is_kept_versioned_and_every_node_hears_of_changes(f: &Fixture) {
+    let (a, b) = (f.node("node-a"), f.node("node-b"));
+    let (tx, rx) = std::sync::mpsc::channel::<u64>();
+    let across = a.watch(Box::new(move |signal: Signal| match signal {
+        Signal::Registry(v) => tx.send(v).is_ok(),
+        _ => true,
+    }));
+    block(async {
+        let (v0, rows) = a.registry_entries().await.expect("empty registry");
+        assert!(rows.is_empty());
+        assert_eq!(a.registry_version().await.expect("version"), v0);
+        let v1 = b
+            .put_registry_entry("clinic-1", r#"{"clinic_id":"clinic-1","keys":[]}"#)
+            .await
+            .expect("put");
+        assert!(v1 > v0);
+        let v2 = b
+            .put_registry_entry("clinic-1", r#"{"clinic_id":"clinic-1","keys":[1]}"#)
+            .await
+            .expect("replace");
+        assert!(v2 > v1);
+        b.put_registry_entry("clinic-2", "{}").await.expect("put 2");
+        // Node a reads what node b wrote, in clinic order, at b's version.
+        let (v, rows) = a.registry_entries().await.expect("entries");
+        assert_eq!(v, a.registry_version().await.expect("version"));
+        assert_eq!(
+            rows,
+            vec![
+                (
+                    "clinic-1".to_string(),
+                    r#"{"clinic_id":"clinic-1","keys":[1]}"#.to_string()
+                ),
+                ("clinic-2".to_string(), "{}".to_string())
+            ]
+        );
+        let v3 = a
+            .delete_registry_entry("clinic-2")
+            .await
+            .expect("delete")
+            .expect("was there");
+        assert!(v3 > v);
+        assert_eq!(
+            a.delete_registry_entry("clinic-2").await.expect("again"),
+            None,
+            "nothing to delete: no new version"
+        );
+        assert_eq!(b.registry_version().await.expect("version"), v3);
+        assert_eq!(b.registry_entries().await.expect("entries").1.len(), 1);
+    });
+    match a.kind() {
+        "sqlite" => assert!(!across, "SQLite has only its own process to tell"),
+        _ => {
+            assert!(across);
+            // The listener connects in the background: write until a change is heard.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+            let heard = loop {
+                let v = store::wait(b.put_registry_entry("clinic-3", "{}")).expect("put on b");
+                if let Ok(h) = rx.recv_timeout(std::time::Duration::from_millis(300)) {
+                    break (h, v);
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no notification within 15 s"
+                );
+            };
+            assert!(heard.0 <= heard.1, "{heard:?}");
+            let v = store::wait(b.delete_registry_entry("clinic-3"))
+                .expect("delete")
+                .expect("was there");
+            // Notifications of the writes above may still be arriving: older versions first.
+            loop {
+                let next = rx
+                    .recv_timeout(std::time::Duration::from_secs(10))
+                    .expect("the delete is heard");
+                if next == v {
+                    break;
+                }
+                assert!(next < v, "heard version {next} after {v}");
+            }
+        }
+    }
+    a.close();
+    b.close();
+}
+
 fn the_writer_answers_a_readiness_round_trip(f: &Fixture) {
     block(async {
         f.store.check_writer().await.expect("writer commits");
@@ -1475,6 +1560,12 @@ macro_rules! contract {
             #[test]
             fn enrolment_codes_work_once_on_every_node() {
                 super::enrolment_codes_work_once_on_every_node(&Fixture::$adapter());
+            }
+            #[test]
+            fn the_registry_is_kept_versioned_and_every_node_hears_of_changes() {
+                super::the_registry_is_kept_versioned_and_every_node_hears_of_changes(
+                    &Fixture::$adapter(),
+                );
             }
             #[test]
             fn the_writer_answers_a_readiness_round_trip() {

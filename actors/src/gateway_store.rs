@@ -39,6 +39,8 @@ pub enum Signal {
     Call(String),
     /// A call this node forwarded has been answered: fetch it ([`GatewayStore::call_answer`]).
     Answer(String),
+    /// The clinic registry kept in the store changed (to this version): load it again.
+    Registry(u64),
 }
 
 /// A REST call (`POST /v1/clinics/{id}/rpc`) forwarded by the node that received it to the
@@ -466,6 +468,17 @@ pub trait GatewayStore: std::any::Any + Send + Sync + 'static {
     /// `true` the first time `jti` is seen (kept until `expires_at`, unix seconds, has passed),
     /// `false` on a replay. Expired ids are purged as it goes.
     fn remember_token(&self, jti: &str, expires_at: u64) -> StoreFuture<bool>;
+
+    /// The clinic registry kept in the store (`gateway.auth.registry: store`): its version
+    /// (bumped by every change) and every entry as `(clinic id, entry JSON)`, read together.
+    fn registry_entries(&self) -> StoreFuture<(u64, Vec<(String, String)>)>;
+    /// The registry's version alone (a cheap poll).
+    fn registry_version(&self) -> StoreFuture<u64>;
+    /// Adds or replaces a clinic's entry; answers the registry's new version. Every node is
+    /// signalled ([`Signal::Registry`]) when it commits.
+    fn put_registry_entry(&self, clinic: &str, entry_json: &str) -> StoreFuture<u64>;
+    /// Removes a clinic's entry: `Some(new version)`, or `None` when it had none.
+    fn delete_registry_entry(&self, clinic: &str) -> StoreFuture<Option<u64>>;
 
     /// Keeps a new enrolment code (and purges codes expired more than a week ago).
     fn add_enrolment_code(&self, code: NewEnrolmentCode) -> StoreFuture<()>;

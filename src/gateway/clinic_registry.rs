@@ -1,16 +1,22 @@
 //! The clinic registry in force, changed without a restart.
 //!
-//! The registry is the directory `gateway.auth.clinics_dir` (one `*.yaml` entry per clinic).
-//! Every `gateway.auth.reload_interval` this node reads the directory; when its contents
-//! changed it loads the whole registry again and puts it in force at once: a new clinic's next
-//! handshake is accepted, a removed or revoked key's live sessions are closed (1008) and its
-//! next handshake refused. A directory that does not load (a file that does not parse, a kid
-//! registered twice) changes nothing: the registry in force stays, and the error names the
-//! file, once per bad version. `PUT`/`DELETE /v1/registry/clinics/{id}` write the directory
-//! and reload at once.
+//! It comes from one of two places (`gateway.auth.registry`):
 //!
-//! Each node reads its own `clinics_dir`: in a cluster, give every node the same files (a
-//! shared volume, or your configuration management), or call the REST API on every node.
+//! - `dir` (default): the directory `gateway.auth.clinics_dir` (one `*.yaml` entry per clinic).
+//!   Every `gateway.auth.reload_interval` this node reads the directory; when its contents
+//!   changed it loads the whole registry again. Each node reads its own directory: in a
+//!   cluster, give every node the same files (a shared volume, or configuration management).
+//! - `store`: the gateway's store (table `clinic_registry`, versioned), shared by every node on
+//!   it. A change made on any node (REST, enrolment) signals the others (PostgreSQL `NOTIFY`)
+//!   and each polls the version every `reload_interval` as well. At start, entries in
+//!   `clinics_dir` (if it exists) for clinics the store does not hold are imported once.
+//!
+//! Either way the new registry is put in force at once: a new clinic's next handshake is
+//! accepted, a removed or revoked key's live sessions are closed (1008) and its next handshake
+//! refused. A registry that does not load (an entry that does not parse, a kid registered
+//! twice) changes nothing: the registry in force stays, and the error is said once per bad
+//! version. `PUT`/`DELETE /v1/registry/clinics/{id}` (and enrolment) write the source and
+//! reload at once.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -30,8 +36,84 @@ use crate::security::jwt::{
 /// Where the registry comes from and how often it is read.
 #[derive(Debug, Clone)]
 pub struct RegistrySource {
+    /// `clinics_dir`: the registry (`store: false`), or the entries imported at start.
     pub dir: PathBuf,
     pub interval: Duration,
+    /// The registry is kept in the gateway's store (`gateway.auth.registry: store`).
+    pub store: bool,
+}
+
+fn store_error(e: impl std::fmt::Display) -> JwtError {
+    JwtError::Registry {
+        path: "store".into(),
+        message: e.to_string(),
+    }
+}
+
+/// The source's version: the registry store's counter, or a hash of the directory's files.
+fn version(state: &GatewayState, src: &RegistrySource) -> Result<u64, JwtError> {
+    if src.store {
+        super::store::wait(state.store.registry_version()).map_err(store_error)
+    } else {
+        fingerprint(&src.dir)
+    }
+}
+
+/// Every entry the store holds, as a registry.
+fn load_store(state: &GatewayState) -> Result<ClinicRegistry, JwtError> {
+    let (_, rows) = super::store::wait(state.store.registry_entries()).map_err(store_error)?;
+    let mut reg = ClinicRegistry::default();
+    for (clinic, json) in rows {
+        let label = format!("store:{clinic}");
+        let entry: RegistryEntry = serde_json::from_str(&json).map_err(|e| JwtError::Registry {
+            path: label.clone(),
+            message: e.to_string(),
+        })?;
+        reg.add(entry, &label)?;
+    }
+    Ok(reg)
+}
+
+fn load(state: &GatewayState, src: &RegistrySource) -> Result<ClinicRegistry, JwtError> {
+    if src.store {
+        load_store(state)
+    } else {
+        ClinicRegistry::load_dir(&src.dir)
+    }
+}
+
+/// Store registry: imports the entries of `clinics_dir` (if it exists) whose clinic the store
+/// does not hold, then loads the store's registry. Blocking; at start.
+fn seed_store(state: &GatewayState, src: &RegistrySource) -> Result<(), JwtError> {
+    let (_, rows) = super::store::wait(state.store.registry_entries()).map_err(store_error)?;
+    let held: std::collections::HashSet<String> = rows.into_iter().map(|(c, _)| c).collect();
+    let mut imported = Vec::new();
+    if src.dir.is_dir() {
+        for p in registry_files(&src.dir)? {
+            let text = std::fs::read_to_string(&p).map_err(|e| JwtError::Registry {
+                path: p.display().to_string(),
+                message: e.to_string(),
+            })?;
+            let entry: RegistryEntry =
+                serde_saphyr::from_str(&text).map_err(|e| JwtError::Registry {
+                    path: p.display().to_string(),
+                    message: e.to_string(),
+                })?;
+            if held.contains(&entry.clinic_id) {
+                continue;
+            }
+            // Checked alone before it is written (keys parse, ids are safe).
+            ClinicRegistry::default().add(entry.clone(), &p.display().to_string())?;
+            let json = serde_json::to_string(&entry).map_err(store_error)?;
+            super::store::wait(state.store.put_registry_entry(&entry.clinic_id, &json))
+                .map_err(store_error)?;
+            imported.push(entry.clinic_id);
+        }
+    }
+    if !imported.is_empty() {
+        log::info!(target: AUDIT, "event=registry_imported from={:?} clinics={:?}", src.dir.display().to_string(), imported.join(","));
+    }
+    Ok(())
 }
 
 /// The version of the directory last put in force (or last refused), so a bad file is reported
@@ -70,7 +152,7 @@ pub fn reload(
     let reloads = &state.registry_reloads;
     let mut last = reloads.last.lock().unwrap_or_else(|p| p.into_inner());
     // An unreadable directory is a version too: said once, not on every poll.
-    let (print, loaded) = match fingerprint(&src.dir) {
+    let (print, loaded) = match version(state, src) {
         Ok(p) => (p, None),
         Err(e) => {
             let mut h = DefaultHasher::new();
@@ -82,7 +164,7 @@ pub fn reload(
         return Ok(None);
     }
     *last = Some(print);
-    let loaded = loaded.unwrap_or_else(|| ClinicRegistry::load_dir(&src.dir));
+    let loaded = loaded.unwrap_or_else(|| load(state, src));
     let next = match loaded {
         Ok(r) => r,
         Err(e) => {
@@ -111,13 +193,18 @@ pub fn reload(
     Ok(Some(change))
 }
 
-/// Polls the directory every `interval` for as long as the gateway runs.
-pub fn start(state: web::Data<GatewayState>) {
+/// Loads a store registry (imported from `clinics_dir` the first time), then polls the source
+/// every `interval` for as long as the gateway runs. Blocking at first: call before serving.
+pub fn start(state: web::Data<GatewayState>) -> Result<(), JwtError> {
     let Some(src) = state.security.registry_source.clone() else {
-        return;
+        return Ok(());
     };
-    // The registry in force was loaded at start: remember its version.
-    if let Ok(print) = fingerprint(&src.dir) {
+    if src.store {
+        seed_store(&state, &src)?;
+        // A registry that does not load stops the start (the gateway would refuse everyone).
+        reload(&state, &src, true, "start")?;
+    } else if let Ok(print) = fingerprint(&src.dir) {
+        // The registry in force was loaded at start: remember its version.
         *state
             .registry_reloads
             .last
@@ -135,6 +222,17 @@ pub fn start(state: web::Data<GatewayState>) {
             let _ = web::block(move || reload(&st, &s, false, "poll")).await;
         }
     });
+    Ok(())
+}
+
+/// Another node changed the store's registry: load it now (not at the next poll).
+pub async fn on_signal(state: web::Data<GatewayState>) {
+    let Some(src) = state.security.registry_source.clone() else {
+        return;
+    };
+    if src.store {
+        let _ = web::block(move || reload(&state, &src, false, "notify")).await;
+    }
 }
 
 /// Why a registry write was refused.
@@ -181,14 +279,9 @@ fn entry_yaml(e: &RegistryEntry) -> String {
     out
 }
 
-/// The entry as its file holds it now (public keys included), to change and `put` back.
-pub fn entry_of(info: &ClinicInfo) -> Result<RegistryEntry, WriteError> {
-    let text = std::fs::read_to_string(&info.file)
-        .map_err(|e| WriteError::Io(format!("{}: {e}", info.file)))?;
-    serde_saphyr::from_str(&text).map_err(|e| WriteError::Invalid {
-        field: "registry".into(),
-        message: format!("{}: {e}", info.file),
-    })
+/// The entry as it was loaded (public keys included), to change and `put` back.
+pub fn entry_of(info: &ClinicInfo) -> RegistryEntry {
+    (*info.entry).clone()
 }
 
 /// Writes `text` to `path` whole (a temporary file renamed over it).
@@ -196,6 +289,17 @@ fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("yaml.tmp");
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
+}
+
+/// Writes one entry to the store's registry (every node is signalled).
+fn store_put(state: &GatewayState, entry: &RegistryEntry) -> Result<(), WriteError> {
+    let json = serde_json::to_string(entry).map_err(|e| WriteError::Invalid {
+        field: "keys".into(),
+        message: format!("does not serialise: {e}"),
+    })?;
+    super::store::wait(state.store.put_registry_entry(&entry.clinic_id, &json))
+        .map(|_| ())
+        .map_err(|e| WriteError::Io(format!("store: {e}")))
 }
 
 /// `PUT /v1/registry/clinics/{id}`: checks the entry against the registry in force (keys parse,
@@ -242,6 +346,27 @@ pub fn put(state: &GatewayState, entry: RegistryEntry) -> Result<bool, WriteErro
                 other => other.to_string(),
             },
         })?;
+    if src.store {
+        let before = current
+            .clinics()
+            .get(&entry.clinic_id)
+            .map(|c| c.entry.clone());
+        store_put(state, &entry)?;
+        if let Err(e) = reload(state, src, true, "rest") {
+            // Another entry does not load: put the store back as it was.
+            let _ = match &before {
+                Some(old) => store_put(state, old),
+                None => super::store::wait(state.store.delete_registry_entry(&entry.clinic_id))
+                    .map(|_| ())
+                    .map_err(|e| WriteError::Io(e.to_string())),
+            };
+            return Err(WriteError::Invalid {
+                field: "registry".into(),
+                message: e.to_string(),
+            });
+        }
+        return Ok(existing.is_none());
+    }
     let before = std::fs::read_to_string(&path).ok();
     write_atomically(&path, &text)
         .map_err(|e| WriteError::Io(format!("{}: {e}", path.display())))?;
@@ -271,6 +396,22 @@ pub fn delete(state: &GatewayState, clinic: &str) -> Result<(), WriteError> {
         .clinics()
         .get(clinic)
         .ok_or_else(|| WriteError::NotFound(clinic.to_string()))?;
+    if src.store {
+        let before = info.entry.clone();
+        let gone = super::store::wait(state.store.delete_registry_entry(clinic))
+            .map_err(|e| WriteError::Io(format!("store: {e}")))?;
+        if gone.is_none() {
+            return Err(WriteError::NotFound(clinic.to_string()));
+        }
+        if let Err(e) = reload(state, src, true, "rest") {
+            let _ = store_put(state, &before);
+            return Err(WriteError::Invalid {
+                field: "registry".into(),
+                message: e.to_string(),
+            });
+        }
+        return Ok(());
+    }
     let path = PathBuf::from(&info.file);
     let before = std::fs::read_to_string(&path).ok();
     std::fs::remove_file(&path).map_err(|e| WriteError::Io(format!("{}: {e}", path.display())))?;

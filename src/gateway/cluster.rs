@@ -173,6 +173,7 @@ pub fn start(state: web::Data<GatewayState>, addr: String) {
             match signal {
                 Signal::Call(id) => actix::spawn(serve_call(state, id)),
                 Signal::Answer(id) => actix::spawn(take_answer(state, id)),
+                Signal::Registry(_) => actix::spawn(super::clinic_registry::on_signal(state)),
                 Signal::Updates(_) => continue,
             };
         }

@@ -357,7 +357,7 @@ fn register(
     let current = state.security.verifier.as_ref().map(|v| v.registry());
     let existing = current.as_ref().and_then(|r| r.clinics().get(clinic));
     let mut entry = match existing {
-        Some(info) => super::clinic_registry::entry_of(info)?,
+        Some(info) => super::clinic_registry::entry_of(info),
         None => RegistryEntry {
             clinic_id: clinic.to_string(),
             keys: Vec::new(),
@@ -623,7 +623,7 @@ pub(super) async fn retire(
     let st = state.clone();
     let (clinic, kids) = (who.clinic.clone(), parsed.kids.clone());
     let result = web::block(move || {
-        let mut entry = super::clinic_registry::entry_of(&info)?;
+        let mut entry = super::clinic_registry::entry_of(&info);
         entry.keys.retain(|k| !kids.contains(&k.kid));
         super::clinic_registry::put(&st, entry)
     })

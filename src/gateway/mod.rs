@@ -381,13 +381,19 @@ impl GatewaySecurity {
             Some(a) => Some(TokenVerifier::new(
                 &g.id,
                 a.leeway.get(),
-                ClinicRegistry::load_dir(&a.clinics_dir)?,
+                // A store registry is loaded once the store is open (`clinic_registry::start`).
+                if a.registry == "store" {
+                    ClinicRegistry::default()
+                } else {
+                    ClinicRegistry::load_dir(&a.clinics_dir)?
+                },
             )),
             None => None,
         };
         let registry_source = g.auth.as_ref().map(|a| clinic_registry::RegistrySource {
             dir: a.clinics_dir.clone(),
             interval: a.reload_interval.get().max(Duration::from_millis(100)),
+            store: a.registry == "store",
         });
         let admin = if g.admin_tokens.is_empty() {
             None
@@ -574,7 +580,7 @@ pub fn start(
         webhooks,
         registry_reloads: Default::default(),
     });
-    clinic_registry::start(state.clone());
+    clinic_registry::start(state.clone())?;
     let cluster_state = state.clone();
     let listen = settings.listen.clone();
     let server = HttpServer::new(move || {

@@ -232,7 +232,7 @@ pub struct ClinicKey {
 }
 
 /// A clinic registry entry as written by `tether keys registry-entry`.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryEntry {
     pub clinic_id: String,
@@ -245,7 +245,7 @@ pub struct RegistryEntry {
     pub labels: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryKey {
     pub kid: String,
@@ -280,8 +280,11 @@ pub struct ClinicInfo {
     pub revoked: bool,
     pub labels: BTreeMap<String, String>,
     pub keys: Vec<KeyInfo>,
-    /// The registry file it came from.
+    /// The registry file it came from (`store:<clinic>` for a registry kept in the store).
     pub file: String,
+    /// The entry as loaded (public keys included), for changes written back.
+    #[serde(skip)]
+    pub entry: std::sync::Arc<RegistryEntry>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -319,6 +322,7 @@ impl ClinicRegistry {
         if entry.keys.is_empty() {
             return Err(err(format!("clinic {} has no keys", entry.clinic_id)));
         }
+        let original = std::sync::Arc::new(entry.clone());
         let mut keys = Vec::new();
         let mut parsed = Vec::new();
         for k in entry.keys {
@@ -366,6 +370,7 @@ impl ClinicRegistry {
                 labels: entry.labels,
                 keys,
                 file: source.to_string(),
+                entry: original,
             },
         );
         Ok(())

@@ -258,6 +258,13 @@ pub(crate) enum Op {
         expires_at: u64,
     },
     AddEnrolmentCode(NewEnrolmentCode),
+    PutRegistryEntry {
+        clinic: String,
+        entry_json: String,
+    },
+    DeleteRegistryEntry {
+        clinic: String,
+    },
     TakeEnrolmentCode {
         code_hash: String,
         by: String,
@@ -335,6 +342,8 @@ pub(crate) enum Done {
     /// `AnswerCall`: the node that forwarded the call; `CallAnswer`: the answer.
     Text(Option<String>),
     Code(CodeTake),
+    /// The registry's version after a change (`None`: nothing to change).
+    Version(Option<u64>),
 }
 
 pub(crate) struct Cmd {
@@ -753,6 +762,27 @@ macro_rules! write_methods {
 
         fn check_writer(&self) -> StoreFuture<()> {
             self.writer.unit(Op::Ping)
+        }
+
+        fn put_registry_entry(&self, clinic: &str, entry_json: &str) -> StoreFuture<u64> {
+            let op = Op::PutRegistryEntry {
+                clinic: clinic.into(),
+                entry_json: entry_json.into(),
+            };
+            super::expect(self.writer.submit(op), |d| match d {
+                Done::Version(Some(v)) => Some(v),
+                _ => None,
+            })
+        }
+
+        fn delete_registry_entry(&self, clinic: &str) -> StoreFuture<Option<u64>> {
+            let op = Op::DeleteRegistryEntry {
+                clinic: clinic.into(),
+            };
+            super::expect(self.writer.submit(op), |d| match d {
+                Done::Version(v) => Some(v),
+                _ => None,
+            })
         }
 
         fn add_enrolment_code(&self, code: super::NewEnrolmentCode) -> StoreFuture<()> {

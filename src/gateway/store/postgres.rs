@@ -168,6 +168,15 @@ CREATE TABLE enrolment_codes (
 );
 CREATE INDEX enrolment_codes_expiry ON enrolment_codes (expires_at);
 ",
+    // 10: the clinic registry kept in the store (gateway.auth.registry: store), versioned.
+    "
+CREATE TABLE clinic_registry (
+    clinic_id TEXT PRIMARY KEY,
+    entry_json TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+INSERT INTO store_meta (key, value) VALUES ('registry_version', 0) ON CONFLICT (key) DO NOTHING;
+",
 ];
 
 pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
@@ -196,6 +205,9 @@ fn call_signal(kind: &str, id: &str, node: &str) -> String {
 fn parse_call_signal(payload: &str, me: &str) -> Option<Signal> {
     let mut parts = payload.splitn(3, ' ');
     let (kind, id, node) = (parts.next()?, parts.next()?, parts.next()?);
+    if kind == "registry" {
+        return id.parse().ok().map(Signal::Registry);
+    }
     if node != me {
         return None;
     }
@@ -788,6 +800,40 @@ impl GatewayStore for PgStore {
         })
     }
 
+    fn registry_entries(&self) -> StoreFuture<(u64, Vec<(String, String)>)> {
+        self.read(|c| {
+            let mut tx = c.build_transaction().read_only(true).start()?;
+            let version = tx
+                .query_opt(
+                    "SELECT value FROM store_meta WHERE key = 'registry_version'",
+                    &[],
+                )?
+                .map(|r| r.get::<_, i64>(0).max(0) as u64)
+                .unwrap_or(0);
+            let rows = tx
+                .query(
+                    "SELECT clinic_id, entry_json FROM clinic_registry ORDER BY clinic_id",
+                    &[],
+                )?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            tx.commit()?;
+            Ok((version, rows))
+        })
+    }
+
+    fn registry_version(&self) -> StoreFuture<u64> {
+        self.read(|c| {
+            Ok(c.query_opt(
+                "SELECT value FROM store_meta WHERE key = 'registry_version'",
+                &[],
+            )?
+            .map(|r| r.get::<_, i64>(0).max(0) as u64)
+            .unwrap_or(0))
+        })
+    }
+
     fn webhook_cursor(&self, name: &str) -> StoreFuture<u64> {
         let name = name.to_string();
         self.read(move |c| {
@@ -920,6 +966,14 @@ impl PgBackend {
                 }
                 (Op::AnswerCall { id, .. }, Ok(Done::Text(Some(from)))) => {
                     let note = call_signal("answer", id, from);
+                    tx.execute("SELECT pg_notify($1, $2)", &[&self.calls_channel, &note])?;
+                }
+                // Every node loads the registry again (itself included: harmless).
+                (
+                    Op::PutRegistryEntry { .. } | Op::DeleteRegistryEntry { .. },
+                    Ok(Done::Version(Some(v))),
+                ) => {
+                    let note = format!("registry {v} *");
                     tx.execute("SELECT pg_notify($1, $2)", &[&self.calls_channel, &note])?;
                 }
                 _ => {}
@@ -1107,6 +1161,15 @@ fn update_record(r: &postgres::Row, at: usize) -> UpdateRecord {
         created_at: r.get(at + 7),
         updated_at: r.get(at + 8),
     }
+}
+
+/// Bumps the registry's version (the row lock orders concurrent changes); answers the new one.
+fn bump_registry(tx: &mut Transaction<'_>) -> Result<u64, postgres::Error> {
+    let row = tx.query_one(
+        "UPDATE store_meta SET value = value + 1 WHERE key = 'registry_version' RETURNING value",
+        &[],
+    )?;
+    Ok(row.get::<_, i64>(0).max(0) as u64)
 }
 
 fn run_op(
@@ -1405,6 +1468,25 @@ fn run_op(
             below_id,
             batch,
         } => Done::Pruned(prune(tx, cutoff, *below_id, *batch)?),
+        Op::PutRegistryEntry { clinic, entry_json } => {
+            tx.execute(
+                "INSERT INTO clinic_registry (clinic_id, entry_json, updated_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (clinic_id) DO UPDATE SET entry_json = excluded.entry_json, updated_at = excluded.updated_at",
+                &[clinic, entry_json, now],
+            )?;
+            Done::Version(Some(bump_registry(tx)?))
+        }
+        Op::DeleteRegistryEntry { clinic } => {
+            let n = tx.execute(
+                "DELETE FROM clinic_registry WHERE clinic_id = $1",
+                &[clinic],
+            )?;
+            Done::Version(if n == 0 {
+                None
+            } else {
+                Some(bump_registry(tx)?)
+            })
+        }
         Op::AddEnrolmentCode(c) => {
             let horizon = crate::security::unix_now().saturating_sub(super::ENROLMENT_CODE_KEEP_S);
             tx.execute(

@@ -159,6 +159,15 @@ CREATE TABLE IF NOT EXISTS enrolment_codes (
 );
 CREATE INDEX IF NOT EXISTS enrolment_codes_expiry ON enrolment_codes (expires_at);
 ",
+    // 10: the clinic registry kept in the store (gateway.auth.registry: store), versioned.
+    "
+CREATE TABLE IF NOT EXISTS clinic_registry (
+    clinic_id TEXT PRIMARY KEY,
+    entry_json TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+INSERT OR IGNORE INTO store_meta (key, value) VALUES ('registry_version', 0);
+",
 ];
 
 pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
@@ -215,6 +224,27 @@ fn read_err(e: rusqlite::Error) -> StoreError {
 
 /// SQLite errors that leave the group unusable (full disk, I/O) are "needs attention" until
 /// the condition clears; both retry on their own once it does.
+fn registry_version(c: &Connection) -> Result<u64, rusqlite::Error> {
+    c.query_row(
+        "SELECT value FROM store_meta WHERE key = 'registry_version'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .optional()
+    .map(|v| v.unwrap_or(0).max(0) as u64)
+}
+
+/// Bumps the registry's version; answers the new one.
+fn bump_registry(tx: &rusqlite::Transaction<'_>) -> Result<u64, StoreError> {
+    tx.query_row(
+        "UPDATE store_meta SET value = value + 1 WHERE key = 'registry_version' RETURNING value",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|v| v.max(0) as u64)
+    .map_err(write_err)
+}
+
 fn write_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable {
         retryable: true,
@@ -549,6 +579,23 @@ impl GatewayStore for SqliteStore {
         })
     }
 
+    fn registry_entries(&self) -> StoreFuture<(u64, Vec<(String, String)>)> {
+        self.read(|c| {
+            let tx = c.unchecked_transaction()?;
+            let version = registry_version(&tx)?;
+            let mut st =
+                tx.prepare("SELECT clinic_id, entry_json FROM clinic_registry ORDER BY clinic_id")?;
+            let rows = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((version, rows))
+        })
+    }
+
+    fn registry_version(&self) -> StoreFuture<u64> {
+        self.read(registry_version)
+    }
+
     fn webhook_cursor(&self, name: &str) -> StoreFuture<u64> {
         let name = name.to_string();
         self.read(move |c| {
@@ -843,6 +890,28 @@ fn run_op(tx: &rusqlite::Transaction<'_>, op: &Op, now: &str) -> Result<Done, St
             below_id,
             batch,
         } => prune(tx, cutoff, *below_id, *batch).map(Done::Pruned),
+        Op::PutRegistryEntry { clinic, entry_json } => {
+            tx.execute(
+                "INSERT INTO clinic_registry (clinic_id, entry_json, updated_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (clinic_id) DO UPDATE SET entry_json = excluded.entry_json, updated_at = excluded.updated_at",
+                params![clinic, entry_json, now_iso()],
+            )
+            .map_err(write_err)?;
+            Ok(Done::Version(Some(bump_registry(tx)?)))
+        }
+        Op::DeleteRegistryEntry { clinic } => {
+            let n = tx
+                .execute(
+                    "DELETE FROM clinic_registry WHERE clinic_id = ?1",
+                    params![clinic],
+                )
+                .map_err(write_err)?;
+            Ok(Done::Version(if n == 0 {
+                None
+            } else {
+                Some(bump_registry(tx)?)
+            }))
+        }
         Op::AddEnrolmentCode(c) => {
             let horizon = crate::security::unix_now().saturating_sub(super::ENROLMENT_CODE_KEEP_S);
             tx.execute(
