@@ -75,6 +75,26 @@ pub fn connection_string(a: &AgentConfig) -> Result<String, AgentSetupError> {
     Ok(s)
 }
 
+/// The connection RPC queries run on: `agent.rpc.connection` (a read replica; SQL Server with
+/// `ApplicationIntent=ReadOnly` added unless set), else the database's own.
+pub fn rpc_connection_string(a: &AgentConfig) -> Result<String, AgentSetupError> {
+    let Some(replica) = &a.rpc.connection else {
+        return connection_string(a);
+    };
+    let mut own = a.clone();
+    own.database.connection = replica.clone();
+    let mut s = connection_string(&own)?;
+    let has_intent = s.split(';').any(|kv| {
+        kv.trim()
+            .to_ascii_lowercase()
+            .starts_with("applicationintent")
+    });
+    if a.database.kind == "sqlserver" && !has_intent {
+        s = format!("{};ApplicationIntent=ReadOnly", s.trim_end_matches(';'));
+    }
+    Ok(s)
+}
+
 #[cfg(feature = "sqlserver")]
 fn mssql(
     a: &AgentConfig,
@@ -585,12 +605,16 @@ fn queries(a: &AgentConfig) -> Result<Arc<dyn tether_actors::ports::QueryRunner>
         )?)),
         #[cfg(feature = "postgres")]
         "postgres" => Ok(Arc::new(crate::db::postgres::queries::PgQueries::open(
-            &connection_string(a)?,
+            &rpc_connection_string(a)?,
             &a.rpc,
         )?)),
         #[cfg(feature = "sqlserver")]
         "sqlserver" => Ok(Arc::new(crate::db::sqlserver::queries::MssqlQueries::open(
-            mssql(a)?,
+            crate::db::sqlserver::MssqlDb::connect(
+                &rpc_connection_string(a)?,
+                a.database.ca.as_deref(),
+                a.database.timeout.get(),
+            )?,
             &a.rpc,
         )?)),
         other => Err(AgentSetupError::RpcUnsupported(other.to_string())),
@@ -600,6 +624,50 @@ fn queries(a: &AgentConfig) -> Result<Arc<dyn tether_actors::ports::QueryRunner>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rpc_queries_may_run_on_a_read_replica_with_read_only_intent() {
+        let mut a = AgentConfig::default();
+        a.database.kind = "sqlserver".into();
+        a.database.connection = "Server=tcp:primary,1433;Database=clinic".into();
+        assert_eq!(
+            rpc_connection_string(&a).expect("own"),
+            "Server=tcp:primary,1433;Database=clinic",
+            "without a replica: the database's own connection, unchanged"
+        );
+        a.rpc.connection = Some("Server=tcp:ag-listener,1433;Database=clinic;".into());
+        assert_eq!(
+            rpc_connection_string(&a).expect("replica"),
+            "Server=tcp:ag-listener,1433;Database=clinic;ApplicationIntent=ReadOnly"
+        );
+        // Set by the operator: kept as written.
+        a.rpc.connection = Some("Server=r;applicationintent=ReadWrite".into());
+        assert_eq!(
+            rpc_connection_string(&a).expect("as written"),
+            "Server=r;applicationintent=ReadWrite"
+        );
+        // The password variable applies to the replica too (any set variable will do here);
+        // PostgreSQL gets no intent.
+        a.database.password_env = Some("PATH".into());
+        a.rpc.connection = Some("Server=r".into());
+        let with_pw = rpc_connection_string(&a).expect("with password");
+        assert!(
+            with_pw.starts_with("Server=r;password={")
+                && with_pw.ends_with("};ApplicationIntent=ReadOnly"),
+            "{with_pw}"
+        );
+        a.database.kind = "postgres".into();
+        a.rpc.connection = Some("host=replica dbname=clinic".into());
+        let pg = rpc_connection_string(&a).expect("pg");
+        assert!(
+            pg.starts_with("host=replica dbname=clinic password='"),
+            "{pg}"
+        );
+        assert!(
+            !pg.to_ascii_lowercase().contains("applicationintent"),
+            "{pg}"
+        );
+    }
 
     #[test]
     fn install_against_a_misspelt_sqlite_path_creates_nothing() {

@@ -79,6 +79,11 @@ pub struct RpcConfig {
     pub queries: std::collections::BTreeMap<String, RpcQueryConfig>,
     /// A query still running after this is interrupted.
     pub timeout: Dur,
+    /// PostgreSQL / SQL Server: run the queries on this connection instead of
+    /// `database.connection` (a read replica; `database.password_env` applies). SQL Server gets
+    /// `ApplicationIntent=ReadOnly` unless the string sets it (an availability group listener
+    /// then routes the queries to a readable secondary).
+    pub connection: Option<String>,
     #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
@@ -88,6 +93,7 @@ impl Default for RpcConfig {
         RpcConfig {
             queries: Default::default(),
             timeout: Dur::secs(10),
+            connection: None,
             extra: Extra::new(),
         }
     }
@@ -1483,6 +1489,14 @@ impl Validator<'_> {
         self.unknown("agent.shutdown", &a.shutdown.extra, &a.shutdown);
         self.unknown("agent.admin", &a.admin.extra, &a.admin);
         self.unknown("agent.rpc", &a.rpc.extra, &a.rpc);
+        if a.rpc.connection.is_some()
+            && !matches!(a.database.kind.as_str(), "postgres" | "sqlserver")
+        {
+            self.bad(
+                "agent.rpc.connection",
+                "only for PostgreSQL and SQL Server (SQLite's queries read the database file, on a connection that cannot write)".into(),
+            );
+        }
         self.duration(
             "agent.rpc.timeout",
             &a.rpc.timeout,
