@@ -292,16 +292,7 @@ pub async fn enrol(r: &EnrolRequest) -> Result<Enrolled, EnrolError> {
             .and_then(Value::as_str)
             .map(|s| s.as_bytes().to_vec()),
     };
-    keys::write_file(
-        &key_path,
-        &key.private_key_to_pem_pkcs8()
-            .map_err(keys::KeyError::from)?,
-        true,
-    )?;
-    keys::write_file(&cert_path, cert_pem.as_bytes(), false)?;
-    if let Some(ca) = &ca_pem {
-        keys::write_file(&ca_path, ca, false)?;
-    }
+    // The config first: a template that does not fill leaves nothing half-written.
     let template = answer.get("agent_template").and_then(Value::as_str);
     let tls_ca = if ca_pem.is_some() {
         format!("      ca: {CA_FILE}\n")
@@ -315,6 +306,16 @@ pub async fn enrol(r: &EnrolRequest) -> Result<Enrolled, EnrolError> {
         ("tls_ca", tls_ca.as_str()),
     ];
     let text = fill_template(template.unwrap_or(CONNECTION_ONLY), &values)?;
+    keys::write_file(
+        &key_path,
+        &key.private_key_to_pem_pkcs8()
+            .map_err(keys::KeyError::from)?,
+        true,
+    )?;
+    keys::write_file(&cert_path, cert_pem.as_bytes(), false)?;
+    if let Some(ca) = &ca_pem {
+        keys::write_file(&ca_path, ca, false)?;
+    }
     if r.config.exists() {
         let mut bak = r.config.as_os_str().to_owned();
         bak.push(".bak");

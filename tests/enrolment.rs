@@ -308,6 +308,62 @@ async fn a_clinic_enrols_with_a_one_time_code_runs_and_renews_its_key() {
     fleet.stop().await;
 }
 
+/// A clinic holds at most a few keys: a fifth enrolment (a leaked code, a loop of
+/// re-installs) is refused with 409 and its code given back; a revoked clinic gets no new key.
+#[actix_rt::test]
+async fn a_clinic_gets_no_more_keys_than_the_cap_and_a_refused_code_stays_valid() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    init_logs(dir.path());
+    let fleet = Fleet::new(dir.path(), 1, HB).expect("fleet");
+    let base = fleet.http_url();
+    let code = || async {
+        let (status, v) = post_as(
+            Some(&fleet),
+            &format!("{base}/v1/registry/clinics/clinic-cap/enrolment-codes"),
+            &json!({}),
+        )
+        .await;
+        assert_eq!(status, 201, "{v}");
+        v["code"].as_str().expect("code").to_string()
+    };
+    let cap = tether::gateway::enrolment::MAX_KEYS_PER_CLINIC;
+    for _ in 0..cap {
+        let (status, v) = post_json_tls(
+            &fleet,
+            "/v1/enrol",
+            &json!({"code": code().await, "csr": csr()}),
+        )
+        .await;
+        assert_eq!(status, 201, "{v}");
+    }
+    assert_eq!(registry_kids(&fleet, "clinic-cap").await.len(), cap);
+    let last = code().await;
+    let (status, v) =
+        post_json_tls(&fleet, "/v1/enrol", &json!({"code": last, "csr": csr()})).await;
+    assert_eq!(status, 409, "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("retire old ones first"),
+        "{v}"
+    );
+    assert_eq!(registry_kids(&fleet, "clinic-cap").await.len(), cap);
+    // The operator clears the clinic's keys: the refused code works now.
+    let client = fleet.rest_client().expect("client");
+    let resp = fleet
+        .authorize(client.delete(format!("{base}/v1/registry/clinics/clinic-cap")))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(resp.status().as_u16(), 204);
+    let (status, v) =
+        post_json_tls(&fleet, "/v1/enrol", &json!({"code": last, "csr": csr()})).await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(registry_kids(&fleet, "clinic-cap").await.len(), 1);
+    fleet.stop().await;
+}
+
 fn csr() -> String {
     let key = tether::security::keys::rsa_key(2048).expect("key");
     tether::security::keys::csr("x", &key).expect("csr")

@@ -1144,6 +1144,7 @@ pub(super) async fn list_registry(state: web::Data<GatewayState>) -> HttpRespons
         .collect();
     HttpResponse::Ok().json(json!({
         "dir": state.security.registry_source.as_ref().map(|s| s.dir.display().to_string()),
+        "source": state.security.registry_source.as_ref().map(|s| if s.store { "store" } else { "dir" }),
         "clinics": clinics,
     }))
 }

@@ -39,6 +39,9 @@ const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 const CODE_CHARS: usize = 24;
 /// Smallest RSA key a request may carry.
 const MIN_RSA_BITS: u32 = 2048;
+/// Keys a clinic may hold before enrolment or renewal adds another (retire old ones first):
+/// bounds what a leaked code or key can pile into the registry.
+pub const MAX_KEYS_PER_CLINIC: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrolmentError {
@@ -344,6 +347,21 @@ struct EnrolBody {
     csr: String,
 }
 
+/// Why `clinic` cannot get another key now (revoked, or holding the most keys), if so.
+fn refuse_new_key(state: &GatewayState, clinic: &str) -> Option<String> {
+    let registry = state.security.verifier.as_ref()?.registry();
+    let info = registry.clinics().get(clinic)?;
+    if info.revoked {
+        return Some(format!("clinic {clinic} is revoked in the registry"));
+    }
+    (info.keys.len() >= MAX_KEYS_PER_CLINIC).then(|| {
+        format!(
+            "clinic {clinic} holds {} keys already (at most {MAX_KEYS_PER_CLINIC}): retire old ones first (POST /v1/enrol/retire, or PUT /v1/registry/clinics/{clinic})",
+            info.keys.len()
+        )
+    })
+}
+
 /// Puts `key` in `clinic`'s registry entry (created with `labels` if new; `retire` removed).
 /// Blocking.
 fn register(
@@ -450,6 +468,15 @@ pub(super) async fn enrol(
             );
         }
     };
+    if let Some(why) = refuse_new_key(&state, &clinic) {
+        let _ = state.store.return_enrolment_code(&hash).await;
+        log::warn!(target: AUDIT, "event=enrolment_refused peer={peer} clinic={clinic} reason=no_new_key detail={why:?}");
+        return problem(
+            StatusCode::CONFLICT,
+            None,
+            format!("{why}; the code stays valid"),
+        );
+    }
     let issued = match certify(en, &clinic, &key) {
         Ok(v) => v,
         Err(e) => {
@@ -536,6 +563,10 @@ pub(super) async fn renew(
         Ok(k) => k,
         Err(e) => return problem(StatusCode::BAD_REQUEST, Some("csr"), e.to_string()),
     };
+    if let Some(why) = refuse_new_key(&state, &who.clinic) {
+        log::warn!(target: AUDIT, "event=renewal_refused clinic={} kid={} reason=no_new_key detail={why:?}", who.clinic, who.kid);
+        return problem(StatusCode::CONFLICT, None, why);
+    }
     let (cert, kid, public) = match certify(en, &who.clinic, &key) {
         Ok(v) => v,
         Err(e) => {
