@@ -123,6 +123,46 @@ async fn a_clinic_enrols_with_a_one_time_code_runs_and_renews_its_key() {
         "{audit}"
     );
     assert!(!audit.contains(&code), "the code reached a log line");
+    // A second code, listed (never the code itself) and withdrawn.
+    let (status, second) = post_as(
+        Some(&fleet),
+        &format!("{base}/v1/registry/clinics/clinic-new/enrolment-codes"),
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, 201, "{second}");
+    let second = second["code"].as_str().expect("code").to_string();
+    let (status, listed) = get_as(
+        Some(&fleet),
+        &format!("{base}/v1/registry/clinics/clinic-new/enrolment-codes"),
+    )
+    .await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(
+        listed["codes"].as_array().map(Vec::len),
+        Some(2),
+        "{listed}"
+    );
+    assert!(!listed.to_string().contains(&code) && !listed.to_string().contains(&second));
+    let client = fleet.rest_client().expect("client");
+    let mut resp = fleet
+        .authorize(client.delete(format!(
+            "{base}/v1/registry/clinics/clinic-new/enrolment-codes"
+        )))
+        .send()
+        .await
+        .expect("withdraw");
+    assert_eq!(resp.status().as_u16(), 200);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["withdrawn"], 2);
+    let (status, issued) = post_as(
+        Some(&fleet),
+        &format!("{base}/v1/registry/clinics/clinic-new/enrolment-codes"),
+        &json!({"labels": {"region": "north"}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{issued}");
+    let code = issued["code"].as_str().expect("code").to_string();
 
     // The clinic PC: its database exists (the installer made it), nothing else.
     let pc = dir.path().join("pc");

@@ -905,6 +905,29 @@ fn enrolment_codes_work_once_on_every_node(f: &Fixture) {
             .add_enrolment_code(code("h1", "clinic-c", now + 600))
             .await
             .is_err());
+        // Listed without the code, newest first; withdrawing takes only unused ones.
+        let listed = s.enrolment_codes("clinic-a").await.expect("list");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].hash_prefix, "h1");
+        assert_eq!(listed[0].created_by, "ops");
+        assert_eq!(listed[0].used_by.as_deref(), Some("10.0.0.3"));
+        s.add_enrolment_code(code("h4", "clinic-a", now + 600))
+            .await
+            .expect("add h4");
+        assert_eq!(s.enrolment_codes("clinic-a").await.expect("list").len(), 2);
+        assert_eq!(
+            s.withdraw_enrolment_codes("clinic-a")
+                .await
+                .expect("withdraw"),
+            1
+        );
+        assert_eq!(
+            s.take_enrolment_code("h4", "10.0.0.1")
+                .await
+                .expect("withdrawn"),
+            CodeTake::Unknown
+        );
+        assert_eq!(s.enrolment_codes("clinic-a").await.expect("list").len(), 1);
         // Codes long expired are purged by the next add.
         s.add_enrolment_code(code("old", "clinic-d", now - 8 * 24 * 3600))
             .await

@@ -271,6 +271,18 @@ pub struct NewEnrolmentCode {
     pub created_by: String,
 }
 
+/// An enrolment code as listed (never the code: its hash's first 8 hex digits).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CodeRecord {
+    pub hash_prefix: String,
+    pub created_at: String,
+    pub created_by: String,
+    /// RFC 3339.
+    pub expires_at: String,
+    pub used_at: Option<String>,
+    pub used_by: Option<String>,
+}
+
 /// What taking an enrolment code found. Only `Taken` consumes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CodeTake {
@@ -485,6 +497,10 @@ pub trait GatewayStore: std::any::Any + Send + Sync + 'static {
     /// Takes a code once, across every node on the store: the first caller gets `Taken` and
     /// the code is used (`by` is recorded: the caller's address); every later call `Used`.
     fn take_enrolment_code(&self, code_hash: &str, by: &str) -> StoreFuture<CodeTake>;
+    /// A clinic's codes (used or not, expired or not, until purged), newest first.
+    fn enrolment_codes(&self, clinic: &str) -> StoreFuture<Vec<CodeRecord>>;
+    /// Withdraws a clinic's unused codes; answers how many.
+    fn withdraw_enrolment_codes(&self, clinic: &str) -> StoreFuture<u64>;
     /// Gives a taken code back (the enrolment failed after taking it, on the gateway's side).
     fn return_enrolment_code(&self, code_hash: &str) -> StoreFuture<()>;
 

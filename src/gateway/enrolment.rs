@@ -340,6 +340,51 @@ pub(super) async fn create_code(
     }))
 }
 
+/// `GET /v1/registry/clinics/{id}/enrolment-codes`: the clinic's codes (never the codes
+/// themselves): when issued and by whom, until when, used when and from where.
+pub(super) async fn list_codes(
+    state: web::Data<GatewayState>,
+    id: web::Path<String>,
+) -> HttpResponse {
+    if state.security.enrolment.is_none() {
+        return not_configured();
+    }
+    let clinic = id.into_inner();
+    if !crate::config::valid_id(&clinic) {
+        return problem(StatusCode::BAD_REQUEST, Some("id"), "not a valid clinic id");
+    }
+    match super::api::call(state.store.enrolment_codes(&clinic)).await {
+        Ok(codes) => HttpResponse::Ok().json(json!({ "clinic_id": clinic, "codes": codes })),
+        Err(resp) => resp,
+    }
+}
+
+/// `DELETE /v1/registry/clinics/{id}/enrolment-codes`: withdraws the clinic's unused codes.
+pub(super) async fn withdraw_codes(
+    state: web::Data<GatewayState>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> HttpResponse {
+    if state.security.enrolment.is_none() {
+        return not_configured();
+    }
+    let clinic = id.into_inner();
+    if !crate::config::valid_id(&clinic) {
+        return problem(StatusCode::BAD_REQUEST, Some("id"), "not a valid clinic id");
+    }
+    let n = match super::api::call(state.store.withdraw_enrolment_codes(&clinic)).await {
+        Ok(n) => n,
+        Err(resp) => return resp,
+    };
+    let by = req
+        .extensions()
+        .get::<AdminName>()
+        .map(|n| n.0.clone())
+        .unwrap_or_else(|| "anonymous".into());
+    log::info!(target: AUDIT, "event=enrolment_codes_withdrawn clinic={clinic} by={by} codes={n}");
+    HttpResponse::Ok().json(json!({ "clinic_id": clinic, "withdrawn": n }))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EnrolBody {

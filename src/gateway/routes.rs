@@ -69,6 +69,16 @@ fn table() -> Table {
         "/v1/registry/clinics/{id}/enrolment-codes",
         enrolment::create_code,
     );
+    t.add(
+        get.clone(),
+        "/v1/registry/clinics/{id}/enrolment-codes",
+        enrolment::list_codes,
+    );
+    t.add(
+        Method::DELETE,
+        "/v1/registry/clinics/{id}/enrolment-codes",
+        enrolment::withdraw_codes,
+    );
     t.add(post.clone(), "/v1/enrol", enrolment::enrol);
     t.add(post.clone(), "/v1/enrol/renew", enrolment::renew);
     t.add(post.clone(), "/v1/enrol/retire", enrolment::retire);

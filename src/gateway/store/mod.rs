@@ -17,9 +17,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 
 pub use tether_actors::gateway_store::{
-    AppendOutcome, CancelOutcome, Claim, ClinicRecord, CodeTake, DeadLetter, ForwardedCall,
-    GatewayStore, IncomingEvent, NewEnrolmentCode, NewUpdate, NodeRecord, Pruned, Signal,
-    SignalWatcher, StoreError, StoreFuture, StoredEvent, UpdateRecord, UNFENCED,
+    AppendOutcome, CancelOutcome, Claim, ClinicRecord, CodeRecord, CodeTake, DeadLetter,
+    ForwardedCall, GatewayStore, IncomingEvent, NewEnrolmentCode, NewUpdate, NodeRecord, Pruned,
+    Signal, SignalWatcher, StoreError, StoreFuture, StoredEvent, UpdateRecord, UNFENCED,
 };
 pub use tether_schemas::iso_from_millis;
 
@@ -271,6 +271,9 @@ pub(crate) enum Op {
     },
     ReturnEnrolmentCode {
         code_hash: String,
+    },
+    WithdrawEnrolmentCodes {
+        clinic: String,
     },
     ForwardCall(ForwardedCall),
     TakeCall {
@@ -800,6 +803,16 @@ macro_rules! write_methods {
             })
         }
 
+        fn withdraw_enrolment_codes(&self, clinic: &str) -> StoreFuture<u64> {
+            let op = Op::WithdrawEnrolmentCodes {
+                clinic: clinic.into(),
+            };
+            super::expect(self.writer.submit(op), |d| match d {
+                Done::Version(Some(n)) => Some(n),
+                _ => None,
+            })
+        }
+
         fn return_enrolment_code(&self, code_hash: &str) -> StoreFuture<()> {
             self.writer.unit(Op::ReturnEnrolmentCode {
                 code_hash: code_hash.into(),
@@ -946,6 +959,24 @@ pub(crate) fn call_params(
 
 /// Token ids are kept this long past their expiry (well beyond any verification leeway).
 pub(crate) const TOKEN_ID_MARGIN_S: u64 = 600;
+
+/// A listed code's row: (hash, created_at, created_by, expires_at unix s, used_at, used_by).
+pub(crate) type CodeRow = (String, String, String, i64, Option<String>, Option<String>);
+
+pub(crate) fn code_record(r: CodeRow) -> CodeRecord {
+    let (hash, created_at, created_by, expires_at, used_at, used_by) = r;
+    CodeRecord {
+        hash_prefix: hash.chars().take(8).collect(),
+        created_at,
+        created_by,
+        expires_at: iso_from_millis(expires_at.saturating_mul(1000)),
+        used_at,
+        used_by,
+    }
+}
+
+const CODES_SQL: &str = "SELECT code_hash, created_at, created_by, expires_at, used_at, used_by \
+     FROM enrolment_codes WHERE clinic_id = $1 ORDER BY created_at DESC, code_hash";
 
 /// How long a code stays in the store after it expired (so a late try hears "expired", not
 /// "unknown").

@@ -823,6 +823,18 @@ impl GatewayStore for PgStore {
         })
     }
 
+    fn enrolment_codes(&self, clinic: &str) -> StoreFuture<Vec<super::CodeRecord>> {
+        let clinic = clinic.to_string();
+        self.read(move |c| {
+            Ok(c.query(super::CODES_SQL, &[&clinic])?
+                .iter()
+                .map(|r| {
+                    super::code_record((r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+                })
+                .collect())
+        })
+    }
+
     fn registry_version(&self) -> StoreFuture<u64> {
         self.read(|c| {
             Ok(c.query_opt(
@@ -1529,6 +1541,13 @@ fn run_op(
                     Done::Code(verdict)
                 }
             }
+        }
+        Op::WithdrawEnrolmentCodes { clinic } => {
+            let n = tx.execute(
+                "DELETE FROM enrolment_codes WHERE clinic_id = $1 AND used_at IS NULL",
+                &[clinic],
+            )?;
+            Done::Version(Some(n))
         }
         Op::ReturnEnrolmentCode { code_hash } => {
             tx.execute(

@@ -592,6 +592,26 @@ impl GatewayStore for SqliteStore {
         })
     }
 
+    fn enrolment_codes(&self, clinic: &str) -> StoreFuture<Vec<super::CodeRecord>> {
+        let clinic = clinic.to_string();
+        self.read(move |c| {
+            let mut st = c.prepare(&super::CODES_SQL.replace("$1", "?1"))?;
+            let rows = st
+                .query_map(params![clinic], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                })?
+                .collect::<Result<Vec<super::CodeRow>, _>>()?;
+            Ok(rows.into_iter().map(super::code_record).collect())
+        })
+    }
+
     fn registry_version(&self) -> StoreFuture<u64> {
         self.read(registry_version)
     }
@@ -951,6 +971,15 @@ fn run_op(tx: &rusqlite::Transaction<'_>, op: &Op, now: &str) -> Result<Done, St
                 .map_err(write_err)?;
             }
             Ok(Done::Code(verdict))
+        }
+        Op::WithdrawEnrolmentCodes { clinic } => {
+            let n = tx
+                .execute(
+                    "DELETE FROM enrolment_codes WHERE clinic_id = ?1 AND used_at IS NULL",
+                    params![clinic],
+                )
+                .map_err(write_err)?;
+            Ok(Done::Version(Some(n as u64)))
         }
         Op::ReturnEnrolmentCode { code_hash } => {
             tx.execute(
