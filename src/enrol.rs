@@ -75,17 +75,58 @@ pub fn gateway_urls(given: &str) -> Result<(String, String), EnrolError> {
     Ok((format!("{http}://{host}"), format!("{ws}://{host}/v1/ws")))
 }
 
-fn client(tls: Option<&ClientTls>, timeout: Duration) -> Result<awc::Client, EnrolError> {
+/// An HTTP client for the gateway: TLS as given, through `proxy` (HTTP CONNECT) if any.
+fn client(
+    tls: Option<&ClientTls>,
+    timeout: Duration,
+    proxy: Option<&crate::proxy::Proxy>,
+) -> Result<awc::Client, EnrolError> {
     let b = awc::Client::builder().timeout(timeout).disable_redirects();
-    Ok(match tls {
-        Some(t) => b
-            .connector(
-                awc::Connector::new()
-                    .openssl(tls::connector(t)?)
-                    .timeout(timeout),
-            )
+    let tls = tls.map(tls::connector).transpose()?;
+    Ok(match (proxy, tls) {
+        (Some(p), tls) => {
+            let c = awc::Connector::new()
+                .connector(crate::proxy::ProxyConnector::new(p.clone(), timeout))
+                .timeout(timeout);
+            match tls {
+                Some(t) => b.connector(c.openssl(t)).finish(),
+                None => b.connector(c).finish(),
+            }
+        }
+        (None, Some(t)) => b
+            .connector(awc::Connector::new().openssl(t).timeout(timeout))
             .finish(),
-        None => b.finish(),
+        (None, None) => b.finish(),
+    })
+}
+
+/// The proxy to reach `gateway_url` through: `given` (`direct`: none), else the environment
+/// (`HTTPS_PROXY`/`HTTP_PROXY`, `NO_PROXY`), as the agent decides.
+pub fn proxy_for(
+    gateway_url: &str,
+    given: Option<&str>,
+) -> Result<Option<crate::proxy::Proxy>, EnrolError> {
+    let bad = |e: crate::proxy::ProxyError| EnrolError::Config {
+        key: "--proxy".into(),
+        message: e.to_string(),
+    };
+    match given {
+        Some("direct") => Ok(None),
+        Some(url) => crate::proxy::Proxy::parse(url, "--proxy")
+            .map(Some)
+            .map_err(bad),
+        None => {
+            let (_, ws) = gateway_urls(gateway_url)?;
+            crate::proxy::from_env(&ws, |k| std::env::var(k).ok()).map_err(bad)
+        }
+    }
+}
+
+/// The agent's own proxy (`agent.gateway.proxy`, else the environment).
+fn agent_proxy(a: &AgentConfig) -> Result<Option<crate::proxy::Proxy>, EnrolError> {
+    crate::agent::proxy(a).map_err(|e| EnrolError::Config {
+        key: "agent.gateway.proxy".into(),
+        message: e.to_string(),
     })
 }
 
@@ -174,6 +215,8 @@ pub struct EnrolRequest {
     pub force: bool,
     pub bits: u32,
     pub timeout: Duration,
+    /// HTTP CONNECT proxy to the gateway (`None`: direct).
+    pub proxy: Option<crate::proxy::Proxy>,
 }
 
 /// What enrolment did.
@@ -262,7 +305,7 @@ pub async fn enrol(r: &EnrolRequest) -> Result<Enrolled, EnrolError> {
         ca: r.ca.clone(),
         ..Default::default()
     });
-    let http = client(tls.as_ref(), r.timeout)?;
+    let http = client(tls.as_ref(), r.timeout, r.proxy.as_ref())?;
     let answer = post(
         &http,
         &format!("{base}/v1/enrol"),
@@ -351,7 +394,8 @@ pub async fn request_code(
         ca: ca.map(Path::to_path_buf),
         ..Default::default()
     });
-    let http = client(tls.as_ref(), Duration::from_secs(30))?;
+    let proxy = proxy_for(gateway, None)?;
+    let http = client(tls.as_ref(), Duration::from_secs(30), proxy.as_ref())?;
     let mut body = json!({});
     if let Some(t) = ttl {
         body["ttl"] = json!(t);
@@ -507,6 +551,7 @@ pub async fn retire_pending(a: &AgentConfig) -> Result<bool, EnrolError> {
     let http = client(
         base.starts_with("https").then_some(&tls),
         a.gateway.connect_timeout.get().max(Duration::from_secs(10)),
+        agent_proxy(a)?.as_ref(),
     )?;
     let token = signer(a, &f.key)?.sign()?;
     match post(
@@ -536,7 +581,11 @@ pub async fn renew(a: &AgentConfig, bits: u32) -> Result<Renewed, EnrolError> {
     let old = signer(a, &f.key)?;
     let old_kid = old.kid().to_string();
     let tls = client_tls(a, &f.cert, &f.key);
-    let http = client(base.starts_with("https").then_some(&tls), timeout)?;
+    let http = client(
+        base.starts_with("https").then_some(&tls),
+        timeout,
+        agent_proxy(a)?.as_ref(),
+    )?;
     let key = keys::rsa_key(bits)?;
     let csr = keys::csr(&a.clinic_id, &key)?;
     let answer = post(

@@ -384,6 +384,10 @@ enum AgentAction {
         /// Replace an identity and config that exist (the config is kept as `.bak`).
         #[arg(long)]
         force: bool,
+        /// HTTP CONNECT proxy (`http://[user:pass@]host:port`, or `direct`); default: the
+        /// environment's `HTTPS_PROXY` / `NO_PROXY`, as the agent uses.
+        #[arg(long)]
+        proxy: Option<String>,
         #[arg(long, default_value_t = 3072)]
         bits: u32,
     },
@@ -646,17 +650,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     code,
                     ca,
                     force,
+                    proxy,
                     bits,
                 }),
-        } => run_enrol(tether::enrol::EnrolRequest {
-            gateway,
-            code,
-            config,
-            ca,
-            force,
-            bits,
-            timeout: std::time::Duration::from_secs(30),
-        }),
+        } => {
+            let proxy = tether::enrol::proxy_for(&gateway, proxy.as_deref())?;
+            run_enrol(tether::enrol::EnrolRequest {
+                gateway,
+                code,
+                config,
+                ca,
+                force,
+                bits,
+                timeout: std::time::Duration::from_secs(30),
+                proxy,
+            })
+        }
         Command::Agent { config, action } => {
             let cfg = load(&config)?;
             let a = cfg

@@ -179,6 +179,7 @@ async fn a_clinic_enrols_with_a_one_time_code_runs_and_renews_its_key() {
         force: false,
         bits: 2048,
         timeout: Duration::from_secs(10),
+        proxy: None,
     };
     let done = enrol::enrol(&request).await.expect("enrol");
     assert_eq!(done.clinic_id, "clinic-new");
@@ -487,6 +488,7 @@ async fn in_a_cluster_the_registry_lives_in_the_store_and_every_node_follows_it(
         force: false,
         bits: 2048,
         timeout: Duration::from_secs(10),
+        proxy: None,
     })
     .await
     .expect("enrol at node b");

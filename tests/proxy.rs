@@ -238,3 +238,59 @@ async fn mutual_tls_tokens_and_encryption_run_inside_the_tunnel() {
     );
     fleet.stop().await;
 }
+
+/// A clinic that reaches the gateway only through its proxy enrols and renews through it: the
+/// enrolment request and the renewal (with its retirement) each go through a CONNECT tunnel.
+#[actix_rt::test]
+async fn enrolment_and_renewal_go_through_the_proxy() {
+    use serde_json::json;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let _proxy = start_proxy(dir.path(), port, None);
+    let fleet = Fleet::new(dir.path(), 1, Duration::from_millis(500)).expect("fleet");
+    let certs = fleet.certs.clone().expect("certs");
+    let (status, issued) = common::post_as(
+        Some(&fleet),
+        &format!(
+            "{}/v1/registry/clinics/clinic-px/enrolment-codes",
+            fleet.http_url()
+        ),
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, 201, "{issued}");
+    let pc = dir.path().join("pc");
+    std::fs::create_dir_all(&pc).expect("pc");
+    tether::fleet::create_sample_clinic(&pc.join("clinic.db")).expect("db");
+    let proxy_url = format!("http://127.0.0.1:{port}");
+    let gateway = fleet.gateway.as_ref().expect("gateway").ws_url();
+    let before = tunnels(dir.path());
+    let done = tether::enrol::enrol(&tether::enrol::EnrolRequest {
+        gateway: gateway.clone(),
+        code: issued["code"].as_str().expect("code").to_string(),
+        config: pc.join("config.yaml"),
+        ca: Some(certs.join("ca.pem")),
+        force: false,
+        bits: 2048,
+        timeout: Duration::from_secs(10),
+        proxy: tether::enrol::proxy_for(&gateway, Some(&proxy_url)).expect("proxy"),
+    })
+    .await
+    .expect("enrol through the proxy");
+    assert_eq!(done.clinic_id, "clinic-px");
+    let after_enrol = tunnels(dir.path());
+    assert!(after_enrol > before, "the enrolment went through the proxy");
+    let mut cfg = tether::config::Config::load(&pc.join("config.yaml"))
+        .expect("config")
+        .agent
+        .expect("agent");
+    cfg.gateway.proxy = Some(tether::config::ProxyConfig::new(proxy_url));
+    let renewed = tether::enrol::renew(&cfg, 2048).await.expect("renew");
+    assert!(renewed.retired, "the old key was retired through the proxy");
+    assert_ne!(renewed.new_kid, done.kid);
+    assert!(
+        tunnels(dir.path()) >= after_enrol + 2,
+        "renewal and retirement went through the proxy"
+    );
+    fleet.stop().await;
+}
