@@ -30,6 +30,46 @@ pub struct AdminState {
     pub ready_lag: Duration,
     /// The running agent's actors (set once it has started).
     pub slots: Option<tether_actors::agent::Slots>,
+    /// The clinic's certificate (`agent.gateway.tls.cert`), read at each status, and how long
+    /// before its end the agent renews it (`None`: no scheduled renewal).
+    pub certificate: Option<(std::path::PathBuf, Option<Duration>)>,
+}
+
+/// The clinic certificate's life, in `/status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CertificateStatus {
+    /// RFC 3339.
+    pub not_after: String,
+    /// Negative once it has run out.
+    pub seconds_left: i64,
+    /// When the agent renews it (seconds from now; 0: due), if it renews on a schedule.
+    pub renews_in_s: Option<i64>,
+    /// The file could not be read as a certificate.
+    pub error: Option<String>,
+}
+
+/// The certificate at `path`: its end, time left and when it renews.
+pub fn certificate_status(
+    path: &std::path::Path,
+    renew_before: Option<Duration>,
+) -> CertificateStatus {
+    match crate::enrol::cert_not_after(path) {
+        Ok(end) => {
+            let left = end - crate::security::unix_now() as i64;
+            CertificateStatus {
+                not_after: tether_schemas::iso_from_millis(end.saturating_mul(1000)),
+                seconds_left: left,
+                renews_in_s: renew_before.map(|b| (left - b.as_secs() as i64).max(0)),
+                error: None,
+            }
+        }
+        Err(e) => CertificateStatus {
+            not_after: String::new(),
+            seconds_left: 0,
+            renews_in_s: None,
+            error: Some(e.to_string()),
+        },
+    }
 }
 
 /// Largest request body `POST /call/…` accepts.
@@ -69,12 +109,22 @@ pub struct Status {
     /// Why the gateway refused the last attempt (cleared once a link is up).
     #[serde(default)]
     pub refused: Option<tether_actors::stats::Refusal>,
+    /// The clinic certificate's end and renewal (when the agent has one in files).
+    #[serde(default)]
+    pub certificate: Option<CertificateStatus>,
 }
 
 impl AdminState {
     pub async fn status(self: &Arc<Self>) -> Status {
         let s = &self.stats;
         let me = self.clone();
+        let cert = self.certificate.clone();
+        let certificate = tokio::task::spawn_blocking(move || {
+            cert.map(|(path, before)| certificate_status(&path, before))
+        })
+        .await
+        .ok()
+        .flatten();
         let backlog = tokio::task::spawn_blocking(move || -> Result<Backlog, String> {
             let acked = me.checkpoint.load().map_err(|e| e.to_string())?;
             me.source.backlog(acked).map_err(|e| e.to_string())
@@ -143,6 +193,7 @@ impl AdminState {
             database_error,
             capture_slot_retained_bytes: backlog.capture_retained_bytes,
             refused,
+            certificate,
         }
     }
 }
@@ -158,6 +209,14 @@ pub fn metrics_text(st: &Status) -> String {
         );
     };
     let b = |x: bool| if x { 1.0 } else { 0.0 };
+    if let Some(c) = st.certificate.as_ref().filter(|c| c.error.is_none()) {
+        one(
+            "tether_agent_certificate_seconds_left",
+            "gauge",
+            "Seconds until the clinic certificate runs out (alert well before 0; the agent renews it agent.gateway.auth.renew_before ahead).",
+            c.seconds_left as f64,
+        );
+    }
     one(
         "tether_agent_connected",
         "gauge",
@@ -630,6 +689,34 @@ pub fn describe(s: &Status) -> String {
             r.advice()
         );
     }
+    if let Some(c) = &s.certificate {
+        let line = match (&c.error, c.renews_in_s) {
+            (Some(e), _) => format!("certificate unreadable: {e}"),
+            (None, _) if c.seconds_left <= 0 => {
+                format!(
+                    "certificate EXPIRED at {} — renew: tether agent renew",
+                    c.not_after
+                )
+            }
+            (None, Some(0)) => format!(
+                "certificate valid until {} ({} left); renewal due now",
+                c.not_after,
+                age(c.seconds_left as u64)
+            ),
+            (None, Some(r)) => format!(
+                "certificate valid until {} ({} left); renews in {}",
+                c.not_after,
+                age(c.seconds_left as u64),
+                age(r as u64)
+            ),
+            (None, None) => format!(
+                "certificate valid until {} ({} left); not renewed automatically",
+                c.not_after,
+                age(c.seconds_left as u64)
+            ),
+        };
+        let _ = writeln!(o, "  identity: {line}");
+    }
     if s.transport == "http" {
         let _ = writeln!(o, "            on the HTTP fallback: WebSocket upgrades were blocked on the way (see connection.log, event=transport_changed)");
     }
@@ -681,4 +768,77 @@ pub fn describe(s: &Status) -> String {
         }
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::security::keys::{self, Leaf, Usage};
+
+    #[test]
+    fn the_certificate_s_end_and_renewal_are_shown_and_exported() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ca = keys::make_ca("t", 30, 2048).expect("ca");
+        let now = crate::security::unix_now() as i64;
+        let leaf = keys::issue(
+            &ca,
+            &Leaf {
+                valid: Some((now - 60, now + 10 * 86_400)),
+                ..Leaf::new("clinic-s", Usage::Client, 2048)
+            },
+        )
+        .expect("leaf");
+        keys::save(&leaf, dir.path(), "c").expect("save");
+        let path = dir.path().join("c.pem");
+        let c = certificate_status(&path, Some(Duration::from_secs(3 * 86_400)));
+        assert!(c.error.is_none(), "{c:?}");
+        assert!((c.seconds_left - 10 * 86_400).abs() < 120, "{c:?}");
+        let renews = c.renews_in_s.expect("scheduled");
+        assert!((renews - 7 * 86_400).abs() < 120, "{c:?}");
+        assert!(c.not_after.ends_with('Z'), "{c:?}");
+        // Renewal due once less than renew_before is left.
+        let due = certificate_status(&path, Some(Duration::from_secs(20 * 86_400)));
+        assert_eq!(due.renews_in_s, Some(0));
+        // Not a certificate: said, not fatal.
+        let bad = certificate_status(&dir.path().join("c.key"), None);
+        assert!(bad.error.is_some());
+        let mut st = Status {
+            clinic_id: "clinic-s".into(),
+            version: "0".into(),
+            uptime_s: 5,
+            gateway_url: "wss://g/v1/ws".into(),
+            proxy: "none".into(),
+            connected: true,
+            transport: "websocket".into(),
+            acked_seq: 0,
+            backlog_events: 0,
+            backlog_at_least: false,
+            oldest_pending_s: None,
+            ready: true,
+            not_ready: None,
+            reconnects: 0,
+            links_up: 1,
+            heartbeat_misses: 0,
+            fallbacks: 0,
+            events_sent: 0,
+            updates_applied: 0,
+            updates_failed: 0,
+            restarts: Default::default(),
+            database_error: None,
+            capture_slot_retained_bytes: None,
+            refused: None,
+            certificate: Some(c),
+        };
+        let text = describe(&st);
+        assert!(text.contains("identity: certificate valid until"), "{text}");
+        assert!(text.contains("renews in 16"), "{text}");
+        let metrics = metrics_text(&st);
+        assert!(
+            metrics.contains("tether_agent_certificate_seconds_left{clinic=\"clinic-s\"} 86"),
+            "{metrics}"
+        );
+        st.certificate = Some(bad);
+        assert!(describe(&st).contains("certificate unreadable"));
+        assert!(!metrics_text(&st).contains("certificate_seconds_left"));
+    }
 }

@@ -521,6 +521,19 @@ fn not_after_unix(cert: &X509) -> Option<i64> {
     Some(i64::from(d.days) * 86_400 + i64::from(d.secs))
 }
 
+/// The end of validity of the certificate at `path`, as Unix seconds.
+pub fn cert_not_after(path: &Path) -> Result<i64, EnrolError> {
+    let pem = std::fs::read(path).map_err(io(path))?;
+    let cert = X509::from_pem(&pem).map_err(|e| EnrolError::Config {
+        key: path.display().to_string(),
+        message: format!("not a PEM certificate: {e}"),
+    })?;
+    not_after_unix(&cert).ok_or_else(|| EnrolError::Config {
+        key: path.display().to_string(),
+        message: "its end of validity does not read".into(),
+    })
+}
+
 /// Seconds until the agent's certificate runs out (negative: it has).
 pub fn cert_remaining(a: &AgentConfig) -> Result<i64, EnrolError> {
     let f = identity_files(a)?;

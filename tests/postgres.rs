@@ -1140,6 +1140,7 @@ fn status_says_behind_while_a_committed_change_waits_behind_a_long_transaction()
         started: std::time::Instant::now(),
         ready_lag: Duration::from_secs(1),
         slots: None,
+        certificate: None,
     });
     actix::System::new().block_on(async move {
         let first = state.status().await;

@@ -81,6 +81,12 @@ where
                     started: std::time::Instant::now(),
                     ready_lag: a.admin.ready_lag.get(),
                     slots: None,
+                    certificate: a
+                        .gateway
+                        .tls
+                        .as_ref()
+                        .and_then(|t| t.cert.clone())
+                        .map(|c| (c, renewal.as_ref().map(|(_, before, _)| *before))),
                 },
             ))
         }
