@@ -583,6 +583,17 @@ fn the_admin_endpoint_and_agent_status_tell_health_readiness_and_backlog() {
     wait_for("/readyz", Duration::from_secs(20), || {
         admin_get(port, "/readyz").is_some_and(|(c, _)| c == 200)
     });
+    // The agent writes its checkpoint to the database just after the ack it counts: poll
+    // until the outbox it reads back is empty too.
+    wait_for(
+        "the outbox backlog to read 0",
+        Duration::from_secs(20),
+        || {
+            admin_get(port, "/metrics").is_some_and(|(c, m)| {
+                c == 200 && m.contains("tether_agent_outbox_backlog_events{clinic=\"clinic-k\"} 0")
+            })
+        },
+    );
     let (code, metrics) = admin_get(port, "/metrics").expect("metrics");
     assert_eq!(code, 200);
     let head = Fleet::outbox_head(&db).expect("head");
