@@ -505,13 +505,22 @@ fn signer(a: &AgentConfig, key: &Path) -> Result<TokenSigner, EnrolError> {
     )?)
 }
 
-fn client_tls(a: &AgentConfig, cert: &Path, key: &Path) -> ClientTls {
-    ClientTls {
+/// The gateway's HTTP base and a client presenting the agent's certificate (mutual TLS),
+/// through its proxy.
+fn agent_client(a: &AgentConfig, f: &IdentityFiles) -> Result<(String, awc::Client), EnrolError> {
+    let (base, _) = gateway_urls(&a.gateway.url)?;
+    let tls = ClientTls {
         ca: a.gateway.tls.as_ref().and_then(|t| t.ca.clone()),
-        cert: Some(cert.to_path_buf()),
-        key: Some(key.to_path_buf()),
+        cert: Some(f.cert.clone()),
+        key: Some(f.key.clone()),
         ..Default::default()
-    }
+    };
+    let http = client(
+        base.starts_with("https").then_some(&tls),
+        a.gateway.connect_timeout.get().max(Duration::from_secs(10)),
+        agent_proxy(a)?.as_ref(),
+    )?;
+    Ok((base, http))
 }
 
 /// The certificate's end of validity, as Unix seconds.
@@ -559,13 +568,7 @@ pub async fn retire_pending(a: &AgentConfig) -> Result<bool, EnrolError> {
         let _ = std::fs::remove_file(&list);
         return Ok(true);
     }
-    let (base, _) = gateway_urls(&a.gateway.url)?;
-    let tls = client_tls(a, &f.cert, &f.key);
-    let http = client(
-        base.starts_with("https").then_some(&tls),
-        a.gateway.connect_timeout.get().max(Duration::from_secs(10)),
-        agent_proxy(a)?.as_ref(),
-    )?;
+    let (base, http) = agent_client(a, &f)?;
     let token = signer(a, &f.key)?.sign()?;
     match post(
         &http,
@@ -589,16 +592,9 @@ pub async fn retire_pending(a: &AgentConfig) -> Result<bool, EnrolError> {
 /// signed with the current key), both files replaced, then the old key retired.
 pub async fn renew(a: &AgentConfig, bits: u32) -> Result<Renewed, EnrolError> {
     let f = identity_files(a)?;
-    let (base, _) = gateway_urls(&a.gateway.url)?;
-    let timeout = a.gateway.connect_timeout.get().max(Duration::from_secs(10));
     let old = signer(a, &f.key)?;
     let old_kid = old.kid().to_string();
-    let tls = client_tls(a, &f.cert, &f.key);
-    let http = client(
-        base.starts_with("https").then_some(&tls),
-        timeout,
-        agent_proxy(a)?.as_ref(),
-    )?;
+    let (base, http) = agent_client(a, &f)?;
     let key = keys::rsa_key(bits)?;
     let csr = keys::csr(&a.clinic_id, &key)?;
     let answer = post(

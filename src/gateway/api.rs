@@ -499,7 +499,7 @@ struct UpdateBody {
 }
 
 /// The `{id}` path segment if it is a valid clinic id, or the 400 naming it.
-fn clinic_id(id: web::Path<String>) -> Result<String, Box<HttpResponse>> {
+pub(super) fn clinic_id(id: web::Path<String>) -> Result<String, Box<HttpResponse>> {
     let clinic = id.into_inner();
     if !valid_id(&clinic) {
         return Err(Box::new(error(

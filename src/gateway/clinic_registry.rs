@@ -30,7 +30,7 @@ use tether_actors::registry::{SessionCommand, ToClinic};
 
 use super::GatewayState;
 use crate::security::jwt::{
-    registry_files, ClinicInfo, ClinicRegistry, JwtError, RegistryChange, RegistryEntry,
+    read_entry, registry_files, ClinicInfo, ClinicRegistry, JwtError, RegistryChange, RegistryEntry,
 };
 
 /// Where the registry comes from and how often it is read.
@@ -90,15 +90,7 @@ fn seed_store(state: &GatewayState, src: &RegistrySource) -> Result<(), JwtError
     let mut imported = Vec::new();
     if src.dir.is_dir() {
         for p in registry_files(&src.dir)? {
-            let text = std::fs::read_to_string(&p).map_err(|e| JwtError::Registry {
-                path: p.display().to_string(),
-                message: e.to_string(),
-            })?;
-            let entry: RegistryEntry =
-                serde_saphyr::from_str(&text).map_err(|e| JwtError::Registry {
-                    path: p.display().to_string(),
-                    message: e.to_string(),
-                })?;
+            let entry = read_entry(&p)?;
             if held.contains(&entry.clinic_id) {
                 continue;
             }

@@ -239,6 +239,13 @@ fn peer(req: &HttpRequest) -> String {
 #[derive(Debug, Clone)]
 pub struct AdminName(pub String);
 
+fn admin_name(req: &HttpRequest) -> String {
+    req.extensions()
+        .get::<AdminName>()
+        .map(|n| n.0.clone())
+        .unwrap_or_else(|| "anonymous".into())
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 struct CodeBody {
@@ -258,10 +265,10 @@ pub(super) async fn create_code(
     let Some(en) = &state.security.enrolment else {
         return not_configured();
     };
-    let clinic = id.into_inner();
-    if !crate::config::valid_id(&clinic) {
-        return problem(StatusCode::BAD_REQUEST, Some("id"), "not a valid clinic id");
-    }
+    let clinic = match super::api::clinic_id(id) {
+        Ok(c) => c,
+        Err(resp) => return *resp,
+    };
     let parsed: CodeBody = if body.iter().all(|b| b.is_ascii_whitespace()) {
         CodeBody::default()
     } else {
@@ -309,11 +316,7 @@ pub(super) async fn create_code(
             );
         }
     }
-    let by = req
-        .extensions()
-        .get::<AdminName>()
-        .map(|n| n.0.clone())
-        .unwrap_or_else(|| "anonymous".into());
+    let by = admin_name(&req);
     let code = new_code();
     let Some(normal) = normalise_code(&code) else {
         return problem(StatusCode::INTERNAL_SERVER_ERROR, None, "code generation");
@@ -349,10 +352,10 @@ pub(super) async fn list_codes(
     if state.security.enrolment.is_none() {
         return not_configured();
     }
-    let clinic = id.into_inner();
-    if !crate::config::valid_id(&clinic) {
-        return problem(StatusCode::BAD_REQUEST, Some("id"), "not a valid clinic id");
-    }
+    let clinic = match super::api::clinic_id(id) {
+        Ok(c) => c,
+        Err(resp) => return *resp,
+    };
     match super::api::call(state.store.enrolment_codes(&clinic)).await {
         Ok(codes) => HttpResponse::Ok().json(json!({ "clinic_id": clinic, "codes": codes })),
         Err(resp) => resp,
@@ -368,19 +371,15 @@ pub(super) async fn withdraw_codes(
     if state.security.enrolment.is_none() {
         return not_configured();
     }
-    let clinic = id.into_inner();
-    if !crate::config::valid_id(&clinic) {
-        return problem(StatusCode::BAD_REQUEST, Some("id"), "not a valid clinic id");
-    }
+    let clinic = match super::api::clinic_id(id) {
+        Ok(c) => c,
+        Err(resp) => return *resp,
+    };
     let n = match super::api::call(state.store.withdraw_enrolment_codes(&clinic)).await {
         Ok(n) => n,
         Err(resp) => return resp,
     };
-    let by = req
-        .extensions()
-        .get::<AdminName>()
-        .map(|n| n.0.clone())
-        .unwrap_or_else(|| "anonymous".into());
+    let by = admin_name(&req);
     log::info!(target: AUDIT, "event=enrolment_codes_withdrawn clinic={clinic} by={by} codes={n}");
     HttpResponse::Ok().json(json!({ "clinic_id": clinic, "withdrawn": n }))
 }

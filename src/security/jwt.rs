@@ -380,16 +380,7 @@ impl ClinicRegistry {
     pub fn load_dir(dir: &Path) -> Result<Self, JwtError> {
         let mut reg = ClinicRegistry::default();
         for p in registry_files(dir)? {
-            let text = std::fs::read_to_string(&p).map_err(|e| JwtError::Registry {
-                path: p.display().to_string(),
-                message: e.to_string(),
-            })?;
-            let entry: RegistryEntry =
-                serde_saphyr::from_str(&text).map_err(|e| JwtError::Registry {
-                    path: p.display().to_string(),
-                    message: e.to_string(),
-                })?;
-            reg.add(entry, &p.display().to_string())?;
+            reg.add(read_entry(&p)?, &p.display().to_string())?;
         }
         Ok(reg)
     }
@@ -426,6 +417,16 @@ impl ClinicRegistry {
             .map(|k| (k.clinic.clone(), k.kid.clone()))
             .collect()
     }
+}
+
+/// One registry entry file, read and parsed (errors name the file).
+pub fn read_entry(p: &Path) -> Result<RegistryEntry, JwtError> {
+    let err = |message: String| JwtError::Registry {
+        path: p.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(p).map_err(|e| err(e.to_string()))?;
+    serde_saphyr::from_str(&text).map_err(|e| err(e.to_string()))
 }
 
 /// The `*.yaml` / `*.yml` files of a registry directory, sorted.
