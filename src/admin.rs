@@ -33,6 +33,8 @@ pub struct AdminState {
     /// The clinic's certificate (`agent.gateway.tls.cert`), read at each status, and how long
     /// before its end the agent renews it (`None`: no scheduled renewal).
     pub certificate: Option<(std::path::PathBuf, Option<Duration>)>,
+    /// Channels for the clinic's applications (`/v1/channels`), with their local token.
+    pub channels: Option<crate::local_channels::LocalChannels>,
 }
 
 /// The clinic certificate's life, in `/status`.
@@ -112,6 +114,10 @@ pub struct Status {
     /// The clinic certificate's end and renewal (when the agent has one in files).
     #[serde(default)]
     pub certificate: Option<CertificateStatus>,
+    /// Per channel: messages received, delivered, expired, published, refused; subscribers
+    /// and messages waiting now.
+    #[serde(default)]
+    pub channels: std::collections::BTreeMap<String, tether_actors::channels::ChannelCounts>,
 }
 
 impl AdminState {
@@ -194,6 +200,11 @@ impl AdminState {
             capture_slot_retained_bytes: backlog.capture_retained_bytes,
             refused,
             certificate,
+            channels: self
+                .channels
+                .as_ref()
+                .map(|c| c.board.counts().into_iter().collect())
+                .unwrap_or_default(),
         }
     }
 }
@@ -322,6 +333,69 @@ pub fn metrics_text(st: &Status) -> String {
             st.clinic_id
         );
     }
+    if !st.channels.is_empty() {
+        type Family = (
+            &'static str,
+            &'static str,
+            &'static str,
+            fn(&tether_actors::channels::ChannelCounts) -> u64,
+        );
+        let families: [Family; 7] = [
+            (
+                "tether_agent_channel_received_total",
+                "counter",
+                "Down channel messages received from the gateway.",
+                |c| c.received,
+            ),
+            (
+                "tether_agent_channel_delivered_total",
+                "counter",
+                "Down channel messages handed to at least one local subscriber.",
+                |c| c.delivered,
+            ),
+            (
+                "tether_agent_channel_expired_total",
+                "counter",
+                "Transient down messages whose time ran out before a subscriber took them.",
+                |c| c.expired,
+            ),
+            (
+                "tether_agent_channel_published_total",
+                "counter",
+                "Up channel messages published by local applications and accepted by the gateway.",
+                |c| c.published,
+            ),
+            (
+                "tether_agent_channel_refused_total",
+                "counter",
+                "Up channel messages refused (here or at the gateway).",
+                |c| c.refused,
+            ),
+            (
+                "tether_agent_channel_subscribers",
+                "gauge",
+                "Local subscribers of the channel now.",
+                |c| c.subscribers,
+            ),
+            (
+                "tether_agent_channel_waiting",
+                "gauge",
+                "Down messages waiting for a subscriber now.",
+                |c| c.waiting,
+            ),
+        ];
+        for (name, kind, help, get) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (ch, c) in &st.channels {
+                let _ = writeln!(
+                    out,
+                    "{name}{{clinic=\"{}\",channel=\"{ch}\"}} {}",
+                    st.clinic_id,
+                    get(c)
+                );
+            }
+        }
+    }
     out
 }
 
@@ -363,15 +437,17 @@ const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One request as read from the socket.
-struct Request {
-    method: String,
-    path: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    /// What followed `?` in the target (raw).
+    pub query: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
 }
 
 impl Request {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
@@ -399,7 +475,8 @@ async fn read_request(
     let mut lines = head.lines();
     let mut parts = lines.next().unwrap_or("").split(' ');
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("").to_string();
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    let (path, query) = (path.to_string(), query.to_string());
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| {
             let (k, v) = l.split_once(':')?;
@@ -429,6 +506,7 @@ async fn read_request(
     Ok(Ok(Some(Request {
         method: method.to_string(),
         path,
+        query,
         headers,
         body,
     })))
@@ -443,6 +521,10 @@ async fn answer(mut conn: tokio::net::TcpStream, st: Arc<AdminState>) -> std::io
         Err(_) => return Ok(()),
     };
     let (code, ctype, body) = match read {
+        // Channels keep the connection (streams) and answer for themselves.
+        Ok(Some(req)) if req.path == "/v1/channels" || req.path.starts_with("/v1/channels/") => {
+            return crate::local_channels::serve(conn, st, req).await;
+        }
         Ok(Some(req)) => route(&st, &req).await,
         Ok(None) => return Ok(()),
         Err(refused) => refused,
@@ -828,6 +910,7 @@ mod tests {
             capture_slot_retained_bytes: None,
             refused: None,
             certificate: Some(c),
+            channels: Default::default(),
         };
         let text = describe(&st);
         assert!(text.contains("identity: certificate valid until"), "{text}");

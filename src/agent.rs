@@ -461,6 +461,7 @@ pub fn ports_with_proxy(
         dialer: Arc::new(ReloadingDialer::new(a, proxy)?),
         clock: Arc::new(SystemClock),
         queries: queries(a)?,
+        channels: tether_actors::channels::ChannelBoard::new(),
         held,
     })
 }

@@ -15,7 +15,7 @@ use crate::gateway::{self, GatewaySecurity, GatewaySettings};
 use crate::loadgen::{rss_kb, rss_kb_of, run_client, ClientSpec, Swarm};
 use crate::security::limits::SharedBucket;
 
-pub const SCENARIOS: [&str; 12] = [
+pub const SCENARIOS: [&str; 13] = [
     "history",
     "agent-send",
     "values",
@@ -28,6 +28,7 @@ pub const SCENARIOS: [&str; 12] = [
     "fallback",
     "storm",
     "bridge",
+    "channels",
 ];
 
 /// Sizes; the defaults are the issue's, smaller ones keep CI quick.
@@ -115,6 +116,7 @@ pub(crate) fn settings(dir: &Path, listen: &str) -> GatewaySettings {
         faults: Default::default(),
         webhooks: Vec::new(),
         bridge: Default::default(),
+        channels: Vec::new(),
     }
 }
 
@@ -459,6 +461,164 @@ pub async fn latency(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
         "acked": l.len(), "p50_ms": percentile(&l, 0.5), "p99_ms": percentile(&l, 0.99),
         "p999_ms": percentile(&l, 0.999), "machine": machine()}),
     )
+}
+
+/// Call pops for many connected clinics: a phone system posts `voip.call` messages over REST
+/// (one kept-alive client, `CALLS_PER_S` spread over the clinics) and each clinic's link receives
+/// them; latency is POST sent → message at the clinic (a protocol client answering `delivered`
+/// at once, as an agent does once its subscriber has it). Then the full path on a few real
+/// agents: POST → agent → a local SSE subscriber on the agent's endpoint. Checks that every
+/// clinic got exactly its own calls, in order.
+pub async fn channels(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
+    const CALLS_PER_S: f64 = 100.0;
+    let n = o.latency_clinics;
+    let mut s = settings(dir, "127.0.0.1:0");
+    s.channels = crate::gateway::channels::samples();
+    // The phone system posts far more than one clinic's default rate in total, never per clinic.
+    let gw = gateway::start(s, GatewaySecurity::insecure())?;
+    let swarm = spawn_swarm(n, &gw.ws_url(), None, 0.0, "ch-");
+    wait_up(&swarm, n, Duration::from_secs(60)).await?;
+    let base = gw.http_url();
+    let client = crate::loadgen::http_client(None);
+    let calls = (CALLS_PER_S * o.latency_secs as f64) as usize;
+    let mut posted: std::collections::HashMap<String, Instant> = Default::default();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / CALLS_PER_S));
+    let cpu0 = cpu_seconds(std::process::id());
+    let t0 = Instant::now();
+    let mut refused = 0usize;
+    for i in 0..calls {
+        tick.tick().await;
+        let clinic = format!("ch-{:05}", (i * 7919) % n);
+        let call_id = format!("{clinic}-{i:07}");
+        let body = json!({"call_id": call_id, "state": "ringing", "caller": "+1-555-0100"});
+        posted.insert(call_id, Instant::now());
+        match client
+            .post(format!("{base}/v1/clinics/{clinic}/channels/voip.call"))
+            .send_json(&body)
+            .await
+        {
+            Ok(mut r) if r.status().as_u16() == 202 => {
+                let _ = r.body().await;
+            }
+            _ => refused += 1,
+        }
+    }
+    // Everything posted arrives within the deadline, or the run says how much did not.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while swarm.channel_messages.lock().map(|m| m.len()).unwrap_or(0) < calls - refused
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(std::process::id()) - cpu0;
+    let got = swarm
+        .channel_messages
+        .lock()
+        .map(|m| m.clone())
+        .unwrap_or_default();
+    swarm.stop.store(true, Ordering::Relaxed);
+    let (mut lat, mut foreign, mut out_of_order) = (Vec::new(), 0usize, 0usize);
+    let mut last: std::collections::HashMap<&str, &str> = Default::default();
+    for (clinic, _, call, at) in &got {
+        if !call.starts_with(clinic.as_str()) {
+            foreign += 1;
+        }
+        if last
+            .get(clinic.as_str())
+            .is_some_and(|prev| *prev >= call.as_str())
+        {
+            out_of_order += 1;
+        }
+        last.insert(clinic, call);
+        if let Some(t) = posted.get(call) {
+            lat.push(at.duration_since(*t).as_micros() as u64);
+        }
+    }
+    lat.sort_unstable();
+    let protocol = json!({
+        "clinics_connected": n, "calls_posted": calls, "post_refused": refused,
+        "received": got.len(), "missing": (calls - refused).saturating_sub(got.len()),
+        "foreign": foreign, "out_of_order": out_of_order,
+        "calls_per_s": CALLS_PER_S,
+        "p50_ms": pct_ms(&lat, 0.5), "p99_ms": pct_ms(&lat, 0.99), "max_ms": pct_ms(&lat, 1.0),
+        "process_cpu_s_per_100k": if got.is_empty() { 0.0 } else { cpu / got.len() as f64 * 100_000.0 },
+        "seconds": elapsed,
+    });
+    gw.stop().await;
+    let agents = channels_through_agents(&dir.join("agents"), 5, 400).await?;
+    Ok(
+        json!({"scenario": "channels", "protocol_clients": protocol, "real_agents": agents, "machine": machine()}),
+    )
+}
+
+/// `clinics` real agents (SQLite clinics, the gateway in this process) each with one SSE
+/// subscriber on its local endpoint; `calls` call pops posted round-robin at 50/s: POST sent →
+/// the subscriber has it.
+async fn channels_through_agents(
+    dir: &Path,
+    clinics: usize,
+    calls: usize,
+) -> anyhow::Result<Value> {
+    std::fs::create_dir_all(dir)?;
+    let mut fleet = Fleet::insecure(dir, clinics, Duration::from_millis(500))?;
+    fleet.start_agents().await?;
+    let token = "bench-local-token-0123456789abcdef0123456789abcdef";
+    let mut inboxes = Vec::new();
+    for c in &fleet.clinics {
+        let addr = fleet::serve_local_endpoint(c, token).await?;
+        inboxes.push(fleet::subscribe_sse(addr, token, "voip.call").await?);
+    }
+    let received = |inboxes: &[fleet::Inbox]| -> Vec<(String, Instant)> {
+        inboxes
+            .iter()
+            .flat_map(|i| i.lock().map(|g| g.clone()).unwrap_or_default())
+            .map(|(v, at)| {
+                (
+                    v["payload"]["call_id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    at,
+                )
+            })
+            .collect()
+    };
+    let base = fleet.http_url();
+    let client = crate::loadgen::http_client(None);
+    let mut posted: std::collections::HashMap<String, Instant> = Default::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    for i in 0..calls {
+        tick.tick().await;
+        let clinic = &fleet.clinics[i % clinics].id;
+        let call_id = format!("{clinic}-{i:06}");
+        posted.insert(call_id.clone(), Instant::now());
+        let mut r = client
+            .post(format!("{base}/v1/clinics/{clinic}/channels/voip.call"))
+            .send_json(&json!({"call_id": call_id, "state": "ringing"}))
+            .await
+            .map_err(|e| anyhow::anyhow!("post: {e}"))?;
+        let _ = r.body().await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while received(&inboxes).len() < calls && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = received(&inboxes);
+    let mut lat: Vec<u64> = got
+        .iter()
+        .filter_map(|(call, at)| {
+            posted
+                .get(call)
+                .map(|t| at.duration_since(*t).as_micros() as u64)
+        })
+        .collect();
+    lat.sort_unstable();
+    fleet.stop().await;
+    Ok(json!({
+        "clinics": clinics, "subscribers": inboxes.len(), "calls_posted": calls, "received": got.len(),
+        "p50_ms": pct_ms(&lat, 0.5), "p99_ms": pct_ms(&lat, 0.99), "max_ms": pct_ms(&lat, 1.0),
+    }))
 }
 
 /// A gateway restarted three times in a row (a graceful stop: sessions told 1001, then a new
@@ -902,6 +1062,7 @@ pub fn run(scenario: &str, json_out: bool, o: BenchOptions) -> anyhow::Result<Ve
                 "sqlite-ceiling" => sqlite_ceiling(&path),
                 "agent-send" => agent_send(&path, &opts).await,
                 "values" => values(&path, &opts).await,
+                "channels" => channels(&path, &opts).await,
                 _ => storm(&path, &opts).await,
             }
         });

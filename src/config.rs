@@ -121,6 +121,9 @@ pub struct AdminConfig {
     /// Not ready (`/readyz` 503, `ready: false`) once the oldest unacknowledged change is older
     /// than this, whatever the reason.
     pub ready_lag: Dur,
+    /// The local token clinic applications present to subscribe to and publish on channels
+    /// (`/v1/channels`): made at the first start, readable by the agent's account only.
+    pub channels_token_file: PathBuf,
     #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
@@ -130,6 +133,7 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: "127.0.0.1:7571".into(),
             ready_lag: Dur::secs(10),
+            channels_token_file: PathBuf::from("channels.token"),
             extra: Extra::new(),
         }
     }
@@ -522,8 +526,64 @@ pub struct GatewayConfig {
     pub api_bridge: ApiBridgeConfig,
     /// Clinics enrol themselves with a one-time code (`tether agent enrol`); absent: off.
     pub enrolment: Option<EnrolmentConfig>,
+    /// Messages between cloud services and the clinics' own applications that are not table
+    /// rows (call pops, notices, check-ins): one entry and one JSON Schema file per channel.
+    pub channels: Vec<ChannelConfig>,
     #[serde(flatten, skip_serializing)]
     extra: Extra,
+}
+
+/// One `gateway.channels` entry (see docs/CHANNELS.md).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ChannelConfig {
+    /// Lower-case letters, digits, `.`, `_`, `-` (e.g. `voip.call`).
+    pub name: String,
+    /// `down` (cloud → clinic applications), `up` (clinic applications → cloud) or `both`.
+    pub direction: String,
+    /// `transient` (dropped when `ttl` runs out, never delivered late) or `durable` (kept until
+    /// the other side has it; in order, at least once, deduplicated by message id).
+    pub delivery: String,
+    /// Transient channels: how long a message lives.
+    pub ttl: Dur,
+    /// The JSON Schema file every payload must match (checked at the gateway and the agent).
+    pub schema: PathBuf,
+    /// Largest payload (bytes of its JSON).
+    pub max_bytes: u64,
+    /// Messages per second per clinic, each way (a burst of twice that).
+    pub rate_per_second: f64,
+    /// Admin token names that may post on it (empty: any token with `write`).
+    pub publishers: Vec<String>,
+    #[serde(flatten, skip_serializing)]
+    extra: Extra,
+}
+
+impl Default for ChannelConfig {
+    fn default() -> Self {
+        ChannelConfig {
+            name: String::new(),
+            direction: "down".into(),
+            delivery: "transient".into(),
+            ttl: Dur::secs(30),
+            schema: PathBuf::new(),
+            max_bytes: 16 * 1024,
+            rate_per_second: 20.0,
+            publishers: Vec::new(),
+            extra: Extra::new(),
+        }
+    }
+}
+
+/// A channel name: 1-64 of lower-case letters, digits, `.`, `_`, `-`, starting with a letter
+/// or digit.
+pub fn valid_channel_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-')
+        })
 }
 
 /// `gateway.enrolment`: a clinic PC makes its own key, sends a certificate request with a
@@ -739,6 +799,7 @@ impl Default for GatewayConfig {
             webhooks: Vec::new(),
             api_bridge: ApiBridgeConfig::default(),
             enrolment: None,
+            channels: Vec::new(),
             extra: Extra::new(),
         }
     }
@@ -1090,6 +1151,7 @@ impl Config {
         };
         if let Some(a) = self.agent.as_mut() {
             fix(&mut a.database.path);
+            fix(&mut a.admin.channels_token_file);
             fix_opt(&mut a.database.ca);
             if let Some(t) = a.gateway.tls.as_mut() {
                 fix_opt(&mut t.ca);
@@ -1131,6 +1193,9 @@ impl Config {
             }
             for w in &mut g.webhooks {
                 fix_opt(&mut w.secret_file);
+            }
+            for c in &mut g.channels {
+                fix(&mut c.schema);
             }
         }
     }
@@ -1450,6 +1515,20 @@ impl Validator<'_> {
                 &g.api_bridge.authorization_env,
                 is_set,
             );
+            for (i, c) in g.channels.iter().enumerate() {
+                let key = format!("gateway.channels[{i}].schema");
+                let before = self.problems.len();
+                self.readable(&key, &c.schema);
+                if self.problems.len() == before {
+                    let mut s = tether_schemas::EntitySchemas::default();
+                    let compiled = std::fs::read_to_string(&c.schema)
+                        .map_err(|e| e.to_string())
+                        .and_then(|t| s.insert(&c.name, &t).map_err(|e| e.to_string()));
+                    if let Err(e) = compiled {
+                        self.bad(&key, e);
+                    }
+                }
+            }
         }
     }
 
@@ -1900,6 +1979,68 @@ impl Validator<'_> {
                 Duration::from_millis(1),
             );
         }
+        let mut seen = std::collections::HashSet::new();
+        for (i, c) in g.channels.iter().enumerate() {
+            let key = format!("gateway.channels[{i}]");
+            self.unknown(&key, &c.extra, &c);
+            if !valid_channel_name(&c.name) {
+                self.bad(
+                    &format!("{key}.name"),
+                    format!(
+                        "`{}` is not 1-64 of a-z, 0-9, ., _, - (starting with a letter or digit)",
+                        c.name
+                    ),
+                );
+            } else if !seen.insert(c.name.as_str()) {
+                self.bad(
+                    &format!("{key}.name"),
+                    format!("channel `{}` is declared twice", c.name),
+                );
+            }
+            if tether_schemas::ChannelDirection::parse(&c.direction).is_none() {
+                self.bad(
+                    &format!("{key}.direction"),
+                    format!("`{}` is not down, up or both", c.direction),
+                );
+            }
+            match tether_schemas::ChannelDelivery::parse(&c.delivery) {
+                None => self.bad(
+                    &format!("{key}.delivery"),
+                    format!("`{}` is not transient or durable", c.delivery),
+                ),
+                Some(tether_schemas::ChannelDelivery::Transient) => {
+                    self.duration(&format!("{key}.ttl"), &c.ttl, Duration::from_millis(100));
+                }
+                Some(tether_schemas::ChannelDelivery::Durable) => {}
+            }
+            if c.schema.as_os_str().is_empty() {
+                self.bad(
+                    &format!("{key}.schema"),
+                    "required: the JSON Schema file of the payload".into(),
+                );
+            }
+            self.positive(&format!("{key}.max_bytes"), c.max_bytes);
+            if c.max_bytes > g.max_frame_bytes / 2 {
+                self.bad(
+                    &format!("{key}.max_bytes"),
+                    format!("{} is more than half of gateway.max_frame_bytes ({}); a message must fit in one frame", c.max_bytes, g.max_frame_bytes),
+                );
+            }
+            if !(c.rate_per_second.is_finite() && c.rate_per_second > 0.0) {
+                self.bad(
+                    &format!("{key}.rate_per_second"),
+                    "must be a number above 0".into(),
+                );
+            }
+            for (j, p) in c.publishers.iter().enumerate() {
+                if !g.admin_tokens.iter().any(|t| &t.name == p) {
+                    self.bad(
+                        &format!("{key}.publishers[{j}]"),
+                        format!("no admin token named `{p}` in gateway.admin_tokens"),
+                    );
+                }
+            }
+        }
         if !valid_id(&g.id) {
             self.bad("gateway.id", "must be letters, digits, - _ .".into());
         }
@@ -2281,6 +2422,71 @@ gateway:
             p.iter()
                 .any(|(k, _, _)| k == "gateway.enrolment.renew_before"),
             "{p:?}"
+        );
+    }
+
+    #[test]
+    fn channel_settings_are_checked_by_name_and_line() {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::write(dir.path().join("ok.schema.json"), r#"{"type":"object"}"#).expect("ok");
+        std::fs::write(dir.path().join("bad.schema.json"), r#"{"type": 12}"#).expect("bad");
+        let text = "\
+gateway:
+  listen: 127.0.0.1:0
+  insecure_plaintext: true
+  admin_tokens:
+    - {name: pbx, sha256: 0000000000000000000000000000000000000000000000000000000000000000, scopes: [write]}
+  channels:
+    - name: voip.call
+      direction: down
+      delivery: transient
+      ttl: 30s
+      schema: ok.schema.json
+      publishers: [pbx]
+    - name: Voip Call
+      direction: sideways
+      delivery: forever
+      schema: missing.schema.json
+      max_bytes: 0
+      rate_per_second: 0
+      publishers: [crm]
+      tll: 1s
+    - name: voip.call
+      schema: bad.schema.json
+";
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, text).expect("config");
+        let err = Config::check(&path).unwrap_err();
+        let p = err.problems();
+        let find = |key: &str| {
+            p.iter()
+                .find(|x| x.path == key)
+                .cloned()
+                .unwrap_or_else(|| panic!("no problem at {key} in {p:#?}"))
+        };
+        assert_eq!(find("gateway.channels[1].name").line, Some(13));
+        assert!(find("gateway.channels[1].direction")
+            .message
+            .contains("sideways"));
+        assert!(find("gateway.channels[1].delivery")
+            .message
+            .contains("transient or durable"));
+        assert!(find("gateway.channels[1].schema")
+            .message
+            .contains("no such file"));
+        find("gateway.channels[1].max_bytes");
+        find("gateway.channels[1].rate_per_second");
+        assert!(find("gateway.channels[1].publishers[0]")
+            .message
+            .contains("crm"));
+        assert!(find("gateway.channels[1].tll").message.contains("ttl"));
+        assert!(find("gateway.channels[2].name").message.contains("twice"));
+        assert!(find("gateway.channels[2].schema")
+            .message
+            .contains("not a valid JSON Schema"));
+        assert!(
+            !p.iter().any(|x| x.path.starts_with("gateway.channels[0]")),
+            "the good channel passes: {p:#?}"
         );
     }
 

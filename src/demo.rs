@@ -26,6 +26,9 @@ pub struct DemoOptions {
     pub store: Option<crate::gateway::store::StoreLocation>,
     /// Gateway nodes (`--gateways`): more than 1 needs a PostgreSQL `store` and HAProxy.
     pub gateways: usize,
+    /// `--channels`: a phone system posts call pops for every clinic and each clinic's front
+    /// desk (a subscriber on its agent's local endpoint) must get exactly its own, in order.
+    pub channels: bool,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -62,7 +65,34 @@ pub struct Summary {
     pub failover_max_s: f64,
     /// Kills after which some orphaned clinic was not held by another node within 60 s.
     pub failovers_incomplete: u64,
+    /// `--channels`: the call pops posted, received by the right front desk, received by
+    /// another clinic's (must be 0), out of order (must be 0), never received (0 unless
+    /// chaos), and POST → front desk latency; the durable notices (every clinic gets each once).
+    pub channels: Option<ChannelSummary>,
     pub dir: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct ChannelSummary {
+    pub calls_posted: u64,
+    pub calls_received: u64,
+    pub calls_foreign: u64,
+    pub calls_out_of_order: u64,
+    pub calls_missing: u64,
+    pub call_p50_ms: f64,
+    pub call_p99_ms: f64,
+    pub notices_posted: u64,
+    pub notices_missing: u64,
+    pub notices_duplicated: u64,
+}
+
+impl ChannelSummary {
+    fn ok(&self, chaos: bool) -> bool {
+        self.calls_foreign == 0
+            && self.calls_out_of_order == 0
+            && (chaos || self.calls_missing == 0)
+            && self.notices_missing == 0
+    }
 }
 
 impl Summary {
@@ -77,6 +107,7 @@ impl Summary {
             && self.updates_unresolved == 0
             && self.updates_applied_but_absent == 0
             && self.failovers_incomplete == 0
+            && self.channels.as_ref().is_none_or(|c| c.ok(self.chaos))
     }
 }
 
@@ -185,6 +216,10 @@ async fn drive(opts: &DemoOptions, dir: &std::path::Path) -> anyhow::Result<Summ
     fleet.start_agents().await?;
     let store = fleet.store().context("gateway store")?;
     let client = fleet.rest_client()?;
+    let mut phone = match opts.channels {
+        true => Some(Phone::start(&fleet).await?),
+        false => None,
+    };
 
     let per_clinic = opts.rate / opts.clinics as f64;
     let mut generators = Vec::new();
@@ -238,6 +273,9 @@ async fn drive(opts: &DemoOptions, dir: &std::path::Path) -> anyhow::Result<Summ
                 }),
                 Err(e) => log::warn!(target: "error", "event=demo_update_post_failed error={e}"),
             }
+        }
+        if let Some(p) = &mut phone {
+            p.step(&fleet, &client).await;
         }
         #[cfg(feature = "fault-injection")]
         if opts.chaos && now >= next_chaos {
@@ -362,6 +400,9 @@ async fn drive(opts: &DemoOptions, dir: &std::path::Path) -> anyhow::Result<Summ
             _ => s.updates_unresolved += 1,
         }
     }
+    if let Some(p) = phone {
+        s.channels = Some(p.finish().await);
+    }
     let (p50, p99) = latency_percentiles(&store)?;
     s.p50_ms = p50;
     s.p99_ms = p99;
@@ -369,6 +410,140 @@ async fn drive(opts: &DemoOptions, dir: &std::path::Path) -> anyhow::Result<Summ
     fleet.stop().await;
     drop(cluster);
     Ok(s)
+}
+
+/// `--channels`: a simulated phone system posting a call pop every 100 ms to a random clinic,
+/// and a durable notice to every clinic every 5 s; one front desk (SSE subscriber) per clinic.
+struct Phone {
+    desks: Vec<crate::fleet::Inbox>,
+    /// Per call id: the clinic it was for and when it was posted.
+    calls: std::collections::HashMap<String, (usize, Instant)>,
+    notices: Vec<String>,
+    next_call: Instant,
+    next_notice: Instant,
+    seq: u64,
+}
+
+const DESK_TOKEN: &str = "demo-front-desk-token-0123456789abcdef0123456789";
+
+impl Phone {
+    async fn start(fleet: &Fleet) -> anyhow::Result<Phone> {
+        let mut desks = Vec::new();
+        for c in &fleet.clinics {
+            let addr = crate::fleet::serve_local_endpoint(c, DESK_TOKEN).await?;
+            desks.push(crate::fleet::subscribe_sse(addr, DESK_TOKEN, "").await?);
+        }
+        Ok(Phone {
+            desks,
+            calls: Default::default(),
+            notices: Vec::new(),
+            next_call: Instant::now(),
+            next_notice: Instant::now(),
+            seq: 0,
+        })
+    }
+
+    async fn step(&mut self, fleet: &Fleet, client: &awc::Client) {
+        let now = Instant::now();
+        let base = fleet.http_url();
+        if now >= self.next_call {
+            self.next_call = now + Duration::from_millis(100);
+            self.seq += 1;
+            let i = rand::rng().random_range(0..fleet.clinics.len());
+            let clinic = &fleet.clinics[i].id;
+            let call_id = format!("{clinic}/{:08}", self.seq);
+            let body = json!({"call_id": call_id, "state": "ringing", "caller": "+1-555-0100", "line": "reception"});
+            let sent = Instant::now();
+            let ok = fleet
+                .authorize(client.post(format!("{base}/v1/clinics/{clinic}/channels/voip.call")))
+                .send_json(&body)
+                .await
+                .is_ok_and(|r| r.status().as_u16() == 202);
+            if ok {
+                self.calls.insert(call_id, (i, sent));
+            }
+        }
+        if now >= self.next_notice {
+            self.next_notice = now + Duration::from_secs(5);
+            let notice_id = format!("notice-{}", self.notices.len() + 1);
+            let body = json!({"all": true, "payload": {"notice_id": notice_id, "title": "Demo notice", "severity": "info"}});
+            let ok = fleet
+                .authorize(client.post(format!("{base}/v1/channels/notice.broadcast")))
+                .send_json(&body)
+                .await
+                .is_ok_and(|r| r.status().as_u16() == 202);
+            if ok {
+                self.notices.push(notice_id);
+            }
+        }
+    }
+
+    /// Waits (at most 15 s) for every call and notice to reach its desks, then counts.
+    async fn finish(self) -> ChannelSummary {
+        let want_notices = self.notices.len() * self.desks.len();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let got: usize = self
+                .desks
+                .iter()
+                .map(|d| d.lock().map(|g| g.len()).unwrap_or(0))
+                .sum();
+            if got >= self.calls.len() + want_notices || Instant::now() > deadline {
+                break;
+            }
+            actix_rt_sleep(Duration::from_millis(50)).await;
+        }
+        let mut s = ChannelSummary {
+            calls_posted: self.calls.len() as u64,
+            notices_posted: self.notices.len() as u64,
+            ..Default::default()
+        };
+        let mut lat = Vec::new();
+        let mut seen_calls = std::collections::HashSet::new();
+        for (desk, inbox) in self.desks.iter().enumerate() {
+            let got = inbox.lock().map(|g| g.clone()).unwrap_or_default();
+            let mut last_call = String::new();
+            let mut notices = std::collections::HashMap::<String, u64>::new();
+            for (m, at) in got {
+                let p = &m["payload"];
+                if let Some(call) = p["call_id"].as_str() {
+                    match self.calls.get(call) {
+                        Some((clinic, sent)) if *clinic == desk => {
+                            s.calls_received += 1;
+                            seen_calls.insert(call.to_string());
+                            lat.push(at.duration_since(*sent).as_micros() as u64);
+                            if call <= last_call.as_str() {
+                                s.calls_out_of_order += 1;
+                            }
+                            last_call = call.to_string();
+                        }
+                        _ => s.calls_foreign += 1,
+                    }
+                } else if let Some(n) = p["notice_id"].as_str() {
+                    *notices.entry(n.to_string()).or_default() += 1;
+                }
+            }
+            for n in &self.notices {
+                match notices.get(n) {
+                    None => s.notices_missing += 1,
+                    Some(k) if *k > 1 => s.notices_duplicated += k - 1,
+                    Some(_) => {}
+                }
+            }
+        }
+        s.calls_missing = (self.calls.len() - seen_calls.len()) as u64;
+        lat.sort_unstable();
+        let pct = |q: f64| {
+            if lat.is_empty() {
+                return 0.0;
+            }
+            let i = ((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1;
+            (lat[i] as f64 / 10.0).round() / 100.0
+        };
+        s.call_p50_ms = pct(0.5);
+        s.call_p99_ms = pct(0.99);
+        s
+    }
 }
 
 /// `--gateways N`: node gw-1 runs in this process (the demo posts its cloud updates to it),
@@ -777,6 +952,20 @@ fn print_summary(s: &Summary, json: bool) {
         "commit→durable       p50 {} ms, p99 {} ms",
         s.p50_ms, s.p99_ms
     );
+    if let Some(c) = &s.channels {
+        println!(
+            "call pops            {} posted, {} at the right front desk, {} at another (must be 0), {} out of order, {} never arrived",
+            c.calls_posted, c.calls_received, c.calls_foreign, c.calls_out_of_order, c.calls_missing
+        );
+        println!(
+            "POST → front desk    p50 {} ms, p99 {} ms",
+            c.call_p50_ms, c.call_p99_ms
+        );
+        println!(
+            "notices (durable)    {} posted to every clinic, {} missing, {} duplicates (the desk deduplicates by message_id)",
+            c.notices_posted, c.notices_missing, c.notices_duplicated
+        );
+    }
     if s.gateways > 1 {
         println!(
             "gateway nodes        {} behind HAProxy: {} node kills (kill -9), {} clinics failed over, all back within {} s{}",

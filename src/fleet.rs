@@ -2,6 +2,7 @@
 //! realistic sample schema and an activity generator. Used by `tether demo` and by the
 //! integration tests; each agent runs on its own arbiter (thread) so it can be stopped alone.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -233,6 +234,8 @@ impl Drop for Generator {
 /// An agent running on its own arbiter.
 pub struct RunningAgent {
     pub handle: AgentHandle,
+    /// The agent's channel board (what its local endpoint serves).
+    pub channels: Arc<tether_actors::channels::ChannelBoard>,
     arbiter: Arbiter,
 }
 
@@ -289,6 +292,7 @@ pub async fn start_agent(cfg: &AgentConfig) -> anyhow::Result<RunningAgent> {
     // Opening database connections blocks: do it on the blocking pool.
     let c = cfg.clone();
     let ports = tokio::task::spawn_blocking(move || crate::agent::ports(&c)).await??;
+    let channels = ports.channels.clone();
     let arbiter = Arbiter::new();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let spawned = arbiter.spawn_fn(move || {
@@ -298,7 +302,94 @@ pub async fn start_agent(cfg: &AgentConfig) -> anyhow::Result<RunningAgent> {
         anyhow::bail!("agent arbiter is not running");
     }
     let handle = rx.await?;
-    Ok(RunningAgent { handle, arbiter })
+    Ok(RunningAgent {
+        handle,
+        channels,
+        arbiter,
+    })
+}
+
+/// What a local subscriber received: each message's JSON and when it arrived.
+pub type Inbox = Arc<std::sync::Mutex<Vec<(serde_json::Value, std::time::Instant)>>>;
+
+/// A front desk: subscribes to `names` (comma-separated; all down channels when empty) over
+/// Server-Sent Events on an agent's local endpoint, retrying while the agent has not heard the
+/// gateway's channels yet (503, up to 30 s). Messages land in the inbox as they arrive.
+pub async fn subscribe_sse(addr: SocketAddr, token: &str, names: &str) -> anyhow::Result<Inbox> {
+    use futures_util::StreamExt;
+    // The client lives as long as the stream it reads.
+    let client = awc::Client::builder()
+        .timeout(Duration::from_secs(24 * 3600))
+        .finish();
+    let url = format!("http://{addr}/v1/channels?names={names}&access_token={token}");
+    let t0 = std::time::Instant::now();
+    let resp = loop {
+        let r = client
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("subscribe at {addr}: {e}"))?;
+        match r.status().as_u16() {
+            200 => break r,
+            503 if t0.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            s => anyhow::bail!("subscribe at {addr}: status {s}"),
+        }
+    };
+    let inbox: Inbox = Arc::default();
+    let sink = inbox.clone();
+    actix::spawn(async move {
+        let (_client, mut resp) = (client, resp);
+        let mut buf = String::new();
+        while let Some(Ok(chunk)) = resp.next().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find("\n\n") {
+                let block: String = buf.drain(..end + 2).collect();
+                let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) else {
+                    continue;
+                };
+                if let Ok(v) = serde_json::from_str(data) {
+                    if let Ok(mut i) = sink.lock() {
+                        i.push((v, std::time::Instant::now()));
+                    }
+                }
+            }
+        }
+    });
+    Ok(inbox)
+}
+
+/// Serves `clinic`'s local admin endpoint (with channels, token `token`) on 127.0.0.1:0, as
+/// the agent service does; answers its address. Call inside an actix System, agent started.
+pub async fn serve_local_endpoint(clinic: &Clinic, token: &str) -> anyhow::Result<SocketAddr> {
+    let agent = clinic
+        .agent
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("{}: agent not started", clinic.id))?;
+    let c = clinic.config.clone();
+    let (source, checkpoint, _) =
+        tokio::task::spawn_blocking(move || crate::agent::db_ports(&c)).await??;
+    let state = crate::admin::AdminState {
+        clinic_id: clinic.id.clone(),
+        gateway_url: clinic.config.gateway.url.clone(),
+        proxy: "none".into(),
+        stats: agent.handle.stats.clone(),
+        source,
+        checkpoint,
+        started: std::time::Instant::now(),
+        ready_lag: Duration::from_secs(10),
+        slots: Some(agent.handle.slots.clone()),
+        certificate: None,
+        channels: Some(crate::local_channels::LocalChannels {
+            board: agent.channels.clone(),
+            token: token.to_string(),
+        }),
+    };
+    let listener = crate::admin::bind("127.0.0.1:0".parse()?).await?;
+    let addr = listener.local_addr()?;
+    actix::spawn(crate::admin::serve(listener, Arc::new(state)));
+    Ok(addr)
 }
 
 /// The gateway's security for a fleet whose keys are in `certs` (made by [`keys::dev_setup`]):
@@ -427,6 +518,7 @@ impl Fleet {
             faults: Default::default(),
             webhooks: Vec::new(),
             bridge: Default::default(),
+            channels: crate::gateway::channels::samples(),
         };
         let (security, certs, admin_token) = match key_bits {
             None => (GatewaySecurity::insecure(), None, None),

@@ -26,6 +26,7 @@ pub mod gateway;
 #[cfg(feature = "gateway")]
 pub mod history;
 pub mod loadgen;
+pub mod local_channels;
 #[cfg(feature = "gateway")]
 pub mod local_cluster;
 pub mod logging;

@@ -27,6 +27,9 @@ pub struct Swarm {
     pub latencies_us: Mutex<Vec<u64>>,
     /// When each cloud update arrived (update id → instant); every one is answered `applied`.
     pub updates: Mutex<std::collections::HashMap<String, Instant>>,
+    /// Channel messages received, as (clinic, message id, payload's `call_id`, when); every
+    /// one is answered `delivered`, as an agent does once a subscriber has it.
+    pub channel_messages: Mutex<Vec<(String, String, String, Instant)>>,
     /// The highest position each clinic has seen acknowledged (the loss check compares the
     /// store with it).
     pub positions: Mutex<std::collections::HashMap<String, u64>>,
@@ -114,7 +117,7 @@ pub async fn run_client(spec: ClientSpec, http: awc::Client, swarm: Arc<Swarm>) 
             }
         };
         let mut ws = framed;
-        let hello = json!({"v": 1, "type": "hello", "clinic_id": spec.clinic_id, "agent_version": "loadgen", "last_acked_seq": seq});
+        let hello = json!({"v": 1, "type": "hello", "clinic_id": spec.clinic_id, "agent_version": "loadgen", "last_acked_seq": seq, "features": ["channels"]});
         if ws
             .send(ws::Message::Text(hello.to_string().into()))
             .await
@@ -185,6 +188,17 @@ pub async fn run_client(spec: ClientSpec, http: awc::Client, swarm: Arc<Swarm>) 
                                         u.entry(id.clone()).or_insert_with(Instant::now);
                                     }
                                     let answer = json!({"v": 1, "type": "update_result", "update_id": id, "status": "applied"});
+                                    if ws.send(ws::Message::Text(answer.to_string().into())).await.is_err() {
+                                        break;
+                                    }
+                                }
+                                Some("channel") => {
+                                    let id = v["message_id"].as_str().unwrap_or_default().to_string();
+                                    let call = v["payload"]["call_id"].as_str().unwrap_or_default().to_string();
+                                    if let Ok(mut m) = swarm.channel_messages.lock() {
+                                        m.push((spec.clinic_id.clone(), id.clone(), call, Instant::now()));
+                                    }
+                                    let answer = json!({"v": 1, "type": "channel_ack", "message_id": id, "status": "delivered"});
                                     if ws.send(ws::Message::Text(answer.to_string().into())).await.is_err() {
                                         break;
                                     }

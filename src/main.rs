@@ -134,6 +134,11 @@ enum Command {
         /// restarts it once its clinics have failed over.
         #[arg(long, default_value_t = 1)]
         gateways: usize,
+        /// Also run channels: a simulated phone system posts call pops for every clinic and a
+        /// durable notice to all; each clinic's front desk (a subscriber on its agent's local
+        /// endpoint) must get exactly its own, in order.
+        #[arg(long)]
+        channels: bool,
     },
 }
 
@@ -772,6 +777,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             keep,
             store,
             gateways,
+            channels,
         } => {
             let Some(duration) = tether::config::parse_duration(&duration) else {
                 bail!("--duration `{duration}` is not a duration (e.g. 20s, 2m)");
@@ -784,6 +790,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             if gateways == 0 || gateways > 9 {
                 bail!("--gateways must be from 1 to 9");
+            }
+            if channels && gateways > 1 {
+                bail!("--channels runs with one gateway (the child nodes of --gateways have no channels configured)");
             }
             if gateways > 1 && store.is_none() {
                 bail!("--gateways {gateways}: the nodes share one PostgreSQL store; add --store postgres://… (or \"host=… dbname=…\")");
@@ -800,6 +809,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     schema: format!("demo_{}", std::process::id()),
                 }),
                 gateways,
+                channels,
             };
             let summary = demo::run(opts)?;
             Ok(if summary.ok() {
@@ -1141,6 +1151,8 @@ fn run_gateway(cfg: &Config, g: tether::config::GatewayConfig) -> Result<ExitCod
     let mut settings = gateway::GatewaySettings::from_config(&g);
     settings.webhooks = gateway::webhooks_from_config(&g)?;
     settings.bridge = gateway::bridge_from_config(&g)?;
+    settings.channels =
+        gateway::channels::specs_from_config(&g).map_err(gateway::GatewayError::Channels)?;
     let system = actix::System::new();
     system.block_on(async move {
         let security = gateway::GatewaySecurity::from_config(&g)?;

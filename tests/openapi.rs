@@ -159,6 +159,31 @@ async fn live_answers_match_the_spec_and_no_described_route_is_missing() {
     };
     check("post", "/v1/clinics/{id}/updates", "202", &accepted);
     let update_id = accepted["update_id"].as_str().expect("id").to_string();
+    let (status, posted) = common::post_as(
+        Some(&fleet),
+        &format!("{base}/v1/clinics/{clinic}/channels/voip.call"),
+        &json!({"call_id": "c-1", "state": "ringing"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{posted}");
+    check("post", "/v1/clinics/{id}/channels/{name}", "202", &posted);
+    let message_id = posted["message_id"].as_str().expect("id").to_string();
+    let (status, refused) = common::post_as(
+        Some(&fleet),
+        &format!("{base}/v1/clinics/{clinic}/channels/voip.call"),
+        &json!({"state": "ringing"}),
+    )
+    .await;
+    assert_eq!(status, 422, "{refused}");
+    check("post", "/v1/clinics/{id}/channels/{name}", "422", &refused);
+    let (status, batch) = common::post_as(
+        Some(&fleet),
+        &format!("{base}/v1/channels/notice.broadcast"),
+        &json!({"all": true, "payload": {"notice_id": "n", "title": "t", "severity": "info"}}),
+    )
+    .await;
+    assert_eq!(status, 202, "{batch}");
+    check("post", "/v1/channels/{name}", "202", &batch);
     for (path, url, code) in [
         ("/healthz", "/healthz".to_string(), "200"),
         ("/readyz", "/readyz".to_string(), "200"),
@@ -203,6 +228,17 @@ async fn live_answers_match_the_spec_and_no_described_route_is_missing() {
             "/v1/registry/clinics".to_string(),
             "200",
         ),
+        (
+            "/v1/channels/messages/{id}",
+            format!("/v1/channels/messages/{message_id}"),
+            "200",
+        ),
+        (
+            "/v1/channels/messages/{id}",
+            "/v1/channels/messages/msg_nope".to_string(),
+            "404",
+        ),
+        ("/v1/channels", "/v1/channels".to_string(), "200"),
     ] {
         let (status, body) = common::get_as(Some(&fleet), &format!("{base}{url}")).await;
         assert_eq!(status.to_string(), code, "{url}: {body}");

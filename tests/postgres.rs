@@ -845,6 +845,7 @@ async fn e2e(url: String, kill_connections: bool, capture: &str) {
             faults: Default::default(),
             webhooks: Vec::new(),
             bridge: Default::default(),
+            channels: Vec::new(),
         },
         tether::gateway::GatewaySecurity::insecure(),
     )
@@ -1141,6 +1142,7 @@ fn status_says_behind_while_a_committed_change_waits_behind_a_long_transaction()
         ready_lag: Duration::from_secs(1),
         slots: None,
         certificate: None,
+        channels: None,
     });
     actix::System::new().block_on(async move {
         let first = state.status().await;

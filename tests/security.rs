@@ -172,6 +172,7 @@ fn settings(dir: &Path) -> GatewaySettings {
         faults: Default::default(),
         webhooks: Vec::new(),
         bridge: Default::default(),
+        channels: Vec::new(),
     }
 }
 

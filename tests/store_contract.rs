@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use serde_json::json;
 use tether::gateway::store::{
-    self, AppendOutcome, CancelOutcome, CodeTake, ForwardedCall, IncomingEvent, NewEnrolmentCode,
-    NewUpdate, Signal, Store, StoreError, StoreLocation, StoreSettings, UNFENCED,
+    self, AppendOutcome, CancelOutcome, CodeTake, ForwardedCall, IncomingEvent, NewChannelMessage,
+    NewEnrolmentCode, NewUpdate, Signal, Store, StoreError, StoreLocation, StoreSettings, UNFENCED,
 };
 use tether_schemas::{Event, Op, UpdateOp, UpdateStatus};
 
@@ -1029,6 +1029,202 @@ fn the_registry_is_kept_versioned_and_every_node_hears_of_changes(f: &Fixture) {
     b.close();
 }
 
+fn channel(
+    id: &str,
+    clinic: &str,
+    name: &str,
+    up: bool,
+    expires_ms: Option<u64>,
+) -> NewChannelMessage {
+    NewChannelMessage {
+        message_id: id.into(),
+        clinic_id: clinic.into(),
+        channel: name.into(),
+        up,
+        durable: expires_ms.is_none(),
+        payload: format!(r#"{{"n":"{id}"}}"#),
+        expires_ms,
+        batch_id: None,
+    }
+}
+
+/// Channel messages: down ones kept in order until the clinic's agent answers (a sent one is
+/// sent again by the next session), transient ones never read past their time and expired once
+/// across nodes, up ones deduplicated per clinic and id and read in order; finished ones purged.
+/// PostgreSQL signals a down message to the node holding its clinic, an up one to every node.
+fn channel_messages_are_kept_delivered_expired_and_streamed(f: &Fixture) {
+    let (a, b) = (f.node("node-a"), f.node("node-b"));
+    let (tx, rx) = std::sync::mpsc::channel::<Signal>();
+    let across = a.watch(Box::new(move |signal: Signal| match signal {
+        Signal::Updates(_) | Signal::UpChannel => tx.send(signal).is_ok(),
+        _ => true,
+    }));
+    let now = tether::security::unix_now_ms();
+    block(async {
+        let new = b
+            .enqueue_channel(vec![
+                channel("m1", "c1", "notice", false, None),
+                channel("m2", "c1", "voip.call", false, Some(now + 60_000)),
+                channel("m3", "c1", "voip.call", false, Some(now.saturating_sub(1))),
+                channel("m4", "c2", "notice", false, None),
+            ])
+            .await
+            .expect("enqueue");
+        assert_eq!(new, [true, true, true, true]);
+        // c1's open messages, in order, with payloads; the expired one is never read.
+        let open = a.open_channel("c1", 0, now, 10).await.expect("open");
+        let ids: Vec<&str> = open.iter().map(|r| r.message_id.as_str()).collect();
+        assert_eq!(ids, ["m1", "m2"]);
+        assert_eq!(open[0].payload.as_deref(), Some(r#"{"n":"m1"}"#));
+        assert_eq!(open[0].delivery, "durable");
+        assert_eq!(open[1].expires_ms, Some(now + 60_000));
+        assert!(open[0].row < open[1].row);
+        let later = a
+            .open_channel("c1", open[0].row, now, 10)
+            .await
+            .expect("after");
+        assert_eq!(later.len(), 1, "paged after the first row");
+        // Handed to a session; answered once, by its own clinic only.
+        let sent = a
+            .mark_channel_sent(vec!["m1".into(), "m2".into(), "nope".into()])
+            .await
+            .expect("sent");
+        assert_eq!(sent, ["m1", "m2"]);
+        let r = b
+            .channel_message("m1", None)
+            .await
+            .expect("read")
+            .expect("m1");
+        assert_eq!(
+            (r.status.as_str(), r.deliveries, r.direction.as_str()),
+            ("sent", 1, "down")
+        );
+        assert!(r.payload.is_none(), "a status read carries no payload");
+        assert!(!a
+            .channel_result("c2", "m1", "delivered")
+            .await
+            .expect("wrong clinic"));
+        assert!(a
+            .channel_result("c1", "m1", "delivered")
+            .await
+            .expect("delivered"));
+        assert!(!b
+            .channel_result("c1", "m1", "delivered")
+            .await
+            .expect("twice"));
+        // Sent but not answered: the next session reads it again.
+        let open = b.open_channel("c1", 0, now, 10).await.expect("open");
+        assert_eq!(
+            open.iter()
+                .map(|r| r.message_id.as_str())
+                .collect::<Vec<_>>(),
+            ["m2"]
+        );
+        let pending = a.channel_pending_clinics().await.expect("pending");
+        assert_eq!(pending, ["c1", "c2"]);
+        // Expiry: counted once whichever node runs it.
+        let counts = a.expire_channels(now, 0).await.expect("expire");
+        assert_eq!(counts, [("voip.call".to_string(), 1)]);
+        assert!(b.expire_channels(now, 0).await.expect("again").is_empty());
+        let r = a
+            .channel_message("m3", None)
+            .await
+            .expect("read")
+            .expect("m3");
+        assert_eq!(r.status, "expired");
+        // Up: one message per clinic and id (a resend is no duplicate), read in order.
+        let new = a
+            .enqueue_channel(vec![
+                channel("u1", "c1", "frontdesk.checkin", true, None),
+                channel("u1", "c2", "frontdesk.checkin", true, None),
+            ])
+            .await
+            .expect("up");
+        assert_eq!(new, [true, true]);
+        let again = b
+            .enqueue_channel(vec![channel("u1", "c1", "frontdesk.checkin", true, None)])
+            .await
+            .expect("resend");
+        assert_eq!(again, [false]);
+        let page = b.up_channel_page(0, 10).await.expect("page");
+        let got: Vec<(&str, &str)> = page
+            .iter()
+            .map(|r| (r.clinic_id.as_str(), r.message_id.as_str()))
+            .collect();
+        assert_eq!(got, [("c1", "u1"), ("c2", "u1")]);
+        assert_eq!(page[0].status, "accepted");
+        assert_eq!(page[0].payload.as_deref(), Some(r#"{"n":"u1"}"#));
+        assert!(b
+            .up_channel_page(page[1].row, 10)
+            .await
+            .expect("after")
+            .is_empty());
+        let by_clinic = a
+            .channel_message("u1", Some("c2"))
+            .await
+            .expect("read")
+            .expect("u1");
+        assert_eq!(by_clinic.clinic_id, "c2");
+        // Purge: finished messages older than the cut go; open ones stay.
+        a.expire_channels(now, now + 3_600_000)
+            .await
+            .expect("purge");
+        assert!(a.channel_message("m1", None).await.expect("read").is_none());
+        assert!(a
+            .channel_message("u1", Some("c1"))
+            .await
+            .expect("read")
+            .is_none());
+        assert!(
+            a.channel_message("m2", None).await.expect("read").is_some(),
+            "still open"
+        );
+    });
+    match a.kind() {
+        "sqlite" => assert!(!across, "SQLite has only its own process to tell"),
+        _ => {
+            assert!(across);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+            let mut n = 0;
+            loop {
+                n += 1;
+                let id = format!("s{n}");
+                store::wait(b.enqueue_channel(vec![channel(&id, "c9", "notice", false, None)]))
+                    .expect("enqueue on b");
+                // Signals of the writes above may come first (the listener may be up already).
+                if let Ok(Signal::Updates(c)) =
+                    rx.recv_timeout(std::time::Duration::from_millis(300))
+                {
+                    if c == "c9" {
+                        break;
+                    }
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no notification within 15 s"
+                );
+            }
+            store::wait(b.enqueue_channel(vec![channel(
+                "up-x",
+                "c9",
+                "frontdesk.checkin",
+                true,
+                None,
+            )]))
+            .expect("up on b");
+            loop {
+                match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+                    Ok(Signal::UpChannel) => break,
+                    Ok(_) => continue,
+                    Err(e) => panic!("the up message was not signalled: {e}"),
+                }
+            }
+        }
+    }
+    a.close();
+    b.close();
+}
+
 fn the_writer_answers_a_readiness_round_trip(f: &Fixture) {
     block(async {
         f.store.check_writer().await.expect("writer commits");
@@ -1587,6 +1783,12 @@ macro_rules! contract {
             #[test]
             fn the_registry_is_kept_versioned_and_every_node_hears_of_changes() {
                 super::the_registry_is_kept_versioned_and_every_node_hears_of_changes(
+                    &Fixture::$adapter(),
+                );
+            }
+            #[test]
+            fn channel_messages_are_kept_delivered_expired_and_streamed() {
+                super::channel_messages_are_kept_delivered_expired_and_streamed(
                     &Fixture::$adapter(),
                 );
             }

@@ -136,6 +136,8 @@ pub struct AgentPorts {
     pub clock: Arc<dyn Clock>,
     /// The allow-listed queries the gateway may ask for (`rpc_request`).
     pub queries: Arc<dyn crate::ports::QueryRunner>,
+    /// Channel definitions, local subscribers and waiting messages (survives actor restarts).
+    pub channels: Arc<crate::channels::ChannelBoard>,
     /// What the agent holds for as long as any of its actors lives (the database's one-agent
     /// lock): released when the last of them is gone.
     pub held: Vec<Arc<dyn std::any::Any + Send + Sync>>,

@@ -105,6 +105,8 @@ pub struct Connection {
     rpc_running: usize,
     /// `call_request`s sent and not answered, by request id.
     calls: std::collections::HashMap<String, CallWaiter>,
+    /// Up-channel messages sent and not answered (`channel_ack`), by message id.
+    publishing: std::collections::HashMap<String, PublishWaiter>,
     /// The gateway said it is going away (1001): come back after a short jitter.
     going_away: bool,
     /// The backoff was reset for the current link (it carried traffic both ways).
@@ -118,6 +120,10 @@ pub struct Connection {
 }
 
 type CallWaiter = tokio::sync::oneshot::Sender<Result<tether_schemas::CallResponse, String>>;
+type PublishWaiter = (
+    String,
+    tokio::sync::oneshot::Sender<tether_schemas::ChannelAck>,
+);
 
 /// At most this many `rpc_request`s run at once; more are answered "busy".
 pub const MAX_RPC_RUNNING: usize = 4;
@@ -207,6 +213,7 @@ impl Connection {
             http_failures: 0,
             rpc_running: 0,
             calls: std::collections::HashMap::new(),
+            publishing: std::collections::HashMap::new(),
             going_away: false,
             proven: false,
             fragments: None,
@@ -503,6 +510,7 @@ impl Connection {
             source_id: self.source_id,
             restarts: Some(self.stats.total_restarts()),
             clock_ms: Some(unix_ms()),
+            features: vec![tether_schemas::FEATURE_CHANNELS.into()],
         });
         self.write_text(hello.encode());
         // The whole handshake (upgrade + welcome) must finish within connect_timeout.
@@ -618,6 +626,9 @@ impl Connection {
         self.fragments = None;
         self.updates.clear();
         self.applying = false;
+        // Publications not answered: their callers hear so (and may publish again with the
+        // same id: the gateway keeps one message per id).
+        self.publishing.clear();
         for (_, w) in self.calls.drain() {
             let _ = w.send(Err(
                 "the link to the gateway was lost before the answer".into()
@@ -727,6 +738,7 @@ impl Connection {
                     .min(usize::try_from(w.max_frame_bytes).unwrap_or(usize::MAX));
                 self.stats.connected.store(true, Ordering::Relaxed);
                 AgentStats::add(&self.stats.links_up, 1);
+                self.ports.channels.set_channels(w.channels);
                 self.stats.set_refusal(None);
                 log::info!(target: CONNECTION, "clinic={} event=connected transport={} session={} gateway_acked_seq={} handshake_ms={}", self.clinic(), self.transport_name(), w.session_id, w.acked_seq, now.saturating_duration_since(self.attempt_started).as_millis());
                 if self.on_http() {
@@ -775,6 +787,24 @@ impl Connection {
                 self.apply_next(ctx);
             }
             (State::Up, Wire::RpcRequest(r)) => self.run_query(r, ctx),
+            (State::Up, Wire::Channel(m)) => {
+                self.link_proven();
+                log::debug!(target: crate::log_target::MESSAGE, "clinic={} event=channel_received channel={} message_id={}", self.clinic(), m.channel, m.message_id);
+                let now = self.ports.clock.now();
+                if let Some(a) = self.ports.channels.on_down(m, now) {
+                    self.write_text(Wire::ChannelAck(a).encode());
+                }
+            }
+            (_, Wire::ChannelAck(a)) => match self.publishing.remove(&a.message_id) {
+                Some((channel, w)) => {
+                    let accepted = a.status == tether_schemas::ChannelAckStatus::Accepted;
+                    self.ports.channels.published(&channel, accepted);
+                    let _ = w.send(a);
+                }
+                None => {
+                    log::warn!(target: ERROR, "clinic={} event=channel_ack_unexpected message_id={}", self.clinic(), a.message_id)
+                }
+            },
             (_, Wire::CallResponse(r)) => match self.calls.remove(&r.request_id) {
                 Some(w) => {
                     let _ = w.send(Ok(r));
@@ -976,6 +1006,12 @@ impl Actor for Connection {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(self.settings.heartbeat_interval, |act, ctx| {
             act.heartbeat(ctx)
+        });
+        // Channel acks made outside a frame (a subscriber arrived, a message expired) come here.
+        self.ports.channels.attach(ctx.address().recipient());
+        ctx.run_interval(CHANNEL_EXPIRY_TICK, |act, _| {
+            let now = act.ports.clock.now();
+            act.ports.channels.expire(now);
         });
         // Which outbox this agent speaks for (read once, off the arbiter thread).
         let cp = self.ports.checkpoint.clone();
@@ -1218,6 +1254,61 @@ impl Handler<Call> for Connection {
         Box::pin(async move {
             match tokio::time::timeout(timeout, rx).await {
                 Ok(Ok(answer)) => answer.map_err(|_| CallError::LinkLost),
+                Ok(Err(_)) => Err(CallError::LinkLost),
+                Err(_) => Err(CallError::Timeout(timeout.as_millis())),
+            }
+        })
+    }
+}
+
+/// How often waiting transient channel messages are checked for expiry (a message is never
+/// handed over past its time whatever this is; it bounds how soon `expired` is reported).
+const CHANNEL_EXPIRY_TICK: Duration = Duration::from_millis(250);
+
+impl Handler<crate::channels::SendAcks> for Connection {
+    type Result = ();
+    fn handle(&mut self, msg: crate::channels::SendAcks, _: &mut Self::Context) {
+        if self.state != State::Up {
+            // The gateway sends the messages again on the next session; the board answers.
+            return;
+        }
+        for a in msg.0 {
+            self.write_text(Wire::ChannelAck(a).encode());
+        }
+    }
+}
+
+/// From the admin endpoint: publish a local application's message on an up channel (already
+/// checked against the channel by the board). Answers the gateway's `channel_ack`.
+#[derive(Message)]
+#[rtype(result = "Result<tether_schemas::ChannelAck, CallError>")]
+pub struct Publish {
+    pub message: tether_schemas::ChannelMessage,
+    pub timeout: Duration,
+}
+
+impl Handler<Publish> for Connection {
+    type Result = ResponseFuture<Result<tether_schemas::ChannelAck, CallError>>;
+    fn handle(&mut self, msg: Publish, _: &mut Self::Context) -> Self::Result {
+        if self.state != State::Up {
+            return Box::pin(async { Err(CallError::NotConnected) });
+        }
+        self.publishing.retain(|_, (_, w)| !w.is_closed());
+        let id = msg.message.message_id.clone();
+        let channel = msg.message.channel.clone();
+        let frame = Wire::Channel(msg.message).encode();
+        if frame.len() > self.link_max_frame {
+            let (size, limit) = (frame.len(), self.link_max_frame);
+            return Box::pin(async move { Err(CallError::TooLarge { size, limit }) });
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.publishing.insert(id.clone(), (channel.clone(), tx));
+        log::info!(target: crate::log_target::MESSAGE, "clinic={} event=channel_published channel={channel} message_id={id}", self.clinic());
+        self.write_text(frame);
+        let timeout = msg.timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(ack)) => Ok(ack),
                 Ok(Err(_)) => Err(CallError::LinkLost),
                 Err(_) => Err(CallError::Timeout(timeout.as_millis())),
             }

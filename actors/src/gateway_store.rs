@@ -41,6 +41,8 @@ pub enum Signal {
     Answer(String),
     /// The clinic registry kept in the store changed (to this version): load it again.
     Registry(u64),
+    /// A clinic published up-channel messages (on any node): streams read what is new.
+    UpChannel,
 }
 
 /// A REST call (`POST /v1/clinics/{id}/rpc`) forwarded by the node that received it to the
@@ -178,6 +180,59 @@ pub struct NewUpdate {
     pub idempotency_key: Option<String>,
     /// The fan-out (`POST /v1/updates`) this update belongs to.
     pub batch_id: Option<String>,
+}
+
+/// A channel message: queued for a clinic (down, from the REST API) or received from one (up,
+/// from its agent). The payload is JSON text, already checked against the channel's schema;
+/// it never reaches a log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewChannelMessage {
+    /// Down: made by the gateway (`msg_…`); up: the agent's. Unique per clinic.
+    pub message_id: String,
+    pub clinic_id: String,
+    pub channel: String,
+    /// `true`: from the clinic (up); `false`: for the clinic (down).
+    pub up: bool,
+    pub durable: bool,
+    pub payload: String,
+    /// Transient messages: when they expire (Unix ms); durable: `None`.
+    pub expires_ms: Option<u64>,
+    /// The fan-out this message belongs to (`POST /v1/channels/{name}`).
+    pub batch_id: Option<String>,
+}
+
+/// A channel message as the store holds it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChannelRecord {
+    /// Its position in the store (streams resume after it).
+    #[serde(skip)]
+    pub row: i64,
+    pub message_id: String,
+    pub clinic_id: String,
+    pub channel: String,
+    /// `down` or `up`.
+    pub direction: String,
+    /// `transient` or `durable`.
+    pub delivery: String,
+    /// Down: `pending` (not sent yet), `sent` (handed to the clinic's session, not confirmed),
+    /// `delivered` (a subscriber at the clinic has it), `expired`; up: `accepted`.
+    pub status: String,
+    /// Times it was handed to a session (down).
+    pub deliveries: u64,
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
+    /// The payload (JSON text), when the read asked for it.
+    #[serde(skip)]
+    pub payload: Option<String>,
+    /// `created_at` and `expires_at` in Unix ms.
+    #[serde(skip)]
+    pub created_ms: u64,
+    #[serde(skip)]
+    pub expires_ms: Option<u64>,
 }
 
 /// What `DELETE /v1/updates/{id}` found.
@@ -452,6 +507,43 @@ pub trait GatewayStore: std::any::Any + Send + Sync + 'static {
         reason: Option<String>,
     ) -> StoreFuture<bool>;
     fn update(&self, update_id: &str) -> StoreFuture<Option<UpdateRecord>>;
+
+    /// Keeps channel messages in one transaction (all or none); answers, in order, whether each
+    /// was new (`false`: this clinic already sent a message with this id — a resend). Down
+    /// messages signal the node holding their clinic's session ([`Signal::Updates`]); up ones
+    /// every node ([`Signal::UpChannel`]).
+    fn enqueue_channel(&self, messages: Vec<NewChannelMessage>) -> StoreFuture<Vec<bool>>;
+    /// A clinic's down messages still to deliver (`pending` or `sent`, not expired at
+    /// `now_ms`) after row `after_row`, oldest first, with their payloads.
+    fn open_channel(
+        &self,
+        clinic: &str,
+        after_row: i64,
+        now_ms: u64,
+        limit: usize,
+    ) -> StoreFuture<Vec<ChannelRecord>>;
+    /// Marks down messages handed to a session; answers those still open, in the order given.
+    fn mark_channel_sent(&self, ids: Vec<String>) -> StoreFuture<Vec<String>>;
+    /// Records what the clinic's agent did with a down message (`delivered` or `expired`);
+    /// `false` if it is not this clinic's or no longer open.
+    fn channel_result(&self, clinic: &str, message_id: &str, status: &str) -> StoreFuture<bool>;
+    /// One message (without its payload), down or up; an up message's id is its clinic's, so
+    /// `clinic` narrows it (down ids are unique anyway).
+    fn channel_message(
+        &self,
+        message_id: &str,
+        clinic: Option<&str>,
+    ) -> StoreFuture<Option<ChannelRecord>>;
+    /// Marks open transient down messages whose time ran out by `now_ms` as `expired` (answers
+    /// how many, per channel: each is counted once, on whichever node expired it) and removes
+    /// finished messages created before `purge_before_ms`.
+    fn expire_channels(&self, now_ms: u64, purge_before_ms: u64)
+        -> StoreFuture<Vec<(String, u64)>>;
+    /// Clinics with down messages pending (the sweep nudges their sessions).
+    fn channel_pending_clinics(&self) -> StoreFuture<Vec<String>>;
+    /// Up messages after row `after_row`, oldest first, with their payloads (the stream for
+    /// the main Web API).
+    fn up_channel_page(&self, after_row: i64, limit: usize) -> StoreFuture<Vec<ChannelRecord>>;
 
     fn webhook_cursor(&self, name: &str) -> StoreFuture<u64>;
     /// Moves the cursor from `from` to `to`; `false` if it is no longer at `from` (a replay).

@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod applier;
 pub mod backoff;
+pub mod channels;
 pub mod connection;
 pub mod frames;
 pub mod gateway_store;

@@ -30,6 +30,149 @@ pub struct Hello {
     /// clock offset from it, to read `call_request.deadline`. Optional.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clock_ms: Option<u64>,
+    /// What the agent understands beyond the base protocol (`"channels"`: `welcome.channels`
+    /// and `channel` frames). Optional; a gateway sends nothing an agent did not list.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
+}
+
+/// The `hello.features` value of agents that take channel messages.
+pub const FEATURE_CHANNELS: &str = "channels";
+
+/// Which way a channel's messages go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChannelDirection {
+    /// Cloud → clinic applications.
+    Down,
+    /// Clinic applications → cloud.
+    Up,
+    Both,
+}
+
+impl ChannelDirection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChannelDirection::Down => "down",
+            ChannelDirection::Up => "up",
+            ChannelDirection::Both => "both",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ChannelDirection> {
+        match s {
+            "down" => Some(ChannelDirection::Down),
+            "up" => Some(ChannelDirection::Up),
+            "both" => Some(ChannelDirection::Both),
+            _ => None,
+        }
+    }
+
+    pub fn down(self) -> bool {
+        self != ChannelDirection::Up
+    }
+
+    pub fn up(self) -> bool {
+        self != ChannelDirection::Down
+    }
+}
+
+/// How a channel's messages are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChannelDelivery {
+    /// Delivered while its time to live lasts, then dropped (counted as expired); never late.
+    Transient,
+    /// Kept until the other side confirms it; delivered in order, at least once (the
+    /// receiver deduplicates by `message_id`).
+    Durable,
+}
+
+impl ChannelDelivery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChannelDelivery::Transient => "transient",
+            ChannelDelivery::Durable => "durable",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ChannelDelivery> {
+        match s {
+            "transient" => Some(ChannelDelivery::Transient),
+            "durable" => Some(ChannelDelivery::Durable),
+            _ => None,
+        }
+    }
+}
+
+/// One channel as the gateway declares it to an agent (`welcome.channels`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelDef {
+    pub name: String,
+    pub direction: ChannelDirection,
+    pub delivery: ChannelDelivery,
+    /// Transient channels: how long a message lives (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+    /// Largest payload accepted (bytes of its JSON).
+    pub max_bytes: u64,
+    /// Messages a clinic may publish per second (up).
+    pub rate_per_second: f64,
+    /// The JSON Schema every payload must match.
+    pub schema: Value,
+}
+
+/// Either way: one message on a channel. Down: its `message_id` is the gateway's; up: the
+/// agent's (the gateway keeps one message per clinic and id, so a resend is no duplicate).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelMessage {
+    pub message_id: String,
+    pub channel: String,
+    pub payload: Row,
+    /// Transient: the time it has left to live when sent (ms); absent for durable messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+    /// When it was published (RFC 3339, the publisher's clock).
+    pub published_at: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChannelAckStatus {
+    /// Down: handed to at least one subscriber of the clinic.
+    Delivered,
+    /// Down: its time to live ran out before any subscriber took it.
+    Expired,
+    /// Up: durable at the gateway.
+    Accepted,
+    /// Up: refused (`reason`, `field`); sending it again will not help.
+    Refused,
+}
+
+impl ChannelAckStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChannelAckStatus::Delivered => "delivered",
+            ChannelAckStatus::Expired => "expired",
+            ChannelAckStatus::Accepted => "accepted",
+            ChannelAckStatus::Refused => "refused",
+        }
+    }
+}
+
+/// Either way: what became of a `channel` message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelAck {
+    pub message_id: String,
+    pub status: ChannelAckStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// With `refused`: the payload field at fault (a JSON pointer such as `/caller`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
 }
 
 /// Gateway → agent, answer to `hello`.
@@ -41,6 +184,10 @@ pub struct Welcome {
     pub acked_seq: u64,
     pub heartbeat_interval_ms: u64,
     pub max_frame_bytes: u64,
+    /// The channels the gateway carries (only to agents whose `hello.features` has
+    /// `channels`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub channels: Vec<ChannelDef>,
 }
 
 /// What happened to a row.
@@ -299,10 +446,12 @@ pub enum Message {
     RpcResponse(RpcResponse),
     CallRequest(CallRequest),
     CallResponse(CallResponse),
+    Channel(ChannelMessage),
+    ChannelAck(ChannelAck),
 }
 
 /// The `type` values, in the order of [`Message`].
-pub const MESSAGE_TYPES: [&str; 11] = [
+pub const MESSAGE_TYPES: [&str; 13] = [
     "hello",
     "welcome",
     "events",
@@ -314,6 +463,8 @@ pub const MESSAGE_TYPES: [&str; 11] = [
     "rpc_response",
     "call_request",
     "call_response",
+    "channel",
+    "channel_ack",
 ];
 
 impl Message {
@@ -330,6 +481,8 @@ impl Message {
             Message::RpcResponse(_) => "rpc_response",
             Message::CallRequest(_) => "call_request",
             Message::CallResponse(_) => "call_response",
+            Message::Channel(_) => "channel",
+            Message::ChannelAck(_) => "channel_ack",
         }
     }
 
@@ -347,6 +500,8 @@ impl Message {
             Message::RpcResponse(m) => envelope("rpc_response", m),
             Message::CallRequest(m) => envelope("call_request", m),
             Message::CallResponse(m) => envelope("call_response", m),
+            Message::Channel(m) => envelope("channel", m),
+            Message::ChannelAck(m) => envelope("channel_ack", m),
         }
     }
 
@@ -392,6 +547,8 @@ impl Message {
             "rpc_response" => Message::RpcResponse(body_as(&kind, body)?),
             "call_request" => Message::CallRequest(body_as(&kind, body)?),
             "call_response" => Message::CallResponse(body_as(&kind, body)?),
+            "channel" => Message::Channel(body_as(&kind, body)?),
+            "channel_ack" => Message::ChannelAck(body_as(&kind, body)?),
             _ => return Err(DecodeError::UnknownType(kind)),
         })
     }
@@ -688,12 +845,22 @@ mod tests {
                 source_id: 42,
                 restarts: Some(1),
                 clock_ms: Some(1_764_580_502_114),
+                features: vec![FEATURE_CHANNELS.into()],
             }),
             Message::Welcome(Welcome {
                 session_id: "s1".into(),
                 acked_seq: 7,
                 heartbeat_interval_ms: 10_000,
                 max_frame_bytes: 1 << 20,
+                channels: vec![ChannelDef {
+                    name: "voip.call".into(),
+                    direction: ChannelDirection::Down,
+                    delivery: ChannelDelivery::Transient,
+                    ttl_ms: Some(30_000),
+                    max_bytes: 4096,
+                    rate_per_second: 20.0,
+                    schema: json!({"type": "object"}),
+                }],
             }),
             Message::Events(Events {
                 prev_seq: 7,
@@ -726,6 +893,19 @@ mod tests {
                 code: ErrorCode::Gap,
                 message: "m".into(),
                 field: Some("prev_seq".into()),
+            }),
+            Message::Channel(ChannelMessage {
+                message_id: "msg_1".into(),
+                channel: "voip.call".into(),
+                payload: obj(json!({"call_id": "c1", "state": "ringing"})),
+                ttl_ms: Some(29_500),
+                published_at: "2026-01-01T00:00:00.000Z".into(),
+            }),
+            Message::ChannelAck(ChannelAck {
+                message_id: "msg_1".into(),
+                status: ChannelAckStatus::Refused,
+                reason: Some("payload does not match the schema".into()),
+                field: Some("/state".into()),
             }),
         ]
     }

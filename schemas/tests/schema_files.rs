@@ -111,3 +111,23 @@ fn http_fallback_answers_match_their_schemas_and_types() {
         assert!(!v.is_valid(&Value::Object(extra)), "{kind}: unknown field");
     }
 }
+
+#[test]
+fn the_sample_channels_have_valid_schemas_and_the_example_payload_matches() {
+    let channels = EntitySchemas::load_dir(&dir("channels")).expect("channel schemas");
+    for name in ["voip.call", "notice.broadcast", "frontdesk.checkin"] {
+        assert!(channels.covers(name), "schemas/channels/{name}.schema.json");
+    }
+    let example = read(dir("examples").join("channel.json"));
+    let name = example["channel"].as_str().expect("channel");
+    channels
+        .validate(name, &example["payload"])
+        .unwrap_or_else(|err| panic!("{name}: {err}"));
+    let mut bad = example["payload"].clone();
+    bad["state"] = Value::from("on_hold_forever");
+    let err = channels
+        .validate(name, &bad)
+        .expect_err("state outside its enum");
+    assert!(err.to_string().contains("/state"), "{err}");
+    assert!(!err.to_string().contains("on_hold_forever"), "{err}");
+}

@@ -1312,68 +1312,10 @@ pub(super) async fn post_fan_out(
     if let Err(resp) = check_update(&state, &u) {
         return *resp;
     }
-    let registry = state.security.verifier.as_ref().map(|v| v.registry());
-    let chosen = [
-        parsed.clinics.is_some(),
-        parsed.all,
-        parsed.labels.is_some(),
-    ];
-    if chosen.iter().filter(|c| **c).count() != 1 {
-        return error(
-            StatusCode::BAD_REQUEST,
-            Some("clinics"),
-            "exactly one of `clinics`, `all` or `labels`",
-        );
-    }
-    let clinics: Vec<String> = if let Some(list) = parsed.clinics {
-        for (i, c) in list.iter().enumerate() {
-            let known = registry.as_ref().is_none_or(|r| r.contains(c));
-            if !valid_id(c) || !known {
-                return error(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    Some(&format!("clinics[{i}]")),
-                    format!("{} is not a clinic of the registry", log_value(c, 64)),
-                );
-            }
-        }
-        let mut l = list;
-        l.sort();
-        l.dedup();
-        l
-    } else if let Some(want) = parsed.labels {
-        let Some(r) = &registry else {
-            return error(
-                StatusCode::BAD_REQUEST,
-                Some("labels"),
-                "labels come from the clinic registry (gateway.auth), which this gateway has not",
-            );
-        };
-        r.clinics()
-            .values()
-            .filter(|c| !c.revoked && want.iter().all(|(k, v)| c.labels.get(k) == Some(v)))
-            .map(|c| c.clinic_id.clone())
-            .collect()
-    } else {
-        match &registry {
-            Some(r) => r
-                .clinics()
-                .values()
-                .filter(|c| !c.revoked)
-                .map(|c| c.clinic_id.clone())
-                .collect(),
-            None => match call(state.store.clinics()).await {
-                Ok(rs) => rs.into_iter().map(|r| r.clinic_id).collect(),
-                Err(resp) => return resp,
-            },
-        }
+    let clinics = match fan_out_targets(&state, parsed.clinics, parsed.all, parsed.labels).await {
+        Ok(c) => c,
+        Err(resp) => return *resp,
     };
-    if clinics.is_empty() {
-        return error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            Some("labels"),
-            "no clinic matches",
-        );
-    }
     // With a key the batch id is derived from it: a retry lands on the same batch, and each
     // clinic's update on the first one (the key is kept per clinic).
     let batch_id = match &key {
@@ -1414,6 +1356,76 @@ pub(super) async fn post_fan_out(
         Err(StoreError::Conflict(m)) => error(StatusCode::CONFLICT, Some("Idempotency-Key"), m),
         Err(e) => store_error(e),
     }
+}
+
+/// The clinics a fan-out names: exactly one of a list (each in the registry), `all` (every
+/// active clinic of the registry, or every clinic the store knows without one), or the
+/// registry's `labels`; or the answer naming what is wrong.
+pub(super) async fn fan_out_targets(
+    state: &GatewayState,
+    clinics: Option<Vec<String>>,
+    all: bool,
+    labels: Option<BTreeMap<String, String>>,
+) -> Result<Vec<String>, Box<HttpResponse>> {
+    let registry = state.security.verifier.as_ref().map(|v| v.registry());
+    let chosen = [clinics.is_some(), all, labels.is_some()];
+    if chosen.iter().filter(|c| **c).count() != 1 {
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            Some("clinics"),
+            "exactly one of `clinics`, `all` or `labels`",
+        )));
+    }
+    let chosen_clinics: Vec<String> = if let Some(list) = clinics {
+        for (i, c) in list.iter().enumerate() {
+            let known = registry.as_ref().is_none_or(|r| r.contains(c));
+            if !valid_id(c) || !known {
+                return Err(Box::new(error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    Some(&format!("clinics[{i}]")),
+                    format!("{} is not a clinic of the registry", log_value(c, 64)),
+                )));
+            }
+        }
+        let mut l = list;
+        l.sort();
+        l.dedup();
+        l
+    } else if let Some(want) = labels {
+        let Some(r) = &registry else {
+            return Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                Some("labels"),
+                "labels come from the clinic registry (gateway.auth), which this gateway has not",
+            )));
+        };
+        r.clinics()
+            .values()
+            .filter(|c| !c.revoked && want.iter().all(|(k, v)| c.labels.get(k) == Some(v)))
+            .map(|c| c.clinic_id.clone())
+            .collect()
+    } else {
+        match &registry {
+            Some(r) => r
+                .clinics()
+                .values()
+                .filter(|c| !c.revoked)
+                .map(|c| c.clinic_id.clone())
+                .collect(),
+            None => match call(state.store.clinics()).await {
+                Ok(rs) => rs.into_iter().map(|r| r.clinic_id).collect(),
+                Err(resp) => return Err(Box::new(resp)),
+            },
+        }
+    };
+    if chosen_clinics.is_empty() {
+        return Err(Box::new(error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("labels"),
+            "no clinic matches",
+        )));
+    }
+    Ok(chosen_clinics)
 }
 
 /// `GET /v1/update-batches/{id}`: how many of a fan-out's updates are in each status.

@@ -174,6 +174,10 @@ pub fn start(state: web::Data<GatewayState>, addr: String) {
                 Signal::Call(id) => actix::spawn(serve_call(state, id)),
                 Signal::Answer(id) => actix::spawn(take_answer(state, id)),
                 Signal::Registry(_) => actix::spawn(super::clinic_registry::on_signal(state)),
+                Signal::UpChannel => {
+                    state.channels.wake_streams();
+                    continue;
+                }
                 Signal::Updates(_) => continue,
             };
         }
@@ -183,6 +187,7 @@ pub fn start(state: web::Data<GatewayState>, addr: String) {
     let beat = state
         .tasks
         .register("node_heartbeat", interval * STALE_BEATS);
+    let sweep_state = state.clone();
     actix::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -220,6 +225,7 @@ pub fn start(state: web::Data<GatewayState>, addr: String) {
                     });
                 }
             }
+            super::channels::sweep(&sweep_state).await;
         }
     });
 }

@@ -20,6 +20,7 @@ pub mod webhooks;
 pub const LAG_EVENTS: u64 = 10_000;
 /// ... or when its newest event took longer than this (ms) from commit to durable.
 pub const LAG_MS: u64 = 60_000;
+pub mod channels;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -58,6 +59,8 @@ pub enum GatewayError {
     Webhook(String),
     #[error("gateway.api_bridge: {0}")]
     Bridge(String),
+    #[error("{0}")]
+    Channels(String),
     #[error(transparent)]
     Enrolment(#[from] enrolment::EnrolmentError),
     #[error("gateway.listen {addr}: {}", bind_advice(cause))]
@@ -152,6 +155,8 @@ pub struct GatewaySettings {
     pub webhooks: Vec<webhooks::WebhookSettings>,
     /// Endpoints of the main Web API that agents may call (`call_request`).
     pub bridge: BridgeSettings,
+    /// The channels carried between cloud services and clinic applications (`gateway.channels`).
+    pub channels: Vec<channels::ChannelSpec>,
 }
 
 /// `gateway.api_bridge`, resolved.
@@ -282,6 +287,7 @@ impl GatewaySettings {
             faults: GatewayFaults::from_env(),
             webhooks: Vec::new(),
             bridge: BridgeSettings::default(),
+            channels: Vec::new(),
         }
     }
 }
@@ -466,6 +472,8 @@ pub struct GatewayState {
     pub webhooks: Arc<webhooks::Webhooks>,
     /// The registry version in force (reloads without a restart).
     pub registry_reloads: clinic_registry::Reloads,
+    /// The channels, their schemas, limits and counters.
+    pub channels: channels::GatewayChannels,
 }
 
 pub struct GatewayHandle {
@@ -554,6 +562,8 @@ pub fn start(
         })?),
         None => None,
     };
+    let channels = channels::GatewayChannels::new(settings.channels.clone())
+        .map_err(GatewayError::Channels)?;
     let registry = Registry::new(settings.heartbeat_interval * 3, LAG_EVENTS, LAG_MS).start();
     let tasks = monitor::Liveness::default();
     let webhooks = Arc::new(webhooks::Webhooks::new(
@@ -579,6 +589,7 @@ pub fn start(
         peer_key,
         webhooks,
         registry_reloads: Default::default(),
+        channels,
     });
     clinic_registry::start(state.clone())?;
     let cluster_state = state.clone();

@@ -101,6 +101,7 @@ pub(super) async fn metrics(state: web::Data<GatewayState>) -> HttpResponse {
                 .metrics
                 .render(&live, &records, crate::security::unix_now_ms());
             text.push_str(&webhook_metrics(&state));
+            text.push_str(&state.channels.metrics_text());
             HttpResponse::Ok()
                 .content_type("text/plain; version=0.0.4; charset=utf-8")
                 .body(text)

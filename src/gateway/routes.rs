@@ -5,7 +5,7 @@
 use actix_web::http::Method;
 use actix_web::{web, FromRequest, Handler, Responder, Route};
 
-use super::{api, enrolment, monitor, session};
+use super::{api, channels, enrolment, monitor, session};
 
 /// The OpenAPI 3.1 description of this API, served at `/v1/openapi.json`.
 pub const OPENAPI: &str = include_str!("../../schemas/openapi.json");
@@ -101,6 +101,19 @@ fn table() -> Table {
         post.clone(),
         "/v1/webhooks/{name}/dead-letters/{id}/replay",
         api::replay_dead_letter,
+    );
+    t.add(get.clone(), "/v1/channels", channels::list);
+    t.add(get.clone(), "/v1/channels/stream", channels::stream);
+    t.add(
+        get.clone(),
+        "/v1/channels/messages/{id}",
+        channels::get_message,
+    );
+    t.add(post.clone(), "/v1/channels/{name}", channels::post_fan_out);
+    t.add(
+        post.clone(),
+        "/v1/clinics/{id}/channels/{name}",
+        channels::post_clinic,
     );
     t.add(get.clone(), "/v1/stream/lifecycle", monitor::lifecycle);
     t.add(get, "/v1/stream/fleet", monitor::fleet);

@@ -87,6 +87,19 @@ where
                         .as_ref()
                         .and_then(|t| t.cert.clone())
                         .map(|c| (c, renewal.as_ref().map(|(_, before, _)| *before))),
+                    channels: match crate::local_channels::load_or_create_token(
+                        &a.admin.channels_token_file,
+                    ) {
+                        Ok(token) => Some(crate::local_channels::LocalChannels {
+                            board: ports.channels.clone(),
+                            token,
+                        }),
+                        // Sync matters more: say so and serve no channels.
+                        Err(e) => {
+                            log::error!(target: "error", "event=channels_unavailable file={} error={e} note=\"sync continues; local applications cannot subscribe\"", a.admin.channels_token_file.display());
+                            None
+                        }
+                    },
                 },
             ))
         }
@@ -144,7 +157,7 @@ where
         state.slots = Some(handle.slots.clone());
         match crate::admin::bind(addr).await {
             Ok(listener) => {
-                log::info!(target: "supervisor", "event=admin_listening addr={addr} endpoints=\"/healthz /readyz /metrics /status\"");
+                log::info!(target: "supervisor", "event=admin_listening addr={addr} endpoints=\"/healthz /readyz /metrics /status /call /v1/channels\"");
                 actix::spawn(crate::admin::serve(listener, Arc::new(state)));
             }
             // Syncing matters more than the status page: say so loudly and go on.

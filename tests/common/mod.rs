@@ -25,6 +25,7 @@ pub fn gateway_settings(dir: &Path, heartbeat: Duration) -> tether::gateway::Gat
         faults: Default::default(),
         webhooks: Vec::new(),
         bridge: Default::default(),
+        channels: Vec::new(),
     }
 }
 

@@ -9,11 +9,12 @@
 //! Takes frames from the agent and `SessionCommand`s from the registry; pings every heartbeat
 //! interval and closes a session silent for three; appends event batches to the store and
 //! acknowledges them once durable; delivers the clinic's open cloud updates in order, at most
-//! `update_window` unanswered at a time. A panic-free zone: every frame is validated and bad
+//! `update_window` unanswered at a time, and its down channel messages (`channel`, answered
+//! `channel_ack`); takes up channel messages, checked and kept before `accepted`. A panic-free zone: every frame is validated and bad
 //! input is answered with an `error` frame naming the problem.
 
-use std::collections::HashSet;
-use std::time::Instant;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -26,7 +27,7 @@ use tether_schemas::{
 };
 
 use super::store::{AppendOutcome, IncomingEvent};
-use super::{GatewayState, PeerIdentity};
+use super::{channels, GatewayState, PeerIdentity};
 use crate::config::valid_id;
 use crate::security::jwt::{AuthError, Verified};
 use crate::security::limits::TokenBucket;
@@ -79,6 +80,15 @@ pub struct Session {
     clock_offset_ms: Option<i64>,
     /// `call_request`s per second (`gateway.limits.calls_per_second`); past it, 429 answers.
     call_rate: TokenBucket,
+    /// The agent takes channel messages (`hello.features`).
+    channels_ok: bool,
+    /// Down channel messages sent and not answered: their channel and publication time (ms).
+    inflight_channel: HashMap<String, (String, u64)>,
+    last_channel_row: i64,
+    channel_fetching: bool,
+    more_channel: bool,
+    /// Up publications per channel (`rate_per_second`).
+    up_rate: HashMap<String, TokenBucket>,
 }
 
 /// Callers of `POST /v1/clinics/{id}/rpc` waiting for their answer, by request id.
@@ -379,6 +389,12 @@ impl Session {
                 .cloned(),
             clock_offset_ms: None,
             call_rate: TokenBucket::new(call_rate, call_rate * 2.0),
+            channels_ok: false,
+            inflight_channel: HashMap::new(),
+            last_channel_row: 0,
+            channel_fetching: false,
+            more_channel: false,
+            up_rate: HashMap::new(),
         }
     }
 }
@@ -496,6 +512,8 @@ impl Session {
             ),
             (None, other) => self.before_hello(other.kind(), ctx),
             (Some(_), Wire::UpdateResult(r)) => self.on_update_result(r, ctx),
+            (Some(_), Wire::ChannelAck(a)) => self.on_channel_ack(a, ctx),
+            (Some(_), Wire::Channel(m)) => self.on_channel_up(m, ctx),
             (Some(_), Wire::CallRequest(c)) => self.on_call(c, ctx),
             (Some(_), Wire::RpcResponse(r)) => {
                 if self.rpc_outstanding.remove(&r.request_id) {
@@ -550,6 +568,10 @@ impl Session {
         let clinic = h.clinic_id.clone();
         self.clinic = Some(clinic.clone());
         self.source = h.source_id;
+        self.channels_ok = h
+            .features
+            .iter()
+            .any(|f| f == tether_schemas::FEATURE_CHANNELS);
         self.clock_offset_ms = h
             .clock_ms
             .map(|agent| crate::security::unix_now_ms() as i64 - agent as i64);
@@ -616,9 +638,15 @@ impl Session {
                 acked_seq: acked,
                 heartbeat_interval_ms: act.state.settings.heartbeat_interval.as_millis() as u64,
                 max_frame_bytes: act.state.settings.max_frame_bytes as u64,
+                channels: if act.channels_ok {
+                    act.state.channels.wire()
+                } else {
+                    Vec::new()
+                },
             });
             act.send(ctx, welcome);
             act.deliver_updates(ctx);
+            act.deliver_channels(ctx);
         }));
     }
 
@@ -954,6 +982,255 @@ impl Session {
     }
 }
 
+impl Session {
+    /// Sends the clinic's open down channel messages, oldest first, within the window (to
+    /// agents that take them).
+    fn deliver_channels(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        let Some(clinic) = self.clinic.clone() else {
+            return;
+        };
+        if self.closing || !self.channels_ok || self.state.channels.is_empty() {
+            return;
+        }
+        if self.channel_fetching {
+            self.more_channel = true;
+            return;
+        }
+        let room = channels::CHANNEL_WINDOW.saturating_sub(self.inflight_channel.len());
+        if room == 0 {
+            return;
+        }
+        self.channel_fetching = true;
+        self.more_channel = false;
+        let store = self.state.store.clone();
+        let after = self.last_channel_row;
+        let fut = async move {
+            let now = crate::security::unix_now_ms();
+            let rows = store.open_channel(&clinic, after, now, room).await?;
+            let ids: Vec<String> = rows.iter().map(|r| r.message_id.clone()).collect();
+            let open: HashSet<String> = if ids.is_empty() {
+                HashSet::new()
+            } else {
+                store.mark_channel_sent(ids).await?.into_iter().collect()
+            };
+            Ok::<_, crate::gateway::store::StoreError>((rows, open))
+        };
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+            act.channel_fetching = false;
+            let (rows, open) = match res {
+                Ok(r) => r,
+                Err(e) => {
+                    log::error!(target: ERROR, "session={} clinic={} event=channel_delivery_failed error={e}", act.id, act.clinic_label());
+                    return;
+                }
+            };
+            let full = rows.len() == room;
+            let now = crate::security::unix_now_ms();
+            for r in rows {
+                act.last_channel_row = act.last_channel_row.max(r.row);
+                if !open.contains(&r.message_id) || act.closing {
+                    continue;
+                }
+                let ttl_ms = match r.expires_ms {
+                    // Expired between the read and now: never sent late (the sweep counts it).
+                    Some(e) if e <= now => continue,
+                    Some(e) => Some(e - now),
+                    None => None,
+                };
+                let Some(payload) = r
+                    .payload
+                    .as_deref()
+                    .and_then(|p| serde_json::from_str::<tether_schemas::Row>(p).ok())
+                else {
+                    log::error!(target: ERROR, "session={} clinic={} event=channel_message_unreadable message_id={}", act.id, act.clinic_label(), r.message_id);
+                    continue;
+                };
+                act.state.channels.count_sent(&r.channel);
+                act.inflight_channel
+                    .insert(r.message_id.clone(), (r.channel.clone(), r.created_ms));
+                log::debug!(target: MESSAGE, "session={} clinic={} event=channel_sent channel={} message_id={}", act.id, act.clinic_label(), r.channel, r.message_id);
+                act.send(
+                    ctx,
+                    Wire::Channel(tether_schemas::ChannelMessage {
+                        message_id: r.message_id,
+                        channel: r.channel,
+                        payload,
+                        ttl_ms,
+                        published_at: r.created_at,
+                    }),
+                );
+            }
+            if full || act.more_channel {
+                act.deliver_channels(ctx);
+            }
+        }));
+    }
+
+    /// The agent's answer to a down message: `delivered` or `expired`.
+    fn on_channel_ack(
+        &mut self,
+        a: tether_schemas::ChannelAck,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) {
+        use tether_schemas::ChannelAckStatus as S;
+        if !matches!(a.status, S::Delivered | S::Expired) {
+            return self.send_error(
+                ctx,
+                ErrorCode::BadFrame,
+                format!(
+                    "agents answer channel messages `delivered` or `expired`, not `{}`",
+                    a.status.as_str()
+                ),
+                Some("status".into()),
+            );
+        }
+        let Some((channel, created_ms)) = self.inflight_channel.remove(&a.message_id) else {
+            // A late answer from an earlier session (the message was sent again): recorded if
+            // it is still open, otherwise nothing to do.
+            log::debug!(target: MESSAGE, "session={} clinic={} event=channel_ack_not_in_flight message_id={}", self.id, self.clinic_label(), log_value(&a.message_id, 80));
+            return self.record_channel_result(a, None, ctx);
+        };
+        let since = crate::security::unix_now_ms().saturating_sub(created_ms);
+        self.record_channel_result(a, Some((channel, Duration::from_millis(since))), ctx);
+    }
+
+    fn record_channel_result(
+        &mut self,
+        a: tether_schemas::ChannelAck,
+        known: Option<(String, Duration)>,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) {
+        let clinic = self.clinic.clone().unwrap_or_default();
+        let store = self.state.store.clone();
+        let delivered = a.status == tether_schemas::ChannelAckStatus::Delivered;
+        let fut = async move {
+            let res = store
+                .channel_result(&clinic, &a.message_id, a.status.as_str())
+                .await;
+            (a, res)
+        };
+        ctx.spawn(fut.into_actor(self).map(move |(a, res), act, ctx| {
+            match res {
+                Ok(true) => {
+                    if let Some((channel, since)) = &known {
+                        act.state.channels.count_result(channel, delivered, Some(*since));
+                    }
+                    log::info!(target: MESSAGE, "session={} clinic={} event=channel_result message_id={} status={}", act.id, act.clinic_label(), a.message_id, a.status.as_str());
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    log::error!(target: ERROR, "session={} clinic={} event=store_write_failed message_id={} error={e}", act.id, act.clinic_label(), a.message_id);
+                }
+            }
+            act.deliver_channels(ctx);
+        }));
+    }
+
+    /// A clinic application's message on an up channel: checked like a REST post (channel,
+    /// direction, size, schema, rate), kept, then `accepted`; or `refused` naming the field.
+    fn on_channel_up(
+        &mut self,
+        m: tether_schemas::ChannelMessage,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) {
+        let refuse = |act: &mut Self,
+                      ctx: &mut ws::WebsocketContext<Self>,
+                      reason: String,
+                      field: Option<String>| {
+            act.state.channels.count_refused(&m.channel);
+            log::warn!(target: MESSAGE, "session={} clinic={} event=channel_refused channel={} message_id={} field={} reason={}", act.id, act.clinic_label(), log_value(&m.channel, 64), log_value(&m.message_id, 80), field.as_deref().unwrap_or("-"), log_value(&reason, 160));
+            act.send(
+                ctx,
+                Wire::ChannelAck(tether_schemas::ChannelAck {
+                    message_id: m.message_id.clone(),
+                    status: tether_schemas::ChannelAckStatus::Refused,
+                    reason: Some(reason),
+                    field,
+                }),
+            );
+        };
+        if m.message_id.is_empty() || m.message_id.len() > 80 {
+            return refuse(
+                self,
+                ctx,
+                "message_id must be 1-80 characters".into(),
+                Some("message_id".into()),
+            );
+        }
+        let spec = match self.state.channels.check(&m.channel, &m.payload, false) {
+            Ok(s) => s.clone(),
+            Err(r) => return refuse(self, ctx, r.message, r.field),
+        };
+        let rate = spec.def.rate_per_second;
+        let bucket = self
+            .up_rate
+            .entry(spec.def.name.clone())
+            .or_insert_with(|| TokenBucket::new(rate, (rate * 2.0).max(1.0)));
+        if !bucket.take() {
+            return refuse(
+                self,
+                ctx,
+                format!(
+                    "more than {rate} messages per second on channel `{}`",
+                    spec.def.name
+                ),
+                Some("channel".into()),
+            );
+        }
+        let durable = spec.def.delivery == tether_schemas::ChannelDelivery::Durable;
+        let msg = crate::gateway::store::NewChannelMessage {
+            message_id: m.message_id.clone(),
+            clinic_id: self.clinic.clone().unwrap_or_default(),
+            channel: m.channel.clone(),
+            up: true,
+            durable,
+            payload: serde_json::Value::Object(m.payload).to_string(),
+            expires_ms: spec
+                .def
+                .ttl_ms
+                .filter(|_| !durable)
+                .map(|t| crate::security::unix_now_ms() + t),
+            batch_id: None,
+        };
+        let (id, channel) = (m.message_id, m.channel);
+        let store = self.state.store.clone();
+        self.writes_inflight += 1;
+        ctx.spawn(
+            async move { store.enqueue_channel(vec![msg]).await }
+                .into_actor(self)
+                .map(move |res, act, ctx| {
+                    act.writes_inflight -= 1;
+                    match res {
+                        Ok(new) => {
+                            let fresh = new.first().copied().unwrap_or(false);
+                            if fresh {
+                                act.state.channels.count_received(&channel);
+                                act.state.channels.wake_streams();
+                            }
+                            log::info!(target: MESSAGE, "session={} clinic={} event=channel_received channel={channel} message_id={id} duplicate={}", act.id, act.clinic_label(), !fresh);
+                            act.send(
+                                ctx,
+                                Wire::ChannelAck(tether_schemas::ChannelAck {
+                                    message_id: id,
+                                    status: tether_schemas::ChannelAckStatus::Accepted,
+                                    reason: None,
+                                    field: None,
+                                }),
+                            );
+                        }
+                        Err(e) => {
+                            // Not acknowledged: the publisher hears nothing and tries again.
+                            log::error!(target: ERROR, "session={} clinic={} event=store_write_failed channel={channel} message_id={id} error={e}", act.id, act.clinic_label());
+                        }
+                    }
+                    if act.shutting_down && act.writes_inflight == 0 {
+                        act.close(ctx, ws::CloseCode::Away, "gateway shutting down");
+                    }
+                }),
+        );
+    }
+}
+
 impl Actor for Session {
     type Context = ws::WebsocketContext<Self>;
 
@@ -1246,7 +1523,10 @@ impl Handler<SessionCommand> for Session {
                 let why = format!("replaced by newer session {by_session}");
                 self.close(ctx, ws::CloseCode::Other(4001), &why);
             }
-            SessionCommand::DeliverUpdates => self.deliver_updates(ctx),
+            SessionCommand::DeliverUpdates => {
+                self.deliver_updates(ctx);
+                self.deliver_channels(ctx);
+            }
             SessionCommand::Revoked { kids } => {
                 let Some(kid) = self.auth.as_ref().map(|a| a.kid.clone()) else {
                     return;

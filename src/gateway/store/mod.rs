@@ -17,9 +17,10 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 
 pub use tether_actors::gateway_store::{
-    AppendOutcome, CancelOutcome, Claim, ClinicRecord, CodeRecord, CodeTake, DeadLetter,
-    ForwardedCall, GatewayStore, IncomingEvent, NewEnrolmentCode, NewUpdate, NodeRecord, Pruned,
-    Signal, SignalWatcher, StoreError, StoreFuture, StoredEvent, UpdateRecord, UNFENCED,
+    AppendOutcome, CancelOutcome, ChannelRecord, Claim, ClinicRecord, CodeRecord, CodeTake,
+    DeadLetter, ForwardedCall, GatewayStore, IncomingEvent, NewChannelMessage, NewEnrolmentCode,
+    NewUpdate, NodeRecord, Pruned, Signal, SignalWatcher, StoreError, StoreFuture, StoredEvent,
+    UpdateRecord, UNFENCED,
 };
 pub use tether_schemas::iso_from_millis;
 
@@ -187,6 +188,24 @@ pub(crate) fn new_update_id() -> String {
     format!("upd_{a:016x}{b:016x}")
 }
 
+/// A new down-channel message id (`msg_` and 128 random bits).
+pub(crate) fn new_message_id() -> String {
+    let a: u64 = rand::random();
+    let b: u64 = rand::random();
+    format!("msg_{a:016x}{b:016x}")
+}
+
+/// Adds one to `channel`'s count.
+pub(crate) fn count_channel(counts: &mut Vec<(String, u64)>, channel: String) {
+    match counts.iter_mut().find(|(c, _)| *c == channel) {
+        Some((_, n)) => *n += 1,
+        None => counts.push((channel, 1)),
+    }
+}
+
+/// The columns a [`ChannelRecord`] is read from, in order (`payload` last).
+pub(crate) const CHANNEL_COLUMNS: &str = "row_id, message_id, clinic_id, channel, direction, delivery, status, deliveries, created_ms, updated_ms, expires_ms, batch_id";
+
 /// A write, as the writer thread runs it.
 #[derive(Debug)]
 pub(crate) enum Op {
@@ -219,6 +238,17 @@ pub(crate) enum Op {
         started_at: String,
         sessions: u64,
         at_ms: u64,
+    },
+    EnqueueChannel(Vec<NewChannelMessage>),
+    MarkChannelSent(Vec<String>),
+    ChannelResult {
+        clinic: String,
+        message_id: String,
+        status: String,
+    },
+    ExpireChannels {
+        now_ms: u64,
+        purge_before_ms: u64,
     },
     EnqueueUpdate(NewUpdate),
     EnqueueBatch(Vec<NewUpdate>),
@@ -347,6 +377,8 @@ pub(crate) enum Done {
     Code(CodeTake),
     /// The registry's version after a change (`None`: nothing to change).
     Version(Option<u64>),
+    Flags(Vec<bool>),
+    Counts(Vec<(String, u64)>),
 }
 
 pub(crate) struct Cmd {
@@ -653,6 +685,54 @@ macro_rules! write_methods {
             };
             super::expect(self.writer.submit(op), |d| match d {
                 Done::Append(a) => Some(a),
+                _ => None,
+            })
+        }
+
+        fn enqueue_channel(
+            &self,
+            messages: Vec<super::NewChannelMessage>,
+        ) -> StoreFuture<Vec<bool>> {
+            super::expect(
+                self.writer.submit(Op::EnqueueChannel(messages)),
+                |d| match d {
+                    Done::Flags(v) => Some(v),
+                    _ => None,
+                },
+            )
+        }
+
+        fn mark_channel_sent(&self, ids: Vec<String>) -> StoreFuture<Vec<String>> {
+            super::expect(self.writer.submit(Op::MarkChannelSent(ids)), |d| match d {
+                Done::Ids(v) => Some(v),
+                _ => None,
+            })
+        }
+
+        fn channel_result(
+            &self,
+            clinic: &str,
+            message_id: &str,
+            status: &str,
+        ) -> StoreFuture<bool> {
+            self.writer.boolean(Op::ChannelResult {
+                clinic: clinic.into(),
+                message_id: message_id.into(),
+                status: status.into(),
+            })
+        }
+
+        fn expire_channels(
+            &self,
+            now_ms: u64,
+            purge_before_ms: u64,
+        ) -> StoreFuture<Vec<(String, u64)>> {
+            let op = Op::ExpireChannels {
+                now_ms,
+                purge_before_ms,
+            };
+            super::expect(self.writer.submit(op), |d| match d {
+                Done::Counts(v) => Some(v),
                 _ => None,
             })
         }

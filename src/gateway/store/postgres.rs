@@ -27,10 +27,10 @@ use serde_json::Value;
 use tether_schemas::{UpdateOp, UpdateStatus};
 
 use super::{
-    check_version, new_update_id, now_iso, redact_url, AppendOutcome, Backend, ClinicRecord,
-    DeadLetter, Done, ForwardedCall, GatewayStore, IncomingEvent, NewUpdate, NodeRecord, Op,
-    Pruned, ReadPool, Signal, StoreError, StoreFuture, StoreSettings, StoredEvent, UpdateRecord,
-    Writer,
+    check_version, new_update_id, now_iso, redact_url, AppendOutcome, Backend, ChannelRecord,
+    ClinicRecord, DeadLetter, Done, ForwardedCall, GatewayStore, IncomingEvent, NewUpdate,
+    NodeRecord, Op, Pruned, ReadPool, Signal, StoreError, StoreFuture, StoreSettings, StoredEvent,
+    UpdateRecord, Writer, CHANNEL_COLUMNS,
 };
 
 /// The advisory lock every event-inserting transaction holds (see the module docs).
@@ -177,6 +177,29 @@ CREATE TABLE clinic_registry (
 );
 INSERT INTO store_meta (key, value) VALUES ('registry_version', 0) ON CONFLICT (key) DO NOTHING;
 ",
+    // 11: channel messages, both ways (down: queued for a clinic; up: from its applications).
+    "
+CREATE TABLE channel_messages (
+    row_id BIGSERIAL PRIMARY KEY,
+    message_id TEXT NOT NULL,
+    clinic_id TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    direction TEXT NOT NULL,
+    delivery TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL,
+    deliveries BIGINT NOT NULL DEFAULT 0,
+    created_ms BIGINT NOT NULL,
+    updated_ms BIGINT NOT NULL,
+    expires_ms BIGINT,
+    batch_id TEXT,
+    UNIQUE (clinic_id, message_id)
+);
+CREATE INDEX channel_messages_open ON channel_messages (clinic_id, row_id)
+    WHERE status IN ('pending', 'sent');
+CREATE INDEX channel_messages_up ON channel_messages (row_id) WHERE direction = 'up';
+CREATE INDEX channel_messages_created ON channel_messages (created_ms);
+",
 ];
 
 pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
@@ -207,6 +230,9 @@ fn parse_call_signal(payload: &str, me: &str) -> Option<Signal> {
     let (kind, id, node) = (parts.next()?, parts.next()?, parts.next()?);
     if kind == "registry" {
         return id.parse().ok().map(Signal::Registry);
+    }
+    if kind == "upchannel" {
+        return Some(Signal::UpChannel);
     }
     if node != me {
         return None;
@@ -788,6 +814,75 @@ impl GatewayStore for PgStore {
         })
     }
 
+    fn open_channel(
+        &self,
+        clinic: &str,
+        after_row: i64,
+        now_ms: u64,
+        limit: usize,
+    ) -> StoreFuture<Vec<ChannelRecord>> {
+        let clinic = clinic.to_string();
+        self.read(move |c| {
+            Ok(c.query(
+                &format!(
+                    "SELECT {CHANNEL_COLUMNS}, payload FROM channel_messages \
+                     WHERE clinic_id = $1 AND status IN ('pending', 'sent') AND direction = 'down' \
+                     AND row_id > $2 AND (expires_ms IS NULL OR expires_ms > $3) ORDER BY row_id LIMIT $4"
+                ),
+                &[&clinic, &after_row, &(now_ms as i64), &(limit as i64)],
+            )?
+            .iter()
+            .map(|r| channel_record(r, true))
+            .collect())
+        })
+    }
+
+    fn channel_message(
+        &self,
+        message_id: &str,
+        clinic: Option<&str>,
+    ) -> StoreFuture<Option<ChannelRecord>> {
+        let (id, clinic) = (message_id.to_string(), clinic.map(str::to_string));
+        self.read(move |c| {
+            Ok(c.query_opt(
+                &format!(
+                    "SELECT {CHANNEL_COLUMNS} FROM channel_messages \
+                     WHERE message_id = $1 AND ($2::text IS NULL OR clinic_id = $2) ORDER BY row_id LIMIT 1"
+                ),
+                &[&id, &clinic],
+            )?
+            .map(|r| channel_record(&r, false)))
+        })
+    }
+
+    fn channel_pending_clinics(&self) -> StoreFuture<Vec<String>> {
+        self.read(|c| {
+            Ok(c.query(
+                "SELECT DISTINCT clinic_id FROM channel_messages WHERE status IN ('pending', 'sent') \
+                 AND direction = 'down' ORDER BY clinic_id",
+                &[],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+        })
+    }
+
+    fn up_channel_page(&self, after_row: i64, limit: usize) -> StoreFuture<Vec<ChannelRecord>> {
+        self.read(move |c| {
+            Ok(c.query(
+                &format!(
+                    "SELECT {CHANNEL_COLUMNS}, payload FROM channel_messages \
+                     WHERE direction = 'up' AND row_id > $1 ORDER BY row_id LIMIT $2"
+                ),
+                &[&after_row, &(limit as i64)],
+            )?
+            .iter()
+            .map(|r| channel_record(r, true))
+            .collect())
+        })
+    }
+
     fn update(&self, update_id: &str) -> StoreFuture<Option<UpdateRecord>> {
         let id = update_id.to_string();
         self.read(move |c| {
@@ -969,6 +1064,28 @@ impl PgBackend {
                         tx.execute(
                             "SELECT pg_notify($1, $2)",
                             &[&self.updates_channel, &u.clinic_id],
+                        )?;
+                    }
+                }
+                // Down: the node holding each clinic sends at once; up: every node's streams.
+                (Op::EnqueueChannel(msgs), Ok(Done::Flags(new))) => {
+                    let mut told: Vec<&str> = Vec::new();
+                    let mut up = false;
+                    for (m, _) in msgs.iter().zip(new).filter(|(_, n)| **n) {
+                        if m.up {
+                            up = true;
+                        } else if !told.contains(&m.clinic_id.as_str()) {
+                            told.push(&m.clinic_id);
+                            tx.execute(
+                                "SELECT pg_notify($1, $2)",
+                                &[&self.updates_channel, &m.clinic_id],
+                            )?;
+                        }
+                    }
+                    if up {
+                        tx.execute(
+                            "SELECT pg_notify($1, $2)",
+                            &[&self.calls_channel, &"upchannel 0 *"],
                         )?;
                     }
                 }
@@ -1161,6 +1278,30 @@ fn enqueue(
 
 /// An update's columns `update_id, clinic_id, entity, op, status, reason, deliveries,
 /// created_at, updated_at`, starting at column `at`.
+/// A [`ChannelRecord`] from a row of [`CHANNEL_COLUMNS`] (and `payload` after them).
+fn channel_record(r: &postgres::Row, payload: bool) -> ChannelRecord {
+    let ms = |i: usize| r.get::<_, i64>(i).max(0) as u64;
+    let created_ms = ms(8);
+    let expires_ms = r.get::<_, Option<i64>>(10).map(|v| v.max(0) as u64);
+    ChannelRecord {
+        row: r.get(0),
+        message_id: r.get(1),
+        clinic_id: r.get(2),
+        channel: r.get(3),
+        direction: r.get(4),
+        delivery: r.get(5),
+        status: r.get(6),
+        deliveries: ms(7),
+        created_at: super::iso_from_millis(created_ms as i64),
+        updated_at: super::iso_from_millis(ms(9) as i64),
+        expires_at: expires_ms.map(|e| super::iso_from_millis(e as i64)),
+        batch_id: r.get(11),
+        payload: if payload { Some(r.get(12)) } else { None },
+        created_ms,
+        expires_ms,
+    }
+}
+
 fn update_record(r: &postgres::Row, at: usize) -> UpdateRecord {
     UpdateRecord {
         update_id: r.get(at),
@@ -1347,6 +1488,74 @@ fn run_op(
                 &[node, addr, started_at, &(*at_ms as i64), &(*sessions as i64)],
             )?;
             Done::Unit
+        }
+        Op::EnqueueChannel(msgs) => {
+            let at = crate::security::unix_now_ms() as i64;
+            let mut new = Vec::with_capacity(msgs.len());
+            for m in msgs {
+                let n = tx.execute(
+                    "INSERT INTO channel_messages (message_id, clinic_id, channel, direction, delivery, payload, status, created_ms, updated_ms, expires_ms, batch_id) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10) ON CONFLICT (clinic_id, message_id) DO NOTHING",
+                    &[
+                        &m.message_id,
+                        &m.clinic_id,
+                        &m.channel,
+                        &if m.up { "up" } else { "down" },
+                        &if m.durable { "durable" } else { "transient" },
+                        &m.payload,
+                        &if m.up { "accepted" } else { "pending" },
+                        &at,
+                        &m.expires_ms.map(|e| e as i64),
+                        &m.batch_id,
+                    ],
+                )?;
+                new.push(n > 0);
+            }
+            Done::Flags(new)
+        }
+        Op::MarkChannelSent(ids) => {
+            let open: std::collections::HashSet<String> = tx
+                .query(
+                    "UPDATE channel_messages SET status = 'sent', deliveries = deliveries + 1, updated_ms = $2 \
+                     WHERE message_id = ANY($1) AND direction = 'down' AND status IN ('pending', 'sent') RETURNING message_id",
+                    &[ids, &(crate::security::unix_now_ms() as i64)],
+                )?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            Done::Ids(ids.iter().filter(|i| open.contains(*i)).cloned().collect())
+        }
+        Op::ChannelResult {
+            clinic,
+            message_id,
+            status,
+        } => {
+            let n = tx.execute(
+                "UPDATE channel_messages SET status = $3, updated_ms = $4 \
+                 WHERE message_id = $1 AND clinic_id = $2 AND direction = 'down' AND status IN ('pending', 'sent')",
+                &[message_id, clinic, status, &(crate::security::unix_now_ms() as i64)],
+            )?;
+            Done::Bool(n > 0)
+        }
+        Op::ExpireChannels {
+            now_ms,
+            purge_before_ms,
+        } => {
+            let mut counts: Vec<(String, u64)> = Vec::new();
+            for r in tx.query(
+                "UPDATE channel_messages SET status = 'expired', updated_ms = $1 \
+                 WHERE status IN ('pending', 'sent') AND expires_ms IS NOT NULL AND expires_ms <= $1 \
+                 RETURNING channel",
+                &[&(*now_ms as i64)],
+            )? {
+                super::count_channel(&mut counts, r.get(0));
+            }
+            tx.execute(
+                "DELETE FROM channel_messages WHERE created_ms < $1 \
+                 AND status IN ('delivered', 'expired', 'accepted')",
+                &[&(*purge_before_ms as i64)],
+            )?;
+            Done::Counts(counts)
         }
         Op::EnqueueUpdate(u) => match enqueue(tx, u, now)? {
             Ok(id) => Done::Id(id),

@@ -16,10 +16,10 @@ use serde_json::Value;
 use tether_schemas::{UpdateOp, UpdateStatus};
 
 use super::{
-    check_version, new_update_id, now_iso, AppendOutcome, Backend, CancelOutcome, Claim,
-    ClinicRecord, CodeTake, DeadLetter, Done, ForwardedCall, GatewayStore, IncomingEvent,
-    NewUpdate, NodeRecord, Op, Pruned, ReadPool, StoreError, StoreFuture, StoreSettings,
-    StoredEvent, UpdateRecord, Writer,
+    check_version, new_update_id, now_iso, AppendOutcome, Backend, CancelOutcome, ChannelRecord,
+    Claim, ClinicRecord, CodeTake, DeadLetter, Done, ForwardedCall, GatewayStore, IncomingEvent,
+    NewChannelMessage, NewUpdate, NodeRecord, Op, Pruned, ReadPool, StoreError, StoreFuture,
+    StoreSettings, StoredEvent, UpdateRecord, Writer, CHANNEL_COLUMNS,
 };
 
 /// `MIGRATIONS[i]` takes the schema from `PRAGMA user_version = i` to `i + 1`.
@@ -167,6 +167,29 @@ CREATE TABLE IF NOT EXISTS clinic_registry (
     updated_at TEXT NOT NULL
 );
 INSERT OR IGNORE INTO store_meta (key, value) VALUES ('registry_version', 0);
+",
+    // 11: channel messages, both ways (down: queued for a clinic; up: from its applications).
+    "
+CREATE TABLE IF NOT EXISTS channel_messages (
+    row_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL,
+    clinic_id TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    direction TEXT NOT NULL,
+    delivery TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL,
+    deliveries INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    expires_ms INTEGER,
+    batch_id TEXT,
+    UNIQUE (clinic_id, message_id)
+);
+CREATE INDEX IF NOT EXISTS channel_messages_open ON channel_messages (clinic_id, row_id)
+    WHERE status IN ('pending', 'sent');
+CREATE INDEX IF NOT EXISTS channel_messages_up ON channel_messages (row_id) WHERE direction = 'up';
+CREATE INDEX IF NOT EXISTS channel_messages_created ON channel_messages (created_ms);
 ",
 ];
 
@@ -566,6 +589,71 @@ impl GatewayStore for SqliteStore {
         })
     }
 
+    fn open_channel(
+        &self,
+        clinic: &str,
+        after_row: i64,
+        now_ms: u64,
+        limit: usize,
+    ) -> StoreFuture<Vec<ChannelRecord>> {
+        let clinic = clinic.to_string();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {CHANNEL_COLUMNS}, payload FROM channel_messages \
+                 WHERE clinic_id = ?1 AND status IN ('pending', 'sent') AND direction = 'down' \
+                 AND row_id > ?2 AND (expires_ms IS NULL OR expires_ms > ?3) ORDER BY row_id LIMIT ?4"
+            ))?;
+            let rows = stmt.query_map(
+                params![clinic, after_row, now_ms as i64, limit as i64],
+                |r| channel_record(r, true),
+            )?;
+            rows.collect()
+        })
+    }
+
+    fn channel_message(
+        &self,
+        message_id: &str,
+        clinic: Option<&str>,
+    ) -> StoreFuture<Option<ChannelRecord>> {
+        let (id, clinic) = (message_id.to_string(), clinic.map(str::to_string));
+        self.read(move |c| {
+            c.query_row(
+                &format!(
+                    "SELECT {CHANNEL_COLUMNS} FROM channel_messages \
+                     WHERE message_id = ?1 AND (?2 IS NULL OR clinic_id = ?2) ORDER BY row_id LIMIT 1"
+                ),
+                params![id, clinic],
+                |r| channel_record(r, false),
+            )
+            .optional()
+        })
+    }
+
+    fn channel_pending_clinics(&self) -> StoreFuture<Vec<String>> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT DISTINCT clinic_id FROM channel_messages WHERE status IN ('pending', 'sent') \
+                 AND direction = 'down' ORDER BY clinic_id",
+            )?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect()
+        })
+    }
+
+    fn up_channel_page(&self, after_row: i64, limit: usize) -> StoreFuture<Vec<ChannelRecord>> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {CHANNEL_COLUMNS}, payload FROM channel_messages \
+                 WHERE direction = 'up' AND row_id > ?1 ORDER BY row_id LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![after_row, limit as i64], |r| {
+                channel_record(r, true)
+            })?;
+            rows.collect()
+        })
+    }
+
     fn update(&self, update_id: &str) -> StoreFuture<Option<UpdateRecord>> {
         let id = update_id.to_string();
         self.read(move |c| {
@@ -771,6 +859,67 @@ fn run_op(tx: &rusqlite::Transaction<'_>, op: &Op, now: &str) -> Result<Done, St
             })
             .map_err(write_err)?;
             Ok(Done::Unit)
+        }
+        Op::EnqueueChannel(msgs) => msgs
+            .iter()
+            .map(|m| enqueue_channel(tx, m))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Done::Flags),
+        Op::MarkChannelSent(ids) => {
+            let mut stmt = tx
+                .prepare_cached(
+                    "UPDATE channel_messages SET status = 'sent', deliveries = deliveries + 1, updated_ms = ?2 \
+                     WHERE message_id = ?1 AND direction = 'down' AND status IN ('pending', 'sent')",
+                )
+                .map_err(write_err)?;
+            let at = now_ms() as i64;
+            let mut open = Vec::with_capacity(ids.len());
+            for id in ids {
+                if stmt.execute(params![id, at]).map_err(write_err)? > 0 {
+                    open.push(id.clone());
+                }
+            }
+            Ok(Done::Ids(open))
+        }
+        Op::ChannelResult {
+            clinic,
+            message_id,
+            status,
+        } => tx
+            .execute(
+                "UPDATE channel_messages SET status = ?3, updated_ms = ?4 \
+                 WHERE message_id = ?1 AND clinic_id = ?2 AND direction = 'down' AND status IN ('pending', 'sent')",
+                params![message_id, clinic, status, now_ms() as i64],
+            )
+            .map(|n| Done::Bool(n > 0))
+            .map_err(write_err),
+        Op::ExpireChannels {
+            now_ms: at,
+            purge_before_ms,
+        } => {
+            let mut counts: Vec<(String, u64)> = Vec::new();
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "UPDATE channel_messages SET status = 'expired', updated_ms = ?1 \
+                         WHERE status IN ('pending', 'sent') AND expires_ms IS NOT NULL AND expires_ms <= ?1 \
+                         RETURNING channel",
+                    )
+                    .map_err(write_err)?;
+                let rows = stmt
+                    .query_map(params![*at as i64], |r| r.get::<_, String>(0))
+                    .map_err(write_err)?;
+                for ch in rows {
+                    super::count_channel(&mut counts, ch.map_err(write_err)?);
+                }
+            }
+            tx.execute(
+                "DELETE FROM channel_messages WHERE created_ms < ?1 \
+                 AND status IN ('delivered', 'expired', 'accepted')",
+                params![*purge_before_ms as i64],
+            )
+            .map_err(write_err)?;
+            Ok(Done::Counts(counts))
         }
         Op::EnqueueUpdate(u) => enqueue_update(tx, u, now).map(Done::Id),
         Op::EnqueueBatch(us) => us
@@ -1420,6 +1569,63 @@ fn update_record(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<UpdateRec
         deliveries: r.get::<_, i64>(at + 6)? as u64,
         created_at: r.get(at + 7)?,
         updated_at: r.get(at + 8)?,
+    })
+}
+
+fn now_ms() -> u64 {
+    crate::security::unix_now_ms()
+}
+
+/// Keeps one channel message; `false` when the clinic already has one with its id.
+fn enqueue_channel(
+    tx: &rusqlite::Transaction<'_>,
+    m: &NewChannelMessage,
+) -> Result<bool, StoreError> {
+    let at = now_ms() as i64;
+    let n = tx
+        .prepare_cached(
+            "INSERT INTO channel_messages (message_id, clinic_id, channel, direction, delivery, payload, status, created_ms, updated_ms, expires_ms, batch_id) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10) ON CONFLICT (clinic_id, message_id) DO NOTHING",
+        )
+        .and_then(|mut st| {
+            st.execute(params![
+                m.message_id,
+                m.clinic_id,
+                m.channel,
+                if m.up { "up" } else { "down" },
+                if m.durable { "durable" } else { "transient" },
+                m.payload,
+                if m.up { "accepted" } else { "pending" },
+                at,
+                m.expires_ms.map(|e| e as i64),
+                m.batch_id,
+            ])
+        })
+        .map_err(write_err)?;
+    Ok(n > 0)
+}
+
+/// A [`ChannelRecord`] from a row of [`CHANNEL_COLUMNS`] (and `payload` after them).
+fn channel_record(r: &rusqlite::Row<'_>, payload: bool) -> Result<ChannelRecord, rusqlite::Error> {
+    let ms = |i: usize| r.get::<_, i64>(i).map(|v| v.max(0) as u64);
+    let created_ms = ms(8)?;
+    let expires_ms = r.get::<_, Option<i64>>(10)?.map(|v| v.max(0) as u64);
+    Ok(ChannelRecord {
+        row: r.get(0)?,
+        message_id: r.get(1)?,
+        clinic_id: r.get(2)?,
+        channel: r.get(3)?,
+        direction: r.get(4)?,
+        delivery: r.get(5)?,
+        status: r.get(6)?,
+        deliveries: ms(7)?,
+        created_at: super::iso_from_millis(created_ms as i64),
+        updated_at: super::iso_from_millis(ms(9)? as i64),
+        expires_at: expires_ms.map(|e| super::iso_from_millis(e as i64)),
+        batch_id: r.get(11)?,
+        payload: if payload { Some(r.get(12)?) } else { None },
+        created_ms,
+        expires_ms,
     })
 }
 
