@@ -672,6 +672,10 @@ pub struct WebhookConfig {
     pub secret_file: Option<PathBuf>,
     /// Only events of these entities (all when empty).
     pub entities: Vec<String>,
+    /// Clinic events at all (`false`: an endpoint for channel messages only).
+    pub events: bool,
+    /// Up channels whose messages this endpoint also receives (none by default).
+    pub channels: Vec<String>,
     /// Attempts before an event goes to the dead-letter list.
     pub max_attempts: u64,
     pub timeout: Dur,
@@ -689,6 +693,8 @@ impl Default for WebhookConfig {
             secret_env: None,
             secret_file: None,
             entities: Vec::new(),
+            events: true,
+            channels: Vec::new(),
             max_attempts: 8,
             timeout: Dur::secs(10),
             backoff_initial: Dur::secs(1),
@@ -1962,6 +1968,28 @@ impl Validator<'_> {
                     "needs secret_env or secret_file (the HMAC key)".into(),
                 );
             }
+            for (j, c) in w.channels.iter().enumerate() {
+                let up = g.channels.iter().find(|d| &d.name == c).map(|d| {
+                    tether_schemas::ChannelDirection::parse(&d.direction).is_some_and(|d| d.up())
+                });
+                match up {
+                    Some(true) => {}
+                    Some(false) => self.bad(
+                        &format!("{key}.channels[{j}]"),
+                        format!("channel `{c}` goes to the clinics; only up channels are pushed to webhooks"),
+                    ),
+                    None => self.bad(
+                        &format!("{key}.channels[{j}]"),
+                        format!("no channel `{c}` in gateway.channels"),
+                    ),
+                }
+            }
+            if !w.events && w.channels.is_empty() {
+                self.bad(
+                    &key,
+                    "delivers nothing: `events: false` and no `channels`".into(),
+                );
+            }
             self.positive(&format!("{key}.max_attempts"), w.max_attempts);
             self.duration(
                 &format!("{key}.timeout"),
@@ -2453,6 +2481,12 @@ gateway:
       tll: 1s
     - name: voip.call
       schema: bad.schema.json
+  webhooks:
+    - name: desk
+      url: https://api.example/desk
+      secret_env: TETHER_TEST_CHANNEL_HOOK_UNSET_3B1
+      events: false
+      channels: [voip.call, nope]
 ";
         let path = dir.path().join("c.yaml");
         std::fs::write(&path, text).expect("config");
@@ -2488,6 +2522,12 @@ gateway:
             !p.iter().any(|x| x.path.starts_with("gateway.channels[0]")),
             "the good channel passes: {p:#?}"
         );
+        assert!(find("gateway.webhooks[0].channels[0]")
+            .message
+            .contains("only up channels"));
+        assert!(find("gateway.webhooks[0].channels[1]")
+            .message
+            .contains("no channel `nope`"));
     }
 
     #[test]

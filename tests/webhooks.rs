@@ -69,6 +69,8 @@ fn webhook(name: &str, url: &str, entities: &[&str]) -> WebhookSettings {
         url: url.into(),
         secret: SECRET.to_vec(),
         entities: entities.iter().map(|e| e.to_string()).collect(),
+        events: true,
+        channels: Vec::new(),
         max_attempts: 3,
         timeout: Duration::from_secs(5),
         backoff_initial: Duration::from_millis(10),
@@ -422,4 +424,147 @@ async fn retention_never_removes_what_a_webhook_has_not_delivered() {
     gw.stop().await;
     good_server.stop(true).await;
     stuck_server.stop(true).await;
+}
+
+/// Up-channel messages pushed to an endpoint that takes them (`channels`, here without events):
+/// signed, with `Tether-Message-Id`, in order, once per clinic and message id (a resend after a
+/// lost ack is not pushed again), retried after failures; a refused message is never pushed.
+#[actix_rt::test]
+async fn up_channel_messages_are_pushed_signed_in_order_once_each() {
+    #[derive(Default)]
+    struct Got {
+        messages: Mutex<Vec<(String, Value)>>,
+        fail_first: AtomicUsize,
+        bad_signatures: AtomicUsize,
+    }
+    async fn take(req: HttpRequest, body: web::Bytes, g: web::Data<Got>) -> HttpResponse {
+        let h = |n: &str| {
+            req.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        let ts: u64 = h("tether-timestamp").parse().unwrap_or(0);
+        if h("tether-signature") != format!("v1={}", sign(SECRET, ts, &body)) {
+            g.bad_signatures.fetch_add(1, Ordering::SeqCst);
+            return HttpResponse::Unauthorized().finish();
+        }
+        if g.fail_first
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return HttpResponse::ServiceUnavailable().finish();
+        }
+        let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+        g.messages
+            .lock()
+            .expect("lock")
+            .push((h("tether-message-id"), v));
+        HttpResponse::NoContent().finish()
+    }
+    let got = web::Data::new(Got::default());
+    got.fail_first.store(2, Ordering::SeqCst);
+    let g = got.clone();
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(g.clone())
+            .route("/desk", web::post().to(take))
+    })
+    .workers(1)
+    .bind("127.0.0.1:0")
+    .expect("bind");
+    let url = format!("http://{}/desk", server.addrs()[0]);
+    let server = server.run();
+    let server_handle = server.handle();
+    actix_rt::spawn(server);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut hook = webhook("desk-api", &url, &[]);
+    hook.events = false;
+    hook.channels = vec!["frontdesk.checkin".into()];
+    let gw = gateway::start(
+        GatewaySettings {
+            webhooks: vec![hook],
+            channels: tether::gateway::channels::samples(),
+            ..gateway_settings(dir.path(), Duration::from_secs(5))
+        },
+        GatewaySecurity::insecure(),
+    )
+    .expect("gateway");
+    let (_, mut sock) = client().ws(gw.ws_url()).connect().await.expect("ws");
+    let hello = json!({"v": 1, "type": "hello", "clinic_id": "clinic-w", "agent_version": "t",
+                       "last_acked_seq": 0, "source_id": 1, "features": ["channels"]});
+    sock.send(ws::Message::Text(hello.to_string().into()))
+        .await
+        .expect("hello");
+    let checkin = |id: &str, appointment: Value| {
+        json!({"v": 1, "type": "channel", "message_id": id, "channel": "frontdesk.checkin",
+               "payload": {"appointment_id": appointment, "arrived_at": "2026-12-03T09:00:00Z"},
+               "published_at": "2026-12-03T09:00:00.000Z"})
+    };
+    for frame in [
+        checkin("c-1", json!(1)),
+        checkin("c-bad", json!("one")),
+        checkin("c-2", json!(2)),
+        checkin("c-1", json!(1)),
+    ] {
+        sock.send(ws::Message::Text(frame.to_string().into()))
+            .await
+            .expect("channel");
+    }
+    // Every message is answered: accepted (the resend too), or refused naming the field.
+    let mut answers = Vec::new();
+    while answers.len() < 4 {
+        let frame = tokio::time::timeout(Duration::from_secs(10), sock.next())
+            .await
+            .expect("an answer within 10 s")
+            .expect("open")
+            .expect("frame");
+        if let ws::Frame::Text(t) = frame {
+            let v: Value = serde_json::from_slice(&t).expect("json");
+            if v["type"] == "channel_ack" {
+                answers.push((
+                    v["message_id"].as_str().unwrap_or("").to_string(),
+                    v["status"].as_str().unwrap_or("").to_string(),
+                    v["field"].as_str().unwrap_or("").to_string(),
+                ));
+            }
+        }
+    }
+    assert!(
+        answers.contains(&(
+            "c-bad".into(),
+            "refused".into(),
+            "payload/appointment_id".into()
+        )),
+        "{answers:?}"
+    );
+    assert_eq!(
+        answers.iter().filter(|a| a.1 == "accepted").count(),
+        3,
+        "{answers:?}"
+    );
+    wait_until("both check-ins pushed", Duration::from_secs(15), || {
+        let n = got.messages.lock().expect("lock").len();
+        async move { n >= 2 }
+    })
+    .await;
+    let pushed = got.messages.lock().expect("lock").clone();
+    let ids: Vec<&str> = pushed.iter().map(|(h, _)| h.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["c-1", "c-2"],
+        "in order, once each, never the refused one"
+    );
+    assert_eq!(pushed[0].1["clinic_id"], "clinic-w");
+    assert_eq!(pushed[0].1["payload"]["appointment_id"], 1);
+    assert_eq!(got.bad_signatures.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        got.fail_first.load(Ordering::SeqCst),
+        0,
+        "the failures were retried"
+    );
+    gw.stop().await;
+    server_handle.stop(true).await;
 }

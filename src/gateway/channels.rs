@@ -33,6 +33,8 @@ use tether_actors::registry::UpdatesPending;
 pub const CHANNEL_WINDOW: usize = 500;
 /// Finished messages are removed this long after they were published.
 pub const KEEP_FINISHED: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How often finished messages are purged when nothing else makes the sweep write.
+pub const PURGE_EVERY: Duration = Duration::from_secs(3600);
 
 /// One `gateway.channels` entry, resolved: its definition as agents get it, and who may post.
 #[derive(Debug, Clone)]
@@ -87,6 +89,8 @@ pub struct GatewayChannels {
     /// Bumped when up messages were stored (here, or on another node by its signal): the
     /// streams read on.
     up_wake: tokio::sync::watch::Sender<u64>,
+    /// When this node last purged finished messages (Unix ms).
+    last_purge: AtomicU64,
 }
 
 /// Why a message was refused: the status, the field at fault and why (never its value).
@@ -130,6 +134,7 @@ impl GatewayChannels {
             counters,
             rates: Mutex::new(HashMap::new()),
             up_wake: tokio::sync::watch::channel(0).0,
+            last_purge: AtomicU64::new(0),
         })
     }
 
@@ -776,20 +781,25 @@ impl StreamState {
     }
 }
 
-fn event(r: &ChannelRecord) -> Bytes {
+/// An up message as the main Web API gets it (the stream's `data`, a webhook's body).
+pub fn message_json(r: &ChannelRecord) -> Value {
     let payload: Value = r
         .payload
         .as_deref()
         .and_then(|p| serde_json::from_str(p).ok())
         .unwrap_or(Value::Null);
-    let data = json!({
+    json!({
         "message_id": r.message_id,
         "clinic_id": r.clinic_id,
         "channel": r.channel,
         "delivery": r.delivery,
         "received_at": r.created_at,
         "payload": payload,
-    });
+    })
+}
+
+fn event(r: &ChannelRecord) -> Bytes {
+    let data = message_json(r);
     Bytes::from(format!(
         "id: {}\nevent: {}\ndata: {data}\n\n",
         r.row, r.channel
@@ -873,28 +883,41 @@ pub fn samples() -> Vec<ChannelSpec> {
     ]
 }
 
-/// The sweep's part for channels (every heartbeat, on every node): expire transient messages
-/// whose time ran out (each counted once, by the node that expired it) and nudge the sessions
-/// of clinics with messages waiting (a lost signal costs at most one heartbeat).
+/// The sweep's part for channels (every heartbeat, on every node): nudge the sessions of
+/// clinics with down messages open (a lost signal costs at most one heartbeat) and, when there
+/// are any, expire transient ones whose time ran out (each counted once, by the node that
+/// expired it). Finished messages are purged at most every [`PURGE_EVERY`]. Nothing is
+/// written while no message is open.
 pub async fn sweep(state: &GatewayState) {
-    if state.channels.is_empty() {
+    let ch = &state.channels;
+    if ch.is_empty() {
         return;
     }
     let now = crate::security::unix_now_ms();
-    let purge = now.saturating_sub(KEEP_FINISHED.as_millis() as u64);
-    match state.store.expire_channels(now, purge).await {
-        Ok(counts) => {
-            for (ch, n) in counts {
-                state.channels.count_expired(&ch, n);
-                log::info!(target: "message", "event=channel_messages_expired channel={ch} count={n} where=gateway");
+    let open = match state.store.channel_pending_clinics().await {
+        Ok(c) => c,
+        Err(e) => {
+            log::warn!(target: "error", "event=channel_sweep_failed error={e}");
+            return;
+        }
+    };
+    let purge_due =
+        now.saturating_sub(ch.last_purge.load(Relaxed)) >= PURGE_EVERY.as_millis() as u64;
+    if !open.is_empty() || purge_due {
+        let purge = now.saturating_sub(KEEP_FINISHED.as_millis() as u64);
+        match state.store.expire_channels(now, purge).await {
+            Ok(counts) => {
+                ch.last_purge.store(now, Relaxed);
+                for (name, n) in counts {
+                    ch.count_expired(&name, n);
+                    log::info!(target: "message", "event=channel_messages_expired channel={name} count={n} where=gateway");
+                }
             }
+            Err(e) => log::warn!(target: "error", "event=channel_expiry_failed error={e}"),
         }
-        Err(e) => log::warn!(target: "error", "event=channel_expiry_failed error={e}"),
     }
-    if let Ok(clinics) = state.store.channel_pending_clinics().await {
-        for c in clinics {
-            state.registry.do_send(UpdatesPending { clinic_id: c });
-        }
+    for c in open {
+        state.registry.do_send(UpdatesPending { clinic_id: c });
     }
 }
 

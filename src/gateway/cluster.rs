@@ -176,6 +176,7 @@ pub fn start(state: web::Data<GatewayState>, addr: String) {
                 Signal::Registry(_) => actix::spawn(super::clinic_registry::on_signal(state)),
                 Signal::UpChannel => {
                     state.channels.wake_streams();
+                    state.webhooks.notify();
                     continue;
                 }
                 Signal::Updates(_) => continue,

@@ -327,6 +327,8 @@ pub fn webhooks_from_config(
             url: w.url.clone(),
             secret,
             entities: w.entities.clone(),
+            events: w.events,
+            channels: w.channels.clone(),
             max_attempts: w.max_attempts.clamp(1, 1000) as u32,
             timeout: w.timeout.get(),
             backoff_initial: w.backoff_initial.get(),

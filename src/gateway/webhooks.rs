@@ -21,6 +21,8 @@ use super::store::{Store, StoreError, StoredEvent};
 pub const SIGNATURE_HEADER: &str = "tether-signature";
 pub const TIMESTAMP_HEADER: &str = "tether-timestamp";
 pub const EVENT_ID_HEADER: &str = "tether-event-id";
+/// On a channel message's delivery instead of the event id: the message's id.
+pub const MESSAGE_ID_HEADER: &str = "tether-message-id";
 
 /// One endpoint, as configured (`gateway.webhooks`).
 #[derive(Clone)]
@@ -30,6 +32,10 @@ pub struct WebhookSettings {
     pub secret: Vec<u8>,
     /// Only these entities (all when empty).
     pub entities: Vec<String>,
+    /// Clinic events at all (`false`: channel messages only).
+    pub events: bool,
+    /// Up channels whose messages this endpoint also receives (their own cursor).
+    pub channels: Vec<String>,
     pub max_attempts: u32,
     pub timeout: Duration,
     /// First retry delay; doubles up to `backoff_max`.
@@ -44,6 +50,8 @@ impl std::fmt::Debug for WebhookSettings {
             .field("url", &self.url)
             .field("secret", &"<hidden>")
             .field("entities", &self.entities)
+            .field("events", &self.events)
+            .field("channels", &self.channels)
             .finish()
     }
 }
@@ -161,6 +169,17 @@ impl Webhooks {
     /// `tasks` (readiness).
     pub fn start(self: &Arc<Self>, tasks: &Liveness) {
         for (settings, stats) in &self.endpoints {
+            if !settings.channels.is_empty() {
+                let beat = tasks.register(
+                    &format!("webhook:{}:channels", settings.name),
+                    settings.timeout + settings.backoff_max + Duration::from_secs(10),
+                );
+                let (me, settings, stats) = (self.clone(), settings.clone(), stats.clone());
+                actix::spawn(async move { me.dispatch_channels(settings, stats, beat).await });
+            }
+            if !settings.events {
+                continue;
+            }
             let me = self.clone();
             // A dispatcher beats at every loop and every attempt; it may be silent for one
             // delivery's timeout plus one backoff, plus the idle poll.
@@ -176,7 +195,7 @@ impl Webhooks {
     /// The lowest cursor of all endpoints: retention keeps every event above it.
     pub async fn low_water(&self) -> Result<Option<u64>, StoreError> {
         let mut low: Option<u64> = None;
-        for (s, _) in &self.endpoints {
+        for (s, _) in self.endpoints.iter().filter(|(s, _)| s.events) {
             let c = self.store.webhook_cursor(&s.name).await?;
             low = Some(low.map_or(c, |l| l.min(c)));
         }
@@ -276,6 +295,97 @@ impl Webhooks {
         }
     }
 
+    /// Up-channel messages of the endpoint's `channels`, in order, with their own cursor
+    /// (`<name>.channels` in the store) and leadership, like events. A message that fails every
+    /// attempt is counted and logged, and the cursor moves on: it stays readable from
+    /// `GET /v1/channels/stream` while the store keeps it (a week).
+    async fn dispatch_channels(
+        self: Arc<Self>,
+        s: WebhookSettings,
+        stats: Arc<WebhookStats>,
+        beat: Beat,
+    ) {
+        let client = client(&s);
+        let cursor = format!("{}.channels", s.name);
+        let role = format!("webhook:{cursor}");
+        log::info!(target: "connection", "webhook={} event=channel_dispatcher_started channels={}", s.name, s.channels.join(","));
+        loop {
+            beat.beat();
+            if !self.store.try_lead(&role).await.unwrap_or(false) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            let wake = self.wake.notified();
+            let after = match self.store.webhook_cursor(&cursor).await {
+                Ok(c) => c,
+                Err(e) => {
+                    log::error!(target: "error", "webhook={} event=cursor_unreadable error={e}", s.name);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let page = match self.store.up_channel_page(after as i64, 200).await {
+                Ok(p) => p,
+                Err(e) => {
+                    log::error!(target: "error", "webhook={} event=store_unreadable error={e}", s.name);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if page.is_empty() {
+                let _ = tokio::time::timeout(Duration::from_secs(1), wake).await;
+                continue;
+            }
+            let mut at = after;
+            for m in page {
+                let now = crate::security::unix_now_ms();
+                let live = m.expires_ms.is_none_or(|e| e > now);
+                if live && s.channels.contains(&m.channel) {
+                    let body = super::channels::message_json(&m).to_string();
+                    let mut delay = s.backoff_initial;
+                    for attempt in 1..=s.max_attempts.max(1) {
+                        beat.beat();
+                        match post_signed(
+                            &client,
+                            &s,
+                            body.as_bytes(),
+                            (MESSAGE_ID_HEADER, &m.message_id),
+                        )
+                        .await
+                        {
+                            Ok(()) => {
+                                stats.delivered.fetch_add(1, Ordering::Relaxed);
+                                break;
+                            }
+                            Err(e) => {
+                                stats.failures.fetch_add(1, Ordering::Relaxed);
+                                log::warn!(target: "error", "webhook={} event=delivery_failed channel={} message_id={} attempt={attempt} of={} error={e:?}", s.name, m.channel, m.message_id, s.max_attempts);
+                                if attempt == s.max_attempts.max(1) {
+                                    stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                                    log::error!(target: "error", "webhook={} event=channel_message_given_up channel={} message_id={} note=\"readable from GET /v1/channels/stream\"", s.name, m.channel, m.message_id);
+                                } else {
+                                    // Backoff between attempts (pacing the retries).
+                                    tokio::time::sleep(delay).await;
+                                    delay = (delay * 2).min(s.backoff_max);
+                                }
+                            }
+                        }
+                    }
+                }
+                let to = m.row.max(0) as u64;
+                match self.store.advance_webhook_cursor(&cursor, at, to).await {
+                    Ok(true) => at = to,
+                    Ok(false) => break,
+                    Err(e) => {
+                        log::error!(target: "error", "webhook={} event=cursor_not_saved error={e}", s.name);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
     async fn deliver_with_retries(
         &self,
         client: &awc::Client,
@@ -336,23 +446,33 @@ fn client(s: &WebhookSettings) -> awc::Client {
     awc::Client::builder().timeout(s.timeout).finish()
 }
 
-/// One signed POST; `Err` says why it did not count as delivered.
+/// One signed POST of an event; `Err` says why it did not count as delivered.
 async fn deliver(
     client: &awc::Client,
     s: &WebhookSettings,
     event: &StoredEvent,
 ) -> Result<(), String> {
     let body = serde_json::to_vec(event).map_err(|e| e.to_string())?;
+    post_signed(client, s, &body, (EVENT_ID_HEADER, &event.id.to_string())).await
+}
+
+/// One signed POST of `body` with its id header.
+async fn post_signed(
+    client: &awc::Client,
+    s: &WebhookSettings,
+    body: &[u8],
+    id: (&'static str, &str),
+) -> Result<(), String> {
     let ts = crate::security::unix_now();
-    let sig = sign(&s.secret, ts, &body);
+    let sig = sign(&s.secret, ts, body);
     let resp = client
         .post(&s.url)
         .insert_header(("content-type", "application/json"))
         .insert_header((TIMESTAMP_HEADER, ts.to_string()))
         .insert_header((SIGNATURE_HEADER, format!("v1={sig}")))
-        .insert_header((EVENT_ID_HEADER, event.id.to_string()))
+        .insert_header((id.0, id.1.to_string()))
         .insert_header(("tether-webhook", s.name.clone()))
-        .send_body(body)
+        .send_body(body.to_vec())
         .await
         .map_err(|e| e.to_string())?;
     if resp.status().is_success() {

@@ -1206,6 +1206,7 @@ impl Session {
                             if fresh {
                                 act.state.channels.count_received(&channel);
                                 act.state.channels.wake_streams();
+                                act.state.webhooks.notify();
                             }
                             log::info!(target: MESSAGE, "session={} clinic={} event=channel_received channel={channel} message_id={id} duplicate={}", act.id, act.clinic_label(), !fresh);
                             act.send(
