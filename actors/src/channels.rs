@@ -248,6 +248,10 @@ impl ChannelBoard {
         if inner.delivered.contains(&id) {
             return Some(ack(&id, ChannelAckStatus::Delivered));
         }
+        if inner.waiting.iter().any(|w| w.msg.message_id == id) {
+            // Sent again on a new link while it still waits here: it waits once.
+            return None;
+        }
         if msg.ttl_ms == Some(0) {
             count(&mut inner, &msg.channel).expired += 1;
             return Some(ack(&id, ChannelAckStatus::Expired));
@@ -590,6 +594,20 @@ mod tests {
         let c = b.counts();
         let notice = &c.iter().find(|(n, _)| n == "notice").expect("notice").1;
         assert_eq!((notice.received, notice.delivered), (3, 3));
+    }
+
+    #[test]
+    fn a_message_sent_again_while_it_waits_is_handed_over_once() {
+        let b = board();
+        let t0 = Instant::now();
+        assert_eq!(b.on_down(msg("w1", "notice", None), t0), None);
+        assert_eq!(
+            b.on_down(msg("w1", "notice", None), t0),
+            None,
+            "a resend on a new link"
+        );
+        let mut sub = b.subscribe(vec![], t0).expect("sub");
+        assert_eq!(ids(&mut sub), ["w1"]);
     }
 
     #[test]

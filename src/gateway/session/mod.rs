@@ -1149,11 +1149,13 @@ impl Session {
                 }),
             );
         };
-        if m.message_id.is_empty() || m.message_id.len() > 80 {
+        let id_ok = (1..=80).contains(&m.message_id.len())
+            && m.message_id.bytes().all(|b| b.is_ascii_graphic());
+        if !id_ok {
             return refuse(
                 self,
                 ctx,
-                "message_id must be 1-80 characters".into(),
+                "message_id must be 1-80 visible ASCII characters".into(),
                 Some("message_id".into()),
             );
         }
