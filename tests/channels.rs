@@ -455,6 +455,11 @@ async fn offline_clinics_lose_expired_calls_and_get_durable_notices_once_after_r
         "expired",
         "never delivered late"
     );
+    let text = api.metrics().await;
+    assert!(
+        text.contains("tether_gateway_channel_delivered_total{channel=\"notice.broadcast\"} 3"),
+        "each notice counted once: {text}"
+    );
 
     // Up: the front desk reports a check-in; the main Web API reads it from the stream once,
     // however often the desk retried with the same Idempotency-Key.

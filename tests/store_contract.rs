@@ -1100,18 +1100,17 @@ fn channel_messages_are_kept_delivered_expired_and_streamed(f: &Fixture) {
             ("sent", 1, "down")
         );
         assert!(r.payload.is_none(), "a status read carries no payload");
-        assert!(!a
-            .channel_result("c2", "m1", "delivered")
-            .await
-            .expect("wrong clinic"));
-        assert!(a
+        let m1_created = r.created_ms;
+        let wrong = a.channel_result("c2", "m1", "delivered").await;
+        assert_eq!(wrong.expect("wrong clinic"), None);
+        let (name, created) = a
             .channel_result("c1", "m1", "delivered")
             .await
-            .expect("delivered"));
-        assert!(!b
-            .channel_result("c1", "m1", "delivered")
-            .await
-            .expect("twice"));
+            .expect("delivered")
+            .expect("recorded");
+        assert_eq!((name.as_str(), created), ("notice", m1_created));
+        let twice = b.channel_result("c1", "m1", "delivered").await;
+        assert_eq!(twice.expect("twice"), None, "an answer counts once");
         // Sent but not answered: the next session reads it again.
         let open = b.open_channel("c1", 0, now, 10).await.expect("open");
         assert_eq!(

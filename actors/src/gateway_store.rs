@@ -525,8 +525,14 @@ pub trait GatewayStore: std::any::Any + Send + Sync + 'static {
     /// Marks down messages handed to a session; answers those still open, in the order given.
     fn mark_channel_sent(&self, ids: Vec<String>) -> StoreFuture<Vec<String>>;
     /// Records what the clinic's agent did with a down message (`delivered` or `expired`);
-    /// `false` if it is not this clinic's or no longer open.
-    fn channel_result(&self, clinic: &str, message_id: &str, status: &str) -> StoreFuture<bool>;
+    /// answers its channel and when it was published (Unix ms), or `None` if it is not this
+    /// clinic's or no longer open (an answer counts once, whichever session brings it).
+    fn channel_result(
+        &self,
+        clinic: &str,
+        message_id: &str,
+        status: &str,
+    ) -> StoreFuture<Option<(String, u64)>>;
     /// One message (without its payload), down or up; an up message's id is its clinic's, so
     /// `clinic` narrows it (down ids are unique anyway).
     fn channel_message(

@@ -10,8 +10,9 @@
 //! interval and closes a session silent for three; appends event batches to the store and
 //! acknowledges them once durable; delivers the clinic's open cloud updates in order, at most
 //! `update_window` unanswered at a time, and its down channel messages (`channel`, answered
-//! `channel_ack`); takes up channel messages, checked and kept before `accepted`. A panic-free zone: every frame is validated and bad
-//! input is answered with an `error` frame naming the problem.
+//! `channel_ack`); takes up channel messages, checked and kept before `accepted`. A panic-free
+//! zone: every frame is validated and bad input is answered with an `error` frame naming the
+//! problem.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -82,8 +83,8 @@ pub struct Session {
     call_rate: TokenBucket,
     /// The agent takes channel messages (`hello.features`).
     channels_ok: bool,
-    /// Down channel messages sent and not answered: their channel and publication time (ms).
-    inflight_channel: HashMap<String, (String, u64)>,
+    /// Down channel messages sent on this session and not answered yet (the window).
+    inflight_channel: HashSet<String>,
     last_channel_row: i64,
     channel_fetching: bool,
     more_channel: bool,
@@ -390,7 +391,7 @@ impl Session {
             clock_offset_ms: None,
             call_rate: TokenBucket::new(call_rate, call_rate * 2.0),
             channels_ok: false,
-            inflight_channel: HashMap::new(),
+            inflight_channel: HashSet::new(),
             last_channel_row: 0,
             channel_fetching: false,
             more_channel: false,
@@ -1046,8 +1047,7 @@ impl Session {
                     continue;
                 };
                 act.state.channels.count_sent(&r.channel);
-                act.inflight_channel
-                    .insert(r.message_id.clone(), (r.channel.clone(), r.created_ms));
+                act.inflight_channel.insert(r.message_id.clone());
                 log::debug!(target: MESSAGE, "session={} clinic={} event=channel_sent channel={} message_id={}", act.id, act.clinic_label(), r.channel, r.message_id);
                 act.send(
                     ctx,
@@ -1084,25 +1084,13 @@ impl Session {
                 Some("status".into()),
             );
         }
-        let Some((channel, created_ms)) = self.inflight_channel.remove(&a.message_id) else {
-            // A late answer from an earlier session (the message was sent again): recorded if
-            // it is still open, otherwise nothing to do.
-            log::debug!(target: MESSAGE, "session={} clinic={} event=channel_ack_not_in_flight message_id={}", self.id, self.clinic_label(), log_value(&a.message_id, 80));
-            return self.record_channel_result(a, None, ctx);
-        };
-        let since = crate::security::unix_now_ms().saturating_sub(created_ms);
-        self.record_channel_result(a, Some((channel, Duration::from_millis(since))), ctx);
-    }
-
-    fn record_channel_result(
-        &mut self,
-        a: tether_schemas::ChannelAck,
-        known: Option<(String, Duration)>,
-        ctx: &mut ws::WebsocketContext<Self>,
-    ) {
+        // An answer may come on a later session than the one that sent the message (a resend,
+        // or a subscriber that arrived after a reconnect): the store records it once and says
+        // which channel and when it was published, so it is counted whichever session hears it.
+        self.inflight_channel.remove(&a.message_id);
         let clinic = self.clinic.clone().unwrap_or_default();
         let store = self.state.store.clone();
-        let delivered = a.status == tether_schemas::ChannelAckStatus::Delivered;
+        let delivered = a.status == S::Delivered;
         let fut = async move {
             let res = store
                 .channel_result(&clinic, &a.message_id, a.status.as_str())
@@ -1111,15 +1099,21 @@ impl Session {
         };
         ctx.spawn(fut.into_actor(self).map(move |(a, res), act, ctx| {
             match res {
-                Ok(true) => {
-                    if let Some((channel, since)) = &known {
-                        act.state.channels.count_result(channel, delivered, Some(*since));
-                    }
-                    log::info!(target: MESSAGE, "session={} clinic={} event=channel_result message_id={} status={}", act.id, act.clinic_label(), a.message_id, a.status.as_str());
+                Ok(Some((channel, created_ms))) => {
+                    let since = crate::security::unix_now_ms().saturating_sub(created_ms);
+                    act.state.channels.count_result(
+                        &channel,
+                        delivered,
+                        Some(Duration::from_millis(since)),
+                    );
+                    log::info!(target: MESSAGE, "session={} clinic={} event=channel_result channel={channel} message_id={} status={}", act.id, act.clinic_label(), a.message_id, a.status.as_str());
                 }
-                Ok(false) => {}
+                // Not this clinic's, or answered already (a resend's second answer).
+                Ok(None) => {
+                    log::debug!(target: MESSAGE, "session={} clinic={} event=channel_result_ignored message_id={}", act.id, act.clinic_label(), log_value(&a.message_id, 80));
+                }
                 Err(e) => {
-                    log::error!(target: ERROR, "session={} clinic={} event=store_write_failed message_id={} error={e}", act.id, act.clinic_label(), a.message_id);
+                    log::error!(target: ERROR, "session={} clinic={} event=store_write_failed message_id={} error={e}", act.id, act.clinic_label(), log_value(&a.message_id, 80));
                 }
             }
             act.deliver_channels(ctx);

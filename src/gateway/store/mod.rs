@@ -379,6 +379,8 @@ pub(crate) enum Done {
     Version(Option<u64>),
     Flags(Vec<bool>),
     Counts(Vec<(String, u64)>),
+    /// A channel message's answer recorded: its channel and publication time (ms).
+    Recorded(Option<(String, u64)>),
 }
 
 pub(crate) struct Cmd {
@@ -714,11 +716,15 @@ macro_rules! write_methods {
             clinic: &str,
             message_id: &str,
             status: &str,
-        ) -> StoreFuture<bool> {
-            self.writer.boolean(Op::ChannelResult {
+        ) -> StoreFuture<Option<(String, u64)>> {
+            let op = Op::ChannelResult {
                 clinic: clinic.into(),
                 message_id: message_id.into(),
                 status: status.into(),
+            };
+            super::expect(self.writer.submit(op), |d| match d {
+                Done::Recorded(r) => Some(r),
+                _ => None,
             })
         }
 

@@ -1530,12 +1530,13 @@ fn run_op(
             message_id,
             status,
         } => {
-            let n = tx.execute(
+            let row = tx.query_opt(
                 "UPDATE channel_messages SET status = $3, updated_ms = $4 \
-                 WHERE message_id = $1 AND clinic_id = $2 AND direction = 'down' AND status IN ('pending', 'sent')",
+                 WHERE message_id = $1 AND clinic_id = $2 AND direction = 'down' AND status IN ('pending', 'sent') \
+                 RETURNING channel, created_ms",
                 &[message_id, clinic, status, &(crate::security::unix_now_ms() as i64)],
             )?;
-            Done::Bool(n > 0)
+            Done::Recorded(row.map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1).max(0) as u64)))
         }
         Op::ExpireChannels {
             now_ms,

@@ -886,12 +886,15 @@ fn run_op(tx: &rusqlite::Transaction<'_>, op: &Op, now: &str) -> Result<Done, St
             message_id,
             status,
         } => tx
-            .execute(
+            .query_row(
                 "UPDATE channel_messages SET status = ?3, updated_ms = ?4 \
-                 WHERE message_id = ?1 AND clinic_id = ?2 AND direction = 'down' AND status IN ('pending', 'sent')",
+                 WHERE message_id = ?1 AND clinic_id = ?2 AND direction = 'down' AND status IN ('pending', 'sent') \
+                 RETURNING channel, created_ms",
                 params![message_id, clinic, status, now_ms() as i64],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64)),
             )
-            .map(|n| Done::Bool(n > 0))
+            .optional()
+            .map(Done::Recorded)
             .map_err(write_err),
         Op::ExpireChannels {
             now_ms: at,
