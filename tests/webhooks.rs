@@ -31,17 +31,24 @@ struct Receiver {
     poison: AtomicU64,
 }
 
+/// A request header as text ("" when absent).
+fn header(req: &HttpRequest, name: &str) -> String {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The delivery carries the signature of its timestamp and body.
+fn signed(req: &HttpRequest, body: &[u8]) -> bool {
+    let ts: u64 = header(req, "tether-timestamp").parse().unwrap_or(0);
+    header(req, "tether-signature") == format!("v1={}", sign(SECRET, ts, body))
+}
+
 async fn receive(req: HttpRequest, body: web::Bytes, r: web::Data<Receiver>) -> HttpResponse {
-    let h = |n: &str| {
-        req.headers()
-            .get(n)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string()
-    };
-    let ts: u64 = h("tether-timestamp").parse().unwrap_or(0);
-    let expected = format!("v1={}", sign(SECRET, ts, &body));
-    if h("tether-signature") != expected {
+    let h = |n: &str| header(&req, n);
+    if !signed(&req, &body) {
         r.bad_signatures.fetch_add(1, Ordering::SeqCst);
         return HttpResponse::Unauthorized().finish();
     }
@@ -438,15 +445,7 @@ async fn up_channel_messages_are_pushed_signed_in_order_once_each() {
         bad_signatures: AtomicUsize,
     }
     async fn take(req: HttpRequest, body: web::Bytes, g: web::Data<Got>) -> HttpResponse {
-        let h = |n: &str| {
-            req.headers()
-                .get(n)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string()
-        };
-        let ts: u64 = h("tether-timestamp").parse().unwrap_or(0);
-        if h("tether-signature") != format!("v1={}", sign(SECRET, ts, &body)) {
+        if !signed(&req, &body) {
             g.bad_signatures.fetch_add(1, Ordering::SeqCst);
             return HttpResponse::Unauthorized().finish();
         }
@@ -460,7 +459,7 @@ async fn up_channel_messages_are_pushed_signed_in_order_once_each() {
         g.messages
             .lock()
             .expect("lock")
-            .push((h("tether-message-id"), v));
+            .push((header(&req, "tether-message-id"), v));
         HttpResponse::NoContent().finish()
     }
     let got = web::Data::new(Got::default());

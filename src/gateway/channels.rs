@@ -195,7 +195,7 @@ impl GatewayChannels {
     }
 
     /// Up messages were stored somewhere: wake the streams.
-    pub fn wake_streams(&self) {
+    fn wake_streams(&self) {
         self.up_wake.send_modify(|v| *v = v.wrapping_add(1));
     }
 
@@ -881,6 +881,13 @@ pub fn samples() -> Vec<ChannelSpec> {
             include_str!("../../schemas/channels/frontdesk.checkin.schema.json"),
         ),
     ]
+}
+
+/// Up messages were stored (here, or on another node by its signal): the streams and the
+/// webhook dispatchers that take channels read on.
+pub fn up_stored(state: &GatewayState) {
+    state.channels.wake_streams();
+    state.webhooks.notify();
 }
 
 /// The sweep's part for channels (every heartbeat, on every node): nudge the sessions of

@@ -175,8 +175,7 @@ pub fn start(state: web::Data<GatewayState>, addr: String) {
                 Signal::Answer(id) => actix::spawn(take_answer(state, id)),
                 Signal::Registry(_) => actix::spawn(super::clinic_registry::on_signal(state)),
                 Signal::UpChannel => {
-                    state.channels.wake_streams();
-                    state.webhooks.notify();
+                    super::channels::up_stored(&state);
                     continue;
                 }
                 Signal::Updates(_) => continue,

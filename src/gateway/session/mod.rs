@@ -1201,8 +1201,7 @@ impl Session {
                             let fresh = new.first().copied().unwrap_or(false);
                             if fresh {
                                 act.state.channels.count_received(&channel);
-                                act.state.channels.wake_streams();
-                                act.state.webhooks.notify();
+                                channels::up_stored(&act.state);
                             }
                             log::info!(target: MESSAGE, "session={} clinic={} event=channel_received channel={channel} message_id={id} duplicate={}", act.id, act.clinic_label(), !fresh);
                             act.send(
