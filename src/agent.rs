@@ -10,7 +10,7 @@ use tether_actors::SystemClock;
 
 use crate::config::AgentConfig;
 use crate::db::sqlite::{SqliteCheckpoint, SqliteSink, SqliteSource};
-use crate::security::crypto::{EncryptingSource, FieldCipher};
+use crate::security::crypto::{ChannelCipher, EncryptingSource, FieldCipher};
 use crate::security::dialer::SecureDialer;
 use crate::security::jwt::TokenSigner;
 use crate::security::tls::{self, ClientTls};
@@ -445,9 +445,11 @@ pub fn ports_with_proxy(
     // One agent per database: taken before anything reads the outbox.
     let held = instance_lock(a)?;
     let (mut source, checkpoint, sink) = db_ports(a)?;
+    let mut channel_cipher: Option<Arc<dyn tether_actors::ports::PayloadCipher>> = None;
     if let Some(e) = &a.encryption {
         let keys = crate::security::crypto::data_keys(&e.keys, Some(&e.active))?;
         let fields: HashMap<String, Vec<String>> = e.fields.clone().into_iter().collect();
+        channel_cipher = Some(Arc::new(ChannelCipher::new(keys.clone(), &a.clinic_id)));
         source = Arc::new(EncryptingSource::new(
             source,
             FieldCipher::new(keys, fields),
@@ -461,7 +463,7 @@ pub fn ports_with_proxy(
         dialer: Arc::new(ReloadingDialer::new(a, proxy)?),
         clock: Arc::new(SystemClock),
         queries: queries(a)?,
-        channels: tether_actors::channels::ChannelBoard::new(),
+        channels: tether_actors::channels::ChannelBoard::with_cipher(channel_cipher),
         held,
     })
 }

@@ -519,6 +519,9 @@ pub struct GatewayConfig {
     pub admin_tokens: Vec<crate::security::admin::AdminTokenConfig>,
     /// Data keys to decrypt sensitive fields; without them the store keeps ciphertext.
     pub decryption_keys: Vec<DataKeyConfig>,
+    /// The kid (one of `decryption_keys`) the gateway encrypts the `encrypt` fields of down
+    /// channel messages with; required when a down channel lists any.
+    pub channel_encryption_key: Option<String>,
     pub limits: LimitsConfig,
     /// Endpoints of the main Web API that receive every durable clinic event, signed.
     pub webhooks: Vec<WebhookConfig>,
@@ -554,6 +557,9 @@ pub struct ChannelConfig {
     pub rate_per_second: f64,
     /// Admin token names that may post on it (empty: any token with `write`).
     pub publishers: Vec<String>,
+    /// Top-level payload fields carried encrypted (AES-256-GCM under a data key) between the
+    /// agent and the gateway and in the gateway's store; each must be a property of the schema.
+    pub encrypt: Vec<String>,
     #[serde(flatten, skip_serializing)]
     extra: Extra,
 }
@@ -569,6 +575,7 @@ impl Default for ChannelConfig {
             max_bytes: 16 * 1024,
             rate_per_second: 20.0,
             publishers: Vec::new(),
+            encrypt: Vec::new(),
             extra: Extra::new(),
         }
     }
@@ -801,6 +808,7 @@ impl Default for GatewayConfig {
             auth: None,
             admin_tokens: Vec::new(),
             decryption_keys: Vec::new(),
+            channel_encryption_key: None,
             limits: LimitsConfig::default(),
             webhooks: Vec::new(),
             api_bridge: ApiBridgeConfig::default(),
@@ -1529,9 +1537,23 @@ impl Validator<'_> {
                     let mut s = tether_schemas::EntitySchemas::default();
                     let compiled = std::fs::read_to_string(&c.schema)
                         .map_err(|e| e.to_string())
-                        .and_then(|t| s.insert(&c.name, &t).map_err(|e| e.to_string()));
-                    if let Err(e) = compiled {
-                        self.bad(&key, e);
+                        .and_then(|t| {
+                            s.insert(&c.name, &t).map_err(|e| e.to_string())?;
+                            serde_json::from_str::<serde_json::Value>(&t).map_err(|e| e.to_string())
+                        });
+                    match compiled {
+                        Err(e) => self.bad(&key, e),
+                        Ok(schema) => {
+                            let props = schema.get("properties").and_then(|p| p.as_object());
+                            for (j, f) in c.encrypt.iter().enumerate() {
+                                if !props.is_some_and(|p| p.contains_key(f)) {
+                                    self.bad(
+                                        &format!("gateway.channels[{i}].encrypt[{j}]"),
+                                        format!("`{f}` is not a top-level property of the channel's schema ({})", c.schema.display()),
+                                    );
+                                }
+                            }
+                        }
                     }
                 }
             }
@@ -2060,6 +2082,23 @@ impl Validator<'_> {
                     "must be a number above 0".into(),
                 );
             }
+            let mut listed = std::collections::HashSet::new();
+            for (j, f) in c.encrypt.iter().enumerate() {
+                if !listed.insert(f.as_str()) {
+                    self.bad(
+                        &format!("{key}.encrypt[{j}]"),
+                        format!("`{f}` is listed twice"),
+                    );
+                }
+            }
+            let down =
+                tether_schemas::ChannelDirection::parse(&c.direction).is_some_and(|d| d.down());
+            if down && !c.encrypt.is_empty() && g.channel_encryption_key.is_none() {
+                self.bad(
+                    &format!("{key}.encrypt"),
+                    "a down channel with encrypted fields needs gateway.channel_encryption_key (the kid of gateway.decryption_keys to encrypt them with)".into(),
+                );
+            }
             for (j, p) in c.publishers.iter().enumerate() {
                 if !g.admin_tokens.iter().any(|t| &t.name == p) {
                     self.bad(
@@ -2067,6 +2106,14 @@ impl Validator<'_> {
                         format!("no admin token named `{p}` in gateway.admin_tokens"),
                     );
                 }
+            }
+        }
+        if let Some(kid) = &g.channel_encryption_key {
+            if !g.decryption_keys.iter().any(|k| &k.kid == kid) {
+                self.bad(
+                    "gateway.channel_encryption_key",
+                    format!("`{kid}` is not one of gateway.decryption_keys"),
+                );
             }
         }
         if !valid_id(&g.id) {
@@ -2450,6 +2497,61 @@ gateway:
             p.iter()
                 .any(|(k, _, _)| k == "gateway.enrolment.renew_before"),
             "{p:?}"
+        );
+    }
+
+    #[test]
+    fn channel_encryption_is_checked_against_the_schema_and_the_keys() {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::write(
+            dir.path().join("call.schema.json"),
+            r#"{"type": "object", "properties": {"call_id": {"type": "string"}, "caller": {"type": "string"}}}"#,
+        )
+        .expect("schema");
+        crate::security::keys::write_data_key(&dir.path().join("dk1.key")).expect("key");
+        let check = |extra: &str| {
+            let text = format!(
+                "gateway:\n  listen: 127.0.0.1:0\n  insecure_plaintext: true\n  decryption_keys:\n    - {{kid: dk1, file: dk1.key}}\n{extra}  channels:\n    - name: voip.call\n      schema: call.schema.json\n      encrypt: [caller, called, caller]\n    - name: desk\n      direction: up\n      schema: call.schema.json\n      encrypt: [caller]\n"
+            );
+            let path = dir.path().join("c.yaml");
+            std::fs::write(&path, text).expect("config");
+            match Config::check(&path) {
+                Ok(_) => Vec::new(),
+                Err(e) => e.problems().to_vec(),
+            }
+        };
+        let p = check("");
+        let find = |p: &[Problem], key: &str| {
+            p.iter()
+                .find(|x| x.path == key)
+                .cloned()
+                .unwrap_or_else(|| panic!("no problem at {key} in {p:#?}"))
+        };
+        let e = find(&p, "gateway.channels[0].encrypt[1]");
+        assert!(
+            e.message.contains("`called` is not a top-level property"),
+            "{e:?}"
+        );
+        assert_eq!(e.line, Some(9));
+        assert!(find(&p, "gateway.channels[0].encrypt[2]")
+            .message
+            .contains("twice"));
+        assert!(find(&p, "gateway.channels[0].encrypt")
+            .message
+            .contains("gateway.channel_encryption_key"));
+        assert!(
+            !p.iter().any(|x| x.path.starts_with("gateway.channels[1]")),
+            "an up channel decrypts with any of decryption_keys: {p:#?}"
+        );
+        let p = check("  channel_encryption_key: dk9\n");
+        assert!(find(&p, "gateway.channel_encryption_key")
+            .message
+            .contains("`dk9` is not one of gateway.decryption_keys"));
+        let p = check("  channel_encryption_key: dk1\n");
+        assert!(
+            !p.iter().any(|x| x.path == "gateway.channels[0].encrypt"
+                || x.path == "gateway.channel_encryption_key"),
+            "{p:#?}"
         );
     }
 

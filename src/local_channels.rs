@@ -370,7 +370,7 @@ async fn publish(
     st: &AdminState,
     ch: &LocalChannels,
     channel: &str,
-    payload: serde_json::Map<String, Value>,
+    mut payload: serde_json::Map<String, Value>,
     message_id: Option<String>,
 ) -> (String, Result<(), Refused>) {
     let id = message_id.unwrap_or_else(|| {
@@ -390,14 +390,19 @@ async fn publish(
             )),
         );
     }
-    if let Err(e) = ch.board.check_publish(channel, &payload, Instant::now()) {
+    let checked = ch
+        .board
+        .check_publish(channel, &payload, Instant::now())
+        .and_then(|_| ch.board.seal_publish(channel, &id, &mut payload));
+    if let Err(e) = checked {
         let (code, field) = match &e {
             ChannelError::Unknown(..) => (404, Some("channel".to_string())),
             ChannelError::NotUp(_) | ChannelError::NotDown(_) => (409, Some("channel".into())),
             ChannelError::TooLarge { .. } => (413, Some("payload".into())),
             ChannelError::Invalid { field, .. } => (422, Some(format!("payload{field}"))),
             ChannelError::RateLimited(..) => (429, None),
-            ChannelError::NotKnownYet => (503, None),
+            ChannelError::NotKnownYet | ChannelError::NoDataKey(_) => (503, None),
+            ChannelError::Sealing { field, .. } => (500, Some(format!("payload/{field}"))),
         };
         return (id, Err((code, e.to_string(), field)));
     }

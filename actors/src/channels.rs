@@ -29,6 +29,7 @@ use tether_schemas::{
 };
 
 use crate::log_target::MESSAGE;
+use crate::ports::{PayloadCipher, SealError};
 
 /// Down messages waiting for a subscriber, at most; past it the oldest transient one expires
 /// early, and a durable one is left to the gateway's next resend.
@@ -71,6 +72,14 @@ pub enum ChannelError {
         "the agent has not heard the gateway's channels yet (never connected since it started)"
     )]
     NotKnownYet,
+    #[error("channel `{0}` carries encrypted fields, and this agent has no data key (configure agent.encryption)")]
+    NoDataKey(String),
+    #[error("channel `{channel}`: encrypting field `{field}` failed: {message}")]
+    Sealing {
+        channel: String,
+        field: String,
+        message: String,
+    },
 }
 
 /// Counters of one channel at this agent (all since the process started).
@@ -161,11 +170,22 @@ impl Drop for Subscription {
 pub struct ChannelBoard {
     inner: Mutex<Inner>,
     next_id: AtomicU64,
+    /// Encrypts and decrypts the fields channels list in `encrypt` (`None`: this agent has no
+    /// data key; such channels' messages are refused).
+    cipher: Option<Arc<dyn PayloadCipher>>,
 }
 
 impl ChannelBoard {
     pub fn new() -> Arc<ChannelBoard> {
         Arc::new(ChannelBoard::default())
+    }
+
+    /// A board that encrypts and decrypts channel fields with `cipher`.
+    pub fn with_cipher(cipher: Option<Arc<dyn PayloadCipher>>) -> Arc<ChannelBoard> {
+        Arc::new(ChannelBoard {
+            cipher,
+            ..ChannelBoard::default()
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -187,6 +207,9 @@ impl ChannelBoard {
             if let Err(e) = schemas.insert(&def.name, &def.schema.to_string()) {
                 log::error!(target: MESSAGE, "event=channel_schema_invalid channel={} error={e}", def.name);
                 continue;
+            }
+            if !def.encrypt.is_empty() && self.cipher.is_none() {
+                log::warn!(target: MESSAGE, "event=channel_needs_data_key channel={} fields={} reason=\"the channel carries encrypted fields and agent.encryption is not configured: its messages are refused here\"", def.name, def.encrypt.join(","));
             }
             let tokens = def.rate_per_second.max(1.0);
             let prev = inner.defs.remove(&def.name);
@@ -242,7 +265,7 @@ impl ChannelBoard {
 
     /// A down message from the gateway: handed to the subscribers now, or kept until one comes
     /// (see the module docs). Answers the ack to send now, if any.
-    pub fn on_down(&self, msg: ChannelMessage, now: Instant) -> Option<ChannelAck> {
+    pub fn on_down(&self, mut msg: ChannelMessage, now: Instant) -> Option<ChannelAck> {
         let mut inner = self.lock();
         let id = msg.message_id.clone();
         if inner.delivered.contains(&id) {
@@ -255,6 +278,17 @@ impl ChannelBoard {
         if msg.ttl_ms == Some(0) {
             count(&mut inner, &msg.channel).expired += 1;
             return Some(ack(&id, ChannelAckStatus::Expired));
+        }
+        if let Err(e) = self.open(&inner, &mut msg) {
+            count(&mut inner, &msg.channel).refused += 1;
+            let field = e.field.as_deref().map(|f| format!("/{f}"));
+            log::error!(target: MESSAGE, "event=channel_message_refused channel={} message_id={id} field={} reason=\"{}\"", msg.channel, field.as_deref().unwrap_or("-"), e.message);
+            return Some(ChannelAck {
+                message_id: id,
+                status: ChannelAckStatus::Refused,
+                reason: Some(e.message),
+                field,
+            });
         }
         count(&mut inner, &msg.channel).received += 1;
         let expires = msg.ttl_ms.map(|t| now + Duration::from_millis(t));
@@ -353,6 +387,61 @@ impl ChannelBoard {
             count(&mut inner, channel).refused += 1;
         }
         result
+    }
+
+    /// Encrypts the fields `channel` lists in `encrypt` in a publication already checked by
+    /// [`Self::check_publish`] (the checks see the plaintext; the gateway gets ciphertext).
+    pub fn seal_publish(
+        &self,
+        channel: &str,
+        message_id: &str,
+        payload: &mut tether_schemas::Row,
+    ) -> Result<(), ChannelError> {
+        let fields = match self.lock().defs.get(channel) {
+            Some(d) if !d.def.encrypt.is_empty() => d.def.encrypt.clone(),
+            _ => return Ok(()),
+        };
+        let refused = |e: ChannelError| {
+            count(&mut self.lock(), channel).refused += 1;
+            e
+        };
+        let Some(cipher) = &self.cipher else {
+            return Err(refused(ChannelError::NoDataKey(channel.to_string())));
+        };
+        cipher
+            .seal(channel, message_id, payload, &fields)
+            .map_err(|e| {
+                refused(ChannelError::Sealing {
+                    channel: channel.to_string(),
+                    field: e.field.unwrap_or_default(),
+                    message: e.message,
+                })
+            })
+    }
+
+    /// Decrypts the fields a down message's channel lists in `encrypt`.
+    fn open(&self, inner: &Inner, msg: &mut ChannelMessage) -> Result<(), SealError> {
+        let Some(d) = inner.defs.get(&msg.channel) else {
+            return Ok(());
+        };
+        if d.def.encrypt.is_empty() {
+            return Ok(());
+        }
+        let Some(cipher) = &self.cipher else {
+            return Err(SealError {
+                field: d.def.encrypt.first().cloned(),
+                message: format!(
+                    "channel `{}` carries encrypted fields and this agent has no data key (agent.encryption)",
+                    msg.channel
+                ),
+            });
+        };
+        cipher.open(
+            &msg.channel,
+            &msg.message_id,
+            &mut msg.payload,
+            &d.def.encrypt,
+        )
     }
 
     /// The gateway's answer to a publication.
@@ -532,6 +621,7 @@ mod tests {
             max_bytes: 200,
             rate_per_second: 2.0,
             schema: json!({"type": "object", "required": ["n"], "properties": {"n": {"type": "integer"}}}),
+            encrypt: Vec::new(),
         }
     }
 
@@ -696,5 +786,142 @@ mod tests {
         drop(slow);
         drop(quick);
         assert_eq!(b.subscriber_count(), 0);
+    }
+
+    /// A stand-in for the data-key cipher: "encrypts" a value as `enc:v1:t:<message id>:<json>`,
+    /// so a value moved to another message does not open.
+    struct TestCipher;
+
+    impl PayloadCipher for TestCipher {
+        fn seal(
+            &self,
+            _: &str,
+            id: &str,
+            payload: &mut tether_schemas::Row,
+            fields: &[String],
+        ) -> Result<(), SealError> {
+            for f in fields {
+                if let Some(v) = payload.get_mut(f).filter(|v| !v.is_null()) {
+                    *v = json!(format!("enc:v1:t:{id}:{v}"));
+                }
+            }
+            Ok(())
+        }
+
+        fn open(
+            &self,
+            _: &str,
+            id: &str,
+            payload: &mut tether_schemas::Row,
+            fields: &[String],
+        ) -> Result<(), SealError> {
+            let prefix = format!("enc:v1:t:{id}:");
+            let mut out = Vec::new();
+            for f in fields {
+                let Some(v) = payload.get(f).filter(|v| !v.is_null()) else {
+                    continue;
+                };
+                let plain = v
+                    .as_str()
+                    .and_then(|s| s.strip_prefix(&prefix))
+                    .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+                    .ok_or_else(|| SealError {
+                        field: Some(f.clone()),
+                        message: format!("field {f} does not decrypt"),
+                    })?;
+                out.push((f.clone(), plain));
+            }
+            for (f, v) in out {
+                payload.insert(f, v);
+            }
+            Ok(())
+        }
+    }
+
+    fn sealed_msg(id: &str, channel: &str, n: serde_json::Value) -> ChannelMessage {
+        let mut m = msg(id, channel, None);
+        m.payload.insert("n".into(), n);
+        m
+    }
+
+    fn encrypted(name: &str, direction: ChannelDirection) -> ChannelDef {
+        ChannelDef {
+            encrypt: vec!["n".into()],
+            ..def(name, direction, ChannelDelivery::Durable)
+        }
+    }
+
+    #[test]
+    fn encrypted_fields_reach_subscribers_in_clear_and_a_field_that_does_not_decrypt_is_refused() {
+        let b = ChannelBoard::with_cipher(Some(Arc::new(TestCipher)));
+        b.set_channels(vec![
+            encrypted("notice", ChannelDirection::Down),
+            encrypted("checkin", ChannelDirection::Up),
+        ]);
+        let t0 = Instant::now();
+        let mut sub = b.subscribe(vec![], t0).expect("sub");
+        let a = b
+            .on_down(sealed_msg("m1", "notice", json!("enc:v1:t:m1:5")), t0)
+            .expect("ack");
+        assert_eq!(a.status, ChannelAckStatus::Delivered);
+        let t = sub.rx.try_recv().expect("delivered");
+        let got: serde_json::Value = serde_json::from_str(&t).expect("json");
+        assert_eq!(
+            got["payload"]["n"],
+            json!(5),
+            "the subscriber reads plaintext"
+        );
+        // Moved from another message, or in clear: refused naming the field, never delivered.
+        for (id, n) in [("m2", json!("enc:v1:t:m1:5")), ("m3", json!(7))] {
+            let a = b.on_down(sealed_msg(id, "notice", n), t0).expect("ack");
+            assert_eq!(a.status, ChannelAckStatus::Refused, "{id}");
+            assert_eq!(a.field.as_deref(), Some("/n"));
+            assert!(a.reason.is_some_and(|r| r.contains("does not decrypt")));
+        }
+        assert!(
+            sub.rx.try_recv().is_err(),
+            "nothing refused reaches a subscriber"
+        );
+        let c = b.counts();
+        let notice = &c.iter().find(|(n, _)| n == "notice").expect("notice").1;
+        assert_eq!((notice.delivered, notice.refused), (1, 2));
+        // Up: checked on the plaintext, then the listed field encrypted for its message id.
+        let mut payload = sealed_msg("u1", "checkin", json!(9)).payload;
+        b.check_publish("checkin", &payload, t0).expect("checked");
+        b.seal_publish("checkin", "u1", &mut payload)
+            .expect("sealed");
+        assert_eq!(payload["n"], json!("enc:v1:t:u1:9"));
+    }
+
+    #[test]
+    fn without_a_data_key_encrypted_channels_are_refused_both_ways() {
+        let b = ChannelBoard::new();
+        b.set_channels(vec![
+            encrypted("notice", ChannelDirection::Down),
+            encrypted("checkin", ChannelDirection::Up),
+            def("plain", ChannelDirection::Up, ChannelDelivery::Durable),
+        ]);
+        let t0 = Instant::now();
+        let _sub = b.subscribe(vec![], t0).expect("sub");
+        let a = b
+            .on_down(sealed_msg("m1", "notice", json!("enc:v1:t:m1:5")), t0)
+            .expect("ack");
+        assert_eq!(
+            (a.status, a.field.as_deref()),
+            (ChannelAckStatus::Refused, Some("/n"))
+        );
+        assert!(a.reason.is_some_and(|r| r.contains("agent.encryption")));
+        let mut payload = sealed_msg("u1", "checkin", json!(9)).payload;
+        assert_eq!(
+            b.seal_publish("checkin", "u1", &mut payload),
+            Err(ChannelError::NoDataKey("checkin".into()))
+        );
+        assert_eq!(payload["n"], json!(9), "never sent in clear: refused");
+        assert_eq!(b.seal_publish("plain", "u2", &mut payload), Ok(()));
+        assert_eq!(
+            payload["n"],
+            json!(9),
+            "a channel without encrypt is left as it is"
+        );
     }
 }

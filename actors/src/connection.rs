@@ -510,7 +510,10 @@ impl Connection {
             source_id: self.source_id,
             restarts: Some(self.stats.total_restarts()),
             clock_ms: Some(unix_ms()),
-            features: vec![tether_schemas::FEATURE_CHANNELS.into()],
+            features: vec![
+                tether_schemas::FEATURE_CHANNELS.into(),
+                tether_schemas::FEATURE_CHANNEL_ENCRYPTION.into(),
+            ],
         });
         self.write_text(hello.encode());
         // The whole handshake (upgrade + welcome) must finish within connect_timeout.

@@ -161,3 +161,34 @@ impl QueryRunner for NoQueries {
         })
     }
 }
+
+/// Why a channel payload's fields could not be encrypted or decrypted: the field at fault (if
+/// the failure is about one) and why, never a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct SealError {
+    pub field: Option<String>,
+    pub message: String,
+}
+
+/// Field encryption of channel payloads (the channels that list fields in `encrypt`), with this
+/// clinic's data keys. The ciphertext is bound to the clinic, the channel and the message id.
+pub trait PayloadCipher: Send + Sync + 'static {
+    /// Encrypts `fields` of an up message's payload in place (absent and null ones are left).
+    fn seal(
+        &self,
+        channel: &str,
+        message_id: &str,
+        payload: &mut tether_schemas::Row,
+        fields: &[String],
+    ) -> Result<(), SealError>;
+    /// Decrypts `fields` of a down message's payload in place; a listed field that is not a
+    /// ciphertext, or does not decrypt, is refused. On error the payload is left untouched.
+    fn open(
+        &self,
+        channel: &str,
+        message_id: &str,
+        payload: &mut tether_schemas::Row,
+        fields: &[String],
+    ) -> Result<(), SealError>;
+}

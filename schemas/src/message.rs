@@ -38,6 +38,9 @@ pub struct Hello {
 
 /// The `hello.features` value of agents that take channel messages.
 pub const FEATURE_CHANNELS: &str = "channels";
+/// The `hello.features` value of agents that encrypt and decrypt the fields a channel lists in
+/// `encrypt`; agents without it are not told of such channels and get none of their messages.
+pub const FEATURE_CHANNEL_ENCRYPTION: &str = "channel_encryption";
 
 /// Which way a channel's messages go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -121,6 +124,11 @@ pub struct ChannelDef {
     pub rate_per_second: f64,
     /// The JSON Schema every payload must match.
     pub schema: Value,
+    /// Top-level payload fields carried encrypted (`enc:v1:…`, AES-256-GCM under a data key,
+    /// bound to the clinic, channel and message id): the agent encrypts them in up messages
+    /// and decrypts them in down ones. Absent: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub encrypt: Vec<String>,
 }
 
 /// Either way: one message on a channel. Down: its `message_id` is the gateway's; up: the
@@ -147,7 +155,9 @@ pub enum ChannelAckStatus {
     Expired,
     /// Up: durable at the gateway.
     Accepted,
-    /// Up: refused (`reason`, `field`); sending it again will not help.
+    /// Refused (`reason`, `field`); sending it again will not help. Up: by the gateway (schema,
+    /// size, rate, an encrypted field); down: by the agent (an encrypted field it cannot
+    /// decrypt).
     Refused,
 }
 
@@ -860,6 +870,7 @@ mod tests {
                     max_bytes: 4096,
                     rate_per_second: 20.0,
                     schema: json!({"type": "object"}),
+                    encrypt: vec!["caller".into()],
                 }],
             }),
             Message::Events(Events {

@@ -19,10 +19,13 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use tether_schemas::{ChannelDef, ChannelDelivery, ChannelDirection, EntitySchemas};
+use tether_schemas::{
+    ChannelAckStatus, ChannelDef, ChannelDelivery, ChannelDirection, EntitySchemas,
+};
 
 use super::store::{ChannelRecord, NewChannelMessage, StoreError};
 use super::GatewayState;
+use crate::security::crypto::FieldCipher;
 use crate::security::limits::TokenBucket;
 use crate::security::log_value;
 use tether_actors::log_target::AUDIT;
@@ -83,6 +86,13 @@ impl ChannelCounters {
 pub struct GatewayChannels {
     specs: BTreeMap<String, ChannelSpec>,
     schemas: EntitySchemas,
+    /// Up channels with `encrypt` fields, their schema as it stands while those fields are
+    /// ciphertext (each listed property an `enc:v1:` string): checked when this gateway has
+    /// no data key to read them.
+    sealed_schemas: EntitySchemas,
+    /// Data keys (`gateway.decryption_keys`, the active one `gateway.channel_encryption_key`):
+    /// encrypts down channels' `encrypt` fields, decrypts up ones. `None`: no keys.
+    cipher: Option<FieldCipher>,
     counters: BTreeMap<String, ChannelCounters>,
     /// Down posts per clinic and channel (`rate_per_second`, on this node).
     rates: Mutex<HashMap<(String, String), TokenBucket>>,
@@ -116,21 +126,38 @@ impl Refusal {
 }
 
 impl GatewayChannels {
-    /// Compiles every channel's schema; a schema that does not compile names its channel.
-    pub fn new(specs: Vec<ChannelSpec>) -> Result<GatewayChannels, String> {
+    /// Compiles every channel's schema; a schema that does not compile names its channel, as
+    /// does a down channel with `encrypt` fields when `cipher` has no active key.
+    pub fn new(
+        specs: Vec<ChannelSpec>,
+        cipher: Option<FieldCipher>,
+    ) -> Result<GatewayChannels, String> {
         let mut schemas = EntitySchemas::default();
+        let mut sealed_schemas = EntitySchemas::default();
         let mut by_name = BTreeMap::new();
         let mut counters = BTreeMap::new();
         for s in specs {
+            let name = &s.def.name;
             schemas
-                .insert(&s.def.name, &s.def.schema.to_string())
-                .map_err(|e| format!("gateway.channels `{}`: {e}", s.def.name))?;
+                .insert(name, &s.def.schema.to_string())
+                .map_err(|e| format!("gateway.channels `{name}`: {e}"))?;
+            if !s.def.encrypt.is_empty() {
+                if s.def.direction.down() && !cipher.as_ref().is_some_and(FieldCipher::can_encrypt)
+                {
+                    return Err(format!("gateway.channels `{name}` encrypts {}: set gateway.channel_encryption_key to one of gateway.decryption_keys", s.def.encrypt.join(", ")));
+                }
+                sealed_schemas
+                    .insert(name, &sealed_schema(&s.def).to_string())
+                    .map_err(|e| format!("gateway.channels `{name}`: {e}"))?;
+            }
             counters.insert(s.def.name.clone(), ChannelCounters::default());
             by_name.insert(s.def.name.clone(), s);
         }
         Ok(GatewayChannels {
             specs: by_name,
             schemas,
+            sealed_schemas,
+            cipher,
             counters,
             rates: Mutex::new(HashMap::new()),
             up_wake: tokio::sync::watch::channel(0).0,
@@ -142,9 +169,23 @@ impl GatewayChannels {
         self.specs.is_empty()
     }
 
-    /// The definitions agents get in `welcome.channels`.
-    pub fn wire(&self) -> Vec<ChannelDef> {
-        self.specs.values().map(|s| s.def.clone()).collect()
+    /// The definitions agents get in `welcome.channels`: those with `encrypt` fields only to
+    /// agents that can `encrypt` (`hello.features`).
+    pub fn wire(&self, encrypt: bool) -> Vec<ChannelDef> {
+        self.specs
+            .values()
+            .filter(|s| encrypt || s.def.encrypt.is_empty())
+            .map(|s| s.def.clone())
+            .collect()
+    }
+
+    /// Whether `name`'s messages can go to an agent (that can `encrypt` or not).
+    pub fn carried(&self, name: &str, encrypt: bool) -> bool {
+        encrypt
+            || self
+                .specs
+                .get(name)
+                .is_some_and(|s| s.def.encrypt.is_empty())
     }
 
     pub fn spec(&self, name: &str) -> Option<&ChannelSpec> {
@@ -174,17 +215,30 @@ impl GatewayChannels {
     }
 
     /// The agent's answer to a down message, with the time since it was published.
-    pub fn count_result(&self, name: &str, delivered: bool, since_publish: Option<Duration>) {
+    pub fn count_result(
+        &self,
+        name: &str,
+        status: ChannelAckStatus,
+        since_publish: Option<Duration>,
+    ) {
         let Some(c) = self.counters.get(name) else {
             return;
         };
-        if delivered {
-            c.delivered.fetch_add(1, Relaxed);
-            if let Some(d) = since_publish {
-                c.observe(d.as_secs_f64());
+        match status {
+            ChannelAckStatus::Delivered => {
+                c.delivered.fetch_add(1, Relaxed);
+                if let Some(d) = since_publish {
+                    c.observe(d.as_secs_f64());
+                }
             }
-        } else {
-            c.expired.fetch_add(1, Relaxed);
+            ChannelAckStatus::Expired => {
+                c.expired.fetch_add(1, Relaxed);
+            }
+            ChannelAckStatus::Refused => {
+                c.refused.fetch_add(1, Relaxed);
+            }
+            // Not an agent's answer (the session refuses it).
+            ChannelAckStatus::Accepted => {}
         }
     }
 
@@ -199,14 +253,77 @@ impl GatewayChannels {
         self.up_wake.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    /// Checks a payload against channel `name` going `down` (or up): declared, the right
-    /// direction, within its size, matching its schema. Answers the channel's spec.
+    /// Checks a payload against channel `name` going `down` (or up, with no encrypted
+    /// fields): declared, the right direction, within its size, matching its schema. Answers
+    /// the channel's spec.
     pub fn check(
         &self,
         name: &str,
         payload: &Map<String, Value>,
         down: bool,
     ) -> Result<&ChannelSpec, Refusal> {
+        let spec = self.lookup(name, down)?;
+        self.check_payload(spec, payload, &self.schemas, spec.def.max_bytes)?;
+        Ok(spec)
+    }
+
+    /// An agent's up message on channel `name` from `clinic`: the fields the channel lists in
+    /// `encrypt` must arrive as ciphertext. With a data key they are decrypted (and stored
+    /// decrypted, as table rows are) and the plaintext is checked; without one the payload is
+    /// checked as it stands (each listed field an `enc:v1:` string, the size with room for
+    /// the encryption) and kept encrypted.
+    pub fn check_up(
+        &self,
+        name: &str,
+        clinic: &str,
+        message_id: &str,
+        payload: &mut Map<String, Value>,
+    ) -> Result<&ChannelSpec, Refusal> {
+        let spec = self.lookup(name, false)?;
+        let fields = &spec.def.encrypt;
+        if fields.is_empty() {
+            self.check_payload(spec, payload, &self.schemas, spec.def.max_bytes)?;
+            return Ok(spec);
+        }
+        let unprocessable = |field: &str, message: String| {
+            Refusal::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Some(&format!("payload/{field}")),
+                message,
+            )
+        };
+        for f in fields {
+            if payload
+                .get(f)
+                .is_some_and(|v| !v.is_null() && crate::security::crypto::sealed(v).is_none())
+            {
+                return Err(unprocessable(
+                    f,
+                    format!("must arrive encrypted: channel `{name}` lists it in encrypt"),
+                ));
+            }
+        }
+        match &self.cipher {
+            Some(c) => {
+                let mut plain = payload.clone();
+                c.open_channel(clinic, name, message_id, &mut plain, fields)
+                    .map_err(|e| {
+                        unprocessable(e.field().unwrap_or(""), format!("cannot be decrypted: {e}"))
+                    })?;
+                self.check_payload(spec, &plain, &self.schemas, spec.def.max_bytes)?;
+                *payload = plain;
+            }
+            None => {
+                // Each encrypted value grows by a third (base64), the prefix, kid, IV and tag.
+                let room = spec.def.max_bytes * 4 / 3 + 128 * fields.len() as u64;
+                self.check_payload(spec, payload, &self.sealed_schemas, room)?;
+            }
+        }
+        Ok(spec)
+    }
+
+    /// Channel `name`, declared and going `down` (or up).
+    fn lookup(&self, name: &str, down: bool) -> Result<&ChannelSpec, Refusal> {
         let Some(spec) = self.specs.get(name) else {
             let names: Vec<&str> = self.specs.keys().map(String::as_str).collect();
             return Err(Refusal::new(
@@ -238,8 +355,20 @@ impl GatewayChannels {
                 format!("channel `{name}` goes from the cloud to the clinics; clinics cannot publish on it"),
             ));
         }
+        Ok(spec)
+    }
+
+    /// A payload within `max_bytes` and matching `spec`'s schema in `schemas`.
+    fn check_payload(
+        &self,
+        spec: &ChannelSpec,
+        payload: &Map<String, Value>,
+        schemas: &EntitySchemas,
+        max_bytes: u64,
+    ) -> Result<(), Refusal> {
+        let name = &spec.def.name;
         let size = serde_json::to_string(payload).map_or(0, |t| t.len());
-        if size as u64 > spec.def.max_bytes {
+        if size as u64 > max_bytes {
             return Err(Refusal::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 Some("payload"),
@@ -249,7 +378,7 @@ impl GatewayChannels {
                 ),
             ));
         }
-        if let Err(e) = self.schemas.validate(name, &Value::Object(payload.clone())) {
+        if let Err(e) = schemas.validate(name, &Value::Object(payload.clone())) {
             let (field, message) = match e {
                 tether_schemas::EntitySchemaError::Invalid { field, message, .. } => {
                     (format!("payload{field}"), message)
@@ -262,7 +391,7 @@ impl GatewayChannels {
                 format!("does not match channel `{name}`'s schema: {message}"),
             ));
         }
-        Ok(spec)
+        Ok(())
     }
 
     /// Takes one of `clinic`'s posts on `channel` from its rate (`rate_per_second`, burst of
@@ -280,31 +409,64 @@ impl GatewayChannels {
             .take_at(Instant::now())
     }
 
-    /// The messages for `clinics` on `spec`'s channel, as the store keeps them.
+    /// The messages for `clinics` on `spec`'s channel, as the store keeps them: the fields
+    /// the channel lists in `encrypt` encrypted for each clinic and message id.
     fn new_messages(
+        &self,
         spec: &ChannelSpec,
         clinics: &[String],
-        payload: &str,
+        payload: &Map<String, Value>,
         ttl: Option<Duration>,
         batch_id: Option<String>,
-    ) -> Vec<NewChannelMessage> {
+    ) -> Result<Vec<NewChannelMessage>, Refusal> {
         let now = crate::security::unix_now_ms();
         let durable = spec.def.delivery == ChannelDelivery::Durable;
         let ttl_ms = ttl
             .map(|t| t.as_millis() as u64)
             .or(spec.def.ttl_ms)
             .filter(|_| !durable);
+        let fields = &spec.def.encrypt;
+        let clear = fields
+            .is_empty()
+            .then(|| Value::Object(payload.clone()).to_string());
         clinics
             .iter()
-            .map(|c| NewChannelMessage {
-                message_id: super::store::new_message_id(),
-                clinic_id: c.clone(),
-                channel: spec.def.name.clone(),
-                up: false,
-                durable,
-                payload: payload.to_string(),
-                expires_ms: ttl_ms.map(|t| now + t),
-                batch_id: batch_id.clone(),
+            .map(|c| {
+                let message_id = super::store::new_message_id();
+                let text = match &clear {
+                    Some(t) => t.clone(),
+                    None => {
+                        let cipher = self.cipher.as_ref().ok_or_else(|| {
+                            Refusal::new(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                None,
+                                "this gateway has no data key to encrypt the channel's fields",
+                            )
+                        })?;
+                        let mut sealed = payload.clone();
+                        cipher
+                            .seal_channel(c, &spec.def.name, &message_id, &mut sealed, fields)
+                            .map_err(|e| {
+                                log::error!(target: "error", "event=channel_encryption_failed channel={} error={e}", spec.def.name);
+                                Refusal::new(
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    None,
+                                    format!("encrypting the channel's fields failed: {e}"),
+                                )
+                            })?;
+                        Value::Object(sealed).to_string()
+                    }
+                };
+                Ok(NewChannelMessage {
+                    message_id,
+                    clinic_id: c.clone(),
+                    channel: spec.def.name.clone(),
+                    up: false,
+                    durable,
+                    payload: text,
+                    expires_ms: ttl_ms.map(|t| now + t),
+                    batch_id: batch_id.clone(),
+                })
             })
             .collect()
     }
@@ -506,8 +668,14 @@ pub(super) async fn post_clinic(
         );
         return resp;
     }
-    let text = Value::Object(payload).to_string();
-    let msgs = GatewayChannels::new_messages(spec, std::slice::from_ref(&clinic), &text, ttl, None);
+    let msgs =
+        match state
+            .channels
+            .new_messages(spec, std::slice::from_ref(&clinic), &payload, ttl, None)
+        {
+            Ok(m) => m,
+            Err(r) => return r.response(),
+        };
     let (id, expires_ms) = (msgs[0].message_id.clone(), msgs[0].expires_ms);
     match state.store.enqueue_channel(msgs).await {
         Ok(_) => {
@@ -580,8 +748,16 @@ pub(super) async fn post_fan_out(
         rand::random::<u64>(),
         rand::random::<u64>()
     );
-    let text = Value::Object(parsed.payload).to_string();
-    let msgs = GatewayChannels::new_messages(spec, &clinics, &text, ttl, Some(batch_id.clone()));
+    let msgs = match state.channels.new_messages(
+        spec,
+        &clinics,
+        &parsed.payload,
+        ttl,
+        Some(batch_id.clone()),
+    ) {
+        Ok(m) => m,
+        Err(r) => return r.response(),
+    };
     let ids: BTreeMap<String, String> = msgs
         .iter()
         .map(|m| (m.clinic_id.clone(), m.message_id.clone()))
@@ -644,6 +820,7 @@ pub(super) async fn list(state: web::Data<GatewayState>) -> HttpResponse {
                 "rate_per_second": s.def.rate_per_second,
                 "publishers": s.publishers,
                 "schema": s.def.schema,
+                "encrypt": s.def.encrypt,
                 "counters": {
                     "published": n(|c| &c.published),
                     "sent": n(|c| &c.sent),
@@ -781,6 +958,21 @@ impl StreamState {
     }
 }
 
+/// `def`'s schema with each property it lists in `encrypt` replaced by what stands there while
+/// encrypted: an `enc:v1:` string (or null).
+fn sealed_schema(def: &ChannelDef) -> Value {
+    let mut schema = def.schema.clone();
+    if let Some(props) = schema.get_mut("properties").and_then(Value::as_object_mut) {
+        for f in &def.encrypt {
+            props.insert(
+                f.clone(),
+                json!({"type": ["string", "null"], "pattern": "^enc:v1:"}),
+            );
+        }
+    }
+    schema
+}
+
 /// An up message as the main Web API gets it (the stream's `data`, a webhook's body).
 pub fn message_json(r: &ChannelRecord) -> Value {
     let payload: Value = r
@@ -835,6 +1027,7 @@ pub fn specs_from_config(c: &crate::config::GatewayConfig) -> Result<Vec<Channel
                 max_bytes: ch.max_bytes,
                 rate_per_second: ch.rate_per_second,
                 schema,
+                encrypt: ch.encrypt.clone(),
             },
             publishers: ch.publishers.clone(),
         });
@@ -857,6 +1050,7 @@ pub fn samples() -> Vec<ChannelSpec> {
                 max_bytes: 16 * 1024,
                 rate_per_second: 50.0,
                 schema,
+                encrypt: Vec::new(),
             },
             publishers: Vec::new(),
         }
@@ -942,6 +1136,7 @@ mod tests {
                 max_bytes: 100,
                 rate_per_second: 1.0,
                 schema: json!({"type": "object", "required": ["call_id"], "properties": {"call_id": {"type": "string"}}}),
+                encrypt: Vec::new(),
             },
             publishers: vec![],
         }
@@ -956,10 +1151,13 @@ mod tests {
 
     #[test]
     fn payloads_are_checked_by_channel_direction_size_and_schema_naming_the_field() {
-        let ch = GatewayChannels::new(vec![
-            spec("voip.call", ChannelDirection::Down),
-            spec("desk", ChannelDirection::Up),
-        ])
+        let ch = GatewayChannels::new(
+            vec![
+                spec("voip.call", ChannelDirection::Down),
+                spec("desk", ChannelDirection::Up),
+            ],
+            None,
+        )
         .expect("channels");
         assert!(ch
             .check("voip.call", &obj(json!({"call_id": "c1"})), true)
@@ -1005,17 +1203,25 @@ mod tests {
     fn a_schema_that_does_not_compile_names_its_channel() {
         let mut s = spec("bad", ChannelDirection::Down);
         s.def.schema = json!({"type": 12});
-        let err = GatewayChannels::new(vec![s]).err().expect("refused");
+        let err = GatewayChannels::new(vec![s], None).err().expect("refused");
         assert!(err.contains("`bad`"), "{err}");
     }
 
     #[test]
     fn the_metrics_have_every_family_per_channel_and_a_cumulative_histogram() {
-        let ch = GatewayChannels::new(vec![spec("voip.call", ChannelDirection::Down)])
+        let ch = GatewayChannels::new(vec![spec("voip.call", ChannelDirection::Down)], None)
             .expect("channels");
-        ch.count_result("voip.call", true, Some(Duration::from_millis(3)));
-        ch.count_result("voip.call", true, Some(Duration::from_millis(40)));
-        ch.count_result("voip.call", false, None);
+        ch.count_result(
+            "voip.call",
+            ChannelAckStatus::Delivered,
+            Some(Duration::from_millis(3)),
+        );
+        ch.count_result(
+            "voip.call",
+            ChannelAckStatus::Delivered,
+            Some(Duration::from_millis(40)),
+        );
+        ch.count_result("voip.call", ChannelAckStatus::Expired, None);
         let text = ch.metrics_text();
         assert!(
             text.contains("tether_gateway_channel_delivered_total{channel=\"voip.call\"} 2"),
@@ -1031,5 +1237,130 @@ mod tests {
             text.contains("tether_gateway_channel_delivery_seconds_count{channel=\"voip.call\"} 2"),
             "{text}"
         );
+    }
+
+    fn cipher(dir: &std::path::Path, kid: &str, active: bool) -> FieldCipher {
+        let path = dir.join(format!("{kid}.key"));
+        crate::security::keys::write_data_key(&path).expect("key");
+        let mut keys = crate::security::crypto::DataKeys::default();
+        keys.add_file(kid, &path).expect("add");
+        if active {
+            keys.set_active(kid).expect("active");
+        }
+        FieldCipher::new(keys, HashMap::new())
+    }
+
+    fn encrypted(name: &str, direction: ChannelDirection) -> ChannelSpec {
+        let mut s = spec(name, direction);
+        s.def.encrypt = vec!["caller".into()];
+        s.def.schema = json!({"type": "object", "required": ["call_id"], "additionalProperties": false,
+            "properties": {"call_id": {"type": "string"}, "caller": {"type": "string", "maxLength": 12}}});
+        s
+    }
+
+    #[test]
+    fn encrypted_fields_are_sealed_per_clinic_going_down_and_must_arrive_sealed_going_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = cipher(dir.path(), "dk1", true);
+        // A down channel that encrypts needs a key to encrypt with.
+        let err = GatewayChannels::new(
+            vec![encrypted("call", ChannelDirection::Down)],
+            Some(cipher(dir.path(), "dk2", false)),
+        )
+        .err()
+        .expect("refused");
+        assert!(err.contains("channel_encryption_key"), "{err}");
+        let ch = GatewayChannels::new(
+            vec![
+                encrypted("call", ChannelDirection::Down),
+                encrypted("desk", ChannelDirection::Up),
+                spec("plain", ChannelDirection::Down),
+            ],
+            Some(key.clone()),
+        )
+        .expect("channels");
+        // Agents that cannot encrypt are not told of the channels that do, nor sent them.
+        let names = |v: Vec<ChannelDef>| v.into_iter().map(|d| d.name).collect::<Vec<_>>();
+        assert_eq!(names(ch.wire(false)), ["plain"]);
+        assert_eq!(names(ch.wire(true)), ["call", "desk", "plain"]);
+        assert!(!ch.carried("call", false) && ch.carried("call", true));
+        assert!(ch.carried("plain", false));
+
+        // Down: checked in clear, kept encrypted, one ciphertext per clinic and message.
+        let payload = obj(json!({"call_id": "c1", "caller": "+15550100"}));
+        let spec = ch.check("call", &payload, true).expect("checked");
+        let clinics = ["c-1".to_string(), "c-2".to_string()];
+        let msgs = ch
+            .new_messages(spec, &clinics, &payload, None, None)
+            .expect("messages");
+        for m in &msgs {
+            assert!(!m.payload.contains("5550100"), "{}", m.payload);
+            let mut kept: Map<String, Value> = serde_json::from_str(&m.payload).expect("json");
+            key.open_channel(
+                &m.clinic_id,
+                "call",
+                &m.message_id,
+                &mut kept,
+                &["caller".into()],
+            )
+            .expect("opens for its own clinic and id");
+            assert_eq!(kept, payload);
+        }
+        assert_ne!(msgs[0].payload, msgs[1].payload);
+
+        // Up, with the key: decrypted, then checked and kept in clear.
+        let mut up = payload.clone();
+        key.seal_channel("c-1", "desk", "u1", &mut up, &["caller".into()])
+            .expect("seal");
+        let mut got = up.clone();
+        ch.check_up("desk", "c-1", "u1", &mut got)
+            .expect("accepted");
+        assert_eq!(got, payload);
+        // ... from another clinic or message id, in clear, or too long once decrypted: refused
+        // naming the field, never echoing it.
+        for (clinic, id) in [("c-2", "u1"), ("c-1", "u2")] {
+            let r = ch
+                .check_up("desk", clinic, id, &mut up.clone())
+                .expect_err("moved");
+            assert_eq!(r.field.as_deref(), Some("payload/caller"), "{clinic} {id}");
+            assert!(r.message.contains("cannot be decrypted"), "{}", r.message);
+        }
+        let r = ch
+            .check_up("desk", "c-1", "u1", &mut payload.clone())
+            .expect_err("clear");
+        assert_eq!(
+            (r.status, r.field.as_deref()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("payload/caller"))
+        );
+        assert!(!r.message.contains("5550100"));
+        let mut long = obj(json!({"call_id": "c1", "caller": "+1555010099999"}));
+        key.seal_channel("c-1", "desk", "u3", &mut long, &["caller".into()])
+            .expect("seal");
+        let r = ch
+            .check_up("desk", "c-1", "u3", &mut long)
+            .expect_err("schema on the plaintext");
+        assert_eq!(r.field.as_deref(), Some("payload/caller"));
+
+        // Up, without a key: kept encrypted, checked as it stands (the field a ciphertext).
+        let keyless = GatewayChannels::new(vec![encrypted("desk", ChannelDirection::Up)], None)
+            .expect("channels");
+        let mut kept = up.clone();
+        keyless
+            .check_up("desk", "c-1", "u1", &mut kept)
+            .expect("accepted");
+        assert_eq!(kept, up, "kept as it came");
+        let r = keyless
+            .check_up("desk", "c-1", "u1", &mut payload.clone())
+            .expect_err("clear");
+        assert_eq!(r.field.as_deref(), Some("payload/caller"));
+        let r = keyless
+            .check_up(
+                "desk",
+                "c-1",
+                "u1",
+                &mut obj(json!({"caller": up["caller"]})),
+            )
+            .expect_err("schema");
+        assert_eq!(r.field.as_deref(), Some("payload/call_id"));
     }
 }

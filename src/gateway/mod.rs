@@ -412,7 +412,7 @@ impl GatewaySecurity {
             None
         } else {
             Some(FieldCipher::new(
-                data_keys(&g.decryption_keys, None)?,
+                data_keys(&g.decryption_keys, g.channel_encryption_key.as_deref())?,
                 Default::default(),
             ))
         };
@@ -564,8 +564,9 @@ pub fn start(
         })?),
         None => None,
     };
-    let channels = channels::GatewayChannels::new(settings.channels.clone())
-        .map_err(GatewayError::Channels)?;
+    let channels =
+        channels::GatewayChannels::new(settings.channels.clone(), security.decrypt.clone())
+            .map_err(GatewayError::Channels)?;
     let registry = Registry::new(settings.heartbeat_interval * 3, LAG_EVENTS, LAG_MS).start();
     let tasks = monitor::Liveness::default();
     let webhooks = Arc::new(webhooks::Webhooks::new(

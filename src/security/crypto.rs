@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use openssl::symm::{decrypt_aead, encrypt_aead, Cipher};
 use serde_json::{Map, Value};
-use tether_actors::ports::{ChangeSource, PortError};
+use tether_actors::ports::{ChangeSource, PayloadCipher, PortError, SealError};
 use tether_schemas::{Event, RawEvent};
 
 use super::safe_id;
@@ -34,6 +34,24 @@ pub enum CryptoError {
     BadTag(String),
     #[error("encrypting field {0}: {1}")]
     Encrypt(String, String),
+    #[error("field {0} is listed as encrypted but does not hold an `enc:v1:` value")]
+    NotEncrypted(String),
+    #[error("field {field} is encrypted under data key {kid}, which is not configured here")]
+    FieldKid { field: String, kid: String },
+}
+
+impl CryptoError {
+    /// The field at fault, if the error is about one.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            CryptoError::Malformed(f)
+            | CryptoError::BadTag(f)
+            | CryptoError::Encrypt(f, _)
+            | CryptoError::NotEncrypted(f)
+            | CryptoError::FieldKid { field: f, .. } => Some(f),
+            CryptoError::Key { .. } | CryptoError::UnknownKid(_) => None,
+        }
+    }
 }
 
 /// Data keys by kid, with the one used for new encryptions.
@@ -82,6 +100,41 @@ fn aad(clinic: &str, entity: &str, key: &Map<String, Value>) -> Vec<u8> {
     format!("tether/v1\n{clinic}\n{entity}\n{key}").into_bytes()
 }
 
+/// The associated data of a channel message's encrypted fields.
+fn channel_aad(clinic: &str, channel: &str, message_id: &str) -> Vec<u8> {
+    format!("tether/channel/v1\n{clinic}\n{channel}\n{message_id}").into_bytes()
+}
+
+/// A value's ciphertext (after the `enc:v1:` prefix), if it is one.
+pub fn sealed(v: &Value) -> Option<&str> {
+    v.as_str().and_then(|s| s.strip_prefix(PREFIX))
+}
+
+/// `enc:v1:<kid>:<base64(iv ‖ ciphertext ‖ tag)>` of `v` (any JSON) under `key`.
+fn seal_value(
+    kid: &str,
+    key: &[u8; 32],
+    aad: &[u8],
+    v: &Value,
+    field: &str,
+) -> Result<String, CryptoError> {
+    let fail = |e: String| CryptoError::Encrypt(field.to_string(), e);
+    let plain = serde_json::to_vec(v).map_err(|e| fail(e.to_string()))?;
+    let mut iv = [0u8; 12];
+    openssl::rand::rand_bytes(&mut iv).map_err(|e| fail(e.to_string()))?;
+    let mut tag = [0u8; 16];
+    let ct = encrypt_aead(Cipher::aes_256_gcm(), key, Some(&iv), aad, &plain, &mut tag)
+        .map_err(|e| fail(e.to_string()))?;
+    let mut blob = Vec::with_capacity(12 + ct.len() + 16);
+    blob.extend_from_slice(&iv);
+    blob.extend_from_slice(&ct);
+    blob.extend_from_slice(&tag);
+    Ok(format!(
+        "{PREFIX}{kid}:{}",
+        openssl::base64::encode_block(&blob)
+    ))
+}
+
 /// Loads data keys; `active` names the one used for new encryptions.
 pub fn data_keys(
     cfg: &[crate::config::DataKeyConfig],
@@ -110,6 +163,26 @@ impl FieldCipher {
         FieldCipher { keys, fields }
     }
 
+    /// The active key and its kid.
+    fn active_key(&self) -> Result<(&str, &[u8; 32]), CryptoError> {
+        let kid = self
+            .keys
+            .active
+            .as_deref()
+            .ok_or_else(|| CryptoError::UnknownKid("(none active)".into()))?;
+        let key = self
+            .keys
+            .keys
+            .get(kid)
+            .ok_or_else(|| CryptoError::UnknownKid(kid.to_string()))?;
+        Ok((kid, key))
+    }
+
+    /// Whether new values can be encrypted (a key is active).
+    pub fn can_encrypt(&self) -> bool {
+        self.active_key().is_ok()
+    }
+
     pub fn encrypt_event(&self, clinic: &str, ev: &mut Event) -> Result<(), CryptoError> {
         let Some(fields) = self.fields.get(&ev.entity) else {
             return Ok(());
@@ -117,47 +190,48 @@ impl FieldCipher {
         let Some(row) = ev.row.as_mut() else {
             return Ok(());
         };
-        let kid = self
-            .keys
-            .active
-            .clone()
-            .ok_or_else(|| CryptoError::UnknownKid("(none active)".into()))?;
-        let key = self
-            .keys
-            .keys
-            .get(&kid)
-            .ok_or_else(|| CryptoError::UnknownKid(kid.clone()))?;
         let aad = aad(clinic, &ev.entity, &ev.key);
+        self.seal_fields(&aad, row, fields)
+    }
+
+    /// Encrypts the listed fields of `row` (absent and null ones are left) under the active key.
+    fn seal_fields(
+        &self,
+        aad: &[u8],
+        row: &mut Map<String, Value>,
+        fields: &[String],
+    ) -> Result<(), CryptoError> {
+        let (kid, key) = self.active_key()?;
         for f in fields {
             let Some(v) = row.get_mut(f) else { continue };
             if v.is_null() {
                 continue;
             }
-            let plain = serde_json::to_vec(v)
-                .map_err(|e| CryptoError::Encrypt(f.clone(), e.to_string()))?;
-            let mut iv = [0u8; 12];
-            openssl::rand::rand_bytes(&mut iv)
-                .map_err(|e| CryptoError::Encrypt(f.clone(), e.to_string()))?;
-            let mut tag = [0u8; 16];
-            let ct = encrypt_aead(
-                Cipher::aes_256_gcm(),
-                key,
-                Some(&iv),
-                &aad,
-                &plain,
-                &mut tag,
-            )
-            .map_err(|e| CryptoError::Encrypt(f.clone(), e.to_string()))?;
-            let mut blob = Vec::with_capacity(12 + ct.len() + 16);
-            blob.extend_from_slice(&iv);
-            blob.extend_from_slice(&ct);
-            blob.extend_from_slice(&tag);
-            *v = Value::String(format!(
-                "{PREFIX}{kid}:{}",
-                openssl::base64::encode_block(&blob)
-            ));
+            *v = Value::String(seal_value(kid, key, aad, v, f)?);
         }
         Ok(())
+    }
+
+    /// The plaintext of one encrypted value (`s` without its prefix) of field `name`.
+    fn open_value(&self, aad: &[u8], name: &str, s: &str) -> Result<Value, CryptoError> {
+        let (kid, b64) = s
+            .split_once(':')
+            .ok_or_else(|| CryptoError::Malformed(name.to_string()))?;
+        let key = self
+            .keys
+            .keys
+            .get(kid)
+            .ok_or_else(|| CryptoError::UnknownKid(kid.to_string()))?;
+        let blob = openssl::base64::decode_block(b64)
+            .map_err(|_| CryptoError::Malformed(name.to_string()))?;
+        if blob.len() < 28 {
+            return Err(CryptoError::Malformed(name.to_string()));
+        }
+        let (iv, rest) = blob.split_at(12);
+        let (ct, tag) = rest.split_at(rest.len() - 16);
+        let plain = decrypt_aead(Cipher::aes_256_gcm(), key, Some(iv), aad, ct, tag)
+            .map_err(|_| CryptoError::BadTag(name.to_string()))?;
+        serde_json::from_slice(&plain).map_err(|_| CryptoError::Malformed(name.to_string()))
     }
 
     /// Decrypts every encrypted field in place. On error the event is left untouched.
@@ -168,35 +242,62 @@ impl FieldCipher {
         let aad = aad(clinic, &ev.entity, &ev.key);
         let mut out = Vec::new();
         for (name, v) in row {
-            let Some(s) = v.as_str().and_then(|s| s.strip_prefix(PREFIX)) else {
-                continue;
-            };
-            let (kid, b64) = s
-                .split_once(':')
-                .ok_or_else(|| CryptoError::Malformed(name.clone()))?;
-            let key = self
-                .keys
-                .keys
-                .get(kid)
-                .ok_or_else(|| CryptoError::UnknownKid(kid.to_string()))?;
-            let blob = openssl::base64::decode_block(b64)
-                .map_err(|_| CryptoError::Malformed(name.clone()))?;
-            if blob.len() < 28 {
-                return Err(CryptoError::Malformed(name.clone()));
-            }
-            let (iv, rest) = blob.split_at(12);
-            let (ct, tag) = rest.split_at(rest.len() - 16);
-            let plain = decrypt_aead(Cipher::aes_256_gcm(), key, Some(iv), &aad, ct, tag)
-                .map_err(|_| CryptoError::BadTag(name.clone()))?;
-            let value: Value =
-                serde_json::from_slice(&plain).map_err(|_| CryptoError::Malformed(name.clone()))?;
-            out.push((name.clone(), value));
+            let Some(s) = sealed(v) else { continue };
+            out.push((name.clone(), self.open_value(&aad, name, s)?));
         }
         let n = out.len();
         if let Some(row) = ev.row.as_mut() {
             for (k, v) in out {
                 row.insert(k, v);
             }
+        }
+        Ok(n)
+    }
+
+    /// Encrypts a channel message's listed payload fields under the active key, bound to the
+    /// clinic, the channel and the message id.
+    pub fn seal_channel(
+        &self,
+        clinic: &str,
+        channel: &str,
+        message_id: &str,
+        payload: &mut Map<String, Value>,
+        fields: &[String],
+    ) -> Result<(), CryptoError> {
+        self.seal_fields(&channel_aad(clinic, channel, message_id), payload, fields)
+    }
+
+    /// Decrypts a channel message's listed payload fields in place (absent and null ones are
+    /// left). A listed field holding anything but a ciphertext is refused
+    /// ([`CryptoError::NotEncrypted`]). On error the payload is left untouched.
+    pub fn open_channel(
+        &self,
+        clinic: &str,
+        channel: &str,
+        message_id: &str,
+        payload: &mut Map<String, Value>,
+        fields: &[String],
+    ) -> Result<usize, CryptoError> {
+        let aad = channel_aad(clinic, channel, message_id);
+        let mut out = Vec::new();
+        for f in fields {
+            let Some(v) = payload.get(f) else { continue };
+            if v.is_null() {
+                continue;
+            }
+            let s = sealed(v).ok_or_else(|| CryptoError::NotEncrypted(f.clone()))?;
+            let plain = self.open_value(&aad, f, s).map_err(|e| match e {
+                CryptoError::UnknownKid(kid) => CryptoError::FieldKid {
+                    field: f.clone(),
+                    kid,
+                },
+                other => other,
+            })?;
+            out.push((f.clone(), plain));
+        }
+        let n = out.len();
+        for (k, v) in out {
+            payload.insert(k, v);
         }
         Ok(n)
     }
@@ -271,6 +372,55 @@ impl ChangeSource for EncryptingSource {
 
     fn backlog(&self, after: u64) -> Result<tether_actors::ports::Backlog, PortError> {
         self.inner.backlog(after)
+    }
+}
+
+/// The agent's [`PayloadCipher`]: channel fields under its data keys, bound to its clinic.
+pub struct ChannelCipher {
+    cipher: FieldCipher,
+    clinic: String,
+}
+
+impl ChannelCipher {
+    pub fn new(keys: DataKeys, clinic: &str) -> Self {
+        ChannelCipher {
+            cipher: FieldCipher::new(keys, HashMap::new()),
+            clinic: clinic.into(),
+        }
+    }
+}
+
+fn seal_error(e: CryptoError) -> SealError {
+    SealError {
+        field: e.field().map(str::to_string),
+        message: e.to_string(),
+    }
+}
+
+impl PayloadCipher for ChannelCipher {
+    fn seal(
+        &self,
+        channel: &str,
+        message_id: &str,
+        payload: &mut Map<String, Value>,
+        fields: &[String],
+    ) -> Result<(), SealError> {
+        self.cipher
+            .seal_channel(&self.clinic, channel, message_id, payload, fields)
+            .map_err(seal_error)
+    }
+
+    fn open(
+        &self,
+        channel: &str,
+        message_id: &str,
+        payload: &mut Map<String, Value>,
+        fields: &[String],
+    ) -> Result<(), SealError> {
+        self.cipher
+            .open_channel(&self.clinic, channel, message_id, payload, fields)
+            .map(|_| ())
+            .map_err(seal_error)
     }
 }
 
@@ -359,5 +509,74 @@ mod tests {
             cipher(only_dk2).decrypt_event("clinic-1", &mut again),
             Err(CryptoError::UnknownKid("dk1".into()))
         );
+    }
+
+    #[test]
+    fn channel_fields_are_sealed_for_one_clinic_channel_and_message_and_refused_by_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut k = keys(dir.path(), &["dk1"]);
+        k.set_active("dk1").expect("active");
+        let c = FieldCipher::new(k, HashMap::new());
+        let fields = vec!["caller".to_string(), "patient_id".to_string()];
+        let plain =
+            json!({"call_id": "c1", "caller": "+1-555-0100", "patient_id": 42, "line": null})
+                .as_object()
+                .cloned()
+                .unwrap_or_default();
+        let mut sealed = plain.clone();
+        c.seal_channel("clinic-1", "voip.call", "m1", &mut sealed, &fields)
+            .expect("seal");
+        let text = serde_json::to_string(&sealed).expect("json");
+        assert!(!text.contains("555") && !text.contains("42"), "{text}");
+        assert!(sealed["caller"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("enc:v1:dk1:")));
+        assert_eq!(sealed["call_id"], json!("c1"), "unlisted fields stay clear");
+        let mut opened = sealed.clone();
+        assert_eq!(
+            c.open_channel("clinic-1", "voip.call", "m1", &mut opened, &fields),
+            Ok(2)
+        );
+        assert_eq!(opened, plain, "the integer comes back an integer");
+        // Bound to the clinic, the channel and the message id.
+        for (clinic, channel, id) in [
+            ("clinic-2", "voip.call", "m1"),
+            ("clinic-1", "other", "m1"),
+            ("clinic-1", "voip.call", "m2"),
+        ] {
+            let mut moved = sealed.clone();
+            assert!(
+                matches!(
+                    c.open_channel(clinic, channel, id, &mut moved, &fields),
+                    Err(CryptoError::BadTag(_))
+                ),
+                "{clinic} {channel} {id}"
+            );
+            assert_eq!(moved, sealed, "left untouched on error");
+        }
+        // A listed field in clear is refused by name; an unknown key names the field.
+        let mut clear = plain.clone();
+        let e = c
+            .open_channel("clinic-1", "voip.call", "m1", &mut clear, &fields)
+            .expect_err("clear");
+        assert_eq!(e, CryptoError::NotEncrypted("caller".into()));
+        assert_eq!(e.field(), Some("caller"));
+        let other = FieldCipher::new(keys(dir.path(), &["dk9"]), HashMap::new());
+        let e = other
+            .open_channel("clinic-1", "voip.call", "m1", &mut sealed.clone(), &fields)
+            .expect_err("no key");
+        assert_eq!(
+            e,
+            CryptoError::FieldKid {
+                field: "caller".into(),
+                kid: "dk1".into()
+            }
+        );
+        assert!(!e.to_string().contains("555"));
+        // No active key: nothing can be sealed.
+        assert!(!other.can_encrypt());
+        assert!(other
+            .seal_channel("clinic-1", "voip.call", "m1", &mut plain.clone(), &fields)
+            .is_err());
     }
 }

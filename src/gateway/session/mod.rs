@@ -83,6 +83,9 @@ pub struct Session {
     call_rate: TokenBucket,
     /// The agent takes channel messages (`hello.features`).
     channels_ok: bool,
+    /// It also encrypts and decrypts channel fields (`channel_encryption`); without it the
+    /// channels that list `encrypt` fields are not declared to it, nor their messages sent.
+    channel_crypto_ok: bool,
     /// Down channel messages sent on this session and not answered yet (the window).
     inflight_channel: HashSet<String>,
     last_channel_row: i64,
@@ -391,6 +394,7 @@ impl Session {
             clock_offset_ms: None,
             call_rate: TokenBucket::new(call_rate, call_rate * 2.0),
             channels_ok: false,
+            channel_crypto_ok: false,
             inflight_channel: HashSet::new(),
             last_channel_row: 0,
             channel_fetching: false,
@@ -569,10 +573,9 @@ impl Session {
         let clinic = h.clinic_id.clone();
         self.clinic = Some(clinic.clone());
         self.source = h.source_id;
-        self.channels_ok = h
-            .features
-            .iter()
-            .any(|f| f == tether_schemas::FEATURE_CHANNELS);
+        let feature = |name: &str| h.features.iter().any(|f| f == name);
+        self.channels_ok = feature(tether_schemas::FEATURE_CHANNELS);
+        self.channel_crypto_ok = feature(tether_schemas::FEATURE_CHANNEL_ENCRYPTION);
         self.clock_offset_ms = h
             .clock_ms
             .map(|agent| crate::security::unix_now_ms() as i64 - agent as i64);
@@ -640,11 +643,24 @@ impl Session {
                 heartbeat_interval_ms: act.state.settings.heartbeat_interval.as_millis() as u64,
                 max_frame_bytes: act.state.settings.max_frame_bytes as u64,
                 channels: if act.channels_ok {
-                    act.state.channels.wire()
+                    act.state.channels.wire(act.channel_crypto_ok)
                 } else {
                     Vec::new()
                 },
             });
+            if act.channels_ok && !act.channel_crypto_ok {
+                let withheld: Vec<String> = act
+                    .state
+                    .channels
+                    .wire(true)
+                    .into_iter()
+                    .filter(|d| !d.encrypt.is_empty())
+                    .map(|d| d.name)
+                    .collect();
+                if !withheld.is_empty() {
+                    log::warn!(target: MESSAGE, "session={} clinic={} event=channels_withheld channels={} reason=\"the agent does not encrypt channel fields (hello.features lacks channel_encryption): upgrade it; their messages wait at the gateway\"", act.id, act.clinic_label(), withheld.join(","));
+                }
+            }
             act.send(ctx, welcome);
             act.deliver_updates(ctx);
             act.deliver_channels(ctx);
@@ -1005,10 +1021,18 @@ impl Session {
         self.more_channel = false;
         let store = self.state.store.clone();
         let after = self.last_channel_row;
+        let state = self.state.clone();
+        let crypto_ok = self.channel_crypto_ok;
         let fut = async move {
             let now = crate::security::unix_now_ms();
             let rows = store.open_channel(&clinic, after, now, room).await?;
-            let ids: Vec<String> = rows.iter().map(|r| r.message_id.clone()).collect();
+            // Messages of channels this agent was not told of are neither marked sent nor
+            // sent: they wait for an agent that takes them.
+            let ids: Vec<String> = rows
+                .iter()
+                .filter(|r| state.channels.carried(&r.channel, crypto_ok))
+                .map(|r| r.message_id.clone())
+                .collect();
             let open: HashSet<String> = if ids.is_empty() {
                 HashSet::new()
             } else {
@@ -1066,19 +1090,20 @@ impl Session {
         }));
     }
 
-    /// The agent's answer to a down message: `delivered` or `expired`.
+    /// The agent's answer to a down message: `delivered`, `expired`, or `refused` (a field
+    /// it could not decrypt; final).
     fn on_channel_ack(
         &mut self,
         a: tether_schemas::ChannelAck,
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
         use tether_schemas::ChannelAckStatus as S;
-        if !matches!(a.status, S::Delivered | S::Expired) {
+        if !matches!(a.status, S::Delivered | S::Expired | S::Refused) {
             return self.send_error(
                 ctx,
                 ErrorCode::BadFrame,
                 format!(
-                    "agents answer channel messages `delivered` or `expired`, not `{}`",
+                    "agents answer channel messages `delivered`, `expired` or `refused`, not `{}`",
                     a.status.as_str()
                 ),
                 Some("status".into()),
@@ -1090,7 +1115,6 @@ impl Session {
         self.inflight_channel.remove(&a.message_id);
         let clinic = self.clinic.clone().unwrap_or_default();
         let store = self.state.store.clone();
-        let delivered = a.status == S::Delivered;
         let fut = async move {
             let res = store
                 .channel_result(&clinic, &a.message_id, a.status.as_str())
@@ -1103,10 +1127,14 @@ impl Session {
                     let since = crate::security::unix_now_ms().saturating_sub(created_ms);
                     act.state.channels.count_result(
                         &channel,
-                        delivered,
+                        a.status,
                         Some(Duration::from_millis(since)),
                     );
-                    log::info!(target: MESSAGE, "session={} clinic={} event=channel_result channel={channel} message_id={} status={}", act.id, act.clinic_label(), a.message_id, a.status.as_str());
+                    if a.status == S::Refused {
+                        log::warn!(target: MESSAGE, "session={} clinic={} event=channel_result channel={channel} message_id={} status=refused field={} reason={}", act.id, act.clinic_label(), a.message_id, log_value(a.field.as_deref().unwrap_or("-"), 80), log_value(a.reason.as_deref().unwrap_or("-"), 200));
+                    } else {
+                        log::info!(target: MESSAGE, "session={} clinic={} event=channel_result channel={channel} message_id={} status={}", act.id, act.clinic_label(), a.message_id, a.status.as_str());
+                    }
                 }
                 // Not this clinic's, or answered already (a resend's second answer).
                 Ok(None) => {
@@ -1153,10 +1181,17 @@ impl Session {
                 Some("message_id".into()),
             );
         }
-        let spec = match self.state.channels.check(&m.channel, &m.payload, false) {
-            Ok(s) => s.clone(),
-            Err(r) => return refuse(self, ctx, r.message, r.field),
-        };
+        let clinic = self.clinic.clone().unwrap_or_default();
+        let mut payload = m.payload.clone();
+        let spec =
+            match self
+                .state
+                .channels
+                .check_up(&m.channel, &clinic, &m.message_id, &mut payload)
+            {
+                Ok(s) => s.clone(),
+                Err(r) => return refuse(self, ctx, r.message, r.field),
+            };
         let rate = spec.def.rate_per_second;
         let bucket = self
             .up_rate
@@ -1180,7 +1215,7 @@ impl Session {
             channel: m.channel.clone(),
             up: true,
             durable,
-            payload: serde_json::Value::Object(m.payload).to_string(),
+            payload: serde_json::Value::Object(payload).to_string(),
             expires_ms: spec
                 .def
                 .ttl_ms

@@ -1553,7 +1553,7 @@ fn run_op(
             }
             tx.execute(
                 "DELETE FROM channel_messages WHERE created_ms < $1 \
-                 AND status IN ('delivered', 'expired', 'accepted')",
+                 AND status IN ('delivered', 'expired', 'accepted', 'refused')",
                 &[&(*purge_before_ms as i64)],
             )?;
             Done::Counts(counts)

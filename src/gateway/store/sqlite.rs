@@ -918,7 +918,7 @@ fn run_op(tx: &rusqlite::Transaction<'_>, op: &Op, now: &str) -> Result<Done, St
             }
             tx.execute(
                 "DELETE FROM channel_messages WHERE created_ms < ?1 \
-                 AND status IN ('delivered', 'expired', 'accepted')",
+                 AND status IN ('delivered', 'expired', 'accepted', 'refused')",
                 params![*purge_before_ms as i64],
             )
             .map_err(write_err)?;
