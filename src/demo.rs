@@ -79,6 +79,9 @@ pub struct ChannelSummary {
     pub calls_foreign: u64,
     pub calls_out_of_order: u64,
     pub calls_missing: u64,
+    /// Calls at the right desk whose caller or patient (encrypted between the gateway and the
+    /// agent) differ from what was posted.
+    pub calls_garbled: u64,
     pub call_p50_ms: f64,
     pub call_p99_ms: f64,
     pub notices_posted: u64,
@@ -90,6 +93,7 @@ impl ChannelSummary {
     fn ok(&self, chaos: bool) -> bool {
         self.calls_foreign == 0
             && self.calls_out_of_order == 0
+            && self.calls_garbled == 0
             && (chaos || self.calls_missing == 0)
             && self.notices_missing == 0
     }
@@ -417,7 +421,8 @@ async fn drive(opts: &DemoOptions, dir: &std::path::Path) -> anyhow::Result<Summ
 struct Phone {
     desks: Vec<crate::fleet::Inbox>,
     /// Per call id: the clinic it was for and when it was posted.
-    calls: std::collections::HashMap<String, (usize, Instant)>,
+    /// Call id → the desk's clinic, when it was posted, its caller.
+    calls: std::collections::HashMap<String, (usize, Instant, String)>,
     notices: Vec<String>,
     next_call: Instant,
     next_notice: Instant,
@@ -452,7 +457,9 @@ impl Phone {
             let i = rand::rng().random_range(0..fleet.clinics.len());
             let clinic = &fleet.clinics[i].id;
             let call_id = format!("{clinic}/{:08}", self.seq);
-            let body = json!({"call_id": call_id, "state": "ringing", "caller": "+1-555-0100", "line": "reception"});
+            // The caller and patient are encrypted between the gateway and the agent.
+            let caller = format!("+1-555-{:04}", self.seq % 10_000);
+            let body = json!({"call_id": call_id, "state": "ringing", "caller": caller, "patient_id": self.seq, "line": "reception"});
             let sent = Instant::now();
             let ok = fleet
                 .authorize(client.post(format!("{base}/v1/clinics/{clinic}/channels/voip.call")))
@@ -460,7 +467,7 @@ impl Phone {
                 .await
                 .is_ok_and(|r| r.status().as_u16() == 202);
             if ok {
-                self.calls.insert(call_id, (i, sent));
+                self.calls.insert(call_id, (i, sent, caller));
             }
         }
         if now >= self.next_notice {
@@ -508,8 +515,14 @@ impl Phone {
                 let p = &m["payload"];
                 if let Some(call) = p["call_id"].as_str() {
                     match self.calls.get(call) {
-                        Some((clinic, sent)) if *clinic == desk => {
+                        Some((clinic, sent, caller)) if *clinic == desk => {
                             s.calls_received += 1;
+                            let seq = call.rsplit('/').next().and_then(|n| n.parse::<u64>().ok());
+                            if p["caller"].as_str() != Some(caller.as_str())
+                                || p["patient_id"].as_u64() != seq
+                            {
+                                s.calls_garbled += 1;
+                            }
                             seen_calls.insert(call.to_string());
                             lat.push(at.duration_since(*sent).as_micros() as u64);
                             if call <= last_call.as_str() {
@@ -954,8 +967,8 @@ fn print_summary(s: &Summary, json: bool) {
     );
     if let Some(c) = &s.channels {
         println!(
-            "call pops            {} posted, {} at the right front desk, {} at another (must be 0), {} out of order, {} never arrived",
-            c.calls_posted, c.calls_received, c.calls_foreign, c.calls_out_of_order, c.calls_missing
+            "call pops            {} posted, {} at the right front desk, {} at another (must be 0), {} out of order, {} never arrived, {} with a wrong caller or patient (must be 0; both encrypted in transit)",
+            c.calls_posted, c.calls_received, c.calls_foreign, c.calls_out_of_order, c.calls_missing, c.calls_garbled
         );
         println!(
             "POST → front desk    p50 {} ms, p99 {} ms",

@@ -392,6 +392,20 @@ pub async fn serve_local_endpoint(clinic: &Clinic, token: &str) -> anyhow::Resul
     Ok(addr)
 }
 
+/// The sample channels as a secure fleet carries them, like production: the caller's number
+/// and patient of a call pop, and the appointment of a check-in, encrypted under the data key.
+pub fn encrypted_samples() -> Vec<crate::gateway::channels::ChannelSpec> {
+    let mut specs = crate::gateway::channels::samples();
+    for s in &mut specs {
+        s.def.encrypt = match s.def.name.as_str() {
+            "voip.call" => vec!["caller".into(), "patient_id".into()],
+            "frontdesk.checkin" => vec!["appointment_id".into()],
+            _ => Vec::new(),
+        };
+    }
+    specs
+}
+
 /// The gateway's security for a fleet whose keys are in `certs` (made by [`keys::dev_setup`]):
 /// mutual TLS, clinic tokens, the admin token `token`, field decryption.
 /// With `store_registry` (fleets on PostgreSQL, several nodes) the clinic registry is kept in
@@ -399,6 +413,7 @@ pub async fn serve_local_endpoint(clinic: &Clinic, token: &str) -> anyhow::Resul
 fn secure(certs: &Path, token: &str, store_registry: bool) -> anyhow::Result<GatewaySecurity> {
     let mut data = crate::security::crypto::DataKeys::default();
     data.add_file("dk1", &certs.join("dk1.key"))?;
+    data.set_active("dk1")?;
     Ok(GatewaySecurity {
         tls: Some(ServerTls {
             cert: certs.join("gateway.pem"),
@@ -500,7 +515,7 @@ impl Fleet {
         node_id: Option<&str>,
     ) -> anyhow::Result<Fleet> {
         let ids: Vec<String> = (1..=n).map(|i| format!("clinic-{i:03}")).collect();
-        let settings = GatewaySettings {
+        let mut settings = GatewaySettings {
             node_id: node_id.map(str::to_string),
             advertise: None,
             listen: "127.0.0.1:0".into(),
@@ -520,6 +535,9 @@ impl Fleet {
             bridge: Default::default(),
             channels: crate::gateway::channels::samples(),
         };
+        if key_bits.is_some() {
+            settings.channels = encrypted_samples();
+        }
         let (security, certs, admin_token) = match key_bits {
             None => (GatewaySecurity::insecure(), None, None),
             Some(bits) => {

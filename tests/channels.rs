@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use serde_json::{json, Value};
 use tether::fleet::{serve_local_endpoint, start_agent, Fleet, Inbox};
 
@@ -208,6 +208,15 @@ async fn call_pops_reach_each_clinics_own_subscribers_in_order() {
         )
         .await;
         assert_eq!(received_ids(inbox), want, "exactly its own, in order");
+        // The caller and patient travel encrypted (the fleet's channels list them in
+        // `encrypt`); the agent hands the desk plaintext.
+        for (m, _) in inbox.lock().expect("inbox").iter() {
+            assert_eq!(
+                (&m["payload"]["caller"], &m["payload"]["patient_id"]),
+                (&json!("+1-555-0100"), &json!(-1)),
+                "{m}"
+            );
+        }
     }
     // The WebSocket desk at clinic 1 got the same 20, in order.
     let mut ws_got = Vec::new();
@@ -371,11 +380,31 @@ async fn offline_clinics_lose_expired_calls_and_get_durable_notices_once_after_r
     agent.stop();
     let (s, v) = post(
         "/v1/clinics/clinic-001/channels/voip.call?ttl=1s",
-        json!({"call_id": "missed-1", "state": "ringing"}),
+        json!({"call_id": "missed-1", "state": "ringing", "caller": "+1-555-0142", "patient_id": 42}),
     )
     .await;
     assert_eq!(s, 202, "{v}");
     let call = v["message_id"].as_str().expect("id").to_string();
+    // Kept encrypted for this clinic and message while it waits.
+    let open = fleet
+        .store()
+        .expect("store")
+        .open_channel("clinic-001", 0, 0, 100)
+        .await
+        .expect("open messages");
+    let kept = open
+        .iter()
+        .find(|r| r.message_id == call)
+        .and_then(|r| r.payload.clone())
+        .expect("the call waits in the store");
+    let kept: Value = serde_json::from_str(&kept).expect("json");
+    assert!(
+        ["caller", "patient_id"].iter().all(|f| kept[f]
+            .as_str()
+            .is_some_and(|s| s.starts_with("enc:v1:dk1:"))),
+        "{kept}"
+    );
+    assert_eq!(kept["call_id"], "missed-1", "unlisted fields stay clear");
     let mut notices = vec![n1.clone()];
     for n in ["n2", "n3"] {
         let (s, v) = post(
@@ -653,4 +682,328 @@ async fn across_nodes_calls_reach_the_clinic_and_check_ins_stream_from_every_nod
         }
     })
     .join();
+}
+
+/// A clinic whose agent has a different data key than the gateway (a key not rolled out there
+/// yet): its call pops are refused at the agent, by field, and end `refused` at the gateway
+/// (never shown to the desk, never retried); its check-ins are refused by the gateway, by field;
+/// the clinic with the right key is unaffected. Nothing of the payloads reaches a log.
+#[actix_rt::test]
+async fn a_clinic_with_another_data_key_refuses_encrypted_messages_by_field_both_ways() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    init_logs(dir.path());
+    let mut fleet = Fleet::new(dir.path(), 2, HB).expect("fleet");
+    let other = dir.path().join("other-dk1.key");
+    tether::security::keys::write_data_key(&other).expect("key");
+    fleet.clinics[1]
+        .config
+        .encryption
+        .as_mut()
+        .expect("the fleet's agents encrypt")
+        .keys[0]
+        .file = other;
+    fleet.start_agents().await.expect("agents");
+    let mut desks = Vec::new();
+    for c in &fleet.clinics {
+        let board = c.agent.as_ref().expect("agent").channels.clone();
+        wait_until("channels declared", Duration::from_secs(15), || {
+            let n = board.channels().len();
+            async move { n == 3 }
+        })
+        .await;
+        let addr = serve_local_endpoint(c, TOKEN).await.expect("endpoint");
+        desks.push((addr, subscribe_sse(addr, "voip.call").await));
+    }
+    let api = Api::of(&fleet);
+    let mut ids = Vec::new();
+    for c in ["clinic-001", "clinic-002"] {
+        let (s, v) = api
+            .post(
+                &format!("/v1/clinics/{c}/channels/voip.call"),
+                json!({"call_id": format!("{c}-k"), "state": "ringing", "caller": "+1-555-0177"}),
+            )
+            .await;
+        assert_eq!(s, 202, "{v}");
+        ids.push(v["message_id"].as_str().expect("id").to_string());
+    }
+    for (id, want) in ids.iter().zip(["delivered", "refused"]) {
+        wait_until(want, Duration::from_secs(15), || {
+            let (api, id) = (&api, id.clone());
+            async move { api.status(&id).await == want }
+        })
+        .await;
+    }
+    assert_eq!(received_ids(&desks[0].1), ["clinic-001-k"]);
+    assert_eq!(
+        desks[0].1.lock().expect("inbox")[0].0["payload"]["caller"],
+        "+1-555-0177"
+    );
+    assert!(
+        received_ids(&desks[1].1).is_empty(),
+        "what cannot be decrypted is never shown"
+    );
+    let text = api.metrics().await;
+    assert!(
+        text.contains("tether_gateway_channel_refused_total{channel=\"voip.call\"} 1"),
+        "{text}"
+    );
+    // Up: the gateway cannot open clinic 2's check-in; clinic 1's is accepted.
+    let checkin = json!({"appointment_id": 5, "arrived_at": "2026-12-03T09:00:00Z"});
+    let mut answers = Vec::new();
+    for (addr, _) in &desks {
+        let mut resp = common::client()
+            .post(format!("http://{addr}/v1/channels/frontdesk.checkin"))
+            .insert_header(("Authorization", format!("Bearer {TOKEN}")))
+            .send_json(&checkin)
+            .await
+            .expect("publish");
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        answers.push((resp.status().as_u16(), v));
+    }
+    assert_eq!(answers[0].0, 202, "{:?}", answers[0]);
+    assert_eq!(
+        (answers[1].0, answers[1].1["field"].as_str()),
+        (422, Some("payload/appointment_id")),
+        "{:?}",
+        answers[1]
+    );
+    let counts = fleet.clinics[1]
+        .agent
+        .as_ref()
+        .expect("agent")
+        .channels
+        .counts();
+    let refused = |name: &str| {
+        counts
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, c)| c.refused)
+    };
+    assert_eq!((refused("voip.call"), refused("frontdesk.checkin")), (1, 1));
+    let agent_log = read_log(dir.path(), "message");
+    assert!(
+        agent_log.contains("event=channel_message_refused channel=voip.call")
+            && agent_log.contains("field=/caller"),
+        "the agent says which field it could not decrypt"
+    );
+    for log in ["message", "error", "audit", "connection"] {
+        assert!(
+            !read_log(dir.path(), log).contains("555-0177"),
+            "no payload in {log}.log"
+        );
+    }
+    fleet.stop().await;
+}
+
+/// Channels that list `encrypt` fields, frame by frame: an agent that does not say
+/// `channel_encryption` is not told of them and gets none of their messages (they wait, in
+/// order, for one that does); what it publishes on them in clear is refused by field. An agent
+/// that does gets the fields as ciphertext only its data key opens, for its clinic and that
+/// message; the gateway decrypts what it publishes, refuses a ciphertext moved to another
+/// message, and records the agent's `refused` (a field it cannot decrypt) as final.
+#[actix_rt::test]
+async fn encrypted_channels_are_withheld_from_older_agents_sealed_per_message_and_refusals_are_final(
+) {
+    use tether::security::crypto::{DataKeys, FieldCipher};
+    use tether::security::keys::write_data_key;
+    let dir = tempfile::tempdir().expect("tempdir");
+    init_logs(dir.path());
+    let key_file = dir.path().join("dk1.key");
+    write_data_key(&key_file).expect("key");
+    let mut keys = DataKeys::default();
+    keys.add_file("dk1", &key_file).expect("add");
+    keys.set_active("dk1").expect("active");
+    let cipher = FieldCipher::new(keys, HashMap::new());
+    let gw = tether::gateway::start(
+        tether::gateway::GatewaySettings {
+            channels: tether::fleet::encrypted_samples(),
+            ..gateway_settings(dir.path(), Duration::from_secs(5))
+        },
+        tether::gateway::GatewaySecurity {
+            decrypt: Some(cipher.clone()),
+            ..tether::gateway::GatewaySecurity::insecure()
+        },
+    )
+    .expect("gateway");
+    let base = gw.http_url();
+    let clinic = "clinic-e";
+    let hello = |features: Value| {
+        json!({"v": 1, "type": "hello", "clinic_id": clinic, "agent_version": "t",
+               "last_acked_seq": 0, "source_id": 1, "features": features})
+    };
+    /// The next frame of `kind`, answering pings (others are skipped).
+    async fn next_of(ws: &mut common::ws::Ws, kind: &str) -> Value {
+        loop {
+            let v = common::ws::next_json(ws).await.expect("open");
+            if v["type"] == kind {
+                return v;
+            }
+        }
+    }
+    let names = |w: &Value| -> Vec<String> {
+        w["channels"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|c| c["name"].as_str().unwrap_or_default().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+
+    // An older agent: told of notice.broadcast only.
+    let mut old = common::ws::connect(&gw.ws_url()).await;
+    common::ws::send(&mut old, hello(json!(["channels"]))).await;
+    let welcome = next_of(&mut old, "welcome").await;
+    assert_eq!(names(&welcome), ["notice.broadcast"], "{welcome}");
+    let call_body =
+        json!({"call_id": "c-1", "state": "ringing", "caller": "+1-555-0199", "patient_id": 1234});
+    let (s, v) = post_json(
+        &format!("{base}/v1/clinics/{clinic}/channels/voip.call"),
+        &call_body,
+    )
+    .await;
+    assert_eq!(s, 202, "{v}");
+    let call_id = v["message_id"].as_str().expect("id").to_string();
+    let (s, v) = post_json(
+        &format!("{base}/v1/clinics/{clinic}/channels/notice.broadcast"),
+        &json!({"notice_id": "n1", "title": "t", "severity": "info"}),
+    )
+    .await;
+    assert_eq!(s, 202, "{v}");
+    let notice_id = v["message_id"].as_str().expect("id").to_string();
+    // The notice, posted after the call, arrives; the call is passed over and waits.
+    let m = next_of(&mut old, "channel").await;
+    assert_eq!(m["message_id"], notice_id.as_str(), "{m}");
+    common::ws::send(
+        &mut old,
+        json!({"v": 1, "type": "channel_ack", "message_id": notice_id, "status": "delivered"}),
+    )
+    .await;
+    let status = |id: String| {
+        let base = base.clone();
+        async move {
+            let (_, v) = get_json(&format!("{base}/v1/channels/messages/{id}")).await;
+            v["status"].as_str().unwrap_or_default().to_string()
+        }
+    };
+    wait_until("the notice delivered", Duration::from_secs(10), || {
+        status(notice_id.clone()).map(|s| s == "delivered")
+    })
+    .await;
+    assert_eq!(status(call_id.clone()).await, "pending", "never sent to it");
+    // What it publishes in clear on an encrypted channel is refused by field.
+    let checkin = |id: &str, payload: Value| {
+        json!({"v": 1, "type": "channel", "message_id": id, "channel": "frontdesk.checkin",
+               "payload": payload, "published_at": "2026-12-03T09:00:00.000Z"})
+    };
+    let plain = json!({"appointment_id": 77, "arrived_at": "2026-12-03T09:00:00Z"});
+    common::ws::send(&mut old, checkin("ci-0", plain.clone())).await;
+    let a = next_of(&mut old, "channel_ack").await;
+    assert_eq!(
+        (a["status"].as_str(), a["field"].as_str()),
+        (Some("refused"), Some("payload/appointment_id")),
+        "{a}"
+    );
+    assert!(
+        a["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("encrypted")),
+        "{a}"
+    );
+    drop(old);
+
+    // The upgraded agent: told of all three, with the fields they encrypt.
+    let mut new = common::ws::connect(&gw.ws_url()).await;
+    common::ws::send(&mut new, hello(json!(["channels", "channel_encryption"]))).await;
+    let welcome = next_of(&mut new, "welcome").await;
+    assert_eq!(
+        names(&welcome),
+        ["frontdesk.checkin", "notice.broadcast", "voip.call"]
+    );
+    let call = next_of(&mut new, "channel").await;
+    assert_eq!(call["message_id"], call_id.as_str(), "{call}");
+    let text = call.to_string();
+    assert!(
+        !text.contains("555-0199") && !text.contains("1234"),
+        "ciphertext on the wire: {text}"
+    );
+    let fields = ["caller".to_string(), "patient_id".to_string()];
+    let mut payload = call["payload"].as_object().cloned().expect("payload");
+    assert!(
+        payload["caller"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("enc:v1:dk1:")),
+        "{payload:?}"
+    );
+    cipher
+        .open_channel(clinic, "voip.call", &call_id, &mut payload, &fields)
+        .expect("opens for this clinic and message");
+    assert_eq!(Value::Object(payload), call_body);
+    // It could not be decrypted at the clinic: refused, final, counted.
+    common::ws::send(
+        &mut new,
+        json!({"v": 1, "type": "channel_ack", "message_id": call_id, "status": "refused",
+               "reason": "data key dk1 is not configured here", "field": "/caller"}),
+    )
+    .await;
+    wait_until("the call refused", Duration::from_secs(10), || {
+        status(call_id.clone()).map(|s| s == "refused")
+    })
+    .await;
+    let (_, metrics) = {
+        let mut resp = common::client()
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("metrics");
+        let body = resp.body().limit(1 << 22).await.expect("body");
+        (200, String::from_utf8_lossy(&body).to_string())
+    };
+    assert!(
+        metrics.contains("tether_gateway_channel_refused_total{channel=\"voip.call\"} 1"),
+        "{metrics}"
+    );
+
+    // Up: sealed for its message, accepted and kept decrypted; moved to another id, refused.
+    let mut sealed = plain.as_object().cloned().expect("object");
+    cipher
+        .seal_channel(
+            clinic,
+            "frontdesk.checkin",
+            "ci-1",
+            &mut sealed,
+            &["appointment_id".to_string()],
+        )
+        .expect("seal");
+    common::ws::send(&mut new, checkin("ci-1", Value::Object(sealed.clone()))).await;
+    let a = next_of(&mut new, "channel_ack").await;
+    assert_eq!(
+        (a["message_id"].as_str(), a["status"].as_str()),
+        (Some("ci-1"), Some("accepted")),
+        "{a}"
+    );
+    common::ws::send(&mut new, checkin("ci-2", Value::Object(sealed))).await;
+    let a = next_of(&mut new, "channel_ack").await;
+    assert_eq!(
+        (a["status"].as_str(), a["field"].as_str()),
+        (Some("refused"), Some("payload/appointment_id")),
+        "{a}"
+    );
+    let page = gw.store.up_channel_page(0, 10).await.expect("page");
+    assert_eq!(page.len(), 1, "{page:?}");
+    let kept: Value =
+        serde_json::from_str(page[0].payload.as_deref().unwrap_or("null")).expect("json");
+    assert_eq!(
+        kept, plain,
+        "the gateway holds the key: kept decrypted, as rows are"
+    );
+    for log in ["message", "error", "audit", "connection"] {
+        let text = read_log(dir.path(), log);
+        assert!(
+            !text.contains("555-0199") && !text.contains("+1-555"),
+            "no payload in {log}.log"
+        );
+    }
+    gw.server.stop(true).await;
 }
