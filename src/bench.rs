@@ -463,10 +463,17 @@ pub async fn latency(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
     )
 }
 
+/// The channel the bench posts every other call to: `voip.call` with its caller and patient
+/// encrypted (`encrypt`), beside the plain one, so both are measured in the same run.
+const SEALED_CALL: &str = "voip.call.sealed";
+
 /// Call pops for many connected clinics: a phone system posts `voip.call` messages over REST
 /// (one kept-alive client, `CALLS_PER_S` spread over the clinics) and each clinic's link receives
 /// them; latency is POST sent → message at the clinic (a protocol client answering `delivered`
-/// at once, as an agent does once its subscriber has it). Then the full path on a few real
+/// at once, as an agent does once its subscriber has it). Every other call goes to
+/// [`SEALED_CALL`] (caller and patient encrypted for the clinic), so plain and encrypted are
+/// interleaved call by call; the CPU the encryption costs is measured on its own (seal at the
+/// gateway + open at the agent, per 100,000 messages). Then the full path on a few real
 /// agents: POST → agent → a local SSE subscriber on the agent's endpoint. Checks that every
 /// clinic got exactly its own calls, in order.
 pub async fn channels(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
@@ -474,8 +481,19 @@ pub async fn channels(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
     let n = o.latency_clinics;
     let mut s = settings(dir, "127.0.0.1:0");
     s.channels = crate::gateway::channels::samples();
+    let mut sealed = s.channels[0].clone();
+    sealed.def.name = SEALED_CALL.into();
+    sealed.def.encrypt = vec!["caller".into(), "patient_id".into()];
+    s.channels.push(sealed);
+    std::fs::create_dir_all(dir)?;
+    let cipher = bench_cipher(&dir.join("dk1.key"))?;
+    let crypto = channel_crypto_cost(&cipher)?;
+    let security = GatewaySecurity {
+        decrypt: Some(cipher),
+        ..GatewaySecurity::insecure()
+    };
     // The phone system posts far more than one clinic's default rate in total, never per clinic.
-    let gw = gateway::start(s, GatewaySecurity::insecure())?;
+    let gw = gateway::start(s, security)?;
     let swarm = spawn_swarm(n, &gw.ws_url(), None, 0.0, "ch-");
     wait_up(&swarm, n, Duration::from_secs(60)).await?;
     let base = gw.http_url();
@@ -490,10 +508,11 @@ pub async fn channels(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
         tick.tick().await;
         let clinic = format!("ch-{:05}", (i * 7919) % n);
         let call_id = format!("{clinic}-{i:07}");
-        let body = json!({"call_id": call_id, "state": "ringing", "caller": "+1-555-0100"});
+        let body = json!({"call_id": call_id, "state": "ringing", "caller": "+1-555-0100", "patient_id": i});
         posted.insert(call_id, Instant::now());
+        let channel = if i % 2 == 1 { SEALED_CALL } else { "voip.call" };
         match client
-            .post(format!("{base}/v1/clinics/{clinic}/channels/voip.call"))
+            .post(format!("{base}/v1/clinics/{clinic}/channels/{channel}"))
             .send_json(&body)
             .await
         {
@@ -519,6 +538,7 @@ pub async fn channels(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
         .unwrap_or_default();
     swarm.stop.store(true, Ordering::Relaxed);
     let (mut lat, mut foreign, mut out_of_order) = (Vec::new(), 0usize, 0usize);
+    let (mut plain_lat, mut sealed_lat) = (Vec::new(), Vec::new());
     let mut last: std::collections::HashMap<&str, &str> = Default::default();
     for (clinic, _, call, at) in &got {
         if !call.starts_with(clinic.as_str()) {
@@ -532,10 +552,24 @@ pub async fn channels(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
         }
         last.insert(clinic, call);
         if let Some(t) = posted.get(call) {
-            lat.push(at.duration_since(*t).as_micros() as u64);
+            let us = at.duration_since(*t).as_micros() as u64;
+            lat.push(us);
+            // Odd call numbers went to the sealed channel.
+            let odd = call
+                .rsplit('-')
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|n| n % 2 == 1);
+            if odd {
+                sealed_lat.push(us);
+            } else {
+                plain_lat.push(us);
+            }
         }
     }
     lat.sort_unstable();
+    plain_lat.sort_unstable();
+    sealed_lat.sort_unstable();
     let protocol = json!({
         "clinics_connected": n, "calls_posted": calls, "post_refused": refused,
         "received": got.len(), "missing": (calls - refused).saturating_sub(got.len()),
@@ -544,12 +578,75 @@ pub async fn channels(dir: &Path, o: &BenchOptions) -> anyhow::Result<Value> {
         "p50_ms": pct_ms(&lat, 0.5), "p99_ms": pct_ms(&lat, 0.99), "max_ms": pct_ms(&lat, 1.0),
         "process_cpu_s_per_100k": if got.is_empty() { 0.0 } else { cpu / got.len() as f64 * 100_000.0 },
         "seconds": elapsed,
+        "plain": {"received": plain_lat.len(), "p50_ms": pct_ms(&plain_lat, 0.5), "p99_ms": pct_ms(&plain_lat, 0.99)},
+        "encrypted": {"received": sealed_lat.len(), "p50_ms": pct_ms(&sealed_lat, 0.5), "p99_ms": pct_ms(&sealed_lat, 0.99)},
+        "encryption_cpu": crypto,
     });
     gw.stop().await;
     let agents = channels_through_agents(&dir.join("agents"), 5, 400).await?;
     Ok(
         json!({"scenario": "channels", "protocol_clients": protocol, "real_agents": agents, "machine": machine()}),
     )
+}
+
+/// A data key written to `path`, active, as the bench gateway's.
+fn bench_cipher(path: &Path) -> anyhow::Result<crate::security::crypto::FieldCipher> {
+    crate::security::keys::write_data_key(path)?;
+    let mut keys = crate::security::crypto::DataKeys::default();
+    keys.add_file("dk1", path)?;
+    keys.set_active("dk1")?;
+    Ok(crate::security::crypto::FieldCipher::new(
+        keys,
+        Default::default(),
+    ))
+}
+
+/// CPU-seconds per 100,000 call pops to seal their caller and patient (the gateway, per clinic
+/// and message) and to open them (the agent), one thread, 20,000 of each.
+fn channel_crypto_cost(cipher: &crate::security::crypto::FieldCipher) -> anyhow::Result<Value> {
+    const N: usize = 20_000;
+    let fields = ["caller".to_string(), "patient_id".to_string()];
+    let payload = json!({"call_id": "ch-00001-0000001", "state": "ringing", "caller": "+1-555-0100", "patient_id": 1234})
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    let thread_cpu = || {
+        let t = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+        let rest = t.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+        let f: Vec<f64> = rest
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        f.iter().sum::<f64>() / 100.0
+    };
+    let mut sealed = Vec::with_capacity(N);
+    let c0 = thread_cpu();
+    let t0 = Instant::now();
+    for i in 0..N {
+        let mut p = payload.clone();
+        let id = format!("msg_{i:020}");
+        cipher.seal_channel("ch-00001", "voip.call", &id, &mut p, &fields)?;
+        sealed.push((id, p));
+    }
+    let (seal_cpu, seal_wall) = (thread_cpu() - c0, t0.elapsed().as_secs_f64());
+    let c0 = thread_cpu();
+    let t0 = Instant::now();
+    for (id, p) in &mut sealed {
+        cipher.open_channel("ch-00001", "voip.call", id, p, &fields)?;
+    }
+    let (open_cpu, open_wall) = (thread_cpu() - c0, t0.elapsed().as_secs_f64());
+    anyhow::ensure!(
+        sealed.iter().all(|(_, p)| *p == payload),
+        "every sealed payload opens to what was sealed"
+    );
+    let per_100k = |x: f64| x / N as f64 * 100_000.0;
+    Ok(json!({
+        "messages": N,
+        "seal_cpu_s_per_100k": per_100k(seal_cpu), "seal_wall_s_per_100k": per_100k(seal_wall),
+        "open_cpu_s_per_100k": per_100k(open_cpu), "open_wall_s_per_100k": per_100k(open_wall),
+    }))
 }
 
 /// `clinics` real agents (SQLite clinics, the gateway in this process) each with one SSE

@@ -117,7 +117,7 @@ pub async fn run_client(spec: ClientSpec, http: awc::Client, swarm: Arc<Swarm>) 
             }
         };
         let mut ws = framed;
-        let hello = json!({"v": 1, "type": "hello", "clinic_id": spec.clinic_id, "agent_version": "loadgen", "last_acked_seq": seq, "features": ["channels"]});
+        let hello = json!({"v": 1, "type": "hello", "clinic_id": spec.clinic_id, "agent_version": "loadgen", "last_acked_seq": seq, "features": ["channels", "channel_encryption"]});
         if ws
             .send(ws::Message::Text(hello.to_string().into()))
             .await
