@@ -253,16 +253,14 @@ impl GatewayChannels {
         self.up_wake.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    /// Checks a payload against channel `name` going `down` (or up, with no encrypted
-    /// fields): declared, the right direction, within its size, matching its schema. Answers
-    /// the channel's spec.
-    pub fn check(
+    /// Checks a payload posted to channel `name` for clinics: declared, going down, within
+    /// its size, matching its schema. Answers the channel's spec. (Up messages: [`Self::check_up`].)
+    pub fn check_down(
         &self,
         name: &str,
         payload: &Map<String, Value>,
-        down: bool,
     ) -> Result<&ChannelSpec, Refusal> {
-        let spec = self.lookup(name, down)?;
+        let spec = self.lookup(name, true)?;
         self.check_payload(spec, payload, &self.schemas, spec.def.max_bytes)?;
         Ok(spec)
     }
@@ -606,7 +604,7 @@ fn checked<'a>(
     payload: &Map<String, Value>,
 ) -> Result<(&'a ChannelSpec, String), Box<HttpResponse>> {
     let ch = &state.channels;
-    let spec = ch.check(name, payload, true).map_err(|r| {
+    let spec = ch.check_down(name, payload).map_err(|r| {
         ch.count_refused(name);
         Box::new(r.response())
     })?;
@@ -1160,35 +1158,35 @@ mod tests {
         )
         .expect("channels");
         assert!(ch
-            .check("voip.call", &obj(json!({"call_id": "c1"})), true)
+            .check_down("voip.call", &obj(json!({"call_id": "c1"})))
             .is_ok());
         let r = ch
-            .check("voip.call", &obj(json!({"call_id": 7})), true)
+            .check_down("voip.call", &obj(json!({"call_id": 7})))
             .expect_err("schema");
         assert_eq!(
             (r.status, r.field.as_deref()),
             (StatusCode::UNPROCESSABLE_ENTITY, Some("payload/call_id"))
         );
         let r = ch
-            .check("voip.call", &obj(json!({})), true)
+            .check_down("voip.call", &obj(json!({})))
             .expect_err("missing");
         assert_eq!(r.field.as_deref(), Some("payload/call_id"));
         let r = ch
-            .check("voip.call", &obj(json!({"call_id": "x".repeat(200)})), true)
+            .check_down("voip.call", &obj(json!({"call_id": "x".repeat(200)})))
             .expect_err("size");
         assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
         let r = ch
-            .check("desk", &obj(json!({"call_id": "c"})), true)
+            .check_down("desk", &obj(json!({"call_id": "c"})))
             .expect_err("up only");
         assert_eq!(r.status, StatusCode::CONFLICT);
         assert!(ch
-            .check("desk", &obj(json!({"call_id": "c"})), false)
+            .check_up("desk", "c1", "m1", &mut obj(json!({"call_id": "c"})))
             .is_ok());
         let r = ch
-            .check("voip.call", &obj(json!({"call_id": "c"})), false)
+            .check_up("voip.call", "c1", "m1", &mut obj(json!({"call_id": "c"})))
             .expect_err("down only");
         assert_eq!(r.field.as_deref(), Some("channel"));
-        let r = ch.check("fax", &obj(json!({})), true).expect_err("unknown");
+        let r = ch.check_down("fax", &obj(json!({}))).expect_err("unknown");
         assert!(r.message.contains("desk, voip.call"), "{}", r.message);
         let s = spec("voip.call", ChannelDirection::Down);
         assert!(
@@ -1288,7 +1286,7 @@ mod tests {
 
         // Down: checked in clear, kept encrypted, one ciphertext per clinic and message.
         let payload = obj(json!({"call_id": "c1", "caller": "+15550100"}));
-        let spec = ch.check("call", &payload, true).expect("checked");
+        let spec = ch.check_down("call", &payload).expect("checked");
         let clinics = ["c-1".to_string(), "c-2".to_string()];
         let msgs = ch
             .new_messages(spec, &clinics, &payload, None, None)
