@@ -1,5 +1,6 @@
 //! The fleet dashboard end to end in Debian's headless Chromium (driven by playwright-core:
-//! `tests/browser/dashboard.mjs`): a secure gateway and eight clinics, every tile connected;
+//! `tests/browser/dashboard.mjs`): a secure gateway and eight clinics, every tile connected, the
+//! channels strip marking the channels that encrypt fields;
 //! one agent stops and its tile turns offline within the heartbeat window. Saves a screenshot
 //! to `target/test-artifacts/dashboard.png`. Then 500 simulated clinics (raw protocol clients:
 //! some offline, lagging, with failed updates or flagged events): the whole fleet on one screen,

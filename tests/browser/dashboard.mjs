@@ -32,6 +32,12 @@ try {
   // Each tile names its agent's version; a clinic with nothing waiting is caught up.
   const ver = (await page.textContent(`.tile[data-clinic="${watch}"] .ver`)).trim();
   if (!/^v\d+\.\d+/.test(ver)) fail(`agent version on the tile: '${ver}'`);
+  // The channels strip: the fleet's call pops and check-ins encrypt fields, notices do not.
+  await page.waitForSelector('#channels .channel[data-channel="voip.call"]', { timeout: 15000 });
+  const sealed = await page.$$eval("#channels .channel", (cs) =>
+    Object.fromEntries(cs.map((c) => [c.dataset.channel, c.dataset.encrypted])));
+  if (sealed["voip.call"] !== "yes" || sealed["frontdesk.checkin"] !== "yes" || sealed["notice.broadcast"] !== "no")
+    fail("encrypted channels on the strip: " + JSON.stringify(sealed));
   console.log("READY");
   const rl = readline.createInterface({ input: process.stdin });
   for await (const line of rl) { if (line.trim() === "STOPPED") break; }
