@@ -1152,7 +1152,7 @@ impl Session {
     /// direction, size, schema, rate), kept, then `accepted`; or `refused` naming the field.
     fn on_channel_up(
         &mut self,
-        m: tether_schemas::ChannelMessage,
+        mut m: tether_schemas::ChannelMessage,
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
         let refuse = |act: &mut Self,
@@ -1182,7 +1182,7 @@ impl Session {
             );
         }
         let clinic = self.clinic.clone().unwrap_or_default();
-        let mut payload = m.payload.clone();
+        let mut payload = std::mem::take(&mut m.payload);
         let spec =
             match self
                 .state
