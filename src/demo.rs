@@ -65,6 +65,9 @@ pub struct Summary {
     pub failover_max_s: f64,
     /// Kills after which some orphaned clinic was not held by another node within 60 s.
     pub failovers_incomplete: u64,
+    /// HAProxy health checks that failed in the TLS handshake (its log's `Layer6` lines): a node
+    /// that answers must answer TLS, or the balancer marks live nodes down.
+    pub lb_tls_check_failures: u64,
     /// `--channels`: the call pops posted, received by the right front desk, received by
     /// another clinic's (must be 0), out of order (must be 0), never received (0 unless
     /// chaos), and POST → front desk latency; the durable notices (every clinic gets each once).
@@ -111,6 +114,7 @@ impl Summary {
             && self.updates_unresolved == 0
             && self.updates_applied_but_absent == 0
             && self.failovers_incomplete == 0
+            && self.lb_tls_check_failures == 0
             && self.channels.as_ref().is_none_or(|c| c.ok(self.chaos))
     }
 }
@@ -357,6 +361,7 @@ async fn drive(opts: &DemoOptions, dir: &std::path::Path) -> anyhow::Result<Summ
         s.node_kills = c.kills;
         s.failovers = c.failovers;
         s.failovers_incomplete = c.failovers_incomplete;
+        s.lb_tls_check_failures = c.tls_check_failures();
         s.failover_max_s = (c.failover_max.as_secs_f64() * 100.0).round() / 100.0;
     }
     for (i, c) in fleet.clinics.iter().enumerate() {
@@ -583,6 +588,13 @@ struct DemoCluster {
 }
 
 impl DemoCluster {
+    /// Health checks HAProxy could not complete because the TLS handshake failed, from its log.
+    fn tls_check_failures(&self) -> u64 {
+        std::fs::read_to_string(self.dir.join("haproxy.log"))
+            .map(|log| log.lines().filter(|l| l.contains("Layer6")).count() as u64)
+            .unwrap_or(0)
+    }
+
     fn start(
         fleet: &mut Fleet,
         n: usize,
@@ -990,6 +1002,15 @@ fn print_summary(s: &Summary, json: bool) {
                 format!(", {} failovers INCOMPLETE", s.failovers_incomplete)
             } else {
                 String::new()
+            }
+        );
+        println!(
+            "balancer checks      {} failed in the TLS handshake{}",
+            s.lb_tls_check_failures,
+            if s.lb_tls_check_failures > 0 {
+                " (HAProxy marked live nodes down: see haproxy.log)"
+            } else {
+                ""
             }
         );
     }

@@ -99,6 +99,11 @@ pub fn acceptor(cfg: &ServerTls) -> Result<SslAcceptorBuilder, TlsError> {
             .map_err(err("gateway.tls.client_ca", ca))?;
         b.set_verify(SslVerifyMode::PEER);
     }
+    // Browsers and HTTP clients resume sessions on new connections; with client certificates
+    // requested, OpenSSL refuses a resumption (fatal internal error alert) unless sessions are
+    // bound to a context. A resumed session keeps the certificate it was made with.
+    b.set_session_id_context(b"tether-gateway")
+        .map_err(err("TLS set-up", none))?;
     Ok(b)
 }
 
