@@ -45,12 +45,14 @@ async fn a_stopped_clinic_turns_offline_on_the_dashboard_within_the_heartbeat_wi
     let dir = tempfile::tempdir().expect("tempdir");
     let mut fleet = Fleet::new(dir.path(), CLINICS, HB).expect("fleet");
     fleet.start_agents().await.expect("agents");
-    // Clinic activity throughout, for the event-rate sparklines in the screenshot.
+    // Clinic activity throughout, for the event-rate sparklines in the screenshot: about 50
+    // writes a second each is enough. (At 500, eight clinics' commits beside a parallel cluster
+    // test once kept two writers from their database's write lock past the 10 s busy timeout.)
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writers: Vec<_> = fleet
         .clinics
         .iter()
-        .map(|c| common::procs::writer(c.db.clone(), stop.clone()))
+        .map(|c| common::procs::writer_paced(c.db.clone(), stop.clone(), Duration::from_millis(20)))
         .collect();
     let shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts/dashboard.png");
     std::fs::create_dir_all(shot.parent().expect("parent")).expect("artifacts dir");

@@ -188,16 +188,25 @@ pub fn terminate(p: &mut Proc, limit: Duration) -> std::process::ExitStatus {
     exit.expect("exited")
 }
 
-/// Writes clinic activity until stopped.
+/// Writes clinic activity until stopped (about 500 writes a second).
 pub fn writer(db: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    writer_paced(db, stop, Duration::from_millis(2))
+}
+
+/// Writes clinic activity until stopped, `pause` between writes.
+pub fn writer_paced(
+    db: PathBuf,
+    stop: Arc<AtomicBool>,
+    pause: Duration,
+) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
         let mut conn = tether::db::sqlite::open(&db).expect("open");
         let mut rng = rand::rng();
         let mut n = 0;
         while !stop.load(Ordering::Relaxed) {
             n += clinic_step(&mut conn, &mut rng).expect("write");
-            // Pacing the load (about 500 writes/s), not synchronisation.
-            std::thread::sleep(Duration::from_millis(2));
+            // Pacing the load, not synchronisation.
+            std::thread::sleep(pause);
         }
         n
     })
