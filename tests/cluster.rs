@@ -276,15 +276,30 @@ impl Cluster {
 
     /// Waits until every clinic of `moved` is held by a node other than `from` and has been
     /// acknowledged more than `beyond` events past its position in `moved`.
+    /// A timeout names the clinics still missing, with where they stood (position and node).
     fn wait_moved(&self, what: &str, from: &str, moved: &BTreeMap<String, u64>, beyond: u64) {
-        wait_for(what, Duration::from_secs(90), || {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
             let o = self.owners();
-            moved.iter().all(|(id, at)| {
-                o.get(id).is_some_and(|(acked, node)| {
-                    node.as_deref().is_some_and(|n| n != from) && *acked > at + beyond
+            let missing: Vec<String> = moved
+                .iter()
+                .filter(|(id, at)| {
+                    !o.get(*id).is_some_and(|(acked, node)| {
+                        node.as_deref().is_some_and(|n| n != from) && *acked > *at + beyond
+                    })
                 })
-            })
-        });
+                .map(|(id, at)| format!("{id} (was {at} on {from}, now {:?})", o.get(id)))
+                .collect();
+            if missing.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after 90 s waiting for {what}: {}",
+                missing.join(", ")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn node_index(&self, id: &str) -> usize {
