@@ -65,8 +65,9 @@ pub struct Summary {
     pub failover_max_s: f64,
     /// Kills after which some orphaned clinic was not held by another node within 60 s.
     pub failovers_incomplete: u64,
-    /// HAProxy health checks that failed in the TLS handshake (its log's `Layer6` lines): a node
-    /// that answers must answer TLS, or the balancer marks live nodes down.
+    /// HAProxy's reports of health checks that failed in the TLS handshake (its log's `Layer6`
+    /// lines, written as a node's check state changes): a node that answers must answer TLS,
+    /// or the balancer takes live nodes out.
     pub lb_tls_check_failures: u64,
     /// `--channels`: the call pops posted, received by the right front desk, received by
     /// another clinic's (must be 0), out of order (must be 0), never received (0 unless
@@ -588,7 +589,7 @@ struct DemoCluster {
 }
 
 impl DemoCluster {
-    /// Health checks HAProxy could not complete because the TLS handshake failed, from its log.
+    /// HAProxy's log lines reporting a health check failed in the TLS handshake.
     fn tls_check_failures(&self) -> u64 {
         std::fs::read_to_string(self.dir.join("haproxy.log"))
             .map(|log| log.lines().filter(|l| l.contains("Layer6")).count() as u64)
@@ -1008,7 +1009,7 @@ fn print_summary(s: &Summary, json: bool) {
             "balancer checks      {} failed in the TLS handshake{}",
             s.lb_tls_check_failures,
             if s.lb_tls_check_failures > 0 {
-                " (HAProxy marked live nodes down: see haproxy.log)"
+                " (HAProxy takes live nodes out: see haproxy.log, kept with --keep)"
             } else {
                 ""
             }
